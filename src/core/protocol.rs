@@ -1,0 +1,297 @@
+//! The client protocol's vocabulary: commands a client sends, control replies the server sends,
+//! and the one table of error and close codes. Pure: text in, values out, text back.
+
+use serde::{Deserialize, Serialize};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use super::room_name::{RoomName, RoomNameError};
+
+/// A command from a client (docs/PROTOCOL.md, "Client to server").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientCommand {
+    Subscribe {
+        room: RoomName,
+        /// Recover every event after this sequence number.
+        since: Option<u64>,
+        /// The room epoch the client last saw; recovery fails when it differs.
+        epoch: Option<String>,
+    },
+    Unsubscribe {
+        room: RoomName,
+    },
+    Ping,
+}
+
+/// Error codes carried by `{"type":"error"}` frames. The numbers are part of the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// Not JSON, not an object, or a field of the wrong type.
+    BadRequest = 100,
+    /// `type` is missing or not one the server knows.
+    UnknownType = 101,
+    /// The room name breaks the naming rules.
+    BadRoom = 102,
+    /// The connection already holds its maximum number of subscriptions.
+    TooManySubscriptions = 103,
+    /// The client sent commands faster than its allowed rate; the command was ignored.
+    RateLimited = 104,
+    /// The node holds its maximum number of rooms; the room could not be created.
+    RoomLimit = 105,
+    /// A binary frame arrived on the JSON WebSocket protocol.
+    UnsupportedFrame = 106,
+    /// The node is shutting down and takes no new subscriptions.
+    Draining = 107,
+}
+
+impl ErrorCode {
+    pub fn as_u16(self) -> u16 {
+        self as u16
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::UnknownType => "unknown_type",
+            Self::BadRoom => "bad_room",
+            Self::TooManySubscriptions => "too_many_subscriptions",
+            Self::RateLimited => "rate_limited",
+            Self::RoomLimit => "room_limit",
+            Self::UnsupportedFrame => "unsupported_frame",
+            Self::Draining => "draining",
+        }
+    }
+}
+
+/// WebSocket close codes the server sends (docs/PROTOCOL.md, "Close codes").
+pub mod close_code {
+    /// The client closed, or the server closed a finished connection.
+    pub const NORMAL: u16 = 1000;
+    /// The client broke the WebSocket framing rules.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A frame or message was larger than the limit (1 MiB by default).
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// The server is shutting down: reconnect (to another node) with `since`.
+    pub const SERVICE_RESTART: u16 = 1012;
+    /// The connection fell too far behind on ordered data: reconnect with `since`.
+    pub const SLOW: u16 = 4001;
+    /// Nothing was heard from the client within the idle timeout.
+    pub const IDLE_TIMEOUT: u16 = 4002;
+}
+
+/// A reply or notice from the server that is not a publication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerControl {
+    Subscribed {
+        room: RoomName,
+        epoch: String,
+        /// Version of the room's current state (0: none yet).
+        version: u64,
+        /// Sequence number of the room's last event (0: none yet).
+        seq: u64,
+        /// Present when the client sent `since`: whether every missed event follows.
+        recovered: Option<bool>,
+    },
+    Unsubscribed {
+        room: RoomName,
+    },
+    Pong,
+    Error {
+        code: ErrorCode,
+        message: String,
+        room: Option<RoomName>,
+    },
+    /// The node is going away; the client should reconnect (with `since`).
+    Reconnect {
+        reason: &'static str,
+    },
+}
+
+impl ServerControl {
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::Error { code, message: message.into(), room: None }
+    }
+
+    /// Rough size for queue accounting.
+    pub fn size_hint(&self) -> usize {
+        match self {
+            Self::Error { message, .. } => 64 + message.len(),
+            _ => 96,
+        }
+    }
+
+    /// The JSON text frame for WebSocket clients.
+    pub fn to_json(&self) -> Utf8Bytes {
+        let wire = match self {
+            Self::Subscribed { room, epoch, version, seq, recovered } => WireControl::Subscribed {
+                room: room.as_str(),
+                epoch,
+                version: *version,
+                seq: *seq,
+                recovered: *recovered,
+            },
+            Self::Unsubscribed { room } => WireControl::Unsubscribed { room: room.as_str() },
+            Self::Pong => return Utf8Bytes::from_static(r#"{"type":"pong"}"#),
+            Self::Error { code, message, room } => WireControl::Error {
+                code: code.as_u16(),
+                name: code.name(),
+                message,
+                room: room.as_ref().map(RoomName::as_str),
+            },
+            Self::Reconnect { reason } => WireControl::Reconnect { reason },
+        };
+        // Serialising plain strings and integers cannot fail.
+        Utf8Bytes::from(serde_json::to_string(&wire).unwrap_or_default())
+    }
+}
+
+/// Field order on the wire: `type` first, then as documented.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum WireControl<'a> {
+    Subscribed {
+        room: &'a str,
+        epoch: &'a str,
+        version: u64,
+        seq: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+    },
+    Unsubscribed {
+        room: &'a str,
+    },
+    Error {
+        code: u16,
+        name: &'a str,
+        message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        room: Option<&'a str>,
+    },
+    Reconnect {
+        reason: &'a str,
+    },
+}
+
+/// Why a client's text frame could not become a command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("unknown message type {0:?}")]
+    UnknownType(String),
+    #[error("message has no \"type\"")]
+    MissingType,
+    #[error("missing field \"room\"")]
+    MissingRoom,
+    #[error("bad room name: {0}")]
+    BadRoom(#[from] RoomNameError),
+}
+
+impl CommandError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Malformed(_) | Self::MissingRoom => ErrorCode::BadRequest,
+            Self::UnknownType(_) | Self::MissingType => ErrorCode::UnknownType,
+            Self::BadRoom(_) => ErrorCode::BadRoom,
+        }
+    }
+
+    pub fn to_control(&self) -> ServerControl {
+        ServerControl::error(self.code(), self.to_string())
+    }
+}
+
+#[derive(Deserialize)]
+struct RawCommand<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    room: Option<std::borrow::Cow<'a, str>>,
+    since: Option<u64>,
+    epoch: Option<String>,
+}
+
+/// Parses one client text frame. Unknown fields are ignored, so clients may add their own.
+pub fn parse_command(text: &str) -> Result<ClientCommand, CommandError> {
+    let raw: RawCommand<'_> = serde_json::from_str(text).map_err(|e| CommandError::Malformed(e.to_string()))?;
+    let kind = raw.kind.ok_or(CommandError::MissingType)?;
+    let room = || -> Result<RoomName, CommandError> {
+        let name = raw.room.as_deref().ok_or(CommandError::MissingRoom)?;
+        Ok(RoomName::parse(name)?)
+    };
+    match &*kind {
+        "subscribe" => Ok(ClientCommand::Subscribe { room: room()?, since: raw.since, epoch: raw.epoch.clone() }),
+        "unsubscribe" => Ok(ClientCommand::Unsubscribe { room: room()? }),
+        "ping" => Ok(ClientCommand::Ping),
+        other => Err(CommandError::UnknownType(truncate(other, 64))),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn room(name: &str) -> RoomName {
+        RoomName::parse(name).expect("room")
+    }
+
+    #[test]
+    fn parses_the_fixed_vocabulary() {
+        assert_eq!(
+            parse_command(r#"{"type":"subscribe","room":"game:1"}"#),
+            Ok(ClientCommand::Subscribe { room: room("game:1"), since: None, epoch: None })
+        );
+        assert_eq!(
+            parse_command(r#"{"type":"subscribe","room":"game:1","since":41,"epoch":"ab"}"#),
+            Ok(ClientCommand::Subscribe { room: room("game:1"), since: Some(41), epoch: Some("ab".into()) })
+        );
+        assert_eq!(parse_command(r#"{"type":"unsubscribe","room":"game:1"}"#), Ok(ClientCommand::Unsubscribe { room: room("game:1") }));
+        assert_eq!(parse_command(r#"{"type":"ping"}"#), Ok(ClientCommand::Ping));
+        assert_eq!(parse_command(r#"{"type":"ping","id":7,"extra":{"x":1}}"#), Ok(ClientCommand::Ping));
+    }
+
+    #[test]
+    fn room_names_with_escapes_are_decoded_before_validation() {
+        assert_eq!(parse_command(r#"{"type":"unsubscribe","room":"game\u003a1"}"#), Ok(ClientCommand::Unsubscribe { room: room("game:1") }));
+    }
+
+    #[test]
+    fn bad_input_maps_to_documented_codes() {
+        let code = |t: &str| parse_command(t).map_err(|e| e.code());
+        assert_eq!(code("not json"), Err(ErrorCode::BadRequest));
+        assert_eq!(code("[1,2]"), Err(ErrorCode::BadRequest));
+        assert_eq!(code(r#"{"type":"subscribe","room":"g","since":-1}"#), Err(ErrorCode::BadRequest));
+        assert_eq!(code(r#"{"type":"subscribe","room":"g","since":"5"}"#), Err(ErrorCode::BadRequest));
+        assert_eq!(code(r#"{"type":"subscribe"}"#), Err(ErrorCode::BadRequest));
+        assert_eq!(code(r#"{"type":7}"#), Err(ErrorCode::BadRequest));
+        assert_eq!(code(r#"{"type":"publish","room":"g"}"#), Err(ErrorCode::UnknownType));
+        assert_eq!(code(r#"{"room":"g"}"#), Err(ErrorCode::UnknownType));
+        assert_eq!(code(r#"{"type":"subscribe","room":"bad room"}"#), Err(ErrorCode::BadRoom));
+        assert_eq!(code(r#"{"type":"subscribe","room":""}"#), Err(ErrorCode::BadRoom));
+    }
+
+    #[test]
+    fn control_frames_match_protocol_vectors() {
+        let subscribed = ServerControl::Subscribed { room: room("game:1"), epoch: "00000000000000ff".into(), version: 3, seq: 9, recovered: Some(true) };
+        assert_eq!(
+            subscribed.to_json().as_str(),
+            r#"{"type":"subscribed","room":"game:1","epoch":"00000000000000ff","version":3,"seq":9,"recovered":true}"#
+        );
+        let plain = ServerControl::Subscribed { room: room("game:1"), epoch: "e".into(), version: 0, seq: 0, recovered: None };
+        assert_eq!(plain.to_json().as_str(), r#"{"type":"subscribed","room":"game:1","epoch":"e","version":0,"seq":0}"#);
+        assert_eq!(ServerControl::Pong.to_json().as_str(), r#"{"type":"pong"}"#);
+        assert_eq!(ServerControl::Unsubscribed { room: room("team:3") }.to_json().as_str(), r#"{"type":"unsubscribed","room":"team:3"}"#);
+        assert_eq!(
+            ServerControl::error(ErrorCode::BadRoom, "bad \"x\"").to_json().as_str(),
+            r#"{"type":"error","code":102,"name":"bad_room","message":"bad \"x\""}"#
+        );
+        assert_eq!(ServerControl::Reconnect { reason: "shutdown" }.to_json().as_str(), r#"{"type":"reconnect","reason":"shutdown"}"#);
+    }
+}

@@ -1,0 +1,188 @@
+//! A published state update or event, encoded once for the wire at publish time.
+//! Every subscriber receives a clone of the same `Arc<Publication>`; nothing is re-encoded per delivery.
+
+use std::ops::Range;
+use std::time::Instant;
+
+use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use super::room_name::RoomName;
+
+/// Identifies one incarnation of a room on this node; cheaper to hash than its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoomId(pub u64);
+
+/// The instant a publish entered the node: wall-clock milliseconds for clients (`ts`),
+/// a monotonic instant for the publish-to-send latency metric. Passed in, never read here.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub unix_ms: u64,
+    pub instant: Instant,
+}
+
+impl Now {
+    /// Reads both clocks. Only I/O layers call this; the core takes `Now` as an input.
+    pub fn system() -> Self {
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Self { unix_ms, instant: Instant::now() }
+    }
+}
+
+/// A JSON value as the publisher sent it, checked for syntax and kept byte for byte.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonData(Box<str>);
+
+/// The published body is not one JSON value.
+#[derive(Debug, thiserror::Error)]
+#[error("body is not valid JSON: {0}")]
+pub struct JsonDataError(#[from] serde_json::Error);
+
+impl JsonData {
+    pub fn parse(bytes: &[u8]) -> Result<Self, JsonDataError> {
+        let raw: &RawValue = serde_json::from_slice(bytes)?;
+        Ok(Self(raw.get().into()))
+    }
+
+    /// Wraps an already-validated raw value (from a larger parsed document).
+    pub fn from_raw(raw: &RawValue) -> Self {
+        Self(raw.get().into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Whether a publication is the room's latest value or one event of its ordered history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublicationKind {
+    State { version: u64 },
+    Event { seq: u64 },
+}
+
+/// One published message with its WebSocket JSON frame already built.
+#[derive(Debug)]
+pub struct Publication {
+    pub room_id: RoomId,
+    pub room: RoomName,
+    pub kind: PublicationKind,
+    /// Ingest time sent to clients as `ts`.
+    pub ts_ms: u64,
+    /// Ingest instant, for the publish-to-send latency histogram.
+    pub published_at: Instant,
+    /// The complete `{"type":"state",...}` or `{"type":"event",...}` text frame.
+    json: Utf8Bytes,
+    /// Where the published data sits inside `json`, so it is stored once.
+    data: Range<usize>,
+}
+
+impl Publication {
+    pub fn new(room_id: RoomId, room: RoomName, kind: PublicationKind, data: &JsonData, now: Now) -> Self {
+        let (json, data_range) = encode_json_frame(&room, kind, now.unix_ms, data);
+        Self {
+            room_id,
+            room,
+            kind,
+            ts_ms: now.unix_ms,
+            published_at: now.instant,
+            json,
+            data: data_range,
+        }
+    }
+
+    /// The WebSocket text frame, shared by every subscriber.
+    pub fn json_frame(&self) -> &Utf8Bytes {
+        &self.json
+    }
+
+    /// The published JSON value, unchanged.
+    pub fn data(&self) -> &str {
+        &self.json.as_str()[self.data.clone()]
+    }
+
+    /// Bytes this publication holds, for queue and history bounds.
+    pub fn size(&self) -> usize {
+        self.json.len()
+    }
+}
+
+/// Builds `{"type":"state","room":R,"version":V,"ts":T,"data":D}` (or the event form).
+/// Room names are restricted to characters that need no JSON escaping.
+fn encode_json_frame(room: &RoomName, kind: PublicationKind, ts_ms: u64, data: &JsonData) -> (Utf8Bytes, Range<usize>) {
+    let data = data.as_str();
+    let mut out = String::with_capacity(64 + room.as_str().len() + data.len());
+    let (type_name, counter_name, counter) = match kind {
+        PublicationKind::State { version } => ("state", "version", version),
+        PublicationKind::Event { seq } => ("event", "seq", seq),
+    };
+    out.push_str("{\"type\":\"");
+    out.push_str(type_name);
+    out.push_str("\",\"room\":\"");
+    out.push_str(room.as_str());
+    out.push_str("\",\"");
+    out.push_str(counter_name);
+    out.push_str("\":");
+    push_u64(&mut out, counter);
+    out.push_str(",\"ts\":");
+    push_u64(&mut out, ts_ms);
+    out.push_str(",\"data\":");
+    let start = out.len();
+    out.push_str(data);
+    let end = out.len();
+    out.push('}');
+    (Utf8Bytes::from(out), start..end)
+}
+
+fn push_u64(out: &mut String, n: u64) {
+    use std::fmt::Write;
+    let _ = write!(out, "{n}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now(ms: u64) -> Now {
+        Now { unix_ms: ms, instant: Instant::now() }
+    }
+
+    #[test]
+    fn state_frame_matches_protocol_vector() {
+        let room = RoomName::parse("game:1234").expect("room");
+        let data = JsonData::parse(br#"{"home":42,"away":40}"#).expect("json");
+        let p = Publication::new(RoomId(1), room, PublicationKind::State { version: 7 }, &data, now(1_700_000_000_000));
+        assert_eq!(
+            p.json_frame().as_str(),
+            r#"{"type":"state","room":"game:1234","version":7,"ts":1700000000000,"data":{"home":42,"away":40}}"#
+        );
+        assert_eq!(p.data(), r#"{"home":42,"away":40}"#);
+        let parsed: serde_json::Value = serde_json::from_str(p.json_frame().as_str()).expect("valid json");
+        assert_eq!(parsed["data"]["home"], 42);
+    }
+
+    #[test]
+    fn event_frame_matches_protocol_vector() {
+        let room = RoomName::parse("bracket:77").expect("room");
+        let data = JsonData::parse(br#" "semifinal" "#).expect("json");
+        let p = Publication::new(RoomId(2), room, PublicationKind::Event { seq: 3 }, &data, now(5));
+        assert_eq!(p.json_frame().as_str(), r#"{"type":"event","room":"bracket:77","seq":3,"ts":5,"data":"semifinal"}"#);
+    }
+
+    #[test]
+    fn data_is_kept_byte_for_byte() {
+        let data = JsonData::parse(br#"{"b": 1.50, "a":[ 1,2 ]}"#).expect("json");
+        assert_eq!(data.as_str(), r#"{"b": 1.50, "a":[ 1,2 ]}"#);
+    }
+
+    #[test]
+    fn rejects_invalid_json() {
+        assert!(JsonData::parse(b"{").is_err());
+        assert!(JsonData::parse(b"1 2").is_err());
+        assert!(JsonData::parse(b"").is_err());
+        assert!(JsonData::parse(b"\xff").is_err());
+    }
+}

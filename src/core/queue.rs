@@ -1,0 +1,334 @@
+//! The per-connection outbound queue and its slow-consumer policy: states conflate to the newest
+//! version per room, ordered messages are bounded and overflow closes the connection as "slow".
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use super::protocol::ServerControl;
+use super::publication::{Publication, PublicationKind, RoomId};
+
+/// Bounds on one connection's ordered backlog (events and control replies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    pub max_messages: usize,
+    pub max_bytes: usize,
+}
+
+impl Default for QueueLimits {
+    fn default() -> Self {
+        Self { max_messages: 1024, max_bytes: 8 << 20 }
+    }
+}
+
+/// One item for a transport to write.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    Publication(Arc<Publication>),
+    Control(ServerControl),
+}
+
+/// Why a queue stopped taking messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueClosed {
+    /// The ordered backlog overflowed (close code 4001).
+    Slow,
+    /// The connection is ending for another reason.
+    Gone,
+}
+
+/// The result of offering a message to a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued; `wake` is true when the queue was empty, so the writer must be woken.
+    Queued { wake: bool },
+    /// A pending state of the same room was replaced by this newer one.
+    Conflated,
+    /// Older than a state already pending; not queued.
+    Stale,
+    /// The backlog overflowed: the queue is now closed as slow and its backlog dropped.
+    /// The writer must be woken to close the connection. `dropped` messages were discarded.
+    Overflowed { dropped: usize },
+    /// The queue was already closed; the message was discarded.
+    Closed,
+}
+
+#[derive(Debug)]
+enum Entry {
+    /// The newest pending state of a room lives in `ConnectionQueue::states`.
+    State(RoomId),
+    Event(Arc<Publication>),
+    Control(ServerControl),
+}
+
+/// A connection's pending output, in the order it must be written.
+#[derive(Debug)]
+pub struct ConnectionQueue {
+    entries: VecDeque<Entry>,
+    /// Latest pending state per room; at most one `Entry::State` per key.
+    states: HashMap<RoomId, Arc<Publication>>,
+    ordered_messages: usize,
+    ordered_bytes: usize,
+    limits: QueueLimits,
+    closed: Option<QueueClosed>,
+}
+
+impl ConnectionQueue {
+    pub fn new(limits: QueueLimits) -> Self {
+        Self {
+            entries: VecDeque::new(),
+            states: HashMap::new(),
+            ordered_messages: 0,
+            ordered_bytes: 0,
+            limits,
+            closed: None,
+        }
+    }
+
+    pub fn closed(&self) -> Option<QueueClosed> {
+        self.closed
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Offers a state update: it replaces an older pending state of the same room.
+    pub fn push_state(&mut self, publication: &Arc<Publication>) -> Pushed {
+        if self.closed.is_some() {
+            return Pushed::Closed;
+        }
+        let PublicationKind::State { version } = publication.kind else {
+            return self.push_ordered(Entry::Event(publication.clone()), publication.size());
+        };
+        if let Some(pending) = self.states.get_mut(&publication.room_id) {
+            return match pending.kind {
+                PublicationKind::State { version: old } if old >= version => Pushed::Stale,
+                _ => {
+                    *pending = publication.clone();
+                    Pushed::Conflated
+                }
+            };
+        }
+        let wake = self.entries.is_empty();
+        self.states.insert(publication.room_id, publication.clone());
+        self.entries.push_back(Entry::State(publication.room_id));
+        Pushed::Queued { wake }
+    }
+
+    /// Offers an event: ordered, never conflated, bounded.
+    pub fn push_event(&mut self, publication: &Arc<Publication>) -> Pushed {
+        if self.closed.is_some() {
+            return Pushed::Closed;
+        }
+        self.push_ordered(Entry::Event(publication.clone()), publication.size())
+    }
+
+    /// Offers a control reply; it counts against the same bound as events.
+    pub fn push_control(&mut self, control: ServerControl) -> Pushed {
+        if self.closed.is_some() {
+            return Pushed::Closed;
+        }
+        let size = control.size_hint();
+        self.push_ordered(Entry::Control(control), size)
+    }
+
+    fn push_ordered(&mut self, entry: Entry, size: usize) -> Pushed {
+        if self.ordered_messages + 1 > self.limits.max_messages || self.ordered_bytes + size > self.limits.max_bytes {
+            let dropped = self.entries.len() + 1;
+            self.close(QueueClosed::Slow);
+            return Pushed::Overflowed { dropped };
+        }
+        let wake = self.entries.is_empty();
+        self.ordered_messages += 1;
+        self.ordered_bytes += size;
+        self.entries.push_back(entry);
+        Pushed::Queued { wake }
+    }
+
+    /// Stops taking messages and drops the backlog; returns how many messages were dropped.
+    pub fn close(&mut self, reason: QueueClosed) -> usize {
+        if self.closed.is_none() {
+            self.closed = Some(reason);
+        }
+        let dropped = self.entries.len();
+        self.entries.clear();
+        self.states.clear();
+        self.ordered_messages = 0;
+        self.ordered_bytes = 0;
+        dropped
+    }
+
+    /// Forgets pending messages of a room the client unsubscribed from.
+    pub fn purge_room(&mut self, room: RoomId) {
+        self.states.remove(&room);
+        let (mut messages, mut bytes) = (0, 0);
+        self.entries.retain(|entry| match entry {
+            Entry::State(id) => *id != room,
+            Entry::Event(p) if p.room_id == room => {
+                messages += 1;
+                bytes += p.size();
+                false
+            }
+            _ => true,
+        });
+        self.ordered_messages -= messages;
+        self.ordered_bytes -= bytes;
+    }
+
+    /// Moves up to `max` pending messages into `out`, oldest first.
+    pub fn drain_into(&mut self, out: &mut Vec<Outgoing>, max: usize) {
+        while out.len() < max {
+            let Some(entry) = self.entries.pop_front() else { break };
+            match entry {
+                Entry::State(room) => {
+                    if let Some(p) = self.states.remove(&room) {
+                        out.push(Outgoing::Publication(p));
+                    }
+                }
+                Entry::Event(p) => {
+                    self.ordered_messages -= 1;
+                    self.ordered_bytes -= p.size();
+                    out.push(Outgoing::Publication(p));
+                }
+                Entry::Control(c) => {
+                    self.ordered_messages -= 1;
+                    self.ordered_bytes -= c.size_hint();
+                    out.push(Outgoing::Control(c));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::publication::{JsonData, Now};
+    use crate::core::room_name::RoomName;
+    use std::time::Instant;
+
+    fn publication(room: u64, kind: PublicationKind) -> Arc<Publication> {
+        let data = JsonData::parse(b"0").expect("json");
+        let name = RoomName::parse(&format!("r{room}")).expect("room");
+        Arc::new(Publication::new(RoomId(room), name, kind, &data, Now { unix_ms: 0, instant: Instant::now() }))
+    }
+
+    fn state(room: u64, version: u64) -> Arc<Publication> {
+        publication(room, PublicationKind::State { version })
+    }
+
+    fn event(room: u64, seq: u64) -> Arc<Publication> {
+        publication(room, PublicationKind::Event { seq })
+    }
+
+    fn drain(q: &mut ConnectionQueue) -> Vec<(u64, PublicationKind)> {
+        let mut out = Vec::new();
+        q.drain_into(&mut out, usize::MAX);
+        out.into_iter()
+            .filter_map(|o| match o {
+                Outgoing::Publication(p) => Some((p.room_id.0, p.kind)),
+                Outgoing::Control(_) => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_slow_reader_ends_on_the_newest_state() {
+        let mut q = ConnectionQueue::new(QueueLimits::default());
+        assert_eq!(q.push_state(&state(1, 1)), Pushed::Queued { wake: true });
+        for v in 2..=100 {
+            assert_eq!(q.push_state(&state(1, v)), Pushed::Conflated);
+        }
+        assert_eq!(q.push_state(&state(1, 50)), Pushed::Stale);
+        assert_eq!(q.push_state(&state(2, 1)), Pushed::Queued { wake: false });
+        assert_eq!(drain(&mut q), vec![(1, PublicationKind::State { version: 100 }), (2, PublicationKind::State { version: 1 })]);
+        assert!(q.is_empty());
+        assert_eq!(q.push_state(&state(1, 101)), Pushed::Queued { wake: true });
+    }
+
+    #[test]
+    fn events_keep_order_among_states() {
+        let mut q = ConnectionQueue::new(QueueLimits::default());
+        q.push_state(&state(1, 1));
+        q.push_event(&event(1, 1));
+        q.push_state(&state(1, 2));
+        q.push_event(&event(1, 2));
+        assert_eq!(
+            drain(&mut q),
+            vec![
+                (1, PublicationKind::State { version: 2 }),
+                (1, PublicationKind::Event { seq: 1 }),
+                (1, PublicationKind::Event { seq: 2 })
+            ]
+        );
+    }
+
+    #[test]
+    fn overflowing_events_close_the_queue_as_slow() {
+        let mut q = ConnectionQueue::new(QueueLimits { max_messages: 3, max_bytes: usize::MAX });
+        for seq in 1..=3 {
+            assert!(matches!(q.push_event(&event(1, seq)), Pushed::Queued { .. }));
+        }
+        assert_eq!(q.push_event(&event(1, 4)), Pushed::Overflowed { dropped: 4 });
+        assert_eq!(q.closed(), Some(QueueClosed::Slow));
+        assert!(q.is_empty());
+        assert_eq!(q.push_event(&event(1, 5)), Pushed::Closed);
+        assert_eq!(q.push_state(&state(1, 5)), Pushed::Closed);
+    }
+
+    #[test]
+    fn states_never_count_against_the_ordered_bound() {
+        let mut q = ConnectionQueue::new(QueueLimits { max_messages: 1, max_bytes: usize::MAX });
+        for room in 0..100 {
+            assert!(matches!(q.push_state(&state(room, 1)), Pushed::Queued { .. }));
+        }
+        assert!(matches!(q.push_control(ServerControl::Pong), Pushed::Queued { .. }));
+        assert!(matches!(q.push_control(ServerControl::Pong), Pushed::Overflowed { .. }));
+    }
+
+    #[test]
+    fn draining_frees_room_in_the_bound() {
+        let mut q = ConnectionQueue::new(QueueLimits { max_messages: 2, max_bytes: usize::MAX });
+        for seq in 1..=100 {
+            assert!(matches!(q.push_event(&event(1, seq)), Pushed::Queued { .. }));
+            drain(&mut q);
+        }
+        let size = event(1, 1).size();
+        let mut q = ConnectionQueue::new(QueueLimits { max_messages: 100, max_bytes: size * 2 });
+        q.push_event(&event(1, 1));
+        q.push_event(&event(1, 2));
+        assert!(matches!(q.push_event(&event(1, 3)), Pushed::Overflowed { .. }));
+    }
+
+    #[test]
+    fn purge_forgets_one_room_only() {
+        let mut q = ConnectionQueue::new(QueueLimits { max_messages: 3, max_bytes: usize::MAX });
+        q.push_state(&state(1, 1));
+        q.push_event(&event(1, 1));
+        q.push_event(&event(2, 1));
+        q.push_event(&event(1, 2));
+        q.purge_room(RoomId(1));
+        q.push_event(&event(2, 2));
+        q.push_event(&event(2, 3));
+        assert_eq!(
+            drain(&mut q),
+            vec![(2, PublicationKind::Event { seq: 1 }), (2, PublicationKind::Event { seq: 2 }), (2, PublicationKind::Event { seq: 3 })]
+        );
+    }
+
+    #[test]
+    fn drain_respects_its_batch_limit() {
+        let mut q = ConnectionQueue::new(QueueLimits::default());
+        for seq in 1..=10 {
+            q.push_event(&event(1, seq));
+        }
+        let mut out = Vec::new();
+        q.drain_into(&mut out, 4);
+        assert_eq!(out.len(), 4);
+        assert_eq!(q.len(), 6);
+    }
+}

@@ -1,0 +1,308 @@
+//! One room's retained data: the latest state with its version, and the bounded event history
+//! with its sequence numbers. Pure: every call takes the time as an input.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::protocol::ServerControl;
+use super::publication::{JsonData, Now, Publication, PublicationKind, RoomId};
+use super::room_name::RoomName;
+
+/// Bounds on what a room retains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionLimits {
+    /// Events kept for `since` recovery.
+    pub history_len: usize,
+    /// Events older than this are dropped from the history.
+    pub history_ttl: Duration,
+    /// Encoded bytes of history kept per room; the oldest events go first.
+    pub history_bytes: usize,
+    /// A room with no subscribers drops its state this long after its last publish.
+    pub state_ttl: Duration,
+}
+
+impl Default for RetentionLimits {
+    fn default() -> Self {
+        Self {
+            history_len: 1000,
+            history_ttl: Duration::from_secs(600),
+            history_bytes: 16 << 20,
+            state_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// What a subscriber gets when it joins: the reply, the current state, and recovered events.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub subscribed: ServerControl,
+    pub state: Option<Arc<Publication>>,
+    pub events: Vec<Arc<Publication>>,
+}
+
+/// A room's versions, sequences and retained data.
+#[derive(Debug)]
+pub struct Room {
+    id: RoomId,
+    name: RoomName,
+    /// Changes whenever the room is created anew, so that clients know versions and
+    /// sequences restarted (docs/PROTOCOL.md, "Epochs").
+    epoch: String,
+    version: u64,
+    state: Option<Arc<Publication>>,
+    last_seq: u64,
+    history: VecDeque<Arc<Publication>>,
+    history_bytes: usize,
+    last_publish_ms: u64,
+    limits: RetentionLimits,
+}
+
+impl Room {
+    pub fn new(id: RoomId, name: RoomName, epoch: String, limits: RetentionLimits, now_ms: u64) -> Self {
+        Self {
+            id,
+            name,
+            epoch,
+            version: 0,
+            state: None,
+            last_seq: 0,
+            history: VecDeque::new(),
+            history_bytes: 0,
+            last_publish_ms: now_ms,
+            limits,
+        }
+    }
+
+    pub fn id(&self) -> RoomId {
+        self.id
+    }
+
+    pub fn name(&self) -> &RoomName {
+        &self.name
+    }
+
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    pub fn state(&self) -> Option<&Arc<Publication>> {
+        self.state.as_ref()
+    }
+
+    /// Replaces the state and assigns the next version.
+    pub fn publish_state(&mut self, data: &JsonData, now: Now) -> Arc<Publication> {
+        self.version += 1;
+        let publication = Arc::new(Publication::new(
+            self.id,
+            self.name.clone(),
+            PublicationKind::State { version: self.version },
+            data,
+            now,
+        ));
+        self.state = Some(publication.clone());
+        self.last_publish_ms = now.unix_ms;
+        publication
+    }
+
+    /// Appends an event with the next sequence number, trimming the history to its bounds.
+    pub fn publish_event(&mut self, data: &JsonData, now: Now) -> Arc<Publication> {
+        self.last_seq += 1;
+        let publication = Arc::new(Publication::new(
+            self.id,
+            self.name.clone(),
+            PublicationKind::Event { seq: self.last_seq },
+            data,
+            now,
+        ));
+        self.history_bytes += publication.size();
+        self.history.push_back(publication.clone());
+        self.last_publish_ms = now.unix_ms;
+        self.trim(now.unix_ms);
+        publication
+    }
+
+    /// Drops history beyond the count, byte and age bounds.
+    pub fn trim(&mut self, now_ms: u64) {
+        let oldest_kept_ms = now_ms.saturating_sub(self.limits.history_ttl.as_millis() as u64);
+        while let Some(front) = self.history.front() {
+            let over = self.history.len() > self.limits.history_len
+                || self.history_bytes > self.limits.history_bytes
+                || front.ts_ms < oldest_kept_ms;
+            if !over {
+                break;
+            }
+            self.history_bytes -= front.size();
+            self.history.pop_front();
+        }
+    }
+
+    /// Trims by age and drops a stale state; returns whether anything is still retained.
+    pub fn expire(&mut self, now_ms: u64) -> bool {
+        self.trim(now_ms);
+        let state_deadline = self.last_publish_ms.saturating_add(self.limits.state_ttl.as_millis() as u64);
+        if now_ms >= state_deadline {
+            self.state = None;
+        }
+        self.retains_data()
+    }
+
+    pub fn retains_data(&self) -> bool {
+        self.state.is_some() || !self.history.is_empty()
+    }
+
+    /// The events after `since`, if the history still holds all of them.
+    pub fn events_since(&self, since: u64) -> Option<Vec<Arc<Publication>>> {
+        if since > self.last_seq {
+            return None;
+        }
+        let first_kept = self.history.front().map_or(self.last_seq + 1, |p| seq_of(p));
+        if since + 1 < first_kept {
+            return None;
+        }
+        Some(self.history.iter().filter(|p| seq_of(p) > since).cloned().collect())
+    }
+
+    /// Everything a new subscriber must receive, in order. With `since`, recovery succeeds
+    /// only when the epoch matches (if given) and the history reaches back far enough.
+    pub fn snapshot(&mut self, since: Option<u64>, epoch: Option<&str>, now_ms: u64) -> Snapshot {
+        self.trim(now_ms);
+        let (recovered, events) = match since {
+            None => (None, Vec::new()),
+            Some(_) if epoch.is_some_and(|e| e != self.epoch) => (Some(false), Vec::new()),
+            Some(since) => match self.events_since(since) {
+                Some(events) => (Some(true), events),
+                None => (Some(false), Vec::new()),
+            },
+        };
+        Snapshot {
+            subscribed: ServerControl::Subscribed {
+                room: self.name.clone(),
+                epoch: self.epoch.clone(),
+                version: self.version,
+                seq: self.last_seq,
+                recovered,
+            },
+            state: self.state.clone(),
+            events,
+        }
+    }
+}
+
+fn seq_of(p: &Publication) -> u64 {
+    match p.kind {
+        PublicationKind::Event { seq } => seq,
+        PublicationKind::State { version } => version,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn at(ms: u64) -> Now {
+        Now { unix_ms: ms, instant: Instant::now() }
+    }
+
+    fn room(limits: RetentionLimits) -> Room {
+        Room::new(RoomId(1), RoomName::parse("game:1").expect("room"), "ep".into(), limits, 0)
+    }
+
+    fn data(n: u64) -> JsonData {
+        JsonData::parse(n.to_string().as_bytes()).expect("json")
+    }
+
+    fn seqs(events: &[Arc<Publication>]) -> Vec<u64> {
+        events.iter().map(|p| seq_of(p)).collect()
+    }
+
+    #[test]
+    fn versions_and_sequences_count_from_one_independently() {
+        let mut r = room(RetentionLimits::default());
+        assert_eq!(r.publish_state(&data(1), at(1)).kind, PublicationKind::State { version: 1 });
+        assert_eq!(r.publish_state(&data(2), at(2)).kind, PublicationKind::State { version: 2 });
+        assert_eq!(r.publish_event(&data(3), at(3)).kind, PublicationKind::Event { seq: 1 });
+        assert_eq!(r.state().map(|s| s.data().to_string()), Some("2".into()));
+        assert_eq!((r.version(), r.last_seq()), (2, 1));
+    }
+
+    #[test]
+    fn snapshot_without_since_carries_current_state_only() {
+        let mut r = room(RetentionLimits::default());
+        r.publish_state(&data(9), at(1));
+        r.publish_event(&data(1), at(1));
+        let snap = r.snapshot(None, None, 2);
+        assert!(matches!(snap.subscribed, ServerControl::Subscribed { version: 1, seq: 1, recovered: None, .. }));
+        assert_eq!(snap.state.map(|s| s.data().to_string()), Some("9".into()));
+        assert!(snap.events.is_empty());
+    }
+
+    #[test]
+    fn since_recovers_missed_events_in_order() {
+        let mut r = room(RetentionLimits::default());
+        for i in 1..=5 {
+            r.publish_event(&data(i), at(i));
+        }
+        let snap = r.snapshot(Some(2), None, 10);
+        assert!(matches!(snap.subscribed, ServerControl::Subscribed { recovered: Some(true), seq: 5, .. }));
+        assert_eq!(seqs(&snap.events), vec![3, 4, 5]);
+        assert_eq!(seqs(&r.snapshot(Some(0), None, 10).events), vec![1, 2, 3, 4, 5]);
+        let caught_up = r.snapshot(Some(5), Some("ep"), 10);
+        assert!(matches!(caught_up.subscribed, ServerControl::Subscribed { recovered: Some(true), .. }));
+        assert!(caught_up.events.is_empty());
+    }
+
+    #[test]
+    fn recovery_fails_beyond_history_on_epoch_change_or_from_the_future() {
+        let limits = RetentionLimits { history_len: 3, ..RetentionLimits::default() };
+        let mut r = room(limits);
+        for i in 1..=10 {
+            r.publish_event(&data(i), at(i));
+        }
+        assert_eq!(seqs(&r.snapshot(Some(7), None, 10).events), vec![8, 9, 10]);
+        let failed = |s: Snapshot| matches!(s.subscribed, ServerControl::Subscribed { recovered: Some(false), .. }) && s.events.is_empty();
+        assert!(failed(r.snapshot(Some(6), None, 10)));
+        assert!(failed(r.snapshot(Some(0), None, 10)));
+        assert!(failed(r.snapshot(Some(8), Some("other-epoch"), 10)));
+        assert!(failed(r.snapshot(Some(11), None, 10)));
+    }
+
+    #[test]
+    fn history_is_bounded_by_age_and_bytes() {
+        let limits = RetentionLimits { history_ttl: Duration::from_millis(100), ..RetentionLimits::default() };
+        let mut r = room(limits);
+        r.publish_event(&data(1), at(0));
+        r.publish_event(&data(2), at(50));
+        r.publish_event(&data(3), at(120));
+        assert_eq!(seqs(&r.snapshot(Some(1), None, 120).events), vec![2, 3]);
+        assert!(matches!(r.snapshot(Some(0), None, 120).subscribed, ServerControl::Subscribed { recovered: Some(false), .. }));
+
+        let one = Publication::new(RoomId(1), RoomName::parse("game:1").expect("room"), PublicationKind::Event { seq: 1 }, &data(1), at(0)).size();
+        let mut r = room(RetentionLimits { history_bytes: one * 2, ..RetentionLimits::default() });
+        for i in 1..=5 {
+            r.publish_event(&data(i), at(i));
+        }
+        assert_eq!(seqs(&r.snapshot(Some(3), None, 5).events), vec![4, 5]);
+    }
+
+    #[test]
+    fn expire_drops_old_history_then_state() {
+        let limits = RetentionLimits { history_ttl: Duration::from_millis(10), state_ttl: Duration::from_millis(100), ..RetentionLimits::default() };
+        let mut r = room(limits);
+        r.publish_state(&data(1), at(0));
+        r.publish_event(&data(1), at(0));
+        assert!(r.expire(50));
+        assert!(r.state().is_some());
+        assert!(!r.expire(100));
+        assert!(r.state().is_none());
+    }
+}
