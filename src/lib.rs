@@ -2,3 +2,5 @@
 //! See docs/ARCHITECTURE.md for how the modules fit together.
 
 pub mod core;
+pub mod hub;
+pub mod metrics;

@@ -1,0 +1,567 @@
+//! The node's local room registry and fan-out: rooms in 64 shards, each room behind its own lock,
+//! each connection a `Subscriber` with its own bounded queue. A publish takes no global lock.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+use crate::core::{
+    ConnectionQueue, JsonData, Now, Outgoing, Publication, Pushed, QueueClosed, QueueLimits, RetentionLimits, Room,
+    RoomId, RoomName, ServerControl,
+};
+use crate::metrics::{Metrics, Transport};
+
+const SHARDS: usize = 64;
+
+/// Identifies a connection on this node.
+pub type ConnId = u64;
+
+/// What the hub needs to know, built by the caller (the hub reads no environment).
+#[derive(Debug, Clone, Copy)]
+pub struct HubConfig {
+    pub retention: RetentionLimits,
+    pub queue: QueueLimits,
+    /// Rooms this node holds at most; creating one more fails with `HubError::RoomLimit`.
+    pub max_rooms: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self { retention: RetentionLimits::default(), queue: QueueLimits::default(), max_rooms: 100_000 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HubError {
+    #[error("the node holds its maximum of {0} rooms")]
+    RoomLimit(usize),
+}
+
+/// Which kind of message a publish carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishKind {
+    State,
+    Event,
+}
+
+/// What a publisher is told: the version or sequence assigned, and the ingest time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishReceipt {
+    /// The state version or the event sequence number.
+    pub number: u64,
+    pub ts_ms: u64,
+    /// Local subscribers the publication was offered to.
+    pub subscribers: usize,
+}
+
+/// A room's current figures, for `GET /v1/rooms/{room}`.
+#[derive(Debug, Clone)]
+pub struct RoomInfo {
+    pub epoch: String,
+    pub state: Option<Arc<Publication>>,
+    pub version: u64,
+    pub last_seq: u64,
+    pub subscribers: usize,
+}
+
+/// A connection as the hub sees it: a bounded queue and a wake-up for its writer.
+#[derive(Debug)]
+pub struct Subscriber {
+    id: ConnId,
+    transport: Transport,
+    queue: Mutex<ConnectionQueue>,
+    /// Woken when the queue goes from empty to non-empty, or closes.
+    wake: Notify,
+}
+
+impl Subscriber {
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    fn queue(&self) -> MutexGuard<'_, ConnectionQueue> {
+        // A panic while holding the lock leaves a queue that is still consistent enough to drain.
+        self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits until there is something to write (or the queue closed).
+    pub async fn wait(&self) {
+        self.wake.notified().await;
+    }
+
+    /// Moves up to `max` pending messages into `out`; reports whether the queue has closed.
+    pub fn drain_into(&self, out: &mut Vec<Outgoing>, max: usize) -> Option<QueueClosed> {
+        let mut queue = self.queue();
+        queue.drain_into(out, max);
+        queue.closed()
+    }
+
+    /// Queues a reply to this connection, counting an overflow as a slow disconnect.
+    pub fn push_control(&self, metrics: &Metrics, control: ServerControl) {
+        let pushed = self.offer(|q| q.push_control(control));
+        FanoutTally::default().count(pushed).flush(metrics, self.transport);
+    }
+
+    /// Stops the queue for good; returns how many pending messages were dropped.
+    pub fn close(&self, reason: QueueClosed) -> usize {
+        let dropped = self.queue().close(reason);
+        self.wake.notify_one();
+        dropped
+    }
+
+    fn offer(&self, push: impl FnOnce(&mut ConnectionQueue) -> Pushed) -> Pushed {
+        let pushed = push(&mut self.queue());
+        if matches!(pushed, Pushed::Queued { wake: true } | Pushed::Overflowed { .. }) {
+            self.wake.notify_one();
+        }
+        pushed
+    }
+}
+
+/// Push outcomes summed over one fan-out, added to the metrics once.
+#[derive(Debug, Default)]
+struct FanoutTally {
+    conflated: u64,
+    dropped: u64,
+    slow: u64,
+}
+
+impl FanoutTally {
+    fn count(mut self, pushed: Pushed) -> Self {
+        self.add(pushed);
+        self
+    }
+
+    fn add(&mut self, pushed: Pushed) {
+        match pushed {
+            Pushed::Queued { .. } | Pushed::Stale => {}
+            Pushed::Conflated => self.conflated += 1,
+            Pushed::Overflowed { dropped } => {
+                self.dropped += dropped as u64;
+                self.slow += 1;
+            }
+            Pushed::Closed => self.dropped += 1,
+        }
+    }
+
+    fn flush(&self, metrics: &Metrics, transport: Transport) {
+        if self.conflated > 0 {
+            metrics.conflated.inc_by(self.conflated);
+        }
+        if self.dropped > 0 {
+            metrics.dropped.inc_by(self.dropped);
+        }
+        if self.slow > 0 {
+            metrics.transport(transport).slow_disconnects.inc_by(self.slow);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RoomEntry {
+    room: Room,
+    subscribers: HashMap<ConnId, Arc<Subscriber>>,
+    /// Set once the room left its shard; a caller holding a stale `Arc` looks it up again.
+    removed: bool,
+}
+
+impl RoomEntry {
+    fn is_empty(&self) -> bool {
+        self.subscribers.is_empty() && !self.room.retains_data()
+    }
+}
+
+#[derive(Debug)]
+struct RoomSlot(Mutex<RoomEntry>);
+
+impl RoomSlot {
+    fn lock(&self) -> MutexGuard<'_, RoomEntry> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+type Shard = Mutex<HashMap<RoomName, Arc<RoomSlot>>>;
+
+/// The local registry: a cloneable handle.
+#[derive(Debug, Clone)]
+pub struct Hub(Arc<HubInner>);
+
+#[derive(Debug)]
+struct HubInner {
+    shards: Box<[Shard]>,
+    config: HubConfig,
+    metrics: Arc<Metrics>,
+    room_count: AtomicUsize,
+    next_room_id: AtomicU64,
+    next_conn_id: AtomicU64,
+    /// Random per process, so epochs differ across restarts.
+    epoch_seed: u64,
+}
+
+impl Hub {
+    pub fn new(config: HubConfig, metrics: Arc<Metrics>, epoch_seed: u64) -> Self {
+        let shards = (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect();
+        Self(Arc::new(HubInner {
+            shards,
+            config,
+            metrics,
+            room_count: AtomicUsize::new(0),
+            next_room_id: AtomicU64::new(1),
+            next_conn_id: AtomicU64::new(1),
+            epoch_seed,
+        }))
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.0.metrics
+    }
+
+    pub fn room_count(&self) -> usize {
+        self.0.room_count.load(Ordering::Relaxed)
+    }
+
+    /// A new connection's handle, with an empty queue.
+    pub fn new_subscriber(&self, transport: Transport) -> Arc<Subscriber> {
+        Arc::new(Subscriber {
+            id: self.0.next_conn_id.fetch_add(1, Ordering::Relaxed),
+            transport,
+            queue: Mutex::new(ConnectionQueue::new(self.0.config.queue)),
+            wake: Notify::new(),
+        })
+    }
+
+    /// Assigns the next version or sequence and offers the publication to every local subscriber.
+    pub fn publish(&self, room: &RoomName, kind: PublishKind, data: &JsonData, now: Now) -> Result<PublishReceipt, HubError> {
+        let receipt = self.with_room(room, true, now.unix_ms, |entry| {
+            let (publication, offer): (_, fn(&mut ConnectionQueue, &Arc<Publication>) -> Pushed) = match kind {
+                PublishKind::State => (entry.room.publish_state(data, now), ConnectionQueue::push_state),
+                PublishKind::Event => (entry.room.publish_event(data, now), ConnectionQueue::push_event),
+            };
+            let mut by_transport = [FanoutTally::default(), FanoutTally::default()];
+            for subscriber in entry.subscribers.values() {
+                let pushed = subscriber.offer(|q| offer(q, &publication));
+                by_transport[subscriber.transport as usize].add(pushed);
+            }
+            by_transport[0].flush(&self.0.metrics, Transport::WebSocket);
+            by_transport[1].flush(&self.0.metrics, Transport::WebTransport);
+            let number = match publication.kind {
+                crate::core::PublicationKind::State { version } => version,
+                crate::core::PublicationKind::Event { seq } => seq,
+            };
+            PublishReceipt { number, ts_ms: publication.ts_ms, subscribers: entry.subscribers.len() }
+        })?;
+        match kind {
+            PublishKind::State => self.0.metrics.published_states.inc(),
+            PublishKind::Event => self.0.metrics.published_events.inc(),
+        };
+        // `with_room` with `create` always yields a room.
+        receipt.ok_or(HubError::RoomLimit(self.0.config.max_rooms))
+    }
+
+    /// Adds `subscriber` to the room and queues, in order: `subscribed`, the current state, and
+    /// the events recovered after `since`. Subscribing again re-sends all of it.
+    pub fn subscribe(
+        &self,
+        room: &RoomName,
+        subscriber: &Arc<Subscriber>,
+        since: Option<u64>,
+        epoch: Option<&str>,
+        now_ms: u64,
+    ) -> Result<(), HubError> {
+        self.with_room(room, true, now_ms, |entry| {
+            let snapshot = entry.room.snapshot(since, epoch, now_ms);
+            if entry.subscribers.insert(subscriber.id, subscriber.clone()).is_none() {
+                self.0.metrics.subscriptions.inc();
+            }
+            let mut tally = FanoutTally::default();
+            let mut queue = subscriber.queue();
+            let was_empty = queue.is_empty();
+            tally.add(queue.push_control(snapshot.subscribed));
+            if let Some(state) = &snapshot.state {
+                tally.add(queue.push_state(state));
+            }
+            for event in &snapshot.events {
+                tally.add(queue.push_event(event));
+            }
+            drop(queue);
+            if was_empty || tally.slow > 0 {
+                subscriber.wake.notify_one();
+            }
+            tally.flush(&self.0.metrics, subscriber.transport);
+        })?;
+        Ok(())
+    }
+
+    /// Removes `subscriber` from the room and forgets its pending messages of that room.
+    pub fn unsubscribe(&self, room: &RoomName, subscriber: &Subscriber) {
+        let result = self.with_room(room, false, 0, |entry| {
+            if entry.subscribers.remove(&subscriber.id).is_some() {
+                self.0.metrics.subscriptions.dec();
+            }
+            subscriber.queue().purge_room(entry.room.id());
+        });
+        debug_assert!(result.is_ok());
+    }
+
+    /// The room's figures, or `None` when this node holds no such room.
+    pub fn room_info(&self, room: &RoomName) -> Option<RoomInfo> {
+        self.with_room(room, false, 0, |entry| RoomInfo {
+            epoch: entry.room.epoch().to_string(),
+            state: entry.room.state().cloned(),
+            version: entry.room.version(),
+            last_seq: entry.room.last_seq(),
+            subscribers: entry.subscribers.len(),
+        })
+        .ok()
+        .flatten()
+    }
+
+    /// Retained events after `since`, or `Err(last_seq)` when the history no longer reaches back.
+    pub fn room_events(&self, room: &RoomName, since: u64, now_ms: u64) -> Option<(String, Result<Vec<Arc<Publication>>, u64>)> {
+        self.with_room(room, false, now_ms, |entry| {
+            entry.room.trim(now_ms);
+            let events = entry.room.events_since(since).ok_or(entry.room.last_seq());
+            (entry.room.epoch().to_string(), events)
+        })
+        .ok()
+        .flatten()
+    }
+
+    /// Expires old history and state, and drops rooms with nothing left. Returns rooms dropped.
+    pub fn sweep(&self, now_ms: u64) -> usize {
+        let mut removed = 0;
+        for shard in self.0.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            shard.retain(|_, slot| {
+                let mut entry = slot.lock();
+                entry.room.expire(now_ms);
+                if entry.is_empty() {
+                    entry.removed = true;
+                    removed += 1;
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        if removed > 0 {
+            let left = self.0.room_count.fetch_sub(removed, Ordering::Relaxed) - removed;
+            self.0.metrics.rooms.set(left as i64);
+        }
+        removed
+    }
+
+    fn shard(&self, room: &RoomName) -> &Shard {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let hash = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(room.as_str());
+        &self.0.shards[(hash as usize) % SHARDS]
+    }
+
+    /// Runs `f` on the room under its own lock, creating the room if asked. Afterwards drops the
+    /// room when it has neither subscribers nor retained data. `Ok(None)`: no room, none created.
+    fn with_room<R>(
+        &self,
+        name: &RoomName,
+        create: bool,
+        now_ms: u64,
+        f: impl FnOnce(&mut RoomEntry) -> R,
+    ) -> Result<Option<R>, HubError> {
+        let shard = self.shard(name);
+        loop {
+            let slot = {
+                let mut rooms = shard.lock().unwrap_or_else(|p| p.into_inner());
+                match rooms.get(name) {
+                    Some(slot) => slot.clone(),
+                    None if create => {
+                        let slot = self.create_room(name, now_ms)?;
+                        rooms.insert(name.clone(), slot.clone());
+                        slot
+                    }
+                    None => return Ok(None),
+                }
+            };
+            let mut entry = slot.lock();
+            if entry.removed {
+                continue;
+            }
+            let result = f(&mut entry);
+            let empty = entry.is_empty();
+            drop(entry);
+            if empty {
+                self.remove_if_empty(shard, name, &slot);
+            }
+            return Ok(Some(result));
+        }
+    }
+
+    fn create_room(&self, name: &RoomName, now_ms: u64) -> Result<Arc<RoomSlot>, HubError> {
+        let max = self.0.config.max_rooms;
+        let count = self.0.room_count.fetch_add(1, Ordering::Relaxed);
+        if count >= max {
+            self.0.room_count.fetch_sub(1, Ordering::Relaxed);
+            return Err(HubError::RoomLimit(max));
+        }
+        self.0.metrics.rooms.set(count as i64 + 1);
+        let id = self.0.next_room_id.fetch_add(1, Ordering::Relaxed);
+        let epoch = format!("{:016x}", self.0.epoch_seed.wrapping_add(id.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+        let room = Room::new(RoomId(id), name.clone(), epoch, self.0.config.retention, now_ms);
+        Ok(Arc::new(RoomSlot(Mutex::new(RoomEntry { room, subscribers: HashMap::new(), removed: false }))))
+    }
+
+    fn remove_if_empty(&self, shard: &Shard, name: &RoomName, slot: &Arc<RoomSlot>) {
+        let mut rooms = shard.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entry = slot.lock();
+        if entry.removed || !entry.is_empty() {
+            return;
+        }
+        if rooms.get(name).is_some_and(|current| Arc::ptr_eq(current, slot)) {
+            rooms.remove(name);
+            entry.removed = true;
+            let left = self.0.room_count.fetch_sub(1, Ordering::Relaxed) - 1;
+            self.0.metrics.rooms.set(left as i64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::PublicationKind;
+    use std::time::Instant;
+
+    fn hub(config: HubConfig) -> Hub {
+        Hub::new(config, Arc::new(Metrics::new()), 7)
+    }
+
+    fn room(name: &str) -> RoomName {
+        RoomName::parse(name).expect("room")
+    }
+
+    fn now() -> Now {
+        Now { unix_ms: 1_000, instant: Instant::now() }
+    }
+
+    fn data(s: &str) -> JsonData {
+        JsonData::parse(s.as_bytes()).expect("json")
+    }
+
+    fn drain(s: &Subscriber) -> Vec<String> {
+        let mut out = Vec::new();
+        s.drain_into(&mut out, usize::MAX);
+        out.into_iter()
+            .map(|o| match o {
+                Outgoing::Publication(p) => p.json_frame().to_string(),
+                Outgoing::Control(c) => c.to_json().to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn publish_reaches_every_subscriber_with_one_shared_frame() {
+        let hub = hub(HubConfig::default());
+        let (a, b) = (hub.new_subscriber(Transport::WebSocket), hub.new_subscriber(Transport::WebTransport));
+        hub.subscribe(&room("game:1"), &a, None, None, 0).expect("subscribe");
+        hub.subscribe(&room("game:1"), &b, None, None, 0).expect("subscribe");
+        drain(&a);
+        drain(&b);
+        let receipt = hub.publish(&room("game:1"), PublishKind::State, &data("{\"h\":1}"), now()).expect("publish");
+        assert_eq!((receipt.number, receipt.subscribers), (1, 2));
+        let (mut out_a, mut out_b) = (Vec::new(), Vec::new());
+        a.drain_into(&mut out_a, 10);
+        b.drain_into(&mut out_b, 10);
+        match (&out_a[..], &out_b[..]) {
+            ([Outgoing::Publication(pa)], [Outgoing::Publication(pb)]) => assert!(Arc::ptr_eq(pa, pb)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_joining_subscriber_gets_subscribed_then_state_then_recovered_events() {
+        let hub = hub(HubConfig::default());
+        let r = room("game:1");
+        hub.publish(&r, PublishKind::State, &data("5"), now()).expect("publish");
+        hub.publish(&r, PublishKind::Event, &data("\"a\""), now()).expect("publish");
+        hub.publish(&r, PublishKind::Event, &data("\"b\""), now()).expect("publish");
+        let s = hub.new_subscriber(Transport::WebSocket);
+        hub.subscribe(&r, &s, Some(1), None, 1_000).expect("subscribe");
+        let frames = drain(&s);
+        assert_eq!(frames.len(), 3);
+        assert!(frames[0].starts_with(r#"{"type":"subscribed","room":"game:1","#) && frames[0].contains(r#""version":1,"seq":2,"recovered":true"#));
+        assert!(frames[1].contains(r#""type":"state""#) && frames[1].ends_with(r#""data":5}"#));
+        assert!(frames[2].contains(r#""seq":2"#) && frames[2].ends_with(r#""data":"b"}"#));
+    }
+
+    #[test]
+    fn rooms_live_while_they_have_subscribers_or_data() {
+        let hub = hub(HubConfig::default());
+        let s = hub.new_subscriber(Transport::WebSocket);
+        hub.subscribe(&room("a"), &s, None, None, 0).expect("subscribe");
+        assert_eq!(hub.room_count(), 1);
+        hub.unsubscribe(&room("a"), &s);
+        assert_eq!(hub.room_count(), 0);
+        assert!(hub.room_info(&room("a")).is_none());
+
+        hub.publish(&room("b"), PublishKind::State, &data("1"), now()).expect("publish");
+        assert_eq!(hub.room_info(&room("b")).map(|i| i.version), Some(1));
+        assert_eq!(hub.sweep(now().unix_ms), 0);
+        let day = 24 * 3600 * 1000;
+        assert_eq!(hub.sweep(now().unix_ms + day), 1);
+        assert_eq!(hub.room_count(), 0);
+    }
+
+    #[test]
+    fn a_recreated_room_has_a_new_epoch() {
+        let hub = hub(HubConfig::default());
+        let s = hub.new_subscriber(Transport::WebSocket);
+        hub.subscribe(&room("a"), &s, None, None, 0).expect("subscribe");
+        let first = hub.room_info(&room("a")).map(|i| i.epoch);
+        hub.unsubscribe(&room("a"), &s);
+        hub.subscribe(&room("a"), &s, None, None, 0).expect("subscribe");
+        let second = hub.room_info(&room("a")).map(|i| i.epoch);
+        assert!(first.is_some() && second.is_some() && first != second);
+    }
+
+    #[test]
+    fn room_limit_refuses_new_rooms_only() {
+        let hub = hub(HubConfig { max_rooms: 1, ..HubConfig::default() });
+        hub.publish(&room("a"), PublishKind::State, &data("1"), now()).expect("publish");
+        assert_eq!(hub.publish(&room("b"), PublishKind::State, &data("1"), now()), Err(HubError::RoomLimit(1)));
+        let s = hub.new_subscriber(Transport::WebSocket);
+        assert_eq!(hub.subscribe(&room("b"), &s, None, None, 0), Err(HubError::RoomLimit(1)));
+        assert!(hub.publish(&room("a"), PublishKind::State, &data("2"), now()).is_ok());
+    }
+
+    #[test]
+    fn an_overflowing_subscriber_is_closed_while_others_receive_everything() {
+        let config = HubConfig { queue: QueueLimits { max_messages: 4, max_bytes: usize::MAX }, ..HubConfig::default() };
+        let hub = hub(config);
+        let r = room("bracket:1");
+        let (slow, fast) = (hub.new_subscriber(Transport::WebSocket), hub.new_subscriber(Transport::WebSocket));
+        hub.subscribe(&r, &slow, None, None, 0).expect("subscribe");
+        hub.subscribe(&r, &fast, None, None, 0).expect("subscribe");
+        drain(&slow);
+        drain(&fast);
+        let mut fast_seqs = Vec::new();
+        for i in 0..10 {
+            hub.publish(&r, PublishKind::Event, &data(&i.to_string()), now()).expect("publish");
+            let mut out = Vec::new();
+            fast.drain_into(&mut out, usize::MAX);
+            fast_seqs.extend(out.into_iter().filter_map(|o| match o {
+                Outgoing::Publication(p) => match p.kind {
+                    PublicationKind::Event { seq } => Some(seq),
+                    _ => None,
+                },
+                _ => None,
+            }));
+        }
+        assert_eq!(fast_seqs, (1..=10).collect::<Vec<_>>());
+        assert_eq!(slow.drain_into(&mut Vec::new(), 100), Some(QueueClosed::Slow));
+        assert_eq!(hub.metrics().websocket.slow_disconnects.get(), 1);
+    }
+}

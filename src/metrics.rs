@@ -1,0 +1,153 @@
+//! Prometheus metrics: one registry, and handles resolved once so the hot path never looks up labels.
+//! Served as OpenMetrics text at `GET /metrics` (names in README.md, "Metrics").
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::core::ErrorCode;
+
+/// A transport a client connects with; a label on per-transport metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    WebSocket,
+    WebTransport,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::WebSocket => "websocket",
+            Self::WebTransport => "webtransport",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TransportLabel {
+    transport: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CodeLabel {
+    code: u16,
+    name: &'static str,
+}
+
+/// Counters and gauges of one transport.
+#[derive(Debug, Clone, Default)]
+pub struct TransportMetrics {
+    pub connections: Gauge,
+    pub client_messages: Counter,
+    pub deliveries: Counter,
+    pub slow_disconnects: Counter,
+}
+
+/// Every metric the node exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub websocket: TransportMetrics,
+    pub webtransport: TransportMetrics,
+    pub subscriptions: Gauge,
+    pub rooms: Gauge,
+    pub published_states: Counter,
+    pub published_events: Counter,
+    /// State updates replaced in a queue by a newer version before they were written.
+    pub conflated: Counter,
+    /// Messages discarded because their connection was closing (slow or gone).
+    pub dropped: Counter,
+    errors: Family<CodeLabel, Counter>,
+    /// Seconds from a publish entering the node to its frame being written to a socket.
+    pub delivery_latency: Histogram,
+    pub draining: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("courtside");
+        let connections = Family::<TransportLabel, Gauge>::default();
+        let client_messages = Family::<TransportLabel, Counter>::default();
+        let deliveries = Family::<TransportLabel, Counter>::default();
+        let slow = Family::<TransportLabel, Counter>::default();
+        let published = Family::<KindLabel, Counter>::default();
+        let transport = |t: Transport| TransportMetrics {
+            connections: connections.get_or_create_owned(&TransportLabel { transport: t.as_str() }),
+            client_messages: client_messages.get_or_create_owned(&TransportLabel { transport: t.as_str() }),
+            deliveries: deliveries.get_or_create_owned(&TransportLabel { transport: t.as_str() }),
+            slow_disconnects: slow.get_or_create_owned(&TransportLabel { transport: t.as_str() }),
+        };
+        let websocket = transport(Transport::WebSocket);
+        let webtransport = transport(Transport::WebTransport);
+        let metrics = Self {
+            websocket,
+            webtransport,
+            subscriptions: Gauge::default(),
+            rooms: Gauge::default(),
+            published_states: published.get_or_create_owned(&KindLabel { kind: "state" }),
+            published_events: published.get_or_create_owned(&KindLabel { kind: "event" }),
+            conflated: Counter::default(),
+            dropped: Counter::default(),
+            errors: Family::default(),
+            delivery_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            draining: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("connections", "Open client connections", connections);
+        registry.register("subscriptions", "Room subscriptions held by local connections", metrics.subscriptions.clone());
+        registry.register("rooms", "Rooms held by this node", metrics.rooms.clone());
+        registry.register("messages_in", "Messages received from clients", client_messages);
+        registry.register("published", "Messages published into rooms", published);
+        registry.register("messages_out", "Messages written to clients", deliveries);
+        registry.register("conflated", "State updates replaced by a newer version before being written", metrics.conflated.clone());
+        registry.register("dropped", "Messages discarded because their connection was closing", metrics.dropped.clone());
+        registry.register("slow_disconnects", "Connections closed because their ordered queue overflowed", slow);
+        registry.register("errors", "Error replies and error closes sent to clients, by code", metrics.errors.clone());
+        registry.register(
+            "delivery_latency_seconds",
+            "Time from a publish entering the node to its frame being written to the socket",
+            metrics.delivery_latency.clone(),
+        );
+        registry.register("draining", "1 while the node is shutting down", metrics.draining.clone());
+        Self { registry, ..metrics }
+    }
+
+    pub fn transport(&self, transport: Transport) -> &TransportMetrics {
+        match transport {
+            Transport::WebSocket => &self.websocket,
+            Transport::WebTransport => &self.webtransport,
+        }
+    }
+
+    /// Counts an error reply or error close by its protocol code.
+    pub fn error(&self, code: ErrorCode) {
+        self.errors.get_or_create(&CodeLabel { code: code.as_u16(), name: code.name() }).inc();
+    }
+
+    /// Counts a close code that signals a failure (1002, 1009, 4001, 4002...).
+    pub fn close_error(&self, code: u16, name: &'static str) {
+        self.errors.get_or_create(&CodeLabel { code, name }).inc();
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
