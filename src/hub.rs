@@ -250,11 +250,7 @@ impl Hub {
             }
             by_transport[0].flush(&self.0.metrics, Transport::WebSocket);
             by_transport[1].flush(&self.0.metrics, Transport::WebTransport);
-            let number = match publication.kind {
-                crate::core::PublicationKind::State { version } => version,
-                crate::core::PublicationKind::Event { seq } => seq,
-            };
-            PublishReceipt { number, ts_ms: publication.ts_ms, subscribers: entry.subscribers.len() }
+            PublishReceipt { number: publication.number(), ts_ms: publication.ts_ms, subscribers: entry.subscribers.len() }
         })?;
         match kind {
             PublishKind::State => self.0.metrics.published_states.inc(),

@@ -1,6 +1,13 @@
 //! Courtside: a real-time edge server for youth-sports live scores.
-//! See docs/ARCHITECTURE.md for how the modules fit together.
+//! See docs/ARCHITECTURE.md for how the modules fit together and how data flows.
 
+pub mod config;
 pub mod core;
+pub mod http;
 pub mod hub;
 pub mod metrics;
+pub mod node;
+pub mod server;
+pub mod session;
+pub mod shutdown;
+pub mod transport;

@@ -1,1 +1,105 @@
-fn main(){}
+//! The `courtside` binary: parses the configuration, sets up logging, runs the node until
+//! SIGTERM or Ctrl-C, drains, and exits 0.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use courtside::config::{self, Command, LogFormat, ServeConfig};
+use courtside::server;
+use tracing::{error, info, warn};
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+fn main() -> ExitCode {
+    let cli = match config::parse_args(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(error) => {
+            eprintln!("courtside: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let Command::Serve(config) = cli.command;
+    if let Err(error) = config.validate() {
+        eprintln!("courtside: {error:#}");
+        return ExitCode::from(2);
+    }
+    if let Err(error) = init_logging(&config) {
+        eprintln!("courtside: {error:#}");
+        return ExitCode::from(2);
+    }
+    match run(*config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            error!("{error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &ServeConfig) -> anyhow::Result<()> {
+    let filter: Targets = config.log.log_level.parse().context("--log-level")?;
+    let registry = tracing_subscriber::registry().with(filter);
+    match config.log.log_format {
+        LogFormat::Text => {
+            let ansi = std::io::stderr().is_terminal();
+            registry.with(tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr)).try_init()?
+        }
+        LogFormat::Json => registry
+            .with(tracing_subscriber::fmt::layer().json().flatten_event(true).with_current_span(false).with_writer(std::io::stderr))
+            .try_init()?,
+    }
+    Ok(())
+}
+
+fn run(config: ServeConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    runtime.block_on(async {
+        let token = match &config.http.publish_token {
+            Some(token) => token.clone(),
+            None => {
+                let token = server::generate_token();
+                warn!(publish_token = %token, "no publish token configured; generated one for this run");
+                token
+            }
+        };
+        let listener = tokio::net::TcpListener::bind(config.http.addr)
+            .await
+            .with_context(|| format!("binding HTTP/WebSocket listener on {}", config.http.addr))?;
+        let http = listener.local_addr()?;
+        let node = server::build_node(&config, token);
+        info!(%http, version = env!("CARGO_PKG_VERSION"), "listening for HTTP and WebSocket (/ws)");
+        let report = server::serve(&config, node, listener, shutdown_signal()).await;
+        if report.clean {
+            info!("drained; every connection closed");
+        } else {
+            warn!(abandoned = report.abandoned, "drain timeout reached; dropping remaining connections");
+        }
+        Ok(())
+    })
+}
+
+/// Resolves on SIGTERM (ECS stopping the task) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(error) => {
+                warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the server");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => info!("Ctrl-C received"),
+            _ = term.recv() => info!("SIGTERM received"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -7,7 +7,7 @@ pub mod queue;
 pub mod room;
 pub mod room_name;
 
-pub use protocol::{close_code, ClientCommand, CommandError, ErrorCode, ServerControl};
+pub use protocol::{close_code, parse_command, ClientCommand, CommandError, ErrorCode, ServerControl};
 pub use publication::{JsonData, Now, Publication, PublicationKind, RoomId};
 pub use queue::{ConnectionQueue, Outgoing, Pushed, QueueClosed, QueueLimits};
 pub use room::{RetentionLimits, Room, Snapshot};

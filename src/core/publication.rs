@@ -99,6 +99,14 @@ impl Publication {
         &self.json
     }
 
+    /// The state version or the event sequence number.
+    pub fn number(&self) -> u64 {
+        match self.kind {
+            PublicationKind::State { version } => version,
+            PublicationKind::Event { seq } => seq,
+        }
+    }
+
     /// The published JSON value, unchanged.
     pub fn data(&self) -> &str {
         &self.json.as_str()[self.data.clone()]

@@ -198,10 +198,7 @@ impl Room {
 }
 
 fn seq_of(p: &Publication) -> u64 {
-    match p.kind {
-        PublicationKind::Event { seq } => seq,
-        PublicationKind::State { version } => version,
-    }
+    p.number()
 }
 
 #[cfg(test)]

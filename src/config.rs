@@ -1,0 +1,316 @@
+//! The command line: one config struct per component, flattened into `ServeConfig`.
+//! Each option comes from a flag, a `COURTSIDE_*` variable, the `--config` TOML file, or its default, in that order.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::parser::ValueSource;
+use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand, ValueEnum};
+
+use crate::core::{QueueLimits, RetentionLimits};
+use crate::hub::HubConfig;
+use crate::session::SessionLimits;
+
+#[derive(Debug, Parser)]
+#[command(name = "courtside", version, about = "Real-time edge server for youth-sports live scores")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve WebSocket clients and the HTTP API.
+    Serve(Box<ServeConfig>),
+}
+
+/// Everything `courtside serve` takes.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// TOML file with any of the options below, keyed by their long names (`publish-token = "..."`).
+    /// Flags and environment variables override it.
+    #[arg(long, env = "COURTSIDE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub http: HttpConfig,
+    #[command(flatten)]
+    pub websocket: WebSocketConfig,
+    #[command(flatten)]
+    pub connection: ConnectionConfig,
+    #[command(flatten)]
+    pub rooms: RoomConfig,
+    #[command(flatten)]
+    pub log: LogConfig,
+}
+
+/// The HTTP listener: API, health, metrics and the WebSocket upgrade.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "HTTP")]
+pub struct HttpConfig {
+    /// Address for HTTP and WebSocket (the ALB target port).
+    #[arg(long = "http", env = "COURTSIDE_HTTP", value_name = "ADDR", default_value = "0.0.0.0:3000")]
+    pub addr: SocketAddr,
+    /// Bearer token for the publish API. When unset, a random one is generated and logged.
+    #[arg(long, env = "COURTSIDE_PUBLISH_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub publish_token: Option<String>,
+    /// Largest accepted HTTP request body, in bytes.
+    #[arg(long, env = "COURTSIDE_MAX_BODY", value_name = "BYTES", default_value_t = 1 << 20)]
+    pub max_body: usize,
+    /// Items accepted in one batch publish.
+    #[arg(long, env = "COURTSIDE_MAX_BATCH", value_name = "N", default_value_t = 1000)]
+    pub max_batch: usize,
+    /// Open TCP connections (HTTP and WebSocket together); more are closed at once.
+    #[arg(long, env = "COURTSIDE_MAX_CONNECTIONS", value_name = "N", default_value_t = 25_000)]
+    pub max_connections: usize,
+    /// Time a new connection has to send its request headers, the WebSocket upgrade included.
+    #[arg(long, env = "COURTSIDE_UPGRADE_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub upgrade_timeout: Duration,
+    /// Browser origins allowed to open a WebSocket, comma-separated (e.g. https://scores.example.com).
+    /// Empty: any origin. Requests without an Origin header (non-browser clients) are always allowed.
+    #[arg(long, env = "COURTSIDE_ALLOWED_ORIGINS", value_name = "ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// Longest graceful shutdown: clients are told to reconnect, then remaining ones are dropped.
+    #[arg(long, env = "COURTSIDE_DRAIN_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+/// WebSocket framing and liveness.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "WebSocket")]
+pub struct WebSocketConfig {
+    /// Largest frame or message a client may send, in bytes; larger ones close with 1009.
+    #[arg(long, env = "COURTSIDE_WS_MAX_MESSAGE", value_name = "BYTES", default_value_t = 1 << 20)]
+    pub ws_max_message: usize,
+    /// Interval between the server's WebSocket pings.
+    #[arg(long, env = "COURTSIDE_PING_INTERVAL", value_name = "DURATION", default_value = "25s", value_parser = humantime::parse_duration)]
+    pub ping_interval: Duration,
+    /// A client silent for this long (no frame, no pong) is closed with 4002.
+    #[arg(long, env = "COURTSIDE_IDLE_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// A write that cannot complete for this long (the client stopped reading) drops the connection.
+    #[arg(long, env = "COURTSIDE_WRITE_TIMEOUT", value_name = "DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub write_timeout: Duration,
+}
+
+/// Per-connection limits, shared by every transport.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Connections")]
+pub struct ConnectionConfig {
+    /// Rooms one connection may subscribe to.
+    #[arg(long, env = "COURTSIDE_MAX_SUBSCRIPTIONS", value_name = "N", default_value_t = 256)]
+    pub max_subscriptions: usize,
+    /// Ordered messages (events, replies) queued for one connection before it is closed as slow (4001).
+    #[arg(long, env = "COURTSIDE_QUEUE_MESSAGES", value_name = "N", default_value_t = 1024)]
+    pub queue_messages: usize,
+    /// Bytes of ordered messages queued for one connection before it is closed as slow (4001).
+    #[arg(long, env = "COURTSIDE_QUEUE_BYTES", value_name = "BYTES", default_value_t = 8 << 20)]
+    pub queue_bytes: usize,
+    /// Commands per second a client may send on average (error 104 beyond).
+    #[arg(long, env = "COURTSIDE_COMMAND_RATE", value_name = "PER_SECOND", default_value_t = 100.0)]
+    pub command_rate: f64,
+    /// Commands a client may send in one burst.
+    #[arg(long, env = "COURTSIDE_COMMAND_BURST", value_name = "N", default_value_t = 1000.0)]
+    pub command_burst: f64,
+}
+
+/// What rooms retain, and how many there may be.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Rooms")]
+pub struct RoomConfig {
+    /// Events each room keeps for `since` recovery.
+    #[arg(long, env = "COURTSIDE_HISTORY_SIZE", value_name = "N", default_value_t = 1000)]
+    pub history_size: usize,
+    /// Age after which events leave the history.
+    #[arg(long, env = "COURTSIDE_HISTORY_TTL", value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub history_ttl: Duration,
+    /// Bytes of history each room keeps at most.
+    #[arg(long, env = "COURTSIDE_HISTORY_BYTES", value_name = "BYTES", default_value_t = 16 << 20)]
+    pub history_bytes: usize,
+    /// A room without subscribers drops its state this long after its last publish.
+    #[arg(long, env = "COURTSIDE_STATE_TTL", value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub state_ttl: Duration,
+    /// Rooms this node holds at most.
+    #[arg(long, env = "COURTSIDE_MAX_ROOMS", value_name = "N", default_value_t = 100_000)]
+    pub max_rooms: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (CloudWatch Logs).
+    Json,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Logging")]
+pub struct LogConfig {
+    #[arg(long, env = "COURTSIDE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Level filter: a level (info) or per-target directives (info,courtside=debug).
+    #[arg(long, env = "COURTSIDE_LOG", value_name = "FILTER", default_value = "info")]
+    pub log_level: String,
+}
+
+impl ServeConfig {
+    pub fn hub(&self) -> HubConfig {
+        HubConfig {
+            retention: RetentionLimits {
+                history_len: self.rooms.history_size,
+                history_ttl: self.rooms.history_ttl,
+                history_bytes: self.rooms.history_bytes,
+                state_ttl: self.rooms.state_ttl,
+            },
+            queue: QueueLimits { max_messages: self.connection.queue_messages, max_bytes: self.connection.queue_bytes },
+            max_rooms: self.rooms.max_rooms,
+        }
+    }
+
+    pub fn session(&self) -> SessionLimits {
+        SessionLimits {
+            max_subscriptions: self.connection.max_subscriptions,
+            commands_per_second: self.connection.command_rate,
+            command_burst: self.connection.command_burst,
+        }
+    }
+
+    /// Rejects values that would make the server misbehave.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let positive = [
+            ("max-body", self.http.max_body),
+            ("max-batch", self.http.max_batch),
+            ("max-connections", self.http.max_connections),
+            ("ws-max-message", self.websocket.ws_max_message),
+            ("queue-messages", self.connection.queue_messages),
+            ("queue-bytes", self.connection.queue_bytes),
+            ("max-rooms", self.rooms.max_rooms),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                bail!("--{name} must be greater than 0");
+            }
+        }
+        if self.websocket.ping_interval.is_zero() {
+            bail!("--ping-interval must be greater than 0");
+        }
+        if !(self.connection.command_rate > 0.0 && self.connection.command_burst >= 1.0) {
+            bail!("--command-rate must be > 0 and --command-burst at least 1");
+        }
+        if self.http.publish_token.as_deref().is_some_and(str::is_empty) {
+            bail!("--publish-token must not be empty");
+        }
+        Ok(())
+    }
+}
+
+/// Parses the command line, then fills options that were left at their defaults from the
+/// `--config` TOML file. Precedence: flag, environment variable, file, default.
+pub fn parse_args(args: Vec<OsString>) -> anyhow::Result<Cli> {
+    let cli = Cli::try_parse_from(&args).unwrap_or_else(|e| e.exit());
+    let Command::Serve(serve) = &cli.command;
+    let Some(path) = serve.config.clone() else { return Ok(cli) };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading config file {}", path.display()))?;
+    let table: toml::Table = toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?;
+
+    let command = Cli::command();
+    let matches = command.clone().try_get_matches_from(&args)?;
+    let Some(("serve", serve_matches)) = matches.subcommand() else { return Ok(cli) };
+    let serve_command = command.find_subcommand("serve").context("no serve command")?;
+    let mut injected: Vec<OsString> = Vec::new();
+    for (key, value) in &table {
+        let long = key.replace('_', "-");
+        let Some(arg) = serve_command.get_arguments().find(|a| a.get_long() == Some(long.as_str())) else {
+            bail!("config file {}: unknown option {key:?}", path.display());
+        };
+        if long == "config" {
+            bail!("config file {}: \"config\" cannot be set from a config file", path.display());
+        }
+        let id = arg.get_id().as_str();
+        if matches!(serve_matches.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable)) {
+            continue;
+        }
+        let flag = format!("--{long}");
+        match (arg.get_action(), value) {
+            (ArgAction::SetTrue, toml::Value::Boolean(true)) => injected.push(flag.into()),
+            (ArgAction::SetTrue, toml::Value::Boolean(false)) => {}
+            (ArgAction::SetTrue, _) => bail!("config file {}: {key} must be true or false", path.display()),
+            (_, toml::Value::String(s)) => injected.push(format!("{flag}={s}").into()),
+            (_, toml::Value::Integer(n)) => injected.push(format!("{flag}={n}").into()),
+            (_, toml::Value::Float(x)) => injected.push(format!("{flag}={x}").into()),
+            (_, toml::Value::Array(items)) => {
+                let mut parts = Vec::with_capacity(items.len());
+                for item in items {
+                    match item {
+                        toml::Value::String(s) => parts.push(s.clone()),
+                        toml::Value::Integer(n) => parts.push(n.to_string()),
+                        other => bail!("config file {}: {key} holds a {}", path.display(), other.type_str()),
+                    }
+                }
+                injected.push(format!("{flag}={}", parts.join(",")).into());
+            }
+            (_, other) => bail!("config file {}: {key} cannot be a {}", path.display(), other.type_str()),
+        }
+    }
+    let serve_at = args.iter().position(|a| a == "serve").context("no serve command")?;
+    let mut merged = args[..=serve_at].to_vec();
+    merged.extend(injected);
+    merged.extend_from_slice(&args[serve_at + 1..]);
+    Ok(Cli::try_parse_from(merged)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> ServeConfig {
+        let args = std::iter::once("courtside").chain(args.iter().copied()).map(OsString::from).collect();
+        let Command::Serve(config) = parse_args(args).expect("parse").command;
+        *config
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = serve(&["serve"]);
+        assert_eq!(c.http.addr.to_string(), "0.0.0.0:3000");
+        assert_eq!(c.http.max_body, 1 << 20);
+        assert_eq!(c.websocket.ping_interval, Duration::from_secs(25));
+        assert_eq!(c.websocket.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.http.upgrade_timeout, Duration::from_secs(10));
+        assert_eq!(c.http.drain_timeout, Duration::from_secs(10));
+        assert_eq!(c.connection.max_subscriptions, 256);
+        assert_eq!(c.rooms.history_size, 1000);
+        assert_eq!(c.rooms.history_ttl, Duration::from_secs(600));
+        assert!(c.http.publish_token.is_none());
+        c.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn the_config_file_fills_what_flags_leave_unset() {
+        let dir = std::env::temp_dir().join(format!("courtside-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "http = \"127.0.0.1:4000\"\nping_interval = \"5s\"\nhistory-size = 10\nallowed-origins = [\"https://a\", \"https://b\"]\n").expect("write");
+        let c = serve(&["serve", "--config", file.to_str().expect("path"), "--history-size", "20"]);
+        assert_eq!(c.http.addr.to_string(), "127.0.0.1:4000");
+        assert_eq!(c.websocket.ping_interval, Duration::from_secs(5));
+        assert_eq!(c.rooms.history_size, 20, "the flag wins over the file");
+        assert_eq!(c.http.allowed_origins, vec!["https://a".to_string(), "https://b".to_string()]);
+
+        std::fs::write(&file, "no-such-option = 1\n").expect("write");
+        let args = ["courtside", "serve", "--config", file.to_str().expect("path")].map(OsString::from).to_vec();
+        let error = parse_args(args).expect_err("unknown key");
+        assert!(error.to_string().contains("unknown option"), "{error}");
+    }
+
+    #[test]
+    fn validation_rejects_zero_limits() {
+        let mut c = serve(&["serve"]);
+        c.connection.queue_messages = 0;
+        assert!(c.validate().is_err());
+    }
+}

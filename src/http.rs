@@ -1,0 +1,312 @@
+//! The HTTP side: health, metrics, the publish API for the platform's backend, room queries,
+//! and the WebSocket upgrade route. Every error answers JSON `{"error": code, "message": text}`.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::handler::Handler;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::core::{JsonData, Now, Publication, RoomName};
+use crate::hub::{HubError, PublishKind};
+use crate::node::Node;
+use crate::transport::websocket;
+
+/// All routes of the node (docs/openapi.yaml).
+pub fn router(node: Node, max_body: usize) -> Router {
+    let auth = || middleware::from_fn_with_state(node.clone(), require_token);
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/ws", get(websocket::upgrade))
+        .route("/v1/rooms/{room}", get(room_info))
+        .route("/v1/rooms/{room}/state", post(publish_state.layer(auth())))
+        .route("/v1/rooms/{room}/events", post(publish_event.layer(auth())).get(room_events))
+        .route("/v1/publish", post(publish_batch.layer(auth())))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(node)
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    message: &'a str,
+}
+
+/// A JSON error answer; `code` is one of the names listed in docs/openapi.yaml.
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    (status, Json(ErrorBody { error: code, message })).into_response()
+}
+
+async fn not_found() -> Response {
+    error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+async fn health(State(node): State<Node>) -> Response {
+    let connections = node.metrics.websocket.connections.get() + node.metrics.webtransport.connections.get();
+    let body = serde_json::json!({
+        "status": if node.is_draining() { "draining" } else { "ok" },
+        "connections": connections,
+        "rooms": node.hub.room_count(),
+    });
+    let status = if node.is_draining() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(node): State<Node>) -> Response {
+    let content_type = HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8");
+    ([(header::CONTENT_TYPE, content_type)], node.metrics.render()).into_response()
+}
+
+/// Publishing needs `Authorization: Bearer <token>`; checked before the body is read.
+async fn require_token(State(node): State<Node>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(token) if constant_time_eq(token.as_bytes(), node.publish_token.as_bytes()) => next.run(request).await,
+        _ => {
+            let mut response = error_response(StatusCode::UNAUTHORIZED, "unauthorized", "a valid publish token is required: Authorization: Bearer <token>");
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn parse_room(name: &str) -> Result<RoomName, Response> {
+    RoomName::parse(name).map_err(|e| error_response(StatusCode::BAD_REQUEST, "bad_room", &e.to_string()))
+}
+
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Response> {
+    body.map_err(|rejection| {
+        let status = rejection.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "body_too_large" } else { "bad_body" };
+        error_response(status, code, &rejection.body_text())
+    })
+}
+
+fn hub_error(error: HubError) -> Response {
+    match error {
+        HubError::RoomLimit(_) => error_response(StatusCode::SERVICE_UNAVAILABLE, "room_limit", &error.to_string()),
+    }
+}
+
+#[derive(Serialize)]
+struct PublishedState<'a> {
+    room: &'a str,
+    version: u64,
+    ts: u64,
+}
+
+#[derive(Serialize)]
+struct PublishedEvent<'a> {
+    room: &'a str,
+    seq: u64,
+    ts: u64,
+}
+
+async fn publish_state(State(node): State<Node>, Path(room): Path<String>, body: Result<Bytes, BytesRejection>) -> Response {
+    publish_one(&node, &room, PublishKind::State, body)
+}
+
+async fn publish_event(State(node): State<Node>, Path(room): Path<String>, body: Result<Bytes, BytesRejection>) -> Response {
+    publish_one(&node, &room, PublishKind::Event, body)
+}
+
+fn publish_one(node: &Node, room: &str, kind: PublishKind, body: Result<Bytes, BytesRejection>) -> Response {
+    let result = (|| {
+        let room = parse_room(room)?;
+        let body = body_bytes(body)?;
+        let data = JsonData::parse(&body).map_err(|e| error_response(StatusCode::BAD_REQUEST, "bad_json", &e.to_string()))?;
+        let receipt = node.hub.publish(&room, kind, &data, Now::system()).map_err(hub_error)?;
+        Ok(match kind {
+            PublishKind::State => Json(PublishedState { room: room.as_str(), version: receipt.number, ts: receipt.ts_ms }).into_response(),
+            PublishKind::Event => Json(PublishedEvent { room: room.as_str(), seq: receipt.number, ts: receipt.ts_ms }).into_response(),
+        })
+    })();
+    result.unwrap_or_else(|response| response)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum BatchKind {
+    State,
+    Event,
+}
+
+#[derive(Deserialize)]
+struct BatchItem<'a> {
+    room: String,
+    #[serde(rename = "type")]
+    kind: BatchKind,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+struct Batch<'a> {
+    #[serde(borrow)]
+    messages: Vec<BatchItem<'a>>,
+}
+
+#[derive(Serialize)]
+struct BatchResult {
+    room: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ts: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+}
+
+/// `POST /v1/publish`: every item is checked before any is published, then all are published
+/// in order with one ingest time.
+async fn publish_batch(State(node): State<Node>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body_bytes(body) {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let batch: Batch<'_> = match serde_json::from_slice(&body) {
+        Ok(batch) => batch,
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_batch", &e.to_string()),
+    };
+    if batch.messages.is_empty() || batch.messages.len() > node.max_batch {
+        let message = format!("a batch holds 1 to {} messages", node.max_batch);
+        return error_response(StatusCode::BAD_REQUEST, "bad_batch", &message);
+    }
+    let mut checked = Vec::with_capacity(batch.messages.len());
+    for (i, item) in batch.messages.iter().enumerate() {
+        match RoomName::parse(&item.room) {
+            Ok(room) => checked.push((room, &item.kind, JsonData::from_raw(item.data))),
+            Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_room", &format!("messages[{i}]: {e}")),
+        }
+    }
+    let now = Now::system();
+    let results: Vec<BatchResult> = checked
+        .into_iter()
+        .map(|(room, kind, data)| {
+            let (kind, name) = match kind {
+                BatchKind::State => (PublishKind::State, "state"),
+                BatchKind::Event => (PublishKind::Event, "event"),
+            };
+            let mut result = BatchResult { room: room.to_string(), kind: name, version: None, seq: None, ts: None, error: None, message: None };
+            match node.hub.publish(&room, kind, &data, now) {
+                Ok(receipt) => {
+                    match kind {
+                        PublishKind::State => result.version = Some(receipt.number),
+                        PublishKind::Event => result.seq = Some(receipt.number),
+                    }
+                    result.ts = Some(receipt.ts_ms);
+                }
+                Err(error) => {
+                    result.error = Some("room_limit");
+                    result.message = Some(error.to_string());
+                }
+            }
+            result
+        })
+        .collect();
+    Json(serde_json::json!({ "results": results })).into_response()
+}
+
+#[derive(Serialize)]
+struct StateView<'a> {
+    version: u64,
+    ts: u64,
+    data: &'a RawValue,
+}
+
+fn data_of(p: &Publication) -> &RawValue {
+    // The data was validated as JSON when it was published.
+    serde_json::from_str(p.data()).unwrap_or(RawValue::NULL)
+}
+
+async fn room_info(State(node): State<Node>, Path(room): Path<String>) -> Response {
+    let room = match parse_room(&room) {
+        Ok(room) => room,
+        Err(response) => return response,
+    };
+    let Some(info) = node.hub.room_info(&room) else {
+        return error_response(StatusCode::NOT_FOUND, "room_not_found", "this node holds no such room");
+    };
+    let state = info.state.as_deref().map(|p| StateView { version: info.version, ts: p.ts_ms, data: data_of(p) });
+    Json(serde_json::json!({
+        "room": room.as_str(),
+        "epoch": info.epoch,
+        "version": info.version,
+        "state": state,
+        "last_seq": info.last_seq,
+        "subscribers": info.subscribers,
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct SinceQuery {
+    #[serde(default)]
+    since: u64,
+}
+
+#[derive(Serialize)]
+struct EventView<'a> {
+    seq: u64,
+    ts: u64,
+    data: &'a RawValue,
+}
+
+async fn room_events(State(node): State<Node>, Path(room): Path<String>, query: Result<Query<SinceQuery>, axum::extract::rejection::QueryRejection>) -> Response {
+    let room = match parse_room(&room) {
+        Ok(room) => room,
+        Err(response) => return response,
+    };
+    let Ok(Query(SinceQuery { since })) = query else {
+        return error_response(StatusCode::BAD_REQUEST, "bad_query", "since must be a non-negative integer");
+    };
+    let Some((epoch, events)) = node.hub.room_events(&room, since, Now::system().unix_ms) else {
+        return error_response(StatusCode::NOT_FOUND, "room_not_found", "this node holds no such room");
+    };
+    match events {
+        Ok(events) => {
+            let last_seq = events.last().map_or(since, |p| p.number());
+            let views: Vec<EventView<'_>> = events
+                .iter()
+                .map(|p| EventView {
+                    seq: p.number(),
+                    ts: p.ts_ms,
+                    data: data_of(p),
+                })
+                .collect();
+            Json(serde_json::json!({ "room": room.as_str(), "epoch": epoch, "last_seq": last_seq, "events": views })).into_response()
+        }
+        Err(last_seq) => {
+            let body = serde_json::json!({
+                "error": "history_gone",
+                "message": "the history no longer reaches back to since; read the state and start from last_seq",
+                "epoch": epoch,
+                "last_seq": last_seq,
+            });
+            (StatusCode::GONE, Json(body)).into_response()
+        }
+    }
+}

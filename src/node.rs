@@ -1,0 +1,56 @@
+//! The node's shared handles, cloned into every HTTP handler and connection task: the hub, the
+//! metrics, the publish token, the transport settings and the shutdown state.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::shutdown::{Shutdown, ShutdownListener};
+use crate::transport::websocket::WebSocketSettings;
+
+/// Cloneable handle to the node.
+#[derive(Debug, Clone)]
+pub struct Node(Arc<NodeInner>);
+
+#[derive(Debug)]
+pub struct NodeInner {
+    pub hub: Hub,
+    pub metrics: Arc<Metrics>,
+    /// Bearer token the publish API requires.
+    pub publish_token: String,
+    pub websocket: WebSocketSettings,
+    pub max_batch: usize,
+    /// True from the shutdown signal on: health answers 503 and new subscriptions are refused.
+    pub draining: Arc<AtomicBool>,
+    pub shutdown: Shutdown,
+}
+
+impl Node {
+    pub fn new(inner: NodeInner) -> Self {
+        Self(Arc::new(inner))
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.0.draining.load(Ordering::Relaxed)
+    }
+
+    /// Marks the node as draining and tells every connection task to finish.
+    pub fn begin_drain(&self) {
+        self.0.draining.store(true, Ordering::Relaxed);
+        self.0.metrics.draining.set(1);
+        self.0.shutdown.begin();
+    }
+
+    pub fn shutdown_listener(&self) -> ShutdownListener {
+        self.0.shutdown.listener()
+    }
+}
+
+impl std::ops::Deref for Node {
+    type Target = NodeInner;
+
+    fn deref(&self) -> &NodeInner {
+        &self.0
+    }
+}

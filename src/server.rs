@@ -1,0 +1,199 @@
+//! Runs a node: binds nothing itself (the caller passes the listener), accepts TCP connections
+//! under a connection limit, serves HTTP and upgrades, sweeps rooms, and drains on shutdown.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, info, warn};
+
+use crate::config::ServeConfig;
+use crate::core::Now;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::node::{Node, NodeInner};
+use crate::shutdown::Shutdown;
+use crate::transport::websocket::WebSocketSettings;
+
+/// How often rooms are swept for expired history and state.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainReport {
+    /// Whether every connection finished within the drain timeout.
+    pub clean: bool,
+    /// WebSocket connections still open when the drain ended.
+    pub abandoned: i64,
+}
+
+/// Builds the node from its configuration. `publish_token` is the resolved token.
+pub fn build_node(config: &ServeConfig, publish_token: String) -> Node {
+    let metrics = Arc::new(Metrics::new());
+    let hub = Hub::new(config.hub(), metrics.clone(), random_u64());
+    Node::new(NodeInner {
+        hub,
+        metrics,
+        publish_token,
+        websocket: WebSocketSettings {
+            max_message: config.websocket.ws_max_message,
+            ping_interval: config.websocket.ping_interval,
+            idle_timeout: config.websocket.idle_timeout,
+            write_timeout: config.websocket.write_timeout,
+            drain_timeout: config.http.drain_timeout,
+            allowed_origins: config.http.allowed_origins.clone(),
+            session: config.session(),
+        },
+        max_batch: config.http.max_batch,
+        draining: Arc::new(AtomicBool::new(false)),
+        shutdown: Shutdown::new(),
+    })
+}
+
+/// A random value from the OS, for tokens and epochs.
+pub fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No OS randomness: fall back to the clock, which still differs across restarts.
+        return Now::system().unix_ms ^ u64::from(std::process::id());
+    }
+    u64::from_le_bytes(bytes)
+}
+
+/// A fresh publish token: 32 hex digits.
+pub fn generate_token() -> String {
+    format!("{:016x}{:016x}", random_u64(), random_u64())
+}
+
+/// Serves until `signal` resolves, then drains: health turns 503, new WebSocket upgrades are
+/// refused, clients are told to reconnect, and the drain waits at most the drain timeout.
+pub async fn serve(config: &ServeConfig, node: Node, listener: TcpListener, signal: impl Future<Output = ()>) -> DrainReport {
+    let router = crate::http::router(node.clone(), config.http.max_body);
+    let limit = Arc::new(Semaphore::new(config.http.max_connections));
+    let upgrade_timeout = config.http.upgrade_timeout;
+
+    let sweeper = {
+        let hub = node.hub.clone();
+        let mut stop = node.shutdown_listener();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = stop.recv() => break,
+                    _ = tick.tick() => {
+                        let removed = hub.sweep(Now::system().unix_ms);
+                        if removed > 0 {
+                            debug!(removed, rooms = hub.room_count(), "swept idle rooms");
+                        }
+                    }
+                }
+            }
+        })
+    };
+
+    let accept_loop = async {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, most likely: back off instead of spinning.
+                    warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                node.metrics.close_error(503, "connection_limit");
+                debug!(%peer, "connection limit reached; closing new connection");
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let io = TokioIo::new(LimitedStream { stream, _permit: permit });
+            let service = TowerToHyperService::new(router.clone());
+            let mut stop = node.shutdown_listener();
+            let draining = stop.is_shutdown();
+            tokio::spawn(async move {
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder.timer(TokioTimer::new()).header_read_timeout(upgrade_timeout).keep_alive(!draining);
+                let connection = builder.serve_connection(io, service).with_upgrades();
+                tokio::pin!(connection);
+                let result = tokio::select! {
+                    result = connection.as_mut() => result,
+                    _ = stop.recv(), if !draining => {
+                        connection.as_mut().graceful_shutdown();
+                        connection.as_mut().await
+                    }
+                };
+                if let Err(error) = result {
+                    debug!(%peer, %error, "http connection ended with an error");
+                }
+            });
+        }
+    };
+
+    let drain_timeout = config.http.drain_timeout;
+    let report = {
+        let drain = async {
+            signal.await;
+            info!(drain_timeout = ?drain_timeout, "shutting down: health is 503, clients are told to reconnect");
+            node.begin_drain();
+            let clean = node.shutdown.wait(drain_timeout).await;
+            DrainReport { clean, abandoned: node.metrics.websocket.connections.get() }
+        };
+        tokio::pin!(drain);
+        tokio::select! {
+            report = &mut drain => report,
+            () = accept_loop => unreachable_accept(),
+        }
+    };
+    sweeper.abort();
+    report
+}
+
+/// The accept loop only ends by the drain finishing first.
+fn unreachable_accept() -> DrainReport {
+    DrainReport { clean: false, abandoned: 0 }
+}
+
+/// A TCP stream that holds a connection-limit permit until it closes, through any upgrade.
+struct LimitedStream {
+    stream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for LimitedStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}

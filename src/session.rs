@@ -1,0 +1,218 @@
+//! One client's protocol session, whatever its transport: turns commands into hub calls and
+//! replies, enforces the per-connection limits, and unsubscribes everything when dropped.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::core::{ClientCommand, CommandError, ErrorCode, RoomName, ServerControl};
+use crate::hub::{Hub, HubError, Subscriber};
+
+/// Per-connection limits on what a client controls.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SessionLimits {
+    /// Rooms one connection may be subscribed to at once.
+    pub max_subscriptions: usize,
+    /// Commands per second a client may send on average...
+    pub commands_per_second: f64,
+    /// ...and in one burst.
+    pub command_burst: f64,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self { max_subscriptions: 256, commands_per_second: 100.0, command_burst: 1000.0 }
+    }
+}
+
+/// A token bucket, fed with the time by its caller.
+#[derive(Debug)]
+struct CommandBudget {
+    tokens: f64,
+    last_ms: u64,
+}
+
+impl CommandBudget {
+    fn take(&mut self, limits: &SessionLimits, now_ms: u64) -> bool {
+        let elapsed = now_ms.saturating_sub(self.last_ms) as f64 / 1000.0;
+        self.last_ms = now_ms;
+        self.tokens = (self.tokens + elapsed * limits.commands_per_second).min(limits.command_burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A client's subscriptions and the replies it is owed.
+#[derive(Debug)]
+pub struct Session {
+    hub: Hub,
+    subscriber: Arc<Subscriber>,
+    rooms: HashSet<RoomName>,
+    limits: SessionLimits,
+    budget: CommandBudget,
+    /// Set by the server while it drains: no new subscriptions.
+    draining: Arc<AtomicBool>,
+}
+
+impl Session {
+    pub fn new(hub: Hub, subscriber: Arc<Subscriber>, limits: SessionLimits, draining: Arc<AtomicBool>, now_ms: u64) -> Self {
+        let budget = CommandBudget { tokens: limits.command_burst, last_ms: now_ms };
+        Self { hub, subscriber, rooms: HashSet::new(), limits, budget, draining }
+    }
+
+    pub fn subscriber(&self) -> &Arc<Subscriber> {
+        &self.subscriber
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.rooms.len()
+    }
+
+    /// Handles one parsed (or unparseable) client message; every reply goes to the queue.
+    pub fn handle(&mut self, command: Result<ClientCommand, CommandError>, now_ms: u64) {
+        if !self.budget.take(&self.limits, now_ms) {
+            return self.reply_error(ErrorCode::RateLimited, "too many commands; slow down".into(), None);
+        }
+        let command = match command {
+            Ok(command) => command,
+            Err(error) => return self.reply_error(error.code(), error.to_string(), None),
+        };
+        match command {
+            ClientCommand::Subscribe { room, since, epoch } => self.subscribe(room, since, epoch.as_deref(), now_ms),
+            ClientCommand::Unsubscribe { room } => {
+                if self.rooms.remove(&room) {
+                    self.hub.unsubscribe(&room, &self.subscriber);
+                }
+                self.reply(ServerControl::Unsubscribed { room });
+            }
+            ClientCommand::Ping => self.reply(ServerControl::Pong),
+        }
+    }
+
+    /// Replies with an error that is not tied to a command (a binary frame, say).
+    pub fn reject(&mut self, code: ErrorCode, message: &str) {
+        self.reply_error(code, message.to_string(), None);
+    }
+
+    fn subscribe(&mut self, room: RoomName, since: Option<u64>, epoch: Option<&str>, now_ms: u64) {
+        if self.draining.load(Ordering::Relaxed) {
+            return self.reply_error(ErrorCode::Draining, "the server is shutting down; reconnect".into(), Some(room));
+        }
+        let known = self.rooms.contains(&room);
+        if !known && self.rooms.len() >= self.limits.max_subscriptions {
+            let message = format!("at most {} subscriptions per connection", self.limits.max_subscriptions);
+            return self.reply_error(ErrorCode::TooManySubscriptions, message, Some(room));
+        }
+        match self.hub.subscribe(&room, &self.subscriber, since, epoch, now_ms) {
+            Ok(()) => {
+                self.rooms.insert(room);
+            }
+            Err(error @ HubError::RoomLimit(_)) => self.reply_error(ErrorCode::RoomLimit, error.to_string(), Some(room)),
+        }
+    }
+
+    fn reply(&self, control: ServerControl) {
+        self.subscriber.push_control(self.hub.metrics(), control);
+    }
+
+    fn reply_error(&self, code: ErrorCode, message: String, room: Option<RoomName>) {
+        self.hub.metrics().error(code);
+        self.reply(ServerControl::Error { code, message, room });
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for room in self.rooms.drain() {
+            self.hub.unsubscribe(&room, &self.subscriber);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{parse_command, Outgoing};
+    use crate::hub::HubConfig;
+    use crate::metrics::{Metrics, Transport};
+
+    fn session(limits: SessionLimits) -> Session {
+        let hub = Hub::new(HubConfig::default(), Arc::new(Metrics::new()), 1);
+        let sub = hub.new_subscriber(Transport::WebSocket);
+        Session::new(hub, sub, limits, Arc::new(AtomicBool::new(false)), 0)
+    }
+
+    fn replies(s: &Session) -> Vec<String> {
+        let mut out = Vec::new();
+        s.subscriber.drain_into(&mut out, usize::MAX);
+        out.into_iter()
+            .map(|o| match o {
+                Outgoing::Control(c) => c.to_json().to_string(),
+                Outgoing::Publication(p) => p.json_frame().to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn subscription_limit_is_enforced_and_resubscribing_does_not_count() {
+        let mut s = session(SessionLimits { max_subscriptions: 2, ..SessionLimits::default() });
+        for room in ["a", "b", "a"] {
+            s.handle(parse_command(&format!(r#"{{"type":"subscribe","room":"{room}"}}"#)), 0);
+        }
+        s.handle(parse_command(r#"{"type":"subscribe","room":"c"}"#), 0);
+        let out = replies(&s);
+        assert_eq!(out.len(), 4);
+        assert!(out[3].contains(r#""code":103"#) && out[3].contains(r#""room":"c""#), "{}", out[3]);
+        assert_eq!(s.subscription_count(), 2);
+        s.handle(parse_command(r#"{"type":"unsubscribe","room":"a"}"#), 0);
+        s.handle(parse_command(r#"{"type":"subscribe","room":"c"}"#), 0);
+        let out = replies(&s);
+        assert_eq!(out[0], r#"{"type":"unsubscribed","room":"a"}"#);
+        assert!(out[1].starts_with(r#"{"type":"subscribed","room":"c""#));
+    }
+
+    #[test]
+    fn bad_commands_get_errors_and_the_session_keeps_working() {
+        let mut s = session(SessionLimits::default());
+        s.handle(parse_command("{oops"), 0);
+        s.handle(parse_command(r#"{"type":"dance"}"#), 0);
+        s.handle(parse_command(r#"{"type":"subscribe","room":"no spaces"}"#), 0);
+        s.handle(parse_command(r#"{"type":"ping"}"#), 0);
+        let out = replies(&s);
+        assert!(out[0].contains(r#""code":100"#));
+        assert!(out[1].contains(r#""code":101"#));
+        assert!(out[2].contains(r#""code":102"#));
+        assert_eq!(out[3], r#"{"type":"pong"}"#);
+    }
+
+    #[test]
+    fn commands_beyond_the_budget_are_refused_until_it_refills() {
+        let mut s = session(SessionLimits { commands_per_second: 10.0, command_burst: 2.0, ..SessionLimits::default() });
+        for _ in 0..3 {
+            s.handle(Ok(ClientCommand::Ping), 0);
+        }
+        s.handle(Ok(ClientCommand::Ping), 100);
+        let out = replies(&s);
+        assert_eq!(out[0], r#"{"type":"pong"}"#);
+        assert_eq!(out[1], r#"{"type":"pong"}"#);
+        assert!(out[2].contains(r#""code":104"#));
+        assert_eq!(out[3], r#"{"type":"pong"}"#);
+    }
+
+    #[test]
+    fn dropping_a_session_leaves_its_rooms() {
+        let s = {
+            let mut s = session(SessionLimits::default());
+            s.handle(Ok(ClientCommand::Subscribe { room: RoomName::parse("x").expect("room"), since: None, epoch: None }), 0);
+            s
+        };
+        let hub = s.hub.clone();
+        assert_eq!(hub.room_count(), 1);
+        drop(s);
+        assert_eq!(hub.room_count(), 0);
+    }
+}

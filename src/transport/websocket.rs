@@ -1,0 +1,309 @@
+//! The WebSocket transport at `/ws`: the HTTP upgrade, then one task per connection that reads
+//! JSON commands into its `Session` and writes its queue out, many frames per socket write.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncReadExt;
+use tokio::time::{timeout, Instant};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+use tracing::{debug, info};
+
+use crate::core::{close_code, parse_command, ErrorCode, Now, Outgoing, QueueClosed, ServerControl};
+use crate::http::error_response;
+use crate::metrics::{Metrics, Transport};
+use crate::node::Node;
+use crate::session::{Session, SessionLimits};
+use crate::shutdown::ShutdownListener;
+
+/// Messages written per socket write at most; the rest wait for the next round.
+const MAX_BATCH: usize = 256;
+
+/// How long a closing connection waits for the client's close frame, at most.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// WebSocket settings, built from the configuration.
+#[derive(Debug, Clone)]
+pub struct WebSocketSettings {
+    pub max_message: usize,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+    pub write_timeout: Duration,
+    pub drain_timeout: Duration,
+    /// Empty: any origin.
+    pub allowed_origins: Vec<String>,
+    pub session: SessionLimits,
+}
+
+type Stream = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// `GET /ws`: checks the upgrade request, answers 101 and starts the connection task.
+pub async fn upgrade(State(node): State<Node>, mut request: Request) -> Response {
+    if node.is_draining() {
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, "draining", "the server is shutting down; connect to another node");
+    }
+    let headers = request.headers();
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let allowed = &node.websocket.allowed_origins;
+        if !allowed.is_empty() && !allowed.iter().any(|a| a.as_bytes() == origin.as_bytes()) {
+            return error_response(StatusCode::FORBIDDEN, "origin_not_allowed", "this origin may not open a WebSocket here");
+        }
+    }
+    let key = match check_upgrade_headers(headers) {
+        Ok(key) => key,
+        Err(response) => return response,
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let listener = node.shutdown_listener();
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let config = WebSocketConfig::default()
+                    .max_message_size(Some(node.websocket.max_message))
+                    .max_frame_size(Some(node.websocket.max_message));
+                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+                serve(ws, node, listener).await;
+            }
+            Err(error) => debug!(%error, "websocket upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// The RFC 6455 handshake checks; returns the client's key.
+fn check_upgrade_headers(headers: &HeaderMap) -> Result<HeaderValue, Response> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
+        return Err(error_response(StatusCode::UPGRADE_REQUIRED, "upgrade_required", "this endpoint speaks WebSocket only"));
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+        let mut response = error_response(StatusCode::UPGRADE_REQUIRED, "bad_websocket_version", "Sec-WebSocket-Version must be 13");
+        response.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return Err(response);
+    }
+    headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .cloned()
+        .ok_or_else(|| error_response(StatusCode::BAD_REQUEST, "bad_websocket_key", "Sec-WebSocket-Key is missing"))
+}
+
+/// Why a connection's loop ended; decides how it is closed.
+#[derive(Debug)]
+enum Ending {
+    /// The client sent a close frame.
+    PeerClosed,
+    /// The socket ended without a close frame.
+    PeerGone,
+    Shutdown,
+    Slow,
+    Idle,
+    TooBig,
+    Protocol(WsError),
+    WriteFailed,
+}
+
+/// Runs one WebSocket connection to its end.
+async fn serve(mut ws: Stream, node: Node, mut shutdown: ShutdownListener) {
+    let metrics = node.metrics.clone();
+    let settings = &node.websocket;
+    metrics.websocket.connections.inc();
+    let subscriber = node.hub.new_subscriber(Transport::WebSocket);
+    let conn = subscriber.id();
+    debug!(conn, "websocket connected");
+    let mut session = Session::new(node.hub.clone(), subscriber.clone(), settings.session, node.draining.clone(), Now::system().unix_ms);
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut ping = tokio::time::interval_at(Instant::now() + settings.ping_interval, settings.ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+
+    let ending = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.recv() => break Ending::Shutdown,
+            _ = subscriber.wait() => {
+                match write_queue(&mut ws, &session, &mut batch, &metrics, settings.write_timeout).await {
+                    Ok(None) => {}
+                    Ok(Some(QueueClosed::Slow)) => break Ending::Slow,
+                    Ok(Some(QueueClosed::Gone)) => break Ending::Shutdown,
+                    Err(()) => break Ending::WriteFailed,
+                }
+            }
+            incoming = ws.next() => {
+                let message = match incoming {
+                    None => break Ending::PeerGone,
+                    Some(Ok(message)) => message,
+                    Some(Err(WsError::Capacity(_))) => break Ending::TooBig,
+                    Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_))) => break Ending::PeerGone,
+                    Some(Err(error)) => break Ending::Protocol(error),
+                };
+                last_heard = Instant::now();
+                match message {
+                    Message::Text(text) => {
+                        metrics.websocket.client_messages.inc();
+                        session.handle(parse_command(&text), Now::system().unix_ms);
+                    }
+                    Message::Binary(_) => {
+                        metrics.websocket.client_messages.inc();
+                        session.reject(ErrorCode::UnsupportedFrame, "binary frames are not part of this protocol; send JSON text frames");
+                    }
+                    Message::Close(_) => break Ending::PeerClosed,
+                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                }
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() >= settings.idle_timeout {
+                    break Ending::Idle;
+                }
+                if !matches!(timeout(settings.write_timeout, ws.send(Message::Ping(Bytes::new()))).await, Ok(Ok(()))) {
+                    break Ending::WriteFailed;
+                }
+            }
+        }
+    };
+
+    debug!(conn, ?ending, "websocket closing");
+    match ending {
+        Ending::PeerClosed => {
+            // tungstenite queued the close reply; write it out.
+            let _ = timeout(CLOSE_WAIT, ws.flush()).await;
+        }
+        Ending::PeerGone | Ending::WriteFailed => {}
+        Ending::Shutdown => {
+            // Deliver what was accepted, then tell the client to reconnect elsewhere.
+            let _ = write_queue(&mut ws, &session, &mut batch, &metrics, CLOSE_WAIT).await;
+            let notice = Message::Text(ServerControl::Reconnect { reason: "shutdown" }.to_json());
+            if matches!(timeout(CLOSE_WAIT, ws.send(notice)).await, Ok(Ok(()))) {
+                close(&mut ws, close_code::SERVICE_RESTART, "server shutting down; reconnect", settings.drain_timeout).await;
+            }
+        }
+        Ending::Slow => {
+            info!(conn, "closing slow websocket client (4001)");
+            close(&mut ws, close_code::SLOW, "slow consumer; reconnect with since", settings.write_timeout).await;
+        }
+        Ending::Idle => {
+            metrics.close_error(close_code::IDLE_TIMEOUT, "idle_timeout");
+            close(&mut ws, close_code::IDLE_TIMEOUT, "idle timeout", CLOSE_WAIT).await;
+        }
+        Ending::TooBig => {
+            metrics.close_error(close_code::MESSAGE_TOO_BIG, "message_too_big");
+            let reason = format!("message larger than {} bytes", settings.max_message);
+            let sent = timeout(CLOSE_WAIT, ws.close(Some(close_frame(close_code::MESSAGE_TOO_BIG, &reason)))).await;
+            if matches!(sent, Ok(Ok(()))) {
+                // The rest of the oversized frame is still arriving: read and discard it, so the
+                // close frame reaches the client instead of being lost to a TCP reset.
+                discard_input(ws.get_mut(), 2 * settings.max_message + 4096, CLOSE_WAIT).await;
+            }
+        }
+        Ending::Protocol(error) => {
+            debug!(conn, %error, "websocket protocol error");
+            metrics.close_error(close_code::PROTOCOL_ERROR, "protocol_error");
+            close(&mut ws, close_code::PROTOCOL_ERROR, "protocol error", CLOSE_WAIT).await;
+        }
+    }
+    drop(session);
+    let dropped = subscriber.close(QueueClosed::Gone);
+    if dropped > 0 {
+        metrics.dropped.inc_by(dropped as u64);
+    }
+    metrics.websocket.connections.dec();
+    debug!(conn, dropped, "websocket closed");
+}
+
+/// Writes everything queued, `MAX_BATCH` messages per socket write. Reports a closed queue.
+async fn write_queue(
+    ws: &mut Stream,
+    session: &Session,
+    batch: &mut Vec<Outgoing>,
+    metrics: &Metrics,
+    write_timeout: Duration,
+) -> Result<Option<QueueClosed>, ()> {
+    let subscriber = session.subscriber();
+    loop {
+        batch.clear();
+        let closed = subscriber.drain_into(batch, MAX_BATCH);
+        if batch.is_empty() {
+            return Ok(closed);
+        }
+        let write = async {
+            for item in batch.iter() {
+                let text = match item {
+                    Outgoing::Publication(p) => p.json_frame().clone(),
+                    Outgoing::Control(c) => c.to_json(),
+                };
+                ws.feed(Message::Text(text)).await?;
+            }
+            ws.flush().await
+        };
+        match timeout(write_timeout, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return Err(()),
+        }
+        metrics.websocket.deliveries.inc_by(batch.len() as u64);
+        for item in batch.iter() {
+            if let Outgoing::Publication(p) = item {
+                metrics.delivery_latency.observe(p.published_at.elapsed().as_secs_f64());
+            }
+        }
+        if closed.is_some() {
+            return Ok(closed);
+        }
+    }
+}
+
+fn close_frame(code: u16, reason: &str) -> CloseFrame {
+    CloseFrame { code: CloseCode::from(code), reason: reason.to_string().into() }
+}
+
+/// Sends a close frame and waits (at most `limit`) for the client's, then lets the socket go.
+async fn close(ws: &mut Stream, code: u16, reason: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    if !matches!(tokio::time::timeout_at(deadline, ws.close(Some(close_frame(code, reason)))).await, Ok(Ok(()))) {
+        return;
+    }
+    let _ = tokio::time::timeout_at(deadline, async {
+        while let Some(Ok(message)) = ws.next().await {
+            if message.is_close() {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+async fn discard_input(io: &mut TokioIo<hyper::upgrade::Upgraded>, max_bytes: usize, limit: Duration) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = max_bytes;
+    let _ = timeout(limit, async {
+        while left > 0 {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+}
