@@ -15,7 +15,11 @@ use crate::hub::HubConfig;
 use crate::session::SessionLimits;
 
 #[derive(Debug, Parser)]
-#[command(name = "courtside", version, about = "Real-time edge server for youth-sports live scores")]
+#[command(
+    name = "courtside",
+    version,
+    about = "Real-time edge server for youth-sports live scores"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -52,7 +56,12 @@ pub struct ServeConfig {
 #[command(next_help_heading = "HTTP")]
 pub struct HttpConfig {
     /// Address for HTTP and WebSocket (the ALB target port).
-    #[arg(long = "http", env = "COURTSIDE_HTTP", value_name = "ADDR", default_value = "0.0.0.0:3000")]
+    #[arg(
+        long = "http",
+        env = "COURTSIDE_HTTP",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:3000"
+    )]
     pub addr: SocketAddr,
     /// Bearer token for the publish API. When unset, a random one is generated and logged.
     #[arg(long, env = "COURTSIDE_PUBLISH_TOKEN", value_name = "TOKEN", hide_env_values = true)]
@@ -71,7 +80,12 @@ pub struct HttpConfig {
     pub upgrade_timeout: Duration,
     /// Browser origins allowed to open a WebSocket, comma-separated (e.g. https://scores.example.com).
     /// Empty: any origin. Requests without an Origin header (non-browser clients) are always allowed.
-    #[arg(long, env = "COURTSIDE_ALLOWED_ORIGINS", value_name = "ORIGINS", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "COURTSIDE_ALLOWED_ORIGINS",
+        value_name = "ORIGINS",
+        value_delimiter = ','
+    )]
     pub allowed_origins: Vec<String>,
     /// Longest graceful shutdown: clients are told to reconnect, then remaining ones are dropped.
     #[arg(long, env = "COURTSIDE_DRAIN_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -110,7 +124,12 @@ pub struct ConnectionConfig {
     #[arg(long, env = "COURTSIDE_QUEUE_BYTES", value_name = "BYTES", default_value_t = 8 << 20)]
     pub queue_bytes: usize,
     /// Commands per second a client may send on average (error 104 beyond).
-    #[arg(long, env = "COURTSIDE_COMMAND_RATE", value_name = "PER_SECOND", default_value_t = 100.0)]
+    #[arg(
+        long,
+        env = "COURTSIDE_COMMAND_RATE",
+        value_name = "PER_SECOND",
+        default_value_t = 100.0
+    )]
     pub command_rate: f64,
     /// Commands a client may send in one burst.
     #[arg(long, env = "COURTSIDE_COMMAND_BURST", value_name = "N", default_value_t = 1000.0)]
@@ -166,7 +185,10 @@ impl ServeConfig {
                 history_bytes: self.rooms.history_bytes,
                 state_ttl: self.rooms.state_ttl,
             },
-            queue: QueueLimits { max_messages: self.connection.queue_messages, max_bytes: self.connection.queue_bytes },
+            queue: QueueLimits {
+                max_messages: self.connection.queue_messages,
+                max_bytes: self.connection.queue_bytes,
+            },
             max_rooms: self.rooms.max_rooms,
         }
     }
@@ -213,25 +235,39 @@ impl ServeConfig {
 pub fn parse_args(args: Vec<OsString>) -> anyhow::Result<Cli> {
     let cli = Cli::try_parse_from(&args).unwrap_or_else(|e| e.exit());
     let Command::Serve(serve) = &cli.command;
-    let Some(path) = serve.config.clone() else { return Ok(cli) };
+    let Some(path) = serve.config.clone() else {
+        return Ok(cli);
+    };
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading config file {}", path.display()))?;
-    let table: toml::Table = toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?;
 
     let command = Cli::command();
     let matches = command.clone().try_get_matches_from(&args)?;
-    let Some(("serve", serve_matches)) = matches.subcommand() else { return Ok(cli) };
+    let Some(("serve", serve_matches)) = matches.subcommand() else {
+        return Ok(cli);
+    };
     let serve_command = command.find_subcommand("serve").context("no serve command")?;
     let mut injected: Vec<OsString> = Vec::new();
     for (key, value) in &table {
         let long = key.replace('_', "-");
-        let Some(arg) = serve_command.get_arguments().find(|a| a.get_long() == Some(long.as_str())) else {
+        let Some(arg) = serve_command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long.as_str()))
+        else {
             bail!("config file {}: unknown option {key:?}", path.display());
         };
         if long == "config" {
-            bail!("config file {}: \"config\" cannot be set from a config file", path.display());
+            bail!(
+                "config file {}: \"config\" cannot be set from a config file",
+                path.display()
+            );
         }
         let id = arg.get_id().as_str();
-        if matches!(serve_matches.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable)) {
+        if matches!(
+            serve_matches.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        ) {
             continue;
         }
         let flag = format!("--{long}");
@@ -268,7 +304,10 @@ mod tests {
     use super::*;
 
     fn serve(args: &[&str]) -> ServeConfig {
-        let args = std::iter::once("courtside").chain(args.iter().copied()).map(OsString::from).collect();
+        let args = std::iter::once("courtside")
+            .chain(args.iter().copied())
+            .map(OsString::from)
+            .collect();
         let Command::Serve(config) = parse_args(args).expect("parse").command;
         *config
     }
@@ -295,14 +334,25 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let file = dir.join("c.toml");
         std::fs::write(&file, "http = \"127.0.0.1:4000\"\nping_interval = \"5s\"\nhistory-size = 10\nallowed-origins = [\"https://a\", \"https://b\"]\n").expect("write");
-        let c = serve(&["serve", "--config", file.to_str().expect("path"), "--history-size", "20"]);
+        let c = serve(&[
+            "serve",
+            "--config",
+            file.to_str().expect("path"),
+            "--history-size",
+            "20",
+        ]);
         assert_eq!(c.http.addr.to_string(), "127.0.0.1:4000");
         assert_eq!(c.websocket.ping_interval, Duration::from_secs(5));
         assert_eq!(c.rooms.history_size, 20, "the flag wins over the file");
-        assert_eq!(c.http.allowed_origins, vec!["https://a".to_string(), "https://b".to_string()]);
+        assert_eq!(
+            c.http.allowed_origins,
+            vec!["https://a".to_string(), "https://b".to_string()]
+        );
 
         std::fs::write(&file, "no-such-option = 1\n").expect("write");
-        let args = ["courtside", "serve", "--config", file.to_str().expect("path")].map(OsString::from).to_vec();
+        let args = ["courtside", "serve", "--config", file.to_str().expect("path")]
+            .map(OsString::from)
+            .to_vec();
         let error = parse_args(args).expect_err("unknown key");
         assert!(error.to_string().contains("unknown option"), "{error}");
     }

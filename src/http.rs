@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::core::{JsonData, Now, Publication, RoomName};
-use crate::hub::{HubError, PublishKind};
+use crate::hub::{HubError, PublishKind, RoomHistory};
 use crate::node::Node;
 use crate::transport::websocket;
 
@@ -27,11 +27,33 @@ pub fn router(node: Node, max_body: usize) -> Router {
         .route("/ws", get(websocket::upgrade))
         .route("/v1/rooms/{room}", get(room_info))
         .route("/v1/rooms/{room}/state", post(publish_state.layer(auth())))
-        .route("/v1/rooms/{room}/events", post(publish_event.layer(auth())).get(room_events))
+        .route(
+            "/v1/rooms/{room}/events",
+            post(publish_event.layer(auth())).get(room_events),
+        )
         .route("/v1/publish", post(publish_batch.layer(auth())))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(node)
+}
+
+/// An HTTP error answer: a status and a JSON body `{"error": code, "message": text}`, where
+/// `code` is one of the names listed in docs/openapi.yaml.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -40,13 +62,21 @@ struct ErrorBody<'a> {
     message: &'a str,
 }
 
-/// A JSON error answer; `code` is one of the names listed in docs/openapi.yaml.
-pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, Json(ErrorBody { error: code, message })).into_response()
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.code,
+                message: &self.message,
+            }),
+        )
+            .into_response()
+    }
 }
 
-async fn not_found() -> Response {
-    error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
 }
 
 async fn health(State(node): State<Node>) -> Response {
@@ -56,7 +86,11 @@ async fn health(State(node): State<Node>) -> Response {
         "connections": connections,
         "rooms": node.hub.room_count(),
     });
-    let status = if node.is_draining() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let status = if node.is_draining() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
     (status, Json(body)).into_response()
 }
 
@@ -76,8 +110,15 @@ async fn require_token(State(node): State<Node>, request: Request, next: Next) -
     match presented {
         Some(token) if constant_time_eq(token.as_bytes(), node.publish_token.as_bytes()) => next.run(request).await,
         _ => {
-            let mut response = error_response(StatusCode::UNAUTHORIZED, "unauthorized", "a valid publish token is required: Authorization: Bearer <token>");
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            let mut response = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid publish token is required: Authorization: Bearer <token>",
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             response
         }
     }
@@ -87,21 +128,27 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn parse_room(name: &str) -> Result<RoomName, Response> {
-    RoomName::parse(name).map_err(|e| error_response(StatusCode::BAD_REQUEST, "bad_room", &e.to_string()))
+fn parse_room(name: &str) -> Result<RoomName, ApiError> {
+    RoomName::parse(name).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_room", e.to_string()))
 }
 
-fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Response> {
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         let status = rejection.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "body_too_large" } else { "bad_body" };
-        error_response(status, code, &rejection.body_text())
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "body_too_large"
+        } else {
+            "bad_body"
+        };
+        ApiError::new(status, code, rejection.body_text())
     })
 }
 
-fn hub_error(error: HubError) -> Response {
-    match error {
-        HubError::RoomLimit(_) => error_response(StatusCode::SERVICE_UNAVAILABLE, "room_limit", &error.to_string()),
+impl From<HubError> for ApiError {
+    fn from(error: HubError) -> Self {
+        match error {
+            HubError::RoomLimit(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "room_limit", error.to_string()),
+        }
     }
 }
 
@@ -119,26 +166,46 @@ struct PublishedEvent<'a> {
     ts: u64,
 }
 
-async fn publish_state(State(node): State<Node>, Path(room): Path<String>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn publish_state(
+    State(node): State<Node>,
+    Path(room): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     publish_one(&node, &room, PublishKind::State, body)
 }
 
-async fn publish_event(State(node): State<Node>, Path(room): Path<String>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn publish_event(
+    State(node): State<Node>,
+    Path(room): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     publish_one(&node, &room, PublishKind::Event, body)
 }
 
-fn publish_one(node: &Node, room: &str, kind: PublishKind, body: Result<Bytes, BytesRejection>) -> Response {
-    let result = (|| {
-        let room = parse_room(room)?;
-        let body = body_bytes(body)?;
-        let data = JsonData::parse(&body).map_err(|e| error_response(StatusCode::BAD_REQUEST, "bad_json", &e.to_string()))?;
-        let receipt = node.hub.publish(&room, kind, &data, Now::system()).map_err(hub_error)?;
-        Ok(match kind {
-            PublishKind::State => Json(PublishedState { room: room.as_str(), version: receipt.number, ts: receipt.ts_ms }).into_response(),
-            PublishKind::Event => Json(PublishedEvent { room: room.as_str(), seq: receipt.number, ts: receipt.ts_ms }).into_response(),
+fn publish_one(
+    node: &Node,
+    room: &str,
+    kind: PublishKind,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let room = parse_room(room)?;
+    let body = body_bytes(body)?;
+    let data = JsonData::parse(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_json", e.to_string()))?;
+    let receipt = node.hub.publish(&room, kind, &data, Now::system())?;
+    Ok(match kind {
+        PublishKind::State => Json(PublishedState {
+            room: room.as_str(),
+            version: receipt.number,
+            ts: receipt.ts_ms,
         })
-    })();
-    result.unwrap_or_else(|response| response)
+        .into_response(),
+        PublishKind::Event => Json(PublishedEvent {
+            room: room.as_str(),
+            seq: receipt.number,
+            ts: receipt.ts_ms,
+        })
+        .into_response(),
+    })
 }
 
 #[derive(Deserialize)]
@@ -182,25 +249,22 @@ struct BatchResult {
 
 /// `POST /v1/publish`: every item is checked before any is published, then all are published
 /// in order with one ingest time.
-async fn publish_batch(State(node): State<Node>, body: Result<Bytes, BytesRejection>) -> Response {
-    let body = match body_bytes(body) {
-        Ok(body) => body,
-        Err(response) => return response,
-    };
-    let batch: Batch<'_> = match serde_json::from_slice(&body) {
-        Ok(batch) => batch,
-        Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_batch", &e.to_string()),
-    };
+async fn publish_batch(
+    State(node): State<Node>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<BatchResponse>, ApiError> {
+    let body = body_bytes(body)?;
+    let batch: Batch<'_> = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_batch", e.to_string()))?;
     if batch.messages.is_empty() || batch.messages.len() > node.max_batch {
         let message = format!("a batch holds 1 to {} messages", node.max_batch);
-        return error_response(StatusCode::BAD_REQUEST, "bad_batch", &message);
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_batch", message));
     }
     let mut checked = Vec::with_capacity(batch.messages.len());
     for (i, item) in batch.messages.iter().enumerate() {
-        match RoomName::parse(&item.room) {
-            Ok(room) => checked.push((room, &item.kind, JsonData::from_raw(item.data))),
-            Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_room", &format!("messages[{i}]: {e}")),
-        }
+        let room = RoomName::parse(&item.room)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_room", format!("messages[{i}]: {e}")))?;
+        checked.push((room, &item.kind, JsonData::from_raw(item.data)));
     }
     let now = Now::system();
     let results: Vec<BatchResult> = checked
@@ -210,7 +274,15 @@ async fn publish_batch(State(node): State<Node>, body: Result<Bytes, BytesReject
                 BatchKind::State => (PublishKind::State, "state"),
                 BatchKind::Event => (PublishKind::Event, "event"),
             };
-            let mut result = BatchResult { room: room.to_string(), kind: name, version: None, seq: None, ts: None, error: None, message: None };
+            let mut result = BatchResult {
+                room: room.to_string(),
+                kind: name,
+                version: None,
+                seq: None,
+                ts: None,
+                error: None,
+                message: None,
+            };
             match node.hub.publish(&room, kind, &data, now) {
                 Ok(receipt) => {
                     match kind {
@@ -227,7 +299,12 @@ async fn publish_batch(State(node): State<Node>, body: Result<Bytes, BytesReject
             result
         })
         .collect();
-    Json(serde_json::json!({ "results": results })).into_response()
+    Ok(Json(BatchResponse { results }))
+}
+
+#[derive(Serialize)]
+struct BatchResponse {
+    results: Vec<BatchResult>,
 }
 
 #[derive(Serialize)]
@@ -242,24 +319,37 @@ fn data_of(p: &Publication) -> &RawValue {
     serde_json::from_str(p.data()).unwrap_or(RawValue::NULL)
 }
 
-async fn room_info(State(node): State<Node>, Path(room): Path<String>) -> Response {
-    let room = match parse_room(&room) {
-        Ok(room) => room,
-        Err(response) => return response,
+#[derive(Serialize)]
+struct RoomView<'a> {
+    room: &'a str,
+    epoch: &'a str,
+    version: u64,
+    state: Option<StateView<'a>>,
+    last_seq: u64,
+    subscribers: usize,
+}
+
+fn room_not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "room_not_found", "this node holds no such room")
+}
+
+async fn room_info(State(node): State<Node>, Path(room): Path<String>) -> Result<Response, ApiError> {
+    let room = parse_room(&room)?;
+    let info = node.hub.room_info(&room).ok_or_else(room_not_found)?;
+    let state = info.state.as_deref().map(|p| StateView {
+        version: info.version,
+        ts: p.ts_ms,
+        data: data_of(p),
+    });
+    let view = RoomView {
+        room: room.as_str(),
+        epoch: &info.epoch,
+        version: info.version,
+        state,
+        last_seq: info.last_seq,
+        subscribers: info.subscribers,
     };
-    let Some(info) = node.hub.room_info(&room) else {
-        return error_response(StatusCode::NOT_FOUND, "room_not_found", "this node holds no such room");
-    };
-    let state = info.state.as_deref().map(|p| StateView { version: info.version, ts: p.ts_ms, data: data_of(p) });
-    Json(serde_json::json!({
-        "room": room.as_str(),
-        "epoch": info.epoch,
-        "version": info.version,
-        "state": state,
-        "last_seq": info.last_seq,
-        "subscribers": info.subscribers,
-    }))
-    .into_response()
+    Ok(Json(view).into_response())
 }
 
 #[derive(Deserialize)]
@@ -275,18 +365,24 @@ struct EventView<'a> {
     data: &'a RawValue,
 }
 
-async fn room_events(State(node): State<Node>, Path(room): Path<String>, query: Result<Query<SinceQuery>, axum::extract::rejection::QueryRejection>) -> Response {
-    let room = match parse_room(&room) {
-        Ok(room) => room,
-        Err(response) => return response,
-    };
+async fn room_events(
+    State(node): State<Node>,
+    Path(room): Path<String>,
+    query: Result<Query<SinceQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let room = parse_room(&room)?;
     let Ok(Query(SinceQuery { since })) = query else {
-        return error_response(StatusCode::BAD_REQUEST, "bad_query", "since must be a non-negative integer");
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "since must be a non-negative integer",
+        ));
     };
-    let Some((epoch, events)) = node.hub.room_events(&room, since, Now::system().unix_ms) else {
-        return error_response(StatusCode::NOT_FOUND, "room_not_found", "this node holds no such room");
-    };
-    match events {
+    let RoomHistory { epoch, events } = node
+        .hub
+        .room_events(&room, since, Now::system().unix_ms)
+        .ok_or_else(room_not_found)?;
+    Ok(match events {
         Ok(events) => {
             let last_seq = events.last().map_or(since, |p| p.number());
             let views: Vec<EventView<'_>> = events
@@ -297,7 +393,8 @@ async fn room_events(State(node): State<Node>, Path(room): Path<String>, query: 
                     data: data_of(p),
                 })
                 .collect();
-            Json(serde_json::json!({ "room": room.as_str(), "epoch": epoch, "last_seq": last_seq, "events": views })).into_response()
+            Json(serde_json::json!({ "room": room.as_str(), "epoch": epoch, "last_seq": last_seq, "events": views }))
+                .into_response()
         }
         Err(last_seq) => {
             let body = serde_json::json!({
@@ -308,5 +405,5 @@ async fn room_events(State(node): State<Node>, Path(room): Path<String>, query: 
             });
             (StatusCode::GONE, Json(body)).into_response()
         }
-    }
+    })
 }

@@ -29,7 +29,11 @@ pub struct HubConfig {
 
 impl Default for HubConfig {
     fn default() -> Self {
-        Self { retention: RetentionLimits::default(), queue: QueueLimits::default(), max_rooms: 100_000 }
+        Self {
+            retention: RetentionLimits::default(),
+            queue: QueueLimits::default(),
+            max_rooms: 100_000,
+        }
     }
 }
 
@@ -64,6 +68,14 @@ pub struct RoomInfo {
     pub version: u64,
     pub last_seq: u64,
     pub subscribers: usize,
+}
+
+/// A room's retained events after some sequence number.
+#[derive(Debug, Clone)]
+pub struct RoomHistory {
+    pub epoch: String,
+    /// The events, or `Err(last_seq)` when the history no longer reaches back that far.
+    pub events: Result<Vec<Arc<Publication>>, u64>,
 }
 
 /// A connection as the hub sees it: a bounded queue and a wake-up for its writer.
@@ -237,7 +249,13 @@ impl Hub {
     }
 
     /// Assigns the next version or sequence and offers the publication to every local subscriber.
-    pub fn publish(&self, room: &RoomName, kind: PublishKind, data: &JsonData, now: Now) -> Result<PublishReceipt, HubError> {
+    pub fn publish(
+        &self,
+        room: &RoomName,
+        kind: PublishKind,
+        data: &JsonData,
+        now: Now,
+    ) -> Result<PublishReceipt, HubError> {
         let receipt = self.with_room(room, true, now.unix_ms, |entry| {
             let (publication, offer): (_, fn(&mut ConnectionQueue, &Arc<Publication>) -> Pushed) = match kind {
                 PublishKind::State => (entry.room.publish_state(data, now), ConnectionQueue::push_state),
@@ -250,7 +268,11 @@ impl Hub {
             }
             by_transport[0].flush(&self.0.metrics, Transport::WebSocket);
             by_transport[1].flush(&self.0.metrics, Transport::WebTransport);
-            PublishReceipt { number: publication.number(), ts_ms: publication.ts_ms, subscribers: entry.subscribers.len() }
+            PublishReceipt {
+                number: publication.number(),
+                ts_ms: publication.ts_ms,
+                subscribers: entry.subscribers.len(),
+            }
         })?;
         match kind {
             PublishKind::State => self.0.metrics.published_states.inc(),
@@ -318,12 +340,15 @@ impl Hub {
         .flatten()
     }
 
-    /// Retained events after `since`, or `Err(last_seq)` when the history no longer reaches back.
-    pub fn room_events(&self, room: &RoomName, since: u64, now_ms: u64) -> Option<(String, Result<Vec<Arc<Publication>>, u64>)> {
+    /// Retained events after `since`, or `None` when this node holds no such room.
+    pub fn room_events(&self, room: &RoomName, since: u64, now_ms: u64) -> Option<RoomHistory> {
         self.with_room(room, false, now_ms, |entry| {
             entry.room.trim(now_ms);
             let events = entry.room.events_since(since).ok_or(entry.room.last_seq());
-            (entry.room.epoch().to_string(), events)
+            RoomHistory {
+                epoch: entry.room.epoch().to_string(),
+                events,
+            }
         })
         .ok()
         .flatten()
@@ -405,9 +430,16 @@ impl Hub {
         }
         self.0.metrics.rooms.set(count as i64 + 1);
         let id = self.0.next_room_id.fetch_add(1, Ordering::Relaxed);
-        let epoch = format!("{:016x}", self.0.epoch_seed.wrapping_add(id.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+        let epoch = format!(
+            "{:016x}",
+            self.0.epoch_seed.wrapping_add(id.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        );
         let room = Room::new(RoomId(id), name.clone(), epoch, self.0.config.retention, now_ms);
-        Ok(Arc::new(RoomSlot(Mutex::new(RoomEntry { room, subscribers: HashMap::new(), removed: false }))))
+        Ok(Arc::new(RoomSlot(Mutex::new(RoomEntry {
+            room,
+            subscribers: HashMap::new(),
+            removed: false,
+        }))))
     }
 
     fn remove_if_empty(&self, shard: &Shard, name: &RoomName, slot: &Arc<RoomSlot>) {
@@ -440,7 +472,10 @@ mod tests {
     }
 
     fn now() -> Now {
-        Now { unix_ms: 1_000, instant: Instant::now() }
+        Now {
+            unix_ms: 1_000,
+            instant: Instant::now(),
+        }
     }
 
     fn data(s: &str) -> JsonData {
@@ -461,12 +496,17 @@ mod tests {
     #[test]
     fn publish_reaches_every_subscriber_with_one_shared_frame() {
         let hub = hub(HubConfig::default());
-        let (a, b) = (hub.new_subscriber(Transport::WebSocket), hub.new_subscriber(Transport::WebTransport));
+        let (a, b) = (
+            hub.new_subscriber(Transport::WebSocket),
+            hub.new_subscriber(Transport::WebTransport),
+        );
         hub.subscribe(&room("game:1"), &a, None, None, 0).expect("subscribe");
         hub.subscribe(&room("game:1"), &b, None, None, 0).expect("subscribe");
         drain(&a);
         drain(&b);
-        let receipt = hub.publish(&room("game:1"), PublishKind::State, &data("{\"h\":1}"), now()).expect("publish");
+        let receipt = hub
+            .publish(&room("game:1"), PublishKind::State, &data("{\"h\":1}"), now())
+            .expect("publish");
         assert_eq!((receipt.number, receipt.subscribers), (1, 2));
         let (mut out_a, mut out_b) = (Vec::new(), Vec::new());
         a.drain_into(&mut out_a, 10);
@@ -482,13 +522,18 @@ mod tests {
         let hub = hub(HubConfig::default());
         let r = room("game:1");
         hub.publish(&r, PublishKind::State, &data("5"), now()).expect("publish");
-        hub.publish(&r, PublishKind::Event, &data("\"a\""), now()).expect("publish");
-        hub.publish(&r, PublishKind::Event, &data("\"b\""), now()).expect("publish");
+        hub.publish(&r, PublishKind::Event, &data("\"a\""), now())
+            .expect("publish");
+        hub.publish(&r, PublishKind::Event, &data("\"b\""), now())
+            .expect("publish");
         let s = hub.new_subscriber(Transport::WebSocket);
         hub.subscribe(&r, &s, Some(1), None, 1_000).expect("subscribe");
         let frames = drain(&s);
         assert_eq!(frames.len(), 3);
-        assert!(frames[0].starts_with(r#"{"type":"subscribed","room":"game:1","#) && frames[0].contains(r#""version":1,"seq":2,"recovered":true"#));
+        assert!(
+            frames[0].starts_with(r#"{"type":"subscribed","room":"game:1","#)
+                && frames[0].contains(r#""version":1,"seq":2,"recovered":true"#)
+        );
         assert!(frames[1].contains(r#""type":"state""#) && frames[1].ends_with(r#""data":5}"#));
         assert!(frames[2].contains(r#""seq":2"#) && frames[2].ends_with(r#""data":"b"}"#));
     }
@@ -503,7 +548,8 @@ mod tests {
         assert_eq!(hub.room_count(), 0);
         assert!(hub.room_info(&room("a")).is_none());
 
-        hub.publish(&room("b"), PublishKind::State, &data("1"), now()).expect("publish");
+        hub.publish(&room("b"), PublishKind::State, &data("1"), now())
+            .expect("publish");
         assert_eq!(hub.room_info(&room("b")).map(|i| i.version), Some(1));
         assert_eq!(hub.sweep(now().unix_ms), 0);
         let day = 24 * 3600 * 1000;
@@ -525,27 +571,47 @@ mod tests {
 
     #[test]
     fn room_limit_refuses_new_rooms_only() {
-        let hub = hub(HubConfig { max_rooms: 1, ..HubConfig::default() });
-        hub.publish(&room("a"), PublishKind::State, &data("1"), now()).expect("publish");
-        assert_eq!(hub.publish(&room("b"), PublishKind::State, &data("1"), now()), Err(HubError::RoomLimit(1)));
+        let hub = hub(HubConfig {
+            max_rooms: 1,
+            ..HubConfig::default()
+        });
+        hub.publish(&room("a"), PublishKind::State, &data("1"), now())
+            .expect("publish");
+        assert_eq!(
+            hub.publish(&room("b"), PublishKind::State, &data("1"), now()),
+            Err(HubError::RoomLimit(1))
+        );
         let s = hub.new_subscriber(Transport::WebSocket);
-        assert_eq!(hub.subscribe(&room("b"), &s, None, None, 0), Err(HubError::RoomLimit(1)));
+        assert_eq!(
+            hub.subscribe(&room("b"), &s, None, None, 0),
+            Err(HubError::RoomLimit(1))
+        );
         assert!(hub.publish(&room("a"), PublishKind::State, &data("2"), now()).is_ok());
     }
 
     #[test]
     fn an_overflowing_subscriber_is_closed_while_others_receive_everything() {
-        let config = HubConfig { queue: QueueLimits { max_messages: 4, max_bytes: usize::MAX }, ..HubConfig::default() };
+        let config = HubConfig {
+            queue: QueueLimits {
+                max_messages: 4,
+                max_bytes: usize::MAX,
+            },
+            ..HubConfig::default()
+        };
         let hub = hub(config);
         let r = room("bracket:1");
-        let (slow, fast) = (hub.new_subscriber(Transport::WebSocket), hub.new_subscriber(Transport::WebSocket));
+        let (slow, fast) = (
+            hub.new_subscriber(Transport::WebSocket),
+            hub.new_subscriber(Transport::WebSocket),
+        );
         hub.subscribe(&r, &slow, None, None, 0).expect("subscribe");
         hub.subscribe(&r, &fast, None, None, 0).expect("subscribe");
         drain(&slow);
         drain(&fast);
         let mut fast_seqs = Vec::new();
         for i in 0..10 {
-            hub.publish(&r, PublishKind::Event, &data(&i.to_string()), now()).expect("publish");
+            hub.publish(&r, PublishKind::Event, &data(&i.to_string()), now())
+                .expect("publish");
             let mut out = Vec::new();
             fast.drain_into(&mut out, usize::MAX);
             fast_seqs.extend(out.into_iter().filter_map(|o| match o {

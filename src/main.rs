@@ -44,17 +44,32 @@ fn init_logging(config: &ServeConfig) -> anyhow::Result<()> {
     match config.log.log_format {
         LogFormat::Text => {
             let ansi = std::io::stderr().is_terminal();
-            registry.with(tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr)).try_init()?
+            registry
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_ansi(ansi)
+                        .with_writer(std::io::stderr),
+                )
+                .try_init()?
         }
         LogFormat::Json => registry
-            .with(tracing_subscriber::fmt::layer().json().flatten_event(true).with_current_span(false).with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_writer(std::io::stderr),
+            )
             .try_init()?,
     }
     Ok(())
 }
 
 fn run(config: ServeConfig) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
     runtime.block_on(async {
         let token = match &config.http.publish_token {
             Some(token) => token.clone(),
@@ -74,7 +89,10 @@ fn run(config: ServeConfig) -> anyhow::Result<()> {
         if report.clean {
             info!("drained; every connection closed");
         } else {
-            warn!(abandoned = report.abandoned, "drain timeout reached; dropping remaining connections");
+            warn!(
+                abandoned = report.abandoned,
+                "drain timeout reached; dropping remaining connections"
+            );
         }
         Ok(())
     })

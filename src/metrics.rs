@@ -108,21 +108,45 @@ impl Metrics {
             registry: Registry::default(),
         };
         registry.register("connections", "Open client connections", connections);
-        registry.register("subscriptions", "Room subscriptions held by local connections", metrics.subscriptions.clone());
+        registry.register(
+            "subscriptions",
+            "Room subscriptions held by local connections",
+            metrics.subscriptions.clone(),
+        );
         registry.register("rooms", "Rooms held by this node", metrics.rooms.clone());
         registry.register("messages_in", "Messages received from clients", client_messages);
         registry.register("published", "Messages published into rooms", published);
         registry.register("messages_out", "Messages written to clients", deliveries);
-        registry.register("conflated", "State updates replaced by a newer version before being written", metrics.conflated.clone());
-        registry.register("dropped", "Messages discarded because their connection was closing", metrics.dropped.clone());
-        registry.register("slow_disconnects", "Connections closed because their ordered queue overflowed", slow);
-        registry.register("errors", "Error replies and error closes sent to clients, by code", metrics.errors.clone());
+        registry.register(
+            "conflated",
+            "State updates replaced by a newer version before being written",
+            metrics.conflated.clone(),
+        );
+        registry.register(
+            "dropped",
+            "Messages discarded because their connection was closing",
+            metrics.dropped.clone(),
+        );
+        registry.register(
+            "slow_disconnects",
+            "Connections closed because their ordered queue overflowed",
+            slow,
+        );
+        registry.register(
+            "errors",
+            "Error replies and error closes sent to clients, by code",
+            metrics.errors.clone(),
+        );
         registry.register(
             "delivery_latency_seconds",
             "Time from a publish entering the node to its frame being written to the socket",
             metrics.delivery_latency.clone(),
         );
-        registry.register("draining", "1 while the node is shutting down", metrics.draining.clone());
+        registry.register(
+            "draining",
+            "1 while the node is shutting down",
+            metrics.draining.clone(),
+        );
         Self { registry, ..metrics }
     }
 
@@ -135,7 +159,12 @@ impl Metrics {
 
     /// Counts an error reply or error close by its protocol code.
     pub fn error(&self, code: ErrorCode) {
-        self.errors.get_or_create(&CodeLabel { code: code.as_u16(), name: code.name() }).inc();
+        self.errors
+            .get_or_create(&CodeLabel {
+                code: code.as_u16(),
+                name: code.name(),
+            })
+            .inc();
     }
 
     /// Counts a close code that signals a failure (1002, 1009, 4001, 4002...).

@@ -76,7 +76,12 @@ pub fn generate_token() -> String {
 
 /// Serves until `signal` resolves, then drains: health turns 503, new WebSocket upgrades are
 /// refused, clients are told to reconnect, and the drain waits at most the drain timeout.
-pub async fn serve(config: &ServeConfig, node: Node, listener: TcpListener, signal: impl Future<Output = ()>) -> DrainReport {
+pub async fn serve(
+    config: &ServeConfig,
+    node: Node,
+    listener: TcpListener,
+    signal: impl Future<Output = ()>,
+) -> DrainReport {
     let router = crate::http::router(node.clone(), config.http.max_body);
     let limit = Arc::new(Semaphore::new(config.http.max_connections));
     let upgrade_timeout = config.http.upgrade_timeout;
@@ -117,13 +122,19 @@ pub async fn serve(config: &ServeConfig, node: Node, listener: TcpListener, sign
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let io = TokioIo::new(LimitedStream { stream, _permit: permit });
+            let io = TokioIo::new(LimitedStream {
+                stream,
+                _permit: permit,
+            });
             let service = TowerToHyperService::new(router.clone());
             let mut stop = node.shutdown_listener();
             let draining = stop.is_shutdown();
             tokio::spawn(async move {
                 let mut builder = hyper::server::conn::http1::Builder::new();
-                builder.timer(TokioTimer::new()).header_read_timeout(upgrade_timeout).keep_alive(!draining);
+                builder
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(upgrade_timeout)
+                    .keep_alive(!draining);
                 let connection = builder.serve_connection(io, service).with_upgrades();
                 tokio::pin!(connection);
                 let result = tokio::select! {
@@ -147,7 +158,10 @@ pub async fn serve(config: &ServeConfig, node: Node, listener: TcpListener, sign
             info!(drain_timeout = ?drain_timeout, "shutting down: health is 503, clients are told to reconnect");
             node.begin_drain();
             let clean = node.shutdown.wait(drain_timeout).await;
-            DrainReport { clean, abandoned: node.metrics.websocket.connections.get() }
+            DrainReport {
+                clean,
+                abandoned: node.metrics.websocket.connections.get(),
+            }
         };
         tokio::pin!(drain);
         tokio::select! {
@@ -161,7 +175,10 @@ pub async fn serve(config: &ServeConfig, node: Node, listener: TcpListener, sign
 
 /// The accept loop only ends by the drain finishing first.
 fn unreachable_accept() -> DrainReport {
-    DrainReport { clean: false, abandoned: 0 }
+    DrainReport {
+        clean: false,
+        abandoned: 0,
+    }
 }
 
 /// A TCP stream that holds a connection-limit permit until it closes, through any upgrade.
@@ -181,7 +198,11 @@ impl AsyncWrite for LimitedStream {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 

@@ -21,7 +21,11 @@ pub struct SessionLimits {
 
 impl Default for SessionLimits {
     fn default() -> Self {
-        Self { max_subscriptions: 256, commands_per_second: 100.0, command_burst: 1000.0 }
+        Self {
+            max_subscriptions: 256,
+            commands_per_second: 100.0,
+            command_burst: 1000.0,
+        }
     }
 }
 
@@ -59,9 +63,25 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(hub: Hub, subscriber: Arc<Subscriber>, limits: SessionLimits, draining: Arc<AtomicBool>, now_ms: u64) -> Self {
-        let budget = CommandBudget { tokens: limits.command_burst, last_ms: now_ms };
-        Self { hub, subscriber, rooms: HashSet::new(), limits, budget, draining }
+    pub fn new(
+        hub: Hub,
+        subscriber: Arc<Subscriber>,
+        limits: SessionLimits,
+        draining: Arc<AtomicBool>,
+        now_ms: u64,
+    ) -> Self {
+        let budget = CommandBudget {
+            tokens: limits.command_burst,
+            last_ms: now_ms,
+        };
+        Self {
+            hub,
+            subscriber,
+            rooms: HashSet::new(),
+            limits,
+            budget,
+            draining,
+        }
     }
 
     pub fn subscriber(&self) -> &Arc<Subscriber> {
@@ -100,7 +120,11 @@ impl Session {
 
     fn subscribe(&mut self, room: RoomName, since: Option<u64>, epoch: Option<&str>, now_ms: u64) {
         if self.draining.load(Ordering::Relaxed) {
-            return self.reply_error(ErrorCode::Draining, "the server is shutting down; reconnect".into(), Some(room));
+            return self.reply_error(
+                ErrorCode::Draining,
+                "the server is shutting down; reconnect".into(),
+                Some(room),
+            );
         }
         let known = self.rooms.contains(&room);
         if !known && self.rooms.len() >= self.limits.max_subscriptions {
@@ -111,7 +135,9 @@ impl Session {
             Ok(()) => {
                 self.rooms.insert(room);
             }
-            Err(error @ HubError::RoomLimit(_)) => self.reply_error(ErrorCode::RoomLimit, error.to_string(), Some(room)),
+            Err(error @ HubError::RoomLimit(_)) => {
+                self.reply_error(ErrorCode::RoomLimit, error.to_string(), Some(room))
+            }
         }
     }
 
@@ -159,14 +185,21 @@ mod tests {
 
     #[test]
     fn subscription_limit_is_enforced_and_resubscribing_does_not_count() {
-        let mut s = session(SessionLimits { max_subscriptions: 2, ..SessionLimits::default() });
+        let mut s = session(SessionLimits {
+            max_subscriptions: 2,
+            ..SessionLimits::default()
+        });
         for room in ["a", "b", "a"] {
             s.handle(parse_command(&format!(r#"{{"type":"subscribe","room":"{room}"}}"#)), 0);
         }
         s.handle(parse_command(r#"{"type":"subscribe","room":"c"}"#), 0);
         let out = replies(&s);
         assert_eq!(out.len(), 4);
-        assert!(out[3].contains(r#""code":103"#) && out[3].contains(r#""room":"c""#), "{}", out[3]);
+        assert!(
+            out[3].contains(r#""code":103"#) && out[3].contains(r#""room":"c""#),
+            "{}",
+            out[3]
+        );
         assert_eq!(s.subscription_count(), 2);
         s.handle(parse_command(r#"{"type":"unsubscribe","room":"a"}"#), 0);
         s.handle(parse_command(r#"{"type":"subscribe","room":"c"}"#), 0);
@@ -191,7 +224,11 @@ mod tests {
 
     #[test]
     fn commands_beyond_the_budget_are_refused_until_it_refills() {
-        let mut s = session(SessionLimits { commands_per_second: 10.0, command_burst: 2.0, ..SessionLimits::default() });
+        let mut s = session(SessionLimits {
+            commands_per_second: 10.0,
+            command_burst: 2.0,
+            ..SessionLimits::default()
+        });
         for _ in 0..3 {
             s.handle(Ok(ClientCommand::Ping), 0);
         }
@@ -207,7 +244,14 @@ mod tests {
     fn dropping_a_session_leaves_its_rooms() {
         let s = {
             let mut s = session(SessionLimits::default());
-            s.handle(Ok(ClientCommand::Subscribe { room: RoomName::parse("x").expect("room"), since: None, epoch: None }), 0);
+            s.handle(
+                Ok(ClientCommand::Subscribe {
+                    room: RoomName::parse("x").expect("room"),
+                    since: None,
+                    epoch: None,
+                }),
+                0,
+            );
             s
         };
         let hub = s.hub.clone();

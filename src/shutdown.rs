@@ -35,12 +35,19 @@ impl Default for Shutdown {
 impl Shutdown {
     pub fn new() -> Self {
         let (notice, _) = watch::channel(false);
-        Self(Arc::new(Inner { notice, running: AtomicUsize::new(0), idle: Notify::new() }))
+        Self(Arc::new(Inner {
+            notice,
+            running: AtomicUsize::new(0),
+            idle: Notify::new(),
+        }))
     }
 
     pub fn listener(&self) -> ShutdownListener {
         self.0.running.fetch_add(1, Ordering::AcqRel);
-        ShutdownListener { notice: self.0.notice.subscribe(), shared: self.0.clone() }
+        ShutdownListener {
+            notice: self.0.notice.subscribe(),
+            shared: self.0.clone(),
+        }
     }
 
     /// Tells every listener to stop.
@@ -89,7 +96,10 @@ impl ShutdownListener {
 impl Clone for ShutdownListener {
     fn clone(&self) -> Self {
         self.shared.running.fetch_add(1, Ordering::AcqRel);
-        Self { notice: self.notice.clone(), shared: self.shared.clone() }
+        Self {
+            notice: self.notice.clone(),
+            shared: self.shared.clone(),
+        }
     }
 }
 

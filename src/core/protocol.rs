@@ -108,7 +108,11 @@ pub enum ServerControl {
 
 impl ServerControl {
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self::Error { code, message: message.into(), room: None }
+        Self::Error {
+            code,
+            message: message.into(),
+            room: None,
+        }
     }
 
     /// Rough size for queue accounting.
@@ -122,7 +126,13 @@ impl ServerControl {
     /// The JSON text frame for WebSocket clients.
     pub fn to_json(&self) -> Utf8Bytes {
         let wire = match self {
-            Self::Subscribed { room, epoch, version, seq, recovered } => WireControl::Subscribed {
+            Self::Subscribed {
+                room,
+                epoch,
+                version,
+                seq,
+                recovered,
+            } => WireControl::Subscribed {
                 room: room.as_str(),
                 epoch,
                 version: *version,
@@ -219,7 +229,11 @@ pub fn parse_command(text: &str) -> Result<ClientCommand, CommandError> {
         Ok(RoomName::parse(name)?)
     };
     match &*kind {
-        "subscribe" => Ok(ClientCommand::Subscribe { room: room()?, since: raw.since, epoch: raw.epoch.clone() }),
+        "subscribe" => Ok(ClientCommand::Subscribe {
+            room: room()?,
+            since: raw.since,
+            epoch: raw.epoch.clone(),
+        }),
         "unsubscribe" => Ok(ClientCommand::Unsubscribe { room: room()? }),
         "ping" => Ok(ClientCommand::Ping),
         other => Err(CommandError::UnknownType(truncate(other, 64))),
@@ -246,20 +260,37 @@ mod tests {
     fn parses_the_fixed_vocabulary() {
         assert_eq!(
             parse_command(r#"{"type":"subscribe","room":"game:1"}"#),
-            Ok(ClientCommand::Subscribe { room: room("game:1"), since: None, epoch: None })
+            Ok(ClientCommand::Subscribe {
+                room: room("game:1"),
+                since: None,
+                epoch: None
+            })
         );
         assert_eq!(
             parse_command(r#"{"type":"subscribe","room":"game:1","since":41,"epoch":"ab"}"#),
-            Ok(ClientCommand::Subscribe { room: room("game:1"), since: Some(41), epoch: Some("ab".into()) })
+            Ok(ClientCommand::Subscribe {
+                room: room("game:1"),
+                since: Some(41),
+                epoch: Some("ab".into())
+            })
         );
-        assert_eq!(parse_command(r#"{"type":"unsubscribe","room":"game:1"}"#), Ok(ClientCommand::Unsubscribe { room: room("game:1") }));
+        assert_eq!(
+            parse_command(r#"{"type":"unsubscribe","room":"game:1"}"#),
+            Ok(ClientCommand::Unsubscribe { room: room("game:1") })
+        );
         assert_eq!(parse_command(r#"{"type":"ping"}"#), Ok(ClientCommand::Ping));
-        assert_eq!(parse_command(r#"{"type":"ping","id":7,"extra":{"x":1}}"#), Ok(ClientCommand::Ping));
+        assert_eq!(
+            parse_command(r#"{"type":"ping","id":7,"extra":{"x":1}}"#),
+            Ok(ClientCommand::Ping)
+        );
     }
 
     #[test]
     fn room_names_with_escapes_are_decoded_before_validation() {
-        assert_eq!(parse_command(r#"{"type":"unsubscribe","room":"game\u003a1"}"#), Ok(ClientCommand::Unsubscribe { room: room("game:1") }));
+        assert_eq!(
+            parse_command(r#"{"type":"unsubscribe","room":"game\u003a1"}"#),
+            Ok(ClientCommand::Unsubscribe { room: room("game:1") })
+        );
     }
 
     #[test]
@@ -267,31 +298,61 @@ mod tests {
         let code = |t: &str| parse_command(t).map_err(|e| e.code());
         assert_eq!(code("not json"), Err(ErrorCode::BadRequest));
         assert_eq!(code("[1,2]"), Err(ErrorCode::BadRequest));
-        assert_eq!(code(r#"{"type":"subscribe","room":"g","since":-1}"#), Err(ErrorCode::BadRequest));
-        assert_eq!(code(r#"{"type":"subscribe","room":"g","since":"5"}"#), Err(ErrorCode::BadRequest));
+        assert_eq!(
+            code(r#"{"type":"subscribe","room":"g","since":-1}"#),
+            Err(ErrorCode::BadRequest)
+        );
+        assert_eq!(
+            code(r#"{"type":"subscribe","room":"g","since":"5"}"#),
+            Err(ErrorCode::BadRequest)
+        );
         assert_eq!(code(r#"{"type":"subscribe"}"#), Err(ErrorCode::BadRequest));
         assert_eq!(code(r#"{"type":7}"#), Err(ErrorCode::BadRequest));
         assert_eq!(code(r#"{"type":"publish","room":"g"}"#), Err(ErrorCode::UnknownType));
         assert_eq!(code(r#"{"room":"g"}"#), Err(ErrorCode::UnknownType));
-        assert_eq!(code(r#"{"type":"subscribe","room":"bad room"}"#), Err(ErrorCode::BadRoom));
+        assert_eq!(
+            code(r#"{"type":"subscribe","room":"bad room"}"#),
+            Err(ErrorCode::BadRoom)
+        );
         assert_eq!(code(r#"{"type":"subscribe","room":""}"#), Err(ErrorCode::BadRoom));
     }
 
     #[test]
     fn control_frames_match_protocol_vectors() {
-        let subscribed = ServerControl::Subscribed { room: room("game:1"), epoch: "00000000000000ff".into(), version: 3, seq: 9, recovered: Some(true) };
+        let subscribed = ServerControl::Subscribed {
+            room: room("game:1"),
+            epoch: "00000000000000ff".into(),
+            version: 3,
+            seq: 9,
+            recovered: Some(true),
+        };
         assert_eq!(
             subscribed.to_json().as_str(),
             r#"{"type":"subscribed","room":"game:1","epoch":"00000000000000ff","version":3,"seq":9,"recovered":true}"#
         );
-        let plain = ServerControl::Subscribed { room: room("game:1"), epoch: "e".into(), version: 0, seq: 0, recovered: None };
-        assert_eq!(plain.to_json().as_str(), r#"{"type":"subscribed","room":"game:1","epoch":"e","version":0,"seq":0}"#);
+        let plain = ServerControl::Subscribed {
+            room: room("game:1"),
+            epoch: "e".into(),
+            version: 0,
+            seq: 0,
+            recovered: None,
+        };
+        assert_eq!(
+            plain.to_json().as_str(),
+            r#"{"type":"subscribed","room":"game:1","epoch":"e","version":0,"seq":0}"#
+        );
         assert_eq!(ServerControl::Pong.to_json().as_str(), r#"{"type":"pong"}"#);
-        assert_eq!(ServerControl::Unsubscribed { room: room("team:3") }.to_json().as_str(), r#"{"type":"unsubscribed","room":"team:3"}"#);
+        assert_eq!(
+            ServerControl::Unsubscribed { room: room("team:3") }.to_json().as_str(),
+            r#"{"type":"unsubscribed","room":"team:3"}"#
+        );
         assert_eq!(
             ServerControl::error(ErrorCode::BadRoom, "bad \"x\"").to_json().as_str(),
             r#"{"type":"error","code":102,"name":"bad_room","message":"bad \"x\""}"#
         );
-        assert_eq!(ServerControl::Reconnect { reason: "shutdown" }.to_json().as_str(), r#"{"type":"reconnect","reason":"shutdown"}"#);
+        assert_eq!(
+            ServerControl::Reconnect { reason: "shutdown" }.to_json().as_str(),
+            r#"{"type":"reconnect","reason":"shutdown"}"#
+        );
     }
 }

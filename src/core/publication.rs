@@ -28,7 +28,10 @@ impl Now {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        Self { unix_ms, instant: Instant::now() }
+        Self {
+            unix_ms,
+            instant: Instant::now(),
+        }
     }
 }
 
@@ -155,14 +158,23 @@ mod tests {
     use super::*;
 
     fn now(ms: u64) -> Now {
-        Now { unix_ms: ms, instant: Instant::now() }
+        Now {
+            unix_ms: ms,
+            instant: Instant::now(),
+        }
     }
 
     #[test]
     fn state_frame_matches_protocol_vector() {
         let room = RoomName::parse("game:1234").expect("room");
         let data = JsonData::parse(br#"{"home":42,"away":40}"#).expect("json");
-        let p = Publication::new(RoomId(1), room, PublicationKind::State { version: 7 }, &data, now(1_700_000_000_000));
+        let p = Publication::new(
+            RoomId(1),
+            room,
+            PublicationKind::State { version: 7 },
+            &data,
+            now(1_700_000_000_000),
+        );
         assert_eq!(
             p.json_frame().as_str(),
             r#"{"type":"state","room":"game:1234","version":7,"ts":1700000000000,"data":{"home":42,"away":40}}"#
@@ -177,7 +189,10 @@ mod tests {
         let room = RoomName::parse("bracket:77").expect("room");
         let data = JsonData::parse(br#" "semifinal" "#).expect("json");
         let p = Publication::new(RoomId(2), room, PublicationKind::Event { seq: 3 }, &data, now(5));
-        assert_eq!(p.json_frame().as_str(), r#"{"type":"event","room":"bracket:77","seq":3,"ts":5,"data":"semifinal"}"#);
+        assert_eq!(
+            p.json_frame().as_str(),
+            r#"{"type":"event","room":"bracket:77","seq":3,"ts":5,"data":"semifinal"}"#
+        );
     }
 
     #[test]

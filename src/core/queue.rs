@@ -16,7 +16,10 @@ pub struct QueueLimits {
 
 impl Default for QueueLimits {
     fn default() -> Self {
-        Self { max_messages: 1024, max_bytes: 8 << 20 }
+        Self {
+            max_messages: 1024,
+            max_bytes: 8 << 20,
+        }
     }
 }
 
@@ -214,7 +217,16 @@ mod tests {
     fn publication(room: u64, kind: PublicationKind) -> Arc<Publication> {
         let data = JsonData::parse(b"0").expect("json");
         let name = RoomName::parse(&format!("r{room}")).expect("room");
-        Arc::new(Publication::new(RoomId(room), name, kind, &data, Now { unix_ms: 0, instant: Instant::now() }))
+        Arc::new(Publication::new(
+            RoomId(room),
+            name,
+            kind,
+            &data,
+            Now {
+                unix_ms: 0,
+                instant: Instant::now(),
+            },
+        ))
     }
 
     fn state(room: u64, version: u64) -> Arc<Publication> {
@@ -245,7 +257,13 @@ mod tests {
         }
         assert_eq!(q.push_state(&state(1, 50)), Pushed::Stale);
         assert_eq!(q.push_state(&state(2, 1)), Pushed::Queued { wake: false });
-        assert_eq!(drain(&mut q), vec![(1, PublicationKind::State { version: 100 }), (2, PublicationKind::State { version: 1 })]);
+        assert_eq!(
+            drain(&mut q),
+            vec![
+                (1, PublicationKind::State { version: 100 }),
+                (2, PublicationKind::State { version: 1 })
+            ]
+        );
         assert!(q.is_empty());
         assert_eq!(q.push_state(&state(1, 101)), Pushed::Queued { wake: true });
     }
@@ -269,7 +287,10 @@ mod tests {
 
     #[test]
     fn overflowing_events_close_the_queue_as_slow() {
-        let mut q = ConnectionQueue::new(QueueLimits { max_messages: 3, max_bytes: usize::MAX });
+        let mut q = ConnectionQueue::new(QueueLimits {
+            max_messages: 3,
+            max_bytes: usize::MAX,
+        });
         for seq in 1..=3 {
             assert!(matches!(q.push_event(&event(1, seq)), Pushed::Queued { .. }));
         }
@@ -282,7 +303,10 @@ mod tests {
 
     #[test]
     fn states_never_count_against_the_ordered_bound() {
-        let mut q = ConnectionQueue::new(QueueLimits { max_messages: 1, max_bytes: usize::MAX });
+        let mut q = ConnectionQueue::new(QueueLimits {
+            max_messages: 1,
+            max_bytes: usize::MAX,
+        });
         for room in 0..100 {
             assert!(matches!(q.push_state(&state(room, 1)), Pushed::Queued { .. }));
         }
@@ -292,13 +316,19 @@ mod tests {
 
     #[test]
     fn draining_frees_room_in_the_bound() {
-        let mut q = ConnectionQueue::new(QueueLimits { max_messages: 2, max_bytes: usize::MAX });
+        let mut q = ConnectionQueue::new(QueueLimits {
+            max_messages: 2,
+            max_bytes: usize::MAX,
+        });
         for seq in 1..=100 {
             assert!(matches!(q.push_event(&event(1, seq)), Pushed::Queued { .. }));
             drain(&mut q);
         }
         let size = event(1, 1).size();
-        let mut q = ConnectionQueue::new(QueueLimits { max_messages: 100, max_bytes: size * 2 });
+        let mut q = ConnectionQueue::new(QueueLimits {
+            max_messages: 100,
+            max_bytes: size * 2,
+        });
         q.push_event(&event(1, 1));
         q.push_event(&event(1, 2));
         assert!(matches!(q.push_event(&event(1, 3)), Pushed::Overflowed { .. }));
@@ -306,7 +336,10 @@ mod tests {
 
     #[test]
     fn purge_forgets_one_room_only() {
-        let mut q = ConnectionQueue::new(QueueLimits { max_messages: 3, max_bytes: usize::MAX });
+        let mut q = ConnectionQueue::new(QueueLimits {
+            max_messages: 3,
+            max_bytes: usize::MAX,
+        });
         q.push_state(&state(1, 1));
         q.push_event(&event(1, 1));
         q.push_event(&event(2, 1));
@@ -316,7 +349,11 @@ mod tests {
         q.push_event(&event(2, 3));
         assert_eq!(
             drain(&mut q),
-            vec![(2, PublicationKind::Event { seq: 1 }), (2, PublicationKind::Event { seq: 2 }), (2, PublicationKind::Event { seq: 3 })]
+            vec![
+                (2, PublicationKind::Event { seq: 1 }),
+                (2, PublicationKind::Event { seq: 2 }),
+                (2, PublicationKind::Event { seq: 3 })
+            ]
         );
     }
 

@@ -148,7 +148,9 @@ impl Room {
     /// Trims by age and drops a stale state; returns whether anything is still retained.
     pub fn expire(&mut self, now_ms: u64) -> bool {
         self.trim(now_ms);
-        let state_deadline = self.last_publish_ms.saturating_add(self.limits.state_ttl.as_millis() as u64);
+        let state_deadline = self
+            .last_publish_ms
+            .saturating_add(self.limits.state_ttl.as_millis() as u64);
         if now_ms >= state_deadline {
             self.state = None;
         }
@@ -207,11 +209,20 @@ mod tests {
     use std::time::Instant;
 
     fn at(ms: u64) -> Now {
-        Now { unix_ms: ms, instant: Instant::now() }
+        Now {
+            unix_ms: ms,
+            instant: Instant::now(),
+        }
     }
 
     fn room(limits: RetentionLimits) -> Room {
-        Room::new(RoomId(1), RoomName::parse("game:1").expect("room"), "ep".into(), limits, 0)
+        Room::new(
+            RoomId(1),
+            RoomName::parse("game:1").expect("room"),
+            "ep".into(),
+            limits,
+            0,
+        )
     }
 
     fn data(n: u64) -> JsonData {
@@ -225,8 +236,14 @@ mod tests {
     #[test]
     fn versions_and_sequences_count_from_one_independently() {
         let mut r = room(RetentionLimits::default());
-        assert_eq!(r.publish_state(&data(1), at(1)).kind, PublicationKind::State { version: 1 });
-        assert_eq!(r.publish_state(&data(2), at(2)).kind, PublicationKind::State { version: 2 });
+        assert_eq!(
+            r.publish_state(&data(1), at(1)).kind,
+            PublicationKind::State { version: 1 }
+        );
+        assert_eq!(
+            r.publish_state(&data(2), at(2)).kind,
+            PublicationKind::State { version: 2 }
+        );
         assert_eq!(r.publish_event(&data(3), at(3)).kind, PublicationKind::Event { seq: 1 });
         assert_eq!(r.state().map(|s| s.data().to_string()), Some("2".into()));
         assert_eq!((r.version(), r.last_seq()), (2, 1));
@@ -238,7 +255,15 @@ mod tests {
         r.publish_state(&data(9), at(1));
         r.publish_event(&data(1), at(1));
         let snap = r.snapshot(None, None, 2);
-        assert!(matches!(snap.subscribed, ServerControl::Subscribed { version: 1, seq: 1, recovered: None, .. }));
+        assert!(matches!(
+            snap.subscribed,
+            ServerControl::Subscribed {
+                version: 1,
+                seq: 1,
+                recovered: None,
+                ..
+            }
+        ));
         assert_eq!(snap.state.map(|s| s.data().to_string()), Some("9".into()));
         assert!(snap.events.is_empty());
     }
@@ -250,23 +275,47 @@ mod tests {
             r.publish_event(&data(i), at(i));
         }
         let snap = r.snapshot(Some(2), None, 10);
-        assert!(matches!(snap.subscribed, ServerControl::Subscribed { recovered: Some(true), seq: 5, .. }));
+        assert!(matches!(
+            snap.subscribed,
+            ServerControl::Subscribed {
+                recovered: Some(true),
+                seq: 5,
+                ..
+            }
+        ));
         assert_eq!(seqs(&snap.events), vec![3, 4, 5]);
         assert_eq!(seqs(&r.snapshot(Some(0), None, 10).events), vec![1, 2, 3, 4, 5]);
         let caught_up = r.snapshot(Some(5), Some("ep"), 10);
-        assert!(matches!(caught_up.subscribed, ServerControl::Subscribed { recovered: Some(true), .. }));
+        assert!(matches!(
+            caught_up.subscribed,
+            ServerControl::Subscribed {
+                recovered: Some(true),
+                ..
+            }
+        ));
         assert!(caught_up.events.is_empty());
     }
 
     #[test]
     fn recovery_fails_beyond_history_on_epoch_change_or_from_the_future() {
-        let limits = RetentionLimits { history_len: 3, ..RetentionLimits::default() };
+        let limits = RetentionLimits {
+            history_len: 3,
+            ..RetentionLimits::default()
+        };
         let mut r = room(limits);
         for i in 1..=10 {
             r.publish_event(&data(i), at(i));
         }
         assert_eq!(seqs(&r.snapshot(Some(7), None, 10).events), vec![8, 9, 10]);
-        let failed = |s: Snapshot| matches!(s.subscribed, ServerControl::Subscribed { recovered: Some(false), .. }) && s.events.is_empty();
+        let failed = |s: Snapshot| {
+            matches!(
+                s.subscribed,
+                ServerControl::Subscribed {
+                    recovered: Some(false),
+                    ..
+                }
+            ) && s.events.is_empty()
+        };
         assert!(failed(r.snapshot(Some(6), None, 10)));
         assert!(failed(r.snapshot(Some(0), None, 10)));
         assert!(failed(r.snapshot(Some(8), Some("other-epoch"), 10)));
@@ -275,16 +324,35 @@ mod tests {
 
     #[test]
     fn history_is_bounded_by_age_and_bytes() {
-        let limits = RetentionLimits { history_ttl: Duration::from_millis(100), ..RetentionLimits::default() };
+        let limits = RetentionLimits {
+            history_ttl: Duration::from_millis(100),
+            ..RetentionLimits::default()
+        };
         let mut r = room(limits);
         r.publish_event(&data(1), at(0));
         r.publish_event(&data(2), at(50));
         r.publish_event(&data(3), at(120));
         assert_eq!(seqs(&r.snapshot(Some(1), None, 120).events), vec![2, 3]);
-        assert!(matches!(r.snapshot(Some(0), None, 120).subscribed, ServerControl::Subscribed { recovered: Some(false), .. }));
+        assert!(matches!(
+            r.snapshot(Some(0), None, 120).subscribed,
+            ServerControl::Subscribed {
+                recovered: Some(false),
+                ..
+            }
+        ));
 
-        let one = Publication::new(RoomId(1), RoomName::parse("game:1").expect("room"), PublicationKind::Event { seq: 1 }, &data(1), at(0)).size();
-        let mut r = room(RetentionLimits { history_bytes: one * 2, ..RetentionLimits::default() });
+        let one = Publication::new(
+            RoomId(1),
+            RoomName::parse("game:1").expect("room"),
+            PublicationKind::Event { seq: 1 },
+            &data(1),
+            at(0),
+        )
+        .size();
+        let mut r = room(RetentionLimits {
+            history_bytes: one * 2,
+            ..RetentionLimits::default()
+        });
         for i in 1..=5 {
             r.publish_event(&data(i), at(i));
         }
@@ -293,7 +361,11 @@ mod tests {
 
     #[test]
     fn expire_drops_old_history_then_state() {
-        let limits = RetentionLimits { history_ttl: Duration::from_millis(10), state_ttl: Duration::from_millis(100), ..RetentionLimits::default() };
+        let limits = RetentionLimits {
+            history_ttl: Duration::from_millis(10),
+            state_ttl: Duration::from_millis(100),
+            ..RetentionLimits::default()
+        };
         let mut r = room(limits);
         r.publish_state(&data(1), at(0));
         r.publish_event(&data(1), at(0));

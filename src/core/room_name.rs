@@ -70,7 +70,15 @@ mod tests {
 
     #[test]
     fn accepts_the_documented_examples() {
-        for name in ["game:1234", "league:12", "bracket:77", "team:301", "user:55", "a", "A-b_c.d:9"] {
+        for name in [
+            "game:1234",
+            "league:12",
+            "bracket:77",
+            "team:301",
+            "user:55",
+            "a",
+            "A-b_c.d:9",
+        ] {
             assert_eq!(RoomName::parse(name).map(|r| r.to_string()), Ok(name.to_string()));
         }
         assert!(RoomName::parse(&"x".repeat(MAX_ROOM_NAME_LEN)).is_ok());
@@ -79,7 +87,10 @@ mod tests {
     #[test]
     fn rejects_bad_names() {
         assert_eq!(RoomName::parse(""), Err(RoomNameError::Empty));
-        assert_eq!(RoomName::parse(&"x".repeat(MAX_ROOM_NAME_LEN + 1)), Err(RoomNameError::TooLong));
+        assert_eq!(
+            RoomName::parse(&"x".repeat(MAX_ROOM_NAME_LEN + 1)),
+            Err(RoomNameError::TooLong)
+        );
         for name in ["game 1", "game/1", "é", "a\"b", "a\\b", "room*", "a\nb"] {
             assert_eq!(RoomName::parse(name), Err(RoomNameError::BadCharacter), "{name:?}");
         }

@@ -20,7 +20,7 @@ use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info};
 
 use crate::core::{close_code, parse_command, ErrorCode, Now, Outgoing, QueueClosed, ServerControl};
-use crate::http::error_response;
+use crate::http::ApiError;
 use crate::metrics::{Metrics, Transport};
 use crate::node::Node;
 use crate::session::{Session, SessionLimits};
@@ -50,18 +50,34 @@ type Stream = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 /// `GET /ws`: checks the upgrade request, answers 101 and starts the connection task.
 pub async fn upgrade(State(node): State<Node>, mut request: Request) -> Response {
     if node.is_draining() {
-        return error_response(StatusCode::SERVICE_UNAVAILABLE, "draining", "the server is shutting down; connect to another node");
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "the server is shutting down; connect to another node",
+        )
+        .into_response();
     }
     let headers = request.headers();
     if let Some(origin) = headers.get(header::ORIGIN) {
         let allowed = &node.websocket.allowed_origins;
         if !allowed.is_empty() && !allowed.iter().any(|a| a.as_bytes() == origin.as_bytes()) {
-            return error_response(StatusCode::FORBIDDEN, "origin_not_allowed", "this origin may not open a WebSocket here");
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "origin_not_allowed",
+                "this origin may not open a WebSocket here",
+            )
+            .into_response();
         }
     }
     let key = match check_upgrade_headers(headers) {
         Ok(key) => key,
-        Err(response) => return response,
+        Err(error) => {
+            let mut response = error.into_response();
+            response
+                .headers_mut()
+                .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            return response;
+        }
     };
     let accept = derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut request);
@@ -88,7 +104,7 @@ pub async fn upgrade(State(node): State<Node>, mut request: Request) -> Response
 }
 
 /// The RFC 6455 handshake checks; returns the client's key.
-fn check_upgrade_headers(headers: &HeaderMap) -> Result<HeaderValue, Response> {
+fn check_upgrade_headers(headers: &HeaderMap) -> Result<HeaderValue, ApiError> {
     let has_token = |name: header::HeaderName, token: &str| {
         headers
             .get_all(name)
@@ -98,17 +114,26 @@ fn check_upgrade_headers(headers: &HeaderMap) -> Result<HeaderValue, Response> {
             .any(|t| t.trim().eq_ignore_ascii_case(token))
     };
     if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
-        return Err(error_response(StatusCode::UPGRADE_REQUIRED, "upgrade_required", "this endpoint speaks WebSocket only"));
+        return Err(ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            "this endpoint speaks WebSocket only",
+        ));
     }
     if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
-        let mut response = error_response(StatusCode::UPGRADE_REQUIRED, "bad_websocket_version", "Sec-WebSocket-Version must be 13");
-        response.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
-        return Err(response);
+        return Err(ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "bad_websocket_version",
+            "Sec-WebSocket-Version must be 13",
+        ));
     }
-    headers
-        .get(header::SEC_WEBSOCKET_KEY)
-        .cloned()
-        .ok_or_else(|| error_response(StatusCode::BAD_REQUEST, "bad_websocket_key", "Sec-WebSocket-Key is missing"))
+    headers.get(header::SEC_WEBSOCKET_KEY).cloned().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_websocket_key",
+            "Sec-WebSocket-Key is missing",
+        )
+    })
 }
 
 /// Why a connection's loop ended; decides how it is closed.
@@ -134,7 +159,13 @@ async fn serve(mut ws: Stream, node: Node, mut shutdown: ShutdownListener) {
     let subscriber = node.hub.new_subscriber(Transport::WebSocket);
     let conn = subscriber.id();
     debug!(conn, "websocket connected");
-    let mut session = Session::new(node.hub.clone(), subscriber.clone(), settings.session, node.draining.clone(), Now::system().unix_ms);
+    let mut session = Session::new(
+        node.hub.clone(),
+        subscriber.clone(),
+        settings.session,
+        node.draining.clone(),
+        Now::system().unix_ms,
+    );
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut ping = tokio::time::interval_at(Instant::now() + settings.ping_interval, settings.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -197,12 +228,24 @@ async fn serve(mut ws: Stream, node: Node, mut shutdown: ShutdownListener) {
             let _ = write_queue(&mut ws, &session, &mut batch, &metrics, CLOSE_WAIT).await;
             let notice = Message::Text(ServerControl::Reconnect { reason: "shutdown" }.to_json());
             if matches!(timeout(CLOSE_WAIT, ws.send(notice)).await, Ok(Ok(()))) {
-                close(&mut ws, close_code::SERVICE_RESTART, "server shutting down; reconnect", settings.drain_timeout).await;
+                close(
+                    &mut ws,
+                    close_code::SERVICE_RESTART,
+                    "server shutting down; reconnect",
+                    settings.drain_timeout,
+                )
+                .await;
             }
         }
         Ending::Slow => {
             info!(conn, "closing slow websocket client (4001)");
-            close(&mut ws, close_code::SLOW, "slow consumer; reconnect with since", settings.write_timeout).await;
+            close(
+                &mut ws,
+                close_code::SLOW,
+                "slow consumer; reconnect with since",
+                settings.write_timeout,
+            )
+            .await;
         }
         Ending::Idle => {
             metrics.close_error(close_code::IDLE_TIMEOUT, "idle_timeout");
@@ -211,7 +254,11 @@ async fn serve(mut ws: Stream, node: Node, mut shutdown: ShutdownListener) {
         Ending::TooBig => {
             metrics.close_error(close_code::MESSAGE_TOO_BIG, "message_too_big");
             let reason = format!("message larger than {} bytes", settings.max_message);
-            let sent = timeout(CLOSE_WAIT, ws.close(Some(close_frame(close_code::MESSAGE_TOO_BIG, &reason)))).await;
+            let sent = timeout(
+                CLOSE_WAIT,
+                ws.close(Some(close_frame(close_code::MESSAGE_TOO_BIG, &reason))),
+            )
+            .await;
             if matches!(sent, Ok(Ok(()))) {
                 // The rest of the oversized frame is still arriving: read and discard it, so the
                 // close frame reaches the client instead of being lost to a TCP reset.
@@ -275,13 +322,19 @@ async fn write_queue(
 }
 
 fn close_frame(code: u16, reason: &str) -> CloseFrame {
-    CloseFrame { code: CloseCode::from(code), reason: reason.to_string().into() }
+    CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.to_string().into(),
+    }
 }
 
 /// Sends a close frame and waits (at most `limit`) for the client's, then lets the socket go.
 async fn close(ws: &mut Stream, code: u16, reason: &str, limit: Duration) {
     let deadline = Instant::now() + limit;
-    if !matches!(tokio::time::timeout_at(deadline, ws.close(Some(close_frame(code, reason)))).await, Ok(Ok(()))) {
+    if !matches!(
+        tokio::time::timeout_at(deadline, ws.close(Some(close_frame(code, reason)))).await,
+        Ok(Ok(()))
+    ) {
         return;
     }
     let _ = tokio::time::timeout_at(deadline, async {
