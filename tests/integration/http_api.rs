@@ -1,0 +1,182 @@
+use bytes::Bytes;
+use serde_json::json;
+
+use crate::util::{request, TestServer, TOKEN};
+
+#[tokio::test]
+async fn publishing_without_or_with_a_wrong_token_is_401_and_publishes_nothing() {
+    let server = TestServer::start(&[]);
+    let mut client = server.connect().await;
+    client.subscribe("game:9").await;
+    for token in [None, Some("wrong-token"), Some("")] {
+        for path in ["/v1/rooms/game:9/state", "/v1/rooms/game:9/events"] {
+            let (status, body) = server.request("POST", path, token, "{}").await;
+            assert_eq!(status, 401, "{path} {token:?}");
+            assert_eq!(body["error"], "unauthorized");
+        }
+        let batch = json!({"messages": [{"room": "game:9", "type": "state", "data": 1}]}).to_string();
+        assert_eq!(server.request("POST", "/v1/publish", token, batch).await.0, 401);
+    }
+    let (_, room) = server.get("/v1/rooms/game:9").await;
+    assert_eq!(
+        (room["version"].as_u64(), room["last_seq"].as_u64()),
+        (Some(0), Some(0))
+    );
+    // The first frame the client sees is the one published with the right token.
+    server.publish_state("game:9", "\"ok\"").await;
+    assert_eq!(client.recv().await["data"], "ok");
+}
+
+#[tokio::test]
+async fn publish_answers_versions_and_sequences() {
+    let server = TestServer::start(&[]);
+    assert_eq!(server.publish_state("game:1", "1").await["version"], 1);
+    assert_eq!(server.publish_state("game:1", "2").await["version"], 2);
+    let event = server.publish_event("game:1", r#"{"foul":"home"}"#).await;
+    assert_eq!(
+        (event["room"].as_str(), event["seq"].as_u64()),
+        (Some("game:1"), Some(1))
+    );
+    assert!(event["ts"].as_u64().is_some());
+    let (status, room) = server.get("/v1/rooms/game:1").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        room["state"],
+        json!({"version": 2, "ts": room["state"]["ts"], "data": 2})
+    );
+    assert_eq!(room["last_seq"], 1);
+    assert_eq!(room["subscribers"], 0);
+}
+
+#[tokio::test]
+async fn a_batch_publishes_to_many_rooms_in_one_call() {
+    let server = TestServer::start(&[]);
+    let mut league = server.connect().await;
+    league.subscribe("league:12").await;
+    let batch = json!({"messages": [
+        {"room": "game:1234", "type": "state", "data": {"home": 10, "away": 8}},
+        {"room": "league:12", "type": "state", "data": {"game:1234": [10, 8]}},
+        {"room": "league:12", "type": "event", "data": {"kind": "score"}},
+    ]});
+    let (status, body) = server
+        .request("POST", "/v1/publish", Some(TOKEN), batch.to_string())
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let results = body["results"].as_array().expect("results");
+    assert_eq!(results.len(), 3);
+    assert_eq!(
+        (results[0]["room"].as_str(), results[0]["version"].as_u64()),
+        (Some("game:1234"), Some(1))
+    );
+    assert_eq!(
+        (results[2]["type"].as_str(), results[2]["seq"].as_u64()),
+        (Some("event"), Some(1))
+    );
+    assert_eq!(league.recv().await["type"], "state");
+    assert_eq!(league.recv().await["type"], "event");
+}
+
+#[tokio::test]
+async fn a_bad_batch_publishes_nothing() {
+    let server = TestServer::start(&["--max-batch", "2"]);
+    let cases = [
+        (
+            json!({"messages": [{"room": "ok", "type": "state", "data": 1}, {"room": "bad room", "type": "state", "data": 1}]}),
+            "bad_room",
+        ),
+        (
+            json!({"messages": [{"room": "ok", "type": "state", "data": 1}, {"room": "ok", "type": "shout", "data": 1}]}),
+            "bad_batch",
+        ),
+        (json!({"messages": [{"room": "ok", "type": "state"}]}), "bad_batch"),
+        (json!({"messages": []}), "bad_batch"),
+        (
+            json!({"messages": [{"room": "ok", "type": "state", "data": 1}, {"room": "ok", "type": "state", "data": 2}, {"room": "ok", "type": "state", "data": 3}]}),
+            "bad_batch",
+        ),
+    ];
+    for (batch, code) in cases {
+        let (status, body) = server
+            .request("POST", "/v1/publish", Some(TOKEN), batch.to_string())
+            .await;
+        assert_eq!((status, body["error"].as_str()), (400, Some(code)), "{batch}");
+    }
+    assert_eq!(server.get("/v1/rooms/ok").await.0, 404);
+}
+
+#[tokio::test]
+async fn bad_publishes_get_clear_errors() {
+    let server = TestServer::start(&["--max-body", "1024"]);
+    let cases = [
+        ("/v1/rooms/game:1/state", "{not json".to_string(), 400, "bad_json"),
+        ("/v1/rooms/game:1/state", "".to_string(), 400, "bad_json"),
+        ("/v1/rooms/bad%20room/state", "1".to_string(), 400, "bad_room"),
+        (
+            "/v1/rooms/game:1/events",
+            format!("\"{}\"", "x".repeat(2000)),
+            413,
+            "body_too_large",
+        ),
+    ];
+    for (path, body, status, code) in cases {
+        let (got, answer) = server.request("POST", path, Some(TOKEN), body).await;
+        assert_eq!((got, answer["error"].as_str()), (status, Some(code)), "{path}");
+    }
+    assert_eq!(server.get("/v1/rooms/game:1").await.0, 404);
+    assert_eq!(server.get("/v1/nope").await.0, 404);
+}
+
+#[tokio::test]
+async fn health_and_metrics_answer() {
+    let server = TestServer::start(&[]);
+    let (status, health) = server.get("/health").await;
+    assert_eq!(status, 200);
+    assert_eq!(health["status"], "ok");
+    let mut client = server.connect().await;
+    client.subscribe("game:1").await;
+    server.publish_state("game:1", "1").await;
+    client.recv().await;
+    let (status, headers, body) = request(server.http, "GET", "/metrics", None, &[], Bytes::new()).await;
+    assert_eq!(status, 200);
+    assert!(headers["content-type"]
+        .to_str()
+        .is_ok_and(|c| c.starts_with("application/openmetrics-text")));
+    let text = String::from_utf8(body.to_vec()).expect("utf8");
+    for name in [
+        "courtside_connections{transport=\"websocket\"} 1",
+        "courtside_subscriptions 1",
+        "courtside_rooms 1",
+        "courtside_messages_in_total{transport=\"websocket\"} 1",
+        "courtside_published_total{kind=\"state\"} 1",
+        "courtside_messages_out_total{transport=\"websocket\"} 2",
+        "courtside_conflated_total",
+        "courtside_dropped_total",
+        "courtside_slow_disconnects_total",
+        "courtside_delivery_latency_seconds_count 1",
+    ] {
+        assert!(text.contains(name), "{name} missing from\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn a_generated_token_is_logged_and_works() {
+    let server = TestServer::start(&["--no-token"]);
+    let logged = server.logs_with("generated");
+    let token = logged
+        .first()
+        .and_then(|l| l["publish_token"].as_str())
+        .expect("token logged")
+        .to_string();
+    assert_eq!(token.len(), 32);
+    let (status, _) = server
+        .request("POST", "/v1/rooms/game:1/state", Some(&token), "1")
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        server
+            .request("POST", "/v1/rooms/game:1/state", Some(TOKEN), "1")
+            .await
+            .0,
+        401
+    );
+}

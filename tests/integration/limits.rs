@@ -1,0 +1,195 @@
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::SinkExt;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::util::{request, Client, TestServer, HANG};
+
+/// Each bad frame gets an error with its documented code; the connection keeps working and
+/// another client in the same room notices nothing.
+#[tokio::test]
+async fn bad_frames_get_error_codes_and_the_connection_keeps_working() {
+    let server = TestServer::start(&[]);
+    let mut bystander = server.connect().await;
+    bystander.subscribe("game:1").await;
+    let mut client = server.connect().await;
+    client.subscribe("game:1").await;
+
+    let cases: [(&str, u64); 8] = [
+        ("{not json", 100),
+        ("[1,2,3]", 100),
+        (r#"{"type":"subscribe"}"#, 100),
+        (r#"{"type":"subscribe","room":"game:1","since":-4}"#, 100),
+        (r#"{"type":"publish","room":"game:1"}"#, 101),
+        (r#"{"room":"game:1"}"#, 101),
+        (r#"{"type":"subscribe","room":"no spaces allowed"}"#, 102),
+        (&format!(r#"{{"type":"subscribe","room":"{}"}}"#, "x".repeat(129)), 102),
+    ];
+    for (text, code) in cases {
+        client.send_text(text).await;
+        let error = client.recv().await;
+        assert_eq!(error["type"], "error", "{text}");
+        assert_eq!(error["code"].as_u64(), Some(code), "{text}: {error}");
+        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    client.ws.send(Message::binary(vec![1u8, 2, 3])).await.expect("send");
+    assert_eq!(client.recv().await["code"], 106);
+
+    client.send(json!({"type": "ping"})).await;
+    assert_eq!(client.recv().await["type"], "pong");
+    server.publish_state("game:1", "1").await;
+    assert_eq!(client.recv().await["version"], 1);
+    assert_eq!(bystander.recv().await["version"], 1);
+    assert!(
+        server
+            .metric("courtside_errors_total{code=\"100\",name=\"bad_request\"}")
+            .await
+            >= 4.0
+    );
+}
+
+#[tokio::test]
+async fn too_many_subscriptions_get_an_error() {
+    let server = TestServer::start(&["--max-subscriptions", "2"]);
+    let mut client = server.connect().await;
+    client.subscribe("a").await;
+    client.subscribe("b").await;
+    client.subscribe("a").await; // resubscribing does not count twice
+    client.send(json!({"type": "subscribe", "room": "c"})).await;
+    let error = client.recv().await;
+    assert_eq!(
+        (error["type"].as_str(), error["code"].as_u64()),
+        (Some("error"), Some(103))
+    );
+    assert_eq!(error["room"], "c");
+    client.send(json!({"type": "unsubscribe", "room": "b"})).await;
+    assert_eq!(client.recv().await["type"], "unsubscribed");
+    client.subscribe("c").await;
+}
+
+/// A message over 1 MiB (the default limit) closes the connection with 1009; others go on.
+#[tokio::test]
+async fn a_frame_over_one_mebibyte_closes_with_1009() {
+    let server = TestServer::start(&[]);
+    let mut bystander = server.connect().await;
+    bystander.subscribe("game:1").await;
+    let mut client = server.connect().await;
+    let big = format!(r#"{{"type":"ping","pad":"{}"}}"#, "z".repeat(1 << 20));
+    // Sending may fail part-way once the server closes; the close code is what matters.
+    let _ = client.ws.send(Message::text(big)).await;
+    assert_eq!(client.close_code().await, 1009);
+
+    // Exactly at the limit is accepted.
+    let mut fits = server.connect().await;
+    let pad = (1 << 20) - r#"{"type":"ping","pad":""}"#.len();
+    fits.send_text(&format!(r#"{{"type":"ping","pad":"{}"}}"#, "z".repeat(pad)))
+        .await;
+    assert_eq!(fits.recv().await["type"], "pong");
+
+    server.publish_state("game:1", "1").await;
+    assert_eq!(bystander.recv().await["version"], 1);
+}
+
+/// A client that never answers pings is closed with 4002 after the idle timeout.
+#[tokio::test]
+async fn a_silent_peer_is_closed_after_the_idle_timeout() {
+    let server = TestServer::start(&["--ping-interval", "100ms", "--idle-timeout", "300ms"]);
+    let mut silent = server.connect().await;
+    // Not reading means tungstenite never answers the pings: the server hears nothing.
+    let closed_with = loop {
+        let status = server
+            .metric("courtside_errors_total{code=\"4002\",name=\"idle_timeout\"}")
+            .await;
+        if status >= 1.0 {
+            break silent.close_code().await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(closed_with, 4002);
+}
+
+/// A client that keeps answering pings stays connected past the idle timeout.
+#[tokio::test]
+async fn a_peer_that_answers_pings_stays() {
+    let server = TestServer::start(&["--ping-interval", "100ms", "--idle-timeout", "300ms"]);
+    let mut client = server.connect().await;
+    // Reading answers pings; wait until many pings went by.
+    let mut pings = 0;
+    while pings < 8 {
+        use futures_util::StreamExt;
+        match tokio::time::timeout(HANG, client.ws.next()).await.expect("frame") {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    client.send(json!({"type": "ping"})).await;
+    assert_eq!(client.recv().await["type"], "pong");
+}
+
+/// A connection that does not complete its upgrade request in time is dropped.
+#[tokio::test]
+async fn an_unfinished_upgrade_is_dropped() {
+    let server = TestServer::start(&["--upgrade-timeout", "300ms"]);
+    let mut stream = TcpStream::connect(server.http).await.expect("connect");
+    stream
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    // The server closes the connection: read reaches EOF (possibly after a 408 response).
+    tokio::time::timeout(HANG, stream.read_to_end(&mut buf))
+        .await
+        .expect("server closed the connection")
+        .ok();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(!text.contains("101"), "{text}");
+}
+
+#[tokio::test]
+async fn the_origin_allowlist_refuses_other_origins() {
+    let server = TestServer::start(&["--allowed-origins", "https://scores.example,https://other.example"]);
+    let mut request = server.ws_url().into_client_request().expect("request");
+    request
+        .headers_mut()
+        .insert("origin", "https://evil.example".parse().expect("header"));
+    let error = tokio_tungstenite::connect_async(request).await.expect_err("refused");
+    match error {
+        tokio_tungstenite::tungstenite::Error::Http(response) => assert_eq!(response.status(), 403),
+        other => panic!("unexpected {other:?}"),
+    }
+    let mut request = server.ws_url().into_client_request().expect("request");
+    request
+        .headers_mut()
+        .insert("origin", "https://other.example".parse().expect("header"));
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("allowed origin");
+    let mut client = Client { ws };
+    client.subscribe("game:1").await;
+    // Clients without an Origin header (not browsers) are allowed.
+    server.connect().await.subscribe("game:1").await;
+}
+
+#[tokio::test]
+async fn a_plain_get_on_the_websocket_path_is_refused() {
+    let server = TestServer::start(&[]);
+    let (status, _, body) = request(server.http, "GET", "/ws", None, &[], Bytes::new()).await;
+    assert_eq!(status, 426);
+    assert!(String::from_utf8_lossy(&body).contains("upgrade_required"));
+}
+
+#[tokio::test]
+async fn commands_beyond_the_rate_limit_get_104() {
+    let server = TestServer::start(&["--command-rate", "1", "--command-burst", "3"]);
+    let mut client = server.connect().await;
+    for _ in 0..4 {
+        client.send(json!({"type": "ping"})).await;
+    }
+    for _ in 0..3 {
+        assert_eq!(client.recv().await["type"], "pong");
+    }
+    assert_eq!(client.recv().await["code"], 104);
+}

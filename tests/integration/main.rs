@@ -1,0 +1,12 @@
+//! Integration tests: the real binary, real sockets on 127.0.0.1, real clients.
+
+mod util;
+
+/// Subscribing, publishing and receiving: states, events, recovery, slow consumers.
+mod delivery;
+/// The HTTP API: publishing, auth, room queries, batches, health and metrics.
+mod http_api;
+/// Bad input and limits: each gets its documented error or close code.
+mod limits;
+/// Graceful shutdown on SIGTERM.
+mod shutdown;

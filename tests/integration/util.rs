@@ -1,0 +1,290 @@
+//! The harness: starts the real `courtside` binary on 127.0.0.1 port 0, and real HTTP and
+//! WebSocket clients. Timeouts here only stop a broken test from hanging; they assert nothing.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const TOKEN: &str = "test-token";
+
+/// Long enough that only a broken server reaches it.
+pub const HANG: Duration = Duration::from_secs(30);
+
+/// A running `courtside serve` process, killed when dropped.
+pub struct TestServer {
+    child: Child,
+    pub http: SocketAddr,
+    logs: Arc<Mutex<Vec<Value>>>,
+}
+
+impl TestServer {
+    pub fn start(extra: &[&str]) -> Self {
+        let mut args = vec![
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--log-level",
+            "info,courtside=debug",
+        ];
+        if !extra.contains(&"--publish-token") && !extra.contains(&"--no-token") {
+            args.extend(["--publish-token", TOKEN]);
+        }
+        args.extend(extra.iter().filter(|a| **a != "--no-token"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_courtside"))
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start courtside");
+        let stderr = child.stderr.take().expect("stderr");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (addr_tx, addr_rx) = mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let Ok(value) = serde_json::from_str::<Value>(&line) else {
+                    eprintln!("server: {line}");
+                    continue;
+                };
+                if let Some(http) = value.get("http").and_then(Value::as_str) {
+                    let _ = addr_tx.send(http.to_string());
+                }
+                sink.lock().expect("logs").push(value);
+            }
+        });
+        let http = addr_rx
+            .recv_timeout(HANG)
+            .expect("server logged its address")
+            .parse()
+            .expect("address");
+        Self { child, http, logs }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.http)
+    }
+
+    /// Log records whose message contains `text`.
+    pub fn logs_with(&self, text: &str) -> Vec<Value> {
+        let logs = self.logs.lock().expect("logs");
+        logs.iter()
+            .filter(|l| l["message"].as_str().is_some_and(|m| m.contains(text)))
+            .cloned()
+            .collect()
+    }
+
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit (polling; the harness only).
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = tokio::time::Instant::now() + HANG;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "server did not exit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn request(&self, method: &str, path: &str, token: Option<&str>, body: impl Into<Bytes>) -> (u16, Value) {
+        let (status, _, body) = request(self.http, method, path, token, &[], body.into()).await;
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.request("GET", path, None, Bytes::new()).await
+    }
+
+    pub async fn publish_state(&self, room: &str, data: &str) -> Value {
+        let (status, body) = self
+            .request(
+                "POST",
+                &format!("/v1/rooms/{room}/state"),
+                Some(TOKEN),
+                data.to_string(),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    pub async fn publish_event(&self, room: &str, data: &str) -> Value {
+        let (status, body) = self
+            .request(
+                "POST",
+                &format!("/v1/rooms/{room}/events"),
+                Some(TOKEN),
+                data.to_string(),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// The value of the first metric line starting with `line_prefix`; 0 when there is none
+    /// (labelled series appear on their first increment).
+    pub async fn metric(&self, line_prefix: &str) -> f64 {
+        let (status, _, body) = request(self.http, "GET", "/metrics", None, &[], Bytes::new()).await;
+        assert_eq!(status, 200);
+        let text = String::from_utf8(body.to_vec()).expect("utf8");
+        text.lines()
+            .find(|l| l.starts_with(line_prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    pub async fn connect(&self) -> Client {
+        Client::connect(&self.ws_url()).await
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> (u16, hyper::HeaderMap, Bytes) {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(connection);
+    let mut builder = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    if let Some(token) = token {
+        builder = builder.header("authorization", format!("Bearer {token}"));
+    }
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let request = builder.body(Full::new(body)).expect("request");
+    let response = tokio::time::timeout(HANG, sender.send_request(request))
+        .await
+        .expect("response in time")
+        .expect("response");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.expect("body").to_bytes();
+    (status, headers, body)
+}
+
+/// A tokio-tungstenite client speaking the JSON protocol.
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// What a client saw next: a JSON text frame or the close frame.
+#[derive(Debug)]
+pub enum Seen {
+    Json(Value),
+    Close(Option<CloseFrame>),
+    /// The socket ended without a close frame.
+    Ended,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Self {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connect");
+        Self { ws }
+    }
+
+    pub async fn send(&mut self, value: Value) {
+        self.ws.send(Message::text(value.to_string())).await.expect("send");
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text.to_string())).await.expect("send");
+    }
+
+    /// The next JSON frame or the close, skipping pings and pongs.
+    pub async fn next_seen(&mut self) -> Seen {
+        loop {
+            let message = tokio::time::timeout(HANG, self.ws.next())
+                .await
+                .expect("a frame in time");
+            match message {
+                Some(Ok(Message::Text(text))) => {
+                    return Seen::Json(serde_json::from_str(&text).expect("server sent JSON"))
+                }
+                Some(Ok(Message::Close(frame))) => return Seen::Close(frame),
+                Some(Ok(Message::Binary(_))) => panic!("server sent a binary frame"),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Seen::Ended,
+            }
+        }
+    }
+
+    /// The next text frame, as sent.
+    pub async fn recv_text(&mut self) -> String {
+        loop {
+            match tokio::time::timeout(HANG, self.ws.next())
+                .await
+                .expect("a frame in time")
+            {
+                Some(Ok(Message::Text(text))) => return text.to_string(),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    pub async fn recv(&mut self) -> Value {
+        match self.next_seen().await {
+            Seen::Json(value) => value,
+            other => panic!("expected a JSON frame, got {other:?}"),
+        }
+    }
+
+    /// The close code the server sent, reading past any frames still queued before it.
+    pub async fn close_code(&mut self) -> u16 {
+        loop {
+            match self.next_seen().await {
+                Seen::Json(_) => continue,
+                Seen::Close(Some(frame)) => return frame.code.into(),
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+
+    pub async fn subscribe(&mut self, room: &str) -> Value {
+        self.send(serde_json::json!({"type": "subscribe", "room": room})).await;
+        let reply = self.recv().await;
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+        reply
+    }
+}
