@@ -6,6 +6,7 @@ pub mod publication;
 pub mod queue;
 pub mod room;
 pub mod room_name;
+pub mod wire;
 
 pub use protocol::{close_code, parse_command, ClientCommand, CommandError, ErrorCode, ServerControl};
 pub use publication::{JsonData, Now, Publication, PublicationKind, RoomId};

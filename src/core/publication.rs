@@ -2,8 +2,10 @@
 //! Every subscriber receives a clone of the same `Arc<Publication>`; nothing is re-encoded per delivery.
 
 use std::ops::Range;
+use std::sync::OnceLock;
 use std::time::Instant;
 
+use bytes::Bytes;
 use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
@@ -81,6 +83,8 @@ pub struct Publication {
     json: Utf8Bytes,
     /// Where the published data sits inside `json`, so it is stored once.
     data: Range<usize>,
+    /// The binary WebTransport message, built the first time a WebTransport subscriber needs it.
+    wire: OnceLock<Bytes>,
 }
 
 impl Publication {
@@ -94,12 +98,18 @@ impl Publication {
             published_at: now.instant,
             json,
             data: data_range,
+            wire: OnceLock::new(),
         }
     }
 
     /// The WebSocket text frame, shared by every subscriber.
     pub fn json_frame(&self) -> &Utf8Bytes {
         &self.json
+    }
+
+    /// The binary WebTransport message (docs/PROTOCOL.md), encoded once and shared.
+    pub fn wire_message(&self) -> &Bytes {
+        self.wire.get_or_init(|| super::wire::encode_publication(self))
     }
 
     /// The state version or the event sequence number.

@@ -1,0 +1,625 @@
+//! The binary WebTransport protocol: a type byte, then the message's fields in postcard's
+//! format; on streams each message is preceded by its length as a LEB128 varint. Pure.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+use super::protocol::{ClientCommand, CommandError, ServerControl};
+use super::publication::{Publication, PublicationKind};
+use super::room_name::RoomName;
+
+/// Type bytes, the first byte of every message (docs/PROTOCOL.md, "Message types").
+pub mod message_type {
+    pub const SUBSCRIBE: u8 = 0x01;
+    pub const UNSUBSCRIBE: u8 = 0x02;
+    pub const PING: u8 = 0x03;
+    pub const ACK: u8 = 0x04;
+    pub const SUBSCRIBED: u8 = 0x10;
+    pub const UNSUBSCRIBED: u8 = 0x11;
+    pub const PONG: u8 = 0x12;
+    pub const ERROR: u8 = 0x13;
+    pub const RECONNECT: u8 = 0x14;
+    pub const CLOSE: u8 = 0x15;
+    pub const STATE: u8 = 0x20;
+    pub const EVENT: u8 = 0x21;
+}
+
+/// Largest message a client may send on its control stream.
+pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscribeBody<'a> {
+    pub room: &'a str,
+    pub since: Option<u64>,
+    pub epoch: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomBody<'a> {
+    pub room: &'a str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckBody<'a> {
+    pub room: &'a str,
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscribedBody<'a> {
+    pub room: &'a str,
+    pub epoch: &'a str,
+    pub version: u64,
+    pub seq: u64,
+    pub recovered: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody<'a> {
+    pub code: u16,
+    pub name: &'a str,
+    pub message: &'a str,
+    pub room: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReasonBody<'a> {
+    pub reason: &'a str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloseBody<'a> {
+    pub code: u16,
+    pub reason: &'a str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateBody<'a> {
+    pub room: &'a str,
+    pub version: u64,
+    pub ts: u64,
+    /// The published JSON value, as text.
+    pub data: &'a str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventBody<'a> {
+    pub room: &'a str,
+    pub seq: u64,
+    pub ts: u64,
+    pub data: &'a str,
+}
+
+/// A message from a WebTransport client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientMessage {
+    Command(ClientCommand),
+    /// "I hold `version` of this room's state" (datagram repair, PROTOCOL.md "Loss repair").
+    Ack {
+        room: RoomName,
+        version: u64,
+    },
+}
+
+/// A message from the server, decoded (for clients and tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerMessage<'a> {
+    Subscribed(SubscribedBody<'a>),
+    Unsubscribed(RoomBody<'a>),
+    Pong,
+    Error(ErrorBody<'a>),
+    Reconnect(ReasonBody<'a>),
+    Close(CloseBody<'a>),
+    State(StateBody<'a>),
+    Event(EventBody<'a>),
+}
+
+fn encode<T: Serialize>(kind: u8, body: &T) -> Bytes {
+    let mut out = Vec::with_capacity(64);
+    out.push(kind);
+    // Serialising strings and integers into a Vec cannot fail.
+    postcard::to_io(body, &mut out).ok();
+    Bytes::from(out)
+}
+
+fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, CommandError> {
+    let (value, rest) = postcard::take_from_bytes(body).map_err(|e| CommandError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(CommandError::Malformed("trailing bytes after the message".into()));
+    }
+    Ok(value)
+}
+
+/// Encodes a publication: `0x20` state or `0x21` event.
+pub fn encode_publication(p: &Publication) -> Bytes {
+    let room = p.room.as_str();
+    match p.kind {
+        PublicationKind::State { version } => encode(
+            message_type::STATE,
+            &StateBody {
+                room,
+                version,
+                ts: p.ts_ms,
+                data: p.data(),
+            },
+        ),
+        PublicationKind::Event { seq } => encode(
+            message_type::EVENT,
+            &EventBody {
+                room,
+                seq,
+                ts: p.ts_ms,
+                data: p.data(),
+            },
+        ),
+    }
+}
+
+/// Encodes a control reply.
+pub fn encode_control(control: &ServerControl) -> Bytes {
+    match control {
+        ServerControl::Subscribed {
+            room,
+            epoch,
+            version,
+            seq,
+            recovered,
+        } => encode(
+            message_type::SUBSCRIBED,
+            &SubscribedBody {
+                room: room.as_str(),
+                epoch,
+                version: *version,
+                seq: *seq,
+                recovered: *recovered,
+            },
+        ),
+        ServerControl::Unsubscribed { room } => encode(message_type::UNSUBSCRIBED, &RoomBody { room: room.as_str() }),
+        ServerControl::Pong => Bytes::from_static(&[message_type::PONG]),
+        ServerControl::Error { code, message, room } => encode(
+            message_type::ERROR,
+            &ErrorBody {
+                code: code.as_u16(),
+                name: code.name(),
+                message,
+                room: room.as_ref().map(RoomName::as_str),
+            },
+        ),
+        ServerControl::Reconnect { reason } => encode(message_type::RECONNECT, &ReasonBody { reason }),
+    }
+}
+
+/// Encodes the notice sent on the control stream before the server closes a session.
+pub fn encode_close(code: u16, reason: &str) -> Bytes {
+    encode(message_type::CLOSE, &CloseBody { code, reason })
+}
+
+/// Decodes one client message (a stream frame's payload, or a datagram).
+pub fn decode_client(bytes: &[u8]) -> Result<ClientMessage, CommandError> {
+    let Some((&kind, body)) = bytes.split_first() else {
+        return Err(CommandError::MissingType);
+    };
+    match kind {
+        message_type::SUBSCRIBE => {
+            let b: SubscribeBody<'_> = decode(body)?;
+            Ok(ClientMessage::Command(ClientCommand::Subscribe {
+                room: RoomName::parse(b.room)?,
+                since: b.since,
+                epoch: b.epoch.map(str::to_string),
+            }))
+        }
+        message_type::UNSUBSCRIBE => {
+            let b: RoomBody<'_> = decode(body)?;
+            Ok(ClientMessage::Command(ClientCommand::Unsubscribe {
+                room: RoomName::parse(b.room)?,
+            }))
+        }
+        message_type::PING => {
+            decode::<()>(body)?;
+            Ok(ClientMessage::Command(ClientCommand::Ping))
+        }
+        message_type::ACK => {
+            let b: AckBody<'_> = decode(body)?;
+            Ok(ClientMessage::Ack {
+                room: RoomName::parse(b.room)?,
+                version: b.version,
+            })
+        }
+        other => Err(CommandError::UnknownType(format!("0x{other:02x}"))),
+    }
+}
+
+/// Encodes a client message (for clients and tests).
+pub fn encode_client(message: &ClientMessage) -> Bytes {
+    match message {
+        ClientMessage::Command(ClientCommand::Subscribe { room, since, epoch }) => encode(
+            message_type::SUBSCRIBE,
+            &SubscribeBody {
+                room: room.as_str(),
+                since: *since,
+                epoch: epoch.as_deref(),
+            },
+        ),
+        ClientMessage::Command(ClientCommand::Unsubscribe { room }) => {
+            encode(message_type::UNSUBSCRIBE, &RoomBody { room: room.as_str() })
+        }
+        ClientMessage::Command(ClientCommand::Ping) => Bytes::from_static(&[message_type::PING]),
+        ClientMessage::Ack { room, version } => encode(
+            message_type::ACK,
+            &AckBody {
+                room: room.as_str(),
+                version: *version,
+            },
+        ),
+    }
+}
+
+/// Decodes one server message (for clients and tests).
+pub fn decode_server(bytes: &[u8]) -> Result<ServerMessage<'_>, CommandError> {
+    let Some((&kind, body)) = bytes.split_first() else {
+        return Err(CommandError::MissingType);
+    };
+    Ok(match kind {
+        message_type::SUBSCRIBED => ServerMessage::Subscribed(decode(body)?),
+        message_type::UNSUBSCRIBED => ServerMessage::Unsubscribed(decode(body)?),
+        message_type::PONG => {
+            decode::<()>(body)?;
+            ServerMessage::Pong
+        }
+        message_type::ERROR => ServerMessage::Error(decode(body)?),
+        message_type::RECONNECT => ServerMessage::Reconnect(decode(body)?),
+        message_type::CLOSE => ServerMessage::Close(decode(body)?),
+        message_type::STATE => ServerMessage::State(decode(body)?),
+        message_type::EVENT => ServerMessage::Event(decode(body)?),
+        other => return Err(CommandError::UnknownType(format!("0x{other:02x}"))),
+    })
+}
+
+/// Appends `message` to `out` as one stream frame: LEB128 length, then the message.
+pub fn put_frame(out: &mut BytesMut, message: &[u8]) {
+    let mut len = message.len() as u64;
+    loop {
+        let byte = (len & 0x7f) as u8;
+        len >>= 7;
+        if len == 0 {
+            out.put_u8(byte);
+            break;
+        }
+        out.put_u8(byte | 0x80);
+    }
+    out.put_slice(message);
+}
+
+/// Why a stream could not be split into frames.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("message of {0} bytes is larger than the limit of {1}")]
+    TooLarge(u64, usize),
+    #[error("malformed length prefix")]
+    BadLength,
+}
+
+/// Splits a byte stream into frames; feed it bytes, take frames out.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: BytesMut,
+}
+
+impl FrameDecoder {
+    pub fn extend(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed.
+    pub fn next_frame(&mut self, max: usize) -> Result<Option<Bytes>, FrameError> {
+        let mut len: u64 = 0;
+        let mut header = 0;
+        loop {
+            let Some(&byte) = self.buf.get(header) else {
+                return Ok(None);
+            };
+            if header == 9 {
+                return Err(FrameError::BadLength);
+            }
+            len |= u64::from(byte & 0x7f) << (7 * header);
+            header += 1;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        if len > max as u64 {
+            return Err(FrameError::TooLarge(len, max));
+        }
+        let total = header + len as usize;
+        if self.buf.len() < total {
+            return Ok(None);
+        }
+        let mut frame = self.buf.split_to(total);
+        Ok(Some(frame.split_off(header).freeze()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::publication::{JsonData, Now, RoomId};
+    use crate::core::ErrorCode;
+    use serde_json::Value;
+    use std::time::Instant;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+            .collect()
+    }
+
+    fn room(name: &str) -> RoomName {
+        RoomName::parse(name).expect("room")
+    }
+
+    fn s<'a>(v: &'a Value, key: &str) -> &'a str {
+        v[key].as_str().unwrap_or_else(|| panic!("{key} in {v}"))
+    }
+
+    fn u(v: &Value, key: &str) -> u64 {
+        v[key].as_u64().unwrap_or_else(|| panic!("{key} in {v}"))
+    }
+
+    /// Builds the Rust value a vector describes and encodes it.
+    fn encode_vector(m: &Value) -> Bytes {
+        let opt_u = |key: &str| m[key].as_u64();
+        let opt_s = |key: &str| m[key].as_str();
+        match s(m, "type") {
+            "subscribe" => encode_client(&ClientMessage::Command(ClientCommand::Subscribe {
+                room: room(s(m, "room")),
+                since: opt_u("since"),
+                epoch: opt_s("epoch").map(str::to_string),
+            })),
+            "unsubscribe" => encode_client(&ClientMessage::Command(ClientCommand::Unsubscribe {
+                room: room(s(m, "room")),
+            })),
+            "ping" => encode_client(&ClientMessage::Command(ClientCommand::Ping)),
+            "ack" => encode_client(&ClientMessage::Ack {
+                room: room(s(m, "room")),
+                version: u(m, "version"),
+            }),
+            "subscribed" => encode_control(&ServerControl::Subscribed {
+                room: room(s(m, "room")),
+                epoch: s(m, "epoch").into(),
+                version: u(m, "version"),
+                seq: u(m, "seq"),
+                recovered: m["recovered"].as_bool(),
+            }),
+            "unsubscribed" => encode_control(&ServerControl::Unsubscribed {
+                room: room(s(m, "room")),
+            }),
+            "pong" => encode_control(&ServerControl::Pong),
+            "error" => {
+                let code = match u(m, "code") {
+                    102 => ErrorCode::BadRoom,
+                    103 => ErrorCode::TooManySubscriptions,
+                    other => panic!("add error code {other} to the vector test"),
+                };
+                assert_eq!(s(m, "name"), code.name());
+                encode_control(&ServerControl::Error {
+                    code,
+                    message: s(m, "message").into(),
+                    room: opt_s("room").map(room),
+                })
+            }
+            "reconnect" => {
+                assert_eq!(s(m, "reason"), "shutdown");
+                encode_control(&ServerControl::Reconnect { reason: "shutdown" })
+            }
+            "close" => encode_close(u(m, "code") as u16, s(m, "reason")),
+            kind @ ("state" | "event") => {
+                let data = JsonData::parse(s(m, "data").as_bytes()).expect("data is JSON text");
+                let publication_kind = if kind == "state" {
+                    PublicationKind::State {
+                        version: u(m, "version"),
+                    }
+                } else {
+                    PublicationKind::Event { seq: u(m, "seq") }
+                };
+                let now = Now {
+                    unix_ms: u(m, "ts"),
+                    instant: Instant::now(),
+                };
+                Publication::new(RoomId(1), room(s(m, "room")), publication_kind, &data, now)
+                    .wire_message()
+                    .clone()
+            }
+            other => panic!("unknown vector type {other}"),
+        }
+    }
+
+    /// Decodes bytes back into the vector's JSON form.
+    fn decode_vector(bytes: &[u8], from_client: bool) -> Value {
+        use serde_json::json;
+        if from_client {
+            return match decode_client(bytes).expect("decode") {
+                ClientMessage::Command(ClientCommand::Subscribe { room, since, epoch }) => {
+                    let mut v = json!({"type": "subscribe", "room": room.as_str()});
+                    if let Some(since) = since {
+                        v["since"] = since.into();
+                    }
+                    if let Some(epoch) = epoch {
+                        v["epoch"] = epoch.into();
+                    }
+                    v
+                }
+                ClientMessage::Command(ClientCommand::Unsubscribe { room }) => {
+                    json!({"type": "unsubscribe", "room": room.as_str()})
+                }
+                ClientMessage::Command(ClientCommand::Ping) => json!({"type": "ping"}),
+                ClientMessage::Ack { room, version } => {
+                    json!({"type": "ack", "room": room.as_str(), "version": version})
+                }
+            };
+        }
+        match decode_server(bytes).expect("decode") {
+            ServerMessage::Subscribed(b) => {
+                let mut v =
+                    json!({"type": "subscribed", "room": b.room, "epoch": b.epoch, "version": b.version, "seq": b.seq});
+                if let Some(r) = b.recovered {
+                    v["recovered"] = r.into();
+                }
+                v
+            }
+            ServerMessage::Unsubscribed(b) => json!({"type": "unsubscribed", "room": b.room}),
+            ServerMessage::Pong => json!({"type": "pong"}),
+            ServerMessage::Error(b) => {
+                let mut v = json!({"type": "error", "code": b.code, "name": b.name, "message": b.message});
+                if let Some(room) = b.room {
+                    v["room"] = room.into();
+                }
+                v
+            }
+            ServerMessage::Reconnect(b) => json!({"type": "reconnect", "reason": b.reason}),
+            ServerMessage::Close(b) => json!({"type": "close", "code": b.code, "reason": b.reason}),
+            ServerMessage::State(b) => {
+                json!({"type": "state", "room": b.room, "version": b.version, "ts": b.ts, "data": b.data})
+            }
+            ServerMessage::Event(b) => {
+                json!({"type": "event", "room": b.room, "seq": b.seq, "ts": b.ts, "data": b.data})
+            }
+        }
+    }
+
+    fn vectors() -> Value {
+        serde_json::from_str(include_str!("../../docs/test-vectors.json")).expect("test vectors are JSON")
+    }
+
+    #[test]
+    fn messages_match_the_shared_test_vectors() {
+        let vectors = vectors();
+        let list = vectors["webtransport"]["messages"].as_array().expect("messages");
+        assert!(list.len() >= 12);
+        for vector in list {
+            let message = &vector["message"];
+            let from_client = s(vector, "from") == "client";
+            let expected = s(vector, "hex");
+            assert_eq!(hex(&encode_vector(message)), expected, "encoding {}", s(vector, "name"));
+            assert_eq!(
+                &decode_vector(&unhex(expected), from_client),
+                message,
+                "decoding {}",
+                s(vector, "name")
+            );
+        }
+    }
+
+    #[test]
+    fn stream_framing_matches_the_shared_test_vectors() {
+        let vectors = vectors();
+        for vector in vectors["webtransport"]["framing"].as_array().expect("framing") {
+            let messages: Vec<Vec<u8>> = vector["messages_hex"]
+                .as_array()
+                .expect("list")
+                .iter()
+                .map(|m| unhex(m.as_str().expect("hex")))
+                .collect();
+            let mut stream = BytesMut::new();
+            for m in &messages {
+                put_frame(&mut stream, m);
+            }
+            assert_eq!(hex(&stream), s(vector, "stream_hex"), "{}", s(vector, "name"));
+            // Fed one byte at a time, the decoder gives the same messages back.
+            let mut decoder = FrameDecoder::default();
+            let mut decoded = Vec::new();
+            for byte in stream.iter() {
+                decoder.extend(&[*byte]);
+                while let Some(frame) = decoder.next_frame(1 << 20).expect("frame") {
+                    decoded.push(frame.to_vec());
+                }
+            }
+            assert_eq!(decoded, messages);
+        }
+    }
+
+    #[test]
+    fn websocket_frames_match_the_shared_test_vectors() {
+        let vectors = vectors();
+        for vector in vectors["websocket"].as_array().expect("websocket") {
+            let text = s(vector, "text");
+            let parsed: Value = serde_json::from_str(text).expect("json");
+            match s(&parsed, "type") {
+                "state" | "event" => {
+                    let kind = if parsed["type"] == "state" {
+                        PublicationKind::State {
+                            version: u(&parsed, "version"),
+                        }
+                    } else {
+                        PublicationKind::Event { seq: u(&parsed, "seq") }
+                    };
+                    #[derive(serde::Deserialize)]
+                    struct Raw<'a> {
+                        #[serde(borrow)]
+                        data: &'a serde_json::value::RawValue,
+                    }
+                    let raw: Raw<'_> = serde_json::from_str(text).expect("json");
+                    let data = JsonData::from_raw(raw.data);
+                    let now = Now {
+                        unix_ms: u(&parsed, "ts"),
+                        instant: Instant::now(),
+                    };
+                    let p = Publication::new(RoomId(1), room(s(&parsed, "room")), kind, &data, now);
+                    assert_eq!(p.json_frame().as_str(), text);
+                }
+                _ => assert!(text.starts_with(r#"{"type":""#), "{text}"),
+            }
+        }
+    }
+
+    #[test]
+    fn bad_client_messages_are_errors_not_panics() {
+        assert_eq!(decode_client(&[]).map_err(|e| e.code()), Err(ErrorCode::UnknownType));
+        assert_eq!(
+            decode_client(&[0x7f]).map_err(|e| e.code()),
+            Err(ErrorCode::UnknownType)
+        );
+        assert_eq!(
+            decode_client(&[message_type::SUBSCRIBE]).map_err(|e| e.code()),
+            Err(ErrorCode::BadRequest)
+        );
+        assert_eq!(
+            decode_client(&[message_type::SUBSCRIBE, 0x05, b'a']).map_err(|e| e.code()),
+            Err(ErrorCode::BadRequest)
+        );
+        assert_eq!(
+            decode_client(&[message_type::PING, 0x00]).map_err(|e| e.code()),
+            Err(ErrorCode::BadRequest)
+        );
+        let bad_room = encode(
+            message_type::SUBSCRIBE,
+            &SubscribeBody {
+                room: "a b",
+                since: None,
+                epoch: None,
+            },
+        );
+        assert_eq!(decode_client(&bad_room).map_err(|e| e.code()), Err(ErrorCode::BadRoom));
+        let bad_utf8 = [message_type::UNSUBSCRIBE, 0x01, 0xff];
+        assert_eq!(
+            decode_client(&bad_utf8).map_err(|e| e.code()),
+            Err(ErrorCode::BadRequest)
+        );
+    }
+
+    #[test]
+    fn oversized_and_malformed_lengths_are_refused() {
+        let mut decoder = FrameDecoder::default();
+        let mut stream = BytesMut::new();
+        put_frame(&mut stream, &vec![0u8; 300]);
+        decoder.extend(&stream[..2]);
+        assert_eq!(decoder.next_frame(100), Err(FrameError::TooLarge(300, 100)));
+        let mut decoder = FrameDecoder::default();
+        decoder.extend(&[0xff; 12]);
+        assert_eq!(decoder.next_frame(100), Err(FrameError::BadLength));
+    }
+}
