@@ -44,6 +44,8 @@ pub struct ServeConfig {
     #[command(flatten)]
     pub websocket: WebSocketConfig,
     #[command(flatten)]
+    pub webtransport: WebTransportConfig,
+    #[command(flatten)]
     pub connection: ConnectionConfig,
     #[command(flatten)]
     pub rooms: RoomConfig,
@@ -108,6 +110,40 @@ pub struct WebSocketConfig {
     /// A write that cannot complete for this long (the client stopped reading) drops the connection.
     #[arg(long, env = "COURTSIDE_WRITE_TIMEOUT", value_name = "DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
     pub write_timeout: Duration,
+}
+
+/// WebTransport (HTTP/3 over QUIC, UDP).
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "WebTransport")]
+pub struct WebTransportConfig {
+    /// UDP address for WebTransport (sessions at path /wt).
+    #[arg(
+        id = "wt",
+        long = "wt",
+        env = "COURTSIDE_WT",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:4433"
+    )]
+    pub addr: SocketAddr,
+    /// Serve WebSocket only.
+    #[arg(id = "no-wt", long = "no-wt", env = "COURTSIDE_NO_WT")]
+    pub disabled: bool,
+    /// Certificate chain (PEM) for WebTransport. Without --cert and --key, a self-signed
+    /// development certificate is generated (see certs/README.md).
+    #[arg(long, env = "COURTSIDE_CERT", value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, env = "COURTSIDE_KEY", value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// How often the certificate files are checked for changes (SIGHUP reloads at once).
+    #[arg(long, env = "COURTSIDE_CERT_CHECK_INTERVAL", value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub cert_check_interval: Duration,
+    /// UDP receive buffer requested from the kernel, in bytes.
+    #[arg(long, env = "COURTSIDE_UDP_RECV_BUFFER", value_name = "BYTES", default_value_t = 8 << 20)]
+    pub udp_recv_buffer: usize,
+    /// UDP send buffer requested from the kernel, in bytes.
+    #[arg(long, env = "COURTSIDE_UDP_SEND_BUFFER", value_name = "BYTES", default_value_t = 8 << 20)]
+    pub udp_send_buffer: usize,
 }
 
 /// Per-connection limits, shared by every transport.
@@ -216,6 +252,9 @@ impl ServeConfig {
             if value == 0 {
                 bail!("--{name} must be greater than 0");
             }
+        }
+        if self.webtransport.cert_check_interval.is_zero() {
+            bail!("--cert-check-interval must be greater than 0");
         }
         if self.websocket.ping_interval.is_zero() {
             bail!("--ping-interval must be greater than 0");

@@ -16,7 +16,7 @@ use serde_json::value::RawValue;
 use crate::core::{JsonData, Now, Publication, RoomName};
 use crate::hub::{HubError, PublishKind, RoomHistory};
 use crate::node::Node;
-use crate::transport::websocket;
+use crate::transport::{websocket, webtransport};
 
 /// All routes of the node (docs/openapi.yaml).
 pub fn router(node: Node, max_body: usize) -> Router {
@@ -25,6 +25,7 @@ pub fn router(node: Node, max_body: usize) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/ws", get(websocket::upgrade))
+        .route("/v1/cert-hash", get(cert_hash))
         .route("/v1/rooms/{room}", get(room_info))
         .route("/v1/rooms/{room}/state", post(publish_state.layer(auth())))
         .route(
@@ -95,8 +96,32 @@ async fn health(State(node): State<Node>) -> Response {
 }
 
 async fn metrics(State(node): State<Node>) -> Response {
+    if let Some(drops) = node
+        .udp_socket_inode
+        .get()
+        .and_then(|inode| webtransport::udp_drops(*inode))
+    {
+        node.metrics.udp_receive_drops.set(drops as i64);
+    }
     let content_type = HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8");
     ([(header::CONTENT_TYPE, content_type)], node.metrics.render()).into_response()
+}
+
+/// The WebTransport certificate's SHA-256, for `serverCertificateHashes` in development.
+async fn cert_hash(State(node): State<Node>) -> Result<Response, ApiError> {
+    let info = node.certificate.get().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "webtransport_disabled",
+            "this node does not serve WebTransport",
+        )
+    })?;
+    let body = serde_json::json!({ "sha256": info.sha256, "self_signed": info.self_signed });
+    Ok((
+        [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+        Json(body),
+    )
+        .into_response())
 }
 
 /// Publishing needs `Authorization: Bearer <token>`; checked before the body is read.

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use courtside::config::{self, Command, LogFormat, ServeConfig};
 use courtside::server;
+use courtside::transport::webtransport::WebTransportServer;
 use tracing::{error, info, warn};
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
@@ -85,6 +86,15 @@ fn run(config: ServeConfig) -> anyhow::Result<()> {
         let http = listener.local_addr()?;
         let node = server::build_node(&config, token);
         info!(%http, version = env!("CARGO_PKG_VERSION"), "listening for HTTP and WebSocket (/ws)");
+        if !config.webtransport.disabled {
+            let settings = server::webtransport_settings(&config);
+            let wt = WebTransportServer::bind(settings, &node).await?;
+            if let Some(inode) = wt.socket_inode() {
+                let _ = node.udp_socket_inode.set(inode);
+            }
+            info!(wt = %wt.local_addr(), "listening for WebTransport (/wt)");
+            tokio::spawn(wt.run(node.clone()));
+        }
         let report = server::serve(&config, node, listener, shutdown_signal()).await;
         if report.clean {
             info!("drained; every connection closed");

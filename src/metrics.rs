@@ -69,6 +69,8 @@ pub struct Metrics {
     /// Seconds from a publish entering the node to its frame being written to a socket.
     pub delivery_latency: Histogram,
     pub draining: Gauge,
+    /// Datagrams the kernel dropped on the WebTransport UDP socket (read at scrape time).
+    pub udp_receive_drops: Gauge,
 }
 
 impl Default for Metrics {
@@ -105,6 +107,7 @@ impl Metrics {
             errors: Family::default(),
             delivery_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             draining: Gauge::default(),
+            udp_receive_drops: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("connections", "Open client connections", connections);
@@ -146,6 +149,11 @@ impl Metrics {
             "draining",
             "1 while the node is shutting down",
             metrics.draining.clone(),
+        );
+        registry.register(
+            "udp_receive_drops",
+            "Datagrams the kernel dropped on the WebTransport UDP socket (receive buffer full)",
+            metrics.udp_receive_drops.clone(),
         );
         Self { registry, ..metrics }
     }

@@ -8,6 +8,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::shutdown::{Shutdown, ShutdownListener};
 use crate::transport::websocket::WebSocketSettings;
+use crate::transport::webtransport::CertificateSlot;
 
 /// Cloneable handle to the node.
 #[derive(Debug, Clone)]
@@ -24,6 +25,10 @@ pub struct NodeInner {
     /// True from the shutdown signal on: health answers 503 and new subscriptions are refused.
     pub draining: Arc<AtomicBool>,
     pub shutdown: Shutdown,
+    /// The WebTransport certificate in use, for `GET /v1/cert-hash`; empty without WebTransport.
+    pub certificate: CertificateSlot,
+    /// Inode of the WebTransport UDP socket, for its kernel drop count.
+    pub udp_socket_inode: std::sync::OnceLock<u64>,
 }
 
 impl Node {

@@ -17,23 +17,28 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::config::ServeConfig;
+use crate::core::repair::RepairPolicy;
 use crate::core::Now;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::node::{Node, NodeInner};
 use crate::shutdown::Shutdown;
 use crate::transport::websocket::WebSocketSettings;
+use crate::transport::webtransport::WebTransportSettings;
 
 /// How often rooms are swept for expired history and state.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Time allowed after the drain timeout for connections to finish closing.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 /// What a finished run reports.
 #[derive(Debug, Clone, Copy)]
 pub struct DrainReport {
     /// Whether every connection finished within the drain timeout.
     pub clean: bool,
-    /// WebSocket connections still open when the drain ended.
-    pub abandoned: i64,
+    /// Connections that did not close within the drain timeout and were dropped.
+    pub abandoned: usize,
 }
 
 /// Builds the node from its configuration. `publish_token` is the resolved token.
@@ -56,7 +61,29 @@ pub fn build_node(config: &ServeConfig, publish_token: String) -> Node {
         max_batch: config.http.max_batch,
         draining: Arc::new(AtomicBool::new(false)),
         shutdown: Shutdown::new(),
+        certificate: Default::default(),
+        udp_socket_inode: Default::default(),
     })
+}
+
+/// The WebTransport settings from the configuration.
+pub fn webtransport_settings(config: &ServeConfig) -> WebTransportSettings {
+    let wt = &config.webtransport;
+    WebTransportSettings {
+        bind: wt.addr,
+        cert: wt.cert.clone().zip(wt.key.clone()),
+        cert_check_interval: wt.cert_check_interval,
+        udp_recv_buffer: wt.udp_recv_buffer,
+        udp_send_buffer: wt.udp_send_buffer,
+        keep_alive: config.websocket.ping_interval,
+        idle_timeout: config.websocket.idle_timeout,
+        handshake_timeout: config.http.upgrade_timeout,
+        write_timeout: config.websocket.write_timeout,
+        drain_timeout: config.http.drain_timeout,
+        allowed_origins: config.http.allowed_origins.clone(),
+        session: config.session(),
+        repair: RepairPolicy::default(),
+    }
 }
 
 /// A random value from the OS, for tokens and epochs.
@@ -157,10 +184,12 @@ pub async fn serve(
             signal.await;
             info!(drain_timeout = ?drain_timeout, "shutting down: health is 503, clients are told to reconnect");
             node.begin_drain();
-            let clean = node.shutdown.wait(drain_timeout).await;
+            // Connections enforce the drain deadline themselves; the grace covers their last writes.
+            let finished = node.shutdown.wait(drain_timeout + DRAIN_GRACE).await;
+            let abandoned = node.shutdown.abandoned() + node.shutdown.running();
             DrainReport {
-                clean,
-                abandoned: node.metrics.websocket.connections.get(),
+                clean: finished && abandoned == 0,
+                abandoned,
             }
         };
         tokio::pin!(drain);

@@ -16,6 +16,8 @@ struct Inner {
     notice: watch::Sender<bool>,
     /// Listeners alive: tasks that have not finished yet.
     running: AtomicUsize,
+    /// Connections that ended the drain without completing their close handshake.
+    abandoned: AtomicUsize,
     idle: Notify,
 }
 
@@ -38,6 +40,7 @@ impl Shutdown {
         Self(Arc::new(Inner {
             notice,
             running: AtomicUsize::new(0),
+            abandoned: AtomicUsize::new(0),
             idle: Notify::new(),
         }))
     }
@@ -57,6 +60,16 @@ impl Shutdown {
 
     pub fn is_shutdown(&self) -> bool {
         *self.0.notice.borrow()
+    }
+
+    /// Counts a connection that was cut off at the drain deadline.
+    pub fn abandoned_one(&self) {
+        self.0.abandoned.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections cut off at the drain deadline so far.
+    pub fn abandoned(&self) -> usize {
+        self.0.abandoned.load(Ordering::Relaxed)
     }
 
     /// Tasks still holding a listener.

@@ -4,6 +4,7 @@
 pub mod protocol;
 pub mod publication;
 pub mod queue;
+pub mod repair;
 pub mod room;
 pub mod room_name;
 pub mod wire;

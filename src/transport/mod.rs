@@ -2,3 +2,4 @@
 //! writes its `Subscriber` queue out. WebSocket here; WebTransport beside it.
 
 pub mod websocket;
+pub mod webtransport;

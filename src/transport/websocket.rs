@@ -227,14 +227,16 @@ async fn serve(mut ws: Stream, node: Node, mut shutdown: ShutdownListener) {
             // Deliver what was accepted, then tell the client to reconnect elsewhere.
             let _ = write_queue(&mut ws, &session, &mut batch, &metrics, CLOSE_WAIT).await;
             let notice = Message::Text(ServerControl::Reconnect { reason: "shutdown" }.to_json());
-            if matches!(timeout(CLOSE_WAIT, ws.send(notice)).await, Ok(Ok(()))) {
-                close(
+            let replied = matches!(timeout(CLOSE_WAIT, ws.send(notice)).await, Ok(Ok(())))
+                && close(
                     &mut ws,
                     close_code::SERVICE_RESTART,
                     "server shutting down; reconnect",
                     settings.drain_timeout,
                 )
                 .await;
+            if !replied {
+                node.shutdown.abandoned_one();
             }
         }
         Ending::Slow => {
@@ -329,22 +331,23 @@ fn close_frame(code: u16, reason: &str) -> CloseFrame {
 }
 
 /// Sends a close frame and waits (at most `limit`) for the client's, then lets the socket go.
-async fn close(ws: &mut Stream, code: u16, reason: &str, limit: Duration) {
+/// Returns whether the client closed in time.
+async fn close(ws: &mut Stream, code: u16, reason: &str, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
-    if !matches!(
-        tokio::time::timeout_at(deadline, ws.close(Some(close_frame(code, reason)))).await,
-        Ok(Ok(()))
-    ) {
-        return;
+    let sent = tokio::time::timeout_at(deadline, ws.close(Some(close_frame(code, reason)))).await;
+    if !matches!(sent, Ok(Ok(()))) {
+        return false;
     }
-    let _ = tokio::time::timeout_at(deadline, async {
-        while let Some(Ok(message)) = ws.next().await {
-            if message.is_close() {
-                break;
+    let replied = tokio::time::timeout_at(deadline, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(message)) if !message.is_close() => continue,
+                _ => return,
             }
         }
     })
     .await;
+    replied.is_ok()
 }
 
 async fn discard_input(io: &mut TokioIo<hyper::upgrade::Upgraded>, max_bytes: usize, limit: Duration) {

@@ -26,6 +26,8 @@ pub const HANG: Duration = Duration::from_secs(30);
 pub struct TestServer {
     child: Child,
     pub http: SocketAddr,
+    /// The WebTransport UDP address, unless started with `--no-wt`.
+    pub wt: Option<SocketAddr>,
     logs: Arc<Mutex<Vec<Value>>>,
 }
 
@@ -40,6 +42,9 @@ impl TestServer {
             "--log-level",
             "info,courtside=debug",
         ];
+        if !extra.contains(&"--wt") && !extra.contains(&"--no-wt") {
+            args.extend(["--wt", "127.0.0.1:0"]);
+        }
         if !extra.contains(&"--publish-token") && !extra.contains(&"--no-token") {
             args.extend(["--publish-token", TOKEN]);
         }
@@ -61,18 +66,33 @@ impl TestServer {
                     eprintln!("server: {line}");
                     continue;
                 };
-                if let Some(http) = value.get("http").and_then(Value::as_str) {
-                    let _ = addr_tx.send(http.to_string());
+                for key in ["http", "wt"] {
+                    if let Some(addr) = value.get(key).and_then(Value::as_str) {
+                        let _ = addr_tx.send((key, addr.to_string()));
+                    }
                 }
                 sink.lock().expect("logs").push(value);
             }
         });
-        let http = addr_rx
-            .recv_timeout(HANG)
-            .expect("server logged its address")
-            .parse()
-            .expect("address");
-        Self { child, http, logs }
+        let wants_wt = !extra.contains(&"--no-wt");
+        let (mut http, mut wt) = (None, None);
+        while http.is_none() || (wants_wt && wt.is_none()) {
+            let Ok((key, addr)) = addr_rx.recv_timeout(HANG) else {
+                std::thread::sleep(Duration::from_millis(200));
+                let logs = logs.lock().map(|l| l.clone()).unwrap_or_default();
+                panic!(
+                    "the server did not log its addresses; it exited with {:?}; logs: {logs:?}",
+                    child.try_wait()
+                );
+            };
+            let addr: SocketAddr = addr.parse().expect("address");
+            match key {
+                "http" => http = Some(addr),
+                _ => wt = Some(addr),
+            }
+        }
+        let http = http.expect("http address");
+        Self { child, http, wt, logs }
     }
 
     pub fn ws_url(&self) -> String {

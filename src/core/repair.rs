@@ -1,0 +1,230 @@
+//! Loss repair for state updates sent as datagrams: each session remembers the newest state per
+//! room until the client acknowledges it, resends it as a datagram with growing gaps, and once
+//! over the reliable stream, so a lost datagram delays the newest state but never loses it. Pure.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::publication::Publication;
+use super::room_name::RoomName;
+
+/// When to resend an unacknowledged state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepairPolicy {
+    /// The first resend waits `max(min_delay, 2 × RTT)`; each later one waits twice as long.
+    pub min_delay: Duration,
+    /// Datagram resends before giving up on the datagram path.
+    pub max_resends: u32,
+    /// The resend (1-based) that also queues the state on the reliable stream.
+    pub reliable_at: u32,
+}
+
+impl Default for RepairPolicy {
+    fn default() -> Self {
+        Self {
+            min_delay: Duration::from_millis(20),
+            max_resends: 5,
+            reliable_at: 1,
+        }
+    }
+}
+
+/// What the session must do now.
+#[derive(Debug, Clone)]
+pub enum RepairAction {
+    Datagram(Arc<Publication>),
+    Stream(Arc<Publication>),
+}
+
+#[derive(Debug)]
+struct Pending {
+    publication: Arc<Publication>,
+    version: u64,
+    resends: u32,
+    due: Instant,
+    gap: Duration,
+}
+
+/// The unacknowledged newest state of each room, for one session.
+#[derive(Debug, Default)]
+pub struct DatagramRepair {
+    pending: HashMap<RoomName, Pending>,
+    policy: RepairPolicy,
+}
+
+impl DatagramRepair {
+    pub fn new(policy: RepairPolicy) -> Self {
+        Self {
+            pending: HashMap::new(),
+            policy,
+        }
+    }
+
+    /// Records that `publication` (a state, version `version`) went out as a datagram.
+    /// It replaces any older pending state of its room.
+    pub fn sent(&mut self, publication: &Arc<Publication>, version: u64, now: Instant, rtt: Duration) {
+        let gap = self.policy.min_delay.max(rtt * 2);
+        let pending = Pending {
+            publication: publication.clone(),
+            version,
+            resends: 0,
+            due: now + gap,
+            gap,
+        };
+        match self.pending.get_mut(&publication.room) {
+            Some(existing) if existing.version >= version => {}
+            Some(existing) => *existing = pending,
+            None => {
+                self.pending.insert(publication.room.clone(), pending);
+            }
+        }
+    }
+
+    /// The client holds `version` of `room`: stop repairing anything up to it.
+    pub fn acked(&mut self, room: &RoomName, version: u64) {
+        if self.pending.get(room).is_some_and(|p| p.version <= version) {
+            self.pending.remove(room);
+        }
+    }
+
+    /// The client left the room, or got its state reliably: stop repairing it.
+    pub fn forget(&mut self, room: &RoomName) {
+        self.pending.remove(room);
+    }
+
+    /// Collects the resends due at `now` into `out`.
+    pub fn poll(&mut self, now: Instant, out: &mut Vec<RepairAction>) {
+        let policy = self.policy;
+        self.pending.retain(|_, p| {
+            if p.due > now {
+                return true;
+            }
+            p.resends += 1;
+            out.push(RepairAction::Datagram(p.publication.clone()));
+            if p.resends == policy.reliable_at {
+                out.push(RepairAction::Stream(p.publication.clone()));
+            }
+            p.gap *= 2;
+            p.due = now + p.gap;
+            p.resends < policy.max_resends
+        });
+    }
+
+    /// When `poll` next has something to do.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.pending.values().map(|p| p.due).min()
+    }
+
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::publication::{JsonData, Now, PublicationKind, RoomId};
+
+    fn state(room: &str, version: u64) -> Arc<Publication> {
+        let data = JsonData::parse(b"0").expect("json");
+        let now = Now {
+            unix_ms: 0,
+            instant: Instant::now(),
+        };
+        let name = RoomName::parse(room).expect("room");
+        Arc::new(Publication::new(
+            RoomId(1),
+            name,
+            PublicationKind::State { version },
+            &data,
+            now,
+        ))
+    }
+
+    fn kinds(actions: &[RepairAction]) -> Vec<(&'static str, u64)> {
+        actions
+            .iter()
+            .map(|a| match a {
+                RepairAction::Datagram(p) => ("datagram", p.number()),
+                RepairAction::Stream(p) => ("stream", p.number()),
+            })
+            .collect()
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn an_acknowledged_state_is_never_resent() {
+        let t0 = Instant::now();
+        let mut repair = DatagramRepair::new(RepairPolicy::default());
+        repair.sent(&state("g", 3), 3, t0, MS);
+        repair.acked(&RoomName::parse("g").expect("room"), 3);
+        let mut out = Vec::new();
+        repair.poll(t0 + Duration::from_secs(10), &mut out);
+        assert!(out.is_empty());
+        assert_eq!(repair.next_due(), None);
+    }
+
+    #[test]
+    fn an_unacknowledged_state_is_resent_with_growing_gaps_and_once_reliably() {
+        let t0 = Instant::now();
+        let mut repair = DatagramRepair::new(RepairPolicy::default());
+        repair.sent(&state("g", 3), 3, t0, MS);
+        let mut out = Vec::new();
+        repair.poll(t0 + 19 * MS, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(repair.next_due(), Some(t0 + 20 * MS));
+
+        let mut at = t0 + 20 * MS;
+        let mut seen = Vec::new();
+        while let Some(due) = repair.next_due() {
+            assert!(due >= at);
+            at = due;
+            let mut out = Vec::new();
+            repair.poll(at, &mut out);
+            seen.push(((at - t0).as_millis(), kinds(&out)));
+        }
+        assert_eq!(
+            seen,
+            vec![
+                (20, vec![("datagram", 3), ("stream", 3)]),
+                (60, vec![("datagram", 3)]),
+                (140, vec![("datagram", 3)]),
+                (300, vec![("datagram", 3)]),
+                (620, vec![("datagram", 3)]),
+            ]
+        );
+    }
+
+    #[test]
+    fn only_the_newest_state_of_a_room_is_repaired_and_old_acks_do_not_clear_it() {
+        let t0 = Instant::now();
+        let mut repair = DatagramRepair::new(RepairPolicy::default());
+        let room = RoomName::parse("g").expect("room");
+        repair.sent(&state("g", 3), 3, t0, MS);
+        repair.sent(&state("g", 5), 5, t0, MS);
+        repair.sent(&state("g", 4), 4, t0, MS);
+        repair.acked(&room, 4);
+        assert_eq!(repair.len(), 1);
+        let mut out = Vec::new();
+        repair.poll(t0 + Duration::from_secs(1), &mut out);
+        assert_eq!(kinds(&out), vec![("datagram", 5), ("stream", 5)]);
+        repair.acked(&room, 6);
+        assert!(repair.is_empty());
+    }
+
+    #[test]
+    fn the_first_gap_follows_the_round_trip_time() {
+        let t0 = Instant::now();
+        let mut repair = DatagramRepair::new(RepairPolicy::default());
+        repair.sent(&state("g", 1), 1, t0, 50 * MS);
+        assert_eq!(repair.next_due(), Some(t0 + 100 * MS));
+        repair.forget(&RoomName::parse("g").expect("room"));
+        assert_eq!(repair.next_due(), None);
+    }
+}

@@ -1,0 +1,751 @@
+//! The WebTransport transport: HTTP/3 sessions at `/wt` on UDP. Commands and ordered messages
+//! travel on one client-opened bidirectional control stream; state updates that fit travel as
+//! datagrams, repaired by `core::repair` when lost. Certificates are reloaded without dropping sessions.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::RwLock;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use bytes::BytesMut;
+use tokio::sync::mpsc;
+use tokio::time::{timeout, Instant};
+use tracing::{debug, info, warn};
+use wtransport::endpoint::endpoint_side::Server;
+use wtransport::endpoint::IncomingSession;
+use wtransport::{Connection, Endpoint, Identity, RecvStream, SendStream, ServerConfig, VarInt};
+
+use crate::core::repair::{DatagramRepair, RepairAction, RepairPolicy};
+use crate::core::wire::{self, ClientMessage, FrameDecoder, FrameError, MAX_CLIENT_MESSAGE};
+use crate::core::{
+    close_code, ClientCommand, CommandError, Now, Outgoing, PublicationKind, QueueClosed, RoomName, ServerControl,
+};
+use crate::metrics::Transport;
+use crate::node::Node;
+use crate::session::{Session, SessionLimits};
+use crate::shutdown::ShutdownListener;
+
+/// Messages written per stream write at most.
+const MAX_BATCH: usize = 256;
+
+/// How long a closing session waits for the client to close first.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// The path WebTransport sessions are accepted on.
+pub const PATH: &str = "/wt";
+
+/// Self-signed development certificates are replaced this often (they are valid 14 days).
+const SELF_SIGNED_ROTATION: Duration = Duration::from_secs(12 * 24 * 3600);
+
+/// WebTransport settings, built from the configuration.
+#[derive(Debug, Clone)]
+pub struct WebTransportSettings {
+    pub bind: SocketAddr,
+    pub cert: Option<(PathBuf, PathBuf)>,
+    pub cert_check_interval: Duration,
+    pub udp_recv_buffer: usize,
+    pub udp_send_buffer: usize,
+    pub keep_alive: Duration,
+    pub idle_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub write_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub allowed_origins: Vec<String>,
+    pub session: SessionLimits,
+    pub repair: RepairPolicy,
+}
+
+/// The certificate currently served, for `GET /v1/cert-hash`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateInfo {
+    /// SHA-256 of the leaf certificate's DER, lowercase hex.
+    pub sha256: String,
+    pub self_signed: bool,
+}
+
+/// Shared slot for the current certificate; empty while WebTransport is off.
+#[derive(Debug, Default)]
+pub struct CertificateSlot(RwLock<Option<CertificateInfo>>);
+
+impl CertificateSlot {
+    pub fn get(&self) -> Option<CertificateInfo> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, info: CertificateInfo) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(info);
+    }
+}
+
+/// Where the identity comes from.
+#[derive(Debug)]
+enum CertificateSource {
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+        modified: Option<(SystemTime, SystemTime)>,
+    },
+    SelfSigned {
+        created: Instant,
+    },
+}
+
+/// A bound WebTransport endpoint, ready to serve.
+pub struct WebTransportServer {
+    endpoint: Endpoint<Server>,
+    source: CertificateSource,
+    settings: WebTransportSettings,
+    local_addr: SocketAddr,
+    /// Inode of the UDP socket, to read its drop count from /proc/net/udp.
+    socket_inode: Option<u64>,
+}
+
+impl std::fmt::Debug for WebTransportServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebTransportServer")
+            .field("local_addr", &self.local_addr)
+            .finish()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn certificate_info(identity: &Identity, self_signed: bool) -> CertificateInfo {
+    let sha256 = identity
+        .certificate_chain()
+        .as_slice()
+        .first()
+        .map(|c| hex(c.hash().as_ref()))
+        .unwrap_or_default();
+    CertificateInfo { sha256, self_signed }
+}
+
+fn file_times(cert: &PathBuf, key: &PathBuf) -> Option<(SystemTime, SystemTime)> {
+    let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    Some((modified(cert)?, modified(key)?))
+}
+
+fn transport_config(settings: &WebTransportSettings) -> wtransport::quinn::TransportConfig {
+    use wtransport::quinn::VarInt as QVarInt;
+    let mut transport = wtransport::quinn::TransportConfig::default();
+    // A client needs its HTTP/3 CONNECT stream and one control stream, and three HTTP/3
+    // unidirectional streams; more are refused by flow control, so a client cannot pile up
+    // unread streams.
+    transport.max_concurrent_bidi_streams(QVarInt::from_u32(4));
+    transport.max_concurrent_uni_streams(QVarInt::from_u32(8));
+    transport.stream_receive_window(QVarInt::from_u32(256 * 1024));
+    transport.receive_window(QVarInt::from_u32(1024 * 1024));
+    transport.datagram_receive_buffer_size(Some(256 * 1024));
+    transport.keep_alive_interval(Some(settings.keep_alive));
+    if let Ok(idle) = wtransport::quinn::IdleTimeout::try_from(settings.idle_timeout) {
+        transport.max_idle_timeout(Some(idle));
+    }
+    transport
+}
+
+fn server_config(
+    settings: &WebTransportSettings,
+    identity: Identity,
+    socket: Option<std::net::UdpSocket>,
+) -> ServerConfig {
+    let builder = ServerConfig::builder();
+    let builder = match socket {
+        Some(socket) => builder.with_bind_socket(socket),
+        // Reloads keep the bound socket; the address here is ignored.
+        None => builder.with_bind_default(0),
+    };
+    builder
+        .with_custom_transport(identity, transport_config(settings))
+        .build()
+}
+
+/// Binds the UDP socket with socket buffers sized for bursts (README.md, "WebTransport").
+fn bind_udp(settings: &WebTransportSettings) -> anyhow::Result<(std::net::UdpSocket, Option<u64>)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let addr = settings.bind;
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    if let Err(error) = socket.set_recv_buffer_size(settings.udp_recv_buffer) {
+        warn!(%error, "cannot set the UDP receive buffer size");
+    }
+    if let Err(error) = socket.set_send_buffer_size(settings.udp_send_buffer) {
+        warn!(%error, "cannot set the UDP send buffer size");
+    }
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("binding WebTransport UDP socket on {addr}"))?;
+    let granted_recv = socket.recv_buffer_size().unwrap_or(0);
+    let granted_send = socket.send_buffer_size().unwrap_or(0);
+    if granted_recv < settings.udp_recv_buffer || granted_send < settings.udp_send_buffer {
+        info!(
+            requested_recv = settings.udp_recv_buffer,
+            granted_recv,
+            requested_send = settings.udp_send_buffer,
+            granted_send,
+            "UDP socket buffers are capped by the kernel (raise net.core.rmem_max and wmem_max)"
+        );
+    }
+    let inode = socket_inode(&socket);
+    Ok((socket.into(), inode))
+}
+
+#[cfg(unix)]
+fn socket_inode(socket: &socket2::Socket) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", socket.as_raw_fd())).ok()?;
+    let link = link.to_str()?;
+    link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+}
+
+#[cfg(not(unix))]
+fn socket_inode(_: &socket2::Socket) -> Option<u64> {
+    None
+}
+
+/// Datagrams the kernel dropped on the socket with this inode (the `drops` column of
+/// /proc/net/udp and udp6), or `None` where the OS does not report it.
+pub fn udp_drops(inode: u64) -> Option<u64> {
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() >= 13 && fields[9].parse() == Ok(inode) {
+                return fields[12].parse().ok();
+            }
+        }
+    }
+    None
+}
+
+impl WebTransportServer {
+    /// Binds the UDP socket and loads (or generates) the certificate.
+    pub async fn bind(settings: WebTransportSettings, node: &Node) -> anyhow::Result<Self> {
+        let (identity, source) = match &settings.cert {
+            Some((cert, key)) => {
+                let identity = Identity::load_pemfiles(cert, key)
+                    .await
+                    .with_context(|| format!("loading certificate {} and key {}", cert.display(), key.display()))?;
+                let modified = file_times(cert, key);
+                (
+                    identity,
+                    CertificateSource::Files {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                        modified,
+                    },
+                )
+            }
+            None => {
+                let identity = Identity::self_signed(["localhost", "127.0.0.1", "::1"])
+                    .context("generating a self-signed development certificate")?;
+                (
+                    identity,
+                    CertificateSource::SelfSigned {
+                        created: Instant::now(),
+                    },
+                )
+            }
+        };
+        let info = certificate_info(&identity, matches!(source, CertificateSource::SelfSigned { .. }));
+        let (socket, socket_inode) = bind_udp(&settings)?;
+        let endpoint = Endpoint::server(server_config(&settings, identity, Some(socket)))?;
+        let local_addr = endpoint.local_addr()?;
+        if info.self_signed {
+            info!(
+                sha256 = %info.sha256,
+                "generated a self-signed development certificate (ECDSA P-256, valid 14 days); served at GET /v1/cert-hash"
+            );
+        } else {
+            info!(sha256 = %info.sha256, "loaded the WebTransport certificate");
+        }
+        node.certificate.set(info);
+        Ok(Self {
+            endpoint,
+            source,
+            settings,
+            local_addr,
+            socket_inode,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn socket_inode(&self) -> Option<u64> {
+        self.socket_inode
+    }
+
+    /// Accepts sessions until the shutdown notice, reloading certificates on change or SIGHUP.
+    pub async fn run(mut self, node: Node) -> ! {
+        let mut stop = node.shutdown_listener();
+        let mut check = tokio::time::interval(self.settings.cert_check_interval);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut hangup = hangup_signal();
+        loop {
+            tokio::select! {
+                _ = stop.recv() => break,
+                incoming = self.endpoint.accept() => {
+                    if node.is_draining() {
+                        incoming.refuse();
+                        continue;
+                    }
+                    let node = node.clone();
+                    let listener = node.shutdown_listener();
+                    let settings = self.settings.clone();
+                    tokio::spawn(async move { accept_session(incoming, node, listener, settings).await });
+                }
+                _ = check.tick() => self.reload_if_changed(&node, false).await,
+                _ = recv_hangup(&mut hangup) => {
+                    info!("SIGHUP received: reloading the WebTransport certificate");
+                    self.reload_if_changed(&node, true).await;
+                }
+            }
+        }
+        // Refuse new sessions while the drain runs (until the process exits). This task no
+        // longer counts as running, so the drain does not wait for it.
+        drop(stop);
+        loop {
+            self.endpoint.accept().await.refuse();
+        }
+    }
+
+    async fn reload_if_changed(&mut self, node: &Node, forced: bool) {
+        let identity = match &mut self.source {
+            CertificateSource::Files { cert, key, modified } => {
+                let now = file_times(cert, key);
+                if !forced && now == *modified {
+                    return;
+                }
+                match Identity::load_pemfiles(&*cert, &*key).await {
+                    Ok(identity) => {
+                        *modified = now;
+                        identity
+                    }
+                    Err(error) => {
+                        warn!(%error, "certificate files changed but cannot be loaded; keeping the current certificate");
+                        return;
+                    }
+                }
+            }
+            CertificateSource::SelfSigned { created } => {
+                if !forced && created.elapsed() < SELF_SIGNED_ROTATION {
+                    return;
+                }
+                match Identity::self_signed(["localhost", "127.0.0.1", "::1"]) {
+                    Ok(identity) => {
+                        *created = Instant::now();
+                        identity
+                    }
+                    Err(error) => {
+                        warn!(%error, "cannot generate a new self-signed certificate");
+                        return;
+                    }
+                }
+            }
+        };
+        let info = certificate_info(&identity, matches!(self.source, CertificateSource::SelfSigned { .. }));
+        match self
+            .endpoint
+            .reload_config(server_config(&self.settings, identity, None), false)
+        {
+            Ok(()) => {
+                info!(sha256 = %info.sha256, "WebTransport certificate reloaded; open sessions continue");
+                node.certificate.set(info);
+            }
+            Err(error) => warn!(%error, "cannot apply the new certificate"),
+        }
+    }
+}
+
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = ();
+
+#[cfg(unix)]
+fn hangup_signal() -> Hangup {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+}
+#[cfg(not(unix))]
+fn hangup_signal() -> Hangup {}
+
+#[cfg(unix)]
+async fn recv_hangup(hangup: &mut Hangup) {
+    match hangup {
+        Some(signal) => {
+            signal.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+#[cfg(not(unix))]
+async fn recv_hangup(_: &mut Hangup) {
+    std::future::pending::<()>().await
+}
+
+/// Completes the QUIC and HTTP/3 handshakes, checks the request, and runs the session.
+async fn accept_session(
+    incoming: IncomingSession,
+    node: Node,
+    shutdown: ShutdownListener,
+    settings: WebTransportSettings,
+) {
+    let request = match timeout(settings.handshake_timeout, incoming).await {
+        Ok(Ok(request)) => request,
+        Ok(Err(error)) => return debug!(%error, "webtransport handshake failed"),
+        Err(_) => return debug!("webtransport handshake timed out"),
+    };
+    let path = request.path().split('?').next().unwrap_or_default();
+    if path != PATH {
+        return request.not_found().await;
+    }
+    if let Some(origin) = request.origin() {
+        if !settings.allowed_origins.is_empty() && !settings.allowed_origins.iter().any(|a| a == origin) {
+            node.metrics.close_error(403, "origin_not_allowed");
+            return request.forbidden().await;
+        }
+    }
+    if node.is_draining() {
+        return request.too_many_requests().await;
+    }
+    let connection = match timeout(settings.handshake_timeout, request.accept()).await {
+        Ok(Ok(connection)) => connection,
+        _ => return debug!("webtransport session accept failed"),
+    };
+    // The client opens the control stream first thing.
+    let (send, recv) = match timeout(settings.handshake_timeout, connection.accept_bi()).await {
+        Ok(Ok(streams)) => streams,
+        _ => {
+            connection.close(
+                VarInt::from_u32(close_code::PROTOCOL_ERROR.into()),
+                b"no control stream",
+            );
+            return;
+        }
+    };
+    node.metrics.webtransport.connections.inc();
+    WtSession::new(connection, send, node.clone(), settings)
+        .run(recv, shutdown)
+        .await;
+    node.metrics.webtransport.connections.dec();
+}
+
+/// What the readers hand to the session loop.
+#[derive(Debug)]
+enum Inbound {
+    Message(Result<ClientMessage, CommandError>),
+    Ack(RoomName, u64),
+    TooLarge,
+    StreamEnded,
+}
+
+#[derive(Debug)]
+enum Ending {
+    PeerGone,
+    Shutdown,
+    Slow,
+    TooBig,
+    WriteFailed,
+}
+
+/// One WebTransport session: its control stream, datagrams, queue and repair state.
+struct WtSession {
+    connection: Connection,
+    send: SendStream,
+    node: Node,
+    settings: WebTransportSettings,
+    session: Session,
+    repair: DatagramRepair,
+    /// Rooms whose next state goes on the stream: the first state a client sees after
+    /// subscribing must not depend on a datagram arriving.
+    reliable_next: HashSet<RoomName>,
+    batch: Vec<Outgoing>,
+    out: BytesMut,
+}
+
+impl WtSession {
+    fn new(connection: Connection, send: SendStream, node: Node, settings: WebTransportSettings) -> Self {
+        let subscriber = node.hub.new_subscriber(Transport::WebTransport);
+        let session = Session::new(
+            node.hub.clone(),
+            subscriber,
+            settings.session,
+            node.draining.clone(),
+            Now::system().unix_ms,
+        );
+        let repair = DatagramRepair::new(settings.repair);
+        Self {
+            connection,
+            send,
+            node,
+            settings,
+            session,
+            repair,
+            reliable_next: HashSet::new(),
+            batch: Vec::with_capacity(MAX_BATCH),
+            out: BytesMut::with_capacity(4096),
+        }
+    }
+
+    async fn run(mut self, recv: RecvStream, mut shutdown: ShutdownListener) {
+        let conn = self.session.subscriber().id();
+        debug!(conn, remote = %self.connection.remote_address(), "webtransport session started");
+        let (inbound_tx, mut inbound) = mpsc::channel(64);
+        let stream_reader = tokio::spawn(read_control_stream(recv, inbound_tx.clone()));
+        let datagram_reader = tokio::spawn(read_datagrams(self.connection.clone(), inbound_tx));
+        let subscriber = self.session.subscriber().clone();
+        let mut repairs = Vec::new();
+
+        let ending = loop {
+            let repair_due = self.repair.next_due();
+            tokio::select! {
+                biased;
+                _ = shutdown.recv() => break Ending::Shutdown,
+                _ = self.connection.closed() => break Ending::PeerGone,
+                _ = subscriber.wait() => match self.write_queue().await {
+                    Ok(None) => {}
+                    Ok(Some(QueueClosed::Slow)) => break Ending::Slow,
+                    Ok(Some(QueueClosed::Gone)) => break Ending::Shutdown,
+                    Err(()) => break Ending::WriteFailed,
+                },
+                message = inbound.recv() => match message {
+                    Some(Inbound::Message(message)) => self.handle(message),
+                    Some(Inbound::Ack(room, version)) => self.repair.acked(&room, version),
+                    Some(Inbound::TooLarge) => break Ending::TooBig,
+                    Some(Inbound::StreamEnded) | None => break Ending::PeerGone,
+                },
+                _ = sleep_until_opt(repair_due), if repair_due.is_some() => {
+                    self.repair.poll(Instant::now().into_std(), &mut repairs);
+                    if self.send_repairs(&mut repairs).await.is_err() {
+                        break Ending::WriteFailed;
+                    }
+                }
+            }
+        };
+        debug!(conn, ?ending, "webtransport session closing");
+        let metrics = self.node.metrics.clone();
+        match ending {
+            Ending::PeerGone | Ending::WriteFailed => {}
+            Ending::Shutdown => {
+                let _ = timeout(CLOSE_WAIT, self.write_queue()).await;
+                self.out.clear();
+                wire::put_frame(
+                    &mut self.out,
+                    &wire::encode_control(&ServerControl::Reconnect { reason: "shutdown" }),
+                );
+                let drain = self.settings.drain_timeout;
+                if !self
+                    .close(close_code::SERVICE_RESTART, "server shutting down; reconnect", drain)
+                    .await
+                {
+                    self.node.shutdown.abandoned_one();
+                }
+            }
+            Ending::Slow => {
+                info!(conn, "closing slow webtransport client (4001)");
+                self.out.clear();
+                self.close(
+                    close_code::SLOW,
+                    "slow consumer; reconnect with since",
+                    self.settings.write_timeout,
+                )
+                .await;
+            }
+            Ending::TooBig => {
+                metrics.close_error(close_code::MESSAGE_TOO_BIG, "message_too_big");
+                self.out.clear();
+                let reason = format!("message larger than {MAX_CLIENT_MESSAGE} bytes");
+                self.close(close_code::MESSAGE_TOO_BIG, &reason, CLOSE_WAIT).await;
+            }
+        }
+        stream_reader.abort();
+        datagram_reader.abort();
+        let subscriber = self.session.subscriber().clone();
+        drop(self.session);
+        let dropped = subscriber.close(QueueClosed::Gone);
+        if dropped > 0 {
+            metrics.dropped.inc_by(dropped as u64);
+        }
+        debug!(conn, dropped, "webtransport session closed");
+    }
+
+    fn handle(&mut self, message: Result<ClientMessage, CommandError>) {
+        self.node.metrics.webtransport.client_messages.inc();
+        let now_ms = Now::system().unix_ms;
+        match message {
+            Ok(ClientMessage::Ack { room, version }) => self.repair.acked(&room, version),
+            Ok(ClientMessage::Command(command)) => {
+                if let ClientCommand::Unsubscribe { room } = &command {
+                    self.repair.forget(room);
+                }
+                self.session.handle(Ok(command), now_ms);
+            }
+            Err(error) => self.session.handle(Err(error), now_ms),
+        }
+    }
+
+    /// Writes everything queued: states as datagrams where they fit, the rest on the stream.
+    async fn write_queue(&mut self) -> Result<Option<QueueClosed>, ()> {
+        let subscriber = self.session.subscriber().clone();
+        loop {
+            self.batch.clear();
+            let closed = subscriber.drain_into(&mut self.batch, MAX_BATCH);
+            if self.batch.is_empty() {
+                return Ok(closed);
+            }
+            self.out.clear();
+            let max_datagram = self.connection.max_datagram_size();
+            let rtt = self.connection.rtt();
+            let now = Instant::now().into_std();
+            let mut batch = std::mem::take(&mut self.batch);
+            for item in &batch {
+                match item {
+                    Outgoing::Control(control) => {
+                        match control {
+                            ServerControl::Subscribed { room, .. } => {
+                                self.reliable_next.insert(room.clone());
+                            }
+                            ServerControl::Unsubscribed { room } => {
+                                self.reliable_next.remove(room);
+                                self.repair.forget(room);
+                            }
+                            _ => {}
+                        }
+                        wire::put_frame(&mut self.out, &wire::encode_control(control));
+                    }
+                    Outgoing::Publication(p) => {
+                        let message = p.wire_message();
+                        let PublicationKind::State { version } = p.kind else {
+                            wire::put_frame(&mut self.out, message);
+                            continue;
+                        };
+                        let fits = max_datagram.is_some_and(|max| message.len() <= max);
+                        if !self.reliable_next.remove(&p.room) && fits && self.connection.send_datagram(message).is_ok()
+                        {
+                            self.repair.sent(p, version, now, rtt);
+                        } else {
+                            self.repair.forget(&p.room);
+                            wire::put_frame(&mut self.out, message);
+                        }
+                    }
+                }
+            }
+            if !self.out.is_empty() {
+                match timeout(self.settings.write_timeout, self.send.write_all(&self.out)).await {
+                    Ok(Ok(())) => {}
+                    _ => return Err(()),
+                }
+            }
+            let metrics = &self.node.metrics;
+            metrics.webtransport.deliveries.inc_by(batch.len() as u64);
+            for item in &batch {
+                if let Outgoing::Publication(p) = item {
+                    metrics.delivery_latency.observe(p.published_at.elapsed().as_secs_f64());
+                }
+            }
+            batch.clear();
+            self.batch = batch;
+            if closed.is_some() {
+                return Ok(closed);
+            }
+        }
+    }
+
+    async fn send_repairs(&mut self, repairs: &mut Vec<RepairAction>) -> Result<(), ()> {
+        self.out.clear();
+        for action in repairs.drain(..) {
+            match action {
+                RepairAction::Datagram(p) => {
+                    let _ = self.connection.send_datagram(p.wire_message());
+                }
+                RepairAction::Stream(p) => wire::put_frame(&mut self.out, p.wire_message()),
+            }
+        }
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        match timeout(self.settings.write_timeout, self.send.write_all(&self.out)).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(()),
+        }
+    }
+
+    /// Writes what is in `out`, then a close notice, waits (at most `limit`) for the client to
+    /// close the session, and closes it with `code`. Returns whether the client closed in time.
+    async fn close(&mut self, code: u16, reason: &str, limit: Duration) -> bool {
+        wire::put_frame(&mut self.out, &wire::encode_close(code, reason));
+        let deadline = Instant::now() + limit;
+        let mut closed = false;
+        if matches!(
+            tokio::time::timeout_at(deadline, self.send.write_all(&self.out)).await,
+            Ok(Ok(()))
+        ) {
+            closed = tokio::time::timeout_at(deadline, self.connection.closed())
+                .await
+                .is_ok();
+        }
+        self.connection.close(VarInt::from_u32(code.into()), reason.as_bytes());
+        closed
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(Instant::from_std(deadline)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads the control stream into frames and hands each decoded message to the session.
+async fn read_control_stream(mut recv: RecvStream, inbound: mpsc::Sender<Inbound>) {
+    let mut decoder = FrameDecoder::default();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match recv.read(&mut buf).await {
+            Ok(Some(n)) => n,
+            Ok(None) | Err(_) => {
+                let _ = inbound.send(Inbound::StreamEnded).await;
+                return;
+            }
+        };
+        decoder.extend(&buf[..n]);
+        loop {
+            match decoder.next_frame(MAX_CLIENT_MESSAGE) {
+                Ok(Some(frame)) => {
+                    if inbound
+                        .send(Inbound::Message(wire::decode_client(&frame)))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(FrameError::TooLarge(..) | FrameError::BadLength) => {
+                    let _ = inbound.send(Inbound::TooLarge).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Reads datagrams: acknowledgements for the repair; anything else is ignored.
+async fn read_datagrams(connection: Connection, inbound: mpsc::Sender<Inbound>) {
+    while let Ok(datagram) = connection.receive_datagram().await {
+        if let Ok(ClientMessage::Ack { room, version }) = wire::decode_client(&datagram.payload()) {
+            // A full queue means the session is busy: an ack lost here is like one lost on the wire.
+            let _ = inbound.try_send(Inbound::Ack(room, version));
+        }
+    }
+}
