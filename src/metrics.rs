@@ -69,6 +69,10 @@ pub struct Metrics {
     /// Seconds from a publish entering the node to its frame being written to a socket.
     pub delivery_latency: Histogram,
     pub draining: Gauge,
+    /// State datagrams resent because the client had not acknowledged them.
+    pub repair_datagrams: Counter,
+    /// States sent again over the reliable stream because their datagram was not acknowledged.
+    pub repair_stream: Counter,
     /// Datagrams the kernel dropped on the WebTransport UDP socket (read at scrape time).
     pub udp_receive_drops: Gauge,
 }
@@ -108,6 +112,8 @@ impl Metrics {
             delivery_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             draining: Gauge::default(),
             udp_receive_drops: Gauge::default(),
+            repair_datagrams: Counter::default(),
+            repair_stream: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("connections", "Open client connections", connections);
@@ -149,6 +155,16 @@ impl Metrics {
             "draining",
             "1 while the node is shutting down",
             metrics.draining.clone(),
+        );
+        registry.register(
+            "repair_datagrams",
+            "State datagrams resent because the client had not acknowledged them",
+            metrics.repair_datagrams.clone(),
+        );
+        registry.register(
+            "repair_stream",
+            "States resent over the reliable stream because their datagram was not acknowledged",
+            metrics.repair_stream.clone(),
         );
         registry.register(
             "udp_receive_drops",

@@ -114,6 +114,39 @@ pub enum ServerMessage<'a> {
     Event(EventBody<'a>),
 }
 
+impl ServerMessage<'_> {
+    /// The message in the JSON form of the WebSocket protocol (with `data` as text), for
+    /// clients, tests and the bench.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            Self::Subscribed(b) => {
+                let mut v =
+                    json!({"type": "subscribed", "room": b.room, "epoch": b.epoch, "version": b.version, "seq": b.seq});
+                if let Some(r) = b.recovered {
+                    v["recovered"] = r.into();
+                }
+                v
+            }
+            Self::Unsubscribed(b) => json!({"type": "unsubscribed", "room": b.room}),
+            Self::Pong => json!({"type": "pong"}),
+            Self::Error(b) => {
+                let mut v = json!({"type": "error", "code": b.code, "name": b.name, "message": b.message});
+                if let Some(room) = b.room {
+                    v["room"] = room.into();
+                }
+                v
+            }
+            Self::Reconnect(b) => json!({"type": "reconnect", "reason": b.reason}),
+            Self::Close(b) => json!({"type": "close", "code": b.code, "reason": b.reason}),
+            Self::State(b) => {
+                json!({"type": "state", "room": b.room, "version": b.version, "ts": b.ts, "data": b.data})
+            }
+            Self::Event(b) => json!({"type": "event", "room": b.room, "seq": b.seq, "ts": b.ts, "data": b.data}),
+        }
+    }
+}
+
 fn encode<T: Serialize>(kind: u8, body: &T) -> Bytes {
     let mut out = Vec::with_capacity(64);
     out.push(kind);
@@ -462,33 +495,7 @@ mod tests {
                 }
             };
         }
-        match decode_server(bytes).expect("decode") {
-            ServerMessage::Subscribed(b) => {
-                let mut v =
-                    json!({"type": "subscribed", "room": b.room, "epoch": b.epoch, "version": b.version, "seq": b.seq});
-                if let Some(r) = b.recovered {
-                    v["recovered"] = r.into();
-                }
-                v
-            }
-            ServerMessage::Unsubscribed(b) => json!({"type": "unsubscribed", "room": b.room}),
-            ServerMessage::Pong => json!({"type": "pong"}),
-            ServerMessage::Error(b) => {
-                let mut v = json!({"type": "error", "code": b.code, "name": b.name, "message": b.message});
-                if let Some(room) = b.room {
-                    v["room"] = room.into();
-                }
-                v
-            }
-            ServerMessage::Reconnect(b) => json!({"type": "reconnect", "reason": b.reason}),
-            ServerMessage::Close(b) => json!({"type": "close", "code": b.code, "reason": b.reason}),
-            ServerMessage::State(b) => {
-                json!({"type": "state", "room": b.room, "version": b.version, "ts": b.ts, "data": b.data})
-            }
-            ServerMessage::Event(b) => {
-                json!({"type": "event", "room": b.room, "seq": b.seq, "ts": b.ts, "data": b.data})
-            }
-        }
+        decode_server(bytes).expect("decode").to_json()
     }
 
     fn vectors() -> Value {

@@ -466,8 +466,8 @@ struct WtSession {
     settings: WebTransportSettings,
     session: Session,
     repair: DatagramRepair,
-    /// Rooms whose next state goes on the stream: the first state a client sees after
-    /// subscribing must not depend on a datagram arriving.
+    /// Rooms whose next state goes on the stream: the state a client gets on subscribing
+    /// must not depend on a datagram arriving.
     reliable_next: HashSet<RoomName>,
     batch: Vec<Outgoing>,
     out: BytesMut,
@@ -612,7 +612,8 @@ impl WtSession {
                 match item {
                     Outgoing::Control(control) => {
                         match control {
-                            ServerControl::Subscribed { room, .. } => {
+                            // The room's current state follows in this queue: send it reliably.
+                            ServerControl::Subscribed { room, version, .. } if *version > 0 => {
                                 self.reliable_next.insert(room.clone());
                             }
                             ServerControl::Unsubscribed { room } => {
@@ -663,12 +664,17 @@ impl WtSession {
 
     async fn send_repairs(&mut self, repairs: &mut Vec<RepairAction>) -> Result<(), ()> {
         self.out.clear();
+        let metrics = &self.node.metrics;
         for action in repairs.drain(..) {
             match action {
                 RepairAction::Datagram(p) => {
+                    metrics.repair_datagrams.inc();
                     let _ = self.connection.send_datagram(p.wire_message());
                 }
-                RepairAction::Stream(p) => wire::put_frame(&mut self.out, p.wire_message()),
+                RepairAction::Stream(p) => {
+                    metrics.repair_stream.inc();
+                    wire::put_frame(&mut self.out, p.wire_message());
+                }
             }
         }
         if self.out.is_empty() {

@@ -10,3 +10,5 @@ mod http_api;
 mod limits;
 /// Graceful shutdown on SIGTERM.
 mod shutdown;
+/// WebTransport: datagram states, the control stream, loss repair, certificates.
+mod webtransport;

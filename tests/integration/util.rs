@@ -108,6 +108,10 @@ impl TestServer {
             .collect()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn sigterm(&self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
@@ -306,5 +310,213 @@ impl Client {
         let reply = self.recv().await;
         assert_eq!(reply["type"], "subscribed", "{reply}");
         reply
+    }
+}
+
+/// What a WebTransport client saw next.
+#[derive(Debug)]
+pub enum WtSeen {
+    Stream(Value),
+    Datagram(Value),
+    /// The session ended (with the QUIC close code when there was one).
+    Closed(Option<u64>),
+}
+
+/// A wtransport client speaking the binary protocol: a control stream and datagrams.
+/// It acknowledges state datagrams as a real client does, unless told not to.
+pub struct WtClient {
+    pub connection: wtransport::Connection,
+    send: wtransport::SendStream,
+    seen: tokio::sync::mpsc::UnboundedReceiver<WtSeen>,
+    _endpoint: wtransport::Endpoint<wtransport::endpoint::endpoint_side::Client>,
+}
+
+impl WtClient {
+    /// Connects to `server` with the certificate hash it publishes.
+    pub async fn connect(server: &TestServer) -> Self {
+        let hash = server.cert_hash().await;
+        Self::connect_to(server.wt.expect("webtransport enabled"), &hash, true).await
+    }
+
+    pub async fn connect_to(addr: SocketAddr, hash_hex: &str, ack: bool) -> Self {
+        use wtransport::tls::Sha256Digest;
+        let digest: Sha256Digest = hash_hex
+            .as_bytes()
+            .chunks(2)
+            .map(|c| u8::from_str_radix(std::str::from_utf8(c).expect("hex"), 16).expect("hex"))
+            .collect::<Vec<u8>>()
+            .try_into()
+            .map(Sha256Digest::new)
+            .expect("32 bytes");
+        let config = wtransport::ClientConfig::builder()
+            .with_bind_default()
+            .with_server_certificate_hashes([digest])
+            .keep_alive_interval(Some(Duration::from_secs(2)))
+            .build();
+        let endpoint = wtransport::Endpoint::client(config).expect("client endpoint");
+        let connection = tokio::time::timeout(HANG, endpoint.connect(format!("https://{addr}/wt")))
+            .await
+            .expect("connect in time")
+            .expect("webtransport connect");
+        let (send, recv) = connection.open_bi().await.expect("open").await.expect("control stream");
+        let (tx, seen) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(read_stream(recv, tx.clone()));
+        tokio::spawn(read_datagrams(connection.clone(), tx, ack));
+        Self {
+            connection,
+            send,
+            seen,
+            _endpoint: endpoint,
+        }
+    }
+
+    /// Sends a command in its JSON form (as on WebSocket), encoded as the binary protocol.
+    pub async fn send(&mut self, command: Value) {
+        let command = courtside::core::parse_command(&command.to_string()).expect("a valid command");
+        let message = courtside::core::wire::encode_client(&courtside::core::wire::ClientMessage::Command(command));
+        self.send_raw(&message).await;
+    }
+
+    /// Sends `message` as one frame on the control stream.
+    pub async fn send_raw(&mut self, message: &[u8]) {
+        let mut frame = bytes::BytesMut::new();
+        courtside::core::wire::put_frame(&mut frame, message);
+        self.send.write_all(&frame).await.expect("write control stream");
+    }
+
+    /// Writes bytes as they are (for malformed framing).
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        let _ = self.send.write_all(bytes).await;
+    }
+
+    pub async fn next(&mut self) -> WtSeen {
+        tokio::time::timeout(HANG, self.seen.recv())
+            .await
+            .expect("something in time")
+            .unwrap_or(WtSeen::Closed(None))
+    }
+
+    /// The next message on the control stream, skipping datagrams.
+    pub async fn recv_stream(&mut self) -> Value {
+        loop {
+            match self.next().await {
+                WtSeen::Stream(v) => return v,
+                WtSeen::Datagram(_) => continue,
+                WtSeen::Closed(code) => panic!("session closed ({code:?}) while waiting for a stream message"),
+            }
+        }
+    }
+
+    pub async fn subscribe(&mut self, room: &str) -> Value {
+        self.send(serde_json::json!({"type": "subscribe", "room": room})).await;
+        let reply = self.recv_stream().await;
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+        reply
+    }
+}
+
+async fn read_stream(mut recv: wtransport::RecvStream, tx: tokio::sync::mpsc::UnboundedSender<WtSeen>) {
+    let mut decoder = courtside::core::wire::FrameDecoder::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(Some(n)) = recv.read(&mut buf).await {
+        decoder.extend(&buf[..n]);
+        while let Ok(Some(frame)) = decoder.next_frame(16 << 20) {
+            let message = courtside::core::wire::decode_server(&frame).expect("server message decodes");
+            if tx.send(WtSeen::Stream(message.to_json())).is_err() {
+                return;
+            }
+        }
+    }
+    let _ = tx.send(WtSeen::Closed(None));
+}
+
+async fn read_datagrams(connection: wtransport::Connection, tx: tokio::sync::mpsc::UnboundedSender<WtSeen>, ack: bool) {
+    use courtside::core::wire::{decode_server, encode_client, ClientMessage, ServerMessage};
+    let mut held: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    loop {
+        let datagram = match connection.receive_datagram().await {
+            Ok(datagram) => datagram,
+            Err(error) => {
+                let code = match error {
+                    wtransport::error::ConnectionError::ApplicationClosed(close) => Some(close.code().into_inner()),
+                    _ => None,
+                };
+                let _ = tx.send(WtSeen::Closed(code));
+                return;
+            }
+        };
+        let payload = datagram.payload();
+        let message = decode_server(&payload).expect("datagram decodes");
+        if let (true, ServerMessage::State(state)) = (ack, &message) {
+            let version = held.entry(state.room.to_string()).or_default();
+            *version = (*version).max(state.version);
+            let room = courtside::core::RoomName::parse(state.room).expect("room");
+            let _ = connection.send_datagram(encode_client(&ClientMessage::Ack {
+                room,
+                version: *version,
+            }));
+        }
+        if tx.send(WtSeen::Datagram(message.to_json())).is_err() {
+            return;
+        }
+    }
+}
+
+impl TestServer {
+    /// The hex SHA-256 of the WebTransport certificate, from `GET /v1/cert-hash`.
+    pub async fn cert_hash(&self) -> String {
+        let (status, body) = self.get("/v1/cert-hash").await;
+        assert_eq!(status, 200, "{body}");
+        body["sha256"].as_str().expect("sha256").to_string()
+    }
+}
+
+/// A UDP relay between one client and the server that drops a share of the packets in
+/// both directions, chosen by a seeded generator.
+pub struct LossyRelay {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LossyRelay {
+    pub async fn start(server: SocketAddr, loss: f64, seed: u64) -> Self {
+        let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = front.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            let mut rng = seed | 1;
+            let mut keep = move || {
+                // xorshift64*
+                rng ^= rng >> 12;
+                rng ^= rng << 25;
+                rng ^= rng >> 27;
+                let r = rng.wrapping_mul(0x2545_f491_4f6c_dd1d);
+                ((r >> 11) as f64 / (1u64 << 53) as f64) >= loss
+            };
+            let mut client: Option<SocketAddr> = None;
+            let (mut a, mut b) = (vec![0u8; 65536], vec![0u8; 65536]);
+            loop {
+                tokio::select! {
+                    Ok((n, from)) = front.recv_from(&mut a) => {
+                        client = Some(from);
+                        if keep() {
+                            let _ = back.send_to(&a[..n], server).await;
+                        }
+                    }
+                    Ok((n, _)) = back.recv_from(&mut b) => {
+                        if let (Some(client), true) = (client, keep()) {
+                            let _ = front.send_to(&b[..n], client).await;
+                        }
+                    }
+                }
+            }
+        });
+        Self { addr, task }
+    }
+}
+
+impl Drop for LossyRelay {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
