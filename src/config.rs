@@ -51,6 +51,29 @@ pub struct ServeConfig {
     pub rooms: RoomConfig,
     #[command(flatten)]
     pub log: LogConfig,
+
+    /// Run the built-in simulator of a Phoenix Saturday (80 leagues, 3,500 teams) and publish
+    /// its games through this node; open the page at / to watch.
+    #[arg(long, env = "COURTSIDE_DEMO", help_heading = "Demo")]
+    pub demo: bool,
+    /// Game-time speed of the demo (1: real time).
+    #[arg(
+        long,
+        env = "COURTSIDE_DEMO_SPEED",
+        value_name = "FACTOR",
+        default_value_t = 1.0,
+        help_heading = "Demo"
+    )]
+    pub demo_speed: f64,
+    /// Seed of the demo's simulator.
+    #[arg(
+        long,
+        env = "COURTSIDE_DEMO_SEED",
+        value_name = "N",
+        default_value_t = 1,
+        help_heading = "Demo"
+    )]
+    pub demo_seed: u64,
 }
 
 /// The HTTP listener: API, health, metrics and the WebSocket upgrade.
@@ -252,6 +275,9 @@ impl ServeConfig {
             if value == 0 {
                 bail!("--{name} must be greater than 0");
             }
+        }
+        if !(self.demo_speed > 0.0 && self.demo_speed <= 1000.0) {
+            bail!("--demo-speed must be above 0 and at most 1000");
         }
         if self.webtransport.cert_check_interval.is_zero() {
             bail!("--cert-check-interval must be greater than 0");

@@ -26,6 +26,8 @@ pub fn router(node: Node, max_body: usize) -> Router {
         .route("/metrics", get(metrics))
         .route("/ws", get(websocket::upgrade))
         .route("/v1/cert-hash", get(cert_hash))
+        .route("/", get(demo_page))
+        .route("/courtside.js", get(client_module))
         .route("/v1/rooms/{room}", get(room_info))
         .route("/v1/rooms/{room}/state", post(publish_state.layer(auth())))
         .route(
@@ -105,6 +107,23 @@ async fn metrics(State(node): State<Node>) -> Response {
     }
     let content_type = HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8");
     ([(header::CONTENT_TYPE, content_type)], node.metrics.render()).into_response()
+}
+
+/// The scoreboard demo page (fallback/index.html), embedded in the binary.
+async fn demo_page() -> Response {
+    let html = HeaderValue::from_static("text/html; charset=utf-8");
+    ([(header::CONTENT_TYPE, html)], include_str!("../fallback/index.html")).into_response()
+}
+
+/// The browser client (fallback/courtside.js), embedded in the binary.
+async fn client_module() -> Response {
+    let js = HeaderValue::from_static("text/javascript; charset=utf-8");
+    let cache = HeaderValue::from_static("no-cache");
+    (
+        [(header::CONTENT_TYPE, js), (header::CACHE_CONTROL, cache)],
+        include_str!("../fallback/courtside.js"),
+    )
+        .into_response()
 }
 
 /// The WebTransport certificate's SHA-256, for `serverCertificateHashes` in development.

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod core;
+pub mod demo;
 pub mod http;
 pub mod hub;
 pub mod metrics;
@@ -10,4 +11,5 @@ pub mod node;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod simulator;
 pub mod transport;

@@ -95,6 +95,16 @@ fn run(config: ServeConfig) -> anyhow::Result<()> {
             info!(wt = %wt.local_addr(), "listening for WebTransport (/wt)");
             tokio::spawn(wt.run(node.clone()));
         }
+        if config.demo {
+            let listener = node.shutdown_listener();
+            tokio::spawn(courtside::demo::run(
+                node.hub.clone(),
+                config.demo_speed,
+                config.demo_seed,
+                listener,
+            ));
+            info!("demo page: http://{}/", demo_host(http));
+        }
         let report = server::serve(&config, node, listener, shutdown_signal()).await;
         if report.clean {
             info!("drained; every connection closed");
@@ -106,6 +116,15 @@ fn run(config: ServeConfig) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// The address to show for the demo page: loopback when listening on every interface.
+fn demo_host(addr: std::net::SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("127.0.0.1:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
 }
 
 /// Resolves on SIGTERM (ECS stopping the task) or Ctrl-C.

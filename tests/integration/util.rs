@@ -80,10 +80,10 @@ impl TestServer {
             let Ok((key, addr)) = addr_rx.recv_timeout(HANG) else {
                 std::thread::sleep(Duration::from_millis(200));
                 let logs = logs.lock().map(|l| l.clone()).unwrap_or_default();
-                panic!(
-                    "the server did not log its addresses; it exited with {:?}; logs: {logs:?}",
-                    child.try_wait()
-                );
+                let status = child.try_wait();
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the server did not log its addresses; it exited with {status:?}; logs: {logs:?}");
             };
             let addr: SocketAddr = addr.parse().expect("address");
             match key {

@@ -1,0 +1,528 @@
+// Courtside browser client: WebTransport first, WebSocket fallback, one API for both.
+// One ES module, no dependencies, no build step. Protocol: docs/PROTOCOL.md.
+
+/** Defaults for `connect`; every one can be overridden in its options. */
+export const DEFAULTS = Object.freeze({
+  /** Give up on WebTransport and fall back to WebSocket after this long. */
+  webtransportTimeoutMs: 1000,
+  /** WebTransport port when the origin is plain http (development); https origins use their own port. */
+  webtransportPort: 4433,
+  /** Transports to try, in order. */
+  transports: ['webtransport', 'websocket'],
+  /** Reconnection backoff: first delay, cap; each delay is multiplied by a random 0.5 to 1.5. */
+  reconnectInitialMs: 500,
+  reconnectMaxMs: 30000,
+});
+
+// ---------------------------------------------------------------------------------------------
+// Binary protocol (WebTransport): type byte, then fields in postcard's format.
+
+export const MessageType = Object.freeze({
+  SUBSCRIBE: 0x01, UNSUBSCRIBE: 0x02, PING: 0x03, ACK: 0x04,
+  SUBSCRIBED: 0x10, UNSUBSCRIBED: 0x11, PONG: 0x12, ERROR: 0x13, RECONNECT: 0x14, CLOSE: 0x15,
+  STATE: 0x20, EVENT: 0x21,
+});
+
+const utf8Encoder = new TextEncoder();
+const utf8Decoder = new TextDecoder('utf-8', { fatal: true });
+
+class Writer {
+  constructor() { this.bytes = []; }
+  u8(b) { this.bytes.push(b & 0xff); return this; }
+  varint(n) {
+    if (!Number.isSafeInteger(n) || n < 0) throw new RangeError(`not an unsigned integer: ${n}`);
+    do {
+      let byte = n % 128;
+      n = Math.floor(n / 128);
+      if (n > 0) byte |= 0x80;
+      this.bytes.push(byte);
+    } while (n > 0);
+    return this;
+  }
+  string(s) {
+    const b = utf8Encoder.encode(s);
+    this.varint(b.length);
+    for (const x of b) this.bytes.push(x);
+    return this;
+  }
+  option(value, write) {
+    if (value === undefined || value === null) return this.u8(0);
+    this.u8(1);
+    write.call(this, value);
+    return this;
+  }
+  finish() { return Uint8Array.from(this.bytes); }
+}
+
+class Reader {
+  constructor(bytes) { this.bytes = bytes; this.pos = 0; }
+  u8() {
+    if (this.pos >= this.bytes.length) throw new RangeError('message ends early');
+    return this.bytes[this.pos++];
+  }
+  varint() {
+    let n = 0;
+    let scale = 1;
+    for (let i = 0; i < 10; i++) {
+      const b = this.u8();
+      n += (b & 0x7f) * scale;
+      if ((b & 0x80) === 0) return n;
+      scale *= 128;
+    }
+    throw new RangeError('varint too long');
+  }
+  string() {
+    const len = this.varint();
+    if (this.pos + len > this.bytes.length) throw new RangeError('message ends early');
+    const s = utf8Decoder.decode(this.bytes.subarray(this.pos, this.pos + len));
+    this.pos += len;
+    return s;
+  }
+  bool() {
+    const b = this.u8();
+    if (b > 1) throw new RangeError('bad bool');
+    return b === 1;
+  }
+  option(read) { return this.u8() === 0 ? undefined : read.call(this); }
+  end() { if (this.pos !== this.bytes.length) throw new RangeError('trailing bytes'); }
+}
+
+/** Encodes a client message ({type: 'subscribe'|'unsubscribe'|'ping'|'ack', ...}). */
+export function encodeClientMessage(m) {
+  const w = new Writer();
+  switch (m.type) {
+    case 'subscribe':
+      return w.u8(MessageType.SUBSCRIBE).string(m.room).option(m.since, w.varint).option(m.epoch, w.string).finish();
+    case 'unsubscribe':
+      return w.u8(MessageType.UNSUBSCRIBE).string(m.room).finish();
+    case 'ping':
+      return w.u8(MessageType.PING).finish();
+    case 'ack':
+      return w.u8(MessageType.ACK).string(m.room).varint(m.version).finish();
+    default:
+      throw new TypeError(`unknown client message type ${m.type}`);
+  }
+}
+
+/** Decodes a server message. `data` of state and event stays JSON text. */
+export function decodeServerMessage(bytes) {
+  const r = new Reader(bytes);
+  const type = r.u8();
+  let m;
+  switch (type) {
+    case MessageType.SUBSCRIBED: {
+      m = { type: 'subscribed', room: r.string(), epoch: r.string(), version: r.varint(), seq: r.varint() };
+      const recovered = r.option(r.bool);
+      if (recovered !== undefined) m.recovered = recovered;
+      break;
+    }
+    case MessageType.UNSUBSCRIBED: m = { type: 'unsubscribed', room: r.string() }; break;
+    case MessageType.PONG: m = { type: 'pong' }; break;
+    case MessageType.ERROR: {
+      m = { type: 'error', code: r.varint(), name: r.string(), message: r.string() };
+      const room = r.option(r.string);
+      if (room !== undefined) m.room = room;
+      break;
+    }
+    case MessageType.RECONNECT: m = { type: 'reconnect', reason: r.string() }; break;
+    case MessageType.CLOSE: m = { type: 'close', code: r.varint(), reason: r.string() }; break;
+    case MessageType.STATE:
+      m = { type: 'state', room: r.string(), version: r.varint(), ts: r.varint(), data: r.string() };
+      break;
+    case MessageType.EVENT:
+      m = { type: 'event', room: r.string(), seq: r.varint(), ts: r.varint(), data: r.string() };
+      break;
+    default:
+      throw new RangeError(`unknown server message type 0x${type.toString(16)}`);
+  }
+  r.end();
+  return m;
+}
+
+/** Prefixes a message with its length (LEB128), as on the control stream. */
+export function encodeFrame(message) {
+  const header = new Writer().varint(message.length).finish();
+  const out = new Uint8Array(header.length + message.length);
+  out.set(header);
+  out.set(message, header.length);
+  return out;
+}
+
+/** Splits a byte stream into length-prefixed frames. */
+export class FrameDecoder {
+  constructor(maxFrame = 16 * 1024 * 1024) { this.buf = new Uint8Array(0); this.maxFrame = maxFrame; }
+  push(chunk) {
+    const joined = new Uint8Array(this.buf.length + chunk.length);
+    joined.set(this.buf);
+    joined.set(chunk, this.buf.length);
+    this.buf = joined;
+    const frames = [];
+    for (;;) {
+      let len = 0, scale = 1, i = 0, complete = false;
+      while (i < this.buf.length && i < 10) {
+        const b = this.buf[i++];
+        len += (b & 0x7f) * scale;
+        scale *= 128;
+        if ((b & 0x80) === 0) { complete = true; break; }
+      }
+      if (!complete) break;
+      if (len > this.maxFrame) throw new RangeError(`frame of ${len} bytes is too large`);
+      if (this.buf.length < i + len) break;
+      frames.push(this.buf.slice(i, i + len));
+      this.buf = this.buf.slice(i + len);
+    }
+    return frames;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transports: each opens, sends commands, and calls `onMessage(m, viaDatagram)` with messages
+// in the JSON form (state and event `data` as JSON text), and `onClose(info)` once.
+
+function hexToBytes(hex) {
+  const clean = hex.replace(/[^0-9a-fA-F]/g, '');
+  const out = new Uint8Array(clean.length / 2);
+  for (let i = 0; i < out.length; i++) out[i] = parseInt(clean.substr(i * 2, 2), 16);
+  return out;
+}
+
+class WebTransportConnection {
+  constructor(url, certHash, handlers) {
+    this.name = 'webtransport';
+    this.handlers = handlers;
+    this.closed = false;
+    const options = {};
+    if (certHash) options.serverCertificateHashes = [{ algorithm: 'sha-256', value: hexToBytes(certHash) }];
+    this.wt = new WebTransport(url, options);
+    this.pendingDatagrams = [];
+    this.ready = false;
+    // Chromium drops datagrams that are not read at once: read from construction on.
+    this.readDatagrams();
+    this.datagramWriter = null;
+  }
+
+  async open() {
+    await this.wt.ready;
+    this.datagramWriter = this.wt.datagrams.writable.getWriter();
+    const stream = await this.wt.createBidirectionalStream();
+    this.writer = stream.writable.getWriter();
+    this.readStream(stream.readable);
+    this.wt.closed.then(
+      (info) => this.finish({ code: info?.closeCode, reason: info?.reason }),
+      (error) => this.finish({ error: String(error) }),
+    );
+    // The server expects the control stream to carry a first message promptly.
+    await this.send({ type: 'ping' });
+    this.ready = true;
+    for (const m of this.pendingDatagrams.splice(0)) this.handlers.onMessage(m, true);
+  }
+
+  async readDatagrams() {
+    try {
+      const reader = this.wt.datagrams.readable.getReader();
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) return;
+        let m;
+        try { m = decodeServerMessage(value); } catch { continue; }
+        if (this.ready) this.handlers.onMessage(m, true); else this.pendingDatagrams.push(m);
+      }
+    } catch { /* the session ended */ }
+  }
+
+  async readStream(readable) {
+    const decoder = new FrameDecoder();
+    try {
+      const reader = readable.getReader();
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        for (const frame of decoder.push(value)) this.handlers.onMessage(decodeServerMessage(frame), false);
+      }
+    } catch { /* the session ended */ }
+    this.finish({});
+  }
+
+  async send(m) {
+    await this.writer.write(encodeFrame(encodeClientMessage(m)));
+  }
+
+  ack(room, version) {
+    if (!this.datagramWriter) return;
+    this.datagramWriter.write(encodeClientMessage({ type: 'ack', room, version })).catch(() => {});
+  }
+
+  close() {
+    this.closed = true;
+    try { this.wt.close({ closeCode: 0, reason: 'client closed' }); } catch { /* already closed */ }
+  }
+
+  finish(info) {
+    if (this.finished) return;
+    this.finished = true;
+    this.handlers.onClose(info);
+  }
+}
+
+class WebSocketConnection {
+  constructor(url, handlers) {
+    this.name = 'websocket';
+    this.handlers = handlers;
+    this.ws = new WebSocket(url);
+  }
+
+  open() {
+    return new Promise((resolve, reject) => {
+      this.ws.onopen = () => resolve();
+      this.ws.onerror = () => reject(new Error('websocket failed'));
+      this.ws.onclose = (e) => {
+        reject(new Error(`websocket closed (${e.code})`));
+        this.finish({ code: e.code, reason: e.reason });
+      };
+      this.ws.onmessage = (e) => {
+        let m;
+        try { m = JSON.parse(e.data); } catch { return; }
+        // Keep `data` as JSON text, as over WebTransport.
+        if ((m.type === 'state' || m.type === 'event') && 'data' in m) m.data = JSON.stringify(m.data);
+        this.handlers.onMessage(m, false);
+      };
+    });
+  }
+
+  async send(m) { this.ws.send(JSON.stringify(m)); }
+
+  ack() {}
+
+  close() { try { this.ws.close(1000, 'client closed'); } catch { /* already closed */ } }
+
+  finish(info) {
+    if (this.finished) return;
+    this.finished = true;
+    this.handlers.onClose(info);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client.
+
+function deriveUrls(origin, options) {
+  const base = new URL(origin);
+  const secure = base.protocol === 'https:';
+  const wtPort = options.webtransportPort ?? (secure ? (base.port || '443') : DEFAULTS.webtransportPort);
+  return {
+    webtransport: options.webtransportUrl ?? `https://${base.hostname}:${wtPort}/wt`,
+    websocket: options.websocketUrl ?? `${secure ? 'wss' : 'ws'}://${base.host}/ws`,
+  };
+}
+
+function withTimeout(promise, ms, onTimeout) {
+  let timer;
+  return Promise.race([
+    promise,
+    new Promise((_, reject) => {
+      timer = setTimeout(() => { onTimeout?.(); reject(new Error(`timed out after ${ms} ms`)); }, ms);
+    }),
+  ]).finally(() => clearTimeout(timer));
+}
+
+/**
+ * Connects to a Courtside edge. `origin` is its HTTP origin (for example `location.origin`).
+ * Options: certHash (hex SHA-256 from /v1/cert-hash, for development certificates),
+ * webtransportUrl, websocketUrl, webtransportPort, webtransportTimeoutMs, transports,
+ * reconnectInitialMs, reconnectMaxMs, onTransport(name), onDisconnect(info), log(message).
+ * Resolves once a transport is open; rejects if none could be opened.
+ */
+export async function connect(origin, options = {}) {
+  const client = new CourtsideClient(origin, options);
+  await client.start();
+  return client;
+}
+
+export class CourtsideClient {
+  constructor(origin, options = {}) {
+    this.options = { ...DEFAULTS, ...options };
+    this.urls = deriveUrls(origin, options);
+    /** room name -> { handlers, epoch, version, seq, confirmed } */
+    this.rooms = new Map();
+    this.connection = null;
+    this.closedByUser = false;
+    this.attempt = 0;
+    this.webtransportFailed = false;
+    this.reconnectTimer = null;
+  }
+
+  /** `"webtransport"` or `"websocket"` (null while disconnected). */
+  get transport() { return this.connection ? this.connection.name : null; }
+
+  log(message) { this.options.log?.(message); }
+
+  async start() {
+    this.connection = await this.open();
+    this.attempt = 0;
+    this.options.onTransport?.(this.connection.name);
+  }
+
+  async open() {
+    const errors = [];
+    for (const name of this.options.transports) {
+      if (name === 'webtransport') {
+        if (typeof WebTransport === 'undefined') { errors.push('WebTransport is not available'); continue; }
+        if (this.webtransportFailed && this.attempt % 5 !== 0) continue;
+        let conn;
+        try {
+          conn = new WebTransportConnection(this.urls.webtransport, this.options.certHash, this.handlersFor(() => conn));
+          await withTimeout(conn.open(), this.options.webtransportTimeoutMs, () => conn.close());
+          this.webtransportFailed = false;
+          return conn;
+        } catch (e) {
+          conn?.close();
+          this.webtransportFailed = true;
+          errors.push(`webtransport: ${e.message ?? e}`);
+          this.log(`WebTransport unavailable (${e.message ?? e}); falling back`);
+        }
+      } else if (name === 'websocket') {
+        let conn;
+        try {
+          conn = new WebSocketConnection(this.urls.websocket, this.handlersFor(() => conn));
+          await conn.open();
+          return conn;
+        } catch (e) {
+          errors.push(`websocket: ${e.message ?? e}`);
+        }
+      }
+    }
+    throw new Error(`no transport could connect: ${errors.join('; ')}`);
+  }
+
+  handlersFor(connection) {
+    return {
+      onMessage: (m, viaDatagram) => { if (connection() === this.connection) this.dispatch(m, viaDatagram); },
+      onClose: (info) => { if (connection() === this.connection) this.lost(info); },
+    };
+  }
+
+  /** Subscribes to `room`. Handlers: onState(data, meta), onEvent(data, meta), onSubscribed(info),
+   *  onRecoveryFailed(info), onError(error). `since`: recover events after this sequence. */
+  subscribe(room, handlers = {}) {
+    const entry = { handlers, epoch: handlers.epoch, version: 0, seq: handlers.since ?? 0, since: handlers.since, confirmed: false };
+    this.rooms.set(room, entry);
+    this.sendSubscribe(room, entry);
+  }
+
+  unsubscribe(room) {
+    if (!this.rooms.delete(room)) return;
+    this.connection?.send({ type: 'unsubscribe', room }).catch(() => {});
+  }
+
+  close() {
+    this.closedByUser = true;
+    clearTimeout(this.reconnectTimer);
+    this.connection?.close();
+    this.connection = null;
+  }
+
+  sendSubscribe(room, entry) {
+    entry.confirmed = false;
+    const m = { type: 'subscribe', room };
+    if (entry.seq > 0 || entry.since !== undefined) {
+      m.since = entry.seq;
+      if (entry.epoch) m.epoch = entry.epoch;
+    }
+    this.connection?.send(m).catch(() => {});
+  }
+
+  dispatch(m, viaDatagram) {
+    const entry = m.room !== undefined ? this.rooms.get(m.room) : undefined;
+    switch (m.type) {
+      case 'subscribed': {
+        if (!entry) return;
+        if (entry.epoch !== undefined && entry.epoch !== m.epoch) {
+          // The room was created anew: its counters restarted.
+          entry.version = 0;
+          entry.seq = 0;
+        }
+        entry.epoch = m.epoch;
+        entry.confirmed = true;
+        entry.handlers.onSubscribed?.(m);
+        if (m.recovered === false) {
+          entry.seq = m.seq;
+          entry.handlers.onRecoveryFailed?.(m);
+        }
+        return;
+      }
+      case 'state': {
+        // Datagrams for a room not yet confirmed on this connection are ignored; the server
+        // repairs them (PROTOCOL.md, "Loss repair").
+        if (!entry || (viaDatagram && !entry.confirmed)) return;
+        if (m.version > entry.version) {
+          entry.version = m.version;
+          entry.handlers.onState?.(JSON.parse(m.data), { room: m.room, version: m.version, ts: m.ts, transport: this.transport });
+        }
+        if (viaDatagram) this.connection?.ack(m.room, entry.version);
+        return;
+      }
+      case 'event': {
+        if (!entry || m.seq <= entry.seq) return;
+        entry.seq = m.seq;
+        entry.handlers.onEvent?.(JSON.parse(m.data), { room: m.room, seq: m.seq, ts: m.ts, transport: this.transport });
+        return;
+      }
+      case 'error': {
+        const target = entry?.handlers.onError ?? this.options.onError;
+        target?.(m);
+        return;
+      }
+      case 'pong':
+        this.pongWaiters?.shift()?.();
+        return;
+      case 'reconnect':
+        this.log(`server asked to reconnect (${m.reason})`);
+        this.reconnectSoon(Math.random() * this.options.reconnectInitialMs);
+        return;
+      default:
+        return;
+    }
+  }
+
+  lost(info) {
+    this.connection = null;
+    this.options.onDisconnect?.(info);
+    if (!this.closedByUser) this.reconnectSoon(this.backoff());
+  }
+
+  backoff() {
+    const base = Math.min(this.options.reconnectMaxMs, this.options.reconnectInitialMs * 2 ** this.attempt);
+    return base * (0.5 + Math.random());
+  }
+
+  reconnectSoon(delay) {
+    if (this.closedByUser || this.reconnectTimer) return;
+    const old = this.connection;
+    this.connection = null;
+    old?.close();
+    this.reconnectTimer = setTimeout(async () => {
+      this.reconnectTimer = null;
+      this.attempt += 1;
+      try {
+        this.connection = await this.open();
+      } catch (e) {
+        this.log(`reconnect failed: ${e.message}`);
+        this.reconnectSoon(this.backoff());
+        return;
+      }
+      this.attempt = 0;
+      this.options.onTransport?.(this.connection.name);
+      for (const [room, entry] of this.rooms) this.sendSubscribe(room, entry);
+    }, delay);
+  }
+
+  /** Measures a round trip over the current transport (resolves with milliseconds). */
+  async ping() {
+    if (!this.connection) throw new Error('not connected');
+    const start = performance.now();
+    const pong = new Promise((resolve) => { this.pongWaiters = [...(this.pongWaiters ?? []), resolve]; });
+    await this.connection.send({ type: 'ping' });
+    await pong;
+    return performance.now() - start;
+  }
+}

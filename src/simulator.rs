@@ -1,0 +1,555 @@
+//! A model of a Saturday in the Phoenix market: 80 leagues, 3,500 teams, many basketball games at
+//! once, each producing scores, period changes, finals, bracket advances and notifications. Pure
+//! and seeded: `advance` takes elapsed game time and returns what to publish. Used by `--demo`
+//! and by the bench suite.
+
+use serde_json::json;
+
+use crate::core::RoomName;
+use crate::hub::PublishKind;
+
+/// Shape of the simulated Saturday.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaturdayConfig {
+    pub leagues: u32,
+    pub teams: u32,
+    /// Games running at once in each league.
+    pub courts_per_league: u32,
+    /// Length of a quarter of game time (youth games: 4 × 8 minutes).
+    pub quarter_ms: u64,
+    /// Break between two games on a court.
+    pub break_ms: u64,
+}
+
+impl Default for SaturdayConfig {
+    fn default() -> Self {
+        Self {
+            leagues: 80,
+            teams: 3500,
+            courts_per_league: 5,
+            quarter_ms: 8 * 60_000,
+            break_ms: 5 * 60_000,
+        }
+    }
+}
+
+/// One message the model wants published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimPublish {
+    pub room: RoomName,
+    pub kind: PublishKind,
+    /// JSON text.
+    pub data: String,
+}
+
+/// A seeded xorshift generator: deterministic and dependency-free.
+#[derive(Debug, Clone)]
+pub struct SimRng(u64);
+
+impl SimRng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in [0, n).
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next_u64() % n
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Game {
+    id: u64,
+    league: u32,
+    court: u32,
+    home: u32,
+    away: u32,
+    home_score: u32,
+    away_score: u32,
+    quarter: u32,
+    /// Game time left in the quarter.
+    left_ms: u64,
+    /// Game time until this game tips off (during the break before it).
+    starts_in_ms: u64,
+    final_: bool,
+    /// A bracket game advances its winner.
+    bracket_slot: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+struct League {
+    id: u32,
+    teams: Vec<u32>,
+    /// Teams still in the bracket, in bracket order.
+    bracket: Vec<u32>,
+    bracket_round: u32,
+    bracket_seq: u64,
+}
+
+/// The simulated Saturday.
+#[derive(Debug, Clone)]
+pub struct SaturdayModel {
+    config: SaturdayConfig,
+    rng: SimRng,
+    leagues: Vec<League>,
+    games: Vec<Game>,
+    next_game_id: u64,
+}
+
+/// Average game time between scoring plays of one game: about 50 plays in 32 minutes.
+const MEAN_MS_BETWEEN_SCORES: f64 = 38_000.0;
+
+impl SaturdayModel {
+    pub fn new(config: SaturdayConfig, seed: u64) -> Self {
+        let mut rng = SimRng::new(seed);
+        let leagues: Vec<League> = (0..config.leagues)
+            .map(|l| {
+                let teams: Vec<u32> = (0..config.teams).filter(|t| t % config.leagues == l).collect();
+                let bracket = teams.iter().take(16).copied().collect();
+                League {
+                    id: l + 1,
+                    teams,
+                    bracket,
+                    bracket_round: 1,
+                    bracket_seq: 0,
+                }
+            })
+            .collect();
+        let mut model = Self {
+            config,
+            rng: rng.clone(),
+            leagues,
+            games: Vec::new(),
+            next_game_id: 1000,
+        };
+        for l in 0..model.leagues.len() {
+            for court in 0..config.courts_per_league {
+                // Stagger the courts so games are at different stages.
+                let game = model.schedule(l, court, 0);
+                model.games.push(game);
+                let g = model.games.len() - 1;
+                let elapsed = rng.below(4 * config.quarter_ms);
+                model.games[g].quarter = (elapsed / config.quarter_ms) as u32 + 1;
+                model.games[g].left_ms = config.quarter_ms - elapsed % config.quarter_ms;
+                let played = elapsed as f64 / MEAN_MS_BETWEEN_SCORES;
+                model.games[g].home_score = (played * 1.1) as u32;
+                model.games[g].away_score = (played * 0.9) as u32;
+            }
+        }
+        model.rng = rng;
+        model
+    }
+
+    pub fn config(&self) -> &SaturdayConfig {
+        &self.config
+    }
+
+    /// Rooms of every league, for clients that follow them.
+    pub fn league_rooms(&self) -> Vec<String> {
+        self.leagues.iter().map(|l| format!("league:{}", l.id)).collect()
+    }
+
+    /// Rooms of the games being played (or about to start).
+    pub fn game_rooms(&self) -> Vec<String> {
+        self.games.iter().map(|g| format!("game:{}", g.id)).collect()
+    }
+
+    /// Bracket rooms, one per league.
+    pub fn bracket_rooms(&self) -> Vec<String> {
+        self.leagues.iter().map(|l| format!("bracket:{}", l.id)).collect()
+    }
+
+    /// The league a game room belongs to, for subscribing a fan to a game and its league.
+    pub fn league_of_game(&self, game_room: &str) -> Option<String> {
+        let id: u64 = game_room.strip_prefix("game:")?.parse().ok()?;
+        self.games
+            .iter()
+            .find(|g| g.id == id)
+            .map(|g| format!("league:{}", self.leagues[g.league as usize].id))
+    }
+
+    fn schedule(&mut self, league: usize, court: u32, starts_in_ms: u64) -> Game {
+        let teams = &self.leagues[league].teams;
+        let n = teams.len() as u64;
+        let home = teams[self.rng.below(n) as usize];
+        let mut away = teams[self.rng.below(n) as usize];
+        if away == home {
+            away = teams[((teams.iter().position(|t| *t == home).unwrap_or(0) + 1) % teams.len()).min(teams.len() - 1)];
+        }
+        let bracket = &self.leagues[league].bracket;
+        let bracket_slot = if court == 0 && bracket.len() >= 2 {
+            Some(0)
+        } else {
+            None
+        };
+        let (home, away) = match bracket_slot {
+            Some(_) => (bracket[0], bracket[1]),
+            None => (home, away),
+        };
+        let id = self.next_game_id;
+        self.next_game_id += 1;
+        Game {
+            id,
+            league: league as u32,
+            court,
+            home,
+            away,
+            home_score: 0,
+            away_score: 0,
+            quarter: 1,
+            left_ms: self.config.quarter_ms,
+            starts_in_ms,
+            final_: false,
+            bracket_slot,
+        }
+    }
+
+    /// The current state of every game, league and bracket, for a fresh node to publish first.
+    pub fn snapshot(&self, out: &mut Vec<SimPublish>) {
+        let mut by_league: Vec<Vec<serde_json::Value>> = vec![Vec::new(); self.leagues.len()];
+        for (g, game) in self.games.iter().enumerate() {
+            self.publish_game(g, out);
+            by_league[game.league as usize].push(self.game_json(game));
+        }
+        for (league, games) in by_league.into_iter().enumerate() {
+            self.publish_league(league, games, out);
+            let l = &self.leagues[league];
+            let remaining: Vec<serde_json::Value> = l
+                .bracket
+                .iter()
+                .map(|t| json!({"team": t, "name": Self::team_name(*t)}))
+                .collect();
+            let state = json!({"league": l.id, "round": l.bracket_round, "remaining": remaining}).to_string();
+            if let Ok(room) = RoomName::parse(&format!("bracket:{}", l.id)) {
+                out.push(SimPublish {
+                    room,
+                    kind: PublishKind::State,
+                    data: state,
+                });
+            }
+        }
+    }
+
+    /// Advances game time by `dt_ms` and appends what must be published to `out`.
+    pub fn advance(&mut self, dt_ms: u64, out: &mut Vec<SimPublish>) {
+        let mut touched_leagues = Vec::new();
+        for g in 0..self.games.len() {
+            let mut changed = false;
+            let mut dt = dt_ms;
+            if self.games[g].starts_in_ms > 0 {
+                let wait = self.games[g].starts_in_ms.min(dt);
+                self.games[g].starts_in_ms -= wait;
+                dt -= wait;
+                if self.games[g].starts_in_ms == 0 {
+                    changed = true;
+                    self.notify(g, "tipoff", out);
+                }
+            }
+            if dt == 0 || self.games[g].final_ {
+                if changed {
+                    self.publish_game(g, out);
+                    touched_leagues.push(self.games[g].league);
+                }
+                continue;
+            }
+            // Scoring plays arrive as a Poisson process.
+            let p = 1.0 - (-(dt as f64) / MEAN_MS_BETWEEN_SCORES).exp();
+            if self.rng.unit() < p {
+                let points = match self.rng.below(10) {
+                    0..=5 => 2,
+                    6..=7 => 3,
+                    _ => 1,
+                };
+                if self.rng.unit() < 0.5 {
+                    self.games[g].home_score += points;
+                } else {
+                    self.games[g].away_score += points;
+                }
+                changed = true;
+            }
+            let game = &mut self.games[g];
+            if dt >= game.left_ms {
+                changed = true;
+                if game.quarter < 4 || game.home_score == game.away_score {
+                    game.quarter += 1;
+                    game.left_ms = if game.quarter > 4 {
+                        self.config.quarter_ms / 2
+                    } else {
+                        self.config.quarter_ms
+                    };
+                } else {
+                    game.left_ms = 0;
+                    game.final_ = true;
+                }
+            } else {
+                game.left_ms -= dt;
+            }
+            if changed {
+                self.publish_game(g, out);
+                touched_leagues.push(self.games[g].league);
+            }
+            if self.games[g].final_ {
+                self.finish(g, out);
+            }
+        }
+        touched_leagues.sort_unstable();
+        touched_leagues.dedup();
+        if touched_leagues.is_empty() {
+            return;
+        }
+        let mut by_league: Vec<Vec<serde_json::Value>> = vec![Vec::new(); self.leagues.len()];
+        for game in &self.games {
+            if touched_leagues.binary_search(&game.league).is_ok() {
+                by_league[game.league as usize].push(self.game_json(game));
+            }
+        }
+        for league in touched_leagues {
+            self.publish_league(league as usize, std::mem::take(&mut by_league[league as usize]), out);
+        }
+    }
+
+    fn team_name(team: u32) -> String {
+        const MASCOTS: [&str; 12] = [
+            "Suns",
+            "Coyotes",
+            "Roadrunners",
+            "Scorpions",
+            "Diamondbacks",
+            "Hawks",
+            "Rattlers",
+            "Javelinas",
+            "Falcons",
+            "Storm",
+            "Heat",
+            "Mustangs",
+        ];
+        const PLACES: [&str; 10] = [
+            "Mesa",
+            "Tempe",
+            "Chandler",
+            "Gilbert",
+            "Glendale",
+            "Scottsdale",
+            "Peoria",
+            "Surprise",
+            "Goodyear",
+            "Phoenix",
+        ];
+        format!(
+            "{} {}",
+            PLACES[(team / 12) as usize % PLACES.len()],
+            MASCOTS[team as usize % MASCOTS.len()]
+        )
+    }
+
+    fn game_json(&self, g: &Game) -> serde_json::Value {
+        let status = if g.final_ {
+            "final"
+        } else if g.starts_in_ms > 0 {
+            "scheduled"
+        } else {
+            "live"
+        };
+        let secs = g.left_ms / 1000;
+        json!({
+            "game": g.id,
+            "league": self.leagues[g.league as usize].id,
+            "court": g.court + 1,
+            "status": status,
+            "period": g.quarter,
+            "clock": format!("{}:{:02}", secs / 60, secs % 60),
+            "home": {"team": g.home, "name": Self::team_name(g.home), "score": g.home_score},
+            "away": {"team": g.away, "name": Self::team_name(g.away), "score": g.away_score},
+        })
+    }
+
+    fn publish_game(&self, g: usize, out: &mut Vec<SimPublish>) {
+        let game = &self.games[g];
+        if let Ok(room) = RoomName::parse(&format!("game:{}", game.id)) {
+            out.push(SimPublish {
+                room,
+                kind: PublishKind::State,
+                data: self.game_json(game).to_string(),
+            });
+        }
+    }
+
+    fn publish_league(&self, league: usize, games: Vec<serde_json::Value>, out: &mut Vec<SimPublish>) {
+        let l = &self.leagues[league];
+        let data = json!({"league": l.id, "name": format!("League {}", l.id), "games": games});
+        if let Ok(room) = RoomName::parse(&format!("league:{}", l.id)) {
+            out.push(SimPublish {
+                room,
+                kind: PublishKind::State,
+                data: data.to_string(),
+            });
+        }
+    }
+
+    fn notify(&self, g: usize, what: &str, out: &mut Vec<SimPublish>) {
+        let game = &self.games[g];
+        let league = self.leagues[game.league as usize].id;
+        let text = match what {
+            "tipoff" => format!(
+                "Tip-off: {} vs {}",
+                Self::team_name(game.home),
+                Self::team_name(game.away)
+            ),
+            _ => format!(
+                "Final: {} {} – {} {}",
+                Self::team_name(game.home),
+                game.home_score,
+                Self::team_name(game.away),
+                game.away_score
+            ),
+        };
+        let data = json!({"kind": what, "game": game.id, "text": text}).to_string();
+        for room in [
+            format!("league:{league}"),
+            format!("team:{}", game.home),
+            format!("team:{}", game.away),
+        ] {
+            if let Ok(room) = RoomName::parse(&room) {
+                out.push(SimPublish {
+                    room,
+                    kind: PublishKind::Event,
+                    data: data.clone(),
+                });
+            }
+        }
+    }
+
+    fn finish(&mut self, g: usize, out: &mut Vec<SimPublish>) {
+        self.notify(g, "final", out);
+        let game = self.games[g].clone();
+        let league = game.league as usize;
+        if game.bracket_slot.is_some() {
+            let winner = if game.home_score > game.away_score {
+                game.home
+            } else {
+                game.away
+            };
+            let l = &mut self.leagues[league];
+            let loser = if winner == game.home { game.away } else { game.home };
+            l.bracket.retain(|t| *t != loser);
+            // Winners move to the back, so the next pair plays next.
+            if let Some(pos) = l.bracket.iter().position(|t| *t == winner) {
+                let w = l.bracket.remove(pos);
+                l.bracket.push(w);
+            }
+            if l.bracket.len() <= 1 {
+                l.bracket = l
+                    .teams
+                    .iter()
+                    .skip((l.bracket_round as usize * 16) % l.teams.len().max(1))
+                    .take(16)
+                    .copied()
+                    .collect();
+                l.bracket_round += 1;
+            }
+            l.bracket_seq += 1;
+            let id = l.id;
+            let event =
+                json!({"kind": "advance", "team": winner, "name": Self::team_name(winner), "eliminated": loser})
+                    .to_string();
+            let state = json!({"league": id, "round": l.bracket_round, "remaining": l.bracket.iter().map(|t| json!({"team": t, "name": Self::team_name(*t)})).collect::<Vec<_>>()}).to_string();
+            if let Ok(room) = RoomName::parse(&format!("bracket:{id}")) {
+                out.push(SimPublish {
+                    room: room.clone(),
+                    kind: PublishKind::Event,
+                    data: event,
+                });
+                out.push(SimPublish {
+                    room,
+                    kind: PublishKind::State,
+                    data: state,
+                });
+            }
+        }
+        let next = self.schedule(league, game.court, self.config.break_ms);
+        self.games[g] = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_saturday_has_the_documented_shape() {
+        let model = SaturdayModel::new(SaturdayConfig::default(), 1);
+        assert_eq!(model.league_rooms().len(), 80);
+        assert_eq!(model.game_rooms().len(), 400);
+        let teams: usize = model.leagues.iter().map(|l| l.teams.len()).sum();
+        assert_eq!(teams, 3500);
+        assert_eq!(
+            model.league_of_game(&model.game_rooms()[0]).as_deref(),
+            Some("league:1")
+        );
+    }
+
+    #[test]
+    fn a_quarter_hour_produces_plausible_scores_finals_and_brackets() {
+        let mut model = SaturdayModel::new(SaturdayConfig::default(), 7);
+        let mut out = Vec::new();
+        for _ in 0..900 {
+            model.advance(1000, &mut out);
+        }
+        let count = |prefix: &str, kind: PublishKind| {
+            out.iter()
+                .filter(|p| p.room.as_str().starts_with(prefix) && p.kind == kind)
+                .count()
+        };
+        let game_states = count("game:", PublishKind::State);
+        // 400 games, a scoring play every ~38 s each: roughly 9,500 in 15 minutes, plus periods.
+        assert!((6_000..20_000).contains(&game_states), "{game_states}");
+        assert!(
+            count("league:", PublishKind::Event) > 100,
+            "finals and tip-offs are announced"
+        );
+        assert!(
+            count("bracket:", PublishKind::Event) > 10,
+            "bracket games advance winners"
+        );
+        for p in out.iter().step_by(97) {
+            assert!(serde_json::from_str::<serde_json::Value>(&p.data).is_ok());
+        }
+        // A league scoreboard fits a datagram.
+        let biggest_league = out
+            .iter()
+            .filter(|p| p.room.as_str().starts_with("league:") && p.kind == PublishKind::State)
+            .map(|p| p.data.len())
+            .max();
+        assert!(biggest_league.is_some_and(|n| n < 1100), "{biggest_league:?}");
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_saturday() {
+        let run = |seed| {
+            let mut model = SaturdayModel::new(SaturdayConfig::default(), seed);
+            let mut out = Vec::new();
+            for _ in 0..60 {
+                model.advance(1000, &mut out);
+            }
+            out
+        };
+        assert_eq!(run(3), run(3));
+        assert_ne!(run(3), run(4));
+    }
+}
