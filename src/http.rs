@@ -135,7 +135,7 @@ async fn cert_hash(State(node): State<Node>) -> Result<Response, ApiError> {
             "this node does not serve WebTransport",
         )
     })?;
-    let body = serde_json::json!({ "sha256": info.sha256, "self_signed": info.self_signed });
+    let body = serde_json::json!({ "sha256": info.sha256, "self_signed": info.self_signed, "port": info.port });
     Ok((
         [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
         Json(body),

@@ -188,10 +188,9 @@ impl SaturdayModel {
         let teams = &self.leagues[league].teams;
         let n = teams.len() as u64;
         let home = teams[self.rng.below(n) as usize];
-        let mut away = teams[self.rng.below(n) as usize];
-        if away == home {
-            away = teams[((teams.iter().position(|t| *t == home).unwrap_or(0) + 1) % teams.len()).min(teams.len() - 1)];
-        }
+        // Another team of the league: an offset of 1 to n-1 from the home team.
+        let home_index = teams.iter().position(|t| *t == home).unwrap_or(0) as u64;
+        let away = teams[((home_index + 1 + self.rng.below(n.saturating_sub(1).max(1))) % n) as usize];
         let bracket = &self.leagues[league].bracket;
         let bracket_slot = if court == 0 && bracket.len() >= 2 {
             Some(0)
@@ -324,38 +323,16 @@ impl SaturdayModel {
         }
     }
 
+    /// A team's display name: distinct within its league (teams `l + 80k` are named by `k`).
     fn team_name(team: u32) -> String {
         const MASCOTS: [&str; 12] = [
-            "Suns",
-            "Coyotes",
-            "Roadrunners",
-            "Scorpions",
-            "Diamondbacks",
-            "Hawks",
-            "Rattlers",
-            "Javelinas",
-            "Falcons",
-            "Storm",
-            "Heat",
-            "Mustangs",
+            "Suns", "Coyotes", "Roadrunners", "Scorpions", "Diamondbacks", "Hawks", "Rattlers", "Javelinas", "Falcons",
+            "Storm", "Heat", "Mustangs",
         ];
-        const PLACES: [&str; 10] = [
-            "Mesa",
-            "Tempe",
-            "Chandler",
-            "Gilbert",
-            "Glendale",
-            "Scottsdale",
-            "Peoria",
-            "Surprise",
-            "Goodyear",
-            "Phoenix",
-        ];
-        format!(
-            "{} {}",
-            PLACES[(team / 12) as usize % PLACES.len()],
-            MASCOTS[team as usize % MASCOTS.len()]
-        )
+        const PLACES: [&str; 10] =
+            ["Mesa", "Tempe", "Chandler", "Gilbert", "Glendale", "Scottsdale", "Peoria", "Surprise", "Goodyear", "Phoenix"];
+        let (league, k) = ((team % 80) as usize, (team / 80) as usize);
+        format!("{} {}", PLACES[k % PLACES.len()], MASCOTS[(k / PLACES.len() + league) % MASCOTS.len()])
     }
 
     fn game_json(&self, g: &Game) -> serde_json::Value {
@@ -537,6 +514,18 @@ mod tests {
             .map(|p| p.data.len())
             .max();
         assert!(biggest_league.is_some_and(|n| n < 1100), "{biggest_league:?}");
+    }
+
+    #[test]
+    fn teams_of_a_league_have_distinct_names_and_never_play_themselves() {
+        let model = SaturdayModel::new(SaturdayConfig::default(), 1);
+        for league in &model.leagues {
+            let mut names: Vec<String> = league.teams.iter().map(|t| SaturdayModel::team_name(*t)).collect();
+            names.sort();
+            names.dedup();
+            assert_eq!(names.len(), league.teams.len());
+        }
+        assert!(model.games.iter().all(|g| g.home != g.away));
     }
 
     #[test]

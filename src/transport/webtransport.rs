@@ -63,6 +63,8 @@ pub struct CertificateInfo {
     /// SHA-256 of the leaf certificate's DER, lowercase hex.
     pub sha256: String,
     pub self_signed: bool,
+    /// The UDP port WebTransport listens on (as bound; a load balancer may expose another).
+    pub port: u16,
 }
 
 /// Shared slot for the current certificate; empty while WebTransport is off.
@@ -114,14 +116,14 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn certificate_info(identity: &Identity, self_signed: bool) -> CertificateInfo {
+fn certificate_info(identity: &Identity, self_signed: bool, port: u16) -> CertificateInfo {
     let sha256 = identity
         .certificate_chain()
         .as_slice()
         .first()
         .map(|c| hex(c.hash().as_ref()))
         .unwrap_or_default();
-    CertificateInfo { sha256, self_signed }
+    CertificateInfo { sha256, self_signed, port }
 }
 
 fn file_times(cert: &PathBuf, key: &PathBuf) -> Option<(SystemTime, SystemTime)> {
@@ -255,8 +257,10 @@ impl WebTransportServer {
                 )
             }
         };
-        let info = certificate_info(&identity, matches!(source, CertificateSource::SelfSigned { .. }));
+        let self_signed = matches!(source, CertificateSource::SelfSigned { .. });
         let (socket, socket_inode) = bind_udp(&settings)?;
+        let port = socket.local_addr()?.port();
+        let info = certificate_info(&identity, self_signed, port);
         let endpoint = Endpoint::server(server_config(&settings, identity, Some(socket)))?;
         let local_addr = endpoint.local_addr()?;
         if info.self_signed {
@@ -353,7 +357,8 @@ impl WebTransportServer {
                 }
             }
         };
-        let info = certificate_info(&identity, matches!(self.source, CertificateSource::SelfSigned { .. }));
+        let self_signed = matches!(self.source, CertificateSource::SelfSigned { .. });
+        let info = certificate_info(&identity, self_signed, self.local_addr.port());
         match self
             .endpoint
             .reload_config(server_config(&self.settings, identity, None), false)

@@ -1,0 +1,183 @@
+// Headless Chromium against the real binary: the page served by the edge connects with
+// WebTransport (certificate hash), falls back to WebSocket where WebTransport is missing or its
+// UDP port is silent, and reconnects by itself when the server goes away.
+// Run by tests/run.sh after `cargo build`; COURTSIDE_BIN and CHROMIUM override the paths.
+import { test, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { createInterface } from 'node:readline';
+import dgram from 'node:dgram';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const BIN = process.env.COURTSIDE_BIN ?? fileURLToPath(new URL('../../target/debug/courtside', import.meta.url));
+const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
+const TOKEN = 'browser-test-token';
+const HANG = 30_000;
+
+const servers = [];
+const browsers = [];
+after(async () => {
+  for (const b of browsers) await b.close().catch(() => {});
+  for (const s of servers) s.child.kill('SIGKILL');
+});
+
+/** Starts `courtside serve` on loopback ports and resolves with its addresses. */
+function startServer(extra = []) {
+  const args = ['serve', '--publish-token', TOKEN, '--log-format', 'json', ...extra];
+  if (!extra.includes('--http')) args.push('--http', '127.0.0.1:0');
+  if (!extra.includes('--wt') && !extra.includes('--no-wt')) args.push('--wt', '127.0.0.1:0');
+  const child = spawn(BIN, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  const server = { child, logs: [] };
+  servers.push(server);
+  const wantWt = !extra.includes('--no-wt');
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`server did not start: ${server.logs.join('\n')}`)), HANG);
+    child.on('exit', (code) => reject(new Error(`server exited with ${code}: ${server.logs.join('\n')}`)));
+    createInterface({ input: child.stderr }).on('line', (line) => {
+      server.logs.push(line);
+      try {
+        const record = JSON.parse(line);
+        if (record.http) server.http = record.http;
+        if (record.wt) server.wt = record.wt;
+      } catch { /* not JSON */ }
+      if (server.http && (server.wt || !wantWt)) {
+        clearTimeout(timer);
+        resolve(server);
+      }
+    });
+  });
+}
+
+function stopServer(server) {
+  return new Promise((resolve) => {
+    server.child.once('exit', resolve);
+    server.child.kill('SIGTERM');
+  });
+}
+
+async function publish(server, room, kind, data) {
+  const path = kind === 'state' ? 'state' : 'events';
+  const res = await fetch(`http://${server.http}/v1/rooms/${room}/${path}`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/json' },
+    body: JSON.stringify(data),
+  });
+  const text = await res.text();
+  assert.equal(res.status, 200, text);
+  return JSON.parse(text);
+}
+
+async function launch(extraArgs = []) {
+  const browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync', ...extraArgs],
+  });
+  browsers.push(browser);
+  return browser;
+}
+
+/** In the page: a second client from the served module, recording what it receives. */
+async function subscribeInPage(page, room, options = {}) {
+  return page.evaluate(async ({ room, options }) => {
+    const { connect, certHash, webtransportPort } = window.courtside;
+    window.received = [];
+    window.subscribedCount = 0;
+    const client = await connect(location.origin, { certHash, webtransportPort, reconnectInitialMs: 100, ...options });
+    client.subscribe(room, {
+      onSubscribed: () => { window.subscribedCount += 1; },
+      onState: (data, meta) => window.received.push({ kind: 'state', data, version: meta.version, transport: meta.transport }),
+      onEvent: (data, meta) => window.received.push({ kind: 'event', data, seq: meta.seq, transport: meta.transport }),
+    });
+    window.testClient = client;
+    return client.transport;
+  }, { room, options });
+}
+
+async function receiveStateAndEvent(page, server, room) {
+  await page.waitForFunction(() => window.subscribedCount >= 1, null, { timeout: HANG });
+  await publish(server, room, 'state', { home: 42, away: 40 });
+  await publish(server, room, 'event', { kind: 'advance', team: 301 });
+  await page.waitForFunction(() => window.received.length >= 2, null, { timeout: HANG });
+  const received = await page.evaluate(() => window.received);
+  assert.deepEqual(received.find((r) => r.kind === 'state')?.data, { home: 42, away: 40 });
+  assert.deepEqual(received.find((r) => r.kind === 'event')?.data, { kind: 'advance', team: 301 });
+  return received;
+}
+
+test('a page from http://127.0.0.1 connects with WebTransport and receives a state and an event', async () => {
+  const server = await startServer();
+  const browser = await launch();
+  const page = await browser.newPage();
+  await page.goto(`http://${server.http}/`);
+  await page.waitForFunction(() => window.courtside?.client, null, { timeout: HANG });
+  assert.equal(await page.evaluate(() => window.courtside.client.transport), 'webtransport');
+  assert.equal(await page.textContent('#transport'), 'webtransport');
+  assert.equal(await subscribeInPage(page, 'test:browser'), 'webtransport');
+  const received = await receiveStateAndEvent(page, server, 'test:browser');
+  assert.ok(received.every((r) => r.transport === 'webtransport'));
+});
+
+test('an insecure origin has no WebTransport: the same page falls back to WebSocket', async () => {
+  const server = await startServer();
+  const port = server.http.split(':')[1];
+  const browser = await launch(['--host-resolver-rules=MAP insecure.test 127.0.0.1']);
+  const page = await browser.newPage();
+  await page.goto(`http://insecure.test:${port}/`);
+  await page.waitForFunction(() => window.courtside?.client, null, { timeout: HANG });
+  assert.equal(await page.evaluate(() => typeof WebTransport), 'undefined');
+  assert.equal(await page.evaluate(() => window.courtside.client.transport), 'websocket');
+  assert.equal(await subscribeInPage(page, 'test:fallback'), 'websocket');
+  await receiveStateAndEvent(page, server, 'test:fallback');
+});
+
+test('a silent WebTransport port costs the deadline, not the idle timeout, then WebSocket works', async () => {
+  const server = await startServer(['--no-wt']);
+  const silent = dgram.createSocket('udp4');
+  await new Promise((resolve) => silent.bind(0, '127.0.0.1', resolve));
+  after(() => silent.close());
+  const browser = await launch();
+  const page = await browser.newPage();
+  await page.goto(`http://${server.http}/`);
+  await page.waitForFunction(() => window.courtside?.client, null, { timeout: HANG });
+  const transport = await subscribeInPage(page, 'test:silent', {
+    webtransportUrl: `https://127.0.0.1:${silent.address().port}/wt`,
+    webtransportTimeoutMs: 500,
+  });
+  assert.equal(transport, 'websocket');
+  await receiveStateAndEvent(page, server, 'test:silent');
+});
+
+test('the client reconnects by itself, resubscribes, and accepts the restarted room (new epoch)', async () => {
+  const first = await startServer(['--drain-timeout', '2s']);
+  const browser = await launch();
+  const page = await browser.newPage();
+  await page.goto(`http://${first.http}/`);
+  await page.waitForFunction(() => window.courtside?.client, null, { timeout: HANG });
+  await subscribeInPage(page, 'test:restart', { transports: ['websocket'] });
+  await page.waitForFunction(() => window.subscribedCount >= 1, null, { timeout: HANG });
+  for (let i = 1; i <= 3; i++) await publish(first, 'test:restart', 'state', { n: i });
+  await page.waitForFunction(() => window.received.some((r) => r.version === 3), null, { timeout: HANG });
+
+  await stopServer(first);
+  const second = await startServer(['--http', first.http, '--drain-timeout', '2s']);
+  await page.waitForFunction(() => window.subscribedCount >= 2, null, { timeout: HANG });
+  // Version 1 of the new epoch is newer data, not a stale duplicate of version 1.
+  await publish(second, 'test:restart', 'state', { n: 'after restart' });
+  await page.waitForFunction(() => window.received.some((r) => r.data?.n === 'after restart'), null, { timeout: HANG });
+});
+
+test('the demo page shows live games of a simulated Saturday', async () => {
+  const server = await startServer(['--demo', '--demo-speed', '20']);
+  const browser = await launch();
+  const page = await browser.newPage({ viewport: { width: 1100, height: 700 } });
+  await page.goto(`http://${server.http}/?league=3`);
+  await page.waitForSelector('.game', { timeout: HANG });
+  await page.waitForFunction(() => Number(document.getElementById('updates').textContent) >= 2, null, { timeout: HANG });
+  assert.equal(await page.textContent('#transport'), 'webtransport');
+  const cards = await page.$$('.game');
+  assert.ok(cards.length >= 3, `${cards.length} games shown`);
+  if (process.env.SCREENSHOT) await page.screenshot({ path: process.env.SCREENSHOT });
+});

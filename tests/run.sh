@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The test command (README.md): installs what the tests need when it is missing, then runs the
+# Rust suites (cargo test), the JavaScript client's unit tests and the headless-Chromium tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v chromium >/dev/null 2>&1 && [ -z "${CHROMIUM:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing chromium (Debian package, about a minute)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "tests/run.sh: the browser tests need Chromium: install it (apt-get install chromium) or set CHROMIUM=/path/to/chrome" >&2
+    exit 1
+  fi
+fi
+if ! command -v node >/dev/null 2>&1; then
+  echo "tests/run.sh: the JavaScript tests need Node.js 18 or later" >&2
+  exit 1
+fi
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+  echo "== installing playwright-core (npm)"
+  npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
+fi
+
+echo "== cargo test"
+cargo test "$@"
+
+echo "== JavaScript: client codec and headless Chromium"
+cargo build --quiet
+node --test fallback/test/ tests/browser/
