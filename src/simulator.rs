@@ -326,13 +326,37 @@ impl SaturdayModel {
     /// A team's display name: distinct within its league (teams `l + 80k` are named by `k`).
     fn team_name(team: u32) -> String {
         const MASCOTS: [&str; 12] = [
-            "Suns", "Coyotes", "Roadrunners", "Scorpions", "Diamondbacks", "Hawks", "Rattlers", "Javelinas", "Falcons",
-            "Storm", "Heat", "Mustangs",
+            "Suns",
+            "Coyotes",
+            "Roadrunners",
+            "Scorpions",
+            "Diamondbacks",
+            "Hawks",
+            "Rattlers",
+            "Javelinas",
+            "Falcons",
+            "Storm",
+            "Heat",
+            "Mustangs",
         ];
-        const PLACES: [&str; 10] =
-            ["Mesa", "Tempe", "Chandler", "Gilbert", "Glendale", "Scottsdale", "Peoria", "Surprise", "Goodyear", "Phoenix"];
+        const PLACES: [&str; 10] = [
+            "Mesa",
+            "Tempe",
+            "Chandler",
+            "Gilbert",
+            "Glendale",
+            "Scottsdale",
+            "Peoria",
+            "Surprise",
+            "Goodyear",
+            "Phoenix",
+        ];
         let (league, k) = ((team % 80) as usize, (team / 80) as usize);
-        format!("{} {}", PLACES[k % PLACES.len()], MASCOTS[(k / PLACES.len() + league) % MASCOTS.len()])
+        format!(
+            "{} {}",
+            PLACES[k % PLACES.len()],
+            MASCOTS[(k / PLACES.len() + league) % MASCOTS.len()]
+        )
     }
 
     fn game_json(&self, g: &Game) -> serde_json::Value {

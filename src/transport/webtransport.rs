@@ -123,7 +123,11 @@ fn certificate_info(identity: &Identity, self_signed: bool, port: u16) -> Certif
         .first()
         .map(|c| hex(c.hash().as_ref()))
         .unwrap_or_default();
-    CertificateInfo { sha256, self_signed, port }
+    CertificateInfo {
+        sha256,
+        self_signed,
+        port,
+    }
 }
 
 fn file_times(cert: &PathBuf, key: &PathBuf) -> Option<(SystemTime, SystemTime)> {
