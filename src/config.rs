@@ -48,6 +48,8 @@ pub struct ServeConfig {
     #[command(flatten)]
     pub connection: ConnectionConfig,
     #[command(flatten)]
+    pub cluster: ClusterConfig,
+    #[command(flatten)]
     pub rooms: RoomConfig,
     #[command(flatten)]
     pub log: LogConfig,
@@ -169,6 +171,29 @@ pub struct WebTransportConfig {
     pub udp_send_buffer: usize,
 }
 
+/// Sharing rooms with other nodes through Redis.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Cluster (Redis)")]
+pub struct ClusterConfig {
+    /// Redis URL (redis:// or rediss:// for TLS, with user and password as ElastiCache's
+    /// in-transit encryption requires: rediss://:TOKEN@host:6379). Without it, this node serves
+    /// alone with its embedded registry.
+    #[arg(long, env = "COURTSIDE_REDIS", value_name = "URL", hide_env_values = true)]
+    pub redis: Option<String>,
+    /// This node's name in the cluster (presence, GET /v1/nodes). Default: hostname and a random suffix.
+    #[arg(long, env = "COURTSIDE_NODE_ID", value_name = "ID")]
+    pub node_id: Option<String>,
+    /// Interval of this node's heartbeat in Redis; a node missing three is considered gone.
+    #[arg(long, env = "COURTSIDE_NODE_HEARTBEAT", value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub node_heartbeat: Duration,
+    /// Publishes kept while Redis is unreachable; more are refused with 503.
+    #[arg(long, env = "COURTSIDE_OUTBOX_MESSAGES", value_name = "N", default_value_t = 10_000)]
+    pub outbox_messages: usize,
+    /// Bytes of publishes kept while Redis is unreachable; more are refused with 503.
+    #[arg(long, env = "COURTSIDE_OUTBOX_BYTES", value_name = "BYTES", default_value_t = 64 << 20)]
+    pub outbox_bytes: usize,
+}
+
 /// Per-connection limits, shared by every transport.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Connections")]
@@ -278,6 +303,17 @@ impl ServeConfig {
         }
         if !(self.demo_speed > 0.0 && self.demo_speed <= 1000.0) {
             bail!("--demo-speed must be above 0 and at most 1000");
+        }
+        if self.cluster.node_heartbeat.is_zero() {
+            bail!("--node-heartbeat must be greater than 0");
+        }
+        if self
+            .cluster
+            .node_id
+            .as_deref()
+            .is_some_and(|id| id.is_empty() || id.len() > 64)
+        {
+            bail!("--node-id must be 1 to 64 characters");
         }
         if self.webtransport.cert_check_interval.is_zero() {
             bail!("--cert-check-interval must be greater than 0");

@@ -16,6 +16,7 @@ use serde_json::value::RawValue;
 use crate::core::{JsonData, Now, Publication, RoomName};
 use crate::hub::{HubError, PublishKind, RoomHistory};
 use crate::node::Node;
+use crate::registry::{Published, RegistryError};
 use crate::transport::{websocket, webtransport};
 
 /// All routes of the node (docs/openapi.yaml).
@@ -26,6 +27,7 @@ pub fn router(node: Node, max_body: usize) -> Router {
         .route("/metrics", get(metrics))
         .route("/ws", get(websocket::upgrade))
         .route("/v1/cert-hash", get(cert_hash))
+        .route("/v1/nodes", get(nodes))
         .route("/", get(demo_page))
         .route("/courtside.js", get(client_module))
         .route("/v1/rooms/{room}", get(room_info))
@@ -88,6 +90,7 @@ async fn health(State(node): State<Node>) -> Response {
         "status": if node.is_draining() { "draining" } else { "ok" },
         "connections": connections,
         "rooms": node.hub.room_count(),
+        "registry": node.registry.status(),
     });
     let status = if node.is_draining() {
         StatusCode::SERVICE_UNAVAILABLE
@@ -107,6 +110,29 @@ async fn metrics(State(node): State<Node>) -> Response {
     }
     let content_type = HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8");
     ([(header::CONTENT_TYPE, content_type)], node.metrics.render()).into_response()
+}
+
+/// Live nodes of the cluster (this node alone with the embedded registry).
+async fn nodes(State(node): State<Node>) -> Result<Response, ApiError> {
+    let Some(redis) = node.registry.redis() else {
+        let connections = node.metrics.websocket.connections.get() + node.metrics.webtransport.connections.get();
+        let me = serde_json::json!({
+            "id": "local",
+            "http": "",
+            "connections": connections,
+            "subscriptions": node.metrics.subscriptions.get(),
+            "rooms": node.hub.room_count(),
+        });
+        return Ok(Json(serde_json::json!({ "nodes": [me] })).into_response());
+    };
+    let nodes = redis.live_nodes().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "registry_unavailable",
+            format!("redis: {e}"),
+        )
+    })?;
+    Ok(Json(serde_json::json!({ "nodes": nodes })).into_response())
 }
 
 /// The scoreboard demo page (fallback/index.html), embedded in the binary.
@@ -196,26 +222,12 @@ impl From<HubError> for ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct PublishedState<'a> {
-    room: &'a str,
-    version: u64,
-    ts: u64,
-}
-
-#[derive(Serialize)]
-struct PublishedEvent<'a> {
-    room: &'a str,
-    seq: u64,
-    ts: u64,
-}
-
 async fn publish_state(
     State(node): State<Node>,
     Path(room): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    publish_one(&node, &room, PublishKind::State, body)
+    publish_one(&node, &room, PublishKind::State, body).await
 }
 
 async fn publish_event(
@@ -223,10 +235,10 @@ async fn publish_event(
     Path(room): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    publish_one(&node, &room, PublishKind::Event, body)
+    publish_one(&node, &room, PublishKind::Event, body).await
 }
 
-fn publish_one(
+async fn publish_one(
     node: &Node,
     room: &str,
     kind: PublishKind,
@@ -235,21 +247,64 @@ fn publish_one(
     let room = parse_room(room)?;
     let body = body_bytes(body)?;
     let data = JsonData::parse(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_json", e.to_string()))?;
-    let receipt = node.hub.publish(&room, kind, &data, Now::system())?;
-    Ok(match kind {
-        PublishKind::State => Json(PublishedState {
-            room: room.as_str(),
-            version: receipt.number,
-            ts: receipt.ts_ms,
-        })
-        .into_response(),
-        PublishKind::Event => Json(PublishedEvent {
-            room: room.as_str(),
-            seq: receipt.number,
-            ts: receipt.ts_ms,
-        })
-        .into_response(),
-    })
+    let published = node.registry.publish(&node.hub, &room, kind, &data).await?;
+    let mut view = PublishView::new(&room, kind, published);
+    let status = if view.queued == Some(true) {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    view.room = room.to_string();
+    Ok((status, Json(view)).into_response())
+}
+
+/// The answer to a publish: the number assigned, or (Redis away) that it was queued.
+#[derive(Serialize)]
+struct PublishView {
+    room: String,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    kind: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    ts: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queued: Option<bool>,
+}
+
+impl PublishView {
+    fn new(room: &RoomName, kind: PublishKind, published: Published) -> Self {
+        let (number, ts, queued) = match published {
+            Published::Numbered { number, ts_ms } => (Some(number), ts_ms, None),
+            Published::Queued { provisional, ts_ms } => (provisional, ts_ms, Some(true)),
+        };
+        let (version, seq) = match kind {
+            PublishKind::State => (number, None),
+            PublishKind::Event => (None, number),
+        };
+        Self {
+            room: room.to_string(),
+            kind: None,
+            version,
+            seq,
+            ts,
+            queued,
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(error: RegistryError) -> Self {
+        match error {
+            RegistryError::Hub(error) => error.into(),
+            RegistryError::OutboxFull(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "registry_unavailable",
+                error.to_string(),
+            ),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -275,20 +330,16 @@ struct Batch<'a> {
 }
 
 #[derive(Serialize)]
-struct BatchResult {
-    room: String,
-    #[serde(rename = "type")]
-    kind: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    version: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    seq: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ts: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    message: Option<String>,
+#[serde(untagged)]
+enum BatchResult {
+    Published(PublishView),
+    Failed {
+        room: String,
+        #[serde(rename = "type")]
+        kind: &'static str,
+        error: &'static str,
+        message: String,
+    },
 }
 
 /// `POST /v1/publish`: every item is checked before any is published, then all are published
@@ -310,39 +361,29 @@ async fn publish_batch(
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_room", format!("messages[{i}]: {e}")))?;
         checked.push((room, &item.kind, JsonData::from_raw(item.data)));
     }
-    let now = Now::system();
-    let results: Vec<BatchResult> = checked
-        .into_iter()
-        .map(|(room, kind, data)| {
-            let (kind, name) = match kind {
-                BatchKind::State => (PublishKind::State, "state"),
-                BatchKind::Event => (PublishKind::Event, "event"),
-            };
-            let mut result = BatchResult {
-                room: room.to_string(),
-                kind: name,
-                version: None,
-                seq: None,
-                ts: None,
-                error: None,
-                message: None,
-            };
-            match node.hub.publish(&room, kind, &data, now) {
-                Ok(receipt) => {
-                    match kind {
-                        PublishKind::State => result.version = Some(receipt.number),
-                        PublishKind::Event => result.seq = Some(receipt.number),
-                    }
-                    result.ts = Some(receipt.ts_ms);
-                }
-                Err(error) => {
-                    result.error = Some("room_limit");
-                    result.message = Some(error.to_string());
+    let mut results = Vec::with_capacity(checked.len());
+    for (room, kind, data) in checked {
+        let (kind, name) = match kind {
+            BatchKind::State => (PublishKind::State, "state"),
+            BatchKind::Event => (PublishKind::Event, "event"),
+        };
+        let result = match node.registry.publish(&node.hub, &room, kind, &data).await {
+            Ok(published) => BatchResult::Published(PublishView {
+                kind: Some(name),
+                ..PublishView::new(&room, kind, published)
+            }),
+            Err(error) => {
+                let error = ApiError::from(error);
+                BatchResult::Failed {
+                    room: room.to_string(),
+                    kind: name,
+                    error: error.code,
+                    message: error.message,
                 }
             }
-            result
-        })
-        .collect();
+        };
+        results.push(result);
+    }
     Ok(Json(BatchResponse { results }))
 }
 
@@ -379,6 +420,27 @@ fn room_not_found() -> ApiError {
 
 async fn room_info(State(node): State<Node>, Path(room): Path<String>) -> Result<Response, ApiError> {
     let room = parse_room(&room)?;
+    if let Some(redis) = node.registry.redis() {
+        // The cluster's view; while Redis is away, this node's own view below.
+        if let Ok(shared) = redis.room(&room).await {
+            let shared = shared.ok_or_else(room_not_found)?;
+            let data = shared.state.as_deref().map(raw_json);
+            let state = data.as_ref().map(|d| StateView {
+                version: shared.version,
+                ts: shared.state_ts,
+                data: d,
+            });
+            let view = RoomView {
+                room: room.as_str(),
+                epoch: &shared.epoch,
+                version: shared.version,
+                state,
+                last_seq: shared.last_seq,
+                subscribers: shared.subscribers as usize,
+            };
+            return Ok(Json(view).into_response());
+        }
+    }
     let info = node.hub.room_info(&room).ok_or_else(room_not_found)?;
     let state = info.state.as_deref().map(|p| StateView {
         version: info.version,
@@ -394,6 +456,11 @@ async fn room_info(State(node): State<Node>, Path(room): Path<String>) -> Result
         subscribers: info.subscribers,
     };
     Ok(Json(view).into_response())
+}
+
+/// Stored JSON text as a raw value (it was validated when published).
+fn raw_json(text: &str) -> Box<RawValue> {
+    RawValue::from_string(text.to_string()).unwrap_or_else(|_| RawValue::NULL.to_owned())
 }
 
 #[derive(Deserialize)]
@@ -422,19 +489,45 @@ async fn room_events(
             "since must be a non-negative integer",
         ));
     };
-    let RoomHistory { epoch, events } = node
-        .hub
-        .room_events(&room, since, Now::system().unix_ms)
-        .ok_or_else(room_not_found)?;
+    let now_ms = Now::system().unix_ms;
+    let (epoch, events): (String, Result<Vec<(u64, u64, Box<RawValue>)>, u64>) = match node.registry.redis() {
+        Some(redis) => {
+            let (epoch, events) = redis
+                .events(&room, since)
+                .await
+                .map_err(|e| {
+                    ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "registry_unavailable",
+                        format!("redis: {e}"),
+                    )
+                })?
+                .ok_or_else(room_not_found)?;
+            (
+                epoch,
+                events.map(|list| {
+                    list.into_iter()
+                        .map(|(seq, ts, data)| (seq, ts, raw_json(&data)))
+                        .collect()
+                }),
+            )
+        }
+        None => {
+            let RoomHistory { epoch, events } =
+                node.hub.room_events(&room, since, now_ms).ok_or_else(room_not_found)?;
+            let events = events.map(|list| list.iter().map(|p| (p.number(), p.ts_ms, raw_json(p.data()))).collect());
+            (epoch, events)
+        }
+    };
     Ok(match events {
         Ok(events) => {
-            let last_seq = events.last().map_or(since, |p| p.number());
+            let last_seq = events.last().map_or(since, |e| e.0);
             let views: Vec<EventView<'_>> = events
                 .iter()
-                .map(|p| EventView {
-                    seq: p.number(),
-                    ts: p.ts_ms,
-                    data: data_of(p),
+                .map(|(seq, ts, data)| EventView {
+                    seq: *seq,
+                    ts: *ts,
+                    data,
                 })
                 .collect();
             Json(serde_json::json!({ "room": room.as_str(), "epoch": epoch, "last_seq": last_seq, "events": views }))

@@ -44,7 +44,7 @@ pub enum HubError {
 }
 
 /// Which kind of message a publish carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PublishKind {
     State,
     Event,
@@ -68,6 +68,27 @@ pub struct RoomInfo {
     pub version: u64,
     pub last_seq: u64,
     pub subscribers: usize,
+}
+
+/// A publication that arrived through the shared registry, already numbered.
+#[derive(Debug, Clone)]
+pub struct RemotePublication<'a> {
+    pub epoch: &'a str,
+    pub kind: PublishKind,
+    pub number: u64,
+    pub ts_ms: u64,
+    pub data: JsonData,
+    /// False when this node's clients already received it (published during a Redis outage).
+    pub deliver: bool,
+}
+
+/// A room's epoch, counters and state, as this node holds them.
+#[derive(Debug, Clone)]
+pub struct RoomNumbers {
+    pub epoch: String,
+    pub version: u64,
+    pub seq: u64,
+    pub state: Option<Arc<Publication>>,
 }
 
 /// A room's retained events after some sequence number.
@@ -118,6 +139,10 @@ impl Subscriber {
     pub fn push_control(&self, metrics: &Metrics, control: ServerControl) {
         let pushed = self.offer(|q| q.push_control(control));
         FanoutTally::default().count(pushed).flush(metrics, self.transport);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.queue().closed().is_some()
     }
 
     /// Stops the queue for good; returns how many pending messages were dropped.
@@ -181,11 +206,13 @@ struct RoomEntry {
     subscribers: HashMap<ConnId, Arc<Subscriber>>,
     /// Set once the room left its shard; a caller holding a stale `Arc` looks it up again.
     removed: bool,
+    /// Kept while the shared registry follows the room, even with nobody subscribed yet.
+    pinned: bool,
 }
 
 impl RoomEntry {
     fn is_empty(&self) -> bool {
-        self.subscribers.is_empty() && !self.room.retains_data()
+        self.subscribers.is_empty() && !self.room.retains_data() && !self.pinned
     }
 }
 
@@ -214,6 +241,8 @@ struct HubInner {
     next_conn_id: AtomicU64,
     /// Random per process, so epochs differ across restarts.
     epoch_seed: u64,
+    /// Told the name of a room whose last local subscriber left (the Redis registry unfollows it).
+    emptied: Mutex<Option<tokio::sync::mpsc::UnboundedSender<RoomName>>>,
 }
 
 impl Hub {
@@ -227,7 +256,13 @@ impl Hub {
             next_room_id: AtomicU64::new(1),
             next_conn_id: AtomicU64::new(1),
             epoch_seed,
+            emptied: Mutex::new(None),
         }))
+    }
+
+    /// Asks to be told when a room's last local subscriber leaves.
+    pub fn notify_emptied_rooms(&self, sender: tokio::sync::mpsc::UnboundedSender<RoomName>) {
+        *self.0.emptied.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -257,17 +292,11 @@ impl Hub {
         now: Now,
     ) -> Result<PublishReceipt, HubError> {
         let receipt = self.with_room(room, true, now.unix_ms, |entry| {
-            let (publication, offer): (_, fn(&mut ConnectionQueue, &Arc<Publication>) -> Pushed) = match kind {
-                PublishKind::State => (entry.room.publish_state(data, now), ConnectionQueue::push_state),
-                PublishKind::Event => (entry.room.publish_event(data, now), ConnectionQueue::push_event),
+            let publication = match kind {
+                PublishKind::State => entry.room.publish_state(data, now),
+                PublishKind::Event => entry.room.publish_event(data, now),
             };
-            let mut by_transport = [FanoutTally::default(), FanoutTally::default()];
-            for subscriber in entry.subscribers.values() {
-                let pushed = subscriber.offer(|q| offer(q, &publication));
-                by_transport[subscriber.transport as usize].add(pushed);
-            }
-            by_transport[0].flush(&self.0.metrics, Transport::WebSocket);
-            by_transport[1].flush(&self.0.metrics, Transport::WebTransport);
+            self.fan_out(entry, &publication);
             PublishReceipt {
                 number: publication.number(),
                 ts_ms: publication.ts_ms,
@@ -280,6 +309,111 @@ impl Hub {
         };
         // `with_room` with `create` always yields a room.
         receipt.ok_or(HubError::RoomLimit(self.0.config.max_rooms))
+    }
+
+    /// Offers a publication to every subscriber of the room (the caller holds the room lock, so
+    /// every queue receives the room's publications in the same order).
+    fn fan_out(&self, entry: &RoomEntry, publication: &Arc<Publication>) {
+        let offer: fn(&mut ConnectionQueue, &Arc<Publication>) -> Pushed = match publication.kind {
+            crate::core::PublicationKind::State { .. } => ConnectionQueue::push_state,
+            crate::core::PublicationKind::Event { .. } => ConnectionQueue::push_event,
+        };
+        let mut by_transport = [FanoutTally::default(), FanoutTally::default()];
+        for subscriber in entry.subscribers.values() {
+            let pushed = subscriber.offer(|q| offer(q, publication));
+            by_transport[subscriber.transport as usize].add(pushed);
+        }
+        by_transport[0].flush(&self.0.metrics, Transport::WebSocket);
+        by_transport[1].flush(&self.0.metrics, Transport::WebTransport);
+    }
+
+    /// Applies a publication numbered by the shared registry to the local room and fans it out
+    /// (unless `deliver` is false: the local clients already have it). A message from another
+    /// epoch restarts the room first and tells its subscribers (`subscribed` with the new epoch
+    /// and `recovered: false`). Returns whether this node holds the room.
+    pub fn apply_remote(&self, room: &RoomName, remote: &RemotePublication<'_>, now: Now) -> bool {
+        let held = self.with_room(room, false, now.unix_ms, |entry| {
+            if entry.room.epoch() != remote.epoch {
+                entry.room.restart(remote.epoch.to_string());
+                let notice = ServerControl::Subscribed {
+                    room: room.clone(),
+                    epoch: remote.epoch.to_string(),
+                    version: 0,
+                    seq: 0,
+                    recovered: Some(false),
+                };
+                for subscriber in entry.subscribers.values() {
+                    subscriber.push_control(&self.0.metrics, notice.clone());
+                }
+            }
+            let applied = match remote.kind {
+                PublishKind::State => entry.room.apply_state(remote.number, remote.ts_ms, &remote.data, now),
+                PublishKind::Event => entry.room.apply_event(remote.number, remote.ts_ms, &remote.data, now),
+            };
+            if let (Some(publication), true) = (applied, remote.deliver) {
+                self.fan_out(entry, &publication);
+            }
+        });
+        matches!(held, Ok(Some(())))
+    }
+
+    /// Creates the room (if needed) with the registry's epoch, so that what follows applies to it,
+    /// and keeps it until `remove_if_unsubscribed`.
+    pub fn ensure_room(&self, room: &RoomName, epoch: &str, now_ms: u64) -> Result<(), HubError> {
+        self.with_room(room, true, now_ms, |entry| {
+            entry.pinned = true;
+            if entry.room.version() == 0 && entry.room.last_seq() == 0 && entry.room.epoch() != epoch {
+                entry.room.restart(epoch.to_string());
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Local subscribers of the room.
+    pub fn subscriber_count(&self, room: &RoomName) -> usize {
+        self.with_room(room, false, 0, |entry| entry.subscribers.len())
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+
+    /// Drops the room if it has no subscribers (the registry stopped following it).
+    pub fn remove_if_unsubscribed(&self, room: &RoomName) -> bool {
+        let shard = self.shard(room);
+        let mut rooms = shard.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(slot) = rooms.get(room).cloned() else {
+            return true;
+        };
+        let mut entry = slot.lock();
+        if !entry.subscribers.is_empty() {
+            return false;
+        }
+        entry.removed = true;
+        rooms.remove(room);
+        let left = self.0.room_count.fetch_sub(1, Ordering::Relaxed) - 1;
+        self.0.metrics.rooms.set(left as i64);
+        true
+    }
+
+    /// What this node knows of a room, to restore it in a registry that lost it.
+    pub fn room_numbers(&self, room: &RoomName) -> Option<RoomNumbers> {
+        self.with_room(room, false, 0, |entry| RoomNumbers {
+            epoch: entry.room.epoch().to_string(),
+            version: entry.room.version(),
+            seq: entry.room.last_seq(),
+            state: entry.room.state().cloned(),
+        })
+        .ok()
+        .flatten()
+    }
+
+    /// Rooms this node holds.
+    pub fn room_names(&self) -> Vec<RoomName> {
+        let mut names = Vec::new();
+        for shard in self.0.shards.iter() {
+            names.extend(shard.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned());
+        }
+        names
     }
 
     /// Adds `subscriber` to the room and queues, in order: `subscribed`, the current state, and
@@ -323,8 +457,13 @@ impl Hub {
                 self.0.metrics.subscriptions.dec();
             }
             subscriber.queue().purge_room(entry.room.id());
+            entry.subscribers.is_empty()
         });
-        debug_assert!(result.is_ok());
+        if let Ok(Some(true)) = result {
+            if let Some(sender) = &*self.0.emptied.lock().unwrap_or_else(|p| p.into_inner()) {
+                let _ = sender.send(room.clone());
+            }
+        }
     }
 
     /// The room's figures, or `None` when this node holds no such room.
@@ -439,6 +578,7 @@ impl Hub {
             room,
             subscribers: HashMap::new(),
             removed: false,
+            pinned: false,
         }))))
     }
 

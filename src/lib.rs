@@ -8,6 +8,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod node;
+pub mod registry;
 pub mod server;
 pub mod session;
 pub mod shutdown;

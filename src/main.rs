@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use courtside::config::{self, Command, LogFormat, ServeConfig};
+use courtside::registry::{RedisRegistry, Registry};
 use courtside::server;
 use courtside::transport::webtransport::WebTransportServer;
 use tracing::{error, info, warn};
@@ -84,7 +85,18 @@ fn run(config: ServeConfig) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding HTTP/WebSocket listener on {}", config.http.addr))?;
         let http = listener.local_addr()?;
-        let node = server::build_node(&config, token);
+        let hub = server::build_hub(&config);
+        let registry = match &config.cluster.redis {
+            None => Registry::Embedded,
+            Some(url) => {
+                let settings = server::redis_settings(&config, url, http);
+                let redis = RedisRegistry::connect(settings, hub.clone(), hub.metrics().clone())
+                    .await
+                    .context("connecting to redis")?;
+                Registry::Redis(redis)
+            }
+        };
+        let node = server::build_node(&config, token, hub, registry);
         info!(%http, version = env!("CARGO_PKG_VERSION"), "listening for HTTP and WebSocket (/ws)");
         if !config.webtransport.disabled {
             let settings = server::webtransport_settings(&config);

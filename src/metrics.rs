@@ -73,6 +73,10 @@ pub struct Metrics {
     pub repair_datagrams: Counter,
     /// States sent again over the reliable stream because their datagram was not acknowledged.
     pub repair_stream: Counter,
+    /// 1 while the registry (Redis) is reachable.
+    pub registry_up: Gauge,
+    /// Publishes waiting for Redis.
+    pub outbox: Gauge,
     /// Datagrams the kernel dropped on the WebTransport UDP socket (read at scrape time).
     pub udp_receive_drops: Gauge,
 }
@@ -113,6 +117,8 @@ impl Metrics {
             draining: Gauge::default(),
             udp_receive_drops: Gauge::default(),
             repair_datagrams: Counter::default(),
+            registry_up: Gauge::default(),
+            outbox: Gauge::default(),
             repair_stream: Counter::default(),
             registry: Registry::default(),
         };
@@ -155,6 +161,16 @@ impl Metrics {
             "draining",
             "1 while the node is shutting down",
             metrics.draining.clone(),
+        );
+        registry.register(
+            "registry_up",
+            "1 while the registry (Redis) is reachable",
+            metrics.registry_up.clone(),
+        );
+        registry.register(
+            "outbox",
+            "Publishes waiting for Redis to return",
+            metrics.outbox.clone(),
         );
         registry.register(
             "repair_datagrams",

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::registry::Registry;
 use crate::shutdown::{Shutdown, ShutdownListener};
 use crate::transport::websocket::WebSocketSettings;
 use crate::transport::webtransport::CertificateSlot;
@@ -17,6 +18,8 @@ pub struct Node(Arc<NodeInner>);
 #[derive(Debug)]
 pub struct NodeInner {
     pub hub: Hub,
+    /// Embedded, or Redis when the node is one of several.
+    pub registry: Registry,
     pub metrics: Arc<Metrics>,
     /// Bearer token the publish API requires.
     pub publish_token: String,

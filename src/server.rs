@@ -22,6 +22,7 @@ use crate::core::Now;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::node::{Node, NodeInner};
+use crate::registry::{RedisSettings, Registry};
 use crate::shutdown::Shutdown;
 use crate::transport::websocket::WebSocketSettings;
 use crate::transport::webtransport::WebTransportSettings;
@@ -41,12 +42,20 @@ pub struct DrainReport {
     pub abandoned: usize,
 }
 
+/// The hub of a new node, with its metrics.
+pub fn build_hub(config: &ServeConfig) -> Hub {
+    Hub::new(config.hub(), Arc::new(Metrics::new()), random_u64())
+}
+
 /// Builds the node from its configuration. `publish_token` is the resolved token.
-pub fn build_node(config: &ServeConfig, publish_token: String) -> Node {
-    let metrics = Arc::new(Metrics::new());
-    let hub = Hub::new(config.hub(), metrics.clone(), random_u64());
+pub fn build_node(config: &ServeConfig, publish_token: String, hub: Hub, registry: Registry) -> Node {
+    let metrics = hub.metrics().clone();
+    if matches!(registry, Registry::Embedded) {
+        metrics.registry_up.set(1);
+    }
     Node::new(NodeInner {
         hub,
+        registry,
         metrics,
         publish_token,
         websocket: WebSocketSettings {
@@ -83,6 +92,28 @@ pub fn webtransport_settings(config: &ServeConfig) -> WebTransportSettings {
         allowed_origins: config.http.allowed_origins.clone(),
         session: config.session(),
         repair: RepairPolicy::default(),
+    }
+}
+
+/// The Redis registry's settings from the configuration.
+pub fn redis_settings(config: &ServeConfig, url: &str, http: std::net::SocketAddr) -> RedisSettings {
+    let node_id = config.cluster.node_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        let host = if host.is_empty() { "node".to_string() } else { host };
+        format!("{host}-{:06x}", random_u64() & 0xff_ffff)
+    });
+    RedisSettings {
+        url: url.to_string(),
+        node_id,
+        http: http.to_string(),
+        heartbeat: config.cluster.node_heartbeat,
+        outbox_messages: config.cluster.outbox_messages,
+        outbox_bytes: config.cluster.outbox_bytes,
+        history_len: config.rooms.history_size,
+        history_ttl: config.rooms.history_ttl,
+        state_ttl: config.rooms.state_ttl,
     }
 }
 

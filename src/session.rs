@@ -3,10 +3,12 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::core::Now;
 use crate::core::{ClientCommand, CommandError, ErrorCode, RoomName, ServerControl};
 use crate::hub::{Hub, HubError, Subscriber};
+use crate::registry::Registry;
 
 /// Per-connection limits on what a client controls.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -55,7 +57,10 @@ impl CommandBudget {
 pub struct Session {
     hub: Hub,
     subscriber: Arc<Subscriber>,
-    rooms: HashSet<RoomName>,
+    /// Rooms the client asked for. Shared with subscribes still loading from Redis, which join
+    /// the hub only if the room is still wanted (under this lock), so nothing leaks.
+    rooms: Arc<Mutex<HashSet<RoomName>>>,
+    registry: Registry,
     limits: SessionLimits,
     budget: CommandBudget,
     /// Set by the server while it drains: no new subscriptions.
@@ -65,6 +70,7 @@ pub struct Session {
 impl Session {
     pub fn new(
         hub: Hub,
+        registry: Registry,
         subscriber: Arc<Subscriber>,
         limits: SessionLimits,
         draining: Arc<AtomicBool>,
@@ -77,7 +83,8 @@ impl Session {
         Self {
             hub,
             subscriber,
-            rooms: HashSet::new(),
+            rooms: Arc::new(Mutex::new(HashSet::new())),
+            registry,
             limits,
             budget,
             draining,
@@ -89,7 +96,11 @@ impl Session {
     }
 
     pub fn subscription_count(&self) -> usize {
-        self.rooms.len()
+        self.wanted().len()
+    }
+
+    fn wanted(&self) -> MutexGuard<'_, HashSet<RoomName>> {
+        self.rooms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Handles one parsed (or unparseable) client message; every reply goes to the queue.
@@ -104,9 +115,11 @@ impl Session {
         match command {
             ClientCommand::Subscribe { room, since, epoch } => self.subscribe(room, since, epoch.as_deref(), now_ms),
             ClientCommand::Unsubscribe { room } => {
-                if self.rooms.remove(&room) {
+                let mut wanted = self.wanted();
+                if wanted.remove(&room) {
                     self.hub.unsubscribe(&room, &self.subscriber);
                 }
+                drop(wanted);
                 self.reply(ServerControl::Unsubscribed { room });
             }
             ClientCommand::Ping => self.reply(ServerControl::Pong),
@@ -126,19 +139,40 @@ impl Session {
                 Some(room),
             );
         }
-        let known = self.rooms.contains(&room);
-        if !known && self.rooms.len() >= self.limits.max_subscriptions {
+        let mut wanted = self.wanted();
+        if !wanted.contains(&room) && wanted.len() >= self.limits.max_subscriptions {
+            drop(wanted);
             let message = format!("at most {} subscriptions per connection", self.limits.max_subscriptions);
             return self.reply_error(ErrorCode::TooManySubscriptions, message, Some(room));
         }
-        match self.hub.subscribe(&room, &self.subscriber, since, epoch, now_ms) {
-            Ok(()) => {
-                self.rooms.insert(room);
-            }
-            Err(error @ HubError::RoomLimit(_)) => {
-                self.reply_error(ErrorCode::RoomLimit, error.to_string(), Some(room))
-            }
-        }
+        wanted.insert(room.clone());
+        drop(wanted);
+        let epoch = epoch.map(str::to_string);
+        let Some(redis) = self.registry.redis().cloned() else {
+            return join(
+                &self.hub,
+                &self.rooms,
+                &self.subscriber,
+                room,
+                since,
+                epoch.as_deref(),
+                now_ms,
+            );
+        };
+        // Redis: follow the room first (subscribe its channel, load its state and history).
+        let (hub, rooms, subscriber) = (self.hub.clone(), self.rooms.clone(), self.subscriber.clone());
+        tokio::spawn(async move {
+            let _following = redis.follow(&room).await;
+            join(
+                &hub,
+                &rooms,
+                &subscriber,
+                room,
+                since,
+                epoch.as_deref(),
+                Now::system().unix_ms,
+            );
+        });
     }
 
     fn reply(&self, control: ServerControl) {
@@ -151,9 +185,37 @@ impl Session {
     }
 }
 
+/// Adds the subscriber to the room in the hub if the client still wants it.
+fn join(
+    hub: &Hub,
+    rooms: &Mutex<HashSet<RoomName>>,
+    subscriber: &Arc<Subscriber>,
+    room: RoomName,
+    since: Option<u64>,
+    epoch: Option<&str>,
+    now_ms: u64,
+) {
+    let mut wanted = rooms.lock().unwrap_or_else(|p| p.into_inner());
+    if !wanted.contains(&room) {
+        return;
+    }
+    if let Err(error @ HubError::RoomLimit(_)) = hub.subscribe(&room, subscriber, since, epoch, now_ms) {
+        wanted.remove(&room);
+        drop(wanted);
+        hub.metrics().error(ErrorCode::RoomLimit);
+        let reply = ServerControl::Error {
+            code: ErrorCode::RoomLimit,
+            message: error.to_string(),
+            room: Some(room),
+        };
+        subscriber.push_control(hub.metrics(), reply);
+    }
+}
+
 impl Drop for Session {
     fn drop(&mut self) {
-        for room in self.rooms.drain() {
+        let rooms: Vec<RoomName> = self.wanted().drain().collect();
+        for room in rooms {
             self.hub.unsubscribe(&room, &self.subscriber);
         }
     }
@@ -169,7 +231,14 @@ mod tests {
     fn session(limits: SessionLimits) -> Session {
         let hub = Hub::new(HubConfig::default(), Arc::new(Metrics::new()), 1);
         let sub = hub.new_subscriber(Transport::WebSocket);
-        Session::new(hub, sub, limits, Arc::new(AtomicBool::new(false)), 0)
+        Session::new(
+            hub,
+            Registry::Embedded,
+            sub,
+            limits,
+            Arc::new(AtomicBool::new(false)),
+            0,
+        )
     }
 
     fn replies(s: &Session) -> Vec<String> {

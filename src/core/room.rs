@@ -130,6 +130,65 @@ impl Room {
         publication
     }
 
+    /// Applies a state whose version was assigned elsewhere (the Redis registry). Returns the
+    /// publication to fan out, or `None` when the room already has that version or a newer one.
+    pub fn apply_state(&mut self, version: u64, ts_ms: u64, data: &JsonData, now: Now) -> Option<Arc<Publication>> {
+        if version <= self.version {
+            return None;
+        }
+        self.version = version;
+        let at = Now {
+            unix_ms: ts_ms,
+            instant: now.instant,
+        };
+        let publication = Arc::new(Publication::new(
+            self.id,
+            self.name.clone(),
+            PublicationKind::State { version },
+            data,
+            at,
+        ));
+        self.state = Some(publication.clone());
+        self.last_publish_ms = now.unix_ms;
+        Some(publication)
+    }
+
+    /// Applies an event whose sequence was assigned elsewhere. Sequences may skip numbers (after a
+    /// Redis outage, for example) but never go back: an old or repeated one returns `None`.
+    pub fn apply_event(&mut self, seq: u64, ts_ms: u64, data: &JsonData, now: Now) -> Option<Arc<Publication>> {
+        if seq <= self.last_seq {
+            return None;
+        }
+        self.last_seq = seq;
+        let at = Now {
+            unix_ms: ts_ms,
+            instant: now.instant,
+        };
+        let publication = Arc::new(Publication::new(
+            self.id,
+            self.name.clone(),
+            PublicationKind::Event { seq },
+            data,
+            at,
+        ));
+        self.history_bytes += publication.size();
+        self.history.push_back(publication.clone());
+        self.last_publish_ms = now.unix_ms;
+        self.trim(now.unix_ms);
+        Some(publication)
+    }
+
+    /// Starts the room over under another epoch (the shared registry lost and recreated it):
+    /// counters and retained data are cleared, to be filled by what follows.
+    pub fn restart(&mut self, epoch: String) {
+        self.epoch = epoch;
+        self.version = 0;
+        self.state = None;
+        self.last_seq = 0;
+        self.history.clear();
+        self.history_bytes = 0;
+    }
+
     /// Drops history beyond the count, byte and age bounds.
     pub fn trim(&mut self, now_ms: u64) {
         let oldest_kept_ms = now_ms.saturating_sub(self.limits.history_ttl.as_millis() as u64);
@@ -357,6 +416,25 @@ mod tests {
             r.publish_event(&data(i), at(i));
         }
         assert_eq!(seqs(&r.snapshot(Some(3), None, 5).events), vec![4, 5]);
+    }
+
+    #[test]
+    fn applied_numbers_never_go_back_but_may_skip() {
+        let mut r = room(RetentionLimits::default());
+        assert!(r.apply_state(5, 10, &data(5), at(10)).is_some());
+        assert!(r.apply_state(5, 11, &data(6), at(11)).is_none());
+        assert!(r.apply_state(4, 11, &data(4), at(11)).is_none());
+        assert_eq!(r.state().map(|s| (s.number(), s.ts_ms)), Some((5, 10)));
+        assert!(r.apply_event(3, 1, &data(3), at(12)).is_some());
+        assert!(r.apply_event(9, 1, &data(9), at(12)).is_some());
+        assert!(r.apply_event(9, 1, &data(9), at(12)).is_none());
+        assert_eq!(seqs(&r.snapshot(Some(3), None, 12).events), vec![9]);
+        r.restart("new".into());
+        assert_eq!(
+            (r.epoch(), r.version(), r.last_seq(), r.retains_data()),
+            ("new", 0, 0, false)
+        );
+        assert!(r.apply_event(1, 1, &data(1), at(13)).is_some());
     }
 
     #[test]

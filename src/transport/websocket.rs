@@ -161,6 +161,7 @@ async fn serve(mut ws: Stream, node: Node, mut shutdown: ShutdownListener) {
     debug!(conn, "websocket connected");
     let mut session = Session::new(
         node.hub.clone(),
+        node.registry.clone(),
         subscriber.clone(),
         settings.session,
         node.draining.clone(),

@@ -487,6 +487,7 @@ impl WtSession {
         let subscriber = node.hub.new_subscriber(Transport::WebTransport);
         let session = Session::new(
             node.hub.clone(),
+            node.registry.clone(),
             subscriber,
             settings.session,
             node.draining.clone(),

@@ -1,0 +1,806 @@
+//! The Redis registry: versions and sequences assigned atomically by a script, state and history
+//! kept in Redis, publishes carried between nodes by pub/sub on channels a node subscribes to only
+//! while it has local subscribers, presence by heartbeats, and an outbox that keeps local delivery
+//! going while Redis is away. Key layout and failure behaviour: docs/ARCHITECTURE.md, "Redis".
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, PushInfo, PushKind, Script, Value};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::envelope::{self, EnvelopeBody, KIND_EVENT, KIND_STATE};
+use super::{Published, RegistryError, RegistryStatus};
+use crate::core::{JsonData, Now, RoomName};
+use crate::hub::{Hub, PublishKind, RemotePublication};
+use crate::metrics::Metrics;
+
+/// What the Redis registry needs, built from the configuration.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: String,
+    pub node_id: String,
+    /// The node's HTTP address, shown by `GET /v1/nodes`.
+    pub http: String,
+    pub heartbeat: Duration,
+    pub outbox_messages: usize,
+    pub outbox_bytes: usize,
+    pub history_len: usize,
+    pub history_ttl: Duration,
+    pub state_ttl: Duration,
+}
+
+const PUBLISH_LUA: &str = r#"
+-- KEYS: meta, history. ARGV: kind, data, ts, new epoch, floor, history length, history ttl ms,
+-- key ttl s, envelope body, channel.
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+end
+local field = 'seq'
+if ARGV[1] == 'state' then field = 'version' end
+local n = redis.call('HINCRBY', KEYS[1], field, 1)
+local floor = tonumber(ARGV[5])
+if n <= floor then
+  n = floor + 1
+  redis.call('HSET', KEYS[1], field, n)
+end
+if ARGV[1] == 'state' then
+  redis.call('HSET', KEYS[1], 'state', ARGV[2], 'state_ts', ARGV[3])
+else
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], '*', 'seq', n, 'ts', ARGV[3], 'data', ARGV[2])
+  local now = redis.call('TIME')
+  local oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[7])
+  if oldest > 0 then redis.call('XTRIM', KEYS[2], 'MINID', oldest) end
+  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[8])
+local x = n
+local number = ''
+for i = 1, 8 do
+  number = string.char(x % 256) .. number
+  x = math.floor(x / 256)
+end
+redis.call('PUBLISH', ARGV[10], string.char(1) .. number .. string.char(#epoch) .. epoch .. ARGV[9])
+return {epoch, n}
+"#;
+
+const RESEED_LUA: &str = r#"
+-- KEYS: meta. ARGV: epoch, version, seq, state, state ts, key ttl s.
+local current = redis.call('HGET', KEYS[1], 'epoch')
+if not current then
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'version', ARGV[2], 'seq', ARGV[3])
+  if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'state', ARGV[4], 'state_ts', ARGV[5]) end
+  redis.call('EXPIRE', KEYS[1], ARGV[6])
+  return ARGV[1]
+end
+if current == ARGV[1] then
+  if tonumber(redis.call('HGET', KEYS[1], 'version') or '0') < tonumber(ARGV[2]) then
+    redis.call('HSET', KEYS[1], 'version', ARGV[2])
+  end
+  if tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') < tonumber(ARGV[3]) then
+    redis.call('HSET', KEYS[1], 'seq', ARGV[3])
+  end
+end
+return current
+"#;
+
+fn meta_key(room: &RoomName) -> String {
+    format!("cs:{{{room}}}:meta")
+}
+
+fn history_key(room: &RoomName) -> String {
+    format!("cs:{{{room}}}:hist")
+}
+
+fn presence_key(room: &RoomName) -> String {
+    format!("cs:{{{room}}}:presence")
+}
+
+/// The pub/sub channel of a room.
+pub fn channel(room: &RoomName) -> String {
+    format!("cs:{{{room}}}:ch")
+}
+
+fn node_key(id: &str) -> String {
+    format!("cs:node:{id}")
+}
+
+const NODES_KEY: &str = "cs:nodes";
+
+fn room_of_channel(channel: &[u8]) -> Option<RoomName> {
+    let channel = std::str::from_utf8(channel).ok()?;
+    RoomName::parse(channel.strip_prefix("cs:{")?.strip_suffix("}:ch")?).ok()
+}
+
+/// A publish waiting for Redis.
+#[derive(Debug, Clone)]
+struct OutboxItem {
+    room: RoomName,
+    kind: PublishKind,
+    data: JsonData,
+    ts_ms: u64,
+    provisional: Option<u64>,
+}
+
+/// An envelope held while its room is (re)loading.
+#[derive(Debug, Clone)]
+struct OwnedEnvelope {
+    number: u64,
+    epoch: String,
+    kind: u8,
+    ts: u64,
+    data: String,
+    deliver: bool,
+}
+
+/// A room this node follows (its channel is subscribed, its state loaded).
+#[derive(Debug, Default)]
+struct Follow {
+    ready: tokio::sync::OnceCell<()>,
+    /// Subscribes in progress: the room is not unfollowed while one is.
+    users: AtomicUsize,
+    /// Envelopes that arrived while the room was loading; `None` once loaded.
+    buffer: Mutex<Option<Vec<OwnedEnvelope>>>,
+}
+
+/// Keeps a followed room from being unfollowed until the subscribe completes.
+#[derive(Debug)]
+pub struct FollowGuard(Arc<Follow>);
+
+impl Drop for FollowGuard {
+    fn drop(&mut self) {
+        self.0.users.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The Redis registry of one node.
+pub struct RedisRegistry {
+    hub: Hub,
+    metrics: Arc<Metrics>,
+    settings: RedisSettings,
+    commands: ConnectionManager,
+    pubsub: ConnectionManager,
+    up: AtomicBool,
+    follows: Mutex<HashMap<RoomName, Arc<Follow>>>,
+    outbox: Mutex<VecDeque<OutboxItem>>,
+    outbox_bytes: AtomicUsize,
+    publish_script: Script,
+    reseed_script: Script,
+    /// One resync at a time.
+    resync: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for RedisRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisRegistry")
+            .field("node", &self.settings.node_id)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn with_resp3(url: &str) -> String {
+    if url.contains("protocol=") {
+        url.to_string()
+    } else if url.contains('?') {
+        format!("{url}&protocol=resp3")
+    } else {
+        format!("{url}?protocol=resp3")
+    }
+}
+
+impl RedisRegistry {
+    /// Connects to Redis and starts the background tasks (pub/sub reader, heartbeat, unfollow).
+    pub async fn connect(settings: RedisSettings, hub: Hub, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
+        let client = redis::Client::open(with_resp3(&settings.url))?;
+        let timeouts = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_max_delay(Duration::from_secs(2))
+            .set_number_of_retries(2);
+        let commands = client.get_connection_manager_with_config(timeouts.clone()).await?;
+        let (push_tx, push_rx) = mpsc::unbounded_channel();
+        let pubsub = client
+            .get_connection_manager_with_config(timeouts.set_push_sender(push_tx).set_automatic_resubscription())
+            .await?;
+        let registry = Arc::new(Self {
+            hub: hub.clone(),
+            metrics,
+            settings,
+            commands,
+            pubsub,
+            up: AtomicBool::new(true),
+            follows: Mutex::new(HashMap::new()),
+            outbox: Mutex::new(VecDeque::new()),
+            outbox_bytes: AtomicUsize::new(0),
+            publish_script: Script::new(PUBLISH_LUA),
+            reseed_script: Script::new(RESEED_LUA),
+            resync: tokio::sync::Mutex::new(()),
+        });
+        registry.metrics.registry_up.set(1);
+        let (emptied_tx, emptied_rx) = mpsc::unbounded_channel();
+        hub.notify_emptied_rooms(emptied_tx);
+        tokio::spawn(registry.clone().read_pushes(push_rx));
+        tokio::spawn(registry.clone().unfollow_emptied(emptied_rx));
+        tokio::spawn(registry.clone().heartbeat());
+        info!(node = %registry.settings.node_id, "joined the cluster through redis");
+        Ok(registry)
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.settings.node_id
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    pub fn status(&self) -> RegistryStatus {
+        RegistryStatus {
+            kind: "redis",
+            status: if self.is_up() { "ok" } else { "degraded" },
+            outbox: lock(&self.outbox).len(),
+        }
+    }
+
+    fn mark_down(&self, error: &dyn std::fmt::Display) {
+        if self.up.swap(false, Ordering::AcqRel) {
+            warn!(%error, "redis is down: serving local clients only; publishes wait in the outbox");
+            self.metrics.registry_up.set(0);
+        }
+    }
+
+    fn new_epoch(&self) -> String {
+        format!("{:016x}", crate::server::random_u64())
+    }
+
+    /// Numbers the publish in Redis (one round trip); the node's own clients receive it through
+    /// the channel like everyone else's. While Redis is down it is delivered locally with a
+    /// provisional number and queued.
+    pub async fn publish(
+        &self,
+        room: &RoomName,
+        kind: PublishKind,
+        data: &JsonData,
+    ) -> Result<Published, RegistryError> {
+        let now = Now::system();
+        if self.is_up() {
+            let floor = self.hub.room_numbers(room).map_or(0, |n| match kind {
+                PublishKind::State => n.version,
+                PublishKind::Event => n.seq,
+            });
+            match self.run_publish(room, kind, data, now.unix_ms, floor, None).await {
+                Ok(number) => {
+                    return Ok(Published::Numbered {
+                        number,
+                        ts_ms: now.unix_ms,
+                    })
+                }
+                Err(error) => self.mark_down(&error),
+            }
+        }
+        self.queue(room, kind, data, now)
+    }
+
+    fn queue(&self, room: &RoomName, kind: PublishKind, data: &JsonData, now: Now) -> Result<Published, RegistryError> {
+        let mut outbox = lock(&self.outbox);
+        let bytes = self.outbox_bytes.load(Ordering::Relaxed);
+        if outbox.len() >= self.settings.outbox_messages || bytes + data.as_str().len() > self.settings.outbox_bytes {
+            return Err(RegistryError::OutboxFull(outbox.len()));
+        }
+        // Local clients get it now, numbered after what this node has seen.
+        let provisional = if self.hub.room_numbers(room).is_some() {
+            Some(self.hub.publish(room, kind, data, now)?.number)
+        } else {
+            None
+        };
+        outbox.push_back(OutboxItem {
+            room: room.clone(),
+            kind,
+            data: data.clone(),
+            ts_ms: now.unix_ms,
+            provisional,
+        });
+        self.outbox_bytes.fetch_add(data.as_str().len(), Ordering::Relaxed);
+        self.metrics.outbox.set(outbox.len() as i64);
+        Ok(Published::Queued {
+            provisional,
+            ts_ms: now.unix_ms,
+        })
+    }
+
+    async fn run_publish(
+        &self,
+        room: &RoomName,
+        kind: PublishKind,
+        data: &JsonData,
+        ts_ms: u64,
+        floor: u64,
+        provisional: Option<u64>,
+    ) -> redis::RedisResult<u64> {
+        let body = envelope::encode_body(&EnvelopeBody {
+            kind: if kind == PublishKind::State {
+                KIND_STATE
+            } else {
+                KIND_EVENT
+            },
+            ts: ts_ms,
+            data: data.as_str(),
+            origin: &self.settings.node_id,
+            provisional,
+        });
+        let mut conn = self.commands.clone();
+        let (_epoch, number): (String, u64) = self
+            .publish_script
+            .key(meta_key(room))
+            .key(history_key(room))
+            .arg(if kind == PublishKind::State { "state" } else { "event" })
+            .arg(data.as_str())
+            .arg(ts_ms)
+            .arg(self.new_epoch())
+            .arg(floor)
+            .arg(self.settings.history_len)
+            .arg(self.settings.history_ttl.as_millis() as u64)
+            .arg(self.settings.state_ttl.as_secs().max(1))
+            .arg(body)
+            .arg(channel(room))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(number)
+    }
+
+    /// Follows the room (subscribes its channel and loads its state and history) before a local
+    /// client subscribes. Waits while another subscribe loads the same room.
+    pub async fn follow(self: &Arc<Self>, room: &RoomName) -> FollowGuard {
+        let follow = {
+            let mut follows = lock(&self.follows);
+            let follow = follows
+                .entry(room.clone())
+                .or_insert_with(|| {
+                    Arc::new(Follow {
+                        buffer: Mutex::new(Some(Vec::new())),
+                        ..Follow::default()
+                    })
+                })
+                .clone();
+            follow.users.fetch_add(1, Ordering::AcqRel);
+            follow
+        };
+        follow
+            .ready
+            .get_or_init(|| async {
+                if self.is_up() {
+                    let mut pubsub = self.pubsub.clone();
+                    if let Err(error) = pubsub.subscribe(channel(room)).await {
+                        self.mark_down(&error);
+                    }
+                }
+                self.load(room, &follow).await;
+            })
+            .await;
+        FollowGuard(follow)
+    }
+
+    /// Reads the room from Redis into the hub, then applies what arrived meanwhile.
+    async fn load(&self, room: &RoomName, follow: &Follow) {
+        let now = Now::system();
+        let loaded = if self.is_up() {
+            self.read_room(room).await
+        } else {
+            Err(None)
+        };
+        match loaded {
+            Ok(snapshot) => {
+                let _ = self.hub.ensure_room(room, &snapshot.epoch, now.unix_ms);
+                for envelope in snapshot.envelopes {
+                    self.apply(room, &envelope, now);
+                }
+            }
+            Err(error) => {
+                if let Some(error) = error {
+                    self.mark_down(&error);
+                }
+                // Serve local clients; the resync loads the room when Redis returns.
+                let _ = self.hub.ensure_room(room, &self.new_epoch(), now.unix_ms);
+            }
+        }
+        let buffered = lock(&follow.buffer).take().unwrap_or_default();
+        for envelope in buffered {
+            self.apply(room, &envelope, now);
+        }
+    }
+
+    /// The room's epoch, state and retained events, as envelopes in order.
+    async fn read_room(&self, room: &RoomName) -> Result<RoomSnapshot, Option<redis::RedisError>> {
+        let mut conn = self.commands.clone();
+        let meta = meta_key(room);
+        let (_, _, fields, entries): (
+            i64,
+            i64,
+            HashMap<String, String>,
+            Vec<(String, HashMap<String, String>)>,
+        ) = redis::pipe()
+            .hset_nx(&meta, "epoch", self.new_epoch())
+            .expire(&meta, self.settings.state_ttl.as_secs().max(1) as i64)
+            .hgetall(&meta)
+            .xrange_all(history_key(room))
+            .query_async(&mut conn)
+            .await
+            .map_err(Some)?;
+        let epoch = fields.get("epoch").cloned().unwrap_or_default();
+        let mut envelopes = Vec::with_capacity(entries.len() + 1);
+        if let (Some(data), Some(version)) = (fields.get("state"), fields.get("version").and_then(|v| v.parse().ok())) {
+            let ts = fields.get("state_ts").and_then(|t| t.parse().ok()).unwrap_or(0);
+            envelopes.push(OwnedEnvelope {
+                number: version,
+                epoch: epoch.clone(),
+                kind: KIND_STATE,
+                ts,
+                data: data.clone(),
+                deliver: true,
+            });
+        }
+        for (_, entry) in entries {
+            let (Some(seq), Some(data)) = (entry.get("seq").and_then(|s| s.parse().ok()), entry.get("data")) else {
+                continue;
+            };
+            let ts = entry.get("ts").and_then(|t| t.parse().ok()).unwrap_or(0);
+            envelopes.push(OwnedEnvelope {
+                number: seq,
+                epoch: epoch.clone(),
+                kind: KIND_EVENT,
+                ts,
+                data: data.clone(),
+                deliver: true,
+            });
+        }
+        Ok(RoomSnapshot { epoch, envelopes })
+    }
+
+    fn apply(&self, room: &RoomName, envelope: &OwnedEnvelope, now: Now) {
+        let Ok(data) = JsonData::parse(envelope.data.as_bytes()) else {
+            return;
+        };
+        let remote = RemotePublication {
+            epoch: &envelope.epoch,
+            kind: if envelope.kind == KIND_STATE {
+                PublishKind::State
+            } else {
+                PublishKind::Event
+            },
+            number: envelope.number,
+            ts_ms: envelope.ts,
+            data,
+            deliver: envelope.deliver,
+        };
+        self.hub.apply_remote(room, &remote, now);
+    }
+
+    /// Reads pub/sub pushes: messages are applied (or buffered while their room loads); a
+    /// disconnection marks Redis down; the resubscription after a reconnect starts a resync.
+    async fn read_pushes(self: Arc<Self>, mut pushes: mpsc::UnboundedReceiver<PushInfo>) {
+        while let Some(push) = pushes.recv().await {
+            match push.kind {
+                PushKind::Message | PushKind::SMessage => {
+                    let [Value::BulkString(channel), Value::BulkString(payload)] = &push.data[..] else {
+                        continue;
+                    };
+                    let Some(room) = room_of_channel(channel) else { continue };
+                    match envelope::decode(payload) {
+                        Ok(e) => {
+                            let own = e.body.origin == self.settings.node_id && e.body.provisional.is_some();
+                            let owned = OwnedEnvelope {
+                                number: e.number,
+                                epoch: e.epoch.to_string(),
+                                kind: e.body.kind,
+                                ts: e.body.ts,
+                                data: e.body.data.to_string(),
+                                deliver: !own,
+                            };
+                            self.receive(&room, owned);
+                        }
+                        Err(error) => warn!(%error, %room, "undecodable message from redis"),
+                    }
+                }
+                PushKind::Disconnection => self.mark_down(&"pub/sub connection lost"),
+                PushKind::Subscribe | PushKind::SSubscribe if !self.is_up() => {
+                    tokio::spawn(self.clone().resync());
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn receive(&self, room: &RoomName, envelope: OwnedEnvelope) {
+        let follow = lock(&self.follows).get(room).cloned();
+        if let Some(follow) = follow {
+            let mut buffer = lock(&follow.buffer);
+            if let Some(buffer) = buffer.as_mut() {
+                buffer.push(envelope);
+                return;
+            }
+        }
+        self.apply(room, &envelope, Now::system());
+    }
+
+    /// After Redis returns: restore counters (and state) Redis may have lost, publish the outbox
+    /// in order, and re-read every followed room, holding live messages until each is re-read.
+    async fn resync(self: Arc<Self>) {
+        let _one = self.resync.lock().await;
+        if self.is_up() {
+            return;
+        }
+        let mut conn = self.commands.clone();
+        if let Err(error) = redis::cmd("PING").query_async::<String>(&mut conn).await {
+            debug!(%error, "redis still down");
+            return;
+        }
+        let rooms: Vec<(RoomName, Arc<Follow>)> = lock(&self.follows)
+            .iter()
+            .map(|(room, follow)| (room.clone(), follow.clone()))
+            .collect();
+        for (_, follow) in &rooms {
+            lock(&follow.buffer).get_or_insert_with(Vec::new);
+        }
+        let result = async {
+            for (room, _) in &rooms {
+                let Some(numbers) = self.hub.room_numbers(room) else {
+                    continue;
+                };
+                let (data, ts) = numbers
+                    .state
+                    .as_ref()
+                    .map_or((String::new(), 0), |s| (s.data().to_string(), s.ts_ms));
+                let _: String = self
+                    .reseed_script
+                    .key(meta_key(room))
+                    .arg(&numbers.epoch)
+                    .arg(numbers.version)
+                    .arg(numbers.seq)
+                    .arg(data)
+                    .arg(ts)
+                    .arg(self.settings.state_ttl.as_secs().max(1))
+                    .invoke_async(&mut conn)
+                    .await?;
+            }
+            loop {
+                let Some(item) = lock(&self.outbox).front().cloned() else {
+                    break;
+                };
+                self.run_publish(&item.room, item.kind, &item.data, item.ts_ms, 0, item.provisional)
+                    .await?;
+                let mut outbox = lock(&self.outbox);
+                outbox.pop_front();
+                self.outbox_bytes.fetch_sub(item.data.as_str().len(), Ordering::Relaxed);
+                self.metrics.outbox.set(outbox.len() as i64);
+            }
+            Ok::<_, redis::RedisError>(())
+        }
+        .await;
+        if let Err(error) = result {
+            warn!(%error, "redis resync failed; retrying");
+            for (_, follow) in &rooms {
+                let buffered = lock(&follow.buffer).take().unwrap_or_default();
+                drop(buffered);
+            }
+            return;
+        }
+        self.up.store(true, Ordering::Release);
+        self.metrics.registry_up.set(1);
+        info!(rooms = rooms.len(), "redis is back: outbox published, rooms re-read");
+        let now = Now::system();
+        for (room, follow) in rooms {
+            match self.read_room(&room).await {
+                Ok(snapshot) => {
+                    for envelope in snapshot.envelopes {
+                        self.apply(&room, &envelope, now);
+                    }
+                }
+                Err(error) => warn!(error = ?error, %room, "cannot re-read room after reconnect"),
+            }
+            let buffered = lock(&follow.buffer).take().unwrap_or_default();
+            for envelope in buffered {
+                self.apply(&room, &envelope, now);
+            }
+        }
+    }
+
+    /// Stops following rooms whose last local subscriber left.
+    async fn unfollow_emptied(self: Arc<Self>, mut emptied: mpsc::UnboundedReceiver<RoomName>) {
+        while let Some(room) = emptied.recv().await {
+            let unfollowed = {
+                let mut follows = lock(&self.follows);
+                match follows.get(&room) {
+                    Some(f) if f.users.load(Ordering::Acquire) == 0 && self.hub.subscriber_count(&room) == 0 => {
+                        follows.remove(&room);
+                        self.hub.remove_if_unsubscribed(&room);
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if unfollowed {
+                let mut pubsub = self.pubsub.clone();
+                if let Err(error) = pubsub.unsubscribe(channel(&room)).await {
+                    debug!(%error, %room, "unsubscribe failed");
+                }
+                let mut conn = self.commands.clone();
+                let _: redis::RedisResult<()> = conn.hdel(presence_key(&room), &self.settings.node_id).await;
+            }
+        }
+    }
+
+    /// Every heartbeat: refresh this node's record and its rooms' presence counts; while down,
+    /// probe Redis and resync when it answers.
+    async fn heartbeat(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.settings.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if !self.is_up() {
+                tokio::spawn(self.clone().resync());
+                continue;
+            }
+            if let Err(error) = self.beat().await {
+                self.mark_down(&error);
+            }
+        }
+    }
+
+    async fn beat(&self) -> redis::RedisResult<()> {
+        let ttl_ms = (self.settings.heartbeat * 3).as_millis() as u64;
+        let now_ms = Now::system().unix_ms;
+        let id = &self.settings.node_id;
+        let connections = self.metrics.websocket.connections.get() + self.metrics.webtransport.connections.get();
+        let mut pipe = redis::pipe();
+        pipe.hset_multiple(
+            node_key(id),
+            &[
+                ("connections", connections.to_string()),
+                ("subscriptions", self.metrics.subscriptions.get().to_string()),
+                ("rooms", self.hub.room_count().to_string()),
+                ("http", self.settings.http.clone()),
+            ],
+        )
+        .ignore()
+        .pexpire(node_key(id), ttl_ms as i64)
+        .ignore()
+        .zadd(NODES_KEY, id, now_ms + ttl_ms)
+        .ignore()
+        .zrembyscore(NODES_KEY, 0, now_ms)
+        .ignore();
+        let rooms: Vec<RoomName> = lock(&self.follows).keys().cloned().collect();
+        for room in rooms {
+            let count = self.hub.subscriber_count(&room);
+            pipe.hset(presence_key(&room), id, count)
+                .ignore()
+                .pexpire(presence_key(&room), ttl_ms as i64)
+                .ignore();
+        }
+        let mut conn = self.commands.clone();
+        pipe.query_async::<()>(&mut conn).await
+    }
+
+    /// Nodes alive now (their record has not expired).
+    pub async fn live_nodes(&self) -> redis::RedisResult<Vec<NodeRecord>> {
+        let mut conn = self.commands.clone();
+        let now_ms = Now::system().unix_ms;
+        let ids: Vec<String> = conn.zrangebyscore(NODES_KEY, now_ms, "+inf").await?;
+        let mut nodes = Vec::with_capacity(ids.len());
+        for id in ids {
+            let fields: HashMap<String, String> = conn.hgetall(node_key(&id)).await?;
+            if fields.is_empty() {
+                continue;
+            }
+            let number = |k: &str| fields.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+            nodes.push(NodeRecord {
+                connections: number("connections"),
+                subscriptions: number("subscriptions"),
+                rooms: number("rooms"),
+                http: fields.get("http").cloned().unwrap_or_default(),
+                id,
+            });
+        }
+        Ok(nodes)
+    }
+
+    /// The room as Redis holds it, with the cluster-wide subscriber count.
+    pub async fn room(&self, room: &RoomName) -> redis::RedisResult<Option<SharedRoom>> {
+        let mut conn = self.commands.clone();
+        let (fields, presence): (HashMap<String, String>, HashMap<String, u64>) = redis::pipe()
+            .hgetall(meta_key(room))
+            .hgetall(presence_key(room))
+            .query_async(&mut conn)
+            .await?;
+        let Some(epoch) = fields.get("epoch").cloned() else {
+            return Ok(None);
+        };
+        let mut subscribers = 0;
+        for (node, count) in presence {
+            let alive: bool = conn.exists(node_key(&node)).await?;
+            if alive {
+                subscribers += count;
+            } else {
+                let _: () = conn.hdel(presence_key(room), &node).await?;
+            }
+        }
+        let number = |k: &str| fields.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+        Ok(Some(SharedRoom {
+            epoch,
+            version: number("version"),
+            last_seq: number("seq"),
+            state: fields.get("state").cloned(),
+            state_ts: number("state_ts"),
+            subscribers,
+        }))
+    }
+
+    /// Retained events after `since` from the Redis stream: `Err(last_seq)` when it no longer
+    /// reaches back that far, `None` when Redis holds no such room.
+    pub async fn events(
+        &self,
+        room: &RoomName,
+        since: u64,
+    ) -> redis::RedisResult<Option<(String, Result<Vec<(u64, u64, String)>, u64>)>> {
+        let mut conn = self.commands.clone();
+        let (fields, entries): (HashMap<String, String>, Vec<(String, HashMap<String, String>)>) = redis::pipe()
+            .hgetall(meta_key(room))
+            .xrange_all(history_key(room))
+            .query_async(&mut conn)
+            .await?;
+        let Some(epoch) = fields.get("epoch").cloned() else {
+            return Ok(None);
+        };
+        let last_seq: u64 = fields.get("seq").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let events: Vec<(u64, u64, String)> = entries
+            .into_iter()
+            .filter_map(|(_, e)| {
+                Some((
+                    e.get("seq")?.parse().ok()?,
+                    e.get("ts")?.parse().ok()?,
+                    e.get("data")?.clone(),
+                ))
+            })
+            .collect();
+        let first = events.first().map_or(last_seq + 1, |e| e.0);
+        if since > last_seq || since + 1 < first {
+            return Ok(Some((epoch, Err(last_seq))));
+        }
+        Ok(Some((epoch, Ok(events.into_iter().filter(|e| e.0 > since).collect()))))
+    }
+}
+
+struct RoomSnapshot {
+    epoch: String,
+    envelopes: Vec<OwnedEnvelope>,
+}
+
+/// A node as `GET /v1/nodes` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeRecord {
+    pub id: String,
+    pub http: String,
+    pub connections: i64,
+    pub subscriptions: i64,
+    pub rooms: i64,
+}
+
+/// A room as Redis holds it.
+#[derive(Debug, Clone)]
+pub struct SharedRoom {
+    pub epoch: String,
+    pub version: u64,
+    pub last_seq: u64,
+    pub state: Option<String>,
+    pub state_ts: u64,
+    pub subscribers: u64,
+}
