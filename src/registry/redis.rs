@@ -36,7 +36,7 @@ pub struct RedisSettings {
 
 const PUBLISH_LUA: &str = r#"
 -- KEYS: meta, history. ARGV: kind, data, ts, new epoch, floor, history length, history ttl ms,
--- key ttl s, envelope body, channel.
+-- key ttl s, envelope body, channel, origin node, provisional number ('' when none).
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[4]
@@ -53,7 +53,8 @@ end
 if ARGV[1] == 'state' then
   redis.call('HSET', KEYS[1], 'state', ARGV[2], 'state_ts', ARGV[3])
 else
-  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], '*', 'seq', n, 'ts', ARGV[3], 'data', ARGV[2])
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], '*', 'seq', n, 'ts', ARGV[3], 'data', ARGV[2],
+    'origin', ARGV[11], 'prov', ARGV[12])
   local now = redis.call('TIME')
   local oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[7])
   if oldest > 0 then redis.call('XTRIM', KEYS[2], 'MINID', oldest) end
@@ -353,6 +354,8 @@ impl RedisRegistry {
             .arg(self.settings.state_ttl.as_secs().max(1))
             .arg(body)
             .arg(channel(room))
+            .arg(&self.settings.node_id)
+            .arg(provisional.map(|p| p.to_string()).unwrap_or_default())
             .invoke_async(&mut conn)
             .await?;
         Ok(number)
@@ -454,13 +457,16 @@ impl RedisRegistry {
                 continue;
             };
             let ts = entry.get("ts").and_then(|t| t.parse().ok()).unwrap_or(0);
+            // This node's own outbox events: its clients got them during the outage.
+            let own =
+                entry.get("origin") == Some(&self.settings.node_id) && entry.get("prov").is_some_and(|p| !p.is_empty());
             envelopes.push(OwnedEnvelope {
                 number: seq,
                 epoch: epoch.clone(),
                 kind: KIND_EVENT,
                 ts,
                 data: data.clone(),
-                deliver: true,
+                deliver: !own,
             });
         }
         Ok(RoomSnapshot { epoch, envelopes })

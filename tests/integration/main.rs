@@ -2,6 +2,8 @@
 
 mod util;
 
+/// Several nodes and a real Redis: shared rooms, presence, Redis failures.
+mod cluster;
 /// Subscribing, publishing and receiving: states, events, recovery, slow consumers.
 mod delivery;
 /// The HTTP API: publishing, auth, room queries, batches, health and metrics.

@@ -1,0 +1,266 @@
+use serde_json::json;
+
+use crate::util::{eventually, RedisServer, TestServer};
+
+fn node(redis: &RedisServer, id: &str) -> TestServer {
+    TestServer::start(&[
+        "--no-wt",
+        "--redis",
+        &redis.url(),
+        "--node-id",
+        id,
+        "--node-heartbeat",
+        "200ms",
+    ])
+}
+
+async fn numsub(redis: &RedisServer, room: &str) -> i64 {
+    let mut conn = redis.connection().await;
+    let reply: Vec<(String, i64)> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(format!("cs:{{{room}}}:ch"))
+        .query_async(&mut conn)
+        .await
+        .expect("numsub");
+    reply.first().map_or(0, |r| r.1)
+}
+
+/// Three nodes, one Redis: what any node publishes reaches clients on every node; a client
+/// joining on another node gets the current state at once; presence counts the whole cluster.
+#[tokio::test]
+async fn three_nodes_share_rooms() {
+    let redis = RedisServer::start();
+    let nodes = [node(&redis, "n1"), node(&redis, "n2"), node(&redis, "n3")];
+    let mut on_one = nodes[0].connect().await;
+    on_one.subscribe("game:1").await;
+    eventually("node 1 subscribed to the room's channel", || async {
+        (numsub(&redis, "game:1").await == 1).then_some(())
+    })
+    .await;
+
+    let receipt = nodes[2].publish_state("game:1", r#"{"home":2,"away":0}"#).await;
+    assert_eq!(receipt["version"], 1);
+    let state = on_one.recv().await;
+    assert_eq!(
+        (state["type"].as_str(), state["version"].as_u64()),
+        (Some("state"), Some(1))
+    );
+    assert_eq!(state["data"], json!({"home": 2, "away": 0}));
+    assert_eq!(state["ts"], receipt["ts"]);
+    nodes[2].publish_event("game:1", r#"{"foul":"home"}"#).await;
+    assert_eq!(on_one.recv().await["seq"], 1);
+
+    let mut on_two = nodes[1].connect().await;
+    let subscribed = on_two.subscribe("game:1").await;
+    assert_eq!(
+        (subscribed["version"].as_u64(), subscribed["seq"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let state = on_two.recv().await;
+    assert_eq!(
+        (state["type"].as_str(), state["data"].clone()),
+        (Some("state"), json!({"home": 2, "away": 0}))
+    );
+
+    // Versions are assigned once for the cluster, whichever node publishes.
+    for (i, node) in nodes.iter().enumerate() {
+        assert_eq!(
+            node.publish_state("game:1", &i.to_string()).await["version"],
+            2 + i as u64
+        );
+    }
+    for client in [&mut on_one, &mut on_two] {
+        let versions: Vec<u64> = [client.recv().await, client.recv().await, client.recv().await]
+            .iter()
+            .map(|s| s["version"].as_u64().expect("version"))
+            .collect();
+        assert_eq!(versions, vec![2, 3, 4]);
+    }
+    let subscribers = eventually("presence counts both nodes", || async {
+        let (_, room) = nodes[2].get("/v1/rooms/game:1").await;
+        (room["subscribers"] == 2).then_some(room)
+    })
+    .await;
+    assert_eq!(subscribers["version"], 4);
+    let (_, listed) = nodes[0].get("/v1/nodes").await;
+    let mut ids: Vec<String> = listed["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["id"].as_str().map(str::to_string))
+        .collect();
+    ids.sort();
+    assert_eq!(ids, vec!["n1", "n2", "n3"]);
+}
+
+/// A client whose node died reconnects to another node and recovers every event it missed.
+#[tokio::test]
+async fn since_recovery_works_through_another_node_after_the_first_is_killed() {
+    let redis = RedisServer::start();
+    let mut nodes = [node(&redis, "n1"), node(&redis, "n2"), node(&redis, "n3")];
+    let mut client = nodes[0].connect().await;
+    let subscribed = client.subscribe("bracket:7").await;
+    let epoch = subscribed["epoch"].as_str().expect("epoch").to_string();
+    for i in 1..=3 {
+        nodes[1].publish_event("bracket:7", &i.to_string()).await;
+    }
+    for seq in 1..=3 {
+        assert_eq!(client.recv().await["seq"], seq);
+    }
+    nodes[0].kill();
+    for i in 4..=6 {
+        nodes[1].publish_event("bracket:7", &i.to_string()).await;
+    }
+    let mut again = nodes[2].connect().await;
+    again
+        .send(json!({"type": "subscribe", "room": "bracket:7", "since": 3, "epoch": epoch}))
+        .await;
+    let subscribed = again.recv().await;
+    assert_eq!(
+        (subscribed["recovered"].as_bool(), subscribed["seq"].as_u64()),
+        (Some(true), Some(6))
+    );
+    for seq in 4..=6 {
+        let event = again.recv().await;
+        assert_eq!((event["seq"].as_u64(), event["data"].as_u64()), (Some(seq), Some(seq)));
+    }
+}
+
+/// A node subscribes to a room's channel only while it has local subscribers.
+#[tokio::test]
+async fn a_node_stops_receiving_a_room_when_its_last_subscriber_leaves() {
+    let redis = RedisServer::start();
+    let nodes = [node(&redis, "n1"), node(&redis, "n2")];
+    assert_eq!(numsub(&redis, "game:3").await, 0);
+    let mut a = nodes[0].connect().await;
+    let mut b = nodes[0].connect().await;
+    a.subscribe("game:3").await;
+    b.subscribe("game:3").await;
+    eventually("one channel subscription for two local subscribers", || async {
+        (numsub(&redis, "game:3").await == 1).then_some(())
+    })
+    .await;
+    a.send(json!({"type": "unsubscribe", "room": "game:3"})).await;
+    assert_eq!(a.recv().await["type"], "unsubscribed");
+    nodes[1].publish_state("game:3", "1").await;
+    assert_eq!(b.recv().await["version"], 1);
+    assert_eq!(numsub(&redis, "game:3").await, 1);
+    drop(b);
+    eventually("node 1 left the channel", || async {
+        (numsub(&redis, "game:3").await == 0).then_some(())
+    })
+    .await;
+    // Publishing still works; no node receives the room's traffic.
+    assert_eq!(nodes[1].publish_state("game:3", "2").await["version"], 2);
+}
+
+/// A node that dies stops counting in presence within three heartbeats.
+#[tokio::test]
+async fn a_killed_nodes_presence_disappears() {
+    let redis = RedisServer::start();
+    let mut nodes = [node(&redis, "n1"), node(&redis, "n2")];
+    let mut client = nodes[0].connect().await;
+    client.subscribe("team:301").await;
+    eventually("presence shows the subscriber", || async {
+        let (_, room) = nodes[1].get("/v1/rooms/team:301").await;
+        (room["subscribers"] == 1).then_some(())
+    })
+    .await;
+    nodes[0].kill();
+    eventually("the dead node's count is gone", || async {
+        let (_, room) = nodes[1].get("/v1/rooms/team:301").await;
+        (room["subscribers"] == 0).then_some(())
+    })
+    .await;
+    let (_, listed) = nodes[1].get("/v1/nodes").await;
+    assert_eq!(listed["nodes"].as_array().map(Vec::len), Some(1));
+    drop(client);
+}
+
+/// Redis SIGKILLed mid-stream and restarted empty: local delivery goes on, health stays 200 and
+/// says degraded, what was accepted meanwhile reaches every node in order afterwards, delivery
+/// across nodes resumes without any client reconnecting, and numbers never go back.
+#[tokio::test]
+async fn surviving_a_redis_restart_without_data() {
+    let mut redis = RedisServer::start();
+    let nodes = [node(&redis, "n1"), node(&redis, "n2")];
+    let mut a = nodes[0].connect().await;
+    let mut b = nodes[1].connect().await;
+    for client in [&mut a, &mut b] {
+        client.subscribe("league:9").await;
+    }
+    eventually("both nodes follow the room", || async {
+        (numsub(&redis, "league:9").await == 2).then_some(())
+    })
+    .await;
+    let mut seen_a = Vec::new();
+    let mut seen_b = Vec::new();
+    for i in 1..=3 {
+        nodes[0].publish_event("league:9", &json!({"n": i}).to_string()).await;
+    }
+    for _ in 0..3 {
+        seen_a.push(a.recv().await);
+        seen_b.push(b.recv().await);
+    }
+
+    redis.kill();
+    // During the outage each node serves its own clients.
+    let (status, _) = nodes[0]
+        .request(
+            "POST",
+            "/v1/rooms/league:9/events",
+            Some(crate::util::TOKEN),
+            r#"{"n":"a1"}"#,
+        )
+        .await;
+    assert_eq!(status, 202);
+    seen_a.push(a.recv().await);
+    let (status, _) = nodes[1]
+        .request(
+            "POST",
+            "/v1/rooms/league:9/events",
+            Some(crate::util::TOKEN),
+            r#"{"n":"b1"}"#,
+        )
+        .await;
+    assert_eq!(status, 202);
+    seen_b.push(b.recv().await);
+    let (status, health) = nodes[0].get("/health").await;
+    assert_eq!(status, 200);
+    assert_eq!(health["registry"]["status"], "degraded");
+    assert_eq!(health["registry"]["outbox"], 1);
+
+    redis.restart_empty();
+    for n in &nodes {
+        eventually("the node is back on redis with an empty outbox", || async {
+            let (_, health) = n.get("/health").await;
+            (health["registry"]["status"] == "ok" && health["registry"]["outbox"] == 0).then_some(())
+        })
+        .await;
+    }
+    // Each node's outage event reaches the other node's client.
+    seen_a.push(a.recv().await);
+    seen_b.push(b.recv().await);
+    assert_eq!(seen_a.last().map(|e| e["data"]["n"].clone()), Some(json!("b1")));
+    assert_eq!(seen_b.last().map(|e| e["data"]["n"].clone()), Some(json!("a1")));
+    // Live delivery across nodes resumes on the same connections.
+    nodes[1].publish_event("league:9", r#"{"n":"after"}"#).await;
+    seen_a.push(a.recv().await);
+    seen_b.push(b.recv().await);
+    nodes[0].publish_state("league:9", r#"{"standings":[1]}"#).await;
+    let state_a = a.recv().await;
+    let state_b = b.recv().await;
+    assert_eq!(
+        (state_a["type"].as_str(), state_b["type"].as_str()),
+        (Some("state"), Some("state"))
+    );
+    for seen in [&seen_a, &seen_b] {
+        let data: Vec<serde_json::Value> = seen.iter().map(|e| e["data"]["n"].clone()).collect();
+        let seqs: Vec<u64> = seen.iter().map(|e| e["seq"].as_u64().expect("seq")).collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "sequences went back: {seqs:?} for {data:?}"
+        );
+        assert_eq!(data.last(), Some(&json!("after")));
+    }
+}
