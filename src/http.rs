@@ -458,6 +458,9 @@ async fn room_info(State(node): State<Node>, Path(room): Path<String>) -> Result
     Ok(Json(view).into_response())
 }
 
+/// Events (seq, ts, data) after `since`, or the last sequence when the history does not reach back.
+type EventList = Result<Vec<(u64, u64, Box<RawValue>)>, u64>;
+
 /// Stored JSON text as a raw value (it was validated when published).
 fn raw_json(text: &str) -> Box<RawValue> {
     RawValue::from_string(text.to_string()).unwrap_or_else(|_| RawValue::NULL.to_owned())
@@ -490,7 +493,7 @@ async fn room_events(
         ));
     };
     let now_ms = Now::system().unix_ms;
-    let (epoch, events): (String, Result<Vec<(u64, u64, Box<RawValue>)>, u64>) = match node.registry.redis() {
+    let (epoch, events): (String, EventList) = match node.registry.redis() {
         Some(redis) => {
             let (epoch, events) = redis
                 .events(&room, since)

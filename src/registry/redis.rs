@@ -91,6 +91,13 @@ end
 return current
 "#;
 
+/// A hash's fields, as Redis returns them.
+type Fields = HashMap<String, String>;
+/// Stream entries: id and fields.
+type StreamEntries = Vec<(String, Fields)>;
+/// Retained events (seq, ts, data), or the last sequence when the history does not reach back.
+pub type SharedEvents = Result<Vec<(u64, u64, String)>, u64>;
+
 fn meta_key(room: &RoomName) -> String {
     format!("cs:{{{room}}}:meta")
 }
@@ -426,12 +433,7 @@ impl RedisRegistry {
     async fn read_room(&self, room: &RoomName) -> Result<RoomSnapshot, Option<redis::RedisError>> {
         let mut conn = self.commands.clone();
         let meta = meta_key(room);
-        let (_, _, fields, entries): (
-            i64,
-            i64,
-            HashMap<String, String>,
-            Vec<(String, HashMap<String, String>)>,
-        ) = redis::pipe()
+        let (_, _, fields, entries): (i64, i64, HashMap<String, String>, StreamEntries) = redis::pipe()
             .hset_nx(&meta, "epoch", self.new_epoch())
             .expire(&meta, self.settings.state_ttl.as_secs().max(1) as i64)
             .hgetall(&meta)
@@ -752,13 +754,9 @@ impl RedisRegistry {
 
     /// Retained events after `since` from the Redis stream: `Err(last_seq)` when it no longer
     /// reaches back that far, `None` when Redis holds no such room.
-    pub async fn events(
-        &self,
-        room: &RoomName,
-        since: u64,
-    ) -> redis::RedisResult<Option<(String, Result<Vec<(u64, u64, String)>, u64>)>> {
+    pub async fn events(&self, room: &RoomName, since: u64) -> redis::RedisResult<Option<(String, SharedEvents)>> {
         let mut conn = self.commands.clone();
-        let (fields, entries): (HashMap<String, String>, Vec<(String, HashMap<String, String>)>) = redis::pipe()
+        let (fields, entries): (HashMap<String, String>, StreamEntries) = redis::pipe()
             .hgetall(meta_key(room))
             .xrange_all(history_key(room))
             .query_async(&mut conn)
