@@ -85,7 +85,9 @@ pub struct RemotePublication<'a> {
 /// A room's epoch, counters and state, as this node holds them.
 #[derive(Debug, Clone)]
 pub struct RoomNumbers {
+    /// The shared registry's epoch for the room (not a local outage epoch).
     pub epoch: String,
+    /// The last numbers the registry assigned.
     pub version: u64,
     pub seq: u64,
     pub state: Option<Arc<Publication>>,
@@ -333,18 +335,8 @@ impl Hub {
     /// and `recovered: false`). Returns whether this node holds the room.
     pub fn apply_remote(&self, room: &RoomName, remote: &RemotePublication<'_>, now: Now) -> bool {
         let held = self.with_room(room, false, now.unix_ms, |entry| {
-            if entry.room.epoch() != remote.epoch {
-                entry.room.restart(remote.epoch.to_string());
-                let notice = ServerControl::Subscribed {
-                    room: room.clone(),
-                    epoch: remote.epoch.to_string(),
-                    version: 0,
-                    seq: 0,
-                    recovered: Some(false),
-                };
-                for subscriber in entry.subscribers.values() {
-                    subscriber.push_control(&self.0.metrics, notice.clone());
-                }
+            if entry.room.epoch() != remote.epoch && entry.room.resume(remote.epoch) {
+                self.tell_subscribers(entry, room, Some(false));
             }
             let applied = match remote.kind {
                 PublishKind::State => entry.room.apply_state(remote.number, remote.ts_ms, &remote.data, now),
@@ -367,6 +359,57 @@ impl Hub {
             }
         })?;
         Ok(())
+    }
+
+    /// Publishes while the shared registry is unreachable: numbered locally, under a local epoch
+    /// that subscribers are told of (`subscribed`, `recovered: true`). `None` if the room is not held.
+    pub fn publish_provisional(
+        &self,
+        room: &RoomName,
+        kind: PublishKind,
+        data: &JsonData,
+        now: Now,
+        local_epoch: String,
+    ) -> Option<PublishReceipt> {
+        let receipt = self.with_room(room, false, now.unix_ms, |entry| {
+            if entry.room.enter_outage(local_epoch) {
+                self.tell_subscribers(entry, room, Some(true));
+            }
+            let publication = match kind {
+                PublishKind::State => entry.room.publish_state(data, now),
+                PublishKind::Event => entry.room.publish_event(data, now),
+            };
+            self.fan_out(entry, &publication);
+            PublishReceipt {
+                number: publication.number(),
+                ts_ms: publication.ts_ms,
+                subscribers: entry.subscribers.len(),
+            }
+        });
+        receipt.ok().flatten()
+    }
+
+    /// Returns the room to the registry's numbering after an outage (PROTOCOL.md, "Epochs"):
+    /// subscribers are told the epoch and the numbers to continue from, with `recovered: false`.
+    pub fn resume(&self, room: &RoomName, epoch: &str) {
+        let _ = self.with_room(room, false, 0, |entry| {
+            if entry.room.resume(epoch) {
+                self.tell_subscribers(entry, room, Some(false));
+            }
+        });
+    }
+
+    fn tell_subscribers(&self, entry: &RoomEntry, room: &RoomName, recovered: Option<bool>) {
+        let notice = ServerControl::Subscribed {
+            room: room.clone(),
+            epoch: entry.room.epoch().to_string(),
+            version: entry.room.version(),
+            seq: entry.room.last_seq(),
+            recovered,
+        };
+        for subscriber in entry.subscribers.values() {
+            subscriber.push_control(&self.0.metrics, notice.clone());
+        }
     }
 
     /// Local subscribers of the room.
@@ -397,11 +440,14 @@ impl Hub {
 
     /// What this node knows of a room, to restore it in a registry that lost it.
     pub fn room_numbers(&self, room: &RoomName) -> Option<RoomNumbers> {
-        self.with_room(room, false, 0, |entry| RoomNumbers {
-            epoch: entry.room.epoch().to_string(),
-            version: entry.room.version(),
-            seq: entry.room.last_seq(),
-            state: entry.room.state().cloned(),
+        self.with_room(room, false, 0, |entry| {
+            let (version, seq) = entry.room.confirmed();
+            RoomNumbers {
+                epoch: entry.room.registry_epoch().to_string(),
+                version,
+                seq,
+                state: entry.room.state().filter(|s| s.number() <= version).cloned(),
+            }
         })
         .ok()
         .flatten()

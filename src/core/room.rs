@@ -55,6 +55,12 @@ pub struct Room {
     history: VecDeque<Arc<Publication>>,
     history_bytes: usize,
     last_publish_ms: u64,
+    /// The last numbers the shared registry assigned, as opposed to numbers this node gave out
+    /// alone during an outage.
+    confirmed_version: u64,
+    confirmed_seq: u64,
+    /// While the room runs on a local epoch during a registry outage: the registry's epoch.
+    outage_of: Option<String>,
     limits: RetentionLimits,
 }
 
@@ -70,6 +76,9 @@ impl Room {
             history: VecDeque::new(),
             history_bytes: 0,
             last_publish_ms: now_ms,
+            confirmed_version: 0,
+            confirmed_seq: 0,
+            outage_of: None,
             limits,
         }
     }
@@ -137,6 +146,7 @@ impl Room {
             return None;
         }
         self.version = version;
+        self.confirmed_version = version;
         let at = Now {
             unix_ms: ts_ms,
             instant: now.instant,
@@ -160,6 +170,7 @@ impl Room {
             return None;
         }
         self.last_seq = seq;
+        self.confirmed_seq = seq;
         let at = Now {
             unix_ms: ts_ms,
             instant: now.instant,
@@ -182,11 +193,59 @@ impl Room {
     /// counters and retained data are cleared, to be filled by what follows.
     pub fn restart(&mut self, epoch: String) {
         self.epoch = epoch;
+        self.confirmed_version = 0;
+        self.confirmed_seq = 0;
+        self.outage_of = None;
         self.version = 0;
         self.state = None;
         self.last_seq = 0;
         self.history.clear();
         self.history_bytes = 0;
+    }
+
+    /// Switches to a local epoch for numbers given out while the registry is unreachable, so that
+    /// clients can tell them from the registry's. Returns false when already switched.
+    pub fn enter_outage(&mut self, local_epoch: String) -> bool {
+        if self.outage_of.is_some() {
+            return false;
+        }
+        self.outage_of = Some(std::mem::replace(&mut self.epoch, local_epoch));
+        true
+    }
+
+    /// The registry's epoch: the room's own, or the one it had before an outage.
+    pub fn registry_epoch(&self) -> &str {
+        self.outage_of.as_deref().unwrap_or(&self.epoch)
+    }
+
+    /// The last numbers the registry assigned: (version, seq).
+    pub fn confirmed(&self) -> (u64, u64) {
+        (self.confirmed_version, self.confirmed_seq)
+    }
+
+    /// Returns to the registry's numbering after an outage (or follows it to a new epoch): the
+    /// counters go back to the last confirmed numbers (to 0 under a new epoch) and events given
+    /// out locally leave the history. Returns whether anything changed, so that subscribers are told.
+    pub fn resume(&mut self, epoch: &str) -> bool {
+        if self.outage_of.is_none() && self.epoch == epoch {
+            return false;
+        }
+        let same_registry_epoch = self.registry_epoch() == epoch;
+        self.outage_of = None;
+        self.epoch = epoch.to_string();
+        if !same_registry_epoch {
+            self.confirmed_version = 0;
+            self.confirmed_seq = 0;
+        }
+        self.version = self.confirmed_version;
+        self.last_seq = self.confirmed_seq;
+        let keep = self.confirmed_seq;
+        while self.history.back().is_some_and(|p| p.number() > keep) {
+            if let Some(p) = self.history.pop_back() {
+                self.history_bytes -= p.size();
+            }
+        }
+        true
     }
 
     /// Drops history beyond the count, byte and age bounds.
@@ -435,6 +494,27 @@ mod tests {
             ("new", 0, 0, false)
         );
         assert!(r.apply_event(1, 1, &data(1), at(13)).is_some());
+    }
+
+    #[test]
+    fn an_outage_runs_on_a_local_epoch_and_resumes_from_confirmed_numbers() {
+        let mut r = room(RetentionLimits::default());
+        r.apply_event(1, 1, &data(1), at(1));
+        r.apply_state(1, 1, &data(1), at(1));
+        assert!(r.enter_outage("local".into()));
+        assert!(!r.enter_outage("again".into()));
+        assert_eq!(r.publish_event(&data(2), at(2)).number(), 2);
+        assert_eq!((r.epoch(), r.registry_epoch(), r.confirmed()), ("local", "ep", (1, 1)));
+        assert!(r.resume("ep"));
+        assert_eq!((r.epoch(), r.version(), r.last_seq()), ("ep", 1, 1));
+        assert_eq!(seqs(&r.snapshot(Some(0), None, 3).events), vec![1]);
+        assert!(
+            r.apply_event(2, 3, &data(20), at(3)).is_some(),
+            "the registry's event 2 is not taken for the local one"
+        );
+        assert!(!r.resume("ep"));
+        assert!(r.resume("other"));
+        assert_eq!((r.version(), r.last_seq()), (0, 0));
     }
 
     #[test]

@@ -305,12 +305,11 @@ impl RedisRegistry {
         if outbox.len() >= self.settings.outbox_messages || bytes + data.as_str().len() > self.settings.outbox_bytes {
             return Err(RegistryError::OutboxFull(outbox.len()));
         }
-        // Local clients get it now, numbered after what this node has seen.
-        let provisional = if self.hub.room_numbers(room).is_some() {
-            Some(self.hub.publish(room, kind, data, now)?.number)
-        } else {
-            None
-        };
+        // Local clients get it now, numbered after what this node has seen, under a local epoch.
+        let provisional = self
+            .hub
+            .publish_provisional(room, kind, data, now, self.new_epoch())
+            .map(|r| r.number);
         outbox.push_back(OutboxItem {
             room: room.clone(),
             kind,
@@ -609,6 +608,7 @@ impl RedisRegistry {
         for (room, follow) in rooms {
             match self.read_room(&room).await {
                 Ok(snapshot) => {
+                    self.hub.resume(&room, &snapshot.epoch);
                     for envelope in snapshot.envelopes {
                         self.apply(&room, &envelope, now);
                     }
