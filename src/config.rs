@@ -180,6 +180,10 @@ pub struct ClusterConfig {
     /// alone with its embedded registry.
     #[arg(long, env = "COURTSIDE_REDIS", value_name = "URL", hide_env_values = true)]
     pub redis: Option<String>,
+    /// --redis names a Redis Cluster (seed nodes, comma-separated): rooms use sharded pub/sub
+    /// (SSUBSCRIBE / SPUBLISH, Redis 7), so each room's traffic touches only its shard.
+    #[arg(long, env = "COURTSIDE_REDIS_CLUSTER", requires = "redis")]
+    pub redis_cluster: bool,
     /// This node's name in the cluster (presence, GET /v1/nodes). Default: hostname and a random suffix.
     #[arg(long, env = "COURTSIDE_NODE_ID", value_name = "ID")]
     pub node_id: Option<String>,

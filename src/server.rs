@@ -114,6 +114,7 @@ pub fn redis_settings(config: &ServeConfig, url: &str, http: std::net::SocketAdd
         history_len: config.rooms.history_size,
         history_ttl: config.rooms.history_ttl,
         state_ttl: config.rooms.state_ttl,
+        cluster: config.cluster.redis_cluster,
     }
 }
 

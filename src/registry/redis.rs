@@ -32,11 +32,66 @@ pub struct RedisSettings {
     pub history_len: usize,
     pub history_ttl: Duration,
     pub state_ttl: Duration,
+    /// Redis Cluster: `url` lists seed nodes (comma-separated); rooms use sharded pub/sub.
+    pub cluster: bool,
+}
+
+/// A command connection: one Redis, or a Redis Cluster (routed by key slot).
+#[derive(Clone)]
+enum RedisConn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl RedisConn {
+    /// Subscribes a room's channel: SUBSCRIBE, or SSUBSCRIBE (sharded) on a cluster.
+    async fn subscribe(&mut self, channel: String) -> redis::RedisResult<()> {
+        match self {
+            Self::Single(c) => c.subscribe(channel).await,
+            Self::Cluster(c) => c.ssubscribe(channel).await,
+        }
+    }
+
+    async fn unsubscribe(&mut self, channel: String) -> redis::RedisResult<()> {
+        match self {
+            Self::Single(c) => c.unsubscribe(channel).await,
+            Self::Cluster(c) => c.sunsubscribe(channel).await,
+        }
+    }
 }
 
 const PUBLISH_LUA: &str = r#"
 -- KEYS: meta, history. ARGV: kind, data, ts, new epoch, floor, history length, history ttl ms,
--- key ttl s, envelope body, channel, origin node, provisional number ('' when none).
+-- key ttl s, envelope body, channel, origin node, provisional number ('' when none),
+-- publish command (PUBLISH, or SPUBLISH on a cluster).
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[4]
@@ -67,7 +122,7 @@ for i = 1, 8 do
   number = string.char(x % 256) .. number
   x = math.floor(x / 256)
 end
-redis.call('PUBLISH', ARGV[10], string.char(1) .. number .. string.char(#epoch) .. epoch .. ARGV[9])
+redis.call(ARGV[13], ARGV[10], string.char(1) .. number .. string.char(#epoch) .. epoch .. ARGV[9])
 return {epoch, n}
 "#;
 
@@ -115,11 +170,12 @@ pub fn channel(room: &RoomName) -> String {
     format!("cs:{{{room}}}:ch")
 }
 
+/// Node records share one hash slot with the set of nodes, so one pipeline updates both.
 fn node_key(id: &str) -> String {
-    format!("cs:node:{id}")
+    format!("cs:{{nodes}}:{id}")
 }
 
-const NODES_KEY: &str = "cs:nodes";
+const NODES_KEY: &str = "cs:{nodes}";
 
 fn room_of_channel(channel: &[u8]) -> Option<RoomName> {
     let channel = std::str::from_utf8(channel).ok()?;
@@ -172,8 +228,8 @@ pub struct RedisRegistry {
     hub: Hub,
     metrics: Arc<Metrics>,
     settings: RedisSettings,
-    commands: ConnectionManager,
-    pubsub: ConnectionManager,
+    commands: RedisConn,
+    pubsub: RedisConn,
     up: AtomicBool,
     follows: Mutex<HashMap<RoomName, Arc<Follow>>>,
     outbox: Mutex<VecDeque<OutboxItem>>,
@@ -209,17 +265,31 @@ fn with_resp3(url: &str) -> String {
 impl RedisRegistry {
     /// Connects to Redis and starts the background tasks (pub/sub reader, heartbeat, unfollow).
     pub async fn connect(settings: RedisSettings, hub: Hub, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
-        let client = redis::Client::open(with_resp3(&settings.url))?;
-        let timeouts = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_max_delay(Duration::from_secs(2))
-            .set_number_of_retries(2);
-        let commands = client.get_connection_manager_with_config(timeouts.clone()).await?;
         let (push_tx, push_rx) = mpsc::unbounded_channel();
-        let pubsub = client
-            .get_connection_manager_with_config(timeouts.set_push_sender(push_tx).set_automatic_resubscription())
-            .await?;
+        let (commands, pubsub) = if settings.cluster {
+            let seeds: Vec<String> = settings.url.split(',').map(|u| with_resp3(u.trim())).collect();
+            let builder = || {
+                redis::cluster::ClusterClientBuilder::new(seeds.clone())
+                    .use_protocol(redis::ProtocolVersion::RESP3)
+                    .connection_timeout(Duration::from_secs(2))
+                    .response_timeout(Duration::from_secs(2))
+            };
+            let commands = builder().build()?.get_async_connection().await?;
+            let pubsub = builder().push_sender(push_tx).build()?.get_async_connection().await?;
+            (RedisConn::Cluster(commands), RedisConn::Cluster(pubsub))
+        } else {
+            let client = redis::Client::open(with_resp3(&settings.url))?;
+            let timeouts = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(2)))
+                .set_response_timeout(Some(Duration::from_secs(2)))
+                .set_max_delay(Duration::from_secs(2))
+                .set_number_of_retries(2);
+            let commands = client.get_connection_manager_with_config(timeouts.clone()).await?;
+            let pubsub = client
+                .get_connection_manager_with_config(timeouts.set_push_sender(push_tx).set_automatic_resubscription())
+                .await?;
+            (RedisConn::Single(commands), RedisConn::Single(pubsub))
+        };
         let registry = Arc::new(Self {
             hub: hub.clone(),
             metrics,
@@ -362,6 +432,7 @@ impl RedisRegistry {
             .arg(channel(room))
             .arg(&self.settings.node_id)
             .arg(provisional.map(|p| p.to_string()).unwrap_or_default())
+            .arg(if self.settings.cluster { "SPUBLISH" } else { "PUBLISH" })
             .invoke_async(&mut conn)
             .await?;
         Ok(number)
@@ -686,16 +757,27 @@ impl RedisRegistry {
         .ignore()
         .zrembyscore(NODES_KEY, 0, now_ms)
         .ignore();
+        let mut conn = self.commands.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        // A cluster refuses pipelines across hash slots: one pipeline per room, each in its slot.
         let rooms: Vec<RoomName> = lock(&self.follows).keys().cloned().collect();
+        let mut presence = redis::pipe();
         for room in rooms {
             let count = self.hub.subscriber_count(&room);
-            pipe.hset(presence_key(&room), id, count)
+            presence
+                .hset(presence_key(&room), id, count)
                 .ignore()
                 .pexpire(presence_key(&room), ttl_ms as i64)
                 .ignore();
+            if self.settings.cluster {
+                presence.query_async::<()>(&mut conn).await?;
+                presence = redis::pipe();
+            }
         }
-        let mut conn = self.commands.clone();
-        pipe.query_async::<()>(&mut conn).await
+        if !self.settings.cluster && !presence.is_empty() {
+            presence.query_async::<()>(&mut conn).await?;
+        }
+        Ok(())
     }
 
     /// Nodes alive now (their record has not expired).

@@ -330,3 +330,84 @@ async fn surviving_a_redis_restart_without_data() {
         vec![json!(1), json!(2), json!(3), json!("b1"), json!("a1"), json!("after")]
     );
 }
+
+/// A Redis Cluster of three masters: rooms spread over the shards, delivery across nodes works,
+/// and each room's channel lives on its own shard only (sharded pub/sub).
+#[tokio::test]
+async fn a_redis_cluster_shards_rooms() {
+    use crate::util::{cluster_node_connection, RedisCluster};
+    let cluster = RedisCluster::start().await;
+    let url = cluster.url();
+    let args = |id: &'static str| {
+        [
+            "--no-wt",
+            "--redis",
+            &url,
+            "--redis-cluster",
+            "--node-id",
+            id,
+            "--node-heartbeat",
+            "200ms",
+        ]
+        .map(str::to_string)
+    };
+    let n1_args = args("n1");
+    let n2_args = args("n2");
+    let n1 = TestServer::start(&n1_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let n2 = TestServer::start(&n2_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let rooms: Vec<String> = (1..=12).map(|i| format!("game:{i}")).collect();
+    let mut client = n1.connect().await;
+    for room in &rooms {
+        client.subscribe(room).await;
+    }
+    // Each room's sharded channel is subscribed on exactly one master, and the rooms spread.
+    let mut shards_used = std::collections::HashSet::new();
+    for room in &rooms {
+        let channel = format!("cs:{{{room}}}:ch");
+        let owners = eventually("the room's channel is subscribed on its shard", || {
+            let channel = channel.clone();
+            let ports = cluster.ports.clone();
+            async move {
+                let mut owners = Vec::new();
+                for port in ports {
+                    let mut conn = cluster_node_connection(port).await;
+                    let reply: Vec<(String, i64)> = redis::cmd("PUBSUB")
+                        .arg("SHARDNUMSUB")
+                        .arg(&channel)
+                        .query_async(&mut conn)
+                        .await
+                        .ok()?;
+                    if reply.first().is_some_and(|r| r.1 > 0) {
+                        owners.push(port);
+                    }
+                }
+                (owners.len() == 1).then_some(owners)
+            }
+        })
+        .await;
+        shards_used.insert(owners[0]);
+    }
+    assert!(shards_used.len() >= 2, "12 rooms all on one shard: {shards_used:?}");
+    // Delivery across nodes, and versions assigned once.
+    for room in &rooms {
+        n2.publish_state(room, r#"{"home":1}"#).await;
+    }
+    let mut got: Vec<String> = Vec::new();
+    for _ in &rooms {
+        let state = client.recv().await;
+        assert_eq!(
+            (state["type"].as_str(), state["version"].as_u64()),
+            (Some("state"), Some(1))
+        );
+        got.push(state["room"].as_str().expect("room").to_string());
+    }
+    got.sort();
+    let mut expected = rooms.clone();
+    expected.sort();
+    assert_eq!(got, expected);
+    n2.publish_event("game:5", r#"{"foul":"away"}"#).await;
+    assert_eq!(client.recv().await["seq"], 1);
+    let mut joining = n2.connect().await;
+    joining.subscribe("game:5").await;
+    assert_eq!(joining.recv().await["data"], json!({"home": 1}));
+}
