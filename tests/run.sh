@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # The test command (README.md): installs what the tests need when it is missing, then runs the
-# Rust suites (cargo test), the JavaScript client's unit tests and the headless-Chromium tests.
+# Rust suites (cargo test, which starts real redis-server processes), the JavaScript client's unit
+# tests and the headless-Chromium tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v chromium >/dev/null 2>&1 && [ -z "${CHROMIUM:-}" ]; then
+# Debian packages the tests need: Chromium (browser tests), redis-server and redis-cli (cluster tests).
+missing=()
+if ! command -v chromium >/dev/null 2>&1 && [ -z "${CHROMIUM:-}" ]; then missing+=(chromium); fi
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then missing+=(redis-server); fi
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "== installing chromium (Debian package, about a minute)"
+    echo "== installing ${missing[*]} (Debian packages, about a minute)"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "tests/run.sh: the browser tests need Chromium: install it (apt-get install chromium) or set CHROMIUM=/path/to/chrome" >&2
+    echo "tests/run.sh: the tests need ${missing[*]}: install them (apt-get install ${missing[*]}), or set CHROMIUM=/path/to/chrome" >&2
     exit 1
   fi
 fi

@@ -187,6 +187,13 @@ impl TestServer {
 
 impl Drop for TestServer {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let logs = self.logs.lock().map(|l| l.clone()).unwrap_or_default();
+            eprintln!("--- last log lines of the server on {} ---", self.http);
+            for line in logs.iter().rev().take(40).rev() {
+                eprintln!("{line}");
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -257,8 +264,9 @@ impl Client {
 
     /// The next JSON frame or the close, skipping pings and pongs.
     pub async fn next_seen(&mut self) -> Seen {
+        let deadline = tokio::time::Instant::now() + HANG;
         loop {
-            let message = tokio::time::timeout(HANG, self.ws.next())
+            let message = tokio::time::timeout_at(deadline, self.ws.next())
                 .await
                 .expect("a frame in time");
             match message {
@@ -275,8 +283,9 @@ impl Client {
 
     /// The next text frame, as sent.
     pub async fn recv_text(&mut self) -> String {
+        let deadline = tokio::time::Instant::now() + HANG;
         loop {
-            match tokio::time::timeout(HANG, self.ws.next())
+            match tokio::time::timeout_at(deadline, self.ws.next())
                 .await
                 .expect("a frame in time")
             {
