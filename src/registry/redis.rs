@@ -252,13 +252,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The URL with `protocol=resp3` (needed for pushes) added to its query, before any fragment.
 fn with_resp3(url: &str) -> String {
-    if url.contains("protocol=") {
+    let (base, fragment) = match url.split_once('#') {
+        Some((base, fragment)) => (base, format!("#{fragment}")),
+        None => (url, String::new()),
+    };
+    if base.contains("protocol=") {
         url.to_string()
-    } else if url.contains('?') {
-        format!("{url}&protocol=resp3")
+    } else if base.contains('?') {
+        format!("{base}&protocol=resp3{fragment}")
     } else {
-        format!("{url}?protocol=resp3")
+        format!("{base}?protocol=resp3{fragment}")
     }
 }
 
@@ -889,4 +894,32 @@ pub struct SharedRoom {
     pub state: Option<String>,
     pub state_ts: u64,
     pub subscribers: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resp3_is_asked_for_in_the_query_before_any_fragment() {
+        assert_eq!(with_resp3("redis://h:6379"), "redis://h:6379?protocol=resp3");
+        assert_eq!(
+            with_resp3("redis://h:6379/0?x=1"),
+            "redis://h:6379/0?x=1&protocol=resp3"
+        );
+        assert_eq!(
+            with_resp3("rediss://:t@h:6379/#insecure"),
+            "rediss://:t@h:6379/?protocol=resp3#insecure"
+        );
+        assert_eq!(with_resp3("redis://h?protocol=resp3"), "redis://h?protocol=resp3");
+    }
+
+    #[test]
+    fn channels_name_their_room() {
+        let room = RoomName::parse("game:1").expect("room");
+        assert_eq!(channel(&room), "cs:{game:1}:ch");
+        assert_eq!(room_of_channel(channel(&room).as_bytes()), Some(room));
+        assert_eq!(room_of_channel(b"cs:{bad room}:ch"), None);
+        assert_eq!(room_of_channel(b"other"), None);
+    }
 }

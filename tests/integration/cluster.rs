@@ -413,3 +413,84 @@ async fn a_redis_cluster_shards_rooms() {
     joining.subscribe("game:5").await;
     assert_eq!(joining.recv().await["data"], json!({"home": 1}));
 }
+
+/// rediss:// with a password (ElastiCache in-transit encryption with an AUTH token).
+#[tokio::test]
+async fn nodes_share_rooms_over_tls_with_a_password() {
+    let redis = RedisServer::start_tls("s3cret-token").await;
+    let nodes = [node(&redis, "n1"), node(&redis, "n2")];
+    let mut client = nodes[0].connect().await;
+    client.subscribe("game:tls").await;
+    eventually("node 1 follows the room", || async {
+        let (_, health) = nodes[0].get("/health").await;
+        (health["registry"]["status"] == "ok").then_some(())
+    })
+    .await;
+    // Publishing through node 2 reaches node 1's client once node 1's channel is subscribed.
+    let deadline = tokio::time::Instant::now() + crate::util::HANG;
+    let version = loop {
+        let version = nodes[1].publish_state("game:tls", "1").await["version"]
+            .as_u64()
+            .expect("version");
+        if let Ok(state) = tokio::time::timeout(std::time::Duration::from_millis(200), client.recv()).await {
+            assert_eq!(state["type"], "state");
+            assert!(state["version"].as_u64() <= Some(version));
+            break version;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "nothing crossed nodes over TLS");
+    };
+    assert!(version >= 1);
+}
+
+/// While Redis is away, publishes wait in a bounded outbox; a full outbox answers 503 and the
+/// publish is neither delivered nor queued.
+#[tokio::test]
+async fn a_full_outbox_refuses_publishes() {
+    use crate::util::TOKEN;
+    let mut redis = RedisServer::start();
+    let n1 = TestServer::start(&[
+        "--no-wt",
+        "--redis",
+        &redis.url(),
+        "--node-heartbeat",
+        "200ms",
+        "--outbox-messages",
+        "2",
+    ]);
+    let mut client = n1.connect().await;
+    client.subscribe("game:full").await;
+    redis.kill();
+    for i in 1..=2 {
+        let (status, body) = n1
+            .request("POST", "/v1/rooms/game:full/events", Some(TOKEN), i.to_string())
+            .await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let (status, body) = n1.request("POST", "/v1/rooms/game:full/events", Some(TOKEN), "3").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("registry_unavailable")),
+        "{body}"
+    );
+    let (_, health) = n1.get("/health").await;
+    assert_eq!(
+        (
+            health["registry"]["status"].as_str(),
+            health["registry"]["outbox"].as_u64()
+        ),
+        (Some("degraded"), Some(2))
+    );
+    assert_eq!(n1.metric("courtside_registry_up").await, 0.0);
+    assert_eq!(n1.metric("courtside_outbox").await, 2.0);
+    // The client got the two accepted events (after the local-epoch notice), not the refused one.
+    let mut data = Vec::new();
+    while data.len() < 2 {
+        let frame = client.recv().await;
+        if frame["type"] == "event" {
+            data.push(frame["data"].clone());
+        }
+    }
+    assert_eq!(data, vec![json!(1), json!(2)]);
+    client.send(json!({"type": "ping"})).await;
+    assert_eq!(client.recv().await["type"], "pong");
+}

@@ -534,6 +534,8 @@ impl Drop for LossyRelay {
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
+    /// TLS (rediss://) with this password, as ElastiCache's in-transit encryption with AUTH.
+    tls: Option<(std::path::PathBuf, String)>,
 }
 
 impl RedisServer {
@@ -542,27 +544,72 @@ impl RedisServer {
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
-        let mut server = Self { child: None, port };
+        let mut server = Self {
+            child: None,
+            port,
+            tls: None,
+        };
+        server.spawn();
+        server
+    }
+
+    /// A TLS-only server with a password and a self-signed certificate.
+    pub async fn start_tls(password: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let dir = std::env::temp_dir().join(format!("courtside-redis-tls-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let identity = wtransport::Identity::self_signed(["localhost", "127.0.0.1"]).expect("identity");
+        identity
+            .certificate_chain()
+            .store_pemfile(dir.join("cert.pem"))
+            .await
+            .expect("cert");
+        identity
+            .private_key()
+            .store_secret_pemfile(dir.join("key.pem"))
+            .await
+            .expect("key");
+        let mut server = Self {
+            child: None,
+            port,
+            tls: Some((dir, password.to_string())),
+        };
         server.spawn();
         server
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.tls {
+            // `#insecure`: the test certificate is self-signed.
+            Some((_, password)) => format!("rediss://:{password}@127.0.0.1:{}/#insecure", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+        let mut command = Command::new("redis-server");
+        command.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        match &self.tls {
+            None => command.args(["--port", &self.port.to_string()]),
+            Some((dir, password)) => command
+                .args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &self.port.to_string(),
+                    "--tls-auth-clients",
+                    "no",
+                ])
+                .args(["--requirepass", password])
+                .arg("--tls-cert-file")
+                .arg(dir.join("cert.pem"))
+                .arg("--tls-key-file")
+                .arg(dir.join("key.pem")),
+        };
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -601,6 +648,9 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+        if let Some((dir, _)) = &self.tls {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
