@@ -1,0 +1,48 @@
+// The original design: Socket.IO 4 on Node with the same room semantics as Courtside (join a
+// room; states and events broadcast to it), WebSocket transport only, the old options.
+// POST /publish {"room","event":"state"|"event","data"} broadcasts; prints {"port":N} when ready.
+// With REDIS_URL, rooms are shared through @socket.io/redis-adapter (the old design's cluster).
+import { createServer } from 'node:http';
+import { Server } from 'socket.io';
+
+const port = Number(process.argv[2] ?? process.env.PORT ?? 0);
+const http = createServer((req, res) => {
+  if (req.method === 'POST' && req.url === '/publish') {
+    let body = '';
+    req.on('data', (chunk) => { body += chunk; });
+    req.on('end', () => {
+      try {
+        const { room, event, data } = JSON.parse(body);
+        io.to(room).emit(event, data);
+        res.writeHead(200, { 'content-type': 'application/json' }).end('{"ok":true}');
+      } catch (e) {
+        res.writeHead(400).end(String(e));
+      }
+    });
+    return;
+  }
+  res.writeHead(404).end();
+});
+const io = new Server(http, {
+  transports: ['websocket'],
+  pingInterval: 25000,
+  pingTimeout: 60000,
+  maxHttpBufferSize: 1e6,
+  serveClient: false,
+});
+if (process.env.REDIS_URL) {
+  const { createAdapter } = await import('@socket.io/redis-adapter');
+  const { createClient } = await import('redis');
+  const pub = createClient({ url: process.env.REDIS_URL });
+  const sub = pub.duplicate();
+  await Promise.all([pub.connect(), sub.connect()]);
+  io.adapter(createAdapter(pub, sub));
+}
+io.on('connection', (socket) => {
+  socket.on('join', (room) => { socket.join(room); socket.emit('joined', room); });
+  socket.on('leave', (room) => socket.leave(room));
+});
+http.listen(port, '127.0.0.1', () => {
+  console.log(JSON.stringify({ port: http.address().port }));
+});
+process.on('SIGTERM', () => process.exit(0));

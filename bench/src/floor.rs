@@ -1,0 +1,100 @@
+//! `floor`: what one loopback TCP write costs on this machine. A minimal writer sends one
+//! pre-encoded WebSocket frame to each of N sockets, one frame per write and then ten per write;
+//! its thread's CPU time per write and per message is the floor any server's fan-out stands on.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::procstat;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FloorResult {
+    pub sockets: usize,
+    pub frame_bytes: usize,
+    pub rounds: usize,
+    /// CPU µs per write of one frame, and the wall time to write one frame to every socket.
+    pub one_per_write_cpu_us: f64,
+    pub one_per_write_round_ms: f64,
+    /// CPU µs per message when ten frames go in one write.
+    pub ten_per_write_cpu_us_per_message: f64,
+    pub ten_per_write_round_ms: f64,
+}
+
+pub fn run(sockets: usize, rounds: usize) -> anyhow::Result<FloorResult> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let mut writers = Vec::with_capacity(sockets);
+    let mut readers = Vec::with_capacity(sockets);
+    for _ in 0..sockets {
+        let client = TcpStream::connect(addr)?;
+        let (server, _) = listener.accept()?;
+        server.set_nodelay(true)?;
+        writers.push(server);
+        readers.push(client);
+    }
+    // A reader thread drains every socket so writes never block.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drain = {
+        let stop = stop.clone();
+        for r in &readers {
+            r.set_nonblocking(true)?;
+        }
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut idle = true;
+                for r in readers.iter_mut() {
+                    while let Ok(n) = r.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        idle = false;
+                    }
+                }
+                if idle {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        })
+    };
+    // A 60-byte score update, framed as a server-to-client WebSocket text frame.
+    let payload = br#"{"type":"state","room":"game:1234","version":7,"data":42}"#;
+    let mut frame = vec![0x81, payload.len() as u8];
+    frame.extend_from_slice(payload);
+    let ten: Vec<u8> = frame.iter().copied().cycle().take(frame.len() * 10).collect();
+
+    let mut measure = |bytes: &[u8]| -> anyhow::Result<(f64, f64)> {
+        let cpu_before = procstat::cpu_time("thread-self").unwrap_or_default();
+        let started = Instant::now();
+        for _ in 0..rounds {
+            for w in writers.iter_mut() {
+                w.write_all(bytes)?;
+            }
+        }
+        let wall = started.elapsed();
+        let cpu = procstat::cpu_time("thread-self")
+            .unwrap_or_default()
+            .saturating_sub(cpu_before);
+        let writes = (rounds * writers.len()) as f64;
+        Ok((
+            cpu.as_secs_f64() * 1e6 / writes,
+            wall.as_secs_f64() * 1e3 / rounds as f64,
+        ))
+    };
+    let (one_cpu, one_round) = measure(&frame)?;
+    let (ten_cpu, ten_round) = measure(&ten)?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = drain.join();
+    Ok(FloorResult {
+        sockets,
+        frame_bytes: frame.len(),
+        rounds,
+        one_per_write_cpu_us: one_cpu,
+        one_per_write_round_ms: one_round,
+        ten_per_write_cpu_us_per_message: ten_cpu / 10.0,
+        ten_per_write_round_ms: ten_round,
+    })
+}
