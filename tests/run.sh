@@ -29,7 +29,7 @@ if [ ! -d tests/browser/node_modules/playwright-core ]; then
 fi
 
 echo "== cargo test"
-cargo test "$@"
+cargo test --workspace "$@"
 
 echo "== JavaScript: client codec and headless Chromium"
 cargo build --quiet

@@ -29,6 +29,12 @@ use crate::shutdown::ShutdownListener;
 /// Messages written per socket write at most; the rest wait for the next round.
 const MAX_BATCH: usize = 256;
 
+/// Bytes read from a socket at a time (tungstenite's default is 128 KiB, zeroed per read).
+const READ_BUFFER: usize = 4096;
+
+/// Frames are buffered up to this size before tungstenite writes them; a batch is flushed anyway.
+const WRITE_BUFFER: usize = 64 * 1024;
+
 /// How long a closing connection waits for the client's close frame, at most.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
@@ -85,7 +91,12 @@ pub async fn upgrade(State(node): State<Node>, mut request: Request) -> Response
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
+                // tungstenite zeroes a read chunk of `read_buffer_size` on every read: its 128 KiB
+                // default cost more CPU than the socket write itself (the bench's profile) and
+                // 128 KiB of memory per connection. Clients send small commands.
                 let config = WebSocketConfig::default()
+                    .read_buffer_size(READ_BUFFER)
+                    .write_buffer_size(WRITE_BUFFER)
                     .max_message_size(Some(node.websocket.max_message))
                     .max_frame_size(Some(node.websocket.max_message));
                 let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
