@@ -293,24 +293,27 @@ impl Hub {
         data: &JsonData,
         now: Now,
     ) -> Result<PublishReceipt, HubError> {
-        let receipt = self.with_room(room, true, now.unix_ms, |entry| {
-            let publication = match kind {
-                PublishKind::State => entry.room.publish_state(data, now),
-                PublishKind::Event => entry.room.publish_event(data, now),
-            };
-            self.fan_out(entry, &publication);
-            PublishReceipt {
-                number: publication.number(),
-                ts_ms: publication.ts_ms,
-                subscribers: entry.subscribers.len(),
-            }
-        })?;
+        let receipt = self.with_room(room, true, now.unix_ms, |entry| self.publish_in(entry, kind, data, now))?;
         match kind {
             PublishKind::State => self.0.metrics.published_states.inc(),
             PublishKind::Event => self.0.metrics.published_events.inc(),
         };
         // `with_room` with `create` always yields a room.
         receipt.ok_or(HubError::RoomLimit(self.0.config.max_rooms))
+    }
+
+    /// Numbers a publish in the room (its lock held) and fans it out.
+    fn publish_in(&self, entry: &mut RoomEntry, kind: PublishKind, data: &JsonData, now: Now) -> PublishReceipt {
+        let publication = match kind {
+            PublishKind::State => entry.room.publish_state(data, now),
+            PublishKind::Event => entry.room.publish_event(data, now),
+        };
+        self.fan_out(entry, &publication);
+        PublishReceipt {
+            number: publication.number(),
+            ts_ms: publication.ts_ms,
+            subscribers: entry.subscribers.len(),
+        }
     }
 
     /// Offers a publication to every subscriber of the room (the caller holds the room lock, so
@@ -375,16 +378,7 @@ impl Hub {
             if entry.room.enter_outage(local_epoch) {
                 self.tell_subscribers(entry, room, Some(true));
             }
-            let publication = match kind {
-                PublishKind::State => entry.room.publish_state(data, now),
-                PublishKind::Event => entry.room.publish_event(data, now),
-            };
-            self.fan_out(entry, &publication);
-            PublishReceipt {
-                number: publication.number(),
-                ts_ms: publication.ts_ms,
-                subscribers: entry.subscribers.len(),
-            }
+            self.publish_in(entry, kind, data, now)
         });
         receipt.ok().flatten()
     }

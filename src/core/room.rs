@@ -110,33 +110,13 @@ impl Room {
     /// Replaces the state and assigns the next version.
     pub fn publish_state(&mut self, data: &JsonData, now: Now) -> Arc<Publication> {
         self.version += 1;
-        let publication = Arc::new(Publication::new(
-            self.id,
-            self.name.clone(),
-            PublicationKind::State { version: self.version },
-            data,
-            now,
-        ));
-        self.state = Some(publication.clone());
-        self.last_publish_ms = now.unix_ms;
-        publication
+        self.keep_state(self.version, data, now, now)
     }
 
     /// Appends an event with the next sequence number, trimming the history to its bounds.
     pub fn publish_event(&mut self, data: &JsonData, now: Now) -> Arc<Publication> {
         self.last_seq += 1;
-        let publication = Arc::new(Publication::new(
-            self.id,
-            self.name.clone(),
-            PublicationKind::Event { seq: self.last_seq },
-            data,
-            now,
-        ));
-        self.history_bytes += publication.size();
-        self.history.push_back(publication.clone());
-        self.last_publish_ms = now.unix_ms;
-        self.trim(now.unix_ms);
-        publication
+        self.keep_event(self.last_seq, data, now, now)
     }
 
     /// Applies a state whose version was assigned elsewhere (the Redis registry). Returns the
@@ -147,20 +127,15 @@ impl Room {
         }
         self.version = version;
         self.confirmed_version = version;
-        let at = Now {
-            unix_ms: ts_ms,
-            instant: now.instant,
-        };
-        let publication = Arc::new(Publication::new(
-            self.id,
-            self.name.clone(),
-            PublicationKind::State { version },
+        Some(self.keep_state(
+            version,
             data,
-            at,
-        ));
-        self.state = Some(publication.clone());
-        self.last_publish_ms = now.unix_ms;
-        Some(publication)
+            Now {
+                unix_ms: ts_ms,
+                instant: now.instant,
+            },
+            now,
+        ))
     }
 
     /// Applies an event whose sequence was assigned elsewhere. Sequences may skip numbers (after a
@@ -171,22 +146,35 @@ impl Room {
         }
         self.last_seq = seq;
         self.confirmed_seq = seq;
-        let at = Now {
-            unix_ms: ts_ms,
-            instant: now.instant,
-        };
-        let publication = Arc::new(Publication::new(
-            self.id,
-            self.name.clone(),
-            PublicationKind::Event { seq },
+        Some(self.keep_event(
+            seq,
             data,
-            at,
-        ));
+            Now {
+                unix_ms: ts_ms,
+                instant: now.instant,
+            },
+            now,
+        ))
+    }
+
+    /// Builds the state publication (ingested at `ingest`) and keeps it as the room's state.
+    fn keep_state(&mut self, version: u64, data: &JsonData, ingest: Now, now: Now) -> Arc<Publication> {
+        let kind = PublicationKind::State { version };
+        let publication = Arc::new(Publication::new(self.id, self.name.clone(), kind, data, ingest));
+        self.state = Some(publication.clone());
+        self.last_publish_ms = now.unix_ms;
+        publication
+    }
+
+    /// Builds the event publication (ingested at `ingest`) and appends it to the history.
+    fn keep_event(&mut self, seq: u64, data: &JsonData, ingest: Now, now: Now) -> Arc<Publication> {
+        let kind = PublicationKind::Event { seq };
+        let publication = Arc::new(Publication::new(self.id, self.name.clone(), kind, data, ingest));
         self.history_bytes += publication.size();
         self.history.push_back(publication.clone());
         self.last_publish_ms = now.unix_ms;
         self.trim(now.unix_ms);
-        Some(publication)
+        publication
     }
 
     /// Starts the room over under another epoch (the shared registry lost and recreated it):
