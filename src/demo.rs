@@ -1,19 +1,20 @@
 //! `courtside serve --demo`: drives the Saturday simulator in real time (or faster) and publishes
-//! what it produces through the hub, exactly as HTTP publishes are.
+//! what it produces through the registry, exactly as HTTP publishes are.
 
 use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::core::{JsonData, Now};
+use crate::core::JsonData;
 use crate::hub::Hub;
+use crate::registry::Registry;
 use crate::shutdown::ShutdownListener;
 use crate::simulator::{SaturdayConfig, SaturdayModel, SimPublish};
 
 const TICK: Duration = Duration::from_millis(250);
 
 /// Runs the simulator until shutdown. `speed` multiplies game time (1.0: real time).
-pub async fn run(hub: Hub, speed: f64, seed: u64, mut stop: ShutdownListener) {
+pub async fn run(hub: Hub, registry: Registry, speed: f64, seed: u64, mut stop: ShutdownListener) {
     let mut model = SaturdayModel::new(SaturdayConfig::default(), seed);
     let mut out = Vec::new();
     model.snapshot(&mut out);
@@ -24,7 +25,7 @@ pub async fn run(hub: Hub, speed: f64, seed: u64, mut stop: ShutdownListener) {
         speed,
         "demo: simulating a Phoenix Saturday"
     );
-    publish(&hub, &mut out);
+    publish(&hub, &registry, &mut out).await;
     let mut tick = tokio::time::interval(TICK);
     let step = (TICK.as_millis() as f64 * speed).max(1.0) as u64;
     loop {
@@ -32,19 +33,18 @@ pub async fn run(hub: Hub, speed: f64, seed: u64, mut stop: ShutdownListener) {
             _ = stop.recv() => return,
             _ = tick.tick() => {
                 model.advance(step, &mut out);
-                publish(&hub, &mut out);
+                publish(&hub, &registry, &mut out).await;
             }
         }
     }
 }
 
-fn publish(hub: &Hub, out: &mut Vec<SimPublish>) {
-    let now = Now::system();
+async fn publish(hub: &Hub, registry: &Registry, out: &mut Vec<SimPublish>) {
     for p in out.drain(..) {
         let Ok(data) = JsonData::parse(p.data.as_bytes()) else {
             continue;
         };
-        if let Err(error) = hub.publish(&p.room, p.kind, &data, now) {
+        if let Err(error) = registry.publish(hub, &p.room, p.kind, &data).await {
             warn!(%error, room = %p.room, "demo publish refused");
         }
     }

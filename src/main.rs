@@ -111,6 +111,7 @@ fn run(config: ServeConfig) -> anyhow::Result<()> {
             let listener = node.shutdown_listener();
             tokio::spawn(courtside::demo::run(
                 node.hub.clone(),
+                node.registry.clone(),
                 config.demo_speed,
                 config.demo_seed,
                 listener,
