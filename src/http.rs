@@ -248,13 +248,12 @@ async fn publish_one(
     let body = body_bytes(body)?;
     let data = JsonData::parse(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_json", e.to_string()))?;
     let published = node.registry.publish(&node.hub, &room, kind, &data).await?;
-    let mut view = PublishView::new(&room, kind, published);
+    let view = PublishView::new(&room, kind, published);
     let status = if view.queued == Some(true) {
         StatusCode::ACCEPTED
     } else {
         StatusCode::OK
     };
-    view.room = room.to_string();
     Ok((status, Json(view)).into_response())
 }
 

@@ -8,7 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::core::ErrorCode;
+use crate::core::{ErrorCode, Outgoing};
 
 /// A transport a client connects with; a label on per-transport metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -194,6 +194,19 @@ impl Metrics {
         match transport {
             Transport::WebSocket => &self.websocket,
             Transport::WebTransport => &self.webtransport,
+        }
+    }
+
+    /// Counts a batch written to one connection, and each publication's publish-to-send latency
+    /// (one clock read per batch).
+    pub fn record_deliveries(&self, transport: Transport, batch: &[Outgoing]) {
+        self.transport(transport).deliveries.inc_by(batch.len() as u64);
+        let now = std::time::Instant::now();
+        for item in batch {
+            if let Outgoing::Publication(p) = item {
+                self.delivery_latency
+                    .observe(now.saturating_duration_since(p.published_at).as_secs_f64());
+            }
         }
     }
 

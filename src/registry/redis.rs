@@ -153,6 +153,13 @@ type StreamEntries = Vec<(String, Fields)>;
 /// Retained events (seq, ts, data), or the last sequence when the history does not reach back.
 pub type SharedEvents = Result<Vec<(u64, u64, String)>, u64>;
 
+/// An event of a room's history stream: (seq, ts, data), as the publish script wrote it.
+fn stream_event(entry: &Fields) -> Option<(u64, u64, &String)> {
+    let seq = entry.get("seq")?.parse().ok()?;
+    let ts = entry.get("ts").and_then(|t| t.parse().ok()).unwrap_or(0);
+    Some((seq, ts, entry.get("data")?))
+}
+
 fn meta_key(room: &RoomName) -> String {
     format!("cs:{{{room}}}:meta")
 }
@@ -530,10 +537,9 @@ impl RedisRegistry {
             });
         }
         for (_, entry) in entries {
-            let (Some(seq), Some(data)) = (entry.get("seq").and_then(|s| s.parse().ok()), entry.get("data")) else {
+            let Some((seq, ts, data)) = stream_event(&entry) else {
                 continue;
             };
-            let ts = entry.get("ts").and_then(|t| t.parse().ok()).unwrap_or(0);
             // This node's own outbox events: its clients got them during the outage.
             let own =
                 entry.get("origin") == Some(&self.settings.node_id) && entry.get("prov").is_some_and(|p| !p.is_empty());
@@ -853,14 +859,8 @@ impl RedisRegistry {
         };
         let last_seq: u64 = fields.get("seq").and_then(|v| v.parse().ok()).unwrap_or(0);
         let events: Vec<(u64, u64, String)> = entries
-            .into_iter()
-            .filter_map(|(_, e)| {
-                Some((
-                    e.get("seq")?.parse().ok()?,
-                    e.get("ts")?.parse().ok()?,
-                    e.get("data")?.clone(),
-                ))
-            })
+            .iter()
+            .filter_map(|(_, e)| stream_event(e).map(|(seq, ts, data)| (seq, ts, data.clone())))
             .collect();
         let first = events.first().map_or(last_seq + 1, |e| e.0);
         if since > last_seq || since + 1 < first {

@@ -323,12 +323,7 @@ async fn write_queue(
             Ok(Ok(())) => {}
             Ok(Err(_)) | Err(_) => return Err(()),
         }
-        metrics.websocket.deliveries.inc_by(batch.len() as u64);
-        for item in batch.iter() {
-            if let Outgoing::Publication(p) = item {
-                metrics.delivery_latency.observe(p.published_at.elapsed().as_secs_f64());
-            }
-        }
+        metrics.record_deliveries(Transport::WebSocket, batch);
         if closed.is_some() {
             return Ok(closed);
         }

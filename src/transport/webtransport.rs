@@ -657,13 +657,7 @@ impl WtSession {
                     _ => return Err(()),
                 }
             }
-            let metrics = &self.node.metrics;
-            metrics.webtransport.deliveries.inc_by(batch.len() as u64);
-            for item in &batch {
-                if let Outgoing::Publication(p) = item {
-                    metrics.delivery_latency.observe(p.published_at.elapsed().as_secs_f64());
-                }
-            }
+            self.node.metrics.record_deliveries(Transport::WebTransport, &batch);
             batch.clear();
             self.batch = batch;
             if closed.is_some() {
