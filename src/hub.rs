@@ -2,10 +2,11 @@
 //! each connection a `Subscriber` with its own bounded queue. A publish takes no global lock.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 use crate::core::{
     ConnectionQueue, JsonData, Now, Outgoing, Publication, Pushed, QueueClosed, QueueLimits, RetentionLimits, Room,
@@ -101,6 +102,37 @@ pub struct RoomHistory {
     pub events: Result<Vec<Arc<Publication>>, u64>,
 }
 
+/// A one-waiter wake-up with a stored permit: a flag and an `AtomicWaker`, no lock. One per
+/// connection, set by the fan-out for every connection whose queue was empty (cheaper than
+/// `tokio::sync::Notify`, whose waiter list takes a lock on every wait and wake).
+#[derive(Debug, Default)]
+struct Wake {
+    pending: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Wake {
+    fn wake(&self) {
+        self.pending.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            if self.pending.swap(false, Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            if self.pending.swap(false, Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+    }
+}
+
 /// A connection as the hub sees it: a bounded queue and a wake-up for its writer.
 #[derive(Debug)]
 pub struct Subscriber {
@@ -108,7 +140,7 @@ pub struct Subscriber {
     transport: Transport,
     queue: Mutex<ConnectionQueue>,
     /// Woken when the queue goes from empty to non-empty, or closes.
-    wake: Notify,
+    wake: Wake,
 }
 
 impl Subscriber {
@@ -127,7 +159,7 @@ impl Subscriber {
 
     /// Waits until there is something to write (or the queue closed).
     pub async fn wait(&self) {
-        self.wake.notified().await;
+        self.wake.wait().await;
     }
 
     /// Moves up to `max` pending messages into `out`; reports whether the queue has closed.
@@ -150,14 +182,14 @@ impl Subscriber {
     /// Stops the queue for good; returns how many pending messages were dropped.
     pub fn close(&self, reason: QueueClosed) -> usize {
         let dropped = self.queue().close(reason);
-        self.wake.notify_one();
+        self.wake.wake();
         dropped
     }
 
     fn offer(&self, push: impl FnOnce(&mut ConnectionQueue) -> Pushed) -> Pushed {
         let pushed = push(&mut self.queue());
         if matches!(pushed, Pushed::Queued { wake: true } | Pushed::Overflowed { .. }) {
-            self.wake.notify_one();
+            self.wake.wake();
         }
         pushed
     }
@@ -281,7 +313,7 @@ impl Hub {
             id: self.0.next_conn_id.fetch_add(1, Ordering::Relaxed),
             transport,
             queue: Mutex::new(ConnectionQueue::new(self.0.config.queue)),
-            wake: Notify::new(),
+            wake: Wake::default(),
         })
     }
 
@@ -483,7 +515,7 @@ impl Hub {
             }
             drop(queue);
             if was_empty || tally.slow > 0 {
-                subscriber.wake.notify_one();
+                subscriber.wake.wake();
             }
             tally.flush(&self.0.metrics, subscriber.transport);
         })?;

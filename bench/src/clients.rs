@@ -10,6 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -43,16 +44,27 @@ pub enum Frame {
 
 /// Parses one text frame of `protocol` (pure).
 pub fn parse(protocol: Protocol, text: &str) -> Frame {
+    // Typed, borrowing parses: the generator shares the cores with the server, so its receive
+    // path must cost little (a `serde_json::Value` per frame cost more than the server's write).
+    #[derive(serde::Deserialize)]
+    struct Data {
+        i: u64,
+        t: u64,
+    }
+    #[derive(serde::Deserialize)]
+    struct CourtsideFrame<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: &'a str,
+        data: Option<Data>,
+    }
     let data = match protocol {
-        Protocol::Courtside => {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
-                return Frame::Other;
-            };
-            if v["type"] != "event" && v["type"] != "state" {
-                return Frame::Other;
-            }
-            v["data"].clone()
-        }
+        Protocol::Courtside => match serde_json::from_str::<CourtsideFrame>(text) {
+            Ok(CourtsideFrame {
+                kind: "event" | "state",
+                data: Some(data),
+            }) => data,
+            _ => return Frame::Other,
+        },
         Protocol::SocketIo => {
             if text == "2" {
                 return Frame::Reply("3");
@@ -60,19 +72,22 @@ pub fn parse(protocol: Protocol, text: &str) -> Frame {
             let Some(payload) = text.strip_prefix("42") else {
                 return Frame::Other;
             };
-            let Ok(serde_json::Value::Array(items)) = serde_json::from_str::<serde_json::Value>(payload) else {
-                return Frame::Other;
-            };
-            match items.as_slice() {
-                [name, data] if name == "event" || name == "state" => data.clone(),
+            match serde_json::from_str::<(&str, Data)>(payload) {
+                Ok(("event" | "state", data)) => data,
                 _ => return Frame::Other,
             }
         }
     };
-    match (data["i"].as_u64(), data["t"].as_u64()) {
-        (Some(index), Some(sent_us)) => Frame::Message(Received { index, sent_us }),
-        _ => Frame::Other,
-    }
+    Frame::Message(Received {
+        index: data.i,
+        sent_us: data.t,
+    })
+}
+
+/// Client settings: tungstenite's default 128 KiB read buffer is zeroed on every read, which
+/// would make the generator, not the server, the limit.
+pub fn websocket_config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(4096)
 }
 
 /// Connects and joins `room`; returns when the server confirmed the join.
@@ -81,7 +96,7 @@ pub async fn connect(protocol: Protocol, addr: SocketAddr, room: &str) -> anyhow
         Protocol::Courtside => format!("ws://{addr}/ws"),
         Protocol::SocketIo => format!("ws://{addr}/socket.io/?EIO=4&transport=websocket"),
     };
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(websocket_config()), true)
         .await
         .context("websocket connect")?;
     match protocol {
