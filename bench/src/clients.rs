@@ -14,7 +14,10 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use serde::Serialize;
+
 use crate::servers::TOKEN;
+use crate::webtransport::{WtConn, WtEndpoints};
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -46,11 +49,6 @@ pub enum Frame {
 pub fn parse(protocol: Protocol, text: &str) -> Frame {
     // Typed, borrowing parses: the generator shares the cores with the server, so its receive
     // path must cost little (a `serde_json::Value` per frame cost more than the server's write).
-    #[derive(serde::Deserialize)]
-    struct Data {
-        i: u64,
-        t: u64,
-    }
     #[derive(serde::Deserialize)]
     struct CourtsideFrame<'a> {
         #[serde(rename = "type", borrow)]
@@ -84,14 +82,105 @@ pub fn parse(protocol: Protocol, text: &str) -> Frame {
     })
 }
 
+/// The bench fields of a published value: its number and its send time.
+#[derive(serde::Deserialize)]
+struct Data {
+    i: u64,
+    t: u64,
+}
+
+/// Reads a bench message from the JSON text of a published value (WebTransport carries it as
+/// text inside the binary message).
+pub fn parse_data(text: &str) -> Option<Received> {
+    let data: Data = serde_json::from_str(text).ok()?;
+    Some(Received {
+        index: data.i,
+        sent_us: data.t,
+    })
+}
+
 /// Client settings: tungstenite's default 128 KiB read buffer is zeroed on every read, which
 /// would make the generator, not the server, the limit.
 pub fn websocket_config() -> WebSocketConfig {
     WebSocketConfig::default().read_buffer_size(4096)
 }
 
-/// Connects and joins `room`; returns when the server confirmed the join.
-pub async fn connect(protocol: Protocol, addr: SocketAddr, room: &str) -> anyhow::Result<Ws> {
+/// How a client reaches the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    WebSocket,
+    WebTransport,
+}
+
+/// Where a client connects: a server's WebSocket endpoint and, for Courtside, its WebTransport
+/// endpoint with the certificate hash.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub protocol: Protocol,
+    pub http: SocketAddr,
+    pub wt: Option<(SocketAddr, String)>,
+}
+
+/// One connected client, joined to its rooms.
+pub enum Conn {
+    Ws(Box<Ws>, Protocol),
+    Wt(Box<WtConn>),
+}
+
+impl Conn {
+    /// Connects over `transport` and joins `rooms`; returns when the server confirmed every join.
+    pub async fn connect(
+        target: &Target,
+        transport: Transport,
+        rooms: &[&str],
+        endpoints: &WtEndpoints,
+    ) -> anyhow::Result<Self> {
+        match (transport, &target.wt) {
+            (Transport::WebTransport, Some((addr, hash))) => {
+                let endpoint = endpoints.pick(hash)?;
+                Ok(Self::Wt(Box::new(WtConn::connect(endpoint, *addr, rooms).await?)))
+            }
+            (Transport::WebTransport, None) => bail!("this server has no WebTransport endpoint"),
+            (Transport::WebSocket, _) => Ok(Self::Ws(
+                Box::new(connect_websocket(target.protocol, target.http, rooms).await?),
+                target.protocol,
+            )),
+        }
+    }
+
+    /// The next bench message; `None` when the connection ended.
+    pub async fn next(&mut self) -> Option<Received> {
+        match self {
+            Self::Ws(ws, protocol) => loop {
+                match ws.next().await? {
+                    Ok(Message::Text(text)) => match parse(*protocol, &text) {
+                        Frame::Message(m) => return Some(m),
+                        Frame::Reply(reply) => {
+                            let _ = ws.send(Message::text(reply)).await;
+                        }
+                        Frame::Other => {}
+                    },
+                    Ok(Message::Close(_)) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            },
+            Self::Wt(wt) => wt.next().await,
+        }
+    }
+
+    pub async fn close(self) {
+        match self {
+            Self::Ws(mut ws, _) => {
+                let _ = Ws::close(&mut ws, None).await;
+            }
+            Self::Wt(wt) => wt.connection.close(0u32.into(), b"bench done"),
+        }
+    }
+}
+
+/// Connects a WebSocket and joins `rooms`; returns when the server confirmed every join.
+pub async fn connect_websocket(protocol: Protocol, addr: SocketAddr, rooms: &[&str]) -> anyhow::Result<Ws> {
     let url = match protocol {
         Protocol::Courtside => format!("ws://{addr}/ws"),
         Protocol::SocketIo => format!("ws://{addr}/socket.io/?EIO=4&transport=websocket"),
@@ -101,18 +190,26 @@ pub async fn connect(protocol: Protocol, addr: SocketAddr, room: &str) -> anyhow
         .context("websocket connect")?;
     match protocol {
         Protocol::Courtside => {
-            ws.send(Message::text(
-                serde_json::json!({"type": "subscribe", "room": room}).to_string(),
-            ))
-            .await?;
-            expect(&mut ws, |t| t.starts_with(r#"{"type":"subscribed""#)).await?;
+            for room in rooms {
+                ws.send(Message::text(
+                    serde_json::json!({"type": "subscribe", "room": room}).to_string(),
+                ))
+                .await?;
+            }
+            for _ in rooms {
+                expect(&mut ws, |t| t.starts_with(r#"{"type":"subscribed""#)).await?;
+            }
         }
         Protocol::SocketIo => {
             expect(&mut ws, |t| t.starts_with('0')).await?;
             ws.send(Message::text("40")).await?;
             expect(&mut ws, |t| t.starts_with("40")).await?;
-            ws.send(Message::text(format!(r#"42["join","{room}"]"#))).await?;
-            expect(&mut ws, |t| t.starts_with(r#"42["joined""#)).await?;
+            for room in rooms {
+                ws.send(Message::text(format!(r#"42["join","{room}"]"#))).await?;
+            }
+            for _ in rooms {
+                expect(&mut ws, |t| t.starts_with(r#"42["joined""#)).await?;
+            }
         }
     }
     Ok(ws)
@@ -146,24 +243,32 @@ impl Publisher {
         Ok(Self { sender, protocol, addr })
     }
 
-    /// Publishes `{"i": index, "t": sent_us}` (plus `pad`) as an event to `room`, reconnecting
-    /// once if the server closed the keep-alive connection.
-    pub async fn publish(&mut self, room: &str, index: u64, sent_us: u64, pad: &str) -> anyhow::Result<()> {
-        if self.sender.is_closed() || self.send(room, index, sent_us, pad).await.is_err() {
+    /// Publishes `{"i": index, "t": sent_us, "d": payload}` (`payload` is JSON text) as a
+    /// state or an event of `room`, reconnecting once if the server closed the connection.
+    pub async fn publish(
+        &mut self,
+        room: &str,
+        kind: Kind,
+        index: u64,
+        sent_us: u64,
+        payload: &str,
+    ) -> anyhow::Result<()> {
+        let data = format!(r#"{{"i":{index},"t":{sent_us},"d":{payload}}}"#);
+        if self.sender.is_closed() || self.send(room, kind, &data).await.is_err() {
             *self = Self::connect(self.protocol, self.addr).await?;
-            return self.send(room, index, sent_us, pad).await;
+            return self.send(room, kind, &data).await;
         }
         Ok(())
     }
 
-    async fn send(&mut self, room: &str, index: u64, sent_us: u64, pad: &str) -> anyhow::Result<()> {
+    async fn send(&mut self, room: &str, kind: Kind, data: &str) -> anyhow::Result<()> {
         self.sender.ready().await?;
-        let data = serde_json::json!({"i": index, "t": sent_us, "pad": pad});
-        let (path, body) = match self.protocol {
-            Protocol::Courtside => (format!("/v1/rooms/{room}/events"), data.to_string()),
-            Protocol::SocketIo => (
+        let (path, body) = match (self.protocol, kind) {
+            (Protocol::Courtside, Kind::State) => (format!("/v1/rooms/{room}/state"), data.to_string()),
+            (Protocol::Courtside, Kind::Event) => (format!("/v1/rooms/{room}/events"), data.to_string()),
+            (Protocol::SocketIo, _) => (
                 "/publish".to_string(),
-                serde_json::json!({"room": room, "event": "event", "data": data}).to_string(),
+                format!(r#"{{"room":"{room}","event":"{}","data":{data}}}"#, kind.name()),
             ),
         };
         let request = hyper::Request::post(path)
@@ -178,6 +283,24 @@ impl Publisher {
             bail!("publish answered {status}");
         }
         Ok(())
+    }
+}
+
+/// What a publish is: a state (newer versions replace older, so a client may skip some) or an
+/// event (every one must arrive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    State,
+    Event,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::State => "state",
+            Kind::Event => "event",
+        }
     }
 }
 

@@ -2,16 +2,27 @@
 //! side by side in the same run, and writes the figures to bench/results/. See bench/README.md.
 
 mod clients;
-mod fanout;
 mod floor;
+mod load;
+mod plot;
 mod procstat;
+mod report;
+mod scenarios;
 mod servers;
 mod stats;
+mod webtransport;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use crate::clients::Protocol;
+use crate::load::{RunResult, Workload};
+use crate::scenarios::{Mix, SaturdayParams};
+use crate::servers::{CourtsideOptions, ServerProcess};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -27,26 +38,18 @@ struct Cli {
     /// Do not run the Socket.IO peer.
     #[arg(long, global = true)]
     no_peer: bool,
-    /// Where to write the JSON results (default: bench/results/SCENARIO-UNIXTIME.json).
+    /// Share of Courtside's clients on WebTransport, 0 to 1 (the rest use WebSocket; Socket.IO's
+    /// clients all use WebSocket).
+    #[arg(long, global = true, default_value_t = 0.7)]
+    wt_share: f64,
+    /// Where to write the JSON results (default: bench/results/SCENARIO-UNIXTIME.json); the CDF
+    /// plot goes beside it with the extension .svg.
     #[arg(long, global = true)]
     json: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Scenario {
-    /// One room, N subscribers, paced events: delivery, latency, server CPU per delivery.
-    Fanout {
-        #[arg(long, default_value_t = 1000)]
-        clients: usize,
-        #[arg(long, default_value_t = 200)]
-        messages: u64,
-        /// Publishes per second.
-        #[arg(long, default_value_t = 20.0)]
-        rate: f64,
-        /// Padding added to each message, in bytes.
-        #[arg(long, default_value_t = 60)]
-        payload: usize,
-    },
     /// The cost of a loopback TCP write: one frame per write, and ten per write.
     Floor {
         #[arg(long, default_value_t = 1000)]
@@ -54,13 +57,86 @@ enum Scenario {
         #[arg(long, default_value_t = 20)]
         rounds: usize,
     },
+    /// One room to N subscribers, sweeping N and the publish rate: latency, delivery, CPU per
+    /// delivery, and the highest rate that keeps p99 under 50 ms.
+    Fanout {
+        /// Subscriber counts to run, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [1000, 5000, 10000])]
+        clients: Vec<usize>,
+        /// Publish rates (per second) to run at each count, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [5.0, 20.0, 50.0])]
+        rates: Vec<f64>,
+        /// Seconds of publishing per run.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Padding added to each message, in bytes.
+        #[arg(long, default_value_t = 60)]
+        payload: usize,
+    },
+    /// A Saturday: fans follow a game, its league and its bracket (Zipf-skewed popularity);
+    /// the simulator publishes scores, finals, bracket changes and notifications, with bursts.
+    Saturday {
+        #[arg(long, default_value_t = 5000)]
+        fans: usize,
+        #[arg(long, default_value_t = 30.0)]
+        seconds: f64,
+        /// Game time runs this many times faster than real time.
+        #[arg(long, default_value_t = 10.0)]
+        speed: f64,
+        /// Seconds between bursts (a notification to every league room at once).
+        #[arg(long, default_value_t = 5.0)]
+        burst_every: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// N clients connecting within T seconds, then a few events to check they are all live.
+    ConnectStorm {
+        #[arg(long, default_value_t = 5000)]
+        clients: usize,
+        #[arg(long, default_value_t = 5.0)]
+        within: f64,
+        #[arg(long, default_value_t = 10)]
+        messages: usize,
+    },
+    /// The Saturday load held for a long time, sampling the server's RSS every second.
+    Soak {
+        #[arg(long, default_value_t = 2000)]
+        fans: usize,
+        #[arg(long, default_value_t = 120.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 10.0)]
+        speed: f64,
+    },
+    /// Three nodes sharing rooms through Redis: clients spread over the nodes, publishes through
+    /// the first; the same load on one node, for the added latency.
+    Cluster {
+        #[arg(long, default_value_t = 3000)]
+        clients: usize,
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
+}
+
+/// One run of a scenario against one server setup.
+struct Run {
+    label: String,
+    protocol: Protocol,
+    /// Fan-out rate, for the sweep.
+    rate: Option<f64>,
+    result: RunResult,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    raise_open_file_limit();
     let command: Vec<String> = std::env::args().collect();
-    let (name, results) = match &cli.scenario {
+    let wt_share = cli.wt_share.clamp(0.0, 1.0);
+    let (name, params, runs, extra) = match &cli.scenario {
         Scenario::Floor { sockets, rounds } => {
             let (sockets, rounds) = (*sockets, *rounds);
             let floor = tokio::task::spawn_blocking(move || floor::run(sockets, rounds)).await??;
@@ -76,54 +152,213 @@ async fn main() -> anyhow::Result<()> {
                 "  ten frames per write: {:>7.2} µs CPU per message, {:>8.2} ms to write all",
                 floor.ten_per_write_cpu_us_per_message, floor.ten_per_write_round_ms
             );
-            ("floor", serde_json::to_value(&floor)?)
+            (
+                "floor",
+                json!({"sockets": sockets, "rounds": rounds}),
+                Vec::new(),
+                serde_json::to_value(&floor)?,
+            )
         }
         Scenario::Fanout {
             clients,
-            messages,
-            rate,
+            rates,
+            seconds,
             payload,
         } => {
-            let params = fanout::FanoutParams {
-                clients: *clients,
-                messages: *messages,
-                rate_per_second: *rate,
-                payload_bytes: *payload,
-            };
-            let binary = servers::courtside_binary(cli.courtside_bin.as_deref())?;
             let mut runs = Vec::new();
-            let courtside = servers::start_courtside(&binary, &[]).await?;
-            eprintln!(
-                "fanout: {} clients, {} messages at {}/s against courtside ...",
-                params.clients, params.messages, params.rate_per_second
-            );
-            runs.push(fanout::run(&courtside, clients::Protocol::Courtside, &params).await?.0);
-            drop(courtside);
-            if !cli.no_peer {
-                let peer = servers::start_socketio().await?;
-                eprintln!("fanout: the same against socket.io ...");
-                runs.push(fanout::run(&peer, clients::Protocol::SocketIo, &params).await?.0);
+            for &n in clients {
+                for &rate in rates {
+                    let messages = ((rate * seconds).round() as usize).max(1);
+                    let plan = |share: f64| {
+                        scenarios::fanout(
+                            n,
+                            messages,
+                            rate,
+                            *payload,
+                            Mix {
+                                webtransport_share: share,
+                                nodes: 1,
+                            },
+                        )
+                    };
+                    let tag = format!("fanout {n} @ {rate}/s");
+                    runs.extend(
+                        both(&cli, &tag, wt_share, 1, None, plan)
+                            .await?
+                            .into_iter()
+                            .map(|mut r| {
+                                r.rate = Some(rate);
+                                r
+                            }),
+                    );
+                }
             }
-            print_fanout(&runs);
-            if let Some(r) = runs.iter().find(|r| !r.accounting.adds_up()) {
-                anyhow::bail!(
-                    "{}: the delivery accounting does not add up: {:?}",
-                    r.server,
-                    r.accounting
+            let sweep = sweep_summary(clients, &runs);
+            (
+                "fanout",
+                json!({"clients": clients, "rates": rates, "seconds": seconds, "payload": payload, "wt_share": wt_share}),
+                runs,
+                sweep,
+            )
+        }
+        Scenario::Saturday {
+            fans,
+            seconds,
+            speed,
+            burst_every,
+            seed,
+        } => {
+            let params = SaturdayParams {
+                fans: *fans,
+                seconds: *seconds,
+                speed: *speed,
+                burst_every_seconds: *burst_every,
+                seed: *seed,
+            };
+            let plan = |share: f64| {
+                scenarios::saturday(
+                    &params,
+                    Mix {
+                        webtransport_share: share,
+                        nodes: 1,
+                    },
+                )
+            };
+            let runs = both(&cli, &format!("saturday {fans} fans"), wt_share, 1, None, plan).await?;
+            (
+                "saturday",
+                json!({"params": params, "wt_share": wt_share}),
+                runs,
+                json!(null),
+            )
+        }
+        Scenario::ConnectStorm {
+            clients,
+            within,
+            messages,
+        } => {
+            let within_d = Duration::from_secs_f64(*within);
+            let plan = |share: f64| {
+                scenarios::connect_storm(
+                    *clients,
+                    within_d,
+                    *messages,
+                    Mix {
+                        webtransport_share: share,
+                        nodes: 1,
+                    },
+                )
+            };
+            let runs = both(&cli, &format!("storm {clients} in {within}s"), wt_share, 1, None, plan).await?;
+            (
+                "connect-storm",
+                json!({"clients": clients, "within_seconds": within, "messages": messages, "wt_share": wt_share}),
+                runs,
+                json!(null),
+            )
+        }
+        Scenario::Soak { fans, seconds, speed } => {
+            let params = SaturdayParams {
+                fans: *fans,
+                seconds: *seconds,
+                speed: *speed,
+                burst_every_seconds: 5.0,
+                seed: 2,
+            };
+            let plan = |share: f64| {
+                let mut w = scenarios::saturday(
+                    &params,
+                    Mix {
+                        webtransport_share: share,
+                        nodes: 1,
+                    },
                 );
+                w.sample_rss_every = Some(Duration::from_secs(1));
+                w
+            };
+            let runs = both(&cli, &format!("soak {fans} fans {seconds}s"), wt_share, 1, None, plan).await?;
+            let growth: Vec<serde_json::Value> = runs.iter().map(|r| rss_growth(&r.label, &r.result)).collect();
+            (
+                "soak",
+                json!({"params": params, "wt_share": wt_share}),
+                runs,
+                json!({"rss_growth": growth}),
+            )
+        }
+        Scenario::Cluster {
+            clients,
+            rate,
+            seconds,
+            nodes,
+        } => {
+            let redis = servers::start_redis().await?;
+            let messages = ((rate * seconds).round() as usize).max(1);
+            let mut runs = Vec::new();
+            for n in [1, *nodes] {
+                let plan = |share: f64| {
+                    scenarios::fanout(
+                        *clients,
+                        messages,
+                        *rate,
+                        60,
+                        Mix {
+                            webtransport_share: share,
+                            nodes: n,
+                        },
+                    )
+                };
+                let tag = format!("{clients} subscribers on {n} node{}", if n == 1 { "" } else { "s" });
+                let redis_url = (n > 1).then_some(redis.url.as_str());
+                runs.extend(both(&cli, &tag, wt_share, n, redis_url, plan).await?);
             }
-            ("fanout", serde_json::to_value(&runs)?)
+            let added: Vec<serde_json::Value> = [Protocol::Courtside, Protocol::SocketIo]
+                .iter()
+                .filter_map(|p| {
+                    let mine: Vec<&Run> = runs.iter().filter(|r| r.protocol == *p).collect();
+                    let [single, many] = mine.as_slice() else { return None };
+                    Some(json!({
+                        "server": single.result.server,
+                        "p99_one_node_ms": single.result.latency.p99_ms,
+                        "p99_cluster_ms": many.result.latency.p99_ms,
+                        "added_p99_ms": many.result.latency.p99_ms - single.result.latency.p99_ms,
+                        "target_added_under_5_ms": many.result.latency.p99_ms - single.result.latency.p99_ms < 5.0,
+                    }))
+                })
+                .collect();
+            (
+                "cluster",
+                json!({"clients": clients, "rate": rate, "seconds": seconds, "nodes": nodes, "wt_share": wt_share}),
+                runs,
+                json!({"added_latency": added}),
+            )
         }
     };
-    let record = serde_json::json!({
+
+    let verdicts: Vec<serde_json::Value> = runs
+        .iter()
+        .map(|r| {
+            json!({
+                "run": r.label,
+                "old_design": report::old_design_kpis(&r.result),
+                "ours": report::our_kpi(name, &r.result),
+            })
+        })
+        .collect();
+    if !runs.is_empty() {
+        print_report(name, &runs, &extra);
+    }
+    let record = json!({
         "scenario": name,
         "machine": procstat::machine(),
+        "versions": versions(),
         "command": command.join(" "),
         "git_commit": git_commit(),
-        "courtside_version": env!("CARGO_PKG_VERSION"),
-        "results": results,
+        "params": params,
+        "runs": runs.iter().map(|r| json!({"label": r.label, "rate": r.rate, "result": r.result})).collect::<Vec<_>>(),
+        "verdicts": verdicts,
+        "summary": extra,
     });
-    let path = cli.json.unwrap_or_else(|| {
+    let path = cli.json.clone().unwrap_or_else(|| {
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -138,74 +373,193 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(&path, serde_json::to_string_pretty(&record)?)
         .with_context(|| format!("writing {}", path.display()))?;
     eprintln!("results: {}", path.display());
+    if !runs.is_empty() {
+        let series: Vec<plot::Series> = runs
+            .iter()
+            .filter(|r| !r.result.cdf_ms.is_empty())
+            .map(|r| plot::Series {
+                label: r.label.clone(),
+                points: &r.result.cdf_ms,
+            })
+            .collect();
+        let svg_path = path.with_extension("svg");
+        std::fs::write(&svg_path, plot::cdf_svg(&format!("{name}: latency CDF"), &series))?;
+        eprintln!("plot: {}", svg_path.display());
+    }
+    if let Some(r) = runs.iter().find(|r| !r.result.accounting.adds_up()) {
+        anyhow::bail!(
+            "{}: the delivery accounting does not add up: {:?}",
+            r.label,
+            r.result.accounting
+        );
+    }
     Ok(())
 }
 
-fn print_fanout(runs: &[fanout::FanoutResult]) {
-    println!(
-        "{:<10} {:>7} {:>9} {:>9} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>11} {:>11} {:>9}",
-        "server",
-        "clients",
-        "expected",
-        "received",
-        "lost",
-        "p50 ms",
-        "p95 ms",
-        "p99 ms",
-        "p99.9",
-        "max ms",
-        "cpu µs/dlv",
-        "B/idle conn",
-        "gen cpu s"
-    );
-    for r in runs {
-        println!(
-            "{:<10} {:>7} {:>9} {:>9} {:>6} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>11.2} {:>11.0} {:>9.2}",
-            r.server,
-            r.connected,
-            r.accounting.expected,
-            r.accounting.received,
-            r.accounting.lost,
-            r.latency.p50_ms,
-            r.latency.p95_ms,
-            r.latency.p99_ms,
-            r.latency.p999_ms,
-            r.latency.max_ms,
-            r.server_cpu_us_per_delivery,
-            r.server_bytes_per_idle_connection,
-            r.generator_cpu_seconds
-        );
+/// Runs `plan` against Courtside (`nodes` nodes) and then, unless `--no-peer`, against the
+/// Socket.IO peer (as many processes), each freshly started.
+async fn both(
+    cli: &Cli,
+    tag: &str,
+    wt_share: f64,
+    nodes: usize,
+    redis: Option<&str>,
+    plan: impl Fn(f64) -> Workload,
+) -> anyhow::Result<Vec<Run>> {
+    let binary = servers::courtside_binary(cli.courtside_bin.as_deref())?;
+    let mut runs = Vec::new();
+    let workload = plan(wt_share);
+    let mut courtside: Vec<ServerProcess> = Vec::new();
+    for i in 0..nodes {
+        let options = CourtsideOptions {
+            webtransport: wt_share > 0.0,
+            redis: redis.map(|url| (url.to_string(), format!("bench-{}-{i}", std::process::id()))),
+        };
+        courtside.push(servers::start_courtside(&binary, &options).await?);
     }
+    let label = format!("courtside {tag}");
+    let (result, _) = load::run(&label, &courtside, Protocol::Courtside, &workload).await?;
+    drop(courtside);
+    runs.push(Run {
+        label,
+        protocol: Protocol::Courtside,
+        rate: None,
+        result,
+    });
+    if !cli.no_peer {
+        let workload = plan(0.0);
+        let mut peers = Vec::new();
+        for _ in 0..nodes {
+            peers.push(servers::start_socketio(redis).await?);
+        }
+        let label = format!("socket.io {tag}");
+        let (result, _) = load::run(&label, &peers, Protocol::SocketIo, &workload).await?;
+        runs.push(Run {
+            label,
+            protocol: Protocol::SocketIo,
+            rate: None,
+            result,
+        });
+    }
+    Ok(runs)
+}
+
+/// For each subscriber count: the highest rate at which each server kept p99 under 50 ms.
+fn sweep_summary(clients: &[usize], runs: &[Run]) -> serde_json::Value {
+    let mut out = Vec::new();
+    for &n in clients {
+        for protocol in [Protocol::Courtside, Protocol::SocketIo] {
+            let points: Vec<(f64, f64)> = runs
+                .iter()
+                .filter(|r| r.protocol == protocol && r.result.clients == n)
+                .filter_map(|r| r.rate.map(|rate| (rate, r.result.latency.p99_ms)))
+                .collect();
+            if points.is_empty() {
+                continue;
+            }
+            out.push(json!({
+                "clients": n,
+                "server": if protocol == Protocol::Courtside { "courtside" } else { "socket.io" },
+                "p99_by_rate": points,
+                "highest_rate_p99_under_50ms": report::highest_rate_under(&points, 50.0),
+            }));
+        }
+    }
+    json!({"sweep": out})
+}
+
+/// RSS at the first and last sample, and the growth per minute in between.
+fn rss_growth(label: &str, r: &RunResult) -> serde_json::Value {
+    let (Some(first), Some(last)) = (r.rss_samples.first(), r.rss_samples.last()) else {
+        return json!({"run": label});
+    };
+    let minutes = (last.0 - first.0) / 60.0;
+    let growth = last.1 as f64 - first.1 as f64;
+    json!({
+        "run": label,
+        "rss_first_bytes": first.1,
+        "rss_last_bytes": last.1,
+        "growth_bytes": growth,
+        "growth_bytes_per_minute": if minutes > 0.0 { growth / minutes } else { 0.0 },
+    })
+}
+
+fn print_report(name: &str, runs: &[Run], extra: &serde_json::Value) {
+    let rows: Vec<(String, &RunResult)> = runs.iter().map(|r| (r.label.clone(), &r.result)).collect();
+    println!("\n{}", report::table(&rows));
     for r in runs {
-        let a = &r.accounting;
-        let connect_ratio = r.connected as f64 / r.params.clients.max(1) as f64;
-        let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+        let a = &r.result.accounting;
         println!(
-            "{}: accounting {} (received {} + conflated {} + lost {} of {} expected)",
-            r.server,
+            "{}: accounting {} (received {} + conflated {} + lost {} of {} expected; {} duplicates); connected {} of {} ({} WebSocket, {} WebTransport) in {:.1} s, connect p99 {:.1} ms, {:.0} µs server CPU per connect; {:.0} deliveries/s",
+            r.label,
             if a.adds_up() { "adds up" } else { "DOES NOT ADD UP" },
             a.received,
             a.conflated,
             a.lost,
-            a.expected
+            a.expected,
+            a.duplicates,
+            r.result.connected,
+            r.result.clients,
+            r.result.connected_websocket,
+            r.result.connected_webtransport,
+            r.result.connect_seconds,
+            r.result.connect_latency.p99_ms,
+            r.result.server_cpu_us_per_connect,
+            r.result.deliveries_per_second,
         );
-        println!("  old design's KPIs: connection success {:.2}% > 99.5% {}; delivery {:.3}% > 99.9% {}; p50 < 100 ms {}; p95 < 500 ms {}; p99 < 1000 ms {}",
-            connect_ratio * 100.0, verdict(connect_ratio > 0.995), a.delivery_ratio() * 100.0, verdict(a.delivery_ratio() > 0.999),
-            verdict(r.latency.p50_ms < 100.0), verdict(r.latency.p95_ms < 500.0), verdict(r.latency.p99_ms < 1000.0));
+        for e in &r.result.connect_errors {
+            println!("  connect error: {e}");
+        }
+        let verdicts: Vec<String> = report::old_design_kpis(&r.result)
+            .iter()
+            .chain(report::our_kpi(name, &r.result).iter())
+            .map(|v| format!("{} {} ({})", v.kpi, if v.met { "met" } else { "NOT met" }, v.value))
+            .collect();
+        println!("  KPIs: {}", verdicts.join("; "));
+    }
+    // Courtside against the Socket.IO run right after it (same load).
+    for pair in runs.windows(2) {
+        let [a, b] = pair else { continue };
+        if a.protocol != Protocol::Courtside || b.protocol != Protocol::SocketIo {
+            continue;
+        }
         println!(
-            "  ours: p99 < 25 ms {} (the target is stated for 10,000 subscribers; this run had {})",
-            verdict(r.latency.p99_ms < 25.0),
-            r.connected
+            "ratio courtside/socket.io, {}: cpu per delivery {:.2}, p99 {:.2}, memory per idle connection {:.2}",
+            a.label.trim_start_matches("courtside "),
+            report::ratio(a.result.server_cpu_us_per_delivery, b.result.server_cpu_us_per_delivery),
+            report::ratio(a.result.latency.p99_ms, b.result.latency.p99_ms),
+            report::ratio(
+                a.result.server_bytes_per_idle_connection,
+                b.result.server_bytes_per_idle_connection
+            ),
         );
     }
-    if let [a, b] = runs {
-        println!(
-            "ratio courtside/socket.io: cpu per delivery {:.2}, p99 {:.2}, memory per idle connection {:.2}",
-            a.server_cpu_us_per_delivery / b.server_cpu_us_per_delivery.max(f64::MIN_POSITIVE),
-            a.latency.p99_ms / b.latency.p99_ms.max(f64::MIN_POSITIVE),
-            a.server_bytes_per_idle_connection / b.server_bytes_per_idle_connection.max(1.0)
-        );
+    if !extra.is_null() {
+        println!("summary: {extra}");
     }
+}
+
+/// Raises this process's open-file limit to its hard limit (20,000 here); the servers the bench
+/// starts inherit it.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => eprintln!("open-file limit: {limit}"),
+        Err(error) => eprintln!("open-file limit not raised: {error}"),
+    }
+}
+
+fn versions() -> serde_json::Value {
+    let peer = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/socketio/node_modules/socket.io/package.json");
+    let socketio = std::fs::read_to_string(peer)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["version"].as_str().map(str::to_string));
+    let node = std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    json!({"courtside_bench": env!("CARGO_PKG_VERSION"), "socket.io": socketio, "node": node})
 }
 
 fn git_commit() -> String {

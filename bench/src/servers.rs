@@ -14,6 +14,8 @@ use tokio::process::{Child, Command};
 pub struct ServerProcess {
     pub name: &'static str,
     pub http: SocketAddr,
+    /// Courtside's WebTransport endpoint and its certificate's SHA-256 (hex), when enabled.
+    pub wt: Option<(SocketAddr, String)>,
     child: Child,
 }
 
@@ -46,14 +48,31 @@ pub fn courtside_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
 
 pub const TOKEN: &str = "bench-token";
 
-/// Starts `courtside serve` on 127.0.0.1 with WebSocket only, as the bench drives it.
-pub async fn start_courtside(binary: &Path, extra: &[&str]) -> anyhow::Result<ServerProcess> {
+/// How to start one Courtside node.
+#[derive(Debug, Clone, Default)]
+pub struct CourtsideOptions {
+    /// Serve WebTransport too (on a UDP port of its own).
+    pub webtransport: bool,
+    /// `--redis URL` and `--node-id`, for the cluster scenario.
+    pub redis: Option<(String, String)>,
+}
+
+/// Starts `courtside serve` on 127.0.0.1, as the bench drives it.
+pub async fn start_courtside(binary: &Path, options: &CourtsideOptions) -> anyhow::Result<ServerProcess> {
+    let mut extra: Vec<String> = Vec::new();
+    if options.webtransport {
+        extra.extend(["--wt".into(), "127.0.0.1:0".into()]);
+    } else {
+        extra.push("--no-wt".into());
+    }
+    if let Some((url, node_id)) = &options.redis {
+        extra.extend(["--redis".into(), url.clone(), "--node-id".into(), node_id.clone()]);
+    }
     let mut child = Command::new(binary)
         .args([
             "serve",
             "--http",
             "127.0.0.1:0",
-            "--no-wt",
             "--publish-token",
             TOKEN,
             "--log-format",
@@ -67,7 +86,7 @@ pub async fn start_courtside(binary: &Path, extra: &[&str]) -> anyhow::Result<Se
             "--command-burst",
             "100000",
         ])
-        .args(extra)
+        .args(&extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -90,15 +109,84 @@ pub async fn start_courtside(binary: &Path, extra: &[&str]) -> anyhow::Result<Se
     .context("courtside did not start in 30 s")??;
     // Keep draining its log so it never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let wt = if options.webtransport {
+        let info = http_get_json(http, "/v1/cert-hash").await?;
+        let hash = info["sha256"].as_str().context("sha256")?.to_string();
+        let port = info["port"].as_u64().context("port")? as u16;
+        Some((SocketAddr::from(([127, 0, 0, 1], port)), hash))
+    } else {
+        None
+    };
     Ok(ServerProcess {
         name: "courtside",
         http,
+        wt,
         child,
     })
 }
 
-/// Starts the Socket.IO peer (bench/peers/socketio), installing its npm packages if needed.
-pub async fn start_socketio() -> anyhow::Result<ServerProcess> {
+/// `GET path` on a loopback server, as JSON.
+pub async fn http_get_json(addr: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
+    use http_body_util::{BodyExt, Empty};
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = hyper::Request::get(path)
+        .header("host", addr.to_string())
+        .body(Empty::new())?;
+    let response = sender.send_request(request).await?;
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// A `redis-server` on a free loopback port, without persistence, killed when dropped.
+pub struct RedisProcess {
+    pub url: String,
+    _child: Child,
+}
+
+pub async fn start_redis() -> anyhow::Result<RedisProcess> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting redis-server (install it: apt-get install redis-server)")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await? {
+            if line.contains("Ready to accept connections") {
+                return Ok(());
+            }
+        }
+        bail!("redis-server exited before it was ready")
+    })
+    .await
+    .context("redis-server did not start in 30 s")??;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(RedisProcess {
+        url: format!("redis://127.0.0.1:{port}"),
+        _child: child,
+    })
+}
+
+/// Starts the Socket.IO peer (bench/peers/socketio), installing its npm packages if needed;
+/// with `redis`, rooms are shared through the Redis adapter.
+pub async fn start_socketio(redis: Option<&str>) -> anyhow::Result<ServerProcess> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers").join("socketio");
     if !dir.join("node_modules").join("socket.io").exists() {
         let status = Command::new("npm")
@@ -111,7 +199,11 @@ pub async fn start_socketio() -> anyhow::Result<ServerProcess> {
             bail!("npm ci failed in {}", dir.display());
         }
     }
-    let mut child = Command::new("node")
+    let mut command = Command::new("node");
+    if let Some(url) = redis {
+        command.env("REDIS_URL", url);
+    }
+    let mut child = command
         .arg(dir.join("server.js"))
         .arg("0")
         .stdin(Stdio::null())
@@ -132,6 +224,7 @@ pub async fn start_socketio() -> anyhow::Result<ServerProcess> {
     Ok(ServerProcess {
         name: "socket.io",
         http: SocketAddr::from(([127, 0, 0, 1], port as u16)),
+        wt: None,
         child,
     })
 }

@@ -1,0 +1,401 @@
+//! The load engine every scenario runs on: connect a planned set of clients (each joined to its
+//! rooms, over WebSocket or WebTransport, on one of the nodes), publish a planned schedule through
+//! the first node, then account for every delivery and time it. Scenarios only build the plan.
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::clients::{self, Conn, Kind, Protocol, Publisher, Target, Transport};
+use crate::procstat;
+use crate::servers::ServerProcess;
+use crate::stats::{self, Accounting, LatencySummary};
+use crate::webtransport::WtEndpoints;
+
+/// Clients connecting at once, at most, when connects are not paced.
+const CONNECTS_IN_FLIGHT: usize = 256;
+
+/// What one client does: which rooms it joins, how, and on which node.
+#[derive(Debug, Clone)]
+pub struct ClientPlan {
+    pub rooms: Vec<u32>,
+    pub transport: Transport,
+    pub node: usize,
+}
+
+/// One publish of the schedule, `at` after publishing starts; `payload` is JSON text.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    pub at: Duration,
+    pub room: u32,
+    pub kind: Kind,
+    pub payload: String,
+}
+
+/// A whole run: rooms, clients and what is published.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub rooms: Vec<String>,
+    pub clients: Vec<ClientPlan>,
+    pub publishes: Vec<Planned>,
+    /// Spread the connects evenly over this long (connect-storm); `None`: as fast as they go.
+    pub connect_over: Option<Duration>,
+    /// Sample the servers' RSS this often while publishing (soak).
+    pub sample_rss_every: Option<Duration>,
+}
+
+/// The figures of one run against one server (all its nodes).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    pub server: &'static str,
+    pub nodes: usize,
+    pub clients: usize,
+    pub connected: usize,
+    pub connected_websocket: usize,
+    pub connected_webtransport: usize,
+    pub connect_errors: Vec<String>,
+    pub connect_seconds: f64,
+    pub connect_latency: LatencySummary,
+    pub publishes: usize,
+    pub accounting: Accounting,
+    pub latency: LatencySummary,
+    pub cdf_ms: Vec<(f64, f64)>,
+    pub deliveries_per_second: f64,
+    pub server_cpu_seconds: f64,
+    pub server_cpu_us_per_delivery: f64,
+    pub server_cpu_us_per_connect: f64,
+    pub server_rss_bytes: u64,
+    pub server_bytes_per_idle_connection: f64,
+    pub generator_cpu_seconds: f64,
+    pub wall_seconds: f64,
+    /// (seconds since publishing started, summed RSS of the nodes in bytes).
+    pub rss_samples: Vec<(f64, u64)>,
+}
+
+/// What one client task brings back.
+struct ClientRecord {
+    connected: bool,
+    transport: Transport,
+    error: Option<String>,
+    connect_us: u64,
+    /// Bit `i` set: publish `i` arrived (first copy).
+    seen: Vec<u64>,
+    duplicates: u64,
+    stray: u64,
+    disconnected: bool,
+    latencies_us: Vec<u32>,
+}
+
+/// Live counters for the progress line.
+#[derive(Default)]
+struct Progress {
+    connected: AtomicUsize,
+    failed: AtomicUsize,
+    published: AtomicUsize,
+    received: AtomicU64,
+}
+
+pub async fn run(
+    label: &str,
+    nodes: &[ServerProcess],
+    protocol: Protocol,
+    workload: &Workload,
+) -> anyhow::Result<(RunResult, Histogram<u64>)> {
+    let pids: Vec<String> = nodes.iter().map(ServerProcess::pid).collect();
+    let targets: Vec<Target> = nodes
+        .iter()
+        .map(|n| Target {
+            protocol,
+            http: n.http,
+            wt: n.wt.clone(),
+        })
+        .collect();
+    let server = nodes.first().map(|n| n.name).unwrap_or("none");
+    let total = workload.publishes.len();
+    let words = total.div_ceil(64);
+    let progress = Arc::new(Progress::default());
+    let endpoints = Arc::new(WtEndpoints::default());
+    let origin = Instant::now();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (go_tx, go_rx) = watch::channel(false);
+
+    let rss_before: u64 = pids.iter().filter_map(|p| procstat::rss_bytes(p)).sum();
+    let cpu_before = cpu_of(&pids);
+    let reporter = spawn_progress(label.to_string(), progress.clone(), workload.clients.len(), total);
+
+    let connect_started = Instant::now();
+    let limit = Arc::new(tokio::sync::Semaphore::new(CONNECTS_IN_FLIGHT));
+    let rooms: Arc<Vec<String>> = Arc::new(workload.rooms.clone());
+    let gap = workload
+        .connect_over
+        .map(|t| t.div_f64(workload.clients.len().max(1) as f64));
+    let mut tasks = Vec::with_capacity(workload.clients.len());
+    for (i, plan) in workload.clients.iter().enumerate() {
+        if let Some(gap) = gap {
+            tokio::time::sleep_until((connect_started + gap.mul_f64(i as f64)).into()).await;
+        }
+        let target = targets[plan.node % targets.len()].clone();
+        let plan = plan.clone();
+        let (rooms, endpoints, progress, limit) = (rooms.clone(), endpoints.clone(), progress.clone(), limit.clone());
+        let (mut stop, mut go) = (stop_rx.clone(), go_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut record = ClientRecord {
+                connected: false,
+                transport: plan.transport,
+                error: None,
+                connect_us: 0,
+                seen: vec![0; words],
+                duplicates: 0,
+                stray: 0,
+                disconnected: false,
+                latencies_us: Vec::new(),
+            };
+            let names: Vec<&str> = plan.rooms.iter().map(|r| rooms[*r as usize].as_str()).collect();
+            let permit = match gap {
+                Some(_) => None,
+                None => limit.acquire_owned().await.ok(),
+            };
+            let started = Instant::now();
+            let connected = tokio::time::timeout(
+                Duration::from_secs(60),
+                Conn::connect(&target, plan.transport, &names, &endpoints),
+            )
+            .await;
+            drop(permit);
+            let mut conn = match connected {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(error)) => {
+                    progress.failed.fetch_add(1, Ordering::Relaxed);
+                    record.error = Some(format!("{error:#}"));
+                    return record;
+                }
+                Err(_) => {
+                    progress.failed.fetch_add(1, Ordering::Relaxed);
+                    record.error = Some("connect timed out after 60 s".into());
+                    return record;
+                }
+            };
+            record.connected = true;
+            record.connect_us = started.elapsed().as_micros() as u64;
+            progress.connected.fetch_add(1, Ordering::Relaxed);
+            let _ = go.wait_for(|go| *go).await;
+            loop {
+                let received = tokio::select! {
+                    received = conn.next() => received,
+                    _ = stop.wait_for(|stop| *stop) => break,
+                };
+                let Some(m) = received else {
+                    record.disconnected = true;
+                    break;
+                };
+                let index = m.index as usize;
+                let Some(word) = record.seen.get_mut(index / 64) else {
+                    record.stray += 1;
+                    continue;
+                };
+                let bit = 1u64 << (index % 64);
+                if *word & bit != 0 {
+                    record.duplicates += 1;
+                    continue;
+                }
+                *word |= bit;
+                progress.received.fetch_add(1, Ordering::Relaxed);
+                let latency = clients::micros_since(origin).saturating_sub(m.sent_us).max(1);
+                record.latencies_us.push(latency.min(u32::MAX as u64) as u32);
+            }
+            conn.close().await;
+            record
+        }));
+    }
+    // Everyone connected or gave up: that is the idle-connection memory point.
+    while progress.connected.load(Ordering::Relaxed) + progress.failed.load(Ordering::Relaxed) < workload.clients.len()
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let connect_seconds = connect_started.elapsed().as_secs_f64();
+    let connect_cpu = cpu_of(&pids).saturating_sub(cpu_before);
+    let connected_now = progress.connected.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_connected: u64 = pids.iter().filter_map(|p| procstat::rss_bytes(p)).sum();
+    let _ = go_tx.send(true);
+
+    // Publish the schedule through the first node.
+    let cpu_before = cpu_of(&pids);
+    let gen_before = procstat::cpu_time("self").unwrap_or_default();
+    let started = Instant::now();
+    let mut publisher = Publisher::connect(protocol, targets[0].http).await?;
+    let mut rss_samples = Vec::new();
+    let mut next_sample = Duration::ZERO;
+    let mut publish_errors = 0u64;
+    for (index, p) in workload.publishes.iter().enumerate() {
+        if let Some(every) = workload.sample_rss_every {
+            while started.elapsed() >= next_sample {
+                let rss: u64 = pids.iter().filter_map(|p| procstat::rss_bytes(p)).sum();
+                rss_samples.push((started.elapsed().as_secs_f64(), rss));
+                next_sample += every;
+            }
+        }
+        tokio::time::sleep_until((started + p.at).into()).await;
+        let room = &workload.rooms[p.room as usize];
+        if publisher
+            .publish(room, p.kind, index as u64, clients::micros_since(origin), &p.payload)
+            .await
+            .is_err()
+        {
+            publish_errors += 1;
+        }
+        progress.published.fetch_add(1, Ordering::Relaxed);
+    }
+    if publish_errors > 0 {
+        eprintln!("\n{label}: {publish_errors} publishes were refused; they count as lost");
+    }
+    // Wait until deliveries stop arriving (1 s without progress), at most 15 s.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = progress.received.load(Ordering::Relaxed);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = progress.received.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let wall = started.elapsed();
+    let server_cpu = cpu_of(&pids).saturating_sub(cpu_before);
+    let generator_cpu = procstat::cpu_time("self")
+        .unwrap_or_default()
+        .saturating_sub(gen_before);
+    let server_rss: u64 = pids.iter().filter_map(|p| procstat::rss_bytes(p)).sum();
+    let _ = stop_tx.send(true);
+    let records: Vec<ClientRecord> = futures_util::future::join_all(tasks)
+        .await
+        .into_iter()
+        .filter_map(Result::ok)
+        .collect();
+    reporter.abort();
+    eprintln!();
+
+    // Account for every publish, per client.
+    let schedule: Vec<(u32, Kind)> = workload.publishes.iter().map(|p| (p.room, p.kind)).collect();
+    let by_room = stats::publishes_by_room(&schedule, workload.rooms.len());
+    let mut accounting = Accounting::default();
+    let mut histogram = stats::new_histogram();
+    let mut connect_histogram = stats::new_histogram();
+    let mut connect_errors = std::collections::BTreeMap::<String, usize>::new();
+    let (mut ws, mut wt) = (0, 0);
+    for (record, plan) in records.iter().zip(&workload.clients) {
+        let (mut tally, published) = stats::account(&schedule, &by_room, &plan.rooms, &record.seen);
+        tally.duplicates = record.duplicates;
+        tally.disconnected = record.disconnected || !record.connected;
+        accounting.add(published, &tally);
+        accounting.stray += record.stray;
+        for l in &record.latencies_us {
+            histogram.record(u64::from(*l)).ok();
+        }
+        if record.connected {
+            connect_histogram.record(record.connect_us.max(1)).ok();
+            match record.transport {
+                Transport::WebSocket => ws += 1,
+                Transport::WebTransport => wt += 1,
+            }
+        }
+        if let Some(error) = &record.error {
+            *connect_errors.entry(error.clone()).or_default() += 1;
+        }
+    }
+    let delivered = accounting.received.max(1);
+    let result = RunResult {
+        server,
+        nodes: nodes.len(),
+        clients: workload.clients.len(),
+        connected: connected_now,
+        connected_websocket: ws,
+        connected_webtransport: wt,
+        connect_errors: connect_errors
+            .into_iter()
+            .take(5)
+            .map(|(e, n)| format!("{n} × {e}"))
+            .collect(),
+        connect_seconds,
+        connect_latency: stats::summarize(&connect_histogram),
+        publishes: total,
+        latency: stats::summarize(&histogram),
+        cdf_ms: stats::cdf(&histogram),
+        deliveries_per_second: accounting.received as f64 / wall.as_secs_f64(),
+        server_cpu_seconds: server_cpu.as_secs_f64(),
+        server_cpu_us_per_delivery: server_cpu.as_secs_f64() * 1e6 / delivered as f64,
+        server_cpu_us_per_connect: connect_cpu.as_secs_f64() * 1e6 / connected_now.max(1) as f64,
+        server_rss_bytes: server_rss,
+        server_bytes_per_idle_connection: rss_connected.saturating_sub(rss_before) as f64 / connected_now.max(1) as f64,
+        generator_cpu_seconds: generator_cpu.as_secs_f64(),
+        wall_seconds: wall.as_secs_f64(),
+        rss_samples,
+        accounting,
+    };
+    Ok((result, histogram))
+}
+
+fn cpu_of(pids: &[String]) -> Duration {
+    pids.iter().filter_map(|p| procstat::cpu_time(p)).sum()
+}
+
+/// A progress line on stderr: redrawn in place on a terminal, one line every 5 s otherwise.
+fn spawn_progress(
+    label: String,
+    progress: Arc<Progress>,
+    clients: usize,
+    publishes: usize,
+) -> tokio::task::JoinHandle<()> {
+    let terminal = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    tokio::spawn(async move {
+        let every = if terminal {
+            Duration::from_millis(250)
+        } else {
+            Duration::from_secs(5)
+        };
+        loop {
+            tokio::time::sleep(every).await;
+            let (c, f) = (
+                progress.connected.load(Ordering::Relaxed),
+                progress.failed.load(Ordering::Relaxed),
+            );
+            let p = progress.published.load(Ordering::Relaxed);
+            let bar = bar(p, publishes.max(1), 24);
+            let line = format!(
+                "{label} [{bar}] {:>5.1}s connected {c}/{clients} (failed {f}) published {p}/{publishes} received {}",
+                started.elapsed().as_secs_f64(),
+                progress.received.load(Ordering::Relaxed)
+            );
+            if terminal {
+                eprint!("\r{line}\x1b[K");
+            } else {
+                eprintln!("{line}");
+            }
+        }
+    })
+}
+
+/// `done` of `total` as a bar of `width` characters.
+fn bar(done: usize, total: usize, width: usize) -> String {
+    let filled = (done.min(total) * width) / total.max(1);
+    format!("{}{}", "#".repeat(filled), "-".repeat(width - filled))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_bar_fills_with_the_share_done() {
+        assert_eq!(bar(0, 10, 4), "----");
+        assert_eq!(bar(5, 10, 4), "##--");
+        assert_eq!(bar(10, 10, 4), "####");
+        assert_eq!(bar(20, 10, 4), "####");
+    }
+}

@@ -1,0 +1,161 @@
+//! WebTransport clients for Courtside: a control stream for commands and replies, datagrams for
+//! states (acknowledged, as PROTOCOL.md "Loss repair" asks), and the binary codec of the library.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use courtside::core::wire::{self, ClientMessage, FrameDecoder, ServerMessage};
+use courtside::core::RoomName;
+use wtransport::endpoint::endpoint_side::Client;
+use wtransport::tls::Sha256Digest;
+use wtransport::{ClientConfig, Connection, Endpoint, RecvStream, SendStream};
+
+use crate::clients::{parse_data, Received};
+
+/// Connections that share one client endpoint (one UDP socket, one driver task).
+const CONNECTIONS_PER_ENDPOINT: usize = 250;
+
+/// Largest control-stream frame the bench accepts.
+const MAX_FRAME: usize = 1 << 20;
+
+/// A pool of client endpoints, so thousands of sessions need only a few dozen sockets.
+#[derive(Default)]
+pub struct WtEndpoints {
+    /// (certificate hash trusted, endpoint, connections on it)
+    pool: Mutex<Vec<(String, Arc<Endpoint<Client>>, usize)>>,
+}
+
+impl WtEndpoints {
+    /// An endpoint with room for one more connection, trusting the certificate `hash_hex`.
+    pub fn pick(&self, hash_hex: &str) -> anyhow::Result<Arc<Endpoint<Client>>> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let free = pool
+            .iter_mut()
+            .find(|(hash, _, uses)| hash == hash_hex && *uses < CONNECTIONS_PER_ENDPOINT);
+        if let Some((_, endpoint, uses)) = free {
+            *uses += 1;
+            return Ok(endpoint.clone());
+        }
+        let digest = Sha256Digest::new(decode_hex32(hash_hex)?);
+        let config = ClientConfig::builder()
+            .with_bind_address(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .with_server_certificate_hashes([digest])
+            .keep_alive_interval(Some(Duration::from_secs(5)))
+            .max_idle_timeout(Some(Duration::from_secs(60)))
+            .context("idle timeout")?
+            .build();
+        let endpoint = Arc::new(Endpoint::client(config).context("webtransport client endpoint")?);
+        pool.push((hash_hex.to_string(), endpoint.clone(), 1));
+        Ok(endpoint)
+    }
+}
+
+fn decode_hex32(hex: &str) -> anyhow::Result<[u8; 32]> {
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
+        .collect::<Result<_, _>>()
+        .context("certificate hash is not hex")?;
+    bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("certificate hash is not 32 bytes"))
+}
+
+/// One WebTransport session joined to its rooms.
+pub struct WtConn {
+    pub connection: Connection,
+    send: SendStream,
+    recv: RecvStream,
+    decoder: FrameDecoder,
+    buf: Vec<u8>,
+    pending: VecDeque<Received>,
+    _endpoint: Arc<Endpoint<Client>>,
+}
+
+impl WtConn {
+    pub async fn connect(endpoint: Arc<Endpoint<Client>>, addr: SocketAddr, rooms: &[&str]) -> anyhow::Result<Self> {
+        let connection = endpoint
+            .connect(format!("https://{addr}/wt"))
+            .await
+            .context("webtransport connect")?;
+        let (send, recv) = connection.open_bi().await?.await?;
+        let mut conn = Self {
+            connection,
+            send,
+            recv,
+            decoder: FrameDecoder::default(),
+            buf: vec![0; 16 * 1024],
+            pending: VecDeque::new(),
+            _endpoint: endpoint,
+        };
+        let mut frames = bytes::BytesMut::new();
+        for room in rooms {
+            let command =
+                courtside::core::parse_command(&serde_json::json!({"type": "subscribe", "room": room}).to_string())
+                    .map_err(|e| anyhow::anyhow!("subscribe command: {e:?}"))?;
+            wire::put_frame(&mut frames, &wire::encode_client(&ClientMessage::Command(command)));
+        }
+        conn.send.write_all(&frames).await?;
+        let mut confirmed = 0;
+        while confirmed < rooms.len() {
+            let n = match tokio::time::timeout(Duration::from_secs(30), conn.recv.read(&mut conn.buf)).await {
+                Ok(Ok(Some(n))) => n,
+                Ok(_) => bail!("control stream ended while joining"),
+                Err(_) => bail!("no reply while joining"),
+            };
+            conn.decoder.extend(&conn.buf[..n]);
+            while let Ok(Some(frame)) = conn.decoder.next_frame(MAX_FRAME) {
+                match wire::decode_server(&frame) {
+                    Ok(ServerMessage::Subscribed(_)) => confirmed += 1,
+                    Ok(ServerMessage::Error(e)) => bail!("subscribe refused: {}", e.message),
+                    Ok(message) => conn.pending.extend(received(&message)),
+                    Err(_) => bail!("undecodable server message"),
+                }
+            }
+        }
+        Ok(conn)
+    }
+
+    /// The next bench message, from the control stream or a datagram; `None` when the session ended.
+    pub async fn next(&mut self) -> Option<Received> {
+        loop {
+            if let Some(m) = self.pending.pop_front() {
+                return Some(m);
+            }
+            tokio::select! {
+                read = self.recv.read(&mut self.buf) => {
+                    let n = read.ok()??;
+                    self.decoder.extend(&self.buf[..n]);
+                    while let Ok(Some(frame)) = self.decoder.next_frame(MAX_FRAME) {
+                        if let Ok(message) = wire::decode_server(&frame) {
+                            self.pending.extend(received(&message));
+                        }
+                    }
+                }
+                datagram = self.connection.receive_datagram() => {
+                    let datagram = datagram.ok()?;
+                    let payload = datagram.payload();
+                    let Ok(message) = wire::decode_server(&payload) else { continue };
+                    if let ServerMessage::State(state) = &message {
+                        if let Ok(room) = RoomName::parse(state.room) {
+                            let ack = wire::encode_client(&ClientMessage::Ack { room, version: state.version });
+                            let _ = self.connection.send_datagram(ack);
+                        }
+                    }
+                    self.pending.extend(received(&message));
+                }
+            }
+        }
+    }
+}
+
+fn received(message: &ServerMessage<'_>) -> Option<Received> {
+    match message {
+        ServerMessage::State(s) => parse_data(s.data),
+        ServerMessage::Event(e) => parse_data(e.data),
+        _ => None,
+    }
+}
