@@ -12,14 +12,14 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::WebSocketStream;
 
 use serde::Serialize;
 
 use crate::servers::TOKEN;
 use crate::webtransport::{WtConn, WtEndpoints};
 
-pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub type Ws = WebSocketStream<TcpStream>;
 
 /// The protocol of the server under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,9 +185,10 @@ pub async fn connect_websocket(protocol: Protocol, addr: SocketAddr, rooms: &[&s
         Protocol::Courtside => format!("ws://{addr}/ws"),
         Protocol::SocketIo => format!("ws://{addr}/socket.io/?EIO=4&transport=websocket"),
     };
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(websocket_config()), true)
+    let stream = connect_tcp(addr).await?;
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(websocket_config()))
         .await
-        .context("websocket connect")?;
+        .context("websocket handshake")?;
     match protocol {
         Protocol::Courtside => {
             for room in rooms {
@@ -215,6 +216,27 @@ pub async fn connect_websocket(protocol: Protocol, addr: SocketAddr, rooms: &[&s
     Ok(ws)
 }
 
+/// Connections per source address: below the ~28,000 ephemeral ports Linux has for each
+/// (source, destination) pair.
+const CONNECTIONS_PER_SOURCE: usize = 20_000;
+
+static TCP_CONNECTIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A loopback TCP connection from 127.0.0.1, then 127.0.0.2 and on once a source address has
+/// carried `CONNECTIONS_PER_SOURCE` connections, so a run never runs out of ephemeral ports.
+pub async fn connect_tcp(addr: SocketAddr) -> anyhow::Result<TcpStream> {
+    if !addr.ip().is_loopback() {
+        bail!("the bench only connects to loopback addresses, not {addr}");
+    }
+    let n = TCP_CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let source = std::net::Ipv4Addr::new(127, 0, 0, 1 + (n / CONNECTIONS_PER_SOURCE % 250) as u8);
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((source, 0)))?;
+    let stream = socket.connect(addr).await.context("tcp connect")?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
 async fn expect(ws: &mut Ws, check: impl Fn(&str) -> bool) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -236,8 +258,7 @@ pub struct Publisher {
 
 impl Publisher {
     pub async fn connect(protocol: Protocol, addr: SocketAddr) -> anyhow::Result<Self> {
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
+        let stream = connect_tcp(addr).await?;
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
         Ok(Self { sender, protocol, addr })

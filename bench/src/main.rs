@@ -426,7 +426,20 @@ async fn both(
         rate: None,
         result,
     });
-    if !cli.no_peer {
+    // One process cannot hold more sockets than its open-file limit: a Socket.IO run (all
+    // WebSocket) that needs more is skipped, and said so, rather than reported as failures.
+    let sockets_allowed = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .map(|(soft, _)| soft.saturating_sub(300) as usize)
+        .unwrap_or(usize::MAX);
+    let peer_fits = workload.clients.len() <= sockets_allowed;
+    if !cli.no_peer && !peer_fits {
+        eprintln!(
+            "socket.io {tag}: skipped: {} WebSocket clients exceed this process's open-file limit ({} usable)",
+            workload.clients.len(),
+            sockets_allowed
+        );
+    }
+    if !cli.no_peer && peer_fits {
         let workload = plan(0.0);
         let mut peers = Vec::new();
         for _ in 0..nodes {
