@@ -24,9 +24,11 @@ const MAX_FRAME: usize = 1 << 20;
 /// A pool of client endpoints, so thousands of sessions need only a few dozen sockets.
 #[derive(Default)]
 pub struct WtEndpoints {
-    /// (certificate hash trusted, endpoint, connections on it)
-    pool: Mutex<Vec<(String, Arc<Endpoint<Client>>, usize)>>,
+    pool: Mutex<Vec<PooledEndpoint>>,
 }
+
+/// The certificate hash an endpoint trusts, the endpoint, and how many connections it carries.
+type PooledEndpoint = (String, Arc<Endpoint<Client>>, usize);
 
 impl WtEndpoints {
     /// An endpoint with room for one more connection, trusting the certificate `hash_hex`.
