@@ -139,6 +139,14 @@ async fn main() -> anyhow::Result<()> {
     let (name, params, runs, extra) = match &cli.scenario {
         Scenario::Floor { sockets, rounds } => {
             let (sockets, rounds) = (*sockets, *rounds);
+            let files = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(u64::MAX, |(soft, _)| soft);
+            if (2 * sockets + 100) as u64 > files {
+                anyhow::bail!(
+                    "floor holds both ends of each socket: {sockets} sockets need {} open files, the limit is {files} (use --sockets {} or less)",
+                    2 * sockets + 100,
+                    files.saturating_sub(100) / 2
+                );
+            }
             let floor = tokio::task::spawn_blocking(move || floor::run(sockets, rounds)).await??;
             println!(
                 "floor on {} loopback sockets, {}-byte frame",
@@ -519,6 +527,14 @@ fn print_report(name: &str, runs: &[Run], extra: &serde_json::Value) {
             r.result.connect_latency.p99_ms,
             r.result.server_cpu_us_per_connect,
             r.result.deliveries_per_second,
+        );
+        println!(
+            "  published {} in {:.1} s ({} refused), answered p50 {:.1} ms / p99 {:.1} ms after they were due",
+            r.result.publishes,
+            r.result.publish_seconds,
+            r.result.publishes_refused,
+            r.result.publish_lag.p50_ms,
+            r.result.publish_lag.p99_ms
         );
         for e in &r.result.connect_errors {
             println!("  connect error: {e}");

@@ -126,6 +126,9 @@ mod tests {
             connect_seconds: 1.0,
             connect_latency: LatencySummary::default(),
             publishes: 10,
+            publishes_refused: 0,
+            publish_seconds: 1.0,
+            publish_lag: LatencySummary::default(),
             accounting: Accounting {
                 expected: 1000,
                 received,

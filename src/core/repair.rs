@@ -12,7 +12,9 @@ use super::room_name::RoomName;
 /// When to resend an unacknowledged state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RepairPolicy {
-    /// The first resend waits `max(min_delay, 2 × RTT)`; each later one waits twice as long.
+    /// The first resend waits `max(min_delay, 2 × RTT, ack timeout)`, where the ack timeout is
+    /// `srtt + 4 × rttvar` of the acknowledgements seen so far (as TCP's RTO: a busy client acks
+    /// later than the QUIC RTT says); each later resend waits twice as long.
     pub min_delay: Duration,
     /// Datagram resends before giving up on the datagram path.
     pub max_resends: u32,
@@ -42,8 +44,36 @@ struct Pending {
     publication: Arc<Publication>,
     version: u64,
     resends: u32,
+    sent_at: Instant,
     due: Instant,
     gap: Duration,
+}
+
+/// Smoothed time from a datagram's send to its acknowledgement (RFC 6298's estimator).
+#[derive(Debug, Default, Clone, Copy)]
+struct AckTimer {
+    srtt: Option<Duration>,
+    rttvar: Duration,
+}
+
+impl AckTimer {
+    fn sample(&mut self, rtt: Duration) {
+        match self.srtt {
+            None => {
+                self.srtt = Some(rtt);
+                self.rttvar = rtt / 2;
+            }
+            Some(srtt) => {
+                let delta = if srtt > rtt { srtt - rtt } else { rtt - srtt };
+                self.rttvar = (self.rttvar * 3 + delta) / 4;
+                self.srtt = Some((srtt * 7 + rtt) / 8);
+            }
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        self.srtt.map_or(Duration::ZERO, |srtt| srtt + self.rttvar * 4)
+    }
 }
 
 /// The unacknowledged newest state of each room, for one session.
@@ -51,6 +81,7 @@ struct Pending {
 pub struct DatagramRepair {
     pending: HashMap<RoomName, Pending>,
     policy: RepairPolicy,
+    acks: AckTimer,
 }
 
 impl DatagramRepair {
@@ -58,17 +89,19 @@ impl DatagramRepair {
         Self {
             pending: HashMap::new(),
             policy,
+            acks: AckTimer::default(),
         }
     }
 
     /// Records that `publication` (a state, version `version`) went out as a datagram.
     /// It replaces any older pending state of its room.
     pub fn sent(&mut self, publication: &Arc<Publication>, version: u64, now: Instant, rtt: Duration) {
-        let gap = self.policy.min_delay.max(rtt * 2);
+        let gap = self.policy.min_delay.max(rtt * 2).max(self.acks.timeout());
         let pending = Pending {
             publication: publication.clone(),
             version,
             resends: 0,
+            sent_at: now,
             due: now + gap,
             gap,
         };
@@ -81,9 +114,13 @@ impl DatagramRepair {
         }
     }
 
-    /// The client holds `version` of `room`: stop repairing anything up to it.
-    pub fn acked(&mut self, room: &RoomName, version: u64) {
-        if self.pending.get(room).is_some_and(|p| p.version <= version) {
+    /// The client holds `version` of `room`: stop repairing anything up to it. An ack of a
+    /// datagram sent once (never resent: Karn's rule) times the round trip.
+    pub fn acked(&mut self, room: &RoomName, version: u64, now: Instant) {
+        if let Some(p) = self.pending.get(room).filter(|p| p.version <= version) {
+            if p.version == version && p.resends == 0 {
+                self.acks.sample(now.saturating_duration_since(p.sent_at));
+            }
             self.pending.remove(room);
         }
     }
@@ -163,7 +200,7 @@ mod tests {
         let t0 = Instant::now();
         let mut repair = DatagramRepair::new(RepairPolicy::default());
         repair.sent(&state("g", 3), 3, t0, MS);
-        repair.acked(&RoomName::parse("g").expect("room"), 3);
+        repair.acked(&RoomName::parse("g").expect("room"), 3, t0);
         let mut out = Vec::new();
         repair.poll(t0 + Duration::from_secs(10), &mut out);
         assert!(out.is_empty());
@@ -209,12 +246,12 @@ mod tests {
         repair.sent(&state("g", 3), 3, t0, MS);
         repair.sent(&state("g", 5), 5, t0, MS);
         repair.sent(&state("g", 4), 4, t0, MS);
-        repair.acked(&room, 4);
+        repair.acked(&room, 4, t0);
         assert_eq!(repair.len(), 1);
         let mut out = Vec::new();
         repair.poll(t0 + Duration::from_secs(1), &mut out);
         assert_eq!(kinds(&out), vec![("datagram", 5), ("stream", 5)]);
-        repair.acked(&room, 6);
+        repair.acked(&room, 6, t0);
         assert!(repair.is_empty());
     }
 
@@ -226,5 +263,24 @@ mod tests {
         assert_eq!(repair.next_due(), Some(t0 + 100 * MS));
         repair.forget(&RoomName::parse("g").expect("room"));
         assert_eq!(repair.next_due(), None);
+    }
+
+    #[test]
+    fn a_client_that_acks_late_is_not_resent_to_early() {
+        let t0 = Instant::now();
+        let mut repair = DatagramRepair::new(RepairPolicy::default());
+        // Acks arrive 100 ms after each send, while QUIC measures a 1 ms RTT.
+        for v in 1..=8 {
+            let at = t0 + 100 * MS * v as u32;
+            repair.sent(&state("g", v), v, at, MS);
+            repair.acked(&RoomName::parse("g").expect("room"), v, at + 100 * MS);
+        }
+        let at = t0 + 1000 * MS;
+        repair.sent(&state("g", 9), 9, at, MS);
+        let mut out = Vec::new();
+        repair.poll(at + 99 * MS, &mut out);
+        assert!(out.is_empty(), "resent before the usual ack time: {out:?}");
+        repair.poll(at + 1000 * MS, &mut out);
+        assert!(!out.is_empty(), "a lost datagram is still repaired");
     }
 }

@@ -530,7 +530,7 @@ impl WtSession {
                 },
                 message = inbound.recv() => match message {
                     Some(Inbound::Message(message)) => self.handle(message),
-                    Some(Inbound::Ack(room, version)) => self.repair.acked(&room, version),
+                    Some(Inbound::Ack(room, version)) => self.repair.acked(&room, version, std::time::Instant::now()),
                     Some(Inbound::TooLarge) => break Ending::TooBig,
                     Some(Inbound::StreamEnded) | None => break Ending::PeerGone,
                 },
@@ -593,7 +593,7 @@ impl WtSession {
         self.node.metrics.webtransport.client_messages.inc();
         let now_ms = Now::system().unix_ms;
         match message {
-            Ok(ClientMessage::Ack { room, version }) => self.repair.acked(&room, version),
+            Ok(ClientMessage::Ack { room, version }) => self.repair.acked(&room, version, std::time::Instant::now()),
             Ok(ClientMessage::Command(command)) => {
                 if let ClientCommand::Unsubscribe { room } = &command {
                     self.repair.forget(room);
