@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every scenario at the sizes bench/README.md reports, Courtside and Socket.IO side by side,
-# and writes the JSON results and CDF plots to bench/results/latest/. About 25 minutes on 2 vCPU.
+# and writes the JSON results and CDF plots to bench/results/latest/. About 35 minutes on 2 vCPU.
 # Usage: bench/run-all.sh [extra courtside-bench flags, e.g. --no-peer]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,7 @@ EXTRA=("$@")
 # The floor holds both ends of each socket: 9,900 is as close to 10,000 as 20,000 files allow.
 for n in 1000 5000 9900; do run "floor-$n" floor --sockets "$n"; done
 run fanout fanout --clients 1000,5000,10000 --rates 5,20,50 --seconds 5
+run fanout-websocket fanout --clients 1000,5000,10000 --rates 5,20,50 --seconds 5 --wt-share 0
 run saturday saturday --fans 5000 --seconds 30
 run connect-storm connect-storm --clients 5000 --within 5
 run connect-storm-20k connect-storm --clients 20000 --within 20 --wt-share 0.5

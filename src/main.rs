@@ -81,8 +81,7 @@ fn run(config: ServeConfig) -> anyhow::Result<()> {
                 token
             }
         };
-        let listener = tokio::net::TcpListener::bind(config.http.addr)
-            .await
+        let listener = server::bind_http(config.http.addr)
             .with_context(|| format!("binding HTTP/WebSocket listener on {}", config.http.addr))?;
         let http = listener.local_addr()?;
         let hub = server::build_hub(&config);

@@ -279,3 +279,19 @@ impl AsyncWrite for LimitedStream {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
+
+/// Connections waiting to be accepted, at most (the kernel caps it at net.core.somaxconn). The
+/// default of 1,024 overflowed when thousands of clients reconnected at once, and each dropped
+/// SYN cost its client a one-second retransmit.
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// Binds the HTTP and WebSocket listener with `LISTEN_BACKLOG`.
+pub fn bind_http(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(socket.into())
+}

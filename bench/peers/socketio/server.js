@@ -42,7 +42,8 @@ io.on('connection', (socket) => {
   socket.on('join', (room) => { socket.join(room); socket.emit('joined', room); });
   socket.on('leave', (room) => socket.leave(room));
 });
-http.listen(port, '127.0.0.1', () => {
+// A listen backlog of 4,096 as Courtside's, so a connect storm compares servers, not kernel queues.
+http.listen(port, '127.0.0.1', 4096, () => {
   console.log(JSON.stringify({ port: http.address().port }));
 });
 process.on('SIGTERM', () => process.exit(0));
