@@ -50,6 +50,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Scenario {
+    /// Draws the latency CDF plot (.svg beside it) of a results file again.
+    Plot { results: PathBuf },
     /// The cost of a loopback TCP write: one frame per write, and ten per write.
     Floor {
         #[arg(long, default_value_t = 1000)]
@@ -137,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
     let command: Vec<String> = std::env::args().collect();
     let wt_share = cli.wt_share.clamp(0.0, 1.0);
     let (name, params, runs, extra) = match &cli.scenario {
+        Scenario::Plot { results } => return replot(results),
         Scenario::Floor { sockets, rounds } => {
             let (sockets, rounds) = (*sockets, *rounds);
             let files = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(u64::MAX, |(soft, _)| soft);
@@ -401,6 +404,34 @@ async fn main() -> anyhow::Result<()> {
             r.result.accounting
         );
     }
+    Ok(())
+}
+
+/// Writes the CDF plot of a results file (`runs[].label`, `runs[].result.cdf_ms`) beside it.
+fn replot(results: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(results).with_context(|| format!("reading {}", results.display()))?;
+    let record: serde_json::Value = serde_json::from_str(&text)?;
+    let runs = record["runs"].as_array().cloned().unwrap_or_default();
+    let points: Vec<(String, Vec<(f64, f64)>)> = runs
+        .iter()
+        .map(|r| {
+            let label = r["label"].as_str().unwrap_or_default().to_string();
+            let cdf = serde_json::from_value(r["result"]["cdf_ms"].clone()).unwrap_or_default();
+            (label, cdf)
+        })
+        .filter(|(_, cdf): &(String, Vec<(f64, f64)>)| !cdf.is_empty())
+        .collect();
+    let series: Vec<plot::Series> = points
+        .iter()
+        .map(|(label, cdf)| plot::Series {
+            label: label.clone(),
+            points: cdf,
+        })
+        .collect();
+    let name = record["scenario"].as_str().unwrap_or("results");
+    let svg_path = results.with_extension("svg");
+    std::fs::write(&svg_path, plot::cdf_svg(&format!("{name}: latency CDF"), &series))?;
+    eprintln!("plot: {}", svg_path.display());
     Ok(())
 }
 

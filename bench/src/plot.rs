@@ -9,7 +9,9 @@ const LEFT: f64 = 70.0;
 const RIGHT: f64 = 200.0;
 const TOP: f64 = 40.0;
 const BOTTOM: f64 = 50.0;
-const COLORS: [&str; 6] = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
+/// Courtside's lines in warm colours, everyone else's in cool ones, so a pair reads at a glance.
+const WARM: [&str; 5] = ["#d62728", "#ff7f0e", "#8c564b", "#e377c2", "#bcbd22"];
+const COOL: [&str; 5] = ["#1f77b4", "#17becf", "#2ca02c", "#9467bd", "#7f7f7f"];
 
 /// One line of the plot: a label and CDF points (ms, fraction).
 pub struct Series<'a> {
@@ -25,7 +27,7 @@ pub fn cdf_svg(title: &str, series: &[Series<'_>]) -> String {
     let (lo, hi) = (min.log10().floor(), max.log10().ceil().max(min.log10().floor() + 1.0));
     let plot_w = WIDTH - LEFT - RIGHT;
     let plot_h = HEIGHT - TOP - BOTTOM;
-    let x = |ms: f64| LEFT + (ms.max(min).log10() - lo) / (hi - lo) * plot_w;
+    let x = |ms: f64| LEFT + (ms.max(10f64.powf(lo)).log10() - lo) / (hi - lo) * plot_w;
     let y = |q: f64| TOP + (1.0 - q) * plot_h;
     let mut svg = String::new();
     let _ = write!(
@@ -62,8 +64,15 @@ pub fn cdf_svg(title: &str, series: &[Series<'_>]) -> String {
         TOP + plot_h / 2.0,
         TOP + plot_h / 2.0
     );
+    let (mut warm, mut cool) = (0, 0);
     for (i, s) in series.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
+        let color = if s.label.starts_with("courtside") {
+            warm += 1;
+            WARM[(warm - 1) % WARM.len()]
+        } else {
+            cool += 1;
+            COOL[(cool - 1) % COOL.len()]
+        };
         let points: Vec<String> = s
             .points
             .iter()
@@ -113,7 +122,16 @@ mod tests {
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert!(svg.contains(">courtside<") && svg.contains(">socket.io<"));
         assert!(svg.contains("fanout &lt;1000&gt;"));
-        // The axis spans whole decades around the data: 1 ms to 1000 ms.
-        assert!(svg.contains(">1000<") && svg.contains(">1<"));
+        // The axis spans whole decades around the data, 1 ms at its left edge, 1000 ms at its right.
+        assert!(
+            svg.contains(r#"<text x="70.0" y="406.0" text-anchor="middle">1</text>"#),
+            "{svg}"
+        );
+        assert!(
+            svg.contains(r#"<text x="560.0" y="406.0" text-anchor="middle">1000</text>"#),
+            "{svg}"
+        );
+        // Courtside in a warm colour, the other server in a cool one.
+        assert!(svg.contains(r##"stroke="#d62728""##) && svg.contains(r##"stroke="#1f77b4""##));
     }
 }
