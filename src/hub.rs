@@ -133,26 +133,6 @@ impl Wake {
     }
 }
 
-/// A way to put a publication into a connection's socket from the fan-out itself, without
-/// waking the connection's task (set by the WebSocket transport). Only tried when the queue
-/// is idle, so it never overtakes a queued message.
-pub trait DirectWrite: Send + Sync + std::fmt::Debug {
-    /// Writes `publication` now if the socket takes it without waiting.
-    fn write_now(&self, publication: &Publication) -> Direct;
-}
-
-/// What a direct write did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direct {
-    /// The socket took the whole message.
-    Written,
-    /// The socket took part; the rest waits in the connection's own buffer, and its writer
-    /// must be woken to finish it.
-    Partly,
-    /// Nothing written (the socket is full or busy): queue it instead.
-    NotNow,
-}
-
 /// A connection as the hub sees it: a bounded queue and a wake-up for its writer.
 #[derive(Debug)]
 pub struct Subscriber {
@@ -161,9 +141,6 @@ pub struct Subscriber {
     queue: Mutex<ConnectionQueue>,
     /// Woken when the queue goes from empty to non-empty, or closes.
     wake: Wake,
-    direct: std::sync::OnceLock<Box<dyn DirectWrite>>,
-    /// Direct writes are allowed (cleared, under the queue lock, before the connection closes).
-    direct_on: AtomicBool,
 }
 
 impl Subscriber {
@@ -209,108 +186,12 @@ impl Subscriber {
         dropped
     }
 
-    /// Lets the fan-out write into this connection's socket directly while its queue is idle.
-    pub fn enable_direct(&self, writer: Box<dyn DirectWrite>) {
-        if self.direct.set(writer).is_ok() {
-            self.direct_on.store(true, Ordering::Release);
-        }
-    }
-
-    /// No more direct writes: when this returns, none is running or will start (the writer is
-    /// about to write its own last frames, such as a close).
-    pub fn stop_direct(&self) {
-        let _queue = self.queue();
-        self.direct_on.store(false, Ordering::Release);
-    }
-
-    /// Offers a publication: straight to the socket when nothing is pending for this connection
-    /// and the socket takes it, else into the queue.
-    fn offer_publication(
-        &self,
-        publication: &Arc<Publication>,
-        push: fn(&mut ConnectionQueue, &Arc<Publication>) -> Pushed,
-    ) -> Offered {
-        let mut queue = self.queue();
-        if let Some(direct) = self.direct.get().filter(|_| self.direct_on.load(Ordering::Acquire)) {
-            if queue.is_idle() {
-                match direct.write_now(publication) {
-                    Direct::Written => return Offered::Written,
-                    Direct::Partly => {
-                        drop(queue);
-                        self.wake.wake();
-                        return Offered::Written;
-                    }
-                    Direct::NotNow => {}
-                }
-            }
-        }
-        let pushed = push(&mut queue, publication);
-        drop(queue);
-        if matches!(pushed, Pushed::Queued { wake: true } | Pushed::Overflowed { .. }) {
-            self.wake.wake();
-        }
-        Offered::Pushed(pushed)
-    }
-
     fn offer(&self, push: impl FnOnce(&mut ConnectionQueue) -> Pushed) -> Pushed {
         let pushed = push(&mut self.queue());
         if matches!(pushed, Pushed::Queued { wake: true } | Pushed::Overflowed { .. }) {
             self.wake.wake();
         }
         pushed
-    }
-}
-
-/// What became of a publication offered to one subscriber.
-enum Offered {
-    /// Written into the socket by the fan-out.
-    Written,
-    Pushed(Pushed),
-}
-
-/// Rooms with at least this many local subscribers are written from two threads.
-const PARALLEL_FANOUT: usize = 2048;
-
-/// What one fan-out did, per transport.
-#[derive(Debug, Default)]
-struct FanoutOutcome {
-    pushed: [FanoutTally; 2],
-    written: [u64; 2],
-}
-
-impl FanoutOutcome {
-    fn offer_all<'a>(
-        subscribers: impl Iterator<Item = &'a Arc<Subscriber>>,
-        publication: &Arc<Publication>,
-        push: fn(&mut ConnectionQueue, &Arc<Publication>) -> Pushed,
-    ) -> Self {
-        let mut outcome = Self::default();
-        for subscriber in subscribers {
-            let t = subscriber.transport as usize;
-            match subscriber.offer_publication(publication, push) {
-                Offered::Written => outcome.written[t] += 1,
-                Offered::Pushed(pushed) => outcome.pushed[t].add(pushed),
-            }
-        }
-        outcome
-    }
-
-    fn merge(&mut self, other: Self) {
-        for t in 0..2 {
-            self.pushed[t].conflated += other.pushed[t].conflated;
-            self.pushed[t].dropped += other.pushed[t].dropped;
-            self.pushed[t].slow += other.pushed[t].slow;
-            self.written[t] += other.written[t];
-        }
-    }
-
-    fn flush(&mut self, metrics: &Metrics, publication: &Publication) {
-        for (t, transport) in [Transport::WebSocket, Transport::WebTransport].into_iter().enumerate() {
-            self.pushed[t].flush(metrics, transport);
-            if self.written[t] > 0 {
-                metrics.record_direct_deliveries(transport, self.written[t], publication);
-            }
-        }
     }
 }
 
@@ -433,8 +314,6 @@ impl Hub {
             transport,
             queue: Mutex::new(ConnectionQueue::new(self.0.config.queue)),
             wake: Wake::default(),
-            direct: std::sync::OnceLock::new(),
-            direct_on: AtomicBool::new(false),
         })
     }
 
@@ -476,27 +355,13 @@ impl Hub {
             crate::core::PublicationKind::State { .. } => ConnectionQueue::push_state,
             crate::core::PublicationKind::Event { .. } => ConnectionQueue::push_event,
         };
-        let mut outcome = if entry.subscribers.len() >= PARALLEL_FANOUT {
-            // A big room: half its sockets are written from a second thread, so both cores
-            // write. Each connection is in one half, and the room lock is held throughout, so
-            // every connection still receives the room's publications in order.
-            let subscribers: Vec<&Arc<Subscriber>> = entry.subscribers.values().collect();
-            let (first, second) = subscribers.split_at(subscribers.len() / 2);
-            std::thread::scope(|scope| {
-                let helper = scope.spawn(|| FanoutOutcome::offer_all(second.iter().copied(), publication, offer));
-                let mut outcome = FanoutOutcome::offer_all(first.iter().copied(), publication, offer);
-                match helper.join() {
-                    Ok(other) => outcome.merge(other),
-                    // The helper only pushes into queues and writes to sockets; a panic there is
-                    // a bug, and the half it had not reached yet has missed this publication.
-                    Err(_) => tracing::error!("a fan-out thread panicked"),
-                }
-                outcome
-            })
-        } else {
-            FanoutOutcome::offer_all(entry.subscribers.values(), publication, offer)
-        };
-        outcome.flush(&self.0.metrics, publication);
+        let mut by_transport = [FanoutTally::default(), FanoutTally::default()];
+        for subscriber in entry.subscribers.values() {
+            let pushed = subscriber.offer(|q| offer(q, publication));
+            by_transport[subscriber.transport as usize].add(pushed);
+        }
+        by_transport[0].flush(&self.0.metrics, Transport::WebSocket);
+        by_transport[1].flush(&self.0.metrics, Transport::WebTransport);
     }
 
     /// Applies a publication numbered by the shared registry to the local room and fans it out
@@ -838,32 +703,6 @@ mod tests {
                 Outgoing::Control(c) => c.to_json().to_string(),
             })
             .collect()
-    }
-
-    #[test]
-    fn a_big_room_fanned_out_from_two_threads_keeps_every_queue_in_order() {
-        let hub = hub(HubConfig::default());
-        let subscribers: Vec<_> = (0..PARALLEL_FANOUT + 7)
-            .map(|_| hub.new_subscriber(Transport::WebSocket))
-            .collect();
-        for s in &subscribers {
-            hub.subscribe(&room("game:big"), s, None, None, 0).expect("subscribe");
-            drain(s);
-        }
-        for i in 1..=5 {
-            hub.publish(&room("game:big"), PublishKind::Event, &data(&i.to_string()), now())
-                .expect("publish");
-        }
-        for s in &subscribers {
-            let seqs: Vec<u64> = drain(s)
-                .iter()
-                .map(|frame| {
-                    let v: serde_json::Value = serde_json::from_str(frame).expect("json");
-                    v["seq"].as_u64().expect("seq")
-                })
-                .collect();
-            assert_eq!(seqs, [1, 2, 3, 4, 5]);
-        }
     }
 
     #[test]

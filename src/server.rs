@@ -243,16 +243,9 @@ fn unreachable_accept() -> DrainReport {
 }
 
 /// A TCP stream that holds a connection-limit permit until it closes, through any upgrade.
-#[derive(Debug)]
-pub(crate) struct LimitedStream {
+struct LimitedStream {
     stream: TcpStream,
     _permit: OwnedSemaphorePermit,
-}
-
-impl LimitedStream {
-    pub(crate) fn tcp(&self) -> &TcpStream {
-        &self.stream
-    }
 }
 
 impl AsyncRead for LimitedStream {
