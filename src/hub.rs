@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
+use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
 
@@ -133,6 +134,26 @@ impl Wake {
     }
 }
 
+/// A way to put a publication into a connection's socket from the fan-out itself, without
+/// waking the connection's task (set by the WebSocket transport). Only tried when the queue
+/// is idle, so it never overtakes a queued message.
+pub trait DirectWrite: Send + Sync + std::fmt::Debug {
+    /// Writes `publication` now if the socket takes it without waiting.
+    fn write_now(&self, publication: &Publication) -> Direct;
+}
+
+/// What a direct write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direct {
+    /// The socket took the whole message.
+    Written,
+    /// The socket took part; the rest waits in the connection's own buffer, and its writer
+    /// must be woken to finish it.
+    Partly,
+    /// Nothing written (the socket is full or busy): queue it instead.
+    NotNow,
+}
+
 /// A connection as the hub sees it: a bounded queue and a wake-up for its writer.
 #[derive(Debug)]
 pub struct Subscriber {
@@ -141,6 +162,9 @@ pub struct Subscriber {
     queue: Mutex<ConnectionQueue>,
     /// Woken when the queue goes from empty to non-empty, or closes.
     wake: Wake,
+    direct: std::sync::OnceLock<Box<dyn DirectWrite>>,
+    /// Direct writes are allowed (cleared, under the queue lock, before the connection closes).
+    direct_on: AtomicBool,
 }
 
 impl Subscriber {
@@ -186,12 +210,85 @@ impl Subscriber {
         dropped
     }
 
+    /// Lets the fan-out write into this connection's socket directly while its queue is idle.
+    pub fn enable_direct(&self, writer: Box<dyn DirectWrite>) {
+        if self.direct.set(writer).is_ok() {
+            self.direct_on.store(true, Ordering::Release);
+        }
+    }
+
+    /// No more direct writes: when this returns, none is running or will start (the writer is
+    /// about to write its own last frames, such as a close).
+    pub fn stop_direct(&self) {
+        let _queue = self.queue();
+        self.direct_on.store(false, Ordering::Release);
+    }
+
+    /// Offers a publication: straight to the socket when nothing is pending for this connection
+    /// and the socket takes it, else into the queue.
+    fn offer_publication(
+        &self,
+        publication: &Arc<Publication>,
+        push: fn(&mut ConnectionQueue, &Arc<Publication>) -> Pushed,
+        allow_direct: bool,
+    ) -> Offered {
+        let mut queue = self.queue();
+        let direct = self
+            .direct
+            .get()
+            .filter(|_| allow_direct && self.direct_on.load(Ordering::Acquire));
+        if let Some(direct) = direct {
+            if queue.is_idle() {
+                match direct.write_now(publication) {
+                    Direct::Written => return Offered::Written,
+                    Direct::Partly => {
+                        drop(queue);
+                        self.wake.wake();
+                        return Offered::Written;
+                    }
+                    Direct::NotNow => {}
+                }
+            }
+        }
+        let pushed = push(&mut queue, publication);
+        drop(queue);
+        if matches!(pushed, Pushed::Queued { wake: true } | Pushed::Overflowed { .. }) {
+            self.wake.wake();
+        }
+        Offered::Pushed(pushed)
+    }
+
     fn offer(&self, push: impl FnOnce(&mut ConnectionQueue) -> Pushed) -> Pushed {
         let pushed = push(&mut self.queue());
         if matches!(pushed, Pushed::Queued { wake: true } | Pushed::Overflowed { .. }) {
             self.wake.wake();
         }
         pushed
+    }
+}
+
+/// What became of a publication offered to one subscriber.
+enum Offered {
+    /// Written into the socket by the fan-out.
+    Written,
+    Pushed(Pushed),
+}
+
+/// What one fan-out did, per transport.
+#[derive(Debug, Default)]
+struct FanoutOutcome {
+    pushed: [FanoutTally; 2],
+    written: [u64; 2],
+}
+
+impl FanoutOutcome {
+    fn flush(&mut self, metrics: &Metrics, publication: &Publication) {
+        for (t, transport) in [Transport::WebSocket, Transport::WebTransport].into_iter().enumerate() {
+            self.pushed[t].flush(metrics, transport);
+            if self.written[t] > 0 {
+                metrics.record_direct_deliveries(transport, self.written[t], publication);
+            }
+        }
     }
 }
 
@@ -242,6 +339,35 @@ struct RoomEntry {
     removed: bool,
     /// Kept while the shared registry follows the room, even with nobody subscribed yet.
     pinned: bool,
+    pace: FanoutPace,
+}
+
+/// When the fan-out may write into sockets itself. Writing a message per socket write is
+/// cheapest while publishes are far apart; when they come faster than such a fan-out takes,
+/// messages must wait in the queues, so each connection's task writes several in one write.
+/// A direct fan-out is allowed when publishes are this many times further apart than it takes:
+/// the sockets' readers, and everything else on the machine, need the rest of the time.
+const DIRECT_HEADROOM: u32 = 3;
+
+#[derive(Debug, Default)]
+struct FanoutPace {
+    last: Option<std::time::Instant>,
+    /// What the last direct fan-out cost per subscriber, in nanoseconds.
+    cost_per_subscriber_ns: u64,
+}
+
+impl FanoutPace {
+    /// Whether this fan-out may write directly: the time since the last one covers what a
+    /// direct fan-out to `subscribers` costs.
+    fn allows_direct(&self, now: std::time::Instant, subscribers: usize) -> bool {
+        match self.last {
+            None => true,
+            Some(last) => {
+                let cost = Duration::from_nanos(self.cost_per_subscriber_ns.saturating_mul(subscribers as u64));
+                now.saturating_duration_since(last) >= cost * DIRECT_HEADROOM
+            }
+        }
+    }
 }
 
 impl RoomEntry {
@@ -314,6 +440,8 @@ impl Hub {
             transport,
             queue: Mutex::new(ConnectionQueue::new(self.0.config.queue)),
             wake: Wake::default(),
+            direct: std::sync::OnceLock::new(),
+            direct_on: AtomicBool::new(false),
         })
     }
 
@@ -350,18 +478,27 @@ impl Hub {
 
     /// Offers a publication to every subscriber of the room (the caller holds the room lock, so
     /// every queue receives the room's publications in the same order).
-    fn fan_out(&self, entry: &RoomEntry, publication: &Arc<Publication>) {
+    fn fan_out(&self, entry: &mut RoomEntry, publication: &Arc<Publication>) {
         let offer: fn(&mut ConnectionQueue, &Arc<Publication>) -> Pushed = match publication.kind {
             crate::core::PublicationKind::State { .. } => ConnectionQueue::push_state,
             crate::core::PublicationKind::Event { .. } => ConnectionQueue::push_event,
         };
-        let mut by_transport = [FanoutTally::default(), FanoutTally::default()];
+        let started = std::time::Instant::now();
+        let subscribers = entry.subscribers.len();
+        let direct = entry.pace.allows_direct(started, subscribers);
+        let mut outcome = FanoutOutcome::default();
         for subscriber in entry.subscribers.values() {
-            let pushed = subscriber.offer(|q| offer(q, publication));
-            by_transport[subscriber.transport as usize].add(pushed);
+            let t = subscriber.transport as usize;
+            match subscriber.offer_publication(publication, offer, direct) {
+                Offered::Written => outcome.written[t] += 1,
+                Offered::Pushed(pushed) => outcome.pushed[t].add(pushed),
+            }
         }
-        by_transport[0].flush(&self.0.metrics, Transport::WebSocket);
-        by_transport[1].flush(&self.0.metrics, Transport::WebTransport);
+        entry.pace.last = Some(started);
+        if direct && subscribers > 0 {
+            entry.pace.cost_per_subscriber_ns = (started.elapsed().as_nanos() / subscribers as u128) as u64;
+        }
+        outcome.flush(&self.0.metrics, publication);
     }
 
     /// Applies a publication numbered by the shared registry to the local room and fans it out
@@ -651,6 +788,7 @@ impl Hub {
             subscribers: HashMap::new(),
             removed: false,
             pinned: false,
+            pace: FanoutPace::default(),
         }))))
     }
 
@@ -703,6 +841,30 @@ mod tests {
                 Outgoing::Control(c) => c.to_json().to_string(),
             })
             .collect()
+    }
+
+    #[test]
+    fn a_big_room_keeps_every_queue_in_order() {
+        let hub = hub(HubConfig::default());
+        let subscribers: Vec<_> = (0..2055).map(|_| hub.new_subscriber(Transport::WebSocket)).collect();
+        for s in &subscribers {
+            hub.subscribe(&room("game:big"), s, None, None, 0).expect("subscribe");
+            drain(s);
+        }
+        for i in 1..=5 {
+            hub.publish(&room("game:big"), PublishKind::Event, &data(&i.to_string()), now())
+                .expect("publish");
+        }
+        for s in &subscribers {
+            let seqs: Vec<u64> = drain(s)
+                .iter()
+                .map(|frame| {
+                    let v: serde_json::Value = serde_json::from_str(frame).expect("json");
+                    v["seq"].as_u64().expect("seq")
+                })
+                .collect();
+            assert_eq!(seqs, [1, 2, 3, 4, 5]);
+        }
     }
 
     #[test]
@@ -837,5 +999,17 @@ mod tests {
         assert_eq!(fast_seqs, (1..=10).collect::<Vec<_>>());
         assert_eq!(slow.drain_into(&mut Vec::new(), 100), Some(QueueClosed::Slow));
         assert_eq!(hub.metrics().websocket.slow_disconnects.get(), 1);
+    }
+
+    #[test]
+    fn the_fanout_writes_directly_only_while_publishes_are_further_apart_than_it_takes() {
+        let t0 = std::time::Instant::now();
+        let mut pace = FanoutPace::default();
+        assert!(pace.allows_direct(t0, 10_000), "nothing measured yet");
+        pace.last = Some(t0);
+        pace.cost_per_subscriber_ns = 8_000; // 8 µs: 80 ms for 10,000 subscribers
+        assert!(!pace.allows_direct(t0 + Duration::from_millis(200), 10_000));
+        assert!(pace.allows_direct(t0 + Duration::from_millis(240), 10_000));
+        assert!(pace.allows_direct(t0 + Duration::from_millis(120), 5_000));
     }
 }

@@ -8,7 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::core::{ErrorCode, Outgoing};
+use crate::core::{ErrorCode, Outgoing, Publication};
 
 /// A transport a client connects with; a label on per-transport metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -207,6 +207,15 @@ impl Metrics {
                 self.delivery_latency
                     .observe(now.saturating_duration_since(p.published_at).as_secs_f64());
             }
+        }
+    }
+
+    /// Records `count` deliveries of one publication written by the fan-out itself.
+    pub fn record_direct_deliveries(&self, transport: Transport, count: u64, publication: &Publication) {
+        self.transport(transport).deliveries.inc_by(count);
+        let latency = publication.published_at.elapsed().as_secs_f64();
+        for _ in 0..count {
+            self.delivery_latency.observe(latency);
         }
     }
 

@@ -243,9 +243,16 @@ fn unreachable_accept() -> DrainReport {
 }
 
 /// A TCP stream that holds a connection-limit permit until it closes, through any upgrade.
-struct LimitedStream {
+#[derive(Debug)]
+pub(crate) struct LimitedStream {
     stream: TcpStream,
     _permit: OwnedSemaphorePermit,
+}
+
+impl LimitedStream {
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        &self.stream
+    }
 }
 
 impl AsyncRead for LimitedStream {

@@ -73,6 +73,8 @@ pub struct ConnectionQueue {
     ordered_bytes: usize,
     limits: QueueLimits,
     closed: Option<QueueClosed>,
+    /// The writer took messages out that it may not have written yet.
+    in_flight: bool,
 }
 
 impl ConnectionQueue {
@@ -84,7 +86,14 @@ impl ConnectionQueue {
             ordered_bytes: 0,
             limits,
             closed: None,
+            in_flight: false,
         }
+    }
+
+    /// Nothing queued, nothing taken out and unwritten, not closed: a new message may go to the
+    /// socket at once without overtaking anything.
+    pub fn is_idle(&self) -> bool {
+        self.entries.is_empty() && !self.in_flight && self.closed.is_none()
     }
 
     pub fn closed(&self) -> Option<QueueClosed> {
@@ -183,7 +192,15 @@ impl ConnectionQueue {
     }
 
     /// Moves up to `max` pending messages into `out`, oldest first.
+    /// Moves up to `max` messages into `out`, oldest first. Until a drain finds the queue empty,
+    /// the writer counts as busy (`is_idle` is false): what it took may not be written yet.
     pub fn drain_into(&mut self, out: &mut Vec<Outgoing>, max: usize) {
+        let before = out.len();
+        self.drain_some(out, max);
+        self.in_flight = out.len() > before;
+    }
+
+    fn drain_some(&mut self, out: &mut Vec<Outgoing>, max: usize) {
         while out.len() < max {
             let Some(entry) = self.entries.pop_front() else { break };
             match entry {
@@ -367,5 +384,23 @@ mod tests {
         q.drain_into(&mut out, 4);
         assert_eq!(out.len(), 4);
         assert_eq!(q.len(), 6);
+    }
+
+    #[test]
+    fn the_queue_is_idle_only_when_the_writer_has_written_everything() {
+        let mut q = ConnectionQueue::new(QueueLimits::default());
+        assert!(q.is_idle());
+        q.push_control(ServerControl::Pong);
+        assert!(!q.is_idle(), "a message is queued");
+        let mut out = Vec::new();
+        q.drain_into(&mut out, 10);
+        assert_eq!(out.len(), 1);
+        assert!(!q.is_idle(), "the writer holds a message it has not written yet");
+        out.clear();
+        q.drain_into(&mut out, 10);
+        assert!(out.is_empty());
+        assert!(q.is_idle(), "an empty drain means everything taken was written");
+        q.close(QueueClosed::Gone);
+        assert!(!q.is_idle(), "a closed queue takes nothing");
     }
 }

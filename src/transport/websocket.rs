@@ -1,28 +1,34 @@
 //! The WebSocket transport at `/ws`: the HTTP upgrade, then one task per connection that reads
 //! JSON commands into its `Session` and writes its queue out, many frames per socket write.
 
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-use crate::core::{close_code, parse_command, ErrorCode, Now, Outgoing, QueueClosed, ServerControl};
+use crate::core::{close_code, parse_command, ErrorCode, Now, Outgoing, Publication, QueueClosed, ServerControl};
 use crate::http::ApiError;
+use crate::hub::{Direct, DirectWrite};
 use crate::metrics::{Metrics, Transport};
 use crate::node::Node;
+use crate::server::LimitedStream;
 use crate::session::{Session, SessionLimits};
 use crate::shutdown::ShutdownListener;
 
@@ -52,7 +58,150 @@ pub struct WebSocketSettings {
     pub session: SessionLimits,
 }
 
-type Stream = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+type Stream = WebSocketStream<SocketHandle>;
+
+/// Bytes a connection may hold unwritten in its own buffer before writes wait for the socket.
+const PENDING_LIMIT: usize = WRITE_BUFFER;
+
+/// A WebSocket connection's socket, shared by its task (through tungstenite) and the fan-out
+/// (direct writes of publications while the connection's queue is idle). Every write goes
+/// through `pending` under one lock and whole frames at a time, so the two writers never
+/// interleave inside a frame; what the socket does not take waits in `pending`.
+#[derive(Debug)]
+struct SharedSocket {
+    conn: LimitedStream,
+    pending: std::sync::Mutex<BytesMut>,
+}
+
+impl SharedSocket {
+    fn tcp(&self) -> &tokio::net::TcpStream {
+        self.conn.tcp()
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, BytesMut> {
+        self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Writes what is pending; ready when nothing is left (or the socket failed).
+    fn poll_drain(&self, pending: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !pending.is_empty() {
+            std::task::ready!(self.tcp().poll_write_ready(cx))?;
+            match self.tcp().try_write(pending) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => pending.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The handle tungstenite reads and writes through, and the fan-out's direct writer.
+#[derive(Debug, Clone)]
+struct SocketHandle(Arc<SharedSocket>);
+
+impl AsyncRead for SocketHandle {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let tcp = self.0.tcp();
+        loop {
+            std::task::ready!(tcp.poll_read_ready(cx))?;
+            match tcp.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SocketHandle {
+    /// Takes all of `buf` (into `pending` what the socket does not take now), unless `pending`
+    /// is already full: then it waits for the socket.
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let shared = &self.0;
+        let mut pending = shared.lock_pending();
+        if !pending.is_empty() {
+            if let Poll::Ready(Err(e)) = shared.poll_drain(&mut pending, cx) {
+                return Poll::Ready(Err(e));
+            }
+            if pending.len() >= PENDING_LIMIT {
+                return Poll::Pending;
+            }
+        }
+        if pending.is_empty() {
+            match shared.tcp().try_write(buf) {
+                Ok(n) => pending.extend_from_slice(&buf[n..]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => pending.extend_from_slice(buf),
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        } else {
+            pending.extend_from_slice(buf);
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let shared = &self.0;
+        let mut pending = shared.lock_pending();
+        shared.poll_drain(&mut pending, cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.as_mut().poll_flush(cx))?;
+        Poll::Ready(socket2::SockRef::from(self.0.tcp()).shutdown(std::net::Shutdown::Write))
+    }
+}
+
+impl DirectWrite for SocketHandle {
+    fn write_now(&self, publication: &Publication) -> Direct {
+        let shared = &self.0;
+        let Ok(mut pending) = shared.pending.try_lock() else {
+            return Direct::NotNow;
+        };
+        if !pending.is_empty() {
+            return Direct::NotNow;
+        }
+        let payload = publication.json_frame().as_bytes();
+        let mut header = [0u8; 10];
+        let header_len = text_frame_header(payload.len(), &mut header);
+        let frame = [io::IoSlice::new(&header[..header_len]), io::IoSlice::new(payload)];
+        match shared.tcp().try_write_vectored(&frame) {
+            Ok(n) if n >= header_len + payload.len() => Direct::Written,
+            Ok(0) | Err(_) => Direct::NotNow,
+            Ok(n) => {
+                if n < header_len {
+                    pending.extend_from_slice(&header[n..header_len]);
+                    pending.extend_from_slice(payload);
+                } else {
+                    pending.extend_from_slice(&payload[n - header_len..]);
+                }
+                Direct::Partly
+            }
+        }
+    }
+}
+
+/// Writes the header of an unmasked, final text frame (RFC 6455 §5.2) of `len` payload bytes
+/// into `out`; returns its length.
+fn text_frame_header(len: usize, out: &mut [u8; 10]) -> usize {
+    out[0] = 0x81;
+    if len < 126 {
+        out[1] = len as u8;
+        2
+    } else if len <= usize::from(u16::MAX) {
+        out[1] = 126;
+        out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        4
+    } else {
+        out[1] = 127;
+        out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    }
+}
 
 /// `GET /ws`: checks the upgrade request, answers 101 and starts the connection task.
 pub async fn upgrade(State(node): State<Node>, mut request: Request) -> Response {
@@ -100,8 +249,26 @@ pub async fn upgrade(State(node): State<Node>, mut request: Request) -> Response
                     .write_buffer_size(WRITE_BUFFER)
                     .max_message_size(Some(node.websocket.max_message))
                     .max_frame_size(Some(node.websocket.max_message));
-                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-                serve(ws, node, listener).await;
+                // The stream hyper served: the fan-out gets to write into its socket directly.
+                let parts = match upgraded.downcast::<TokioIo<LimitedStream>>() {
+                    Ok(parts) => parts,
+                    Err(_) => {
+                        warn!("websocket upgrade on an unexpected stream type; closing");
+                        return;
+                    }
+                };
+                let socket = SocketHandle(Arc::new(SharedSocket {
+                    conn: parts.io.into_inner(),
+                    pending: std::sync::Mutex::new(BytesMut::new()),
+                }));
+                let ws = if parts.read_buf.is_empty() {
+                    WebSocketStream::from_raw_socket(socket.clone(), Role::Server, Some(config)).await
+                } else {
+                    let early = parts.read_buf.to_vec();
+                    WebSocketStream::from_partially_read(socket.clone(), early, Role::Server, Some(config)).await
+                };
+                drop(parts.read_buf);
+                serve(ws, socket, node, listener).await;
             }
             Err(error) => debug!(%error, "websocket upgrade failed"),
         }
@@ -164,11 +331,12 @@ enum Ending {
 }
 
 /// Runs one WebSocket connection to its end.
-async fn serve(mut ws: Stream, node: Node, mut shutdown: ShutdownListener) {
+async fn serve(mut ws: Stream, socket: SocketHandle, node: Node, mut shutdown: ShutdownListener) {
     let metrics = node.metrics.clone();
     let settings = &node.websocket;
     metrics.websocket.connections.inc();
     let subscriber = node.hub.new_subscriber(Transport::WebSocket);
+    subscriber.enable_direct(Box::new(socket));
     let conn = subscriber.id();
     debug!(conn, "websocket connected");
     let mut session = Session::new(
@@ -229,6 +397,8 @@ async fn serve(mut ws: Stream, node: Node, mut shutdown: ShutdownListener) {
         }
     };
 
+    // From here on the task writes its own last frames (a close frame must be the last).
+    subscriber.stop_direct();
     debug!(conn, ?ending, "websocket closing");
     match ending {
         Ending::PeerClosed => {
@@ -308,6 +478,10 @@ async fn write_queue(
         batch.clear();
         let closed = subscriber.drain_into(batch, MAX_BATCH);
         if batch.is_empty() {
+            // The rest of a frame the fan-out wrote directly may be waiting in the socket's buffer.
+            if with_deadline(write_timeout, ws.flush()).await.is_err() {
+                return Err(());
+            }
             return Ok(closed);
         }
         let write = async {
@@ -372,7 +546,7 @@ async fn close(ws: &mut Stream, code: u16, reason: &str, limit: Duration) -> boo
     replied.is_ok()
 }
 
-async fn discard_input(io: &mut TokioIo<hyper::upgrade::Upgraded>, max_bytes: usize, limit: Duration) {
+async fn discard_input(io: &mut SocketHandle, max_bytes: usize, limit: Duration) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut left = max_bytes;
     let _ = timeout(limit, async {
@@ -384,4 +558,24 @@ async fn discard_input(io: &mut TokioIo<hyper::upgrade::Upgraded>, max_bytes: us
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_frame_headers_follow_rfc_6455() {
+        let header = |len: usize| {
+            let mut h = [0u8; 10];
+            let n = text_frame_header(len, &mut h);
+            h[..n].to_vec()
+        };
+        assert_eq!(header(5), [0x81, 0x05]);
+        assert_eq!(header(125), [0x81, 125]);
+        assert_eq!(header(126), [0x81, 126, 0x00, 126]);
+        assert_eq!(header(256), [0x81, 126, 0x01, 0x00]);
+        assert_eq!(header(65535), [0x81, 126, 0xff, 0xff]);
+        assert_eq!(header(65536), [0x81, 127, 0, 0, 0, 0, 0, 0x01, 0x00, 0x00]);
+    }
 }
