@@ -252,14 +252,16 @@ impl Subscriber {
         }
         let pushed = push(&mut queue, publication);
         drop(queue);
-        if matches!(pushed, Pushed::Queued { wake: true } | Pushed::Overflowed { .. }) {
-            self.wake.wake();
-        }
-        Offered::Pushed(pushed)
+        Offered::Pushed(self.wake_if_needed(pushed))
     }
 
     fn offer(&self, push: impl FnOnce(&mut ConnectionQueue) -> Pushed) -> Pushed {
         let pushed = push(&mut self.queue());
+        self.wake_if_needed(pushed)
+    }
+
+    /// Wakes the writer when a push made its queue non-empty or closed it as slow.
+    fn wake_if_needed(&self, pushed: Pushed) -> Pushed {
         if matches!(pushed, Pushed::Queued { wake: true } | Pushed::Overflowed { .. }) {
             self.wake.wake();
         }

@@ -334,6 +334,14 @@ pub fn micros_since(origin: Instant) -> u64 {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn clients_refuse_addresses_outside_loopback() {
+        let error = connect_tcp(SocketAddr::from(([192, 0, 2, 1], 80)))
+            .await
+            .expect_err("not loopback");
+        assert!(error.to_string().contains("only connects to loopback"), "{error}");
+    }
+
     #[test]
     fn parses_both_protocols() {
         let m = Frame::Message(Received { index: 3, sent_us: 99 });

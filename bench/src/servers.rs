@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 
 /// A server process, killed when dropped.
@@ -94,21 +94,11 @@ pub async fn start_courtside(binary: &Path, options: &CourtsideOptions) -> anyho
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
     let stderr = child.stderr.take().context("stderr")?;
-    let mut lines = BufReader::new(stderr).lines();
-    let http = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await? {
-            if let Ok(record) = serde_json::from_str::<serde_json::Value>(&line) {
-                if let Some(addr) = record["http"].as_str() {
-                    return Ok::<_, anyhow::Error>(addr.parse::<SocketAddr>()?);
-                }
-            }
-        }
-        bail!("courtside exited before listening")
+    let http = first_line_where(stderr, "courtside", |line| {
+        let record = serde_json::from_str::<serde_json::Value>(line).ok()?;
+        record["http"].as_str()?.parse::<SocketAddr>().ok()
     })
-    .await
-    .context("courtside did not start in 30 s")??;
-    // Keep draining its log so it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    .await?;
     let wt = if options.webtransport {
         let info = http_get_json(http, "/v1/cert-hash").await?;
         let hash = info["sha256"].as_str().context("sha256")?.to_string();
@@ -166,18 +156,10 @@ pub async fn start_redis() -> anyhow::Result<RedisProcess> {
         .spawn()
         .context("starting redis-server (install it: apt-get install redis-server)")?;
     let stdout = child.stdout.take().context("stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await? {
-            if line.contains("Ready to accept connections") {
-                return Ok(());
-            }
-        }
-        bail!("redis-server exited before it was ready")
+    first_line_where(stdout, "redis-server", |line| {
+        line.contains("Ready to accept connections").then_some(())
     })
-    .await
-    .context("redis-server did not start in 30 s")??;
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    .await?;
     Ok(RedisProcess {
         url: format!("redis://127.0.0.1:{port}"),
         _child: child,
@@ -213,18 +195,36 @@ pub async fn start_socketio(redis: Option<&str>) -> anyhow::Result<ServerProcess
         .spawn()
         .context("starting node (the Socket.IO peer)")?;
     let stdout = child.stdout.take().context("stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .context("the Socket.IO peer did not start in 30 s")??
-        .context("the Socket.IO peer exited")?;
-    let port = serde_json::from_str::<serde_json::Value>(&line)?["port"]
-        .as_u64()
-        .context("port")?;
+    let port = first_line_where(stdout, "the Socket.IO peer", |line| {
+        serde_json::from_str::<serde_json::Value>(line).ok()?["port"].as_u64()
+    })
+    .await?;
     Ok(ServerProcess {
         name: "socket.io",
         http: SocketAddr::from(([127, 0, 0, 1], port as u16)),
         wt: None,
         child,
     })
+}
+
+/// Reads a child's output until `found` recognises a line (at most 30 s), then keeps draining
+/// it in the background, so the child never blocks on a full pipe.
+async fn first_line_where<T>(
+    output: impl AsyncRead + Unpin + Send + 'static,
+    what: &str,
+    mut found: impl FnMut(&str) -> Option<T>,
+) -> anyhow::Result<T> {
+    let mut lines = BufReader::new(output).lines();
+    let value = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(value) = found(&line) {
+                return Ok(value);
+            }
+        }
+        bail!("{what} exited before it was ready")
+    })
+    .await
+    .with_context(|| format!("{what} was not ready in 30 s"))??;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(value)
 }
