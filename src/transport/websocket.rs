@@ -347,7 +347,8 @@ async fn serve(mut ws: Stream, socket: SocketHandle, node: Node, mut shutdown: S
         node.draining.clone(),
         Now::system().unix_ms,
     );
-    let mut batch = Vec::with_capacity(MAX_BATCH);
+    // Grows to the largest batch this connection has needed: idle fans never pay for MAX_BATCH.
+    let mut batch = Vec::new();
     let mut ping = tokio::time::interval_at(Instant::now() + settings.ping_interval, settings.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
