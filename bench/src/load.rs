@@ -58,7 +58,12 @@ pub struct RunResult {
     pub connected: usize,
     pub connected_websocket: usize,
     pub connected_webtransport: usize,
+    /// Why connects failed for good (after the one retry), most frequent first.
     pub connect_errors: Vec<String>,
+    /// Clients whose first WebTransport handshake the server refused and who connected on their
+    /// one retry, as a browser's reconnect would; their first errors are in `retried_errors`.
+    pub connect_retried: usize,
+    pub retried_errors: Vec<String>,
     pub connect_seconds: f64,
     pub connect_latency: LatencySummary,
     pub publishes: usize,
@@ -87,6 +92,8 @@ struct ClientRecord {
     connected: bool,
     transport: Transport,
     error: Option<String>,
+    /// The first attempt's error, when a retry followed.
+    first_error: Option<String>,
     connect_us: u64,
     /// Bit `i` set: publish `i` arrived (first copy).
     seen: Vec<u64>,
@@ -94,6 +101,16 @@ struct ClientRecord {
     stray: u64,
     disconnected: bool,
     latencies_us: Vec<u32>,
+}
+
+/// How long a client waits before its one retry of a refused WebTransport handshake.
+pub const CONNECT_RETRY_PAUSE: Duration = Duration::from_millis(250);
+
+/// Error counts as "N × error", most frequent first, at most five.
+fn most_frequent(counts: std::collections::BTreeMap<String, usize>) -> Vec<String> {
+    let mut counts: Vec<(String, usize)> = counts.into_iter().collect();
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    counts.into_iter().take(5).map(|(e, n)| format!("{n} × {e}")).collect()
 }
 
 /// Live counters for the progress line.
@@ -153,6 +170,7 @@ pub async fn run(
                 connected: false,
                 transport: plan.transport,
                 error: None,
+                first_error: None,
                 connect_us: 0,
                 seen: vec![0; words],
                 duplicates: 0,
@@ -166,11 +184,23 @@ pub async fn run(
                 None => limit.acquire_owned().await.ok(),
             };
             let started = Instant::now();
-            let connected = tokio::time::timeout(
+            let mut connected = tokio::time::timeout(
                 Duration::from_secs(60),
                 Conn::connect(&target, plan.transport, &names, &endpoints),
             )
             .await;
+            // A WebTransport handshake the server closed is retried once after a short pause, as
+            // fallback/courtside.js reconnects; the retry is counted and reported, and its time
+            // is part of this client's connect time.
+            if let (Ok(Err(error)), Transport::WebTransport) = (&connected, plan.transport) {
+                record.first_error = Some(format!("{error:#}"));
+                tokio::time::sleep(CONNECT_RETRY_PAUSE).await;
+                connected = tokio::time::timeout(
+                    Duration::from_secs(60),
+                    Conn::connect(&target, plan.transport, &names, &endpoints),
+                )
+                .await;
+            }
             drop(permit);
             let mut conn = match connected {
                 Ok(Ok(conn)) => conn,
@@ -296,6 +326,8 @@ pub async fn run(
     let mut histogram = stats::new_histogram();
     let mut connect_histogram = stats::new_histogram();
     let mut connect_errors = std::collections::BTreeMap::<String, usize>::new();
+    let mut retried_errors = std::collections::BTreeMap::<String, usize>::new();
+    let mut connect_retried = 0;
     let (mut ws, mut wt) = (0, 0);
     for (record, plan) in records.iter().zip(&workload.clients) {
         let (mut tally, published) = stats::account(&schedule, &by_room, &plan.rooms, &record.seen);
@@ -316,6 +348,10 @@ pub async fn run(
         if let Some(error) = &record.error {
             *connect_errors.entry(error.clone()).or_default() += 1;
         }
+        if let Some(error) = &record.first_error {
+            *retried_errors.entry(error.clone()).or_default() += 1;
+            connect_retried += usize::from(record.connected);
+        }
     }
     let delivered = accounting.received.max(1);
     let result = RunResult {
@@ -325,11 +361,9 @@ pub async fn run(
         connected: connected_now,
         connected_websocket: ws,
         connected_webtransport: wt,
-        connect_errors: connect_errors
-            .into_iter()
-            .take(5)
-            .map(|(e, n)| format!("{n} × {e}"))
-            .collect(),
+        connect_errors: most_frequent(connect_errors),
+        connect_retried,
+        retried_errors: most_frequent(retried_errors),
         connect_seconds,
         connect_latency: stats::summarize(&connect_histogram),
         publishes: total,

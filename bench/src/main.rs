@@ -570,6 +570,16 @@ fn print_report(name: &str, runs: &[Run], extra: &serde_json::Value) {
         for e in &r.result.connect_errors {
             println!("  connect error: {e}");
         }
+        if !r.result.retried_errors.is_empty() {
+            println!(
+                "  {} WebTransport handshakes refused at first and connected on one retry after {} ms; first errors:",
+                r.result.connect_retried,
+                load::CONNECT_RETRY_PAUSE.as_millis()
+            );
+            for e in &r.result.retried_errors {
+                println!("    {e}");
+            }
+        }
         let verdicts: Vec<String> = report::old_design_kpis(&r.result)
             .iter()
             .chain(report::our_kpi(name, &r.result).iter())
