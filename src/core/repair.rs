@@ -14,7 +14,8 @@ use super::room_name::RoomName;
 pub struct RepairPolicy {
     /// The first resend waits `max(min_delay, 2 × RTT, ack timeout)`, where the ack timeout is
     /// `srtt + 4 × rttvar` of the acknowledgements seen so far (as TCP's RTO: a busy client acks
-    /// later than the QUIC RTT says); each later resend waits twice as long.
+    /// later than the QUIC RTT says), doubled after each round of resends until an ack of a
+    /// datagram sent once arrives again (Karn's backoff); each later resend waits twice as long.
     pub min_delay: Duration,
     /// Datagram resends before giving up on the datagram path.
     pub max_resends: u32,
@@ -49,15 +50,23 @@ struct Pending {
     gap: Duration,
 }
 
-/// Smoothed time from a datagram's send to its acknowledgement (RFC 6298's estimator).
+/// The ack timer's backoff stops doubling here (16 times the estimate).
+const MAX_BACKOFF_SHIFT: u32 = 4;
+
+/// Smoothed time from a datagram's send to its acknowledgement (RFC 6298's estimator), with
+/// Karn's backoff: acks of resent datagrams are ambiguous and give no sample, so when acks come
+/// later than the timer says, every datagram would be resent and the estimate never corrected.
+/// A timeout doubles the timer instead, and a clean sample resets it.
 #[derive(Debug, Default, Clone, Copy)]
 struct AckTimer {
     srtt: Option<Duration>,
     rttvar: Duration,
+    backoff_shift: u32,
 }
 
 impl AckTimer {
     fn sample(&mut self, rtt: Duration) {
+        self.backoff_shift = 0;
         match self.srtt {
             None => {
                 self.srtt = Some(rtt);
@@ -73,6 +82,10 @@ impl AckTimer {
 
     fn timeout(&self) -> Duration {
         self.srtt.map_or(Duration::ZERO, |srtt| srtt + self.rttvar * 4)
+    }
+
+    fn back_off(&mut self) {
+        self.backoff_shift = (self.backoff_shift + 1).min(MAX_BACKOFF_SHIFT);
     }
 }
 
@@ -96,7 +109,7 @@ impl DatagramRepair {
     /// Records that `publication` (a state, version `version`) went out as a datagram.
     /// It replaces any older pending state of its room.
     pub fn sent(&mut self, publication: &Arc<Publication>, version: u64, now: Instant, rtt: Duration) {
-        let gap = self.policy.min_delay.max(rtt * 2).max(self.acks.timeout());
+        let gap = self.policy.min_delay.max(rtt * 2).max(self.acks.timeout()) * (1 << self.acks.backoff_shift);
         let pending = Pending {
             publication: publication.clone(),
             version,
@@ -133,10 +146,12 @@ impl DatagramRepair {
     /// Collects the resends due at `now` into `out`.
     pub fn poll(&mut self, now: Instant, out: &mut Vec<RepairAction>) {
         let policy = self.policy;
+        let mut timed_out = false;
         self.pending.retain(|_, p| {
             if p.due > now {
                 return true;
             }
+            timed_out |= p.resends == 0;
             p.resends += 1;
             out.push(RepairAction::Datagram(p.publication.clone()));
             if p.resends == policy.reliable_at {
@@ -146,6 +161,10 @@ impl DatagramRepair {
             p.due = now + p.gap;
             p.resends < policy.max_resends
         });
+        // Once per round, however many rooms timed out together.
+        if timed_out {
+            self.acks.back_off();
+        }
     }
 
     /// When `poll` next has something to do.
@@ -282,5 +301,35 @@ mod tests {
         assert!(out.is_empty(), "resent before the usual ack time: {out:?}");
         repair.poll(at + 1000 * MS, &mut out);
         assert!(!out.is_empty(), "a lost datagram is still repaired");
+    }
+
+    #[test]
+    fn acks_later_than_the_timer_back_it_off_until_a_clean_sample() {
+        let t0 = Instant::now();
+        let room = RoomName::parse("g").expect("room");
+        let mut repair = DatagramRepair::new(RepairPolicy::default());
+        // The timer learns 10 ms acks: srtt 10 ms, rttvar 5 ms, timeout 30 ms.
+        repair.sent(&state("g", 1), 1, t0, MS);
+        repair.acked(&room, 1, t0 + 10 * MS);
+        // Then the client acks 70 ms after each send.
+        let mut at = t0 + 100 * MS;
+        let mut gaps = Vec::new();
+        for v in 2..=5 {
+            repair.sent(&state("g", v), v, at, MS);
+            let due = repair.next_due().expect("pending");
+            gaps.push((due - at).as_millis());
+            if due <= at + 70 * MS {
+                let mut out = Vec::new();
+                repair.poll(due, &mut out);
+                assert!(!out.is_empty());
+            }
+            repair.acked(&room, v, at + 70 * MS);
+            at += 100 * MS;
+        }
+        // Two timeouts double the timer (30, 60, 120 ms) until it waits past the late ack; that
+        // ack is of a datagram sent once, a clean sample: the estimate learns 70 ms acks
+        // (srtt 17.5 ms, rttvar 18.75 ms: 92.5 ms) and the backoff ends.
+        assert_eq!(gaps, vec![30, 60, 120, 92]);
+        assert_eq!(repair.acks.backoff_shift, 0);
     }
 }
