@@ -21,6 +21,10 @@ pub struct FloorResult {
     /// CPU µs per message when ten frames go in one write.
     pub ten_per_write_cpu_us_per_message: f64,
     pub ten_per_write_round_ms: f64,
+    /// One frame per write again, but to readers that wait in epoll (a task per socket, as any
+    /// event-driven client): each write then also wakes its reader, on the writer's CPU.
+    pub one_per_write_woken_cpu_us: f64,
+    pub one_per_write_woken_round_ms: f64,
 }
 
 pub fn run(sockets: usize, rounds: usize) -> anyhow::Result<FloorResult> {
@@ -58,6 +62,7 @@ pub fn run(sockets: usize, rounds: usize) -> anyhow::Result<FloorResult> {
                     std::thread::sleep(Duration::from_micros(200));
                 }
             }
+            readers
         })
     };
     // A 60-byte score update, framed as a server-to-client WebSocket text frame.
@@ -87,7 +92,42 @@ pub fn run(sockets: usize, rounds: usize) -> anyhow::Result<FloorResult> {
     let (one_cpu, one_round) = measure(&frame)?;
     let (ten_cpu, ten_round) = measure(&ten)?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = drain.join();
+    let readers = drain
+        .join()
+        .map_err(|_| anyhow::anyhow!("the floor's drain thread panicked"))?;
+    // The same readers, now each a task waiting in epoll on its own thread's runtime.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let woken_readers = std::thread::spawn(move || -> anyhow::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+        runtime.block_on(async move {
+            for r in readers {
+                let r = tokio::net::TcpStream::from_std(r)?;
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    while r.readable().await.is_ok() {
+                        match r.try_read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(_) => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(_) => break,
+                        }
+                    }
+                });
+            }
+            let _ = ready_tx.send(());
+            let _ = stop_rx.await;
+            anyhow::Ok(())
+        })
+    });
+    ready_rx
+        .recv()
+        .map_err(|_| anyhow::anyhow!("the floor's epoll readers did not start"))?;
+    let (woken_cpu, woken_round) = measure(&frame)?;
+    let _ = stop_tx.send(());
+    woken_readers
+        .join()
+        .map_err(|_| anyhow::anyhow!("the floor's epoll reader thread panicked"))??;
     Ok(FloorResult {
         sockets,
         frame_bytes: frame.len(),
@@ -96,5 +136,7 @@ pub fn run(sockets: usize, rounds: usize) -> anyhow::Result<FloorResult> {
         one_per_write_round_ms: one_round,
         ten_per_write_cpu_us_per_message: ten_cpu / 10.0,
         ten_per_write_round_ms: ten_round,
+        one_per_write_woken_cpu_us: woken_cpu,
+        one_per_write_woken_round_ms: woken_round,
     })
 }

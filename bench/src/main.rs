@@ -163,6 +163,10 @@ async fn main() -> anyhow::Result<()> {
                 "  ten frames per write: {:>7.2} µs CPU per message, {:>8.2} ms to write all",
                 floor.ten_per_write_cpu_us_per_message, floor.ten_per_write_round_ms
             );
+            println!(
+                "  one frame per write, readers waiting in epoll: {:>7.2} µs CPU per write, {:>8.2} ms to write all",
+                floor.one_per_write_woken_cpu_us, floor.one_per_write_woken_round_ms
+            );
             (
                 "floor",
                 json!({"sockets": sockets, "rounds": rounds}),
