@@ -352,11 +352,14 @@ async fn serve(mut ws: Stream, socket: SocketHandle, node: Node, mut shutdown: S
     let mut ping = tokio::time::interval_at(Instant::now() + settings.ping_interval, settings.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
+    // Made once, not on every turn of the loop (each turn would register a new waiter).
+    let shutdown_notice = shutdown.recv();
+    tokio::pin!(shutdown_notice);
 
     let ending = loop {
         tokio::select! {
             biased;
-            _ = shutdown.recv() => break Ending::Shutdown,
+            _ = &mut shutdown_notice => break Ending::Shutdown,
             _ = subscriber.wait() => {
                 match write_queue(&mut ws, &session, &mut batch, &metrics, settings.write_timeout).await {
                     Ok(None) => {}

@@ -512,13 +512,19 @@ impl WtSession {
         let mut control_buf = vec![0u8; CONTROL_READ_CHUNK];
         let subscriber = self.session.subscriber().clone();
         let mut repairs = Vec::new();
+        // Made once, not on every turn of the loop (each turn would register new waiters).
+        let shutdown_notice = shutdown.recv();
+        tokio::pin!(shutdown_notice);
+        let connection = self.connection.clone();
+        let peer_closed = connection.closed();
+        tokio::pin!(peer_closed);
 
         let ending = 'session: loop {
             let repair_due = self.repair.next_due();
             tokio::select! {
                 biased;
-                _ = shutdown.recv() => break Ending::Shutdown,
-                _ = self.connection.closed() => break Ending::PeerGone,
+                _ = &mut shutdown_notice => break Ending::Shutdown,
+                _ = &mut peer_closed => break Ending::PeerGone,
                 _ = subscriber.wait() => match self.write_queue().await {
                     Ok(None) => {}
                     Ok(Some(QueueClosed::Slow)) => break Ending::Slow,
