@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every scenario at the sizes bench/README.md reports, Courtside and Socket.IO side by side,
-# and writes the JSON results and CDF plots to bench/results/latest/. About 20 minutes on 2 vCPU.
+# and writes the JSON results and CDF plots to bench/results/latest/. About 35 minutes on 2 vCPU.
 # Usage: bench/run-all.sh [extra courtside-bench flags, e.g. --no-peer]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,4 +19,6 @@ run saturday-websocket saturday --fans 5000 --seconds 30 --wt-share 0
 run connect-storm connect-storm --clients 5000 --within 5
 run connect-storm-20k connect-storm --clients 20000 --within 20 --wt-share 0.5
 run soak soak --fans 2000 --seconds 120
+# Past the rooms' 10-minute event history, so the RSS trend can level off; Courtside alone.
+run soak-12min soak --fans 2000 --seconds 720 --no-peer
 run cluster cluster --clients 3000 --rate 5 --seconds 10

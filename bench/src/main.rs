@@ -293,6 +293,21 @@ async fn main() -> anyhow::Result<()> {
             };
             let runs = both(&cli, &format!("soak {fans} fans {seconds}s"), wt_share, 1, None, plan).await?;
             let growth: Vec<serde_json::Value> = runs.iter().map(|r| rss_growth(&r.label, &r.result)).collect();
+            for r in &runs {
+                if let Some(t) = report::rss_trend(&r.result.rss_samples) {
+                    const MB: f64 = 1024.0 * 1024.0;
+                    println!(
+                        "{}: RSS {:.0} MB at the start, {:.0} MB at the end (peak {:.0} MB); {:+.1} MB a minute overall, {:+.1} MB a minute over the last third: {}",
+                        r.label,
+                        t.first_bytes as f64 / MB,
+                        t.last_bytes as f64 / MB,
+                        t.peak_bytes as f64 / MB,
+                        t.bytes_per_minute / MB,
+                        t.last_third_bytes_per_minute / MB,
+                        if t.levelled_off { "levelled off" } else { "still growing" }
+                    );
+                }
+            }
             (
                 "soak",
                 json!({"params": params, "wt_share": wt_share}),
@@ -524,20 +539,9 @@ fn sweep_summary(clients: &[usize], runs: &[Run]) -> serde_json::Value {
     json!({"sweep": out})
 }
 
-/// RSS at the first and last sample, and the growth per minute in between.
+/// The run's RSS trend (first, last, peak, growth overall and over the last third).
 fn rss_growth(label: &str, r: &RunResult) -> serde_json::Value {
-    let (Some(first), Some(last)) = (r.rss_samples.first(), r.rss_samples.last()) else {
-        return json!({"run": label});
-    };
-    let minutes = (last.0 - first.0) / 60.0;
-    let growth = last.1 as f64 - first.1 as f64;
-    json!({
-        "run": label,
-        "rss_first_bytes": first.1,
-        "rss_last_bytes": last.1,
-        "growth_bytes": growth,
-        "growth_bytes_per_minute": if minutes > 0.0 { growth / minutes } else { 0.0 },
-    })
+    json!({"run": label, "trend": report::rss_trend(&r.rss_samples)})
 }
 
 fn print_report(name: &str, runs: &[Run], extra: &serde_json::Value) {

@@ -119,6 +119,52 @@ pub fn table(rows: &[(String, &RunResult)]) -> String {
     out
 }
 
+/// Whether a server's RSS still grows at the end of a run (the soak's question).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RssTrend {
+    pub first_bytes: u64,
+    pub last_bytes: u64,
+    pub peak_bytes: u64,
+    /// Over the whole run, first sample to last.
+    pub bytes_per_minute: f64,
+    /// Least-squares slope over the last third of the samples.
+    pub last_third_bytes_per_minute: f64,
+    /// The last third grew by less than `LEVELLED_BYTES_PER_MINUTE`.
+    pub levelled_off: bool,
+}
+
+/// Growth per minute below which RSS counts as levelled off (1 MiB).
+pub const LEVELLED_BYTES_PER_MINUTE: f64 = 1024.0 * 1024.0;
+
+/// The trend of `(seconds, bytes)` samples; `None` with fewer than six samples.
+pub fn rss_trend(samples: &[(f64, u64)]) -> Option<RssTrend> {
+    if samples.len() < 6 {
+        return None;
+    }
+    let (first, last) = (samples[0], samples[samples.len() - 1]);
+    let minutes = (last.0 - first.0) / 60.0;
+    let tail = &samples[samples.len() * 2 / 3..];
+    let n = tail.len() as f64;
+    let mean_t = tail.iter().map(|s| s.0).sum::<f64>() / n;
+    let mean_b = tail.iter().map(|s| s.1 as f64).sum::<f64>() / n;
+    let covariance: f64 = tail.iter().map(|s| (s.0 - mean_t) * (s.1 as f64 - mean_b)).sum();
+    let variance: f64 = tail.iter().map(|s| (s.0 - mean_t).powi(2)).sum();
+    let slope_per_second = if variance > 0.0 { covariance / variance } else { 0.0 };
+    let last_third_bytes_per_minute = slope_per_second * 60.0;
+    Some(RssTrend {
+        first_bytes: first.1,
+        last_bytes: last.1,
+        peak_bytes: samples.iter().map(|s| s.1).max().unwrap_or(0),
+        bytes_per_minute: if minutes > 0.0 {
+            (last.1 as f64 - first.1 as f64) / minutes
+        } else {
+            0.0
+        },
+        last_third_bytes_per_minute,
+        levelled_off: last_third_bytes_per_minute < LEVELLED_BYTES_PER_MINUTE,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,6 +240,28 @@ mod tests {
         assert_eq!(our_kpi("saturday", &run(10_000, 10_000, 1000, 1.0, 10.0)), None);
         assert!(our_kpi("fanout", &run(10_000, 10_000, 1000, 1.0, 10.0)).is_some_and(|v| v.met));
         assert!(our_kpi("fanout", &run(10_000, 10_000, 1000, 1.0, 30.0)).is_some_and(|v| !v.met));
+    }
+
+    #[test]
+    fn rss_that_flattens_levels_off_and_rss_that_climbs_does_not() {
+        const MB: u64 = 1 << 20;
+        // 100 MB rising 6 MB a minute for four minutes, then flat for two.
+        let flattening: Vec<(f64, u64)> = (0..=360)
+            .map(|s| (s as f64, 100 * MB + (s.min(240) as u64) * MB / 10))
+            .collect();
+        let trend = rss_trend(&flattening).expect("enough samples");
+        assert!(trend.levelled_off, "{trend:?}");
+        assert_eq!(trend.peak_bytes, 124 * MB);
+        assert!((trend.bytes_per_minute - 4.0 * MB as f64).abs() < 1e3, "{trend:?}");
+        // The same rise, never flattening.
+        let climbing: Vec<(f64, u64)> = (0..=360).map(|s| (s as f64, 100 * MB + s as u64 * MB / 10)).collect();
+        let trend = rss_trend(&climbing).expect("enough samples");
+        assert!(!trend.levelled_off);
+        assert!(
+            (trend.last_third_bytes_per_minute - 6.0 * MB as f64).abs() < 1e3,
+            "{trend:?}"
+        );
+        assert_eq!(rss_trend(&climbing[..5]), None);
     }
 
     #[test]
