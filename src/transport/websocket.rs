@@ -19,7 +19,7 @@ use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn};
 
@@ -63,6 +63,9 @@ type Stream = WebSocketStream<SocketHandle>;
 /// Bytes a connection may hold unwritten in its own buffer before writes wait for the socket.
 const PENDING_LIMIT: usize = WRITE_BUFFER;
 
+/// Frames per `writev` at most: two slices each, within Linux's `IOV_MAX` of 1,024.
+const MAX_FRAMES_PER_WRITEV: usize = 512;
+
 /// A WebSocket connection's socket, shared by its task (through tungstenite) and the fan-out
 /// (direct writes of publications while the connection's queue is idle). Every write goes
 /// through `pending` under one lock and whole frames at a time, so the two writers never
@@ -80,6 +83,61 @@ impl SharedSocket {
 
     fn lock_pending(&self) -> std::sync::MutexGuard<'_, BytesMut> {
         self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Writes text frames of `payloads`, in order, behind whatever is pending: the socket takes
+    /// what it can of them in one `writev` (header and shared payload side by side, nothing
+    /// copied), the rest waits in `pending`. Stops taking frames once `pending` holds
+    /// `PENDING_LIMIT` bytes; returns how many frames it took (whole frames only, so the
+    /// fan-out's direct writes never land inside one).
+    fn write_text_frames(&self, payloads: &[&[u8]]) -> io::Result<usize> {
+        let mut pending = self.lock_pending();
+        let mut taken = 0;
+        if pending.is_empty() {
+            let frames = payloads.len().min(MAX_FRAMES_PER_WRITEV);
+            let mut headers = vec![([0u8; 10], 0usize); frames];
+            for ((header, len), payload) in headers.iter_mut().zip(payloads) {
+                *len = text_frame_header(payload.len(), header);
+            }
+            let iov: Vec<io::IoSlice<'_>> = headers
+                .iter()
+                .zip(payloads)
+                .flat_map(|((header, len), payload)| [io::IoSlice::new(&header[..*len]), io::IoSlice::new(payload)])
+                .collect();
+            let mut written = match self.tcp().try_write_vectored(&iov) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(e),
+            };
+            for ((header, len), payload) in headers.iter().zip(payloads) {
+                let header = &header[..*len];
+                let frame_len = header.len() + payload.len();
+                taken += 1;
+                if written >= frame_len {
+                    written -= frame_len;
+                    continue;
+                }
+                // The socket took part of this frame: the rest of it must follow before anything else.
+                if written < header.len() {
+                    pending.extend_from_slice(&header[written..]);
+                    pending.extend_from_slice(payload);
+                } else {
+                    pending.extend_from_slice(&payload[written - header.len()..]);
+                }
+                break;
+            }
+        }
+        for payload in &payloads[taken..] {
+            if pending.len() >= PENDING_LIMIT {
+                break;
+            }
+            let mut header = [0u8; 10];
+            let len = text_frame_header(payload.len(), &mut header);
+            pending.extend_from_slice(&header[..len]);
+            pending.extend_from_slice(payload);
+            taken += 1;
+        }
+        Ok(taken)
     }
 
     /// Writes what is pending; ready when nothing is left (or the socket failed).
@@ -336,6 +394,7 @@ async fn serve(mut ws: Stream, socket: SocketHandle, node: Node, mut shutdown: S
     let settings = &node.websocket;
     metrics.websocket.connections.inc();
     let subscriber = node.hub.new_subscriber(Transport::WebSocket);
+    let writer = socket.clone();
     subscriber.enable_direct(Box::new(socket));
     let conn = subscriber.id();
     debug!(conn, "websocket connected");
@@ -361,7 +420,7 @@ async fn serve(mut ws: Stream, socket: SocketHandle, node: Node, mut shutdown: S
             biased;
             _ = &mut shutdown_notice => break Ending::Shutdown,
             _ = subscriber.wait() => {
-                match write_queue(&mut ws, &session, &mut batch, &metrics, settings.write_timeout).await {
+                match write_queue(&mut ws, &writer, &session, &mut batch, &metrics, settings.write_timeout).await {
                     Ok(None) => {}
                     Ok(Some(QueueClosed::Slow)) => break Ending::Slow,
                     Ok(Some(QueueClosed::Gone)) => break Ending::Shutdown,
@@ -412,7 +471,7 @@ async fn serve(mut ws: Stream, socket: SocketHandle, node: Node, mut shutdown: S
         Ending::PeerGone | Ending::WriteFailed => {}
         Ending::Shutdown => {
             // Deliver what was accepted, then tell the client to reconnect elsewhere.
-            let _ = write_queue(&mut ws, &session, &mut batch, &metrics, CLOSE_WAIT).await;
+            let _ = write_queue(&mut ws, &writer, &session, &mut batch, &metrics, CLOSE_WAIT).await;
             let notice = Message::Text(ServerControl::Reconnect { reason: "shutdown" }.to_json());
             let replied = matches!(timeout(CLOSE_WAIT, ws.send(notice)).await, Ok(Ok(())))
                 && close(
@@ -469,9 +528,13 @@ async fn serve(mut ws: Stream, socket: SocketHandle, node: Node, mut shutdown: S
     debug!(conn, dropped, "websocket closed");
 }
 
-/// Writes everything queued, `MAX_BATCH` messages per socket write. Reports a closed queue.
+/// Writes everything queued, up to `MAX_BATCH` messages per socket write. Reports a closed
+/// queue. Frames go straight into the shared socket (as the fan-out's direct writes do), not
+/// through tungstenite: no copy of the payload, one `writev` per batch. tungstenite still owns
+/// the reading side and writes its own control frames (pong, close) through the same socket.
 async fn write_queue(
     ws: &mut Stream,
+    writer: &SocketHandle,
     session: &Session,
     batch: &mut Vec<Outgoing>,
     metrics: &Metrics,
@@ -481,28 +544,37 @@ async fn write_queue(
     loop {
         batch.clear();
         let closed = subscriber.drain_into(batch, MAX_BATCH);
-        if batch.is_empty() {
-            // The rest of a frame the fan-out wrote directly may be waiting in the socket's buffer.
-            if with_deadline(write_timeout, ws.flush()).await.is_err() {
-                return Err(());
+        if !batch.is_empty() {
+            // Publications carry their encoded frame; replies are encoded here (rarely any).
+            let controls: Vec<Utf8Bytes> = batch
+                .iter()
+                .filter_map(|item| match item {
+                    Outgoing::Control(c) => Some(c.to_json()),
+                    Outgoing::Publication(_) => None,
+                })
+                .collect();
+            let mut control_texts = controls.iter();
+            let payloads: Vec<&[u8]> = batch
+                .iter()
+                .filter_map(|item| match item {
+                    Outgoing::Publication(p) => Some(p.json_frame().as_bytes()),
+                    Outgoing::Control(_) => control_texts.next().map(|t| t.as_bytes()),
+                })
+                .collect();
+            let mut done = 0;
+            while done < payloads.len() {
+                done += writer.0.write_text_frames(&payloads[done..]).map_err(|_| ())?;
+                if done < payloads.len() {
+                    // The connection's buffer is full: wait for the socket before taking more.
+                    with_deadline(write_timeout, ws.flush()).await?;
+                }
             }
-            return Ok(closed);
+            metrics.record_deliveries(Transport::WebSocket, batch);
         }
-        let write = async {
-            for item in batch.iter() {
-                let text = match item {
-                    Outgoing::Publication(p) => p.json_frame().clone(),
-                    Outgoing::Control(c) => c.to_json(),
-                };
-                ws.feed(Message::Text(text)).await?;
-            }
-            ws.flush().await
-        };
-        if with_deadline(write_timeout, write).await.is_err() {
-            return Err(());
-        }
-        metrics.record_deliveries(Transport::WebSocket, batch);
-        if closed.is_some() {
+        // What the socket did not take yet (or the rest of a frame the fan-out wrote directly)
+        // waits in the connection's buffer: write it out. Done at once when it is empty.
+        with_deadline(write_timeout, ws.flush()).await?;
+        if batch.is_empty() || closed.is_some() {
             return Ok(closed);
         }
     }
