@@ -86,47 +86,15 @@ impl SharedSocket {
     }
 
     /// Writes text frames of `payloads`, in order, behind whatever is pending: the socket takes
-    /// what it can of them in one `writev` (header and shared payload side by side, nothing
-    /// copied), the rest waits in `pending`. Stops taking frames once `pending` holds
-    /// `PENDING_LIMIT` bytes; returns how many frames it took (whole frames only, so the
-    /// fan-out's direct writes never land inside one).
+    /// what it can of them in one `writev`, the rest waits in `pending`. Stops taking frames once
+    /// `pending` holds `PENDING_LIMIT` bytes; returns how many frames it took.
     fn write_text_frames(&self, payloads: &[&[u8]]) -> io::Result<usize> {
         let mut pending = self.lock_pending();
-        let mut taken = 0;
-        if pending.is_empty() {
-            let frames = payloads.len().min(MAX_FRAMES_PER_WRITEV);
-            let mut headers = vec![([0u8; 10], 0usize); frames];
-            for ((header, len), payload) in headers.iter_mut().zip(payloads) {
-                *len = text_frame_header(payload.len(), header);
-            }
-            let iov: Vec<io::IoSlice<'_>> = headers
-                .iter()
-                .zip(payloads)
-                .flat_map(|((header, len), payload)| [io::IoSlice::new(&header[..*len]), io::IoSlice::new(payload)])
-                .collect();
-            let mut written = match self.tcp().try_write_vectored(&iov) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(e) => return Err(e),
-            };
-            for ((header, len), payload) in headers.iter().zip(payloads) {
-                let header = &header[..*len];
-                let frame_len = header.len() + payload.len();
-                taken += 1;
-                if written >= frame_len {
-                    written -= frame_len;
-                    continue;
-                }
-                // The socket took part of this frame: the rest of it must follow before anything else.
-                if written < header.len() {
-                    pending.extend_from_slice(&header[written..]);
-                    pending.extend_from_slice(payload);
-                } else {
-                    pending.extend_from_slice(&payload[written - header.len()..]);
-                }
-                break;
-            }
-        }
+        let mut taken = if pending.is_empty() {
+            self.writev_frames(&mut pending, payloads)?
+        } else {
+            0
+        };
         for payload in &payloads[taken..] {
             if pending.len() >= PENDING_LIMIT {
                 break;
@@ -136,6 +104,49 @@ impl SharedSocket {
             pending.extend_from_slice(&header[..len]);
             pending.extend_from_slice(payload);
             taken += 1;
+        }
+        Ok(taken)
+    }
+
+    /// Writes text frames of `payloads` into the socket in one `writev` (each header beside its
+    /// shared payload, nothing copied), with `pending` empty. A frame the socket took only part
+    /// of is finished from `pending` (whole frames only, so no other write lands inside one).
+    /// Returns how many frames it took, that one included; frames it did not touch are left.
+    fn writev_frames(&self, pending: &mut BytesMut, payloads: &[&[u8]]) -> io::Result<usize> {
+        debug_assert!(pending.is_empty());
+        let frames = payloads.len().min(MAX_FRAMES_PER_WRITEV);
+        let mut headers = vec![([0u8; 10], 0usize); frames];
+        for ((header, len), payload) in headers.iter_mut().zip(payloads) {
+            *len = text_frame_header(payload.len(), header);
+        }
+        let iov: Vec<io::IoSlice<'_>> = headers
+            .iter()
+            .zip(payloads)
+            .flat_map(|((header, len), payload)| [io::IoSlice::new(&header[..*len]), io::IoSlice::new(payload)])
+            .collect();
+        let mut written = match self.tcp().try_write_vectored(&iov) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        let mut taken = 0;
+        for ((header, len), payload) in headers.iter().zip(payloads) {
+            if written == 0 {
+                break;
+            }
+            let header = &header[..*len];
+            taken += 1;
+            if written >= header.len() + payload.len() {
+                written -= header.len() + payload.len();
+                continue;
+            }
+            if written < header.len() {
+                pending.extend_from_slice(&header[written..]);
+                pending.extend_from_slice(payload);
+            } else {
+                pending.extend_from_slice(&payload[written - header.len()..]);
+            }
+            break;
         }
         Ok(taken)
     }
@@ -223,22 +234,10 @@ impl DirectWrite for SocketHandle {
         if !pending.is_empty() {
             return Direct::NotNow;
         }
-        let payload = publication.json_frame().as_bytes();
-        let mut header = [0u8; 10];
-        let header_len = text_frame_header(payload.len(), &mut header);
-        let frame = [io::IoSlice::new(&header[..header_len]), io::IoSlice::new(payload)];
-        match shared.tcp().try_write_vectored(&frame) {
-            Ok(n) if n >= header_len + payload.len() => Direct::Written,
-            Ok(0) | Err(_) => Direct::NotNow,
-            Ok(n) => {
-                if n < header_len {
-                    pending.extend_from_slice(&header[n..header_len]);
-                    pending.extend_from_slice(payload);
-                } else {
-                    pending.extend_from_slice(&payload[n - header_len..]);
-                }
-                Direct::Partly
-            }
+        match shared.writev_frames(&mut pending, &[publication.json_frame().as_bytes()]) {
+            Ok(1) if pending.is_empty() => Direct::Written,
+            Ok(1) => Direct::Partly,
+            Ok(_) | Err(_) => Direct::NotNow,
         }
     }
 }
