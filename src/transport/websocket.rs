@@ -63,8 +63,8 @@ type Stream = WebSocketStream<SocketHandle>;
 /// Bytes a connection may hold unwritten in its own buffer before writes wait for the socket.
 const PENDING_LIMIT: usize = WRITE_BUFFER;
 
-/// Frames per `writev` at most: two slices each, within Linux's `IOV_MAX` of 1,024.
-const MAX_FRAMES_PER_WRITEV: usize = 512;
+/// Frames per `writev` at most (two slices each, built on the stack: no allocation per write).
+const MAX_FRAMES_PER_WRITEV: usize = 64;
 
 /// A WebSocket connection's socket, shared by its task (through tungstenite) and the fan-out
 /// (direct writes of publications while the connection's queue is idle). Every write goes
@@ -90,11 +90,13 @@ impl SharedSocket {
     /// `pending` holds `PENDING_LIMIT` bytes; returns how many frames it took.
     fn write_text_frames(&self, payloads: &[&[u8]]) -> io::Result<usize> {
         let mut pending = self.lock_pending();
-        let mut taken = if pending.is_empty() {
-            self.writev_frames(&mut pending, payloads)?
-        } else {
-            0
-        };
+        let mut taken = 0;
+        while pending.is_empty() && taken < payloads.len() {
+            match self.writev_frames(&mut pending, &payloads[taken..])? {
+                0 => break,
+                n => taken += n,
+            }
+        }
         for payload in &payloads[taken..] {
             if pending.len() >= PENDING_LIMIT {
                 break;
@@ -115,16 +117,17 @@ impl SharedSocket {
     fn writev_frames(&self, pending: &mut BytesMut, payloads: &[&[u8]]) -> io::Result<usize> {
         debug_assert!(pending.is_empty());
         let frames = payloads.len().min(MAX_FRAMES_PER_WRITEV);
-        let mut headers = vec![([0u8; 10], 0usize); frames];
+        let payloads = &payloads[..frames];
+        let mut headers = [([0u8; 10], 0usize); MAX_FRAMES_PER_WRITEV];
         for ((header, len), payload) in headers.iter_mut().zip(payloads) {
             *len = text_frame_header(payload.len(), header);
         }
-        let iov: Vec<io::IoSlice<'_>> = headers
-            .iter()
-            .zip(payloads)
-            .flat_map(|((header, len), payload)| [io::IoSlice::new(&header[..*len]), io::IoSlice::new(payload)])
-            .collect();
-        let mut written = match self.tcp().try_write_vectored(&iov) {
+        let mut iov = [io::IoSlice::new(&[]); 2 * MAX_FRAMES_PER_WRITEV];
+        for (slots, ((header, len), payload)) in iov.chunks_exact_mut(2).zip(headers.iter().zip(payloads)) {
+            slots[0] = io::IoSlice::new(&header[..*len]);
+            slots[1] = io::IoSlice::new(payload);
+        }
+        let mut written = match self.tcp().try_write_vectored(&iov[..2 * frames]) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => return Err(e),
