@@ -92,6 +92,7 @@ pub fn webtransport_settings(config: &ServeConfig) -> WebTransportSettings {
         allowed_origins: config.http.allowed_origins.clone(),
         session: config.session(),
         repair: RepairPolicy::default(),
+        state_datagrams: wt.wt_state_datagrams,
     }
 }
 

@@ -16,6 +16,7 @@ use wtransport::endpoint::endpoint_side::Server;
 use wtransport::endpoint::IncomingSession;
 use wtransport::{Connection, Endpoint, Identity, RecvStream, SendStream, ServerConfig, VarInt};
 
+use crate::config::StateDatagrams;
 use crate::core::repair::{DatagramRepair, RepairAction, RepairPolicy};
 use crate::core::wire::{self, ClientMessage, FrameDecoder, FrameError, MAX_CLIENT_MESSAGE};
 use crate::core::{
@@ -57,6 +58,7 @@ pub struct WebTransportSettings {
     pub allowed_origins: Vec<String>,
     pub session: SessionLimits,
     pub repair: RepairPolicy,
+    pub state_datagrams: StateDatagrams,
 }
 
 /// The certificate currently served, for `GET /v1/cert-hash`.
@@ -471,6 +473,9 @@ struct WtSession {
     /// Rooms whose next state goes on the stream: the state a client gets on subscribing
     /// must not depend on a datagram arriving.
     reliable_next: HashSet<RoomName>,
+    /// States that fit go as datagrams (else over the stream): from the start with
+    /// `--wt-state-datagrams always`, from the first lost packet with `after-loss`.
+    datagram_states: bool,
     batch: Vec<Outgoing>,
     out: BytesMut,
 }
@@ -487,6 +492,7 @@ impl WtSession {
             Now::system().unix_ms,
         );
         let repair = DatagramRepair::new(settings.repair);
+        let datagram_states = settings.state_datagrams == StateDatagrams::Always;
         Self {
             connection,
             send,
@@ -495,6 +501,7 @@ impl WtSession {
             session,
             repair,
             reliable_next: HashSet::new(),
+            datagram_states,
             // Both grow to what this session has needed: idle fans never pay for MAX_BATCH.
             batch: Vec::new(),
             out: BytesMut::new(),
@@ -632,7 +639,14 @@ impl WtSession {
                 return Ok(closed);
             }
             self.out.clear();
-            let max_datagram = self.connection.max_datagram_size();
+            if !self.datagram_states && self.connection.quic_connection().stats().path.lost_packets > 0 {
+                debug!(
+                    conn = subscriber.id(),
+                    "packet loss on this session: states go as datagrams from now on"
+                );
+                self.datagram_states = true;
+            }
+            let max_datagram = self.connection.max_datagram_size().filter(|_| self.datagram_states);
             let rtt = self.connection.rtt();
             let now = Instant::now().into_std();
             let mut batch = std::mem::take(&mut self.batch);

@@ -170,9 +170,44 @@ async fn websocket_and_webtransport_clients_share_rooms() {
 /// newest version within 1 s of the last publish (the design target of the loss repair).
 #[tokio::test]
 async fn under_30_percent_loss_every_client_holds_the_newest_state_within_a_second() {
+    let (times, _) = converge_under_30_percent_loss(&[]).await;
+    eprintln!("convergence after the last publish under 30% loss: {times:?}");
+    for time in &times {
+        assert!(*time <= Duration::from_secs(1), "a client needed {time:?}");
+    }
+}
+
+#[tokio::test]
+async fn with_states_as_datagrams_after_loss_a_clean_session_gets_states_over_the_stream() {
+    let server = TestServer::start(&["--wt-state-datagrams", "after-loss"]);
+    let mut client = WtClient::connect(&server).await;
+    client.subscribe("game:1234").await;
+    server.publish_state("game:1234", r#"{"home":1}"#).await;
+    match client.next().await {
+        WtSeen::Stream(state) => {
+            assert_eq!(state["type"], "state");
+            assert_eq!(state["version"], 1);
+        }
+        other => panic!("expected the state over the stream, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn with_states_as_datagrams_after_loss_lossy_sessions_switch_to_datagrams_and_converge() {
+    let (times, datagram_states) = converge_under_30_percent_loss(&["--wt-state-datagrams", "after-loss"]).await;
+    eprintln!("convergence under 30% loss, datagrams after loss: {times:?}");
+    for time in &times {
+        assert!(*time <= Duration::from_secs(1), "a client needed {time:?}");
+    }
+    assert!(datagram_states > 0, "no session switched to datagrams");
+}
+
+/// Six clients behind 30 % lossy relays follow one room through 40 state publishes; returns how
+/// long after the last publish each held the newest version, and how many states came as datagrams.
+async fn converge_under_30_percent_loss(server_args: &[&str]) -> (Vec<Duration>, u64) {
     const CLIENTS: u64 = 6;
     const PUBLISHES: u64 = 40;
-    let server = TestServer::start(&[]);
+    let server = TestServer::start(server_args);
     let hash = server.cert_hash().await;
     let wt = server.wt.expect("wt");
     let mut clients = Vec::new();
@@ -194,32 +229,34 @@ async fn under_30_percent_loss_every_client_holds_the_newest_state_within_a_seco
     let mut tasks = Vec::new();
     for mut client in clients {
         tasks.push(tokio::spawn(async move {
-            let mut held = 0;
+            let (mut held, mut datagrams) = (0, 0);
             while held < PUBLISHES {
                 let state = match client.next().await {
-                    WtSeen::Datagram(v) | WtSeen::Stream(v) => v,
+                    WtSeen::Datagram(v) => {
+                        datagrams += 1;
+                        v
+                    }
+                    WtSeen::Stream(v) => v,
                     WtSeen::Closed(code) => panic!("session closed ({code:?})"),
                 };
                 if state["type"] == "state" {
                     held = held.max(state["version"].as_u64().expect("version"));
                 }
             }
-            last_publish.elapsed()
+            (last_publish.elapsed(), datagrams)
         }));
     }
     let mut times = Vec::new();
+    let mut datagram_states = 0;
     for task in tasks {
-        times.push(
-            tokio::time::timeout(HANG, task)
-                .await
-                .expect("converged")
-                .expect("client task"),
-        );
+        let (time, datagrams) = tokio::time::timeout(HANG, task)
+            .await
+            .expect("converged")
+            .expect("client task");
+        times.push(time);
+        datagram_states += datagrams;
     }
-    eprintln!("convergence after the last publish under 30% loss: {times:?}");
-    for time in &times {
-        assert!(*time <= Duration::from_secs(1), "a client needed {time:?}");
-    }
+    (times, datagram_states)
 }
 
 #[tokio::test]
