@@ -16,6 +16,8 @@ run fanout fanout --clients 1000,5000,10000 --rates 5,20,50 --seconds 5
 run fanout-websocket fanout --clients 1000,5000,10000 --rates 5,20,50 --seconds 5 --wt-share 0
 run saturday saturday --fans 5000 --seconds 30
 run saturday-websocket saturday --fans 5000 --seconds 30 --wt-share 0
+# The same Saturday with Courtside's states over the stream until a session sees loss.
+COURTSIDE_WT_STATE_DATAGRAMS=after-loss run saturday-after-loss saturday --fans 5000 --seconds 30
 run connect-storm connect-storm --clients 5000 --within 5
 run connect-storm-20k connect-storm --clients 20000 --within 20 --wt-share 0.5
 run soak soak --fans 2000 --seconds 120

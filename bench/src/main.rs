@@ -382,6 +382,8 @@ async fn main() -> anyhow::Result<()> {
         "machine": procstat::machine(),
         "versions": versions(),
         "command": command.join(" "),
+        // Courtside's own settings reach the servers the bench starts through the environment.
+        "courtside_environment": courtside_environment(),
         "git_commit": git_commit(),
         "params": params,
         "runs": runs.iter().map(|r| json!({"label": r.label, "rate": r.rate, "result": r.result})).collect::<Vec<_>>(),
@@ -537,6 +539,21 @@ fn sweep_summary(clients: &[usize], runs: &[Run]) -> serde_json::Value {
         }
     }
     json!({"sweep": out})
+}
+
+/// The `COURTSIDE_*` variables set for this run (the servers inherit them), as `NAME=value`;
+/// the values of secrets (tokens, keys, Redis URLs with their passwords) are left out.
+fn courtside_environment() -> Vec<String> {
+    const SECRET: [&str; 5] = ["TOKEN", "KEY", "SECRET", "PASSWORD", "REDIS"];
+    let mut vars: Vec<String> = std::env::vars()
+        .filter(|(name, _)| name.starts_with("COURTSIDE_"))
+        .map(|(name, value)| match SECRET.iter().any(|s| name.contains(s)) {
+            true => format!("{name}=(not recorded)"),
+            false => format!("{name}={value}"),
+        })
+        .collect();
+    vars.sort();
+    vars
 }
 
 /// The run's RSS trend (first, last, peak, growth overall and over the last third).
