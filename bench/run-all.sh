@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every scenario at the sizes bench/README.md reports, Courtside and Socket.IO side by side,
-# and writes the JSON results and CDF plots to bench/results/latest/. About 35 minutes on 2 vCPU.
+# and writes the JSON results and CDF plots to bench/results/latest/. About 40 minutes on 2 vCPU.
 # Usage: bench/run-all.sh [extra courtside-bench flags, e.g. --no-peer]
 set -euo pipefail
 cd "$(dirname "$0")/.."
