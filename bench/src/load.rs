@@ -184,22 +184,20 @@ pub async fn run(
                 None => limit.acquire_owned().await.ok(),
             };
             let started = Instant::now();
-            let mut connected = tokio::time::timeout(
-                Duration::from_secs(60),
-                Conn::connect(&target, plan.transport, &names, &endpoints),
-            )
-            .await;
+            let attempt = || {
+                tokio::time::timeout(
+                    Duration::from_secs(60),
+                    Conn::connect(&target, plan.transport, &names, &endpoints),
+                )
+            };
+            let mut connected = attempt().await;
             // A WebTransport handshake the server closed is retried once after a short pause, as
             // fallback/courtside.js reconnects; the retry is counted and reported, and its time
             // is part of this client's connect time.
             if let (Ok(Err(error)), Transport::WebTransport) = (&connected, plan.transport) {
                 record.first_error = Some(format!("{error:#}"));
                 tokio::time::sleep(CONNECT_RETRY_PAUSE).await;
-                connected = tokio::time::timeout(
-                    Duration::from_secs(60),
-                    Conn::connect(&target, plan.transport, &names, &endpoints),
-                )
-                .await;
+                connected = attempt().await;
             }
             drop(permit);
             let mut conn = match connected {

@@ -191,7 +191,6 @@ impl ConnectionQueue {
         self.ordered_bytes -= bytes;
     }
 
-    /// Moves up to `max` pending messages into `out`, oldest first.
     /// Moves up to `max` messages into `out`, oldest first. Until a drain finds the queue empty,
     /// the writer counts as busy (`is_idle` is false): what it took may not be written yet.
     pub fn drain_into(&mut self, out: &mut Vec<Outgoing>, max: usize) {

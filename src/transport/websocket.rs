@@ -39,7 +39,8 @@ const MAX_BATCH: usize = 256;
 /// this much on every read attempt, and a connection attempts a read on every wake-up.
 const READ_BUFFER: usize = 1024;
 
-/// Frames are buffered up to this size before tungstenite writes them; a batch is flushed anyway.
+/// tungstenite's own write buffer: it only writes control frames (pong, close) now, the
+/// connection's messages go through `SharedSocket`.
 const WRITE_BUFFER: usize = 64 * 1024;
 
 /// How long a closing connection waits for the client's close frame, at most.
@@ -61,15 +62,16 @@ pub struct WebSocketSettings {
 type Stream = WebSocketStream<SocketHandle>;
 
 /// Bytes a connection may hold unwritten in its own buffer before writes wait for the socket.
-const PENDING_LIMIT: usize = WRITE_BUFFER;
+const PENDING_LIMIT: usize = 64 * 1024;
 
 /// Frames per `writev` at most (two slices each, built on the stack: no allocation per write).
 const MAX_FRAMES_PER_WRITEV: usize = 64;
 
-/// A WebSocket connection's socket, shared by its task (through tungstenite) and the fan-out
-/// (direct writes of publications while the connection's queue is idle). Every write goes
-/// through `pending` under one lock and whole frames at a time, so the two writers never
-/// interleave inside a frame; what the socket does not take waits in `pending`.
+/// A WebSocket connection's socket, shared by its task (its batches, and through tungstenite its
+/// reads and control frames) and the fan-out (direct writes of publications while the
+/// connection's queue is idle). Every write goes through `pending` under one lock and whole
+/// frames at a time, so the writers never interleave inside a frame; what the socket does not
+/// take waits in `pending`.
 #[derive(Debug)]
 struct SharedSocket {
     conn: LimitedStream,
