@@ -4,6 +4,7 @@
 pub mod config;
 pub mod core;
 pub mod demo;
+pub mod gate;
 pub mod http;
 pub mod hub;
 pub mod metrics;

@@ -24,6 +24,7 @@ use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn};
 
 use crate::core::{close_code, parse_command, ErrorCode, Now, Outgoing, Publication, QueueClosed, ServerControl};
+use crate::gate::WakeGate;
 use crate::http::ApiError;
 use crate::hub::{Direct, DirectWrite};
 use crate::metrics::{Metrics, Transport};
@@ -415,14 +416,16 @@ async fn serve(mut ws: Stream, socket: SocketHandle, node: Node, mut shutdown: S
     let mut ping = tokio::time::interval_at(Instant::now() + settings.ping_interval, settings.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
-    // Made once, not on every turn of the loop (each turn would register a new waiter).
+    // Made once, not on every turn of the loop, and polled through gates: a turn polls only
+    // the branches that woke (the shutdown notice's poll takes a lock, the socket's a few more).
     let shutdown_notice = shutdown.recv();
     tokio::pin!(shutdown_notice);
+    let [shutdown_gate, read_gate] = <[WakeGate; 2]>::default();
 
     let ending = loop {
         tokio::select! {
             biased;
-            _ = &mut shutdown_notice => break Ending::Shutdown,
+            _ = shutdown_gate.future(shutdown_notice.as_mut()) => break Ending::Shutdown,
             _ = subscriber.wait() => {
                 match write_queue(&mut ws, &writer, &session, &mut batch, &metrics, settings.write_timeout).await {
                     Ok(None) => {}
@@ -431,7 +434,7 @@ async fn serve(mut ws: Stream, socket: SocketHandle, node: Node, mut shutdown: S
                     Err(()) => break Ending::WriteFailed,
                 }
             }
-            incoming = ws.next() => {
+            incoming = std::future::poll_fn(|cx| read_gate.poll(cx, |cx| ws.poll_next_unpin(cx))) => {
                 let message = match incoming {
                     None => break Ending::PeerGone,
                     Some(Ok(message)) => message,

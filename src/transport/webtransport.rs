@@ -22,6 +22,7 @@ use crate::core::wire::{self, ClientMessage, FrameDecoder, FrameError, MAX_CLIEN
 use crate::core::{
     close_code, ClientCommand, CommandError, Now, Outgoing, PublicationKind, QueueClosed, RoomName, ServerControl,
 };
+use crate::gate::WakeGate;
 use crate::metrics::Transport;
 use crate::node::Node;
 use crate::session::{Session, SessionLimits};
@@ -508,30 +509,35 @@ impl WtSession {
         }
     }
 
-    async fn run(mut self, mut recv: RecvStream, mut shutdown: ShutdownListener) {
+    async fn run(mut self, recv: RecvStream, mut shutdown: ShutdownListener) {
         let conn = self.session.subscriber().id();
         debug!(conn, remote = %self.connection.remote_address(), "webtransport session started");
         // The control stream and the datagrams are read in this loop, not by tasks of their own:
         // an ack then costs one task wake-up instead of three, and a session two tasks less.
         // Both reads are cancel-safe (quinn's stream read and wtransport's datagram channel).
         let mut decoder = FrameDecoder::default();
-        // Client commands are small; a session's buffer is memory held for as long as it lives.
-        let mut control_buf = vec![0u8; CONTROL_READ_CHUNK];
         let subscriber = self.session.subscriber().clone();
         let mut repairs = Vec::new();
-        // Made once, not on every turn of the loop (each turn would register new waiters).
+        // Made once, not on every turn of the loop, and polled through gates: a turn polls only
+        // the branches that woke (a poll of each would take a lock of quinn's or tokio's).
         let shutdown_notice = shutdown.recv();
         tokio::pin!(shutdown_notice);
         let connection = self.connection.clone();
         let peer_closed = connection.closed();
         tokio::pin!(peer_closed);
+        // Client commands are small; a session's buffer is memory held for as long as it lives.
+        let control_read = read_control(recv, vec![0u8; CONTROL_READ_CHUNK]);
+        tokio::pin!(control_read);
+        let next_datagram = connection.receive_datagram();
+        tokio::pin!(next_datagram);
+        let [shutdown_gate, closed_gate, control_gate, datagram_gate] = <[WakeGate; 4]>::default();
 
         let ending = 'session: loop {
             let repair_due = self.repair.next_due();
             tokio::select! {
                 biased;
-                _ = &mut shutdown_notice => break Ending::Shutdown,
-                _ = &mut peer_closed => break Ending::PeerGone,
+                _ = shutdown_gate.future(shutdown_notice.as_mut()) => break Ending::Shutdown,
+                _ = closed_gate.future(peer_closed.as_mut()) => break Ending::PeerGone,
                 _ = subscriber.wait() => match self.write_queue().await {
                     Ok(None) => {}
                     Ok(Some(QueueClosed::Slow)) => break Ending::Slow,
@@ -544,12 +550,13 @@ impl WtSession {
                         break Ending::WriteFailed;
                     }
                 }
-                read = recv.read(&mut control_buf) => {
+                (recv, control_buf, read) = control_gate.future(control_read.as_mut()) => {
                     let n = match read {
                         Ok(Some(n)) => n,
                         Ok(None) | Err(_) => break Ending::PeerGone,
                     };
                     decoder.extend(&control_buf[..n]);
+                    control_read.set(read_control(recv, control_buf));
                     loop {
                         match decoder.next_frame(MAX_CLIENT_MESSAGE) {
                             Ok(Some(frame)) => self.handle(wire::decode_client(&frame)),
@@ -558,9 +565,10 @@ impl WtSession {
                         }
                     }
                 },
-                datagram = self.connection.receive_datagram() => match datagram {
+                datagram = datagram_gate.future(next_datagram.as_mut()) => match datagram {
                     // Datagrams carry acknowledgements for the repair; anything else is ignored.
                     Ok(datagram) => {
+                        next_datagram.set(connection.receive_datagram());
                         if let Ok(ClientMessage::Ack { room, version }) = wire::decode_client(&datagram.payload()) {
                             self.repair.acked(&room, version, std::time::Instant::now());
                         }
@@ -739,6 +747,20 @@ impl WtSession {
         self.connection.close(VarInt::from_u32(code.into()), reason.as_bytes());
         closed
     }
+}
+
+/// Reads the control stream once, owning the stream and buffer, so the read can live across
+/// turns of the session loop (and behind a gate) and hand both back when it completes.
+async fn read_control(
+    mut recv: RecvStream,
+    mut buf: Vec<u8>,
+) -> (
+    RecvStream,
+    Vec<u8>,
+    Result<Option<usize>, wtransport::error::StreamReadError>,
+) {
+    let read = recv.read(&mut buf).await;
+    (recv, buf, read)
 }
 
 async fn sleep_until_opt(deadline: Option<std::time::Instant>) {
