@@ -73,6 +73,8 @@ pub struct Metrics {
     pub repair_datagrams: Counter,
     /// States sent again over the reliable stream because their datagram was not acknowledged.
     pub repair_stream: Counter,
+    /// Acknowledgements of state datagrams received from WebTransport clients.
+    pub repair_acks: Counter,
     /// 1 while the registry (Redis) is reachable.
     pub registry_up: Gauge,
     /// Publishes waiting for Redis.
@@ -120,6 +122,7 @@ impl Metrics {
             registry_up: Gauge::default(),
             outbox: Gauge::default(),
             repair_stream: Counter::default(),
+            repair_acks: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("connections", "Open client connections", connections);
@@ -181,6 +184,11 @@ impl Metrics {
             "repair_stream",
             "States resent over the reliable stream because their datagram was not acknowledged",
             metrics.repair_stream.clone(),
+        );
+        registry.register(
+            "repair_acks",
+            "Acknowledgements of state datagrams received from WebTransport clients",
+            metrics.repair_acks.clone(),
         );
         registry.register(
             "udp_receive_drops",

@@ -570,6 +570,7 @@ impl WtSession {
                     Ok(datagram) => {
                         next_datagram.set(connection.receive_datagram());
                         if let Ok(ClientMessage::Ack { room, version }) = wire::decode_client(&datagram.payload()) {
+                            self.node.metrics.repair_acks.inc();
                             self.repair.acked(&room, version, std::time::Instant::now());
                         }
                     }
@@ -626,7 +627,10 @@ impl WtSession {
         self.node.metrics.webtransport.client_messages.inc();
         let now_ms = Now::system().unix_ms;
         match message {
-            Ok(ClientMessage::Ack { room, version }) => self.repair.acked(&room, version, std::time::Instant::now()),
+            Ok(ClientMessage::Ack { room, version }) => {
+                self.node.metrics.repair_acks.inc();
+                self.repair.acked(&room, version, std::time::Instant::now());
+            }
             Ok(ClientMessage::Command(command)) => {
                 if let ClientCommand::Unsubscribe { room } = &command {
                     self.repair.forget(room);

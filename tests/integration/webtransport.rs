@@ -341,6 +341,28 @@ async fn certificate_reload(sighup: bool) {
     assert_eq!(new.recv_stream().await["seq"], 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
+/// A client's ack datagram reaches the session's repair: the server counts it.
+#[tokio::test]
+async fn an_ack_datagram_is_received_by_the_session() {
+    let server = TestServer::start(&[]);
+    let hash = server.cert_hash().await;
+    let mut client = WtClient::connect_to(server.wt.expect("wt"), &hash, true).await;
+    client.subscribe("game:3").await;
+    server.publish_state("game:3", "1").await;
+    match client.next().await {
+        WtSeen::Datagram(state) => assert_eq!(state["version"], 1),
+        other => panic!("expected a datagram, got {other:?}"),
+    }
+    // The client acked on receipt; the ack travels on its own, so await the server's count.
+    tokio::time::timeout(HANG, async {
+        while server.metric("courtside_repair_acks_total").await < 1.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the server counted the ack");
+}
+
 /// A client that never acknowledges gets the state again as datagrams and once over the stream.
 #[tokio::test]
 async fn an_unacknowledged_state_is_resent_and_once_sent_reliably() {
