@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, PushInfo, PushKind, Script, Value};
 use tokio::sync::mpsc;
@@ -167,6 +168,9 @@ fn meta_key(room: &RoomName) -> String {
 fn history_key(room: &RoomName) -> String {
     format!("cs:{{{room}}}:hist")
 }
+
+/// Presence updates of one heartbeat in flight at once, in cluster mode.
+const PRESENCE_IN_FLIGHT: usize = 64;
 
 fn presence_key(room: &RoomName) -> String {
     format!("cs:{{{room}}}:presence")
@@ -770,23 +774,37 @@ impl RedisRegistry {
         .ignore();
         let mut conn = self.commands.clone();
         pipe.query_async::<()>(&mut conn).await?;
-        // A cluster refuses pipelines across hash slots: one pipeline per room, each in its slot.
         let rooms: Vec<RoomName> = lock(&self.follows).keys().cloned().collect();
-        let mut presence = redis::pipe();
-        for room in rooms {
-            let count = self.hub.subscriber_count(&room);
-            presence
-                .hset(presence_key(&room), id, count)
+        let presence_of = |room: &RoomName, pipe: &mut redis::Pipeline| {
+            pipe.hset(presence_key(room), id, self.hub.subscriber_count(room))
                 .ignore()
-                .pexpire(presence_key(&room), ttl_ms as i64)
+                .pexpire(presence_key(room), ttl_ms as i64)
                 .ignore();
-            if self.settings.cluster {
+        };
+        if !self.settings.cluster {
+            let mut presence = redis::pipe();
+            rooms.iter().for_each(|room| presence_of(room, &mut presence));
+            if !presence.is_empty() {
                 presence.query_async::<()>(&mut conn).await?;
-                presence = redis::pipe();
             }
+            return Ok(());
         }
-        if !self.settings.cluster && !presence.is_empty() {
-            presence.query_async::<()>(&mut conn).await?;
+        // A cluster refuses pipelines across hash slots: one pipeline per room, each in its slot,
+        // PRESENCE_IN_FLIGHT at a time (one after another, a node with thousands of rooms would
+        // spend seconds of round trips per heartbeat, and its presence could expire meanwhile).
+        let pipes: Vec<(redis::Pipeline, _)> = rooms
+            .iter()
+            .map(|room| {
+                let mut presence = redis::pipe();
+                presence_of(room, &mut presence);
+                (presence, conn.clone())
+            })
+            .collect();
+        let mut beats = futures_util::stream::iter(pipes)
+            .map(|(presence, mut conn)| async move { presence.query_async::<()>(&mut conn).await })
+            .buffer_unordered(PRESENCE_IN_FLIGHT);
+        while let Some(result) = beats.next().await {
+            result?;
         }
         Ok(())
     }

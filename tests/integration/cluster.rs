@@ -390,6 +390,14 @@ async fn a_redis_cluster_shards_rooms() {
         shards_used.insert(owners[0]);
     }
     assert!(shards_used.len() >= 2, "12 rooms all on one shard: {shards_used:?}");
+    // n1's heartbeat writes every room's presence into its own slot; n2 reads it back.
+    for room in &rooms {
+        eventually("n2 sees n1's subscriber through presence", || async {
+            let (_, info) = n2.get(&format!("/v1/rooms/{room}")).await;
+            (info["subscribers"] == 1).then_some(())
+        })
+        .await;
+    }
     // Delivery across nodes, and versions assigned once.
     for room in &rooms {
         n2.publish_state(room, r#"{"home":1}"#).await;
