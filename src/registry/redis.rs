@@ -169,6 +169,9 @@ fn history_key(room: &RoomName) -> String {
     format!("cs:{{{room}}}:hist")
 }
 
+/// Rooms resubscribed, and then reseeded, at once when Redis returns after an outage.
+const RESYNC_IN_FLIGHT: usize = 64;
+
 /// Presence updates of one heartbeat in flight at once, in cluster mode.
 const PRESENCE_IN_FLIGHT: usize = 64;
 
@@ -645,26 +648,62 @@ impl RedisRegistry {
             lock(&follow.buffer).get_or_insert_with(Vec::new);
         }
         let result = async {
-            for (room, _) in &rooms {
-                let Some(numbers) = self.hub.room_numbers(room) else {
-                    continue;
-                };
-                let (data, ts) = numbers
-                    .state
-                    .as_ref()
-                    .map_or((String::new(), 0), |s| (s.data().to_string(), s.ts_ms));
-                let _: String = self
-                    .reseed_script
-                    .key(meta_key(room))
-                    .arg(&numbers.epoch)
-                    .arg(numbers.version)
-                    .arg(numbers.seq)
-                    .arg(data)
-                    .arg(ts)
-                    .arg(self.settings.state_ttl.as_secs().max(1))
-                    .invoke_async(&mut conn)
-                    .await?;
+            // This resync may have started from the heartbeat, before the pub/sub connection
+            // subscribed again: subscribe every followed room's channel now (Redis confirms each),
+            // so what other nodes publish from here on arrives live, and the re-read below covers
+            // what they published before. Otherwise a message published in between is lost.
+            let channels: Vec<_> = rooms
+                .iter()
+                .map(|(room, _)| (channel(room), self.pubsub.clone()))
+                .collect();
+            let mut subscribing = futures_util::stream::iter(channels)
+                .map(|(channel, mut pubsub)| async move { pubsub.subscribe(channel).await })
+                .buffer_unordered(RESYNC_IN_FLIGHT);
+            while let Some(subscribed) = subscribing.next().await {
+                subscribed?;
             }
+            drop(subscribing);
+            // Rooms are reseeded independently, RESYNC_IN_FLIGHT at a time (one after another,
+            // thousands of rooms would keep the node degraded for seconds of round trips);
+            // the outbox then flushes in order.
+            let reseeds: Vec<_> = rooms
+                .iter()
+                .filter_map(|(room, _)| {
+                    let numbers = self.hub.room_numbers(room)?;
+                    let (data, ts) = numbers
+                        .state
+                        .as_ref()
+                        .map_or((String::new(), 0), |s| (s.data().to_string(), s.ts_ms));
+                    Some((
+                        meta_key(room),
+                        numbers.epoch,
+                        numbers.version,
+                        numbers.seq,
+                        data,
+                        ts,
+                        conn.clone(),
+                    ))
+                })
+                .collect();
+            let (script, ttl_s) = (&self.reseed_script, self.settings.state_ttl.as_secs().max(1));
+            let mut reseeding = futures_util::stream::iter(reseeds)
+                .map(|(key, epoch, version, seq, data, ts, mut conn)| async move {
+                    script
+                        .key(key)
+                        .arg(epoch)
+                        .arg(version)
+                        .arg(seq)
+                        .arg(data)
+                        .arg(ts)
+                        .arg(ttl_s)
+                        .invoke_async::<String>(&mut conn)
+                        .await
+                })
+                .buffer_unordered(RESYNC_IN_FLIGHT);
+            while let Some(reseeded) = reseeding.next().await {
+                reseeded?;
+            }
+            drop(reseeding);
             loop {
                 let Some(item) = lock(&self.outbox).front().cloned() else {
                     break;

@@ -333,6 +333,46 @@ async fn surviving_a_redis_restart_without_data() {
     );
 }
 
+/// Redis restarted empty: every room the node holds is reseeded (they are reseeded many at a
+/// time), so each room's versions and sequences continue where they were.
+#[tokio::test]
+async fn every_room_is_reseeded_after_redis_returns_empty() {
+    const ROOMS: usize = 60;
+    let mut redis = RedisServer::start();
+    let server = node(&redis, "n1");
+    let mut client = server.connect().await;
+    let rooms: Vec<String> = (0..ROOMS).map(|i| format!("game:reseed{i}")).collect();
+    // The node holds (follows) a room while a client is subscribed to it.
+    for room in &rooms {
+        client.subscribe(room).await;
+    }
+    for room in &rooms {
+        server.publish_state(room, r#"{"home":1}"#).await;
+        server.publish_event(room, r#"{"foul":1}"#).await;
+    }
+    redis.kill();
+    eventually("the node notices the outage", || async {
+        let (_, health) = server.get("/health").await;
+        (health["registry"]["status"] == "degraded").then_some(())
+    })
+    .await;
+    redis.restart_empty();
+    eventually("the node is back on redis", || async {
+        let (_, health) = server.get("/health").await;
+        (health["registry"]["status"] == "ok").then_some(())
+    })
+    .await;
+    for room in &rooms {
+        let state = server.publish_state(room, r#"{"home":2}"#).await;
+        let event = server.publish_event(room, r#"{"foul":2}"#).await;
+        assert_eq!(
+            (state["version"].as_u64(), event["seq"].as_u64()),
+            (Some(2), Some(2)),
+            "{room} was not reseeded"
+        );
+    }
+}
+
 /// A Redis Cluster of three masters: rooms spread over the shards, delivery across nodes works,
 /// and each room's channel lives on its own shard only (sharded pub/sub).
 #[tokio::test]
