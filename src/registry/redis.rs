@@ -169,11 +169,21 @@ fn history_key(room: &RoomName) -> String {
     format!("cs:{{{room}}}:hist")
 }
 
-/// Rooms resubscribed, and then reseeded, at once when Redis returns after an outage.
-const RESYNC_IN_FLIGHT: usize = 64;
+/// Per-room commands in flight at once when a node resubscribes and reseeds its rooms after an
+/// outage, or refreshes their presence on a cluster (one after another, thousands of rooms would
+/// cost seconds of round trips).
+const ROOMS_IN_FLIGHT: usize = 64;
 
-/// Presence updates of one heartbeat in flight at once, in cluster mode.
-const PRESENCE_IN_FLIGHT: usize = 64;
+/// Runs `commands`, `ROOMS_IN_FLIGHT` at a time; the first error ends it.
+async fn run_per_room<T>(
+    commands: Vec<impl std::future::Future<Output = redis::RedisResult<T>>>,
+) -> redis::RedisResult<()> {
+    let mut running = futures_util::stream::iter(commands).buffer_unordered(ROOMS_IN_FLIGHT);
+    while let Some(done) = running.next().await {
+        done?;
+    }
+    Ok(())
+}
 
 fn presence_key(room: &RoomName) -> String {
     format!("cs:{{{room}}}:presence")
@@ -652,58 +662,44 @@ impl RedisRegistry {
             // subscribed again: subscribe every followed room's channel now (Redis confirms each),
             // so what other nodes publish from here on arrives live, and the re-read below covers
             // what they published before. Otherwise a message published in between is lost.
-            let channels: Vec<_> = rooms
-                .iter()
-                .map(|(room, _)| (channel(room), self.pubsub.clone()))
-                .collect();
-            let mut subscribing = futures_util::stream::iter(channels)
-                .map(|(channel, mut pubsub)| async move { pubsub.subscribe(channel).await })
-                .buffer_unordered(RESYNC_IN_FLIGHT);
-            while let Some(subscribed) = subscribing.next().await {
-                subscribed?;
-            }
-            drop(subscribing);
-            // Rooms are reseeded independently, RESYNC_IN_FLIGHT at a time (one after another,
-            // thousands of rooms would keep the node degraded for seconds of round trips);
-            // the outbox then flushes in order.
-            let reseeds: Vec<_> = rooms
-                .iter()
-                .filter_map(|(room, _)| {
-                    let numbers = self.hub.room_numbers(room)?;
-                    let (data, ts) = numbers
-                        .state
-                        .as_ref()
-                        .map_or((String::new(), 0), |s| (s.data().to_string(), s.ts_ms));
-                    Some((
-                        meta_key(room),
-                        numbers.epoch,
-                        numbers.version,
-                        numbers.seq,
-                        data,
-                        ts,
-                        conn.clone(),
-                    ))
-                })
-                .collect();
+            run_per_room(
+                rooms
+                    .iter()
+                    .map(|(room, _)| {
+                        let (channel, mut pubsub) = (channel(room), self.pubsub.clone());
+                        async move { pubsub.subscribe(channel).await }
+                    })
+                    .collect(),
+            )
+            .await?;
+            // Rooms are reseeded independently; the outbox then flushes in order.
             let (script, ttl_s) = (&self.reseed_script, self.settings.state_ttl.as_secs().max(1));
-            let mut reseeding = futures_util::stream::iter(reseeds)
-                .map(|(key, epoch, version, seq, data, ts, mut conn)| async move {
-                    script
-                        .key(key)
-                        .arg(epoch)
-                        .arg(version)
-                        .arg(seq)
-                        .arg(data)
-                        .arg(ts)
-                        .arg(ttl_s)
-                        .invoke_async::<String>(&mut conn)
-                        .await
-                })
-                .buffer_unordered(RESYNC_IN_FLIGHT);
-            while let Some(reseeded) = reseeding.next().await {
-                reseeded?;
-            }
-            drop(reseeding);
+            run_per_room(
+                rooms
+                    .iter()
+                    .filter_map(|(room, _)| {
+                        let numbers = self.hub.room_numbers(room)?;
+                        let (data, ts) = numbers
+                            .state
+                            .as_ref()
+                            .map_or((String::new(), 0), |s| (s.data().to_string(), s.ts_ms));
+                        let (key, mut conn) = (meta_key(room), conn.clone());
+                        Some(async move {
+                            script
+                                .key(key)
+                                .arg(numbers.epoch)
+                                .arg(numbers.version)
+                                .arg(numbers.seq)
+                                .arg(data)
+                                .arg(ts)
+                                .arg(ttl_s)
+                                .invoke_async::<String>(&mut conn)
+                                .await
+                        })
+                    })
+                    .collect(),
+            )
+            .await?;
             loop {
                 let Some(item) = lock(&self.outbox).front().cloned() else {
                     break;
@@ -829,23 +825,19 @@ impl RedisRegistry {
             return Ok(());
         }
         // A cluster refuses pipelines across hash slots: one pipeline per room, each in its slot,
-        // PRESENCE_IN_FLIGHT at a time (one after another, a node with thousands of rooms would
-        // spend seconds of round trips per heartbeat, and its presence could expire meanwhile).
-        let pipes: Vec<(redis::Pipeline, _)> = rooms
-            .iter()
-            .map(|room| {
-                let mut presence = redis::pipe();
-                presence_of(room, &mut presence);
-                (presence, conn.clone())
-            })
-            .collect();
-        let mut beats = futures_util::stream::iter(pipes)
-            .map(|(presence, mut conn)| async move { presence.query_async::<()>(&mut conn).await })
-            .buffer_unordered(PRESENCE_IN_FLIGHT);
-        while let Some(result) = beats.next().await {
-            result?;
-        }
-        Ok(())
+        // many at a time (one after another, a node with thousands of rooms would spend seconds
+        // of round trips per heartbeat, and its presence could expire meanwhile).
+        run_per_room(
+            rooms
+                .iter()
+                .map(|room| {
+                    let (mut presence, mut conn) = (redis::pipe(), conn.clone());
+                    presence_of(room, &mut presence);
+                    async move { presence.query_async::<()>(&mut conn).await }
+                })
+                .collect(),
+        )
+        .await
     }
 
     /// Nodes alive now (their record has not expired).

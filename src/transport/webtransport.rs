@@ -514,7 +514,7 @@ impl WtSession {
         debug!(conn, remote = %self.connection.remote_address(), "webtransport session started");
         // The control stream and the datagrams are read in this loop, not by tasks of their own:
         // an ack then costs one task wake-up instead of three, and a session two tasks less.
-        // Both reads are cancel-safe (quinn's stream read and wtransport's datagram channel).
+        // Both reads are long-lived futures, made again only when one completes.
         let mut decoder = FrameDecoder::default();
         let subscriber = self.session.subscriber().clone();
         let mut repairs = Vec::new();
