@@ -73,6 +73,9 @@ fn run(config: ServeConfig) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async {
+        // Installed before anything listens: until a handler exists, SIGTERM's default action
+        // kills the process, and a task stopped while starting must drain, not die.
+        let shutdown = shutdown_signal();
         let token = match &config.http.publish_token {
             Some(token) => token.clone(),
             None => {
@@ -117,7 +120,7 @@ fn run(config: ServeConfig) -> anyhow::Result<()> {
             ));
             info!("demo page: http://{}/", demo_host(http));
         }
-        let report = server::serve(&config, node, listener, shutdown_signal()).await;
+        let report = server::serve(&config, node, listener, shutdown).await;
         if report.clean {
             info!("drained; every connection closed");
         } else {
@@ -139,26 +142,40 @@ fn demo_host(addr: std::net::SocketAddr) -> String {
     }
 }
 
-/// Resolves on SIGTERM (ECS stopping the task) or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGTERM (ECS stopping the task) or Ctrl-C. The handlers are installed when this
+/// is called, not when the future is first polled.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(error) => {
-                warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the server");
-                let _ = ctrl_c.await;
-                return;
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate());
+        let interrupt = signal(SignalKind::interrupt());
+        async move {
+            match (term, interrupt) {
+                (Ok(mut term), Ok(mut interrupt)) => tokio::select! {
+                    _ = interrupt.recv() => info!("Ctrl-C received"),
+                    _ = term.recv() => info!("SIGTERM received"),
+                },
+                (Err(error), Ok(mut interrupt)) => {
+                    warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the server");
+                    interrupt.recv().await;
+                }
+                (Ok(mut term), Err(error)) => {
+                    warn!(%error, "cannot listen for Ctrl-C; only SIGTERM stops the server");
+                    term.recv().await;
+                }
+                (Err(error), Err(_)) => {
+                    warn!(%error, "cannot listen for SIGTERM or Ctrl-C; stop the server with SIGKILL");
+                    std::future::pending::<()>().await;
+                }
             }
-        };
-        tokio::select! {
-            _ = ctrl_c => info!("Ctrl-C received"),
-            _ = term.recv() => info!("SIGTERM received"),
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = ctrl_c.await;
+        let ctrl_c = tokio::signal::ctrl_c();
+        async move {
+            let _ = ctrl_c.await;
+        }
     }
 }

@@ -107,6 +107,9 @@ pub struct WebTransportServer {
     local_addr: SocketAddr,
     /// Inode of the UDP socket, to read its drop count from /proc/net/udp.
     socket_inode: Option<u64>,
+    /// SIGHUP, listened for from the bind on: until a handler exists, its default action kills
+    /// the process.
+    hangup: Hangup,
 }
 
 impl std::fmt::Debug for WebTransportServer {
@@ -267,6 +270,7 @@ impl WebTransportServer {
             }
         };
         let self_signed = matches!(source, CertificateSource::SelfSigned { .. });
+        let hangup = hangup_signal();
         let (socket, socket_inode) = bind_udp(&settings)?;
         let port = socket.local_addr()?.port();
         let info = certificate_info(&identity, self_signed, port);
@@ -287,6 +291,7 @@ impl WebTransportServer {
             settings,
             local_addr,
             socket_inode,
+            hangup,
         })
     }
 
@@ -303,7 +308,7 @@ impl WebTransportServer {
         let mut stop = node.shutdown_listener();
         let mut check = tokio::time::interval(self.settings.cert_check_interval);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut hangup = hangup_signal();
+        let mut hangup = std::mem::take(&mut self.hangup);
         loop {
             tokio::select! {
                 _ = stop.recv() => break,
