@@ -95,7 +95,7 @@ impl SharedSocket {
         let mut pending = self.lock_pending();
         let mut taken = 0;
         while pending.is_empty() && taken < payloads.len() {
-            match self.writev_frames(&mut pending, &payloads[taken..])? {
+            match self.writev_frames::<MAX_FRAMES_PER_WRITEV>(&mut pending, &payloads[taken..])? {
                 0 => break,
                 n => taken += n,
             }
@@ -113,24 +113,25 @@ impl SharedSocket {
         Ok(taken)
     }
 
-    /// Writes text frames of `payloads` into the socket in one `writev` (each header beside its
-    /// shared payload, nothing copied), with `pending` empty. A frame the socket took only part
-    /// of is finished from `pending` (whole frames only, so no other write lands inside one).
-    /// Returns how many frames it took, that one included; frames it did not touch are left.
-    fn writev_frames(&self, pending: &mut BytesMut, payloads: &[&[u8]]) -> io::Result<usize> {
+    /// Writes text frames of up to `N` of `payloads` into the socket in one `writev` (each header
+    /// beside its shared payload, nothing copied), with `pending` empty. A frame the socket took
+    /// only part of is finished from `pending` (whole frames only, so no other write lands inside
+    /// one). Returns how many frames it took, that one included; frames it did not touch are left.
+    /// `N` sizes the arrays on the stack: 1 for the fan-out's single frame, which then sets up
+    /// no more than it writes.
+    fn writev_frames<const N: usize>(&self, pending: &mut BytesMut, payloads: &[&[u8]]) -> io::Result<usize> {
         debug_assert!(pending.is_empty());
-        let frames = payloads.len().min(MAX_FRAMES_PER_WRITEV);
+        let frames = payloads.len().min(N);
         let payloads = &payloads[..frames];
-        let mut headers = [([0u8; 10], 0usize); MAX_FRAMES_PER_WRITEV];
+        let mut headers = [([0u8; 10], 0usize); N];
         for ((header, len), payload) in headers.iter_mut().zip(payloads) {
             *len = text_frame_header(payload.len(), header);
         }
-        let mut iov = [io::IoSlice::new(&[]); 2 * MAX_FRAMES_PER_WRITEV];
-        for (slots, ((header, len), payload)) in iov.chunks_exact_mut(2).zip(headers.iter().zip(payloads)) {
-            slots[0] = io::IoSlice::new(&header[..*len]);
-            slots[1] = io::IoSlice::new(payload);
+        let mut iov = [[io::IoSlice::new(&[]); 2]; N];
+        for (slots, ((header, len), payload)) in iov.iter_mut().zip(headers.iter().zip(payloads)) {
+            *slots = [io::IoSlice::new(&header[..*len]), io::IoSlice::new(payload)];
         }
-        let mut written = match self.tcp().try_write_vectored(&iov[..2 * frames]) {
+        let mut written = match self.tcp().try_write_vectored(iov[..frames].as_flattened()) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => return Err(e),
@@ -240,7 +241,7 @@ impl DirectWrite for SocketHandle {
         if !pending.is_empty() {
             return Direct::NotNow;
         }
-        match shared.writev_frames(&mut pending, &[publication.json_frame().as_bytes()]) {
+        match shared.writev_frames::<1>(&mut pending, &[publication.json_frame().as_bytes()]) {
             Ok(1) if pending.is_empty() => Direct::Written,
             Ok(1) => Direct::Partly,
             Ok(_) | Err(_) => Direct::NotNow,

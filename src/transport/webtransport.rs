@@ -575,8 +575,7 @@ impl WtSession {
                     Ok(datagram) => {
                         next_datagram.set(connection.receive_datagram());
                         if let Ok(ClientMessage::Ack { room, version }) = wire::decode_client(&datagram.payload()) {
-                            self.node.metrics.repair_acks.inc();
-                            self.repair.acked(&room, version, std::time::Instant::now());
+                            self.acked(&room, version);
                         }
                     }
                     Err(_) => break Ending::PeerGone,
@@ -632,10 +631,7 @@ impl WtSession {
         self.node.metrics.webtransport.client_messages.inc();
         let now_ms = Now::system().unix_ms;
         match message {
-            Ok(ClientMessage::Ack { room, version }) => {
-                self.node.metrics.repair_acks.inc();
-                self.repair.acked(&room, version, std::time::Instant::now());
-            }
+            Ok(ClientMessage::Ack { room, version }) => self.acked(&room, version),
             Ok(ClientMessage::Command(command)) => {
                 if let ClientCommand::Unsubscribe { room } = &command {
                     self.repair.forget(room);
@@ -644,6 +640,12 @@ impl WtSession {
             }
             Err(error) => self.session.handle(Err(error), now_ms),
         }
+    }
+
+    /// The client holds `version` of `room` (an ack, as a datagram or on the control stream).
+    fn acked(&mut self, room: &RoomName, version: u64) {
+        self.node.metrics.repair_acks.inc();
+        self.repair.acked(room, version, std::time::Instant::now());
     }
 
     /// Writes everything queued: states as datagrams where they fit, the rest on the stream.
