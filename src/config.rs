@@ -7,9 +7,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use clap::builder::TypedValueParser;
 use clap::parser::ValueSource;
 use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
+use crate::core::routing::StateDatagrams;
 use crate::core::{QueueLimits, RetentionLimits};
 use crate::hub::HubConfig;
 use crate::session::SessionLimits;
@@ -170,19 +172,16 @@ pub struct WebTransportConfig {
     #[arg(long, env = "COURTSIDE_UDP_SEND_BUFFER", value_name = "BYTES", default_value_t = 8 << 20)]
     pub udp_send_buffer: usize,
     /// When state updates go to WebTransport clients as datagrams (docs/PROTOCOL.md, "Loss repair").
-    #[arg(long, env = "COURTSIDE_WT_STATE_DATAGRAMS", value_enum, default_value = "always")]
+    /// always: every state that fits goes as a datagram; after-loss: states go over the
+    /// control stream until QUIC reports a lost packet on the session, then as datagrams.
+    #[arg(
+        long,
+        env = "COURTSIDE_WT_STATE_DATAGRAMS",
+        value_name = "always|after-loss",
+        default_value = "always",
+        value_parser = clap::builder::PossibleValuesParser::new(["always", "after-loss"]).try_map(|s| s.parse::<StateDatagrams>())
+    )]
     pub wt_state_datagrams: StateDatagrams,
-}
-
-/// When a WebTransport session sends state updates as datagrams.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum StateDatagrams {
-    /// Every state that fits goes as a datagram, acknowledged and repaired.
-    Always,
-    /// States go over the control stream until QUIC reports a lost packet on the session, then
-    /// as datagrams: on a clean path a stream costs the server about 40 % less per state (no
-    /// ack datagram to receive, no QUIC ACK of it to send), and loss is when datagrams pay.
-    AfterLoss,
 }
 
 /// Sharing rooms with other nodes through Redis.

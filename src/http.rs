@@ -13,8 +13,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::core::{JsonData, Now, Publication, RoomName};
-use crate::hub::{HubError, PublishKind, RoomHistory};
+use crate::core::{JsonData, Kind, Publication, RoomName};
+use crate::hub::{HubError, RoomHistory};
 use crate::node::Node;
 use crate::registry::{Published, RegistryError};
 use crate::transport::{websocket, webtransport};
@@ -227,7 +227,7 @@ async fn publish_state(
     Path(room): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    publish_one(&node, &room, PublishKind::State, body).await
+    publish_one(&node, &room, Kind::State, body).await
 }
 
 async fn publish_event(
@@ -235,13 +235,13 @@ async fn publish_event(
     Path(room): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    publish_one(&node, &room, PublishKind::Event, body).await
+    publish_one(&node, &room, Kind::Event, body).await
 }
 
 async fn publish_one(
     node: &Node,
     room: &str,
-    kind: PublishKind,
+    kind: Kind,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let room = parse_room(room)?;
@@ -273,14 +273,14 @@ struct PublishView {
 }
 
 impl PublishView {
-    fn new(room: &RoomName, kind: PublishKind, published: Published) -> Self {
+    fn new(room: &RoomName, kind: Kind, published: Published) -> Self {
         let (number, ts, queued) = match published {
             Published::Numbered { number, ts_ms } => (Some(number), ts_ms, None),
             Published::Queued { provisional, ts_ms } => (provisional, ts_ms, Some(true)),
         };
         let (version, seq) = match kind {
-            PublishKind::State => (number, None),
-            PublishKind::Event => (None, number),
+            Kind::State => (number, None),
+            Kind::Event => (None, number),
         };
         Self {
             room: room.to_string(),
@@ -363,8 +363,8 @@ async fn publish_batch(
     let mut results = Vec::with_capacity(checked.len());
     for (room, kind, data) in checked {
         let (kind, name) = match kind {
-            BatchKind::State => (PublishKind::State, "state"),
-            BatchKind::Event => (PublishKind::Event, "event"),
+            BatchKind::State => (Kind::State, "state"),
+            BatchKind::Event => (Kind::Event, "event"),
         };
         let result = match node.registry.publish(&node.hub, &room, kind, &data).await {
             Ok(published) => BatchResult::Published(PublishView {
@@ -491,7 +491,7 @@ async fn room_events(
             "since must be a non-negative integer",
         ));
     };
-    let now_ms = Now::system().unix_ms;
+    let now_ms = crate::clock::unix_ms();
     let (epoch, events): (String, EventList) = match node.registry.redis() {
         Some(redis) => {
             let (epoch, events) = redis

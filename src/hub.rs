@@ -10,8 +10,8 @@ use std::time::Duration;
 use futures_util::task::AtomicWaker;
 
 use crate::core::{
-    ConnectionQueue, JsonData, Now, Outgoing, Publication, Pushed, QueueClosed, QueueLimits, RetentionLimits, Room,
-    RoomId, RoomName, ServerControl,
+    ConnectionQueue, JsonData, Kind, Now, Outgoing, Publication, Pushed, QueueClosed, QueueLimits, RetentionLimits,
+    Room, RoomId, RoomName, ServerControl,
 };
 use crate::metrics::{Metrics, Transport};
 
@@ -45,13 +45,6 @@ pub enum HubError {
     RoomLimit(usize),
 }
 
-/// Which kind of message a publish carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PublishKind {
-    State,
-    Event,
-}
-
 /// What a publisher is told: the version or sequence assigned, and the ingest time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PublishReceipt {
@@ -76,7 +69,7 @@ pub struct RoomInfo {
 #[derive(Debug, Clone)]
 pub struct RemotePublication<'a> {
     pub epoch: &'a str,
-    pub kind: PublishKind,
+    pub kind: Kind,
     pub number: u64,
     pub ts_ms: u64,
     pub data: JsonData,
@@ -448,27 +441,21 @@ impl Hub {
     }
 
     /// Assigns the next version or sequence and offers the publication to every local subscriber.
-    pub fn publish(
-        &self,
-        room: &RoomName,
-        kind: PublishKind,
-        data: &JsonData,
-        now: Now,
-    ) -> Result<PublishReceipt, HubError> {
+    pub fn publish(&self, room: &RoomName, kind: Kind, data: &JsonData, now: Now) -> Result<PublishReceipt, HubError> {
         let receipt = self.with_room(room, true, now.unix_ms, |entry| self.publish_in(entry, kind, data, now))?;
         match kind {
-            PublishKind::State => self.0.metrics.published_states.inc(),
-            PublishKind::Event => self.0.metrics.published_events.inc(),
+            Kind::State => self.0.metrics.published_states.inc(),
+            Kind::Event => self.0.metrics.published_events.inc(),
         };
         // `with_room` with `create` always yields a room.
         receipt.ok_or(HubError::RoomLimit(self.0.config.max_rooms))
     }
 
     /// Numbers a publish in the room (its lock held) and fans it out.
-    fn publish_in(&self, entry: &mut RoomEntry, kind: PublishKind, data: &JsonData, now: Now) -> PublishReceipt {
+    fn publish_in(&self, entry: &mut RoomEntry, kind: Kind, data: &JsonData, now: Now) -> PublishReceipt {
         let publication = match kind {
-            PublishKind::State => entry.room.publish_state(data, now),
-            PublishKind::Event => entry.room.publish_event(data, now),
+            Kind::State => entry.room.publish_state(data, now),
+            Kind::Event => entry.room.publish_event(data, now),
         };
         self.fan_out(entry, &publication);
         PublishReceipt {
@@ -482,8 +469,8 @@ impl Hub {
     /// every queue receives the room's publications in the same order).
     fn fan_out(&self, entry: &mut RoomEntry, publication: &Arc<Publication>) {
         let offer: fn(&mut ConnectionQueue, &Arc<Publication>) -> Pushed = match publication.kind {
-            crate::core::PublicationKind::State { .. } => ConnectionQueue::push_state,
-            crate::core::PublicationKind::Event { .. } => ConnectionQueue::push_event,
+            Kind::State => ConnectionQueue::push_state,
+            Kind::Event => ConnectionQueue::push_event,
         };
         let started = std::time::Instant::now();
         let subscribers = entry.subscribers.len();
@@ -513,8 +500,8 @@ impl Hub {
                 self.tell_subscribers(entry, room, Some(false));
             }
             let applied = match remote.kind {
-                PublishKind::State => entry.room.apply_state(remote.number, remote.ts_ms, &remote.data, now),
-                PublishKind::Event => entry.room.apply_event(remote.number, remote.ts_ms, &remote.data, now),
+                Kind::State => entry.room.apply_state(remote.number, remote.ts_ms, &remote.data, now),
+                Kind::Event => entry.room.apply_event(remote.number, remote.ts_ms, &remote.data, now),
             };
             if let (Some(publication), true) = (applied, remote.deliver) {
                 self.fan_out(entry, &publication);
@@ -540,7 +527,7 @@ impl Hub {
     pub fn publish_provisional(
         &self,
         room: &RoomName,
-        kind: PublishKind,
+        kind: Kind,
         data: &JsonData,
         now: Now,
         local_epoch: String,
@@ -812,7 +799,6 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::PublicationKind;
     use std::time::Instant;
 
     fn hub(config: HubConfig) -> Hub {
@@ -854,7 +840,7 @@ mod tests {
             drain(s);
         }
         for i in 1..=5 {
-            hub.publish(&room("game:big"), PublishKind::Event, &data(&i.to_string()), now())
+            hub.publish(&room("game:big"), Kind::Event, &data(&i.to_string()), now())
                 .expect("publish");
         }
         for s in &subscribers {
@@ -881,7 +867,7 @@ mod tests {
         drain(&a);
         drain(&b);
         let receipt = hub
-            .publish(&room("game:1"), PublishKind::State, &data("{\"h\":1}"), now())
+            .publish(&room("game:1"), Kind::State, &data("{\"h\":1}"), now())
             .expect("publish");
         assert_eq!((receipt.number, receipt.subscribers), (1, 2));
         let (mut out_a, mut out_b) = (Vec::new(), Vec::new());
@@ -897,11 +883,9 @@ mod tests {
     fn a_joining_subscriber_gets_subscribed_then_state_then_recovered_events() {
         let hub = hub(HubConfig::default());
         let r = room("game:1");
-        hub.publish(&r, PublishKind::State, &data("5"), now()).expect("publish");
-        hub.publish(&r, PublishKind::Event, &data("\"a\""), now())
-            .expect("publish");
-        hub.publish(&r, PublishKind::Event, &data("\"b\""), now())
-            .expect("publish");
+        hub.publish(&r, Kind::State, &data("5"), now()).expect("publish");
+        hub.publish(&r, Kind::Event, &data("\"a\""), now()).expect("publish");
+        hub.publish(&r, Kind::Event, &data("\"b\""), now()).expect("publish");
         let s = hub.new_subscriber(Transport::WebSocket);
         hub.subscribe(&r, &s, Some(1), None, 1_000).expect("subscribe");
         let frames = drain(&s);
@@ -924,7 +908,7 @@ mod tests {
         assert_eq!(hub.room_count(), 0);
         assert!(hub.room_info(&room("a")).is_none());
 
-        hub.publish(&room("b"), PublishKind::State, &data("1"), now())
+        hub.publish(&room("b"), Kind::State, &data("1"), now())
             .expect("publish");
         assert_eq!(hub.room_info(&room("b")).map(|i| i.version), Some(1));
         assert_eq!(hub.sweep(now().unix_ms), 0);
@@ -951,10 +935,10 @@ mod tests {
             max_rooms: 1,
             ..HubConfig::default()
         });
-        hub.publish(&room("a"), PublishKind::State, &data("1"), now())
+        hub.publish(&room("a"), Kind::State, &data("1"), now())
             .expect("publish");
         assert_eq!(
-            hub.publish(&room("b"), PublishKind::State, &data("1"), now()),
+            hub.publish(&room("b"), Kind::State, &data("1"), now()),
             Err(HubError::RoomLimit(1))
         );
         let s = hub.new_subscriber(Transport::WebSocket);
@@ -962,7 +946,7 @@ mod tests {
             hub.subscribe(&room("b"), &s, None, None, 0),
             Err(HubError::RoomLimit(1))
         );
-        assert!(hub.publish(&room("a"), PublishKind::State, &data("2"), now()).is_ok());
+        assert!(hub.publish(&room("a"), Kind::State, &data("2"), now()).is_ok());
     }
 
     #[test]
@@ -986,15 +970,12 @@ mod tests {
         drain(&fast);
         let mut fast_seqs = Vec::new();
         for i in 0..10 {
-            hub.publish(&r, PublishKind::Event, &data(&i.to_string()), now())
+            hub.publish(&r, Kind::Event, &data(&i.to_string()), now())
                 .expect("publish");
             let mut out = Vec::new();
             fast.drain_into(&mut out, usize::MAX);
             fast_seqs.extend(out.into_iter().filter_map(|o| match o {
-                Outgoing::Publication(p) => match p.kind {
-                    PublicationKind::Event { seq } => Some(seq),
-                    _ => None,
-                },
+                Outgoing::Publication(p) => (p.kind == Kind::Event).then_some(p.number),
                 _ => None,
             }));
         }

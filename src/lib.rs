@@ -1,14 +1,17 @@
 //! Courtside: a real-time edge server for youth-sports live scores.
 //! See docs/ARCHITECTURE.md for how the modules fit together and how data flows.
 
+pub mod clock;
 pub mod config;
-pub mod core;
+/// The sans-IO core, a package of its own (src/core/Cargo.toml).
+pub use courtside_core as core;
 pub mod demo;
 pub mod gate;
 pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod node;
+pub mod random;
 pub mod registry;
 pub mod server;
 pub mod session;

@@ -79,7 +79,7 @@ fn run(config: ServeConfig) -> anyhow::Result<()> {
         let token = match &config.http.publish_token {
             Some(token) => token.clone(),
             None => {
-                let token = server::generate_token();
+                let token = courtside::random::generate_token();
                 warn!(publish_token = %token, "no publish token configured; generated one for this run");
                 token
             }

@@ -18,7 +18,6 @@ use tracing::{debug, info, warn};
 
 use crate::config::ServeConfig;
 use crate::core::repair::RepairPolicy;
-use crate::core::Now;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::node::{Node, NodeInner};
@@ -44,7 +43,7 @@ pub struct DrainReport {
 
 /// The hub of a new node, with its metrics.
 pub fn build_hub(config: &ServeConfig) -> Hub {
-    Hub::new(config.hub(), Arc::new(Metrics::new()), random_u64())
+    Hub::new(config.hub(), Arc::new(Metrics::new()), crate::random::random_u64())
 }
 
 /// Builds the node from its configuration. `publish_token` is the resolved token.
@@ -103,7 +102,7 @@ pub fn redis_settings(config: &ServeConfig, url: &str, http: std::net::SocketAdd
             .map(|h| h.trim().to_string())
             .unwrap_or_default();
         let host = if host.is_empty() { "node".to_string() } else { host };
-        format!("{host}-{:06x}", random_u64() & 0xff_ffff)
+        format!("{host}-{:06x}", crate::random::random_u64() & 0xff_ffff)
     });
     RedisSettings {
         url: url.to_string(),
@@ -117,21 +116,6 @@ pub fn redis_settings(config: &ServeConfig, url: &str, http: std::net::SocketAdd
         state_ttl: config.rooms.state_ttl,
         cluster: config.cluster.redis_cluster,
     }
-}
-
-/// A random value from the OS, for tokens and epochs.
-pub fn random_u64() -> u64 {
-    let mut bytes = [0u8; 8];
-    if getrandom::fill(&mut bytes).is_err() {
-        // No OS randomness: fall back to the clock, which still differs across restarts.
-        return Now::system().unix_ms ^ u64::from(std::process::id());
-    }
-    u64::from_le_bytes(bytes)
-}
-
-/// A fresh publish token: 32 hex digits.
-pub fn generate_token() -> String {
-    format!("{:016x}{:016x}", random_u64(), random_u64())
 }
 
 /// Serves until `signal` resolves, then drains: health turns 503, new WebSocket upgrades are
@@ -155,7 +139,7 @@ pub async fn serve(
                 tokio::select! {
                     _ = stop.recv() => break,
                     _ = tick.tick() => {
-                        let removed = hub.sweep(Now::system().unix_ms);
+                        let removed = hub.sweep(crate::clock::unix_ms());
                         if removed > 0 {
                             debug!(removed, rooms = hub.room_count(), "swept idle rooms");
                         }

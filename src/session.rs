@@ -5,7 +5,6 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::core::Now;
 use crate::core::{ClientCommand, CommandError, ErrorCode, RoomName, ServerControl};
 use crate::hub::{Hub, HubError, Subscriber};
 use crate::registry::Registry;
@@ -170,7 +169,7 @@ impl Session {
                 room,
                 since,
                 epoch.as_deref(),
-                Now::system().unix_ms,
+                crate::clock::unix_ms(),
             );
         });
     }

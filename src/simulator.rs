@@ -5,8 +5,8 @@
 
 use serde_json::json;
 
+use crate::core::Kind;
 use crate::core::RoomName;
-use crate::hub::PublishKind;
 
 /// Shape of the simulated Saturday.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +37,7 @@ impl Default for SaturdayConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SimPublish {
     pub room: RoomName,
-    pub kind: PublishKind,
+    pub kind: Kind,
     /// JSON text.
     pub data: String,
 }
@@ -238,7 +238,7 @@ impl SaturdayModel {
             if let Ok(room) = RoomName::parse(&format!("bracket:{}", l.id)) {
                 out.push(SimPublish {
                     room,
-                    kind: PublishKind::State,
+                    kind: Kind::State,
                     data: state,
                 });
             }
@@ -385,7 +385,7 @@ impl SaturdayModel {
         if let Ok(room) = RoomName::parse(&format!("game:{}", game.id)) {
             out.push(SimPublish {
                 room,
-                kind: PublishKind::State,
+                kind: Kind::State,
                 data: self.game_json(game).to_string(),
             });
         }
@@ -397,7 +397,7 @@ impl SaturdayModel {
         if let Ok(room) = RoomName::parse(&format!("league:{}", l.id)) {
             out.push(SimPublish {
                 room,
-                kind: PublishKind::State,
+                kind: Kind::State,
                 data: data.to_string(),
             });
         }
@@ -429,7 +429,7 @@ impl SaturdayModel {
             if let Ok(room) = RoomName::parse(&room) {
                 out.push(SimPublish {
                     room,
-                    kind: PublishKind::Event,
+                    kind: Kind::Event,
                     data: data.clone(),
                 });
             }
@@ -473,12 +473,12 @@ impl SaturdayModel {
             if let Ok(room) = RoomName::parse(&format!("bracket:{id}")) {
                 out.push(SimPublish {
                     room: room.clone(),
-                    kind: PublishKind::Event,
+                    kind: Kind::Event,
                     data: event,
                 });
                 out.push(SimPublish {
                     room,
-                    kind: PublishKind::State,
+                    kind: Kind::State,
                     data: state,
                 });
             }
@@ -512,29 +512,23 @@ mod tests {
         for _ in 0..900 {
             model.advance(1000, &mut out);
         }
-        let count = |prefix: &str, kind: PublishKind| {
+        let count = |prefix: &str, kind: Kind| {
             out.iter()
                 .filter(|p| p.room.as_str().starts_with(prefix) && p.kind == kind)
                 .count()
         };
-        let game_states = count("game:", PublishKind::State);
+        let game_states = count("game:", Kind::State);
         // 400 games, a scoring play every ~38 s each: roughly 9,500 in 15 minutes, plus periods.
         assert!((6_000..20_000).contains(&game_states), "{game_states}");
-        assert!(
-            count("league:", PublishKind::Event) > 100,
-            "finals and tip-offs are announced"
-        );
-        assert!(
-            count("bracket:", PublishKind::Event) > 10,
-            "bracket games advance winners"
-        );
+        assert!(count("league:", Kind::Event) > 100, "finals and tip-offs are announced");
+        assert!(count("bracket:", Kind::Event) > 10, "bracket games advance winners");
         for p in out.iter().step_by(97) {
             assert!(serde_json::from_str::<serde_json::Value>(&p.data).is_ok());
         }
         // A league scoreboard fits a datagram.
         let biggest_league = out
             .iter()
-            .filter(|p| p.room.as_str().starts_with("league:") && p.kind == PublishKind::State)
+            .filter(|p| p.room.as_str().starts_with("league:") && p.kind == Kind::State)
             .map(|p| p.data.len())
             .max();
         assert!(biggest_league.is_some_and(|n| n < 1100), "{biggest_league:?}");

@@ -289,7 +289,7 @@ impl Publisher {
             (Protocol::Courtside, Kind::Event) => (format!("/v1/rooms/{room}/events"), data.to_string()),
             (Protocol::SocketIo, _) => (
                 "/publish".to_string(),
-                format!(r#"{{"room":"{room}","event":"{}","data":{data}}}"#, kind.name()),
+                format!(r#"{{"room":"{room}","event":"{}","data":{data}}}"#, kind.as_str()),
             ),
         };
         let request = hyper::Request::post(path)
@@ -307,23 +307,8 @@ impl Publisher {
     }
 }
 
-/// What a publish is: a state (newer versions replace older, so a client may skip some) or an
-/// event (every one must arrive).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    State,
-    Event,
-}
-
-impl Kind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::State => "state",
-            Kind::Event => "event",
-        }
-    }
-}
+/// What a publish is: the core's one name for state or event.
+pub use courtside_core::Kind;
 
 /// The bench's clock: microseconds since `origin`.
 pub fn micros_since(origin: Instant) -> u64 {

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use courtside::hub::PublishKind;
 use courtside::simulator::{SaturdayConfig, SaturdayModel, SimRng};
 
 use crate::clients::{Kind, Transport};
@@ -133,10 +132,7 @@ pub fn saturday(params: &SaturdayParams, mix: Mix) -> Workload {
             publishes.push(Planned {
                 at,
                 room: room_id(p.room.as_str(), &mut rooms),
-                kind: match p.kind {
-                    PublishKind::State => Kind::State,
-                    PublishKind::Event => Kind::Event,
-                },
+                kind: p.kind,
                 payload: p.data,
             });
         }

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use courtside::core::wire::{self, ClientMessage, FrameDecoder, ServerMessage};
-use courtside::core::RoomName;
+use courtside_core::wire::{self, ClientMessage, FrameDecoder, ServerMessage};
+use courtside_core::RoomName;
 use wtransport::endpoint::endpoint_side::Client;
 use wtransport::tls::Sha256Digest;
 use wtransport::{ClientConfig, Connection, Endpoint, RecvStream, SendStream};
@@ -111,7 +111,7 @@ impl WtConn {
         let mut frames = bytes::BytesMut::new();
         for room in rooms {
             let command =
-                courtside::core::parse_command(&serde_json::json!({"type": "subscribe", "room": room}).to_string())
+                courtside_core::parse_command(&serde_json::json!({"type": "subscribe", "room": room}).to_string())
                     .map_err(|e| anyhow::anyhow!("subscribe command: {e:?}"))?;
             wire::put_frame(&mut frames, &wire::encode_client(&ClientMessage::Command(command)));
         }

@@ -2,7 +2,6 @@
 //! and the one table of error and close codes. Pure: text in, values out, text back.
 
 use serde::{Deserialize, Serialize};
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::room_name::{RoomName, RoomNameError};
 
@@ -124,7 +123,7 @@ impl ServerControl {
     }
 
     /// The JSON text frame for WebSocket clients.
-    pub fn to_json(&self) -> Utf8Bytes {
+    pub fn to_json(&self) -> String {
         let wire = match self {
             Self::Subscribed {
                 room,
@@ -140,7 +139,7 @@ impl ServerControl {
                 recovered: *recovered,
             },
             Self::Unsubscribed { room } => WireControl::Unsubscribed { room: room.as_str() },
-            Self::Pong => return Utf8Bytes::from_static(r#"{"type":"pong"}"#),
+            Self::Pong => return r#"{"type":"pong"}"#.to_string(),
             Self::Error { code, message, room } => WireControl::Error {
                 code: code.as_u16(),
                 name: code.name(),
@@ -150,7 +149,7 @@ impl ServerControl {
             Self::Reconnect { reason } => WireControl::Reconnect { reason },
         };
         // Serialising plain strings and integers cannot fail.
-        Utf8Bytes::from(serde_json::to_string(&wire).unwrap_or_default())
+        serde_json::to_string(&wire).unwrap_or_default()
     }
 }
 

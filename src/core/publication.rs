@@ -7,35 +7,14 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use super::kind::Kind;
 use super::room_name::RoomName;
+use super::time::Now;
 
 /// Identifies one incarnation of a room on this node; cheaper to hash than its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RoomId(pub u64);
-
-/// The instant a publish entered the node: wall-clock milliseconds for clients (`ts`),
-/// a monotonic instant for the publish-to-send latency metric. Passed in, never read here.
-#[derive(Debug, Clone, Copy)]
-pub struct Now {
-    pub unix_ms: u64,
-    pub instant: Instant,
-}
-
-impl Now {
-    /// Reads both clocks. Only I/O layers call this; the core takes `Now` as an input.
-    pub fn system() -> Self {
-        let unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        Self {
-            unix_ms,
-            instant: Instant::now(),
-        }
-    }
-}
 
 /// A JSON value as the publisher sent it, checked for syntax and kept byte for byte.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,25 +41,20 @@ impl JsonData {
     }
 }
 
-/// Whether a publication is the room's latest value or one event of its ordered history.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PublicationKind {
-    State { version: u64 },
-    Event { seq: u64 },
-}
-
 /// One published message with its WebSocket JSON frame already built.
 #[derive(Debug)]
 pub struct Publication {
     pub room_id: RoomId,
     pub room: RoomName,
-    pub kind: PublicationKind,
+    pub kind: Kind,
+    /// The state's version or the event's sequence number.
+    pub number: u64,
     /// Ingest time sent to clients as `ts`.
     pub ts_ms: u64,
     /// Ingest instant, for the publish-to-send latency histogram.
     pub published_at: Instant,
     /// The complete `{"type":"state",...}` or `{"type":"event",...}` text frame.
-    json: Utf8Bytes,
+    json: Box<str>,
     /// Where the published data sits inside `json`, so it is stored once.
     data: Range<usize>,
     /// The binary WebTransport message, built the first time a WebTransport subscriber needs it.
@@ -88,12 +62,13 @@ pub struct Publication {
 }
 
 impl Publication {
-    pub fn new(room_id: RoomId, room: RoomName, kind: PublicationKind, data: &JsonData, now: Now) -> Self {
-        let (json, data_range) = encode_json_frame(&room, kind, now.unix_ms, data);
+    pub fn new(room_id: RoomId, room: RoomName, kind: Kind, number: u64, data: &JsonData, now: Now) -> Self {
+        let (json, data_range) = encode_json_frame(&room, kind, number, now.unix_ms, data);
         Self {
             room_id,
             room,
             kind,
+            number,
             ts_ms: now.unix_ms,
             published_at: now.instant,
             json,
@@ -103,26 +78,25 @@ impl Publication {
     }
 
     /// The WebSocket text frame, shared by every subscriber.
-    pub fn json_frame(&self) -> &Utf8Bytes {
+    pub fn json_frame(&self) -> &str {
         &self.json
     }
 
     /// The binary WebTransport message (docs/PROTOCOL.md), encoded once and shared.
     pub fn wire_message(&self) -> &Bytes {
-        self.wire.get_or_init(|| super::wire::encode_publication(self))
+        self.wire.get_or_init(|| {
+            super::wire::encode_publication(&self.room, self.kind, self.number, self.ts_ms, self.data())
+        })
     }
 
     /// The state version or the event sequence number.
     pub fn number(&self) -> u64 {
-        match self.kind {
-            PublicationKind::State { version } => version,
-            PublicationKind::Event { seq } => seq,
-        }
+        self.number
     }
 
     /// The published JSON value, unchanged.
     pub fn data(&self) -> &str {
-        &self.json.as_str()[self.data.clone()]
+        &self.json[self.data.clone()]
     }
 
     /// Bytes this publication holds, for queue and history bounds.
@@ -133,13 +107,16 @@ impl Publication {
 
 /// Builds `{"type":"state","room":R,"version":V,"ts":T,"data":D}` (or the event form).
 /// Room names are restricted to characters that need no JSON escaping.
-fn encode_json_frame(room: &RoomName, kind: PublicationKind, ts_ms: u64, data: &JsonData) -> (Utf8Bytes, Range<usize>) {
+fn encode_json_frame(
+    room: &RoomName,
+    kind: Kind,
+    counter: u64,
+    ts_ms: u64,
+    data: &JsonData,
+) -> (Box<str>, Range<usize>) {
     let data = data.as_str();
     let mut out = String::with_capacity(64 + room.as_str().len() + data.len());
-    let (type_name, counter_name, counter) = match kind {
-        PublicationKind::State { version } => ("state", "version", version),
-        PublicationKind::Event { seq } => ("event", "seq", seq),
-    };
+    let (type_name, counter_name) = (kind.as_str(), kind.number_name());
     out.push_str("{\"type\":\"");
     out.push_str(type_name);
     out.push_str("\",\"room\":\"");
@@ -155,7 +132,7 @@ fn encode_json_frame(room: &RoomName, kind: PublicationKind, ts_ms: u64, data: &
     out.push_str(data);
     let end = out.len();
     out.push('}');
-    (Utf8Bytes::from(out), start..end)
+    (out.into_boxed_str(), start..end)
 }
 
 fn push_u64(out: &mut String, n: u64) {
@@ -178,19 +155,13 @@ mod tests {
     fn state_frame_matches_protocol_vector() {
         let room = RoomName::parse("game:1234").expect("room");
         let data = JsonData::parse(br#"{"home":42,"away":40}"#).expect("json");
-        let p = Publication::new(
-            RoomId(1),
-            room,
-            PublicationKind::State { version: 7 },
-            &data,
-            now(1_700_000_000_000),
-        );
+        let p = Publication::new(RoomId(1), room, Kind::State, 7, &data, now(1_700_000_000_000));
         assert_eq!(
-            p.json_frame().as_str(),
+            p.json_frame(),
             r#"{"type":"state","room":"game:1234","version":7,"ts":1700000000000,"data":{"home":42,"away":40}}"#
         );
         assert_eq!(p.data(), r#"{"home":42,"away":40}"#);
-        let parsed: serde_json::Value = serde_json::from_str(p.json_frame().as_str()).expect("valid json");
+        let parsed: serde_json::Value = serde_json::from_str(p.json_frame()).expect("valid json");
         assert_eq!(parsed["data"]["home"], 42);
     }
 
@@ -198,9 +169,9 @@ mod tests {
     fn event_frame_matches_protocol_vector() {
         let room = RoomName::parse("bracket:77").expect("room");
         let data = JsonData::parse(br#" "semifinal" "#).expect("json");
-        let p = Publication::new(RoomId(2), room, PublicationKind::Event { seq: 3 }, &data, now(5));
+        let p = Publication::new(RoomId(2), room, Kind::Event, 3, &data, now(5));
         assert_eq!(
-            p.json_frame().as_str(),
+            p.json_frame(),
             r#"{"type":"event","room":"bracket:77","seq":3,"ts":5,"data":"semifinal"}"#
         );
     }

@@ -4,8 +4,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use super::kind::Kind;
 use super::protocol::ServerControl;
-use super::publication::{Publication, PublicationKind, RoomId};
+use super::publication::{Publication, RoomId};
 
 /// Bounds on one connection's ordered backlog (events and control replies).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,12 +114,13 @@ impl ConnectionQueue {
         if self.closed.is_some() {
             return Pushed::Closed;
         }
-        let PublicationKind::State { version } = publication.kind else {
+        if publication.kind != Kind::State {
             return self.push_ordered(Entry::Event(publication.clone()), publication.size());
-        };
+        }
+        let version = publication.number;
         if let Some(pending) = self.states.get_mut(&publication.room_id) {
             return match pending.kind {
-                PublicationKind::State { version: old } if old >= version => Pushed::Stale,
+                Kind::State if pending.number >= version => Pushed::Stale,
                 _ => {
                     *pending = publication.clone();
                     Pushed::Conflated
@@ -226,17 +228,19 @@ impl ConnectionQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::publication::{JsonData, Now};
-    use crate::core::room_name::RoomName;
+    use crate::publication::JsonData;
+    use crate::room_name::RoomName;
+    use crate::time::Now;
     use std::time::Instant;
 
-    fn publication(room: u64, kind: PublicationKind) -> Arc<Publication> {
+    fn publication(room: u64, kind: Kind, number: u64) -> Arc<Publication> {
         let data = JsonData::parse(b"0").expect("json");
         let name = RoomName::parse(&format!("r{room}")).expect("room");
         Arc::new(Publication::new(
             RoomId(room),
             name,
             kind,
+            number,
             &data,
             Now {
                 unix_ms: 0,
@@ -246,19 +250,19 @@ mod tests {
     }
 
     fn state(room: u64, version: u64) -> Arc<Publication> {
-        publication(room, PublicationKind::State { version })
+        publication(room, Kind::State, version)
     }
 
     fn event(room: u64, seq: u64) -> Arc<Publication> {
-        publication(room, PublicationKind::Event { seq })
+        publication(room, Kind::Event, seq)
     }
 
-    fn drain(q: &mut ConnectionQueue) -> Vec<(u64, PublicationKind)> {
+    fn drain(q: &mut ConnectionQueue) -> Vec<(u64, Kind, u64)> {
         let mut out = Vec::new();
         q.drain_into(&mut out, usize::MAX);
         out.into_iter()
             .filter_map(|o| match o {
-                Outgoing::Publication(p) => Some((p.room_id.0, p.kind)),
+                Outgoing::Publication(p) => Some((p.room_id.0, p.kind, p.number)),
                 Outgoing::Control(_) => None,
             })
             .collect()
@@ -273,13 +277,7 @@ mod tests {
         }
         assert_eq!(q.push_state(&state(1, 50)), Pushed::Stale);
         assert_eq!(q.push_state(&state(2, 1)), Pushed::Queued { wake: false });
-        assert_eq!(
-            drain(&mut q),
-            vec![
-                (1, PublicationKind::State { version: 100 }),
-                (2, PublicationKind::State { version: 1 })
-            ]
-        );
+        assert_eq!(drain(&mut q), vec![(1, Kind::State, 100), (2, Kind::State, 1)]);
         assert!(q.is_empty());
         assert_eq!(q.push_state(&state(1, 101)), Pushed::Queued { wake: true });
     }
@@ -293,11 +291,7 @@ mod tests {
         q.push_event(&event(1, 2));
         assert_eq!(
             drain(&mut q),
-            vec![
-                (1, PublicationKind::State { version: 2 }),
-                (1, PublicationKind::Event { seq: 1 }),
-                (1, PublicationKind::Event { seq: 2 })
-            ]
+            vec![(1, Kind::State, 2), (1, Kind::Event, 1), (1, Kind::Event, 2)]
         );
     }
 
@@ -365,11 +359,7 @@ mod tests {
         q.push_event(&event(2, 3));
         assert_eq!(
             drain(&mut q),
-            vec![
-                (2, PublicationKind::Event { seq: 1 }),
-                (2, PublicationKind::Event { seq: 2 }),
-                (2, PublicationKind::Event { seq: 3 })
-            ]
+            vec![(2, Kind::Event, 1), (2, Kind::Event, 2), (2, Kind::Event, 3)]
         );
     }
 

@@ -184,7 +184,9 @@ impl DatagramRepair {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::publication::{JsonData, Now, PublicationKind, RoomId};
+    use crate::kind::Kind;
+    use crate::publication::{JsonData, RoomId};
+    use crate::time::Now;
 
     fn state(room: &str, version: u64) -> Arc<Publication> {
         let data = JsonData::parse(b"0").expect("json");
@@ -193,13 +195,7 @@ mod tests {
             instant: Instant::now(),
         };
         let name = RoomName::parse(room).expect("room");
-        Arc::new(Publication::new(
-            RoomId(1),
-            name,
-            PublicationKind::State { version },
-            &data,
-            now,
-        ))
+        Arc::new(Publication::new(RoomId(1), name, Kind::State, version, &data, now))
     }
 
     fn kinds(actions: &[RepairAction]) -> Vec<(&'static str, u64)> {

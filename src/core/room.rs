@@ -5,9 +5,11 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::kind::Kind;
 use super::protocol::ServerControl;
-use super::publication::{JsonData, Now, Publication, PublicationKind, RoomId};
+use super::publication::{JsonData, Publication, RoomId};
 use super::room_name::RoomName;
+use super::time::Now;
 
 /// Bounds on what a room retains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,8 +161,14 @@ impl Room {
 
     /// Builds the state publication (ingested at `ingest`) and keeps it as the room's state.
     fn keep_state(&mut self, version: u64, data: &JsonData, ingest: Now, now: Now) -> Arc<Publication> {
-        let kind = PublicationKind::State { version };
-        let publication = Arc::new(Publication::new(self.id, self.name.clone(), kind, data, ingest));
+        let publication = Arc::new(Publication::new(
+            self.id,
+            self.name.clone(),
+            Kind::State,
+            version,
+            data,
+            ingest,
+        ));
         self.state = Some(publication.clone());
         self.last_publish_ms = now.unix_ms;
         publication
@@ -168,8 +176,14 @@ impl Room {
 
     /// Builds the event publication (ingested at `ingest`) and appends it to the history.
     fn keep_event(&mut self, seq: u64, data: &JsonData, ingest: Now, now: Now) -> Arc<Publication> {
-        let kind = PublicationKind::Event { seq };
-        let publication = Arc::new(Publication::new(self.id, self.name.clone(), kind, data, ingest));
+        let publication = Arc::new(Publication::new(
+            self.id,
+            self.name.clone(),
+            Kind::Event,
+            seq,
+            data,
+            ingest,
+        ));
         self.history_bytes += publication.size();
         self.history.push_back(publication.clone());
         self.last_publish_ms = now.unix_ms;
@@ -342,15 +356,10 @@ mod tests {
     #[test]
     fn versions_and_sequences_count_from_one_independently() {
         let mut r = room(RetentionLimits::default());
-        assert_eq!(
-            r.publish_state(&data(1), at(1)).kind,
-            PublicationKind::State { version: 1 }
-        );
-        assert_eq!(
-            r.publish_state(&data(2), at(2)).kind,
-            PublicationKind::State { version: 2 }
-        );
-        assert_eq!(r.publish_event(&data(3), at(3)).kind, PublicationKind::Event { seq: 1 });
+        let kind_and_number = |p: Arc<Publication>| (p.kind, p.number);
+        assert_eq!(kind_and_number(r.publish_state(&data(1), at(1))), (Kind::State, 1));
+        assert_eq!(kind_and_number(r.publish_state(&data(2), at(2))), (Kind::State, 2));
+        assert_eq!(kind_and_number(r.publish_event(&data(3), at(3))), (Kind::Event, 1));
         assert_eq!(r.state().map(|s| s.data().to_string()), Some("2".into()));
         assert_eq!((r.version(), r.last_seq()), (2, 1));
     }
@@ -450,7 +459,8 @@ mod tests {
         let one = Publication::new(
             RoomId(1),
             RoomName::parse("game:1").expect("room"),
-            PublicationKind::Event { seq: 1 },
+            Kind::Event,
+            1,
             &data(1),
             at(0),
         )

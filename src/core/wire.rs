@@ -4,8 +4,8 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
+use super::kind::Kind;
 use super::protocol::{ClientCommand, CommandError, ServerControl};
-use super::publication::{Publication, PublicationKind};
 use super::room_name::RoomName;
 
 /// Type bytes, the first byte of every message (docs/PROTOCOL.md, "Message types").
@@ -163,26 +163,26 @@ fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, CommandError> {
     Ok(value)
 }
 
-/// Encodes a publication: `0x20` state or `0x21` event.
-pub fn encode_publication(p: &Publication) -> Bytes {
-    let room = p.room.as_str();
-    match p.kind {
-        PublicationKind::State { version } => encode(
+/// Encodes a publication: `0x20` state or `0x21` event (`number` is its version or sequence).
+pub fn encode_publication(room: &RoomName, kind: Kind, number: u64, ts: u64, data: &str) -> Bytes {
+    let room = room.as_str();
+    match kind {
+        Kind::State => encode(
             message_type::STATE,
             &StateBody {
                 room,
-                version,
-                ts: p.ts_ms,
-                data: p.data(),
+                version: number,
+                ts,
+                data,
             },
         ),
-        PublicationKind::Event { seq } => encode(
+        Kind::Event => encode(
             message_type::EVENT,
             &EventBody {
                 room,
-                seq,
-                ts: p.ts_ms,
-                data: p.data(),
+                seq: number,
+                ts,
+                data,
             },
         ),
     }
@@ -375,8 +375,9 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::publication::{JsonData, Now, RoomId};
-    use crate::core::ErrorCode;
+    use crate::publication::{JsonData, Publication, RoomId};
+    use crate::time::Now;
+    use crate::ErrorCode;
     use serde_json::Value;
     use std::time::Instant;
 
@@ -452,18 +453,16 @@ mod tests {
             "close" => encode_close(u(m, "code") as u16, s(m, "reason")),
             kind @ ("state" | "event") => {
                 let data = JsonData::parse(s(m, "data").as_bytes()).expect("data is JSON text");
-                let publication_kind = if kind == "state" {
-                    PublicationKind::State {
-                        version: u(m, "version"),
-                    }
+                let (publication_kind, number) = if kind == "state" {
+                    (Kind::State, u(m, "version"))
                 } else {
-                    PublicationKind::Event { seq: u(m, "seq") }
+                    (Kind::Event, u(m, "seq"))
                 };
                 let now = Now {
                     unix_ms: u(m, "ts"),
                     instant: Instant::now(),
                 };
-                Publication::new(RoomId(1), room(s(m, "room")), publication_kind, &data, now)
+                Publication::new(RoomId(1), room(s(m, "room")), publication_kind, number, &data, now)
                     .wire_message()
                     .clone()
             }
@@ -557,12 +556,10 @@ mod tests {
             let parsed: Value = serde_json::from_str(text).expect("json");
             match s(&parsed, "type") {
                 "state" | "event" => {
-                    let kind = if parsed["type"] == "state" {
-                        PublicationKind::State {
-                            version: u(&parsed, "version"),
-                        }
+                    let (kind, number) = if parsed["type"] == "state" {
+                        (Kind::State, u(&parsed, "version"))
                     } else {
-                        PublicationKind::Event { seq: u(&parsed, "seq") }
+                        (Kind::Event, u(&parsed, "seq"))
                     };
                     #[derive(serde::Deserialize)]
                     struct Raw<'a> {
@@ -575,8 +572,8 @@ mod tests {
                         unix_ms: u(&parsed, "ts"),
                         instant: Instant::now(),
                     };
-                    let p = Publication::new(RoomId(1), room(s(&parsed, "room")), kind, &data, now);
-                    assert_eq!(p.json_frame().as_str(), text);
+                    let p = Publication::new(RoomId(1), room(s(&parsed, "room")), kind, number, &data, now);
+                    assert_eq!(p.json_frame(), text);
                 }
                 _ => assert!(text.starts_with(r#"{"type":""#), "{text}"),
             }

@@ -7,8 +7,8 @@ pub mod redis;
 
 use std::sync::Arc;
 
-use crate::core::{JsonData, Now, RoomName};
-use crate::hub::{Hub, HubError, PublishKind};
+use crate::core::{JsonData, Kind, RoomName};
+use crate::hub::{Hub, HubError};
 
 pub use self::redis::{RedisRegistry, RedisSettings};
 
@@ -54,12 +54,12 @@ impl Registry {
         &self,
         hub: &Hub,
         room: &RoomName,
-        kind: PublishKind,
+        kind: Kind,
         data: &JsonData,
     ) -> Result<Published, RegistryError> {
         match self {
             Self::Embedded => {
-                let receipt = hub.publish(room, kind, data, Now::system())?;
+                let receipt = hub.publish(room, kind, data, crate::clock::now())?;
                 Ok(Published::Numbered {
                     number: receipt.number,
                     ts_ms: receipt.ts_ms,

@@ -16,8 +16,8 @@ use tracing::{debug, info, warn};
 
 use super::envelope::{self, EnvelopeBody, KIND_EVENT, KIND_STATE};
 use super::{Published, RegistryError, RegistryStatus};
-use crate::core::{JsonData, Now, RoomName};
-use crate::hub::{Hub, PublishKind, RemotePublication};
+use crate::core::{JsonData, Kind, Now, RoomName};
+use crate::hub::{Hub, RemotePublication};
 use crate::metrics::Metrics;
 
 /// What the Redis registry needs, built from the configuration.
@@ -210,7 +210,7 @@ fn room_of_channel(channel: &[u8]) -> Option<RoomName> {
 #[derive(Debug, Clone)]
 struct OutboxItem {
     room: RoomName,
-    kind: PublishKind,
+    kind: Kind,
     data: JsonData,
     ts_ms: u64,
     provisional: Option<u64>,
@@ -367,23 +367,18 @@ impl RedisRegistry {
     }
 
     fn new_epoch(&self) -> String {
-        format!("{:016x}", crate::server::random_u64())
+        format!("{:016x}", crate::random::random_u64())
     }
 
     /// Numbers the publish in Redis (one round trip); the node's own clients receive it through
     /// the channel like everyone else's. While Redis is down it is delivered locally with a
     /// provisional number and queued.
-    pub async fn publish(
-        &self,
-        room: &RoomName,
-        kind: PublishKind,
-        data: &JsonData,
-    ) -> Result<Published, RegistryError> {
-        let now = Now::system();
+    pub async fn publish(&self, room: &RoomName, kind: Kind, data: &JsonData) -> Result<Published, RegistryError> {
+        let now = crate::clock::now();
         if self.is_up() {
             let floor = self.hub.room_numbers(room).map_or(0, |n| match kind {
-                PublishKind::State => n.version,
-                PublishKind::Event => n.seq,
+                Kind::State => n.version,
+                Kind::Event => n.seq,
             });
             match self.run_publish(room, kind, data, now.unix_ms, floor, None).await {
                 Ok(number) => {
@@ -398,7 +393,7 @@ impl RedisRegistry {
         self.queue(room, kind, data, now)
     }
 
-    fn queue(&self, room: &RoomName, kind: PublishKind, data: &JsonData, now: Now) -> Result<Published, RegistryError> {
+    fn queue(&self, room: &RoomName, kind: Kind, data: &JsonData, now: Now) -> Result<Published, RegistryError> {
         let mut outbox = lock(&self.outbox);
         let bytes = self.outbox_bytes.load(Ordering::Relaxed);
         if outbox.len() >= self.settings.outbox_messages || bytes + data.as_str().len() > self.settings.outbox_bytes {
@@ -427,18 +422,14 @@ impl RedisRegistry {
     async fn run_publish(
         &self,
         room: &RoomName,
-        kind: PublishKind,
+        kind: Kind,
         data: &JsonData,
         ts_ms: u64,
         floor: u64,
         provisional: Option<u64>,
     ) -> redis::RedisResult<u64> {
         let body = envelope::encode_body(&EnvelopeBody {
-            kind: if kind == PublishKind::State {
-                KIND_STATE
-            } else {
-                KIND_EVENT
-            },
+            kind: if kind == Kind::State { KIND_STATE } else { KIND_EVENT },
             ts: ts_ms,
             data: data.as_str(),
             origin: &self.settings.node_id,
@@ -449,7 +440,7 @@ impl RedisRegistry {
             .publish_script
             .key(meta_key(room))
             .key(history_key(room))
-            .arg(if kind == PublishKind::State { "state" } else { "event" })
+            .arg(if kind == Kind::State { "state" } else { "event" })
             .arg(data.as_str())
             .arg(ts_ms)
             .arg(self.new_epoch())
@@ -501,7 +492,7 @@ impl RedisRegistry {
 
     /// Reads the room from Redis into the hub, then applies what arrived meanwhile.
     async fn load(&self, room: &RoomName, follow: &Follow) {
-        let now = Now::system();
+        let now = crate::clock::now();
         let loaded = if self.is_up() {
             self.read_room(room).await
         } else {
@@ -579,9 +570,9 @@ impl RedisRegistry {
         let remote = RemotePublication {
             epoch: &envelope.epoch,
             kind: if envelope.kind == KIND_STATE {
-                PublishKind::State
+                Kind::State
             } else {
-                PublishKind::Event
+                Kind::Event
             },
             number: envelope.number,
             ts_ms: envelope.ts,
@@ -635,7 +626,7 @@ impl RedisRegistry {
                 return;
             }
         }
-        self.apply(room, &envelope, Now::system());
+        self.apply(room, &envelope, crate::clock::now());
     }
 
     /// After Redis returns: restore counters (and state) Redis may have lost, publish the outbox
@@ -725,7 +716,7 @@ impl RedisRegistry {
         self.up.store(true, Ordering::Release);
         self.metrics.registry_up.set(1);
         info!(rooms = rooms.len(), "redis is back: outbox published, rooms re-read");
-        let now = Now::system();
+        let now = crate::clock::now();
         for (room, follow) in rooms {
             match self.read_room(&room).await {
                 Ok(snapshot) => {
@@ -787,7 +778,7 @@ impl RedisRegistry {
 
     async fn beat(&self) -> redis::RedisResult<()> {
         let ttl_ms = (self.settings.heartbeat * 3).as_millis() as u64;
-        let now_ms = Now::system().unix_ms;
+        let now_ms = crate::clock::unix_ms();
         let id = &self.settings.node_id;
         let connections = self.metrics.websocket.connections.get() + self.metrics.webtransport.connections.get();
         let mut pipe = redis::pipe();
@@ -843,7 +834,7 @@ impl RedisRegistry {
     /// Nodes alive now (their record has not expired).
     pub async fn live_nodes(&self) -> redis::RedisResult<Vec<NodeRecord>> {
         let mut conn = self.commands.clone();
-        let now_ms = Now::system().unix_ms;
+        let now_ms = crate::clock::unix_ms();
         let ids: Vec<String> = conn.zrangebyscore(NODES_KEY, now_ms, "+inf").await?;
         let mut nodes = Vec::with_capacity(ids.len());
         for id in ids {

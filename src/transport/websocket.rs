@@ -19,11 +19,11 @@ use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn};
 
-use crate::core::{close_code, parse_command, ErrorCode, Now, Outgoing, Publication, QueueClosed, ServerControl};
+use crate::core::{close_code, parse_command, ErrorCode, Outgoing, Publication, QueueClosed, ServerControl};
 use crate::gate::WakeGate;
 use crate::http::ApiError;
 use crate::hub::{Direct, DirectWrite};
@@ -410,7 +410,7 @@ async fn serve(mut ws: Stream, socket: SocketHandle, node: Node, mut shutdown: S
         subscriber.clone(),
         settings.session,
         node.draining.clone(),
-        Now::system().unix_ms,
+        crate::clock::unix_ms(),
     );
     // Grows to the largest batch this connection has needed: idle fans never pay for MAX_BATCH.
     let mut batch = Vec::new();
@@ -447,7 +447,7 @@ async fn serve(mut ws: Stream, socket: SocketHandle, node: Node, mut shutdown: S
                 match message {
                     Message::Text(text) => {
                         metrics.websocket.client_messages.inc();
-                        session.handle(parse_command(&text), Now::system().unix_ms);
+                        session.handle(parse_command(&text), crate::clock::unix_ms());
                     }
                     Message::Binary(_) => {
                         metrics.websocket.client_messages.inc();
@@ -480,7 +480,7 @@ async fn serve(mut ws: Stream, socket: SocketHandle, node: Node, mut shutdown: S
         Ending::Shutdown => {
             // Deliver what was accepted, then tell the client to reconnect elsewhere.
             let _ = write_queue(&mut ws, &writer, &session, &mut batch, &metrics, CLOSE_WAIT).await;
-            let notice = Message::Text(ServerControl::Reconnect { reason: "shutdown" }.to_json());
+            let notice = Message::Text(ServerControl::Reconnect { reason: "shutdown" }.to_json().into());
             let replied = matches!(timeout(CLOSE_WAIT, ws.send(notice)).await, Ok(Ok(())))
                 && close(
                     &mut ws,
@@ -554,7 +554,7 @@ async fn write_queue(
         let closed = subscriber.drain_into(batch, MAX_BATCH);
         if !batch.is_empty() {
             // Publications carry their encoded frame; replies are encoded here (rarely any).
-            let controls: Vec<Utf8Bytes> = batch
+            let controls: Vec<String> = batch
                 .iter()
                 .filter_map(|item| match item {
                     Outgoing::Control(c) => Some(c.to_json()),

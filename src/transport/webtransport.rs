@@ -2,7 +2,6 @@
 //! travel on one client-opened bidirectional control stream; state updates that fit travel as
 //! datagrams, repaired by `core::repair` when lost. Certificates are reloaded without dropping sessions.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::RwLock;
@@ -16,12 +15,10 @@ use wtransport::endpoint::endpoint_side::Server;
 use wtransport::endpoint::IncomingSession;
 use wtransport::{Connection, Endpoint, Identity, RecvStream, SendStream, ServerConfig, VarInt};
 
-use crate::config::StateDatagrams;
 use crate::core::repair::{DatagramRepair, RepairAction, RepairPolicy};
+use crate::core::routing::{Route, StateDatagrams, StateRouting};
 use crate::core::wire::{self, ClientMessage, FrameDecoder, FrameError, MAX_CLIENT_MESSAGE};
-use crate::core::{
-    close_code, ClientCommand, CommandError, Now, Outgoing, PublicationKind, QueueClosed, RoomName, ServerControl,
-};
+use crate::core::{close_code, ClientCommand, CommandError, Kind, Outgoing, QueueClosed, RoomName, ServerControl};
 use crate::gate::WakeGate;
 use crate::metrics::Transport;
 use crate::node::Node;
@@ -476,12 +473,8 @@ struct WtSession {
     settings: WebTransportSettings,
     session: Session,
     repair: DatagramRepair,
-    /// Rooms whose next state goes on the stream: the state a client gets on subscribing
-    /// must not depend on a datagram arriving.
-    reliable_next: HashSet<RoomName>,
-    /// States that fit go as datagrams (else over the stream): from the start with
-    /// `--wt-state-datagrams always`, from the first lost packet with `after-loss`.
-    datagram_states: bool,
+    /// Which states go as datagrams and which on the stream (`core::routing`).
+    routing: StateRouting,
     batch: Vec<Outgoing>,
     out: BytesMut,
 }
@@ -495,10 +488,10 @@ impl WtSession {
             subscriber,
             settings.session,
             node.draining.clone(),
-            Now::system().unix_ms,
+            crate::clock::unix_ms(),
         );
         let repair = DatagramRepair::new(settings.repair);
-        let datagram_states = settings.state_datagrams == StateDatagrams::Always;
+        let routing = StateRouting::new(settings.state_datagrams);
         Self {
             connection,
             send,
@@ -506,8 +499,7 @@ impl WtSession {
             settings,
             session,
             repair,
-            reliable_next: HashSet::new(),
-            datagram_states,
+            routing,
             // Both grow to what this session has needed: idle fans never pay for MAX_BATCH.
             batch: Vec::new(),
             out: BytesMut::new(),
@@ -629,7 +621,7 @@ impl WtSession {
 
     fn handle(&mut self, message: Result<ClientMessage, CommandError>) {
         self.node.metrics.webtransport.client_messages.inc();
-        let now_ms = Now::system().unix_ms;
+        let now_ms = crate::clock::unix_ms();
         match message {
             Ok(ClientMessage::Ack { room, version }) => self.acked(&room, version),
             Ok(ClientMessage::Command(command)) => {
@@ -658,41 +650,41 @@ impl WtSession {
                 return Ok(closed);
             }
             self.out.clear();
-            if !self.datagram_states && self.connection.quic_connection().stats().path.lost_packets > 0 {
+            if !self.routing.datagrams_on()
+                && self.connection.quic_connection().stats().path.lost_packets > 0
+                && self.routing.loss_seen()
+            {
                 debug!(
                     conn = subscriber.id(),
                     "packet loss on this session: states go as datagrams from now on"
                 );
-                self.datagram_states = true;
             }
-            let max_datagram = self.connection.max_datagram_size().filter(|_| self.datagram_states);
+            let max_datagram = self
+                .connection
+                .max_datagram_size()
+                .filter(|_| self.routing.datagrams_on());
             let rtt = self.connection.rtt();
             let now = Instant::now().into_std();
             let mut batch = std::mem::take(&mut self.batch);
             for item in &batch {
                 match item {
                     Outgoing::Control(control) => {
-                        match control {
-                            // The room's current state follows in this queue: send it reliably.
-                            ServerControl::Subscribed { room, version, .. } if *version > 0 => {
-                                self.reliable_next.insert(room.clone());
-                            }
-                            ServerControl::Unsubscribed { room } => {
-                                self.reliable_next.remove(room);
-                                self.repair.forget(room);
-                            }
-                            _ => {}
+                        self.routing.control(control);
+                        if let ServerControl::Unsubscribed { room } = control {
+                            self.repair.forget(room);
                         }
                         wire::put_frame(&mut self.out, &wire::encode_control(control));
                     }
                     Outgoing::Publication(p) => {
                         let message = p.wire_message();
-                        let PublicationKind::State { version } = p.kind else {
+                        if p.kind != Kind::State {
                             wire::put_frame(&mut self.out, message);
                             continue;
-                        };
+                        }
+                        let version = p.number;
                         let fits = max_datagram.is_some_and(|max| message.len() <= max);
-                        if !self.reliable_next.remove(&p.room) && fits && self.connection.send_datagram(message).is_ok()
+                        if self.routing.route(&p.room, fits) == Route::Datagram
+                            && self.connection.send_datagram(message).is_ok()
                         {
                             self.repair.sent(p, version, now, rtt);
                         } else {
