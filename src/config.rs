@@ -12,9 +12,6 @@ use clap::parser::ValueSource;
 use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::core::routing::StateDatagrams;
-use crate::core::{QueueLimits, RetentionLimits};
-use crate::hub::HubConfig;
-use crate::session::SessionLimits;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -278,30 +275,6 @@ pub struct LogConfig {
 }
 
 impl ServeConfig {
-    pub fn hub(&self) -> HubConfig {
-        HubConfig {
-            retention: RetentionLimits {
-                history_len: self.rooms.history_size,
-                history_ttl: self.rooms.history_ttl,
-                history_bytes: self.rooms.history_bytes,
-                state_ttl: self.rooms.state_ttl,
-            },
-            queue: QueueLimits {
-                max_messages: self.connection.queue_messages,
-                max_bytes: self.connection.queue_bytes,
-            },
-            max_rooms: self.rooms.max_rooms,
-        }
-    }
-
-    pub fn session(&self) -> SessionLimits {
-        SessionLimits {
-            max_subscriptions: self.connection.max_subscriptions,
-            commands_per_second: self.connection.command_rate,
-            command_burst: self.connection.command_burst,
-        }
-    }
-
     /// Rejects values that would make the server misbehave.
     pub fn validate(&self) -> anyhow::Result<()> {
         let positive = [

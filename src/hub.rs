@@ -29,6 +29,24 @@ pub struct HubConfig {
     pub max_rooms: usize,
 }
 
+impl HubConfig {
+    pub fn from_config(config: &crate::config::ServeConfig) -> Self {
+        Self {
+            retention: RetentionLimits {
+                history_len: config.rooms.history_size,
+                history_ttl: config.rooms.history_ttl,
+                history_bytes: config.rooms.history_bytes,
+                state_ttl: config.rooms.state_ttl,
+            },
+            queue: QueueLimits {
+                max_messages: config.connection.queue_messages,
+                max_bytes: config.connection.queue_bytes,
+            },
+            max_rooms: config.rooms.max_rooms,
+        }
+    }
+}
+
 impl Default for HubConfig {
     fn default() -> Self {
         Self {

@@ -1,6 +1,8 @@
 //! Courtside: a real-time edge server for youth-sports live scores.
 //! See docs/ARCHITECTURE.md for how the modules fit together and how data flows.
 
+pub mod admission;
+pub mod certs;
 pub mod clock;
 pub mod config;
 /// The sans-IO core, a package of its own (src/core/Cargo.toml).
@@ -9,6 +11,7 @@ pub mod demo;
 pub mod gate;
 pub mod http;
 pub mod hub;
+pub mod listener;
 pub mod metrics;
 pub mod node;
 pub mod random;
@@ -16,5 +19,5 @@ pub mod registry;
 pub mod server;
 pub mod session;
 pub mod shutdown;
-pub mod simulator;
 pub mod transport;
+pub mod udp;

@@ -5,10 +5,16 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use std::sync::Arc;
+
+use courtside::admission::{Admission, AdmissionSettings};
 use courtside::config::{self, Command, LogFormat, ServeConfig};
-use courtside::registry::{RedisRegistry, Registry};
-use courtside::server;
-use courtside::transport::webtransport::WebTransportServer;
+use courtside::hub::{Hub, HubConfig};
+use courtside::metrics::Metrics;
+use courtside::node::Node;
+use courtside::registry::{EmbeddedRegistry, RedisRegistry, RedisSettings, Registry};
+use courtside::transport::webtransport::{WebTransportServer, WebTransportSettings};
+use courtside::{listener, random, server};
 use tracing::{error, info, warn};
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
@@ -79,40 +85,41 @@ fn run(config: ServeConfig) -> anyhow::Result<()> {
         let token = match &config.http.publish_token {
             Some(token) => token.clone(),
             None => {
-                let token = courtside::random::generate_token();
+                let token = random::generate_token();
                 warn!(publish_token = %token, "no publish token configured; generated one for this run");
                 token
             }
         };
-        let listener = server::bind_http(config.http.addr)
+        let listener = listener::bind(config.http.addr)
             .with_context(|| format!("binding HTTP/WebSocket listener on {}", config.http.addr))?;
         let http = listener.local_addr()?;
-        let hub = server::build_hub(&config);
-        let registry = match &config.cluster.redis {
-            None => Registry::Embedded,
+        let hub = Hub::new(
+            HubConfig::from_config(&config),
+            Arc::new(Metrics::new()),
+            random::random_u64(),
+        );
+        let registry: Arc<dyn Registry> = match &config.cluster.redis {
+            None => Arc::new(EmbeddedRegistry::new(hub.clone())),
             Some(url) => {
-                let settings = server::redis_settings(&config, url, http);
+                let settings = RedisSettings::from_config(&config, url, http);
                 let redis = RedisRegistry::connect(settings, hub.clone(), hub.metrics().clone())
                     .await
                     .context("connecting to redis")?;
-                Registry::Redis(redis)
+                Arc::new(redis)
             }
         };
-        let node = server::build_node(&config, token, hub, registry);
+        let admission = Admission::new(AdmissionSettings::from_config(&config, token), hub.metrics().clone());
+        let node = Node::new(hub, registry, admission);
         info!(%http, version = env!("CARGO_PKG_VERSION"), "listening for HTTP and WebSocket (/ws)");
         if !config.webtransport.disabled {
-            let settings = server::webtransport_settings(&config);
+            let settings = WebTransportSettings::from_config(&config);
             let wt = WebTransportServer::bind(settings, &node).await?;
-            if let Some(inode) = wt.socket_inode() {
-                let _ = node.udp_socket_inode.set(inode);
-            }
             info!(wt = %wt.local_addr(), "listening for WebTransport (/wt)");
             tokio::spawn(wt.run(node.clone()));
         }
         if config.demo {
             let listener = node.shutdown_listener();
             tokio::spawn(courtside::demo::run(
-                node.hub.clone(),
                 node.registry.clone(),
                 config.demo_speed,
                 config.demo_seed,

@@ -1,15 +1,16 @@
 //! The node's shared handles, cloned into every HTTP handler and connection task: the hub, the
-//! metrics, the publish token, the transport settings and the shutdown state.
+//! registry, admission, the metrics and the shutdown state. It holds no transport types.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use crate::admission::Admission;
+use crate::certs::CertificateSlot;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::shutdown::{Shutdown, ShutdownListener};
-use crate::transport::websocket::WebSocketSettings;
-use crate::transport::webtransport::CertificateSlot;
+use crate::udp::UdpDrops;
 
 /// Cloneable handle to the node.
 #[derive(Debug, Clone)]
@@ -17,26 +18,36 @@ pub struct Node(Arc<NodeInner>);
 
 #[derive(Debug)]
 pub struct NodeInner {
+    /// This node's rooms and their local subscribers.
     pub hub: Hub,
-    /// Embedded, or Redis when the node is one of several.
-    pub registry: Registry,
+    /// Where rooms are shared (embedded, or Redis when the node is one of several); callers
+    /// never ask which.
+    pub registry: Arc<dyn Registry>,
+    /// Who may connect, listen and publish.
+    pub admission: Admission,
     pub metrics: Arc<Metrics>,
-    /// Bearer token the publish API requires.
-    pub publish_token: String,
-    pub websocket: WebSocketSettings,
-    pub max_batch: usize,
     /// True from the shutdown signal on: health answers 503 and new subscriptions are refused.
     pub draining: Arc<AtomicBool>,
     pub shutdown: Shutdown,
     /// The WebTransport certificate in use, for `GET /v1/cert-hash`; empty without WebTransport.
     pub certificate: CertificateSlot,
-    /// Inode of the WebTransport UDP socket, for its kernel drop count.
-    pub udp_socket_inode: std::sync::OnceLock<u64>,
+    /// The WebTransport UDP socket's kernel drop count, once it is bound.
+    pub udp_drops: OnceLock<UdpDrops>,
 }
 
 impl Node {
-    pub fn new(inner: NodeInner) -> Self {
-        Self(Arc::new(inner))
+    pub fn new(hub: Hub, registry: Arc<dyn Registry>, admission: Admission) -> Self {
+        let metrics = hub.metrics().clone();
+        Self(Arc::new(NodeInner {
+            hub,
+            registry,
+            admission,
+            metrics,
+            draining: Arc::new(AtomicBool::new(false)),
+            shutdown: Shutdown::new(),
+            certificate: CertificateSlot::default(),
+            udp_drops: OnceLock::new(),
+        }))
     }
 
     pub fn is_draining(&self) -> bool {

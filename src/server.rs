@@ -1,30 +1,18 @@
 //! Runs a node: binds nothing itself (the caller passes the listener), accepts TCP connections
-//! under a connection limit, serves HTTP and upgrades, sweeps rooms, and drains on shutdown.
+//! that admission lets in, serves HTTP and upgrades, sweeps rooms, and drains on shutdown.
 
 use std::future::Future;
-use std::io;
-use std::pin::Pin;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::config::ServeConfig;
-use crate::core::repair::RepairPolicy;
-use crate::hub::Hub;
-use crate::metrics::Metrics;
-use crate::node::{Node, NodeInner};
-use crate::registry::{RedisSettings, Registry};
-use crate::shutdown::Shutdown;
-use crate::transport::websocket::WebSocketSettings;
-use crate::transport::webtransport::WebTransportSettings;
+use crate::http::HttpSettings;
+use crate::listener::LimitedStream;
+use crate::node::Node;
 
 /// How often rooms are swept for expired history and state.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
@@ -41,83 +29,6 @@ pub struct DrainReport {
     pub abandoned: usize,
 }
 
-/// The hub of a new node, with its metrics.
-pub fn build_hub(config: &ServeConfig) -> Hub {
-    Hub::new(config.hub(), Arc::new(Metrics::new()), crate::random::random_u64())
-}
-
-/// Builds the node from its configuration. `publish_token` is the resolved token.
-pub fn build_node(config: &ServeConfig, publish_token: String, hub: Hub, registry: Registry) -> Node {
-    let metrics = hub.metrics().clone();
-    if matches!(registry, Registry::Embedded) {
-        metrics.registry_up.set(1);
-    }
-    Node::new(NodeInner {
-        hub,
-        registry,
-        metrics,
-        publish_token,
-        websocket: WebSocketSettings {
-            max_message: config.websocket.ws_max_message,
-            ping_interval: config.websocket.ping_interval,
-            idle_timeout: config.websocket.idle_timeout,
-            write_timeout: config.websocket.write_timeout,
-            drain_timeout: config.http.drain_timeout,
-            allowed_origins: config.http.allowed_origins.clone(),
-            session: config.session(),
-        },
-        max_batch: config.http.max_batch,
-        draining: Arc::new(AtomicBool::new(false)),
-        shutdown: Shutdown::new(),
-        certificate: Default::default(),
-        udp_socket_inode: Default::default(),
-    })
-}
-
-/// The WebTransport settings from the configuration.
-pub fn webtransport_settings(config: &ServeConfig) -> WebTransportSettings {
-    let wt = &config.webtransport;
-    WebTransportSettings {
-        bind: wt.addr,
-        cert: wt.cert.clone().zip(wt.key.clone()),
-        cert_check_interval: wt.cert_check_interval,
-        udp_recv_buffer: wt.udp_recv_buffer,
-        udp_send_buffer: wt.udp_send_buffer,
-        keep_alive: config.websocket.ping_interval,
-        idle_timeout: config.websocket.idle_timeout,
-        handshake_timeout: config.http.upgrade_timeout,
-        write_timeout: config.websocket.write_timeout,
-        drain_timeout: config.http.drain_timeout,
-        allowed_origins: config.http.allowed_origins.clone(),
-        session: config.session(),
-        repair: RepairPolicy::default(),
-        state_datagrams: wt.wt_state_datagrams,
-    }
-}
-
-/// The Redis registry's settings from the configuration.
-pub fn redis_settings(config: &ServeConfig, url: &str, http: std::net::SocketAddr) -> RedisSettings {
-    let node_id = config.cluster.node_id.clone().unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/etc/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_default();
-        let host = if host.is_empty() { "node".to_string() } else { host };
-        format!("{host}-{:06x}", crate::random::random_u64() & 0xff_ffff)
-    });
-    RedisSettings {
-        url: url.to_string(),
-        node_id,
-        http: http.to_string(),
-        heartbeat: config.cluster.node_heartbeat,
-        outbox_messages: config.cluster.outbox_messages,
-        outbox_bytes: config.cluster.outbox_bytes,
-        history_len: config.rooms.history_size,
-        history_ttl: config.rooms.history_ttl,
-        state_ttl: config.rooms.state_ttl,
-        cluster: config.cluster.redis_cluster,
-    }
-}
-
 /// Serves until `signal` resolves, then drains: health turns 503, new WebSocket upgrades are
 /// refused, clients are told to reconnect, and the drain waits at most the drain timeout.
 pub async fn serve(
@@ -126,8 +37,7 @@ pub async fn serve(
     listener: TcpListener,
     signal: impl Future<Output = ()>,
 ) -> DrainReport {
-    let router = crate::http::router(node.clone(), config.http.max_body);
-    let limit = Arc::new(Semaphore::new(config.http.max_connections));
+    let router = crate::http::router(node.clone(), HttpSettings::from_config(config));
     let upgrade_timeout = config.http.upgrade_timeout;
 
     let sweeper = {
@@ -160,16 +70,12 @@ pub async fn serve(
                     continue;
                 }
             };
-            let Ok(permit) = limit.clone().try_acquire_owned() else {
-                node.metrics.close_error(503, "connection_limit");
+            let Ok(permit) = node.admission.admit_connection() else {
                 debug!(%peer, "connection limit reached; closing new connection");
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let io = TokioIo::new(LimitedStream {
-                stream,
-                _permit: permit,
-            });
+            let io = TokioIo::new(LimitedStream::new(stream, permit));
             let service = TowerToHyperService::new(router.clone());
             let mut stop = node.shutdown_listener();
             let draining = stop.is_shutdown();
@@ -225,65 +131,4 @@ fn unreachable_accept() -> DrainReport {
         clean: false,
         abandoned: 0,
     }
-}
-
-/// A TCP stream that holds a connection-limit permit until it closes, through any upgrade.
-#[derive(Debug)]
-pub(crate) struct LimitedStream {
-    stream: TcpStream,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl LimitedStream {
-    pub(crate) fn tcp(&self) -> &TcpStream {
-        &self.stream
-    }
-}
-
-impl AsyncRead for LimitedStream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for LimitedStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
-
-/// Connections waiting to be accepted, at most (the kernel caps it at net.core.somaxconn). The
-/// default of 1,024 overflowed when thousands of clients reconnected at once, and each dropped
-/// SYN cost its client a one-second retransmit.
-pub const LISTEN_BACKLOG: i32 = 4096;
-
-/// Binds the HTTP and WebSocket listener with `LISTEN_BACKLOG`.
-pub fn bind_http(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(LISTEN_BACKLOG)?;
-    socket.set_nonblocking(true)?;
-    tokio::net::TcpListener::from_std(socket.into())
 }

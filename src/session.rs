@@ -5,49 +5,29 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::admission::CommandBudget;
 use crate::core::{ClientCommand, CommandError, ErrorCode, RoomName, ServerControl};
 use crate::hub::{Hub, HubError, Subscriber};
 use crate::registry::Registry;
 
-/// Per-connection limits on what a client controls.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Per-connection limits on what a client controls (the command rate is admission's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionLimits {
     /// Rooms one connection may be subscribed to at once.
     pub max_subscriptions: usize,
-    /// Commands per second a client may send on average...
-    pub commands_per_second: f64,
-    /// ...and in one burst.
-    pub command_burst: f64,
 }
 
-impl Default for SessionLimits {
-    fn default() -> Self {
+impl SessionLimits {
+    pub fn from_config(config: &crate::config::ServeConfig) -> Self {
         Self {
-            max_subscriptions: 256,
-            commands_per_second: 100.0,
-            command_burst: 1000.0,
+            max_subscriptions: config.connection.max_subscriptions,
         }
     }
 }
 
-/// A token bucket, fed with the time by its caller.
-#[derive(Debug)]
-struct CommandBudget {
-    tokens: f64,
-    last_ms: u64,
-}
-
-impl CommandBudget {
-    fn take(&mut self, limits: &SessionLimits, now_ms: u64) -> bool {
-        let elapsed = now_ms.saturating_sub(self.last_ms) as f64 / 1000.0;
-        self.last_ms = now_ms;
-        self.tokens = (self.tokens + elapsed * limits.commands_per_second).min(limits.command_burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self { max_subscriptions: 256 }
     }
 }
 
@@ -59,8 +39,9 @@ pub struct Session {
     /// Rooms the client asked for. Shared with subscribes still loading from Redis, which join
     /// the hub only if the room is still wanted (under this lock), so nothing leaks.
     rooms: Arc<Mutex<HashSet<RoomName>>>,
-    registry: Registry,
+    registry: Arc<dyn Registry>,
     limits: SessionLimits,
+    /// The command rate admission allows this connection.
     budget: CommandBudget,
     /// Set by the server while it drains: no new subscriptions.
     draining: Arc<AtomicBool>,
@@ -69,16 +50,12 @@ pub struct Session {
 impl Session {
     pub fn new(
         hub: Hub,
-        registry: Registry,
+        registry: Arc<dyn Registry>,
         subscriber: Arc<Subscriber>,
         limits: SessionLimits,
+        budget: CommandBudget,
         draining: Arc<AtomicBool>,
-        now_ms: u64,
     ) -> Self {
-        let budget = CommandBudget {
-            tokens: limits.command_burst,
-            last_ms: now_ms,
-        };
         Self {
             hub,
             subscriber,
@@ -104,7 +81,7 @@ impl Session {
 
     /// Handles one parsed (or unparseable) client message; every reply goes to the queue.
     pub fn handle(&mut self, command: Result<ClientCommand, CommandError>, now_ms: u64) {
-        if !self.budget.take(&self.limits, now_ms) {
+        if !self.budget.take(now_ms) {
             return self.reply_error(ErrorCode::RateLimited, "too many commands; slow down".into(), None);
         }
         let command = match command {
@@ -112,7 +89,7 @@ impl Session {
             Err(error) => return self.reply_error(error.code(), error.to_string(), None),
         };
         match command {
-            ClientCommand::Subscribe { room, since, epoch } => self.subscribe(room, since, epoch.as_deref(), now_ms),
+            ClientCommand::Subscribe { room, since, epoch } => self.subscribe(room, since, epoch.as_deref()),
             ClientCommand::Unsubscribe { room } => {
                 let mut wanted = self.wanted();
                 if wanted.remove(&room) {
@@ -130,7 +107,7 @@ impl Session {
         self.reply_error(code, message.to_string(), None);
     }
 
-    fn subscribe(&mut self, room: RoomName, since: Option<u64>, epoch: Option<&str>, now_ms: u64) {
+    fn subscribe(&mut self, room: RoomName, since: Option<u64>, epoch: Option<&str>) {
         if self.draining.load(Ordering::Relaxed) {
             return self.reply_error(
                 ErrorCode::Draining,
@@ -147,31 +124,14 @@ impl Session {
         wanted.insert(room.clone());
         drop(wanted);
         let epoch = epoch.map(str::to_string);
-        let Some(redis) = self.registry.redis().cloned() else {
-            return join(
-                &self.hub,
-                &self.rooms,
-                &self.subscriber,
-                room,
-                since,
-                epoch.as_deref(),
-                now_ms,
-            );
-        };
-        // Redis: follow the room first (subscribe its channel, load its state and history).
+        // The registry first makes sure the room's messages reach the hub (at once when
+        // embedded; with Redis after subscribing its channel and loading its state and history).
         let (hub, rooms, subscriber) = (self.hub.clone(), self.rooms.clone(), self.subscriber.clone());
-        tokio::spawn(async move {
-            let _following = redis.follow(&room).await;
-            join(
-                &hub,
-                &rooms,
-                &subscriber,
-                room,
-                since,
-                epoch.as_deref(),
-                crate::clock::unix_ms(),
-            );
-        });
+        let followed = room.clone();
+        self.registry.follow(
+            followed,
+            Box::new(move |now_ms| join(&hub, &rooms, &subscriber, room, since, epoch.as_deref(), now_ms)),
+        );
     }
 
     fn reply(&self, control: ServerControl) {
@@ -223,21 +183,28 @@ impl Drop for Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admission::CommandRate;
     use crate::core::{parse_command, Outgoing};
     use crate::hub::HubConfig;
     use crate::metrics::{Metrics, Transport};
+    use crate::registry::EmbeddedRegistry;
 
-    fn session(limits: SessionLimits) -> Session {
+    fn session_with_rate(limits: SessionLimits, rate: CommandRate) -> Session {
         let hub = Hub::new(HubConfig::default(), Arc::new(Metrics::new()), 1);
         let sub = hub.new_subscriber(Transport::WebSocket);
+        let registry = Arc::new(EmbeddedRegistry::new(hub.clone()));
         Session::new(
             hub,
-            Registry::Embedded,
+            registry,
             sub,
             limits,
+            CommandBudget::new(rate, 0),
             Arc::new(AtomicBool::new(false)),
-            0,
         )
+    }
+
+    fn session(limits: SessionLimits) -> Session {
+        session_with_rate(limits, CommandRate::default())
     }
 
     fn replies(s: &Session) -> Vec<String> {
@@ -253,10 +220,7 @@ mod tests {
 
     #[test]
     fn subscription_limit_is_enforced_and_resubscribing_does_not_count() {
-        let mut s = session(SessionLimits {
-            max_subscriptions: 2,
-            ..SessionLimits::default()
-        });
+        let mut s = session(SessionLimits { max_subscriptions: 2 });
         for room in ["a", "b", "a"] {
             s.handle(parse_command(&format!(r#"{{"type":"subscribe","room":"{room}"}}"#)), 0);
         }
@@ -292,11 +256,13 @@ mod tests {
 
     #[test]
     fn commands_beyond_the_budget_are_refused_until_it_refills() {
-        let mut s = session(SessionLimits {
-            commands_per_second: 10.0,
-            command_burst: 2.0,
-            ..SessionLimits::default()
-        });
+        let mut s = session_with_rate(
+            SessionLimits::default(),
+            CommandRate {
+                per_second: 10.0,
+                burst: 2.0,
+            },
+        );
         for _ in 0..3 {
             s.handle(Ok(ClientCommand::Ping), 0);
         }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use courtside::simulator::{SaturdayConfig, SaturdayModel, SimRng};
+use courtside::demo::simulator::{SaturdayConfig, SaturdayModel, SimRng};
 
 use crate::clients::{Kind, Transport};
 use crate::load::{ClientPlan, Planned, Workload};

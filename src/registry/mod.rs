@@ -1,15 +1,18 @@
-//! Where rooms are shared: the embedded registry (this node alone, the default) or Redis
-//! (several nodes). The hub stays the local fan-out either way; the registry decides who numbers
-//! a publish and how it reaches the other nodes.
+//! Where rooms are shared: a trait with the whole surface (publish, follow, a room's figures,
+//! events since a sequence, nodes, health), implemented by the embedded registry (this node
+//! alone, the default) and by Redis (several nodes). Nothing outside this module asks which runs;
+//! the hub stays the local fan-out either way.
 
+pub mod embedded;
 pub mod envelope;
 pub mod redis;
 
-use std::sync::Arc;
+use futures_util::future::BoxFuture;
 
 use crate::core::{JsonData, Kind, RoomName};
-use crate::hub::{Hub, HubError};
+use crate::hub::HubError;
 
+pub use self::embedded::EmbeddedRegistry;
 pub use self::redis::{RedisRegistry, RedisSettings};
 
 /// The outcome of a publish.
@@ -28,6 +31,9 @@ pub enum RegistryError {
     Hub(#[from] HubError),
     #[error("redis is unreachable and the outbox is full ({0} messages waiting); retry later")]
     OutboxFull(usize),
+    /// A read the registry cannot answer now (Redis is unreachable).
+    #[error("redis: {0}")]
+    Unavailable(String),
 }
 
 /// Health of the registry, for `/health` and the metrics.
@@ -41,49 +47,82 @@ pub struct RegistryStatus {
     pub outbox: usize,
 }
 
-/// The registry in use: a cloneable handle.
-#[derive(Debug, Clone)]
-pub enum Registry {
-    Embedded,
-    Redis(Arc<RedisRegistry>),
+/// A room's current figures, across every node the registry knows of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomFigures {
+    pub epoch: String,
+    /// Version of the current state (0: none yet).
+    pub version: u64,
+    pub state: Option<StoredState>,
+    /// Sequence of the last event (0: none yet).
+    pub last_seq: u64,
+    /// Subscribers of the room on every live node (its presence).
+    pub subscribers: u64,
 }
 
-impl Registry {
-    /// Numbers a publish and delivers it to every subscriber, local and (with Redis) remote.
-    pub async fn publish(
-        &self,
-        hub: &Hub,
-        room: &RoomName,
+/// A room's state as stored: its ingest time and the published JSON text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredState {
+    pub ts_ms: u64,
+    pub data: String,
+}
+
+/// One retained event: its sequence, ingest time and published JSON text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub seq: u64,
+    pub ts_ms: u64,
+    pub data: String,
+}
+
+/// A room's retained events after some sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomEvents {
+    pub epoch: String,
+    /// The events, or `Err(last_seq)` when the history no longer reaches back that far.
+    pub events: Result<Vec<StoredEvent>, u64>,
+}
+
+/// A node as `GET /v1/nodes` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeRecord {
+    pub id: String,
+    pub http: String,
+    pub connections: i64,
+    pub subscriptions: i64,
+    pub rooms: i64,
+}
+
+/// Runs once the room's messages reach this node's hub, with the time then (unix ms).
+pub type Then = Box<dyn FnOnce(u64) + Send>;
+
+/// The registry in use, behind `Arc<dyn Registry>` in the node.
+pub trait Registry: Send + Sync + std::fmt::Debug {
+    /// Numbers a publish and delivers it to every subscriber, local and remote.
+    fn publish<'a>(
+        &'a self,
+        room: &'a RoomName,
         kind: Kind,
-        data: &JsonData,
-    ) -> Result<Published, RegistryError> {
-        match self {
-            Self::Embedded => {
-                let receipt = hub.publish(room, kind, data, crate::clock::now())?;
-                Ok(Published::Numbered {
-                    number: receipt.number,
-                    ts_ms: receipt.ts_ms,
-                })
-            }
-            Self::Redis(redis) => redis.publish(room, kind, data).await,
-        }
-    }
+        data: &'a JsonData,
+    ) -> BoxFuture<'a, Result<Published, RegistryError>>;
 
-    pub fn status(&self) -> RegistryStatus {
-        match self {
-            Self::Embedded => RegistryStatus {
-                kind: "embedded",
-                status: "ok",
-                outbox: 0,
-            },
-            Self::Redis(redis) => redis.status(),
-        }
-    }
+    /// Makes sure the room's messages reach this node's hub (with Redis: its channel subscribed,
+    /// its state and history loaded), then runs `then`: at once when there is nothing to load.
+    /// A room is unfollowed when its last local subscriber leaves (the hub tells the registry).
+    fn follow(&self, room: RoomName, then: Then);
 
-    pub fn redis(&self) -> Option<&Arc<RedisRegistry>> {
-        match self {
-            Self::Embedded => None,
-            Self::Redis(redis) => Some(redis),
-        }
-    }
+    /// The room's figures, or `None` when no node holds such a room.
+    fn room<'a>(&'a self, room: &'a RoomName) -> BoxFuture<'a, Result<Option<RoomFigures>, RegistryError>>;
+
+    /// Retained events after `since`, or `None` when no node holds such a room.
+    fn events_since<'a>(
+        &'a self,
+        room: &'a RoomName,
+        since: u64,
+    ) -> BoxFuture<'a, Result<Option<RoomEvents>, RegistryError>>;
+
+    /// The live nodes (this one alone with the embedded registry).
+    fn nodes(&self) -> BoxFuture<'_, Result<Vec<NodeRecord>, RegistryError>>;
+
+    fn status(&self) -> RegistryStatus;
 }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, PushInfo, PushKind, Script, Value};
@@ -15,7 +16,10 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::envelope::{self, EnvelopeBody, KIND_EVENT, KIND_STATE};
-use super::{Published, RegistryError, RegistryStatus};
+use super::{
+    EmbeddedRegistry, NodeRecord, Published, Registry, RegistryError, RegistryStatus, RoomEvents, RoomFigures,
+    StoredEvent, StoredState, Then,
+};
 use crate::core::{JsonData, Kind, Now, RoomName};
 use crate::hub::{Hub, RemotePublication};
 use crate::metrics::Metrics;
@@ -35,6 +39,31 @@ pub struct RedisSettings {
     pub state_ttl: Duration,
     /// Redis Cluster: `url` lists seed nodes (comma-separated); rooms use sharded pub/sub.
     pub cluster: bool,
+}
+
+impl RedisSettings {
+    /// The settings of `--redis URL`; `http` is this node's bound HTTP address.
+    pub fn from_config(config: &crate::config::ServeConfig, url: &str, http: std::net::SocketAddr) -> Self {
+        let node_id = config.cluster.node_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default();
+            let host = if host.is_empty() { "node".to_string() } else { host };
+            format!("{host}-{:06x}", crate::random::random_u64() & 0xff_ffff)
+        });
+        Self {
+            url: url.to_string(),
+            node_id,
+            http: http.to_string(),
+            heartbeat: config.cluster.node_heartbeat,
+            outbox_messages: config.cluster.outbox_messages,
+            outbox_bytes: config.cluster.outbox_bytes,
+            history_len: config.rooms.history_size,
+            history_ttl: config.rooms.history_ttl,
+            state_ttl: config.rooms.state_ttl,
+            cluster: config.cluster.redis_cluster,
+        }
+    }
 }
 
 /// A command connection: one Redis, or a Redis Cluster (routed by key slot).
@@ -151,8 +180,6 @@ return current
 type Fields = HashMap<String, String>;
 /// Stream entries: id and fields.
 type StreamEntries = Vec<(String, Fields)>;
-/// Retained events (seq, ts, data), or the last sequence when the history does not reach back.
-pub type SharedEvents = Result<Vec<(u64, u64, String)>, u64>;
 
 /// An event of a room's history stream: (seq, ts, data), as the publish script wrote it.
 fn stream_event(entry: &Fields) -> Option<(u64, u64, &String)> {
@@ -293,7 +320,7 @@ fn with_resp3(url: &str) -> String {
 
 impl RedisRegistry {
     /// Connects to Redis and starts the background tasks (pub/sub reader, heartbeat, unfollow).
-    pub async fn connect(settings: RedisSettings, hub: Hub, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
+    pub async fn connect(settings: RedisSettings, hub: Hub, metrics: Arc<Metrics>) -> redis::RedisResult<Arc<Self>> {
         let (push_tx, push_rx) = mpsc::unbounded_channel();
         let (commands, pubsub) = if settings.cluster {
             let seeds: Vec<String> = settings.url.split(',').map(|u| with_resp3(u.trim())).collect();
@@ -373,7 +400,7 @@ impl RedisRegistry {
     /// Numbers the publish in Redis (one round trip); the node's own clients receive it through
     /// the channel like everyone else's. While Redis is down it is delivered locally with a
     /// provisional number and queued.
-    pub async fn publish(&self, room: &RoomName, kind: Kind, data: &JsonData) -> Result<Published, RegistryError> {
+    async fn publish_numbered(&self, room: &RoomName, kind: Kind, data: &JsonData) -> Result<Published, RegistryError> {
         let now = crate::clock::now();
         if self.is_up() {
             let floor = self.hub.room_numbers(room).map_or(0, |n| match kind {
@@ -460,7 +487,7 @@ impl RedisRegistry {
 
     /// Follows the room (subscribes its channel and loads its state and history) before a local
     /// client subscribes. Waits while another subscribe loads the same room.
-    pub async fn follow(self: &Arc<Self>, room: &RoomName) -> FollowGuard {
+    async fn follow_room(self: &Arc<Self>, room: &RoomName) -> FollowGuard {
         let follow = {
             let mut follows = lock(&self.follows);
             let follow = follows
@@ -832,7 +859,7 @@ impl RedisRegistry {
     }
 
     /// Nodes alive now (their record has not expired).
-    pub async fn live_nodes(&self) -> redis::RedisResult<Vec<NodeRecord>> {
+    async fn live_nodes(&self) -> redis::RedisResult<Vec<NodeRecord>> {
         let mut conn = self.commands.clone();
         let now_ms = crate::clock::unix_ms();
         let ids: Vec<String> = conn.zrangebyscore(NODES_KEY, now_ms, "+inf").await?;
@@ -855,7 +882,7 @@ impl RedisRegistry {
     }
 
     /// The room as Redis holds it, with the cluster-wide subscriber count.
-    pub async fn room(&self, room: &RoomName) -> redis::RedisResult<Option<SharedRoom>> {
+    async fn shared_room(&self, room: &RoomName) -> redis::RedisResult<Option<RoomFigures>> {
         let mut conn = self.commands.clone();
         let (fields, presence): (HashMap<String, String>, HashMap<String, u64>) = redis::pipe()
             .hgetall(meta_key(room))
@@ -875,19 +902,21 @@ impl RedisRegistry {
             }
         }
         let number = |k: &str| fields.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
-        Ok(Some(SharedRoom {
+        Ok(Some(RoomFigures {
             epoch,
             version: number("version"),
             last_seq: number("seq"),
-            state: fields.get("state").cloned(),
-            state_ts: number("state_ts"),
+            state: fields.get("state").map(|data| StoredState {
+                ts_ms: number("state_ts"),
+                data: data.clone(),
+            }),
             subscribers,
         }))
     }
 
     /// Retained events after `since` from the Redis stream: `Err(last_seq)` when it no longer
     /// reaches back that far, `None` when Redis holds no such room.
-    pub async fn events(&self, room: &RoomName, since: u64) -> redis::RedisResult<Option<(String, SharedEvents)>> {
+    async fn shared_events(&self, room: &RoomName, since: u64) -> redis::RedisResult<Option<RoomEvents>> {
         let mut conn = self.commands.clone();
         let (fields, entries): (HashMap<String, String>, StreamEntries) = redis::pipe()
             .hgetall(meta_key(room))
@@ -898,15 +927,28 @@ impl RedisRegistry {
             return Ok(None);
         };
         let last_seq: u64 = fields.get("seq").and_then(|v| v.parse().ok()).unwrap_or(0);
-        let events: Vec<(u64, u64, String)> = entries
+        let events: Vec<StoredEvent> = entries
             .iter()
-            .filter_map(|(_, e)| stream_event(e).map(|(seq, ts, data)| (seq, ts, data.clone())))
+            .filter_map(|(_, e)| {
+                stream_event(e).map(|(seq, ts_ms, data)| StoredEvent {
+                    seq,
+                    ts_ms,
+                    data: data.clone(),
+                })
+            })
             .collect();
-        let first = events.first().map_or(last_seq + 1, |e| e.0);
+        let first = events.first().map_or(last_seq + 1, |e| e.seq);
         if since > last_seq || since + 1 < first {
-            return Ok(Some((epoch, Err(last_seq))));
+            return Ok(Some(RoomEvents {
+                epoch,
+                events: Err(last_seq),
+            }));
         }
-        Ok(Some((epoch, Ok(events.into_iter().filter(|e| e.0 > since).collect()))))
+        let events = events.into_iter().filter(|e| e.seq > since).collect();
+        Ok(Some(RoomEvents {
+            epoch,
+            events: Ok(events),
+        }))
     }
 }
 
@@ -915,25 +957,63 @@ struct RoomSnapshot {
     envelopes: Vec<OwnedEnvelope>,
 }
 
-/// A node as `GET /v1/nodes` shows it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct NodeRecord {
-    pub id: String,
-    pub http: String,
-    pub connections: i64,
-    pub subscriptions: i64,
-    pub rooms: i64,
-}
+/// The registry's surface (see `Registry`), on the shared handle: following a room spawns the
+/// load, which needs the handle.
+impl Registry for Arc<RedisRegistry> {
+    fn publish<'a>(
+        &'a self,
+        room: &'a RoomName,
+        kind: Kind,
+        data: &'a JsonData,
+    ) -> BoxFuture<'a, Result<Published, RegistryError>> {
+        self.publish_numbered(room, kind, data).boxed()
+    }
 
-/// A room as Redis holds it.
-#[derive(Debug, Clone)]
-pub struct SharedRoom {
-    pub epoch: String,
-    pub version: u64,
-    pub last_seq: u64,
-    pub state: Option<String>,
-    pub state_ts: u64,
-    pub subscribers: u64,
+    fn follow(&self, room: RoomName, then: Then) {
+        let redis = self.clone();
+        tokio::spawn(async move {
+            // Held until `then` has joined the room to the hub, so it is not unfollowed first.
+            let _following = redis.follow_room(&room).await;
+            then(crate::clock::unix_ms());
+        });
+    }
+
+    fn room<'a>(&'a self, room: &'a RoomName) -> BoxFuture<'a, Result<Option<RoomFigures>, RegistryError>> {
+        async move {
+            // The cluster's view; while Redis is away, this node's own.
+            match self.shared_room(room).await {
+                Ok(figures) => Ok(figures),
+                Err(_) => Ok(EmbeddedRegistry::local_room(&self.hub, room)),
+            }
+        }
+        .boxed()
+    }
+
+    fn events_since<'a>(
+        &'a self,
+        room: &'a RoomName,
+        since: u64,
+    ) -> BoxFuture<'a, Result<Option<RoomEvents>, RegistryError>> {
+        async move {
+            self.shared_events(room, since)
+                .await
+                .map_err(|e| RegistryError::Unavailable(e.to_string()))
+        }
+        .boxed()
+    }
+
+    fn nodes(&self) -> BoxFuture<'_, Result<Vec<NodeRecord>, RegistryError>> {
+        async move {
+            self.live_nodes()
+                .await
+                .map_err(|e| RegistryError::Unavailable(e.to_string()))
+        }
+        .boxed()
+    }
+
+    fn status(&self) -> RegistryStatus {
+        RedisRegistry::status(self)
+    }
 }
 
 #[cfg(test)]

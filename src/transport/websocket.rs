@@ -1,5 +1,5 @@
-//! The WebSocket transport at `/ws`: the HTTP upgrade, then one task per connection that reads
-//! JSON commands into its `Session` and writes its queue out, many frames per socket write.
+//! The WebSocket transport: HTTP hands it the upgraded socket (`/ws`), and one task per
+//! connection reads JSON commands into its `Session` and writes its queue out, many frames per write.
 
 use std::io;
 use std::pin::Pin;
@@ -7,29 +7,23 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::time::{timeout, Instant};
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
+use crate::config::ServeConfig;
 use crate::core::{close_code, parse_command, ErrorCode, Outgoing, Publication, QueueClosed, ServerControl};
 use crate::gate::WakeGate;
-use crate::http::ApiError;
 use crate::hub::{Direct, DirectWrite};
+use crate::listener::LimitedStream;
 use crate::metrics::{Metrics, Transport};
 use crate::node::Node;
-use crate::server::LimitedStream;
 use crate::session::{Session, SessionLimits};
 use crate::shutdown::ShutdownListener;
 
@@ -55,9 +49,20 @@ pub struct WebSocketSettings {
     pub idle_timeout: Duration,
     pub write_timeout: Duration,
     pub drain_timeout: Duration,
-    /// Empty: any origin.
-    pub allowed_origins: Vec<String>,
     pub session: SessionLimits,
+}
+
+impl WebSocketSettings {
+    pub fn from_config(config: &ServeConfig) -> Self {
+        Self {
+            max_message: config.websocket.ws_max_message,
+            ping_interval: config.websocket.ping_interval,
+            idle_timeout: config.websocket.idle_timeout,
+            write_timeout: config.websocket.write_timeout,
+            drain_timeout: config.http.drain_timeout,
+            session: SessionLimits::from_config(config),
+        }
+    }
 }
 
 type Stream = WebSocketStream<SocketHandle>;
@@ -267,116 +272,27 @@ fn text_frame_header(len: usize, out: &mut [u8; 10]) -> usize {
     }
 }
 
-/// `GET /ws`: checks the upgrade request, answers 101 and starts the connection task.
-pub async fn upgrade(State(node): State<Node>, mut request: Request) -> Response {
-    if node.is_draining() {
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
-            "the server is shutting down; connect to another node",
-        )
-        .into_response();
-    }
-    let headers = request.headers();
-    if let Some(origin) = headers.get(header::ORIGIN) {
-        let allowed = &node.websocket.allowed_origins;
-        if !allowed.is_empty() && !allowed.iter().any(|a| a.as_bytes() == origin.as_bytes()) {
-            return ApiError::new(
-                StatusCode::FORBIDDEN,
-                "origin_not_allowed",
-                "this origin may not open a WebSocket here",
-            )
-            .into_response();
-        }
-    }
-    let key = match check_upgrade_headers(headers) {
-        Ok(key) => key,
-        Err(error) => {
-            let mut response = error.into_response();
-            response
-                .headers_mut()
-                .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
-            return response;
-        }
+/// Runs a WebSocket connection that HTTP upgraded (`early`: bytes read past the handshake).
+pub async fn serve(conn: LimitedStream, early: Vec<u8>, node: Node, settings: &WebSocketSettings) {
+    // tungstenite zeroes a read chunk of `read_buffer_size` on every read: its 128 KiB
+    // default cost more CPU than the socket write itself (the bench's profile) and
+    // 128 KiB of memory per connection. Clients send small commands.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_message_size(Some(settings.max_message))
+        .max_frame_size(Some(settings.max_message));
+    let socket = SocketHandle(Arc::new(SharedSocket {
+        conn,
+        pending: std::sync::Mutex::new(BytesMut::new()),
+    }));
+    let ws = if early.is_empty() {
+        WebSocketStream::from_raw_socket(socket.clone(), Role::Server, Some(config)).await
+    } else {
+        WebSocketStream::from_partially_read(socket.clone(), early, Role::Server, Some(config)).await
     };
-    let accept = derive_accept_key(key.as_bytes());
-    let on_upgrade = hyper::upgrade::on(&mut request);
     let listener = node.shutdown_listener();
-    tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                // tungstenite zeroes a read chunk of `read_buffer_size` on every read: its 128 KiB
-                // default cost more CPU than the socket write itself (the bench's profile) and
-                // 128 KiB of memory per connection. Clients send small commands.
-                let config = WebSocketConfig::default()
-                    .read_buffer_size(READ_BUFFER)
-                    .write_buffer_size(WRITE_BUFFER)
-                    .max_message_size(Some(node.websocket.max_message))
-                    .max_frame_size(Some(node.websocket.max_message));
-                // The stream hyper served: the fan-out gets to write into its socket directly.
-                let parts = match upgraded.downcast::<TokioIo<LimitedStream>>() {
-                    Ok(parts) => parts,
-                    Err(_) => {
-                        warn!("websocket upgrade on an unexpected stream type; closing");
-                        return;
-                    }
-                };
-                let socket = SocketHandle(Arc::new(SharedSocket {
-                    conn: parts.io.into_inner(),
-                    pending: std::sync::Mutex::new(BytesMut::new()),
-                }));
-                let ws = if parts.read_buf.is_empty() {
-                    WebSocketStream::from_raw_socket(socket.clone(), Role::Server, Some(config)).await
-                } else {
-                    let early = parts.read_buf.to_vec();
-                    WebSocketStream::from_partially_read(socket.clone(), early, Role::Server, Some(config)).await
-                };
-                drop(parts.read_buf);
-                serve(ws, socket, node, listener).await;
-            }
-            Err(error) => debug!(%error, "websocket upgrade failed"),
-        }
-    });
-    Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::CONNECTION, "upgrade")
-        .header(header::UPGRADE, "websocket")
-        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
-        .body(Body::empty())
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
-}
-
-/// The RFC 6455 handshake checks; returns the client's key.
-fn check_upgrade_headers(headers: &HeaderMap) -> Result<HeaderValue, ApiError> {
-    let has_token = |name: header::HeaderName, token: &str| {
-        headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
-    if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
-        return Err(ApiError::new(
-            StatusCode::UPGRADE_REQUIRED,
-            "upgrade_required",
-            "this endpoint speaks WebSocket only",
-        ));
-    }
-    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
-        return Err(ApiError::new(
-            StatusCode::UPGRADE_REQUIRED,
-            "bad_websocket_version",
-            "Sec-WebSocket-Version must be 13",
-        ));
-    }
-    headers.get(header::SEC_WEBSOCKET_KEY).cloned().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_websocket_key",
-            "Sec-WebSocket-Key is missing",
-        )
-    })
+    run(ws, socket, node, settings, listener).await;
 }
 
 /// Why a connection's loop ended; decides how it is closed.
@@ -395,9 +311,14 @@ enum Ending {
 }
 
 /// Runs one WebSocket connection to its end.
-async fn serve(mut ws: Stream, socket: SocketHandle, node: Node, mut shutdown: ShutdownListener) {
+async fn run(
+    mut ws: Stream,
+    socket: SocketHandle,
+    node: Node,
+    settings: &WebSocketSettings,
+    mut shutdown: ShutdownListener,
+) {
     let metrics = node.metrics.clone();
-    let settings = &node.websocket;
     metrics.websocket.connections.inc();
     let subscriber = node.hub.new_subscriber(Transport::WebSocket);
     let writer = socket.clone();
@@ -409,8 +330,8 @@ async fn serve(mut ws: Stream, socket: SocketHandle, node: Node, mut shutdown: S
         node.registry.clone(),
         subscriber.clone(),
         settings.session,
+        node.admission.command_budget(crate::clock::unix_ms()),
         node.draining.clone(),
-        crate::clock::unix_ms(),
     );
     // Grows to the largest batch this connection has needed: idle fans never pay for MAX_BATCH.
     let mut batch = Vec::new();

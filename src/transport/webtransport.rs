@@ -4,10 +4,8 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::RwLock;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use anyhow::Context;
 use bytes::BytesMut;
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn};
@@ -15,6 +13,8 @@ use wtransport::endpoint::endpoint_side::Server;
 use wtransport::endpoint::IncomingSession;
 use wtransport::{Connection, Endpoint, Identity, RecvStream, SendStream, ServerConfig, VarInt};
 
+use crate::certs::{CertificateError, CertificateInfo, CertificateSource, Hangup};
+use crate::config::ServeConfig;
 use crate::core::repair::{DatagramRepair, RepairAction, RepairPolicy};
 use crate::core::routing::{Route, StateDatagrams, StateRouting};
 use crate::core::wire::{self, ClientMessage, FrameDecoder, FrameError, MAX_CLIENT_MESSAGE};
@@ -24,6 +24,7 @@ use crate::metrics::Transport;
 use crate::node::Node;
 use crate::session::{Session, SessionLimits};
 use crate::shutdown::ShutdownListener;
+use crate::udp::{self, UdpSettings};
 
 /// Messages written per stream write at most.
 const MAX_BATCH: usize = 256;
@@ -37,63 +38,53 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// The path WebTransport sessions are accepted on.
 pub const PATH: &str = "/wt";
 
-/// Self-signed development certificates are replaced this often (they are valid 14 days).
-const SELF_SIGNED_ROTATION: Duration = Duration::from_secs(12 * 24 * 3600);
-
 /// WebTransport settings, built from the configuration.
 #[derive(Debug, Clone)]
 pub struct WebTransportSettings {
-    pub bind: SocketAddr,
+    /// The UDP socket: address and kernel buffers.
+    pub udp: UdpSettings,
     pub cert: Option<(PathBuf, PathBuf)>,
     pub cert_check_interval: Duration,
-    pub udp_recv_buffer: usize,
-    pub udp_send_buffer: usize,
     pub keep_alive: Duration,
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
     pub write_timeout: Duration,
     pub drain_timeout: Duration,
-    pub allowed_origins: Vec<String>,
     pub session: SessionLimits,
     pub repair: RepairPolicy,
     pub state_datagrams: StateDatagrams,
 }
 
-/// The certificate currently served, for `GET /v1/cert-hash`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertificateInfo {
-    /// SHA-256 of the leaf certificate's DER, lowercase hex.
-    pub sha256: String,
-    pub self_signed: bool,
-    /// The UDP port WebTransport listens on (as bound; a load balancer may expose another).
-    pub port: u16,
+impl WebTransportSettings {
+    pub fn from_config(config: &ServeConfig) -> Self {
+        let wt = &config.webtransport;
+        Self {
+            udp: UdpSettings {
+                bind: wt.addr,
+                recv_buffer: wt.udp_recv_buffer,
+                send_buffer: wt.udp_send_buffer,
+            },
+            cert: wt.cert.clone().zip(wt.key.clone()),
+            cert_check_interval: wt.cert_check_interval,
+            keep_alive: config.websocket.ping_interval,
+            idle_timeout: config.websocket.idle_timeout,
+            handshake_timeout: config.http.upgrade_timeout,
+            write_timeout: config.websocket.write_timeout,
+            drain_timeout: config.http.drain_timeout,
+            session: SessionLimits::from_config(config),
+            repair: RepairPolicy::default(),
+            state_datagrams: wt.wt_state_datagrams,
+        }
+    }
 }
 
-/// Shared slot for the current certificate; empty while WebTransport is off.
-#[derive(Debug, Default)]
-pub struct CertificateSlot(RwLock<Option<CertificateInfo>>);
-
-impl CertificateSlot {
-    pub fn get(&self) -> Option<CertificateInfo> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn set(&self, info: CertificateInfo) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(info);
-    }
-}
-
-/// Where the identity comes from.
-#[derive(Debug)]
-enum CertificateSource {
-    Files {
-        cert: PathBuf,
-        key: PathBuf,
-        modified: Option<(SystemTime, SystemTime)>,
-    },
-    SelfSigned {
-        created: Instant,
-    },
+/// WebTransport could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WebTransportError {
+    #[error(transparent)]
+    Certificate(#[from] CertificateError),
+    #[error("{0}")]
+    Socket(#[from] std::io::Error),
 }
 
 /// A bound WebTransport endpoint, ready to serve.
@@ -102,10 +93,7 @@ pub struct WebTransportServer {
     source: CertificateSource,
     settings: WebTransportSettings,
     local_addr: SocketAddr,
-    /// Inode of the UDP socket, to read its drop count from /proc/net/udp.
-    socket_inode: Option<u64>,
-    /// SIGHUP, listened for from the bind on: until a handler exists, its default action kills
-    /// the process.
+    /// SIGHUP, listened for from the bind on.
     hangup: Hangup,
 }
 
@@ -115,29 +103,6 @@ impl std::fmt::Debug for WebTransportServer {
             .field("local_addr", &self.local_addr)
             .finish()
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn certificate_info(identity: &Identity, self_signed: bool, port: u16) -> CertificateInfo {
-    let sha256 = identity
-        .certificate_chain()
-        .as_slice()
-        .first()
-        .map(|c| hex(c.hash().as_ref()))
-        .unwrap_or_default();
-    CertificateInfo {
-        sha256,
-        self_signed,
-        port,
-    }
-}
-
-fn file_times(cert: &PathBuf, key: &PathBuf) -> Option<(SystemTime, SystemTime)> {
-    let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    Some((modified(cert)?, modified(key)?))
 }
 
 fn transport_config(settings: &WebTransportSettings) -> wtransport::quinn::TransportConfig {
@@ -174,103 +139,15 @@ fn server_config(
         .build()
 }
 
-/// Binds the UDP socket with socket buffers sized for bursts (README.md, "WebTransport").
-fn bind_udp(settings: &WebTransportSettings) -> anyhow::Result<(std::net::UdpSocket, Option<u64>)> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let addr = settings.bind;
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    if addr.is_ipv6() {
-        let _ = socket.set_only_v6(false);
-    }
-    if let Err(error) = socket.set_recv_buffer_size(settings.udp_recv_buffer) {
-        warn!(%error, "cannot set the UDP receive buffer size");
-    }
-    if let Err(error) = socket.set_send_buffer_size(settings.udp_send_buffer) {
-        warn!(%error, "cannot set the UDP send buffer size");
-    }
-    socket.set_nonblocking(true)?;
-    socket
-        .bind(&addr.into())
-        .with_context(|| format!("binding WebTransport UDP socket on {addr}"))?;
-    let granted_recv = socket.recv_buffer_size().unwrap_or(0);
-    let granted_send = socket.send_buffer_size().unwrap_or(0);
-    if granted_recv < settings.udp_recv_buffer || granted_send < settings.udp_send_buffer {
-        info!(
-            requested_recv = settings.udp_recv_buffer,
-            granted_recv,
-            requested_send = settings.udp_send_buffer,
-            granted_send,
-            "UDP socket buffers are capped by the kernel (raise net.core.rmem_max and wmem_max)"
-        );
-    }
-    let inode = socket_inode(&socket);
-    Ok((socket.into(), inode))
-}
-
-#[cfg(unix)]
-fn socket_inode(socket: &socket2::Socket) -> Option<u64> {
-    use std::os::fd::AsRawFd;
-    let link = std::fs::read_link(format!("/proc/self/fd/{}", socket.as_raw_fd())).ok()?;
-    let link = link.to_str()?;
-    link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
-}
-
-#[cfg(not(unix))]
-fn socket_inode(_: &socket2::Socket) -> Option<u64> {
-    None
-}
-
-/// Datagrams the kernel dropped on the socket with this inode (the `drops` column of
-/// /proc/net/udp and udp6), or `None` where the OS does not report it.
-pub fn udp_drops(inode: u64) -> Option<u64> {
-    for table in ["/proc/net/udp", "/proc/net/udp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.len() >= 13 && fields[9].parse() == Ok(inode) {
-                return fields[12].parse().ok();
-            }
-        }
-    }
-    None
-}
-
 impl WebTransportServer {
-    /// Binds the UDP socket and loads (or generates) the certificate.
-    pub async fn bind(settings: WebTransportSettings, node: &Node) -> anyhow::Result<Self> {
-        let (identity, source) = match &settings.cert {
-            Some((cert, key)) => {
-                let identity = Identity::load_pemfiles(cert, key)
-                    .await
-                    .with_context(|| format!("loading certificate {} and key {}", cert.display(), key.display()))?;
-                let modified = file_times(cert, key);
-                (
-                    identity,
-                    CertificateSource::Files {
-                        cert: cert.clone(),
-                        key: key.clone(),
-                        modified,
-                    },
-                )
-            }
-            None => {
-                let identity = Identity::self_signed(["localhost", "127.0.0.1", "::1"])
-                    .context("generating a self-signed development certificate")?;
-                (
-                    identity,
-                    CertificateSource::SelfSigned {
-                        created: Instant::now(),
-                    },
-                )
-            }
-        };
-        let self_signed = matches!(source, CertificateSource::SelfSigned { .. });
-        let hangup = hangup_signal();
-        let (socket, socket_inode) = bind_udp(&settings)?;
+    /// Binds the UDP socket and loads (or generates) the certificate; publishes the
+    /// certificate and the socket's drop counter on the node.
+    pub async fn bind(settings: WebTransportSettings, node: &Node) -> Result<Self, WebTransportError> {
+        let (identity, source) = CertificateSource::load(settings.cert.as_ref()).await?;
+        let hangup = Hangup::listen();
+        let (socket, drops) = udp::bind(&settings.udp)?;
         let port = socket.local_addr()?.port();
-        let info = certificate_info(&identity, self_signed, port);
+        let info = CertificateInfo::of(&identity, source.is_self_signed(), port);
         let endpoint = Endpoint::server(server_config(&settings, identity, Some(socket)))?;
         let local_addr = endpoint.local_addr()?;
         if info.self_signed {
@@ -282,22 +159,20 @@ impl WebTransportServer {
             info!(sha256 = %info.sha256, "loaded the WebTransport certificate");
         }
         node.certificate.set(info);
+        if let Some(drops) = drops {
+            let _ = node.udp_drops.set(drops);
+        }
         Ok(Self {
             endpoint,
             source,
             settings,
             local_addr,
-            socket_inode,
             hangup,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
-    }
-
-    pub fn socket_inode(&self) -> Option<u64> {
-        self.socket_inode
     }
 
     /// Accepts sessions until the shutdown notice, reloading certificates on change or SIGHUP.
@@ -320,7 +195,7 @@ impl WebTransportServer {
                     tokio::spawn(async move { accept_session(incoming, node, listener, settings).await });
                 }
                 _ = check.tick() => self.reload_if_changed(&node, false).await,
-                _ = recv_hangup(&mut hangup) => {
+                _ = hangup.recv() => {
                     info!("SIGHUP received: reloading the WebTransport certificate");
                     self.reload_if_changed(&node, true).await;
                 }
@@ -335,41 +210,10 @@ impl WebTransportServer {
     }
 
     async fn reload_if_changed(&mut self, node: &Node, forced: bool) {
-        let identity = match &mut self.source {
-            CertificateSource::Files { cert, key, modified } => {
-                let now = file_times(cert, key);
-                if !forced && now == *modified {
-                    return;
-                }
-                match Identity::load_pemfiles(&*cert, &*key).await {
-                    Ok(identity) => {
-                        *modified = now;
-                        identity
-                    }
-                    Err(error) => {
-                        warn!(%error, "certificate files changed but cannot be loaded; keeping the current certificate");
-                        return;
-                    }
-                }
-            }
-            CertificateSource::SelfSigned { created } => {
-                if !forced && created.elapsed() < SELF_SIGNED_ROTATION {
-                    return;
-                }
-                match Identity::self_signed(["localhost", "127.0.0.1", "::1"]) {
-                    Ok(identity) => {
-                        *created = Instant::now();
-                        identity
-                    }
-                    Err(error) => {
-                        warn!(%error, "cannot generate a new self-signed certificate");
-                        return;
-                    }
-                }
-            }
+        let Some(identity) = self.source.reload_if_changed(forced).await else {
+            return;
         };
-        let self_signed = matches!(self.source, CertificateSource::SelfSigned { .. });
-        let info = certificate_info(&identity, self_signed, self.local_addr.port());
+        let info = CertificateInfo::of(&identity, self.source.is_self_signed(), self.local_addr.port());
         match self
             .endpoint
             .reload_config(server_config(&self.settings, identity, None), false)
@@ -381,32 +225,6 @@ impl WebTransportServer {
             Err(error) => warn!(%error, "cannot apply the new certificate"),
         }
     }
-}
-
-#[cfg(unix)]
-type Hangup = Option<tokio::signal::unix::Signal>;
-#[cfg(not(unix))]
-type Hangup = ();
-
-#[cfg(unix)]
-fn hangup_signal() -> Hangup {
-    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
-}
-#[cfg(not(unix))]
-fn hangup_signal() -> Hangup {}
-
-#[cfg(unix)]
-async fn recv_hangup(hangup: &mut Hangup) {
-    match hangup {
-        Some(signal) => {
-            signal.recv().await;
-        }
-        None => std::future::pending().await,
-    }
-}
-#[cfg(not(unix))]
-async fn recv_hangup(_: &mut Hangup) {
-    std::future::pending::<()>().await
 }
 
 /// Completes the QUIC and HTTP/3 handshakes, checks the request, and runs the session.
@@ -425,11 +243,12 @@ async fn accept_session(
     if path != PATH {
         return request.not_found().await;
     }
-    if let Some(origin) = request.origin() {
-        if !settings.allowed_origins.is_empty() && !settings.allowed_origins.iter().any(|a| a == origin) {
-            node.metrics.close_error(403, "origin_not_allowed");
-            return request.forbidden().await;
-        }
+    if node
+        .admission
+        .check_origin(request.origin().map(str::as_bytes))
+        .is_err()
+    {
+        return request.forbidden().await;
     }
     if node.is_draining() {
         return request.too_many_requests().await;
@@ -487,8 +306,8 @@ impl WtSession {
             node.registry.clone(),
             subscriber,
             settings.session,
+            node.admission.command_budget(crate::clock::unix_ms()),
             node.draining.clone(),
-            crate::clock::unix_ms(),
         );
         let repair = DatagramRepair::new(settings.repair);
         let routing = StateRouting::new(settings.state_datagrams);

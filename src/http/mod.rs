@@ -1,9 +1,14 @@
 //! The HTTP side: health, metrics, the publish API for the platform's backend, room queries,
 //! and the WebSocket upgrade route. Every error answers JSON `{"error": code, "message": text}`.
 
+pub mod error;
+pub mod upgrade;
+
+use std::sync::Arc;
+
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRef, Path, Query, Request, State};
 use axum::handler::Handler;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -13,19 +18,60 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::core::{JsonData, Kind, Publication, RoomName};
-use crate::hub::{HubError, RoomHistory};
+use crate::config::ServeConfig;
+use crate::core::{JsonData, Kind, RoomName};
 use crate::node::Node;
-use crate::registry::{Published, RegistryError};
-use crate::transport::{websocket, webtransport};
+use crate::registry::{Published, RoomEvents};
+use crate::transport::websocket::WebSocketSettings;
+
+pub use self::error::{ApiError, ApiErrorCode};
+
+/// What the HTTP side needs beyond the node, built from the configuration.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Largest request body.
+    pub max_body: usize,
+    /// Items in one batch publish, at most.
+    pub max_batch: usize,
+    /// What the WebSocket connections it upgrades are given.
+    pub websocket: WebSocketSettings,
+}
+
+impl HttpSettings {
+    pub fn from_config(config: &ServeConfig) -> Self {
+        Self {
+            max_body: config.http.max_body,
+            max_batch: config.http.max_batch,
+            websocket: WebSocketSettings::from_config(config),
+        }
+    }
+}
+
+/// The routes' state: the node and the HTTP side's own settings.
+#[derive(Debug, Clone)]
+pub struct HttpState {
+    pub node: Node,
+    pub settings: Arc<HttpSettings>,
+}
+
+impl FromRef<HttpState> for Node {
+    fn from_ref(state: &HttpState) -> Node {
+        state.node.clone()
+    }
+}
 
 /// All routes of the node (docs/openapi.yaml).
-pub fn router(node: Node, max_body: usize) -> Router {
+pub fn router(node: Node, settings: HttpSettings) -> Router {
+    let max_body = settings.max_body;
+    let state = HttpState {
+        node: node.clone(),
+        settings: Arc::new(settings),
+    };
     let auth = || middleware::from_fn_with_state(node.clone(), require_token);
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .route("/ws", get(websocket::upgrade))
+        .route("/ws", get(upgrade::websocket))
         .route("/v1/cert-hash", get(cert_hash))
         .route("/v1/nodes", get(nodes))
         .route("/", get(demo_page))
@@ -39,49 +85,11 @@ pub fn router(node: Node, max_body: usize) -> Router {
         .route("/v1/publish", post(publish_batch.layer(auth())))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body))
-        .with_state(node)
-}
-
-/// An HTTP error answer: a status and a JSON body `{"error": code, "message": text}`, where
-/// `code` is one of the names listed in docs/openapi.yaml.
-#[derive(Debug, Clone)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'a str,
-    message: &'a str,
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(ErrorBody {
-                error: self.code,
-                message: &self.message,
-            }),
-        )
-            .into_response()
-    }
+        .with_state(state)
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+    ApiError::new(ApiErrorCode::NotFound, "no such endpoint")
 }
 
 async fn health(State(node): State<Node>) -> Response {
@@ -101,11 +109,7 @@ async fn health(State(node): State<Node>) -> Response {
 }
 
 async fn metrics(State(node): State<Node>) -> Response {
-    if let Some(drops) = node
-        .udp_socket_inode
-        .get()
-        .and_then(|inode| webtransport::udp_drops(*inode))
-    {
+    if let Some(drops) = node.udp_drops.get().and_then(|drops| drops.count()) {
         node.metrics.udp_receive_drops.set(drops as i64);
     }
     let content_type = HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8");
@@ -114,31 +118,18 @@ async fn metrics(State(node): State<Node>) -> Response {
 
 /// Live nodes of the cluster (this node alone with the embedded registry).
 async fn nodes(State(node): State<Node>) -> Result<Response, ApiError> {
-    let Some(redis) = node.registry.redis() else {
-        let connections = node.metrics.websocket.connections.get() + node.metrics.webtransport.connections.get();
-        let me = serde_json::json!({
-            "id": "local",
-            "http": "",
-            "connections": connections,
-            "subscriptions": node.metrics.subscriptions.get(),
-            "rooms": node.hub.room_count(),
-        });
-        return Ok(Json(serde_json::json!({ "nodes": [me] })).into_response());
-    };
-    let nodes = redis.live_nodes().await.map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "registry_unavailable",
-            format!("redis: {e}"),
-        )
-    })?;
+    let nodes = node.registry.nodes().await?;
     Ok(Json(serde_json::json!({ "nodes": nodes })).into_response())
 }
 
 /// The scoreboard demo page (fallback/index.html), embedded in the binary.
 async fn demo_page() -> Response {
     let html = HeaderValue::from_static("text/html; charset=utf-8");
-    ([(header::CONTENT_TYPE, html)], include_str!("../fallback/index.html")).into_response()
+    (
+        [(header::CONTENT_TYPE, html)],
+        include_str!("../../fallback/index.html"),
+    )
+        .into_response()
 }
 
 /// The browser client (fallback/courtside.js), embedded in the binary.
@@ -147,7 +138,7 @@ async fn client_module() -> Response {
     let cache = HeaderValue::from_static("no-cache");
     (
         [(header::CONTENT_TYPE, js), (header::CACHE_CONTROL, cache)],
-        include_str!("../fallback/courtside.js"),
+        include_str!("../../fallback/courtside.js"),
     )
         .into_response()
 }
@@ -156,8 +147,7 @@ async fn client_module() -> Response {
 async fn cert_hash(State(node): State<Node>) -> Result<Response, ApiError> {
     let info = node.certificate.get().ok_or_else(|| {
         ApiError::new(
-            StatusCode::NOT_FOUND,
-            "webtransport_disabled",
+            ApiErrorCode::WebTransportDisabled,
             "this node does not serve WebTransport",
         )
     })?;
@@ -169,23 +159,14 @@ async fn cert_hash(State(node): State<Node>) -> Result<Response, ApiError> {
         .into_response())
 }
 
-/// Publishing needs `Authorization: Bearer <token>`; checked before the body is read.
+/// Publishing needs `Authorization: Bearer <token>` (admission decides); checked before the
+/// body is read.
 async fn require_token(State(node): State<Node>, request: Request, next: Next) -> Response {
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match presented {
-        Some(token) if constant_time_eq(token.as_bytes(), node.publish_token.as_bytes()) => next.run(request).await,
-        _ => {
-            let mut response = ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "a valid publish token is required: Authorization: Bearer <token>",
-            )
-            .into_response();
+    let authorization = request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+    match node.admission.authorize_publish(authorization) {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => {
+            let mut response = ApiError::from(refusal).into_response();
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -194,32 +175,19 @@ async fn require_token(State(node): State<Node>, request: Request, next: Next) -
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn parse_room(name: &str) -> Result<RoomName, ApiError> {
-    RoomName::parse(name).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_room", e.to_string()))
+    RoomName::parse(name).map_err(|e| ApiError::new(ApiErrorCode::BadRoom, e.to_string()))
 }
 
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
-        let status = rejection.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "body_too_large"
+        let code = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiErrorCode::BodyTooLarge
         } else {
-            "bad_body"
+            ApiErrorCode::BadBody
         };
-        ApiError::new(status, code, rejection.body_text())
+        ApiError::new(code, rejection.body_text())
     })
-}
-
-impl From<HubError> for ApiError {
-    fn from(error: HubError) -> Self {
-        match error {
-            HubError::RoomLimit(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "room_limit", error.to_string()),
-        }
-    }
 }
 
 async fn publish_state(
@@ -246,8 +214,8 @@ async fn publish_one(
 ) -> Result<Response, ApiError> {
     let room = parse_room(room)?;
     let body = body_bytes(body)?;
-    let data = JsonData::parse(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_json", e.to_string()))?;
-    let published = node.registry.publish(&node.hub, &room, kind, &data).await?;
+    let data = JsonData::parse(&body).map_err(|e| ApiError::new(ApiErrorCode::BadJson, e.to_string()))?;
+    let published = node.registry.publish(&room, kind, &data).await?;
     let view = PublishView::new(&room, kind, published);
     let status = if view.queued == Some(true) {
         StatusCode::ACCEPTED
@@ -293,31 +261,11 @@ impl PublishView {
     }
 }
 
-impl From<RegistryError> for ApiError {
-    fn from(error: RegistryError) -> Self {
-        match error {
-            RegistryError::Hub(error) => error.into(),
-            RegistryError::OutboxFull(_) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "registry_unavailable",
-                error.to_string(),
-            ),
-        }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum BatchKind {
-    State,
-    Event,
-}
-
 #[derive(Deserialize)]
 struct BatchItem<'a> {
     room: String,
     #[serde(rename = "type")]
-    kind: BatchKind,
+    kind: Kind,
     #[serde(borrow)]
     data: &'a RawValue,
 }
@@ -344,39 +292,36 @@ enum BatchResult {
 /// `POST /v1/publish`: every item is checked before any is published, then all are published
 /// in order with one ingest time.
 async fn publish_batch(
-    State(node): State<Node>,
+    State(state): State<HttpState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<BatchResponse>, ApiError> {
+    let (node, max_batch) = (&state.node, state.settings.max_batch);
     let body = body_bytes(body)?;
-    let batch: Batch<'_> = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_batch", e.to_string()))?;
-    if batch.messages.is_empty() || batch.messages.len() > node.max_batch {
-        let message = format!("a batch holds 1 to {} messages", node.max_batch);
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_batch", message));
+    let batch: Batch<'_> =
+        serde_json::from_slice(&body).map_err(|e| ApiError::new(ApiErrorCode::BadBatch, e.to_string()))?;
+    if batch.messages.is_empty() || batch.messages.len() > max_batch {
+        let message = format!("a batch holds 1 to {max_batch} messages");
+        return Err(ApiError::new(ApiErrorCode::BadBatch, message));
     }
     let mut checked = Vec::with_capacity(batch.messages.len());
     for (i, item) in batch.messages.iter().enumerate() {
         let room = RoomName::parse(&item.room)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_room", format!("messages[{i}]: {e}")))?;
-        checked.push((room, &item.kind, JsonData::from_raw(item.data)));
+            .map_err(|e| ApiError::new(ApiErrorCode::BadRoom, format!("messages[{i}]: {e}")))?;
+        checked.push((room, item.kind, JsonData::from_raw(item.data)));
     }
     let mut results = Vec::with_capacity(checked.len());
     for (room, kind, data) in checked {
-        let (kind, name) = match kind {
-            BatchKind::State => (Kind::State, "state"),
-            BatchKind::Event => (Kind::Event, "event"),
-        };
-        let result = match node.registry.publish(&node.hub, &room, kind, &data).await {
+        let result = match node.registry.publish(&room, kind, &data).await {
             Ok(published) => BatchResult::Published(PublishView {
-                kind: Some(name),
+                kind: Some(kind.as_str()),
                 ..PublishView::new(&room, kind, published)
             }),
             Err(error) => {
                 let error = ApiError::from(error);
                 BatchResult::Failed {
                     room: room.to_string(),
-                    kind: name,
-                    error: error.code,
+                    kind: kind.as_str(),
+                    error: error.code.name(),
                     message: error.message,
                 }
             }
@@ -398,11 +343,6 @@ struct StateView<'a> {
     data: &'a RawValue,
 }
 
-fn data_of(p: &Publication) -> &RawValue {
-    // The data was validated as JSON when it was published.
-    serde_json::from_str(p.data()).unwrap_or(RawValue::NULL)
-}
-
 #[derive(Serialize)]
 struct RoomView<'a> {
     room: &'a str,
@@ -410,55 +350,32 @@ struct RoomView<'a> {
     version: u64,
     state: Option<StateView<'a>>,
     last_seq: u64,
-    subscribers: usize,
+    subscribers: u64,
 }
 
 fn room_not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "room_not_found", "this node holds no such room")
+    ApiError::new(ApiErrorCode::RoomNotFound, "this node holds no such room")
 }
 
 async fn room_info(State(node): State<Node>, Path(room): Path<String>) -> Result<Response, ApiError> {
     let room = parse_room(&room)?;
-    if let Some(redis) = node.registry.redis() {
-        // The cluster's view; while Redis is away, this node's own view below.
-        if let Ok(shared) = redis.room(&room).await {
-            let shared = shared.ok_or_else(room_not_found)?;
-            let data = shared.state.as_deref().map(raw_json);
-            let state = data.as_ref().map(|d| StateView {
-                version: shared.version,
-                ts: shared.state_ts,
-                data: d,
-            });
-            let view = RoomView {
-                room: room.as_str(),
-                epoch: &shared.epoch,
-                version: shared.version,
-                state,
-                last_seq: shared.last_seq,
-                subscribers: shared.subscribers as usize,
-            };
-            return Ok(Json(view).into_response());
-        }
-    }
-    let info = node.hub.room_info(&room).ok_or_else(room_not_found)?;
-    let state = info.state.as_deref().map(|p| StateView {
-        version: info.version,
-        ts: p.ts_ms,
-        data: data_of(p),
+    let figures = node.registry.room(&room).await?.ok_or_else(room_not_found)?;
+    let data = figures.state.as_ref().map(|s| raw_json(&s.data));
+    let state = figures.state.as_ref().zip(data.as_deref()).map(|(s, data)| StateView {
+        version: figures.version,
+        ts: s.ts_ms,
+        data,
     });
     let view = RoomView {
         room: room.as_str(),
-        epoch: &info.epoch,
-        version: info.version,
+        epoch: &figures.epoch,
+        version: figures.version,
         state,
-        last_seq: info.last_seq,
-        subscribers: info.subscribers,
+        last_seq: figures.last_seq,
+        subscribers: figures.subscribers,
     };
     Ok(Json(view).into_response())
 }
-
-/// Events (seq, ts, data) after `since`, or the last sequence when the history does not reach back.
-type EventList = Result<Vec<(u64, u64, Box<RawValue>)>, u64>;
 
 /// Stored JSON text as a raw value (it was validated when published).
 fn raw_json(text: &str) -> Box<RawValue> {
@@ -486,41 +403,20 @@ async fn room_events(
     let room = parse_room(&room)?;
     let Ok(Query(SinceQuery { since })) = query else {
         return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_query",
+            ApiErrorCode::BadQuery,
             "since must be a non-negative integer",
         ));
     };
-    let now_ms = crate::clock::unix_ms();
-    let (epoch, events): (String, EventList) = match node.registry.redis() {
-        Some(redis) => {
-            let (epoch, events) = redis
-                .events(&room, since)
-                .await
-                .map_err(|e| {
-                    ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "registry_unavailable",
-                        format!("redis: {e}"),
-                    )
-                })?
-                .ok_or_else(room_not_found)?;
-            (
-                epoch,
-                events.map(|list| {
-                    list.into_iter()
-                        .map(|(seq, ts, data)| (seq, ts, raw_json(&data)))
-                        .collect()
-                }),
-            )
-        }
-        None => {
-            let RoomHistory { epoch, events } =
-                node.hub.room_events(&room, since, now_ms).ok_or_else(room_not_found)?;
-            let events = events.map(|list| list.iter().map(|p| (p.number(), p.ts_ms, raw_json(p.data()))).collect());
-            (epoch, events)
-        }
-    };
+    let RoomEvents { epoch, events } = node
+        .registry
+        .events_since(&room, since)
+        .await?
+        .ok_or_else(room_not_found)?;
+    let events = events.map(|list| {
+        list.into_iter()
+            .map(|e| (e.seq, e.ts_ms, raw_json(&e.data)))
+            .collect::<Vec<_>>()
+    });
     Ok(match events {
         Ok(events) => {
             let last_seq = events.last().map_or(since, |e| e.0);
@@ -537,12 +433,12 @@ async fn room_events(
         }
         Err(last_seq) => {
             let body = serde_json::json!({
-                "error": "history_gone",
+                "error": ApiErrorCode::HistoryGone.name(),
                 "message": "the history no longer reaches back to since; read the state and start from last_seq",
                 "epoch": epoch,
                 "last_seq": last_seq,
             });
-            (StatusCode::GONE, Json(body)).into_response()
+            (ApiErrorCode::HistoryGone.status(), Json(body)).into_response()
         }
     })
 }

@@ -1,20 +1,24 @@
-//! `courtside serve --demo`: drives the Saturday simulator in real time (or faster) and publishes
-//! what it produces through the registry, exactly as HTTP publishes are.
+//! `courtside serve --demo`: drives the Saturday simulator (`simulator`, a pure model the bench
+//! also loads) in real time or faster, and publishes what it produces through the registry,
+//! exactly as HTTP publishes are.
+
+pub mod simulator;
 
 use std::time::Duration;
 
 use tracing::{info, warn};
 
+use std::sync::Arc;
+
 use crate::core::JsonData;
-use crate::hub::Hub;
 use crate::registry::Registry;
 use crate::shutdown::ShutdownListener;
-use crate::simulator::{SaturdayConfig, SaturdayModel, SimPublish};
+use simulator::{SaturdayConfig, SaturdayModel, SimPublish};
 
 const TICK: Duration = Duration::from_millis(250);
 
 /// Runs the simulator until shutdown. `speed` multiplies game time (1.0: real time).
-pub async fn run(hub: Hub, registry: Registry, speed: f64, seed: u64, mut stop: ShutdownListener) {
+pub async fn run(registry: Arc<dyn Registry>, speed: f64, seed: u64, mut stop: ShutdownListener) {
     let mut model = SaturdayModel::new(SaturdayConfig::default(), seed);
     let mut out = Vec::new();
     model.snapshot(&mut out);
@@ -25,7 +29,7 @@ pub async fn run(hub: Hub, registry: Registry, speed: f64, seed: u64, mut stop: 
         speed,
         "demo: simulating a Phoenix Saturday"
     );
-    publish(&hub, &registry, &mut out).await;
+    publish(registry.as_ref(), &mut out).await;
     let mut tick = tokio::time::interval(TICK);
     let step = (TICK.as_millis() as f64 * speed).max(1.0) as u64;
     loop {
@@ -33,18 +37,18 @@ pub async fn run(hub: Hub, registry: Registry, speed: f64, seed: u64, mut stop: 
             _ = stop.recv() => return,
             _ = tick.tick() => {
                 model.advance(step, &mut out);
-                publish(&hub, &registry, &mut out).await;
+                publish(registry.as_ref(), &mut out).await;
             }
         }
     }
 }
 
-async fn publish(hub: &Hub, registry: &Registry, out: &mut Vec<SimPublish>) {
+async fn publish(registry: &dyn Registry, out: &mut Vec<SimPublish>) {
     for p in out.drain(..) {
         let Ok(data) = JsonData::parse(p.data.as_bytes()) else {
             continue;
         };
-        if let Err(error) = registry.publish(hub, &p.room, p.kind, &data).await {
+        if let Err(error) = registry.publish(&p.room, p.kind, &data).await {
             warn!(%error, room = %p.room, "demo publish refused");
         }
     }

@@ -1,0 +1,247 @@
+//! Who may connect, listen and publish. Every transport and the publish API ask here before they
+//! accept, so a new rule (subscriber tokens, per-IP limits) is written once, for all of them.
+
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::metrics::Metrics;
+
+/// What admission enforces, built from the configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdmissionSettings {
+    /// Open TCP connections at once (HTTP and WebSocket); more are closed on accept.
+    pub max_connections: usize,
+    /// Browser origins allowed to open a WebSocket or WebTransport session; empty: any.
+    pub allowed_origins: Vec<String>,
+    /// The bearer token the publish API requires.
+    pub publish_token: String,
+    /// Commands per connection.
+    pub commands: CommandRate,
+}
+
+impl AdmissionSettings {
+    /// `publish_token` is the resolved token (configured, or generated for this run).
+    pub fn from_config(config: &crate::config::ServeConfig, publish_token: String) -> Self {
+        Self {
+            max_connections: config.http.max_connections,
+            allowed_origins: config.http.allowed_origins.clone(),
+            publish_token,
+            commands: CommandRate {
+                per_second: config.connection.command_rate,
+                burst: config.connection.command_burst,
+            },
+        }
+    }
+}
+
+/// How many commands a client may send: on average and in one burst.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CommandRate {
+    pub per_second: f64,
+    pub burst: f64,
+}
+
+impl Default for CommandRate {
+    fn default() -> Self {
+        Self {
+            per_second: 100.0,
+            burst: 1000.0,
+        }
+    }
+}
+
+/// Why admission said no. Each refusal has its documented answer (HTTP status and code, or a
+/// protocol error) and is counted in `courtside_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the node holds its maximum number of connections")]
+    ConnectionLimit,
+    #[error("this origin may not connect here")]
+    OriginNotAllowed,
+    #[error("a valid publish token is required: Authorization: Bearer <token>")]
+    Unauthorized,
+}
+
+impl Refusal {
+    /// The HTTP status that answers it.
+    pub fn status(self) -> u16 {
+        match self {
+            Self::ConnectionLimit => 503,
+            Self::OriginNotAllowed => 403,
+            Self::Unauthorized => 401,
+        }
+    }
+
+    /// Its name in error bodies and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ConnectionLimit => "connection_limit",
+            Self::OriginNotAllowed => "origin_not_allowed",
+            Self::Unauthorized => "unauthorized",
+        }
+    }
+}
+
+/// A connection counted against the limit until it is dropped (it travels with the socket
+/// through any upgrade).
+#[derive(Debug)]
+pub struct ConnectionPermit(#[allow(dead_code)] OwnedSemaphorePermit);
+
+/// The node's admission rules: a cloneable handle.
+#[derive(Debug, Clone)]
+pub struct Admission(Arc<AdmissionInner>);
+
+#[derive(Debug)]
+struct AdmissionInner {
+    connections: Arc<Semaphore>,
+    settings: AdmissionSettings,
+    metrics: Arc<Metrics>,
+}
+
+impl Admission {
+    pub fn new(settings: AdmissionSettings, metrics: Arc<Metrics>) -> Self {
+        Self(Arc::new(AdmissionInner {
+            connections: Arc::new(Semaphore::new(settings.max_connections)),
+            settings,
+            metrics,
+        }))
+    }
+
+    fn refuse(&self, refusal: Refusal) -> Refusal {
+        self.0.metrics.close_error(refusal.status(), refusal.name());
+        refusal
+    }
+
+    /// A new TCP connection: a permit while the node is under its connection limit.
+    pub fn admit_connection(&self) -> Result<ConnectionPermit, Refusal> {
+        match self.0.connections.clone().try_acquire_owned() {
+            Ok(permit) => Ok(ConnectionPermit(permit)),
+            Err(_) => Err(self.refuse(Refusal::ConnectionLimit)),
+        }
+    }
+
+    /// A browser's `Origin` (absent for non-browser clients, which are allowed).
+    pub fn check_origin(&self, origin: Option<&[u8]>) -> Result<(), Refusal> {
+        let allowed = &self.0.settings.allowed_origins;
+        match origin {
+            Some(origin) if !allowed.is_empty() && !allowed.iter().any(|a| a.as_bytes() == origin) => {
+                Err(self.refuse(Refusal::OriginNotAllowed))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A publish request's `Authorization` header value.
+    pub fn authorize_publish(&self, authorization: Option<&[u8]>) -> Result<(), Refusal> {
+        let presented = authorization
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match presented {
+            Some(token) if constant_time_eq(token.as_bytes(), self.0.settings.publish_token.as_bytes()) => Ok(()),
+            _ => Err(Refusal::Unauthorized),
+        }
+    }
+
+    /// The command budget of a connection opened at `now_ms`.
+    pub fn command_budget(&self, now_ms: u64) -> CommandBudget {
+        CommandBudget::new(self.0.settings.commands, now_ms)
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A connection's token bucket of commands, fed with the time by its caller.
+#[derive(Debug)]
+pub struct CommandBudget {
+    rate: CommandRate,
+    tokens: f64,
+    last_ms: u64,
+}
+
+impl CommandBudget {
+    pub fn new(rate: CommandRate, now_ms: u64) -> Self {
+        Self {
+            rate,
+            tokens: rate.burst,
+            last_ms: now_ms,
+        }
+    }
+
+    /// Takes one command's token; false when the client is over its rate.
+    pub fn take(&mut self, now_ms: u64) -> bool {
+        let elapsed = now_ms.saturating_sub(self.last_ms) as f64 / 1000.0;
+        self.last_ms = now_ms;
+        self.tokens = (self.tokens + elapsed * self.rate.per_second).min(self.rate.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admission(max_connections: usize, origins: &[&str]) -> Admission {
+        Admission::new(
+            AdmissionSettings {
+                max_connections,
+                allowed_origins: origins.iter().map(|o| o.to_string()).collect(),
+                publish_token: "secret".into(),
+                commands: CommandRate::default(),
+            },
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    #[test]
+    fn connections_beyond_the_limit_are_refused_until_one_closes() {
+        let a = admission(1, &[]);
+        let first = a.admit_connection().expect("first");
+        assert_eq!(a.admit_connection().err(), Some(Refusal::ConnectionLimit));
+        drop(first);
+        assert!(a.admit_connection().is_ok());
+    }
+
+    #[test]
+    fn origins_outside_the_list_are_refused_and_clients_without_one_pass() {
+        let a = admission(1, &["https://scores.example.com"]);
+        assert!(a.check_origin(Some(b"https://scores.example.com")).is_ok());
+        assert_eq!(
+            a.check_origin(Some(b"https://evil.example")),
+            Err(Refusal::OriginNotAllowed)
+        );
+        assert!(a.check_origin(None).is_ok());
+        assert!(admission(1, &[]).check_origin(Some(b"https://any.example")).is_ok());
+    }
+
+    #[test]
+    fn publishing_needs_the_bearer_token() {
+        let a = admission(1, &[]);
+        assert!(a.authorize_publish(Some(b"Bearer secret")).is_ok());
+        assert_eq!(a.authorize_publish(Some(b"Bearer wrong")), Err(Refusal::Unauthorized));
+        assert_eq!(a.authorize_publish(Some(b"secret")), Err(Refusal::Unauthorized));
+        assert_eq!(a.authorize_publish(None), Err(Refusal::Unauthorized));
+    }
+
+    #[test]
+    fn commands_beyond_the_budget_are_refused_until_it_refills() {
+        let mut budget = CommandBudget::new(
+            CommandRate {
+                per_second: 10.0,
+                burst: 2.0,
+            },
+            0,
+        );
+        assert!(budget.take(0) && budget.take(0));
+        assert!(!budget.take(0));
+        assert!(budget.take(100), "100 ms at 10/s refill one");
+    }
+}

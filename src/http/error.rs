@@ -1,0 +1,188 @@
+//! Every error the HTTP side answers, in one table: each code's status and name (docs/openapi.yaml),
+//! as `core::protocol` holds the client protocol's codes. Bodies are `{"error": name, "message": text}`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+use crate::admission::Refusal;
+use crate::hub::HubError;
+use crate::registry::RegistryError;
+
+/// The error codes of the HTTP API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ApiErrorCode {
+    /// No such endpoint.
+    NotFound,
+    /// The room name breaks the naming rules.
+    BadRoom,
+    /// The body is not one JSON value.
+    BadJson,
+    /// The batch is not `{"messages": [...]}` with 1 to `--max-batch` items.
+    BadBatch,
+    /// The body could not be read.
+    BadBody,
+    /// The body is larger than `--max-body`.
+    BodyTooLarge,
+    /// A query parameter is not what the endpoint takes.
+    BadQuery,
+    /// Publishing needs a valid bearer token.
+    Unauthorized,
+    /// The node holds no such room.
+    RoomNotFound,
+    /// The history no longer reaches back to `since`.
+    HistoryGone,
+    /// The node holds its maximum number of rooms.
+    RoomLimit,
+    /// Redis is unreachable (and, for publishes, the outbox is full).
+    RegistryUnavailable,
+    /// This node does not serve WebTransport.
+    WebTransportDisabled,
+    /// The node is shutting down.
+    Draining,
+    /// The browser origin may not open a connection here.
+    OriginNotAllowed,
+    /// The node holds its maximum number of connections.
+    ConnectionLimit,
+    /// `/ws` needs a WebSocket upgrade.
+    UpgradeRequired,
+    /// `Sec-WebSocket-Version` is not 13.
+    BadWebSocketVersion,
+    /// `Sec-WebSocket-Key` is missing.
+    BadWebSocketKey,
+}
+
+impl ApiErrorCode {
+    /// The code's name in error bodies.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::NotFound => "not_found",
+            Self::BadRoom => "bad_room",
+            Self::BadJson => "bad_json",
+            Self::BadBatch => "bad_batch",
+            Self::BadBody => "bad_body",
+            Self::BodyTooLarge => "body_too_large",
+            Self::BadQuery => "bad_query",
+            Self::Unauthorized => "unauthorized",
+            Self::RoomNotFound => "room_not_found",
+            Self::HistoryGone => "history_gone",
+            Self::RoomLimit => "room_limit",
+            Self::RegistryUnavailable => "registry_unavailable",
+            Self::WebTransportDisabled => "webtransport_disabled",
+            Self::Draining => "draining",
+            Self::OriginNotAllowed => "origin_not_allowed",
+            Self::ConnectionLimit => "connection_limit",
+            Self::UpgradeRequired => "upgrade_required",
+            Self::BadWebSocketVersion => "bad_websocket_version",
+            Self::BadWebSocketKey => "bad_websocket_key",
+        }
+    }
+
+    /// The status it is answered with.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::NotFound | Self::RoomNotFound | Self::WebTransportDisabled => StatusCode::NOT_FOUND,
+            Self::BadRoom | Self::BadJson | Self::BadBatch | Self::BadBody | Self::BadQuery | Self::BadWebSocketKey => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::HistoryGone => StatusCode::GONE,
+            Self::RoomLimit | Self::RegistryUnavailable | Self::Draining | Self::ConnectionLimit => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::OriginNotAllowed => StatusCode::FORBIDDEN,
+            Self::UpgradeRequired | Self::BadWebSocketVersion => StatusCode::UPGRADE_REQUIRED,
+        }
+    }
+}
+
+/// An HTTP error answer: a code of the table and a message for people.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub code: ApiErrorCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: ApiErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    message: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.code.status(),
+            Json(ErrorBody {
+                error: self.code.name(),
+                message: &self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+impl From<HubError> for ApiError {
+    fn from(error: HubError) -> Self {
+        match error {
+            HubError::RoomLimit(_) => ApiError::new(ApiErrorCode::RoomLimit, error.to_string()),
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(error: RegistryError) -> Self {
+        match error {
+            RegistryError::Hub(error) => error.into(),
+            RegistryError::OutboxFull(_) | RegistryError::Unavailable(_) => {
+                ApiError::new(ApiErrorCode::RegistryUnavailable, error.to_string())
+            }
+        }
+    }
+}
+
+impl ApiErrorCode {
+    /// The code that answers an admission refusal.
+    pub fn from_refusal(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::ConnectionLimit => Self::ConnectionLimit,
+            Refusal::OriginNotAllowed => Self::OriginNotAllowed,
+            Refusal::Unauthorized => Self::Unauthorized,
+        }
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        ApiError::new(ApiErrorCode::from_refusal(refusal), refusal.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_refusals_keep_their_status_and_name() {
+        for refusal in [
+            Refusal::ConnectionLimit,
+            Refusal::OriginNotAllowed,
+            Refusal::Unauthorized,
+        ] {
+            let error = ApiError::from(refusal);
+            assert_eq!(error.code.status().as_u16(), refusal.status());
+            assert_eq!(error.code.name(), refusal.name());
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! The WebSocket handshake at `/ws` (RFC 6455 §4.2): HTTP owns it, admission is asked, and the
+//! upgraded socket is handed to the WebSocket transport, which owns it from then on.
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tracing::{debug, warn};
+
+use super::{ApiError, ApiErrorCode, HttpState};
+use crate::listener::LimitedStream;
+use crate::transport::websocket;
+
+/// `GET /ws`: checks the upgrade request, answers 101 and hands the socket to the transport.
+pub async fn websocket(State(state): State<HttpState>, mut request: Request) -> Response {
+    let node = state.node;
+    if node.is_draining() {
+        return ApiError::new(
+            ApiErrorCode::Draining,
+            "the server is shutting down; connect to another node",
+        )
+        .into_response();
+    }
+    let headers = request.headers();
+    let origin = headers.get(header::ORIGIN).map(HeaderValue::as_bytes);
+    if let Err(refusal) = node.admission.check_origin(origin) {
+        return ApiError::new(
+            ApiErrorCode::from_refusal(refusal),
+            "this origin may not open a WebSocket here",
+        )
+        .into_response();
+    }
+    let key = match check_upgrade_headers(headers) {
+        Ok(key) => key,
+        Err(error) => {
+            let mut response = error.into_response();
+            response
+                .headers_mut()
+                .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            return response;
+        }
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                // The stream hyper served: the transport writes into its socket directly.
+                let parts = match upgraded.downcast::<TokioIo<LimitedStream>>() {
+                    Ok(parts) => parts,
+                    Err(_) => {
+                        warn!("websocket upgrade on an unexpected stream type; closing");
+                        return;
+                    }
+                };
+                let early = parts.read_buf.to_vec();
+                websocket::serve(parts.io.into_inner(), early, node, &state.settings.websocket).await;
+            }
+            Err(error) => debug!(%error, "websocket upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// The RFC 6455 handshake checks; returns the client's key.
+fn check_upgrade_headers(headers: &HeaderMap) -> Result<HeaderValue, ApiError> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
+        return Err(ApiError::new(
+            ApiErrorCode::UpgradeRequired,
+            "this endpoint speaks WebSocket only",
+        ));
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+        return Err(ApiError::new(
+            ApiErrorCode::BadWebSocketVersion,
+            "Sec-WebSocket-Version must be 13",
+        ));
+    }
+    headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .cloned()
+        .ok_or_else(|| ApiError::new(ApiErrorCode::BadWebSocketKey, "Sec-WebSocket-Key is missing"))
+}

@@ -1,0 +1,104 @@
+//! The WebTransport UDP socket: bound with buffers sized for fan-out bursts, and the kernel's
+//! count of datagrams it dropped on that socket (`courtside_udp_receive_drops`).
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+
+use tracing::{info, warn};
+
+/// What the UDP socket asks of the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpSettings {
+    pub bind: SocketAddr,
+    pub recv_buffer: usize,
+    pub send_buffer: usize,
+}
+
+/// Reads the kernel's drop count of one socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpDrops {
+    /// Inode of the socket, its key in /proc/net/udp.
+    inode: u64,
+}
+
+impl UdpDrops {
+    /// Datagrams the kernel dropped on the socket (the `drops` column of /proc/net/udp and
+    /// udp6), or `None` where the OS does not report it.
+    pub fn count(&self) -> Option<u64> {
+        for table in ["/proc/net/udp", "/proc/net/udp6"] {
+            let Ok(text) = std::fs::read_to_string(table) else {
+                continue;
+            };
+            for line in text.lines().skip(1) {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                if fields.len() >= 13 && fields[9].parse() == Ok(self.inode) {
+                    return fields[12].parse().ok();
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Binds the UDP socket with socket buffers sized for bursts (README.md, "UDP buffers"), and
+/// the reader of its drop count where the OS has one.
+pub fn bind(settings: &UdpSettings) -> io::Result<(UdpSocket, Option<UdpDrops>)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let addr = settings.bind;
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    if let Err(error) = socket.set_recv_buffer_size(settings.recv_buffer) {
+        warn!(%error, "cannot set the UDP receive buffer size");
+    }
+    if let Err(error) = socket.set_send_buffer_size(settings.send_buffer) {
+        warn!(%error, "cannot set the UDP send buffer size");
+    }
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("binding WebTransport UDP socket on {addr}: {e}")))?;
+    let granted_recv = socket.recv_buffer_size().unwrap_or(0);
+    let granted_send = socket.send_buffer_size().unwrap_or(0);
+    if granted_recv < settings.recv_buffer || granted_send < settings.send_buffer {
+        info!(
+            requested_recv = settings.recv_buffer,
+            granted_recv,
+            requested_send = settings.send_buffer,
+            granted_send,
+            "UDP socket buffers are capped by the kernel (raise net.core.rmem_max and wmem_max)"
+        );
+    }
+    let drops = socket_inode(&socket).map(|inode| UdpDrops { inode });
+    Ok((socket.into(), drops))
+}
+
+#[cfg(unix)]
+fn socket_inode(socket: &socket2::Socket) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", socket.as_raw_fd())).ok()?;
+    let link = link.to_str()?;
+    link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+}
+
+#[cfg(not(unix))]
+fn socket_inode(_: &socket2::Socket) -> Option<u64> {
+    None
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bound_socket_reports_its_drop_count() {
+        let settings = UdpSettings {
+            bind: "127.0.0.1:0".parse().expect("addr"),
+            recv_buffer: 1 << 16,
+            send_buffer: 1 << 16,
+        };
+        let (_socket, drops) = bind(&settings).expect("bind");
+        assert_eq!(drops.and_then(|d| d.count()), Some(0));
+    }
+}
