@@ -5,6 +5,7 @@ pub mod admission;
 pub mod certs;
 pub mod clock;
 pub mod config;
+pub mod connection;
 /// The sans-IO core, a package of its own (src/core/Cargo.toml).
 pub use courtside_core as core;
 pub mod demo;

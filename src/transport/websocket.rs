@@ -1,5 +1,6 @@
-//! The WebSocket transport: HTTP hands it the upgraded socket (`/ws`), and one task per
-//! connection reads JSON commands into its `Session` and writes its queue out, many frames per write.
+//! The WebSocket wire: HTTP hands it the upgraded socket (`/ws`); it reads JSON text frames and
+//! writes many frames per `writev` (the fan-out writes into idle sockets directly). The
+//! connection itself is run by `connection::drive`.
 
 use std::io;
 use std::pin::Pin;
@@ -15,20 +16,19 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
-use tracing::{debug, info};
 
 use crate::config::ServeConfig;
-use crate::core::{close_code, parse_command, ErrorCode, Outgoing, Publication, QueueClosed, ServerControl};
+use crate::connection::{
+    self, with_deadline, Close, DriverSettings, Ending, Inbound, Keepalive, Wire, WireError, CLOSE_WAIT,
+};
+use crate::core::{parse_command, ErrorCode, Outgoing, Publication, ServerControl};
 use crate::gate::WakeGate;
 use crate::hub::{Direct, DirectWrite};
 use crate::listener::LimitedStream;
-use crate::metrics::{Metrics, Transport};
+use crate::metrics::Transport;
 use crate::node::Node;
-use crate::session::{Session, SessionLimits};
+use crate::session::SessionLimits;
 use crate::shutdown::ShutdownListener;
-
-/// Messages written per socket write at most; the rest wait for the next round.
-const MAX_BATCH: usize = 256;
 
 /// Bytes read from a socket at a time (tungstenite's default is 128 KiB). tungstenite zeroes
 /// this much on every read attempt, and a connection attempts a read on every wake-up.
@@ -37,9 +37,6 @@ const READ_BUFFER: usize = 1024;
 /// tungstenite's own write buffer: it only writes control frames (pong, close) now, the
 /// connection's messages go through `SharedSocket`.
 const WRITE_BUFFER: usize = 64 * 1024;
-
-/// How long a closing connection waits for the client's close frame, at most.
-const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// WebSocket settings, built from the configuration.
 #[derive(Debug, Clone)]
@@ -295,233 +292,135 @@ pub async fn serve(conn: LimitedStream, early: Vec<u8>, node: Node, settings: &W
     run(ws, socket, node, settings, listener).await;
 }
 
-/// Why a connection's loop ended; decides how it is closed.
-#[derive(Debug)]
-enum Ending {
-    /// The client sent a close frame.
-    PeerClosed,
-    /// The socket ended without a close frame.
-    PeerGone,
-    Shutdown,
-    Slow,
-    Idle,
-    TooBig,
-    Protocol(WsError),
-    WriteFailed,
+/// The WebSocket wire of one connection: tungstenite reads (and writes its own control
+/// frames), the shared socket takes the batches.
+struct WebSocketWire {
+    ws: Stream,
+    socket: SocketHandle,
+    /// Lets a turn of the driver poll the socket only after it woke.
+    read_gate: WakeGate,
+    max_message: usize,
+}
+
+impl Wire for WebSocketWire {
+    const TRANSPORT: Transport = Transport::WebSocket;
+
+    fn poll_inbound(&mut self, cx: &mut Context<'_>) -> Poll<Inbound> {
+        let ws = &mut self.ws;
+        let incoming = std::task::ready!(self.read_gate.poll(cx, |cx| ws.poll_next_unpin(cx)));
+        Poll::Ready(match incoming {
+            None => Inbound::End(Ending::PeerGone),
+            Some(Ok(Message::Text(text))) => Inbound::Command(parse_command(&text)),
+            Some(Ok(Message::Binary(_))) => Inbound::Rejected(
+                ErrorCode::UnsupportedFrame,
+                "binary frames are not part of this protocol; send JSON text frames",
+            ),
+            Some(Ok(Message::Close(_))) => Inbound::End(Ending::PeerClosed),
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Inbound::Heard,
+            Some(Err(WsError::Capacity(_))) => Inbound::End(Ending::TooBig {
+                limit: self.max_message,
+            }),
+            Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_))) => {
+                Inbound::End(Ending::PeerGone)
+            }
+            Some(Err(error)) => Inbound::End(Ending::Protocol(error.to_string())),
+        })
+    }
+
+    /// Frames go straight into the shared socket (as the fan-out's direct writes do), not
+    /// through tungstenite: no copy of the payload, one `writev` per batch.
+    async fn write_batch(&mut self, batch: &[Outgoing], write_timeout: Duration) -> Result<(), WireError> {
+        // Publications carry their encoded frame; replies are encoded here (rarely any).
+        let controls: Vec<String> = batch
+            .iter()
+            .filter_map(|item| match item {
+                Outgoing::Control(c) => Some(c.to_json()),
+                Outgoing::Publication(_) => None,
+            })
+            .collect();
+        let mut control_texts = controls.iter();
+        let payloads: Vec<&[u8]> = batch
+            .iter()
+            .filter_map(|item| match item {
+                Outgoing::Publication(p) => Some(p.json_frame().as_bytes()),
+                Outgoing::Control(_) => control_texts.next().map(|t| t.as_bytes()),
+            })
+            .collect();
+        let mut done = 0;
+        while done < payloads.len() {
+            done += self
+                .socket
+                .0
+                .write_text_frames(&payloads[done..])
+                .map_err(|e| WireError::Failed(e.to_string()))?;
+            if done < payloads.len() {
+                // The connection's buffer is full: wait for the socket before taking more.
+                with_deadline(write_timeout, self.ws.flush()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self, write_timeout: Duration) -> Result<(), WireError> {
+        with_deadline(write_timeout, self.ws.flush()).await
+    }
+
+    async fn on_timer(&mut self, _write_timeout: Duration) -> Result<(), WireError> {
+        Ok(())
+    }
+
+    async fn ping(&mut self, write_timeout: Duration) -> Result<(), WireError> {
+        match timeout(write_timeout, self.ws.send(Message::Ping(Bytes::new()))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(WireError::Failed(error.to_string())),
+            Err(_) => Err(WireError::Timeout),
+        }
+    }
+
+    async fn answer_close(&mut self) {
+        // tungstenite queued the close reply; write it out.
+        let _ = timeout(CLOSE_WAIT, self.ws.flush()).await;
+    }
+
+    async fn close(&mut self, close: Close<'_>) -> bool {
+        if close.reconnect {
+            let notice = Message::Text(ServerControl::Reconnect { reason: "shutdown" }.to_json().into());
+            if !matches!(timeout(CLOSE_WAIT, self.ws.send(notice)).await, Ok(Ok(()))) {
+                return false;
+            }
+        }
+        if close.discard_input {
+            let frame = close_frame(close.code, close.reason);
+            let sent = timeout(close.limit, self.ws.close(Some(frame))).await;
+            if matches!(sent, Ok(Ok(()))) {
+                discard_input(self.ws.get_mut(), 2 * self.max_message + 4096, close.limit).await;
+            }
+            return false;
+        }
+        close_and_wait(&mut self.ws, close.code, close.reason, close.limit).await
+    }
 }
 
 /// Runs one WebSocket connection to its end.
-async fn run(
-    mut ws: Stream,
-    socket: SocketHandle,
-    node: Node,
-    settings: &WebSocketSettings,
-    mut shutdown: ShutdownListener,
-) {
-    let metrics = node.metrics.clone();
-    metrics.websocket.connections.inc();
+async fn run(ws: Stream, socket: SocketHandle, node: Node, settings: &WebSocketSettings, shutdown: ShutdownListener) {
     let subscriber = node.hub.new_subscriber(Transport::WebSocket);
-    let writer = socket.clone();
-    subscriber.enable_direct(Box::new(socket));
-    let conn = subscriber.id();
-    debug!(conn, "websocket connected");
-    let mut session = Session::new(
-        node.hub.clone(),
-        node.registry.clone(),
-        subscriber.clone(),
-        settings.session,
-        node.admission.command_budget(crate::clock::unix_ms()),
-        node.draining.clone(),
-    );
-    // Grows to the largest batch this connection has needed: idle fans never pay for MAX_BATCH.
-    let mut batch = Vec::new();
-    let mut ping = tokio::time::interval_at(Instant::now() + settings.ping_interval, settings.ping_interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_heard = Instant::now();
-    // Made once, not on every turn of the loop, and polled through gates: a turn polls only
-    // the branches that woke (the shutdown notice's poll takes a lock, the socket's a few more).
-    let shutdown_notice = shutdown.recv();
-    tokio::pin!(shutdown_notice);
-    let [shutdown_gate, read_gate] = <[WakeGate; 2]>::default();
-
-    let ending = loop {
-        tokio::select! {
-            biased;
-            _ = shutdown_gate.future(shutdown_notice.as_mut()) => break Ending::Shutdown,
-            _ = subscriber.wait() => {
-                match write_queue(&mut ws, &writer, &session, &mut batch, &metrics, settings.write_timeout).await {
-                    Ok(None) => {}
-                    Ok(Some(QueueClosed::Slow)) => break Ending::Slow,
-                    Ok(Some(QueueClosed::Gone)) => break Ending::Shutdown,
-                    Err(()) => break Ending::WriteFailed,
-                }
-            }
-            incoming = std::future::poll_fn(|cx| read_gate.poll(cx, |cx| ws.poll_next_unpin(cx))) => {
-                let message = match incoming {
-                    None => break Ending::PeerGone,
-                    Some(Ok(message)) => message,
-                    Some(Err(WsError::Capacity(_))) => break Ending::TooBig,
-                    Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_))) => break Ending::PeerGone,
-                    Some(Err(error)) => break Ending::Protocol(error),
-                };
-                last_heard = Instant::now();
-                match message {
-                    Message::Text(text) => {
-                        metrics.websocket.client_messages.inc();
-                        session.handle(parse_command(&text), crate::clock::unix_ms());
-                    }
-                    Message::Binary(_) => {
-                        metrics.websocket.client_messages.inc();
-                        session.reject(ErrorCode::UnsupportedFrame, "binary frames are not part of this protocol; send JSON text frames");
-                    }
-                    Message::Close(_) => break Ending::PeerClosed,
-                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
-                }
-            }
-            _ = ping.tick() => {
-                if last_heard.elapsed() >= settings.idle_timeout {
-                    break Ending::Idle;
-                }
-                if !matches!(timeout(settings.write_timeout, ws.send(Message::Ping(Bytes::new()))).await, Ok(Ok(()))) {
-                    break Ending::WriteFailed;
-                }
-            }
-        }
+    subscriber.enable_direct(Box::new(socket.clone()));
+    let wire = WebSocketWire {
+        ws,
+        socket,
+        read_gate: WakeGate::default(),
+        max_message: settings.max_message,
     };
-
-    // From here on the task writes its own last frames (a close frame must be the last).
-    subscriber.stop_direct();
-    debug!(conn, ?ending, "websocket closing");
-    match ending {
-        Ending::PeerClosed => {
-            // tungstenite queued the close reply; write it out.
-            let _ = timeout(CLOSE_WAIT, ws.flush()).await;
-        }
-        Ending::PeerGone | Ending::WriteFailed => {}
-        Ending::Shutdown => {
-            // Deliver what was accepted, then tell the client to reconnect elsewhere.
-            let _ = write_queue(&mut ws, &writer, &session, &mut batch, &metrics, CLOSE_WAIT).await;
-            let notice = Message::Text(ServerControl::Reconnect { reason: "shutdown" }.to_json().into());
-            let replied = matches!(timeout(CLOSE_WAIT, ws.send(notice)).await, Ok(Ok(())))
-                && close(
-                    &mut ws,
-                    close_code::SERVICE_RESTART,
-                    "server shutting down; reconnect",
-                    settings.drain_timeout,
-                )
-                .await;
-            if !replied {
-                node.shutdown.abandoned_one();
-            }
-        }
-        Ending::Slow => {
-            info!(conn, "closing slow websocket client (4001)");
-            close(
-                &mut ws,
-                close_code::SLOW,
-                "slow consumer; reconnect with since",
-                settings.write_timeout,
-            )
-            .await;
-        }
-        Ending::Idle => {
-            metrics.close_error(close_code::IDLE_TIMEOUT, "idle_timeout");
-            close(&mut ws, close_code::IDLE_TIMEOUT, "idle timeout", CLOSE_WAIT).await;
-        }
-        Ending::TooBig => {
-            metrics.close_error(close_code::MESSAGE_TOO_BIG, "message_too_big");
-            let reason = format!("message larger than {} bytes", settings.max_message);
-            let sent = timeout(
-                CLOSE_WAIT,
-                ws.close(Some(close_frame(close_code::MESSAGE_TOO_BIG, &reason))),
-            )
-            .await;
-            if matches!(sent, Ok(Ok(()))) {
-                // The rest of the oversized frame is still arriving: read and discard it, so the
-                // close frame reaches the client instead of being lost to a TCP reset.
-                discard_input(ws.get_mut(), 2 * settings.max_message + 4096, CLOSE_WAIT).await;
-            }
-        }
-        Ending::Protocol(error) => {
-            debug!(conn, %error, "websocket protocol error");
-            metrics.close_error(close_code::PROTOCOL_ERROR, "protocol_error");
-            close(&mut ws, close_code::PROTOCOL_ERROR, "protocol error", CLOSE_WAIT).await;
-        }
-    }
-    drop(session);
-    let dropped = subscriber.close(QueueClosed::Gone);
-    if dropped > 0 {
-        metrics.dropped.inc_by(dropped as u64);
-    }
-    metrics.websocket.connections.dec();
-    debug!(conn, dropped, "websocket closed");
-}
-
-/// Writes everything queued, up to `MAX_BATCH` messages per socket write. Reports a closed
-/// queue. Frames go straight into the shared socket (as the fan-out's direct writes do), not
-/// through tungstenite: no copy of the payload, one `writev` per batch. tungstenite still owns
-/// the reading side and writes its own control frames (pong, close) through the same socket.
-async fn write_queue(
-    ws: &mut Stream,
-    writer: &SocketHandle,
-    session: &Session,
-    batch: &mut Vec<Outgoing>,
-    metrics: &Metrics,
-    write_timeout: Duration,
-) -> Result<Option<QueueClosed>, ()> {
-    let subscriber = session.subscriber();
-    loop {
-        batch.clear();
-        let closed = subscriber.drain_into(batch, MAX_BATCH);
-        if !batch.is_empty() {
-            // Publications carry their encoded frame; replies are encoded here (rarely any).
-            let controls: Vec<String> = batch
-                .iter()
-                .filter_map(|item| match item {
-                    Outgoing::Control(c) => Some(c.to_json()),
-                    Outgoing::Publication(_) => None,
-                })
-                .collect();
-            let mut control_texts = controls.iter();
-            let payloads: Vec<&[u8]> = batch
-                .iter()
-                .filter_map(|item| match item {
-                    Outgoing::Publication(p) => Some(p.json_frame().as_bytes()),
-                    Outgoing::Control(_) => control_texts.next().map(|t| t.as_bytes()),
-                })
-                .collect();
-            let mut done = 0;
-            while done < payloads.len() {
-                done += writer.0.write_text_frames(&payloads[done..]).map_err(|_| ())?;
-                if done < payloads.len() {
-                    // The connection's buffer is full: wait for the socket before taking more.
-                    with_deadline(write_timeout, ws.flush()).await?;
-                }
-            }
-            metrics.record_deliveries(Transport::WebSocket, batch);
-        }
-        // What the socket did not take yet (or the rest of a frame the fan-out wrote directly)
-        // waits in the connection's buffer: write it out. Done at once when it is empty.
-        with_deadline(write_timeout, ws.flush()).await?;
-        if batch.is_empty() || closed.is_some() {
-            return Ok(closed);
-        }
-    }
-}
-
-/// Runs `work` to its end within `limit`. A write into a socket with room completes on its
-/// first poll; only a write that has to wait arms a timer (a timer per delivery cost measurable
-/// CPU at 10,000 subscribers).
-async fn with_deadline<T, E>(limit: Duration, work: impl std::future::Future<Output = Result<T, E>>) -> Result<T, ()> {
-    let mut work = std::pin::pin!(work);
-    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(work.as_mut().poll(cx))).await;
-    match first {
-        std::task::Poll::Ready(result) => result.map_err(|_| ()),
-        std::task::Poll::Pending => match timeout(limit, work).await {
-            Ok(result) => result.map_err(|_| ()),
-            Err(_) => Err(()),
-        },
-    }
+    let driver = DriverSettings {
+        write_timeout: settings.write_timeout,
+        drain_timeout: settings.drain_timeout,
+        keepalive: Some(Keepalive {
+            interval: settings.ping_interval,
+            idle_timeout: settings.idle_timeout,
+        }),
+        session: settings.session,
+    };
+    connection::drive(wire, subscriber, node, driver, shutdown).await;
 }
 
 fn close_frame(code: u16, reason: &str) -> CloseFrame {
@@ -533,7 +432,7 @@ fn close_frame(code: u16, reason: &str) -> CloseFrame {
 
 /// Sends a close frame and waits (at most `limit`) for the client's, then lets the socket go.
 /// Returns whether the client closed in time.
-async fn close(ws: &mut Stream, code: u16, reason: &str, limit: Duration) -> bool {
+async fn close_and_wait(ws: &mut Stream, code: u16, reason: &str, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     let sent = tokio::time::timeout_at(deadline, ws.close(Some(close_frame(code, reason)))).await;
     if !matches!(sent, Ok(Ok(()))) {

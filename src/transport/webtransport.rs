@@ -1,39 +1,40 @@
 //! The WebTransport transport: HTTP/3 sessions at `/wt` on UDP. Commands and ordered messages
 //! travel on one client-opened bidirectional control stream; state updates that fit travel as
-//! datagrams, repaired by `core::repair` when lost. Certificates are reloaded without dropping sessions.
+//! datagrams, repaired by `core::repair` when lost. The session is run by `connection::drive`.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn};
+use wtransport::datagram::Datagram;
 use wtransport::endpoint::endpoint_side::Server;
 use wtransport::endpoint::IncomingSession;
+use wtransport::error::{ConnectionError, StreamReadError};
 use wtransport::{Connection, Endpoint, Identity, RecvStream, SendStream, ServerConfig, VarInt};
 
 use crate::certs::{CertificateError, CertificateInfo, CertificateSource, Hangup};
 use crate::config::ServeConfig;
+use crate::connection::{self, Close, DriverSettings, Ending, Inbound, Wire, WireError};
 use crate::core::repair::{DatagramRepair, RepairAction, RepairPolicy};
 use crate::core::routing::{Route, StateDatagrams, StateRouting};
 use crate::core::wire::{self, ClientMessage, FrameDecoder, FrameError, MAX_CLIENT_MESSAGE};
-use crate::core::{close_code, ClientCommand, CommandError, Kind, Outgoing, QueueClosed, RoomName, ServerControl};
+use crate::core::{close_code, ClientCommand, Kind, Outgoing, RoomName, ServerControl};
 use crate::gate::WakeGate;
-use crate::metrics::Transport;
+use crate::metrics::{Metrics, Transport};
 use crate::node::Node;
-use crate::session::{Session, SessionLimits};
+use crate::session::SessionLimits;
 use crate::shutdown::ShutdownListener;
 use crate::udp::{self, UdpSettings};
 
-/// Messages written per stream write at most.
-const MAX_BATCH: usize = 256;
-
 /// Bytes read from the control stream at a time (a heap profile found 16 KiB here per session).
 const CONTROL_READ_CHUNK: usize = 1024;
-
-/// How long a closing session waits for the client to close first.
-const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// The path WebTransport sessions are accepted on.
 pub const PATH: &str = "/wt";
@@ -268,295 +269,279 @@ async fn accept_session(
             return;
         }
     };
-    node.metrics.webtransport.connections.inc();
-    WtSession::new(connection, send, node.clone(), settings)
-        .run(recv, shutdown)
-        .await;
-    node.metrics.webtransport.connections.dec();
+    let subscriber = node.hub.new_subscriber(Transport::WebTransport);
+    let driver = DriverSettings {
+        write_timeout: settings.write_timeout,
+        drain_timeout: settings.drain_timeout,
+        // QUIC keeps the session alive and times it out (`transport_config`).
+        keepalive: None,
+        session: settings.session,
+    };
+    debug!(conn = subscriber.id(), remote = %connection.remote_address(), "webtransport session started");
+    let wire = WebTransportWire::new(connection, send, recv, &node, &settings);
+    connection::drive(wire, subscriber, node, driver, shutdown).await;
 }
 
-#[derive(Debug)]
-enum Ending {
-    PeerGone,
-    Shutdown,
-    Slow,
-    TooBig,
-    WriteFailed,
+type Owned<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// A read of the control stream, owning the stream and its buffer, so the read lives across
+/// turns of the driver (behind a gate) and hands both back when it completes.
+type ControlRead = Owned<(RecvStream, Vec<u8>, Result<Option<usize>, StreamReadError>)>;
+
+fn read_control(mut recv: RecvStream, mut buf: Vec<u8>) -> ControlRead {
+    Box::pin(async move {
+        let read = recv.read(&mut buf).await;
+        (recv, buf, read)
+    })
 }
 
-/// One WebTransport session: its control stream, datagrams, queue and repair state.
-struct WtSession {
+fn receive_datagram(connection: Connection) -> Owned<Result<Datagram, ConnectionError>> {
+    Box::pin(async move { connection.receive_datagram().await })
+}
+
+/// The WebTransport wire of one session: its control stream (commands in; replies, events and
+/// states that must arrive out), its datagrams (states out, acks in) and their loss repair.
+struct WebTransportWire {
     connection: Connection,
     send: SendStream,
-    node: Node,
-    settings: WebTransportSettings,
-    session: Session,
+    metrics: Arc<Metrics>,
     repair: DatagramRepair,
     /// Which states go as datagrams and which on the stream (`core::routing`).
     routing: StateRouting,
-    batch: Vec<Outgoing>,
+    /// Grows to what this session has needed: idle fans never pay for a large buffer.
     out: BytesMut,
+    decoder: FrameDecoder,
+    // Long-lived reads, each polled through its gate: a turn of the driver polls only what
+    // woke (each poll would take a lock of quinn's or wtransport's).
+    peer_closed: Owned<()>,
+    control_read: ControlRead,
+    next_datagram: Owned<Result<Datagram, ConnectionError>>,
+    gates: [WakeGate; 3],
+    /// The repair timer, set to the earliest resend due.
+    repair_timer: Pin<Box<tokio::time::Sleep>>,
+    repair_timer_at: Option<std::time::Instant>,
+    repairs: Vec<RepairAction>,
 }
 
-impl WtSession {
-    fn new(connection: Connection, send: SendStream, node: Node, settings: WebTransportSettings) -> Self {
-        let subscriber = node.hub.new_subscriber(Transport::WebTransport);
-        let session = Session::new(
-            node.hub.clone(),
-            node.registry.clone(),
-            subscriber,
-            settings.session,
-            node.admission.command_budget(crate::clock::unix_ms()),
-            node.draining.clone(),
-        );
-        let repair = DatagramRepair::new(settings.repair);
-        let routing = StateRouting::new(settings.state_datagrams);
+impl WebTransportWire {
+    fn new(
+        connection: Connection,
+        send: SendStream,
+        recv: RecvStream,
+        node: &Node,
+        settings: &WebTransportSettings,
+    ) -> Self {
+        let closing = connection.clone();
         Self {
+            peer_closed: Box::pin(async move {
+                closing.closed().await;
+            }),
+            // Client commands are small; a session's buffer is memory held for as long as it lives.
+            control_read: read_control(recv, vec![0u8; CONTROL_READ_CHUNK]),
+            next_datagram: receive_datagram(connection.clone()),
             connection,
             send,
-            node,
-            settings,
-            session,
-            repair,
-            routing,
-            // Both grow to what this session has needed: idle fans never pay for MAX_BATCH.
-            batch: Vec::new(),
+            metrics: node.metrics.clone(),
+            repair: DatagramRepair::new(settings.repair),
+            routing: StateRouting::new(settings.state_datagrams),
             out: BytesMut::new(),
-        }
-    }
-
-    async fn run(mut self, recv: RecvStream, mut shutdown: ShutdownListener) {
-        let conn = self.session.subscriber().id();
-        debug!(conn, remote = %self.connection.remote_address(), "webtransport session started");
-        // The control stream and the datagrams are read in this loop, not by tasks of their own:
-        // an ack then costs one task wake-up instead of three, and a session two tasks less.
-        // Both reads are long-lived futures, made again only when one completes.
-        let mut decoder = FrameDecoder::default();
-        let subscriber = self.session.subscriber().clone();
-        let mut repairs = Vec::new();
-        // Made once, not on every turn of the loop, and polled through gates: a turn polls only
-        // the branches that woke (a poll of each would take a lock of quinn's or tokio's).
-        let shutdown_notice = shutdown.recv();
-        tokio::pin!(shutdown_notice);
-        let connection = self.connection.clone();
-        let peer_closed = connection.closed();
-        tokio::pin!(peer_closed);
-        // Client commands are small; a session's buffer is memory held for as long as it lives.
-        let control_read = read_control(recv, vec![0u8; CONTROL_READ_CHUNK]);
-        tokio::pin!(control_read);
-        let next_datagram = connection.receive_datagram();
-        tokio::pin!(next_datagram);
-        let [shutdown_gate, closed_gate, control_gate, datagram_gate] = <[WakeGate; 4]>::default();
-
-        let ending = 'session: loop {
-            let repair_due = self.repair.next_due();
-            tokio::select! {
-                biased;
-                _ = shutdown_gate.future(shutdown_notice.as_mut()) => break Ending::Shutdown,
-                _ = closed_gate.future(peer_closed.as_mut()) => break Ending::PeerGone,
-                _ = subscriber.wait() => match self.write_queue().await {
-                    Ok(None) => {}
-                    Ok(Some(QueueClosed::Slow)) => break Ending::Slow,
-                    Ok(Some(QueueClosed::Gone)) => break Ending::Shutdown,
-                    Err(()) => break Ending::WriteFailed,
-                },
-                _ = sleep_until_opt(repair_due), if repair_due.is_some() => {
-                    self.repair.poll(Instant::now().into_std(), &mut repairs);
-                    if self.send_repairs(&mut repairs).await.is_err() {
-                        break Ending::WriteFailed;
-                    }
-                }
-                (recv, control_buf, read) = control_gate.future(control_read.as_mut()) => {
-                    let n = match read {
-                        Ok(Some(n)) => n,
-                        Ok(None) | Err(_) => break Ending::PeerGone,
-                    };
-                    decoder.extend(&control_buf[..n]);
-                    control_read.set(read_control(recv, control_buf));
-                    loop {
-                        match decoder.next_frame(MAX_CLIENT_MESSAGE) {
-                            Ok(Some(frame)) => self.handle(wire::decode_client(&frame)),
-                            Ok(None) => break,
-                            Err(FrameError::TooLarge(..) | FrameError::BadLength) => break 'session Ending::TooBig,
-                        }
-                    }
-                },
-                datagram = datagram_gate.future(next_datagram.as_mut()) => match datagram {
-                    // Datagrams carry acknowledgements for the repair; anything else is ignored.
-                    Ok(datagram) => {
-                        next_datagram.set(connection.receive_datagram());
-                        if let Ok(ClientMessage::Ack { room, version }) = wire::decode_client(&datagram.payload()) {
-                            self.acked(&room, version);
-                        }
-                    }
-                    Err(_) => break Ending::PeerGone,
-                },
-            }
-        };
-        debug!(conn, ?ending, "webtransport session closing");
-        let metrics = self.node.metrics.clone();
-        match ending {
-            Ending::PeerGone | Ending::WriteFailed => {}
-            Ending::Shutdown => {
-                let _ = timeout(CLOSE_WAIT, self.write_queue()).await;
-                self.out.clear();
-                wire::put_frame(
-                    &mut self.out,
-                    &wire::encode_control(&ServerControl::Reconnect { reason: "shutdown" }),
-                );
-                let drain = self.settings.drain_timeout;
-                if !self
-                    .close(close_code::SERVICE_RESTART, "server shutting down; reconnect", drain)
-                    .await
-                {
-                    self.node.shutdown.abandoned_one();
-                }
-            }
-            Ending::Slow => {
-                info!(conn, "closing slow webtransport client (4001)");
-                self.out.clear();
-                self.close(
-                    close_code::SLOW,
-                    "slow consumer; reconnect with since",
-                    self.settings.write_timeout,
-                )
-                .await;
-            }
-            Ending::TooBig => {
-                metrics.close_error(close_code::MESSAGE_TOO_BIG, "message_too_big");
-                self.out.clear();
-                let reason = format!("message larger than {MAX_CLIENT_MESSAGE} bytes");
-                self.close(close_code::MESSAGE_TOO_BIG, &reason, CLOSE_WAIT).await;
-            }
-        }
-        let subscriber = self.session.subscriber().clone();
-        drop(self.session);
-        let dropped = subscriber.close(QueueClosed::Gone);
-        if dropped > 0 {
-            metrics.dropped.inc_by(dropped as u64);
-        }
-        debug!(conn, dropped, "webtransport session closed");
-    }
-
-    fn handle(&mut self, message: Result<ClientMessage, CommandError>) {
-        self.node.metrics.webtransport.client_messages.inc();
-        let now_ms = crate::clock::unix_ms();
-        match message {
-            Ok(ClientMessage::Ack { room, version }) => self.acked(&room, version),
-            Ok(ClientMessage::Command(command)) => {
-                if let ClientCommand::Unsubscribe { room } = &command {
-                    self.repair.forget(room);
-                }
-                self.session.handle(Ok(command), now_ms);
-            }
-            Err(error) => self.session.handle(Err(error), now_ms),
+            decoder: FrameDecoder::default(),
+            gates: Default::default(),
+            repair_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            repair_timer_at: None,
+            repairs: Vec::new(),
         }
     }
 
     /// The client holds `version` of `room` (an ack, as a datagram or on the control stream).
     fn acked(&mut self, room: &RoomName, version: u64) {
-        self.node.metrics.repair_acks.inc();
+        self.metrics.repair_acks.inc();
         self.repair.acked(room, version, std::time::Instant::now());
     }
 
-    /// Writes everything queued: states as datagrams where they fit, the rest on the stream.
-    async fn write_queue(&mut self) -> Result<Option<QueueClosed>, ()> {
-        let subscriber = self.session.subscriber().clone();
+    /// The next message already read from the control stream, if any.
+    fn next_decoded(&mut self) -> Option<Inbound> {
         loop {
-            self.batch.clear();
-            let closed = subscriber.drain_into(&mut self.batch, MAX_BATCH);
-            if self.batch.is_empty() {
-                return Ok(closed);
-            }
-            self.out.clear();
-            if !self.routing.datagrams_on()
-                && self.connection.quic_connection().stats().path.lost_packets > 0
-                && self.routing.loss_seen()
-            {
-                debug!(
-                    conn = subscriber.id(),
-                    "packet loss on this session: states go as datagrams from now on"
-                );
-            }
-            let max_datagram = self
-                .connection
-                .max_datagram_size()
-                .filter(|_| self.routing.datagrams_on());
-            let rtt = self.connection.rtt();
-            let now = Instant::now().into_std();
-            let mut batch = std::mem::take(&mut self.batch);
-            for item in &batch {
-                match item {
-                    Outgoing::Control(control) => {
-                        self.routing.control(control);
-                        if let ServerControl::Unsubscribed { room } = control {
-                            self.repair.forget(room);
-                        }
-                        wire::put_frame(&mut self.out, &wire::encode_control(control));
-                    }
-                    Outgoing::Publication(p) => {
-                        let message = p.wire_message();
-                        if p.kind != Kind::State {
-                            wire::put_frame(&mut self.out, message);
-                            continue;
-                        }
-                        let version = p.number;
-                        let fits = max_datagram.is_some_and(|max| message.len() <= max);
-                        if self.routing.route(&p.room, fits) == Route::Datagram
-                            && self.connection.send_datagram(message).is_ok()
-                        {
-                            self.repair.sent(p, version, now, rtt);
-                        } else {
-                            self.repair.forget(&p.room);
-                            wire::put_frame(&mut self.out, message);
-                        }
-                    }
+            let frame = match self.decoder.next_frame(MAX_CLIENT_MESSAGE) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return None,
+                Err(FrameError::TooLarge(..) | FrameError::BadLength) => {
+                    return Some(Inbound::End(Ending::TooBig {
+                        limit: MAX_CLIENT_MESSAGE,
+                    }))
                 }
-            }
-            if !self.out.is_empty() {
-                match timeout(self.settings.write_timeout, self.send.write_all(&self.out)).await {
-                    Ok(Ok(())) => {}
-                    _ => return Err(()),
+            };
+            match wire::decode_client(&frame) {
+                Ok(ClientMessage::Ack { room, version }) => {
+                    self.metrics.webtransport.client_messages.inc();
+                    self.acked(&room, version);
                 }
-            }
-            self.node.metrics.record_deliveries(Transport::WebTransport, &batch);
-            batch.clear();
-            self.batch = batch;
-            if closed.is_some() {
-                return Ok(closed);
+                Ok(ClientMessage::Command(command)) => {
+                    if let ClientCommand::Unsubscribe { room } = &command {
+                        self.repair.forget(room);
+                    }
+                    return Some(Inbound::Command(Ok(command)));
+                }
+                Err(error) => return Some(Inbound::Command(Err(error))),
             }
         }
     }
 
-    async fn send_repairs(&mut self, repairs: &mut Vec<RepairAction>) -> Result<(), ()> {
+    async fn write_out(&mut self, write_timeout: Duration) -> Result<(), WireError> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        match timeout(write_timeout, self.send.write_all(&self.out)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(WireError::Failed(error.to_string())),
+            Err(_) => Err(WireError::Timeout),
+        }
+    }
+}
+
+impl Wire for WebTransportWire {
+    const TRANSPORT: Transport = Transport::WebTransport;
+
+    fn poll_inbound(&mut self, cx: &mut Context<'_>) -> Poll<Inbound> {
+        const CLOSED: usize = 0;
+        const CONTROL: usize = 1;
+        const DATAGRAM: usize = 2;
+        loop {
+            if let Some(inbound) = self.next_decoded() {
+                return Poll::Ready(inbound);
+            }
+            if self.gates[CLOSED]
+                .poll(cx, |cx| self.peer_closed.as_mut().poll(cx))
+                .is_ready()
+            {
+                return Poll::Ready(Inbound::End(Ending::PeerGone));
+            }
+            if let Some(due) = self.repair.next_due() {
+                if self.repair_timer_at != Some(due) {
+                    self.repair_timer.as_mut().reset(Instant::from_std(due));
+                    self.repair_timer_at = Some(due);
+                }
+                if self.repair_timer.as_mut().poll(cx).is_ready() {
+                    self.repair_timer_at = None;
+                    return Poll::Ready(Inbound::Timer);
+                }
+            }
+            let control = self.gates[CONTROL].poll(cx, |cx| self.control_read.as_mut().poll(cx));
+            if let Poll::Ready((recv, buf, read)) = control {
+                match read {
+                    Ok(Some(n)) => {
+                        self.decoder.extend(&buf[..n]);
+                        self.control_read = read_control(recv, buf);
+                        continue;
+                    }
+                    Ok(None) | Err(_) => return Poll::Ready(Inbound::End(Ending::PeerGone)),
+                }
+            }
+            let datagram = self.gates[DATAGRAM].poll(cx, |cx| self.next_datagram.as_mut().poll(cx));
+            if let Poll::Ready(datagram) = datagram {
+                match datagram {
+                    // Datagrams carry acknowledgements for the repair; anything else is ignored.
+                    Ok(datagram) => {
+                        self.next_datagram = receive_datagram(self.connection.clone());
+                        if let Ok(ClientMessage::Ack { room, version }) = wire::decode_client(&datagram.payload()) {
+                            self.acked(&room, version);
+                        }
+                        continue;
+                    }
+                    Err(_) => return Poll::Ready(Inbound::End(Ending::PeerGone)),
+                }
+            }
+            return Poll::Pending;
+        }
+    }
+
+    /// States as datagrams where `core::routing` says so and they fit, the rest on the stream.
+    async fn write_batch(&mut self, batch: &[Outgoing], write_timeout: Duration) -> Result<(), WireError> {
         self.out.clear();
-        let metrics = &self.node.metrics;
+        if !self.routing.datagrams_on()
+            && self.connection.quic_connection().stats().path.lost_packets > 0
+            && self.routing.loss_seen()
+        {
+            debug!("packet loss on this session: states go as datagrams from now on");
+        }
+        let max_datagram = self
+            .connection
+            .max_datagram_size()
+            .filter(|_| self.routing.datagrams_on());
+        let rtt = self.connection.rtt();
+        let now = Instant::now().into_std();
+        for item in batch {
+            match item {
+                Outgoing::Control(control) => {
+                    self.routing.control(control);
+                    if let ServerControl::Unsubscribed { room } = control {
+                        self.repair.forget(room);
+                    }
+                    wire::put_frame(&mut self.out, &wire::encode_control(control));
+                }
+                Outgoing::Publication(p) => {
+                    let message = p.wire_message();
+                    if p.kind != Kind::State {
+                        wire::put_frame(&mut self.out, message);
+                        continue;
+                    }
+                    let fits = max_datagram.is_some_and(|max| message.len() <= max);
+                    if self.routing.route(&p.room, fits) == Route::Datagram
+                        && self.connection.send_datagram(message).is_ok()
+                    {
+                        self.repair.sent(p, p.number, now, rtt);
+                    } else {
+                        self.repair.forget(&p.room);
+                        wire::put_frame(&mut self.out, message);
+                    }
+                }
+            }
+        }
+        self.write_out(write_timeout).await
+    }
+
+    async fn flush(&mut self, _write_timeout: Duration) -> Result<(), WireError> {
+        Ok(())
+    }
+
+    async fn on_timer(&mut self, write_timeout: Duration) -> Result<(), WireError> {
+        let mut repairs = std::mem::take(&mut self.repairs);
+        self.repair.poll(Instant::now().into_std(), &mut repairs);
+        self.out.clear();
         for action in repairs.drain(..) {
             match action {
                 RepairAction::Datagram(p) => {
-                    metrics.repair_datagrams.inc();
+                    self.metrics.repair_datagrams.inc();
                     let _ = self.connection.send_datagram(p.wire_message());
                 }
                 RepairAction::Stream(p) => {
-                    metrics.repair_stream.inc();
+                    self.metrics.repair_stream.inc();
                     wire::put_frame(&mut self.out, p.wire_message());
                 }
             }
         }
-        if self.out.is_empty() {
-            return Ok(());
-        }
-        match timeout(self.settings.write_timeout, self.send.write_all(&self.out)).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(()),
-        }
+        self.repairs = repairs;
+        self.write_out(write_timeout).await
     }
 
-    /// Writes what is in `out`, then a close notice, waits (at most `limit`) for the client to
-    /// close the session, and closes it with `code`. Returns whether the client closed in time.
-    async fn close(&mut self, code: u16, reason: &str, limit: Duration) -> bool {
-        wire::put_frame(&mut self.out, &wire::encode_close(code, reason));
-        let deadline = Instant::now() + limit;
+    async fn ping(&mut self, _write_timeout: Duration) -> Result<(), WireError> {
+        Ok(())
+    }
+
+    async fn answer_close(&mut self) {}
+
+    /// Writes a close notice (after `reconnect`, when asked), waits (at most `limit`) for the
+    /// client to close the session, and closes it with the code.
+    async fn close(&mut self, close: Close<'_>) -> bool {
+        self.out.clear();
+        if close.reconnect {
+            wire::put_frame(
+                &mut self.out,
+                &wire::encode_control(&ServerControl::Reconnect { reason: "shutdown" }),
+            );
+        }
+        wire::put_frame(&mut self.out, &wire::encode_close(close.code, close.reason));
+        let deadline = Instant::now() + close.limit;
         let mut closed = false;
         if matches!(
             tokio::time::timeout_at(deadline, self.send.write_all(&self.out)).await,
@@ -566,28 +551,8 @@ impl WtSession {
                 .await
                 .is_ok();
         }
-        self.connection.close(VarInt::from_u32(code.into()), reason.as_bytes());
+        self.connection
+            .close(VarInt::from_u32(close.code.into()), close.reason.as_bytes());
         closed
-    }
-}
-
-/// Reads the control stream once, owning the stream and buffer, so the read can live across
-/// turns of the session loop (and behind a gate) and hand both back when it completes.
-async fn read_control(
-    mut recv: RecvStream,
-    mut buf: Vec<u8>,
-) -> (
-    RecvStream,
-    Vec<u8>,
-    Result<Option<usize>, wtransport::error::StreamReadError>,
-) {
-    let read = recv.read(&mut buf).await;
-    (recv, buf, read)
-}
-
-async fn sleep_until_opt(deadline: Option<std::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(Instant::from_std(deadline)).await,
-        None => std::future::pending().await,
     }
 }

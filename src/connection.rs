@@ -1,0 +1,325 @@
+//! One connection driver for every transport: it reads commands into the session, drains the
+//! queue in batches, keeps the connection alive, drains on shutdown and closes with the right
+//! code. A transport implements `Wire` with its wire alone (frames; a control stream and datagrams).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::{timeout, Instant};
+use tracing::{debug, info};
+
+use crate::core::{close_code, ClientCommand, CommandError, ErrorCode, Outgoing, QueueClosed};
+use crate::gate::WakeGate;
+use crate::hub::Subscriber;
+use crate::metrics::Transport;
+use crate::node::Node;
+use crate::session::{Session, SessionLimits};
+use crate::shutdown::ShutdownListener;
+
+/// Messages taken from the queue per batch at most; the rest wait for the next round.
+pub const MAX_BATCH: usize = 256;
+
+/// How long a closing connection waits for the client, at most (except when draining).
+pub const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// What the driver needs to know of a connection, whatever its transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DriverSettings {
+    /// A write stuck this long drops the connection.
+    pub write_timeout: Duration,
+    /// Longest wait for a client to close while the node drains.
+    pub drain_timeout: Duration,
+    /// Pings and the idle timeout, when the transport keeps nothing alive itself (QUIC does).
+    pub keepalive: Option<Keepalive>,
+    pub session: SessionLimits,
+}
+
+/// Pings every `interval`; silence for `idle_timeout` closes the connection (4002).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub interval: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// What a wire hands the driver.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A client command, or why it could not be read as one (answered with an error).
+    Command(Result<ClientCommand, CommandError>),
+    /// A message the protocol does not take (answered with this error; the connection stays).
+    Rejected(ErrorCode, &'static str),
+    /// Heard from the client, with nothing for the session (a pong, say).
+    Heard,
+    /// A timer of the wire's own fired: the driver calls `Wire::on_timer`.
+    Timer,
+    /// The connection is over.
+    End(Ending),
+}
+
+/// Why a connection ended; decides how it is closed.
+#[derive(Debug)]
+pub enum Ending {
+    /// The client closed (a close frame).
+    PeerClosed,
+    /// The connection ended without a close from the client.
+    PeerGone,
+    Shutdown,
+    Slow,
+    Idle,
+    /// The client sent a message larger than `limit` bytes.
+    TooBig {
+        limit: usize,
+    },
+    /// The client broke the wire's framing rules.
+    Protocol(String),
+    WriteFailed,
+}
+
+/// A write could not be completed.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("write timed out")]
+    Timeout,
+    #[error("write failed: {0}")]
+    Failed(String),
+}
+
+/// How to close: the close code and reason, the longest wait for the client, and what to send first.
+#[derive(Debug, Clone, Copy)]
+pub struct Close<'a> {
+    pub code: u16,
+    pub reason: &'a str,
+    pub limit: Duration,
+    /// Send `{"type":"reconnect"}` before closing (the node is draining).
+    pub reconnect: bool,
+    /// The client's oversized message is still arriving: read and discard it, so the close
+    /// reaches the client instead of being lost to a reset.
+    pub discard_input: bool,
+}
+
+/// A transport's wire: the only part of a connection that differs between transports.
+pub trait Wire: Send {
+    /// Which transport this is, for metrics and logs.
+    const TRANSPORT: Transport;
+
+    /// Polls what the client sent, and the wire's own timers. Polled only after one of the
+    /// wire's wakers fired (its futures sit behind `WakeGate`s), so a turn that woke for a
+    /// delivery costs nothing here.
+    fn poll_inbound(&mut self, cx: &mut Context<'_>) -> Poll<Inbound>;
+
+    /// Writes a batch of queued messages, in order.
+    fn write_batch(
+        &mut self,
+        batch: &[Outgoing],
+        write_timeout: Duration,
+    ) -> impl Future<Output = Result<(), WireError>> + Send;
+
+    /// Writes what an earlier write left buffered (and the rest of a frame the fan-out wrote
+    /// directly). Done at once when nothing is.
+    fn flush(&mut self, write_timeout: Duration) -> impl Future<Output = Result<(), WireError>> + Send;
+
+    /// Does what the wire's timer asked for (`Inbound::Timer`).
+    fn on_timer(&mut self, write_timeout: Duration) -> impl Future<Output = Result<(), WireError>> + Send;
+
+    /// Sends a ping (only for wires with a `Keepalive`).
+    fn ping(&mut self, write_timeout: Duration) -> impl Future<Output = Result<(), WireError>> + Send;
+
+    /// The client closed first: finish the close it started.
+    fn answer_close(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// Closes the connection; returns whether the client closed in time.
+    fn close(&mut self, close: Close<'_>) -> impl Future<Output = bool> + Send;
+}
+
+/// Runs one connection to its end: `subscriber` is its queue in the hub (set up by the
+/// transport, which may have enabled direct writes into its socket).
+pub async fn drive<W: Wire>(
+    mut wire: W,
+    subscriber: Arc<Subscriber>,
+    node: Node,
+    settings: DriverSettings,
+    mut shutdown: ShutdownListener,
+) {
+    let metrics = node.metrics.clone();
+    let transport = metrics.transport(W::TRANSPORT);
+    transport.connections.inc();
+    let conn = subscriber.id();
+    debug!(conn, transport = W::TRANSPORT.as_str(), "connected");
+    let mut session = Session::new(
+        node.hub.clone(),
+        node.registry.clone(),
+        subscriber.clone(),
+        settings.session,
+        node.admission.command_budget(crate::clock::unix_ms()),
+        node.draining.clone(),
+    );
+    // Grows to the largest batch this connection has needed: idle fans never pay for MAX_BATCH.
+    let mut batch = Vec::new();
+    let keepalive_every = settings
+        .keepalive
+        .map_or(Duration::from_secs(24 * 3600), |k| k.interval);
+    let mut keepalive = tokio::time::interval_at(Instant::now() + keepalive_every, keepalive_every);
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+    // Made once, not on every turn of the loop, and polled through a gate: a turn polls only
+    // the branches that woke (the shutdown notice's poll takes a lock).
+    let shutdown_notice = shutdown.recv();
+    tokio::pin!(shutdown_notice);
+    let shutdown_gate = WakeGate::default();
+
+    let ending = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown_gate.future(shutdown_notice.as_mut()) => break Ending::Shutdown,
+            _ = subscriber.wait() => {
+                match write_queue(&mut wire, &subscriber, &mut batch, &node, settings.write_timeout).await {
+                    Ok(None) => {}
+                    Ok(Some(QueueClosed::Slow)) => break Ending::Slow,
+                    Ok(Some(QueueClosed::Gone)) => break Ending::Shutdown,
+                    Err(_) => break Ending::WriteFailed,
+                }
+            }
+            inbound = std::future::poll_fn(|cx| wire.poll_inbound(cx)) => {
+                match inbound {
+                    Inbound::Command(command) => {
+                        last_heard = Instant::now();
+                        transport.client_messages.inc();
+                        session.handle(command, crate::clock::unix_ms());
+                    }
+                    Inbound::Rejected(code, message) => {
+                        last_heard = Instant::now();
+                        transport.client_messages.inc();
+                        session.reject(code, message);
+                    }
+                    Inbound::Heard => last_heard = Instant::now(),
+                    Inbound::Timer => {
+                        if wire.on_timer(settings.write_timeout).await.is_err() {
+                            break Ending::WriteFailed;
+                        }
+                    }
+                    Inbound::End(ending) => break ending,
+                }
+            }
+            _ = keepalive.tick(), if settings.keepalive.is_some() => {
+                if settings.keepalive.is_some_and(|k| last_heard.elapsed() >= k.idle_timeout) {
+                    break Ending::Idle;
+                }
+                if wire.ping(settings.write_timeout).await.is_err() {
+                    break Ending::WriteFailed;
+                }
+            }
+        }
+    };
+
+    // From here on the task writes its own last frames (a close must be the last).
+    subscriber.stop_direct();
+    debug!(conn, ?ending, "closing");
+    let close = |code, reason, limit| Close {
+        code,
+        reason,
+        limit,
+        reconnect: false,
+        discard_input: false,
+    };
+    match ending {
+        Ending::PeerClosed => wire.answer_close().await,
+        Ending::PeerGone | Ending::WriteFailed => {}
+        Ending::Shutdown => {
+            // Deliver what was accepted, then tell the client to reconnect elsewhere.
+            let _ = timeout(
+                CLOSE_WAIT,
+                write_queue(&mut wire, &subscriber, &mut batch, &node, CLOSE_WAIT),
+            )
+            .await;
+            let closed = wire
+                .close(Close {
+                    reconnect: true,
+                    ..close(
+                        close_code::SERVICE_RESTART,
+                        "server shutting down; reconnect",
+                        settings.drain_timeout,
+                    )
+                })
+                .await;
+            if !closed {
+                node.shutdown.abandoned_one();
+            }
+        }
+        Ending::Slow => {
+            info!(conn, transport = W::TRANSPORT.as_str(), "closing slow client (4001)");
+            let reason = "slow consumer; reconnect with since";
+            wire.close(close(close_code::SLOW, reason, settings.write_timeout))
+                .await;
+        }
+        Ending::Idle => {
+            metrics.close_error(close_code::IDLE_TIMEOUT, "idle_timeout");
+            wire.close(close(close_code::IDLE_TIMEOUT, "idle timeout", CLOSE_WAIT))
+                .await;
+        }
+        Ending::TooBig { limit } => {
+            metrics.close_error(close_code::MESSAGE_TOO_BIG, "message_too_big");
+            let reason = format!("message larger than {limit} bytes");
+            wire.close(Close {
+                discard_input: true,
+                ..close(close_code::MESSAGE_TOO_BIG, &reason, CLOSE_WAIT)
+            })
+            .await;
+        }
+        Ending::Protocol(error) => {
+            debug!(conn, %error, "protocol error");
+            metrics.close_error(close_code::PROTOCOL_ERROR, "protocol_error");
+            wire.close(close(close_code::PROTOCOL_ERROR, "protocol error", CLOSE_WAIT))
+                .await;
+        }
+    }
+    drop(session);
+    let dropped = subscriber.close(QueueClosed::Gone);
+    if dropped > 0 {
+        metrics.dropped.inc_by(dropped as u64);
+    }
+    transport.connections.dec();
+    debug!(conn, dropped, "closed");
+}
+
+/// Writes everything queued, up to `MAX_BATCH` messages per batch. Reports a closed queue.
+async fn write_queue<W: Wire>(
+    wire: &mut W,
+    subscriber: &Subscriber,
+    batch: &mut Vec<Outgoing>,
+    node: &Node,
+    write_timeout: Duration,
+) -> Result<Option<QueueClosed>, WireError> {
+    loop {
+        batch.clear();
+        let closed = subscriber.drain_into(batch, MAX_BATCH);
+        if !batch.is_empty() {
+            wire.write_batch(batch, write_timeout).await?;
+            node.metrics.record_deliveries(W::TRANSPORT, batch);
+        }
+        wire.flush(write_timeout).await?;
+        if batch.is_empty() || closed.is_some() {
+            return Ok(closed);
+        }
+    }
+}
+
+/// Runs `work` to its end within `limit`. A write into a socket with room completes on its
+/// first poll; only a write that has to wait arms a timer (a timer per delivery cost measurable
+/// CPU at 10,000 subscribers).
+pub async fn with_deadline<T, E: std::fmt::Display>(
+    limit: Duration,
+    work: impl Future<Output = Result<T, E>>,
+) -> Result<T, WireError> {
+    let mut work = std::pin::pin!(work);
+    let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
+    let result = match first {
+        Poll::Ready(result) => result,
+        Poll::Pending => match timeout(limit, work).await {
+            Ok(result) => result,
+            Err(_) => return Err(WireError::Timeout),
+        },
+    };
+    result.map_err(|e| WireError::Failed(e.to_string()))
+}
