@@ -6,12 +6,31 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
 use clap::builder::TypedValueParser;
 use clap::parser::ValueSource;
 use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::core::routing::StateDatagrams;
+
+/// The configuration cannot be used; the message names the option or the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// An option's value is out of range.
+    #[error("{0}")]
+    Invalid(String),
+    /// The `--config` file is unreadable, not TOML, or names something it cannot set.
+    #[error("config file {path}: {message}")]
+    File { path: String, message: String },
+    #[error(transparent)]
+    Args(#[from] clap::Error),
+}
+
+/// Returns early with `ConfigError::Invalid`.
+macro_rules! invalid {
+    ($($arg:tt)*) => {
+        return Err(ConfigError::Invalid(format!($($arg)*)))
+    };
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -276,7 +295,7 @@ pub struct LogConfig {
 
 impl ServeConfig {
     /// Rejects values that would make the server misbehave.
-    pub fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let positive = [
             ("max-body", self.http.max_body),
             ("max-batch", self.http.max_batch),
@@ -288,14 +307,14 @@ impl ServeConfig {
         ];
         for (name, value) in positive {
             if value == 0 {
-                bail!("--{name} must be greater than 0");
+                invalid!("--{name} must be greater than 0");
             }
         }
         if !(self.demo_speed > 0.0 && self.demo_speed <= 1000.0) {
-            bail!("--demo-speed must be above 0 and at most 1000");
+            invalid!("--demo-speed must be above 0 and at most 1000");
         }
         if self.cluster.node_heartbeat.is_zero() {
-            bail!("--node-heartbeat must be greater than 0");
+            invalid!("--node-heartbeat must be greater than 0");
         }
         if self
             .cluster
@@ -303,19 +322,19 @@ impl ServeConfig {
             .as_deref()
             .is_some_and(|id| id.is_empty() || id.len() > 64)
         {
-            bail!("--node-id must be 1 to 64 characters");
+            invalid!("--node-id must be 1 to 64 characters");
         }
         if self.webtransport.cert_check_interval.is_zero() {
-            bail!("--cert-check-interval must be greater than 0");
+            invalid!("--cert-check-interval must be greater than 0");
         }
         if self.websocket.ping_interval.is_zero() {
-            bail!("--ping-interval must be greater than 0");
+            invalid!("--ping-interval must be greater than 0");
         }
         if !(self.connection.command_rate > 0.0 && self.connection.command_burst >= 1.0) {
-            bail!("--command-rate must be > 0 and --command-burst at least 1");
+            invalid!("--command-rate must be > 0 and --command-burst at least 1");
         }
         if self.http.publish_token.as_deref().is_some_and(str::is_empty) {
-            bail!("--publish-token must not be empty");
+            invalid!("--publish-token must not be empty");
         }
         Ok(())
     }
@@ -323,22 +342,27 @@ impl ServeConfig {
 
 /// Parses the command line, then fills options that were left at their defaults from the
 /// `--config` TOML file. Precedence: flag, environment variable, file, default.
-pub fn parse_args(args: Vec<OsString>) -> anyhow::Result<Cli> {
+pub fn parse_args(args: Vec<OsString>) -> Result<Cli, ConfigError> {
     let cli = Cli::try_parse_from(&args).unwrap_or_else(|e| e.exit());
     let Command::Serve(serve) = &cli.command;
     let Some(path) = serve.config.clone() else {
         return Ok(cli);
     };
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading config file {}", path.display()))?;
-    let table: toml::Table =
-        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?;
+    let file_error = |message: String| ConfigError::File {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| file_error(format!("cannot read it: {e}")))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| file_error(format!("not valid TOML: {e}")))?;
 
     let command = Cli::command();
     let matches = command.clone().try_get_matches_from(&args)?;
     let Some(("serve", serve_matches)) = matches.subcommand() else {
         return Ok(cli);
     };
-    let serve_command = command.find_subcommand("serve").context("no serve command")?;
+    let Some(serve_command) = command.find_subcommand("serve") else {
+        return Ok(cli);
+    };
     let mut injected: Vec<OsString> = Vec::new();
     for (key, value) in &table {
         let long = key.replace('_', "-");
@@ -346,13 +370,10 @@ pub fn parse_args(args: Vec<OsString>) -> anyhow::Result<Cli> {
             .get_arguments()
             .find(|a| a.get_long() == Some(long.as_str()))
         else {
-            bail!("config file {}: unknown option {key:?}", path.display());
+            return Err(file_error(format!("unknown option {key:?}")));
         };
         if long == "config" {
-            bail!(
-                "config file {}: \"config\" cannot be set from a config file",
-                path.display()
-            );
+            return Err(file_error("\"config\" cannot be set from a config file".into()));
         }
         let id = arg.get_id().as_str();
         if matches!(
@@ -365,7 +386,7 @@ pub fn parse_args(args: Vec<OsString>) -> anyhow::Result<Cli> {
         match (arg.get_action(), value) {
             (ArgAction::SetTrue, toml::Value::Boolean(true)) => injected.push(flag.into()),
             (ArgAction::SetTrue, toml::Value::Boolean(false)) => {}
-            (ArgAction::SetTrue, _) => bail!("config file {}: {key} must be true or false", path.display()),
+            (ArgAction::SetTrue, _) => return Err(file_error(format!("{key} must be true or false"))),
             (_, toml::Value::String(s)) => injected.push(format!("{flag}={s}").into()),
             (_, toml::Value::Integer(n)) => injected.push(format!("{flag}={n}").into()),
             (_, toml::Value::Float(x)) => injected.push(format!("{flag}={x}").into()),
@@ -375,15 +396,17 @@ pub fn parse_args(args: Vec<OsString>) -> anyhow::Result<Cli> {
                     match item {
                         toml::Value::String(s) => parts.push(s.clone()),
                         toml::Value::Integer(n) => parts.push(n.to_string()),
-                        other => bail!("config file {}: {key} holds a {}", path.display(), other.type_str()),
+                        other => return Err(file_error(format!("{key} holds a {}", other.type_str()))),
                     }
                 }
                 injected.push(format!("{flag}={}", parts.join(",")).into());
             }
-            (_, other) => bail!("config file {}: {key} cannot be a {}", path.display(), other.type_str()),
+            (_, other) => return Err(file_error(format!("{key} cannot be a {}", other.type_str()))),
         }
     }
-    let serve_at = args.iter().position(|a| a == "serve").context("no serve command")?;
+    let Some(serve_at) = args.iter().position(|a| a == "serve") else {
+        return Ok(cli);
+    };
     let mut merged = args[..=serve_at].to_vec();
     merged.extend(injected);
     merged.extend_from_slice(&args[serve_at + 1..]);

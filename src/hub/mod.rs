@@ -1,24 +1,23 @@
-//! The node's local room registry and fan-out: rooms in 64 shards, each room behind its own lock,
-//! each connection a `Subscriber` with its own bounded queue. A publish takes no global lock.
+//! The node's local room registry and its fan-out: rooms in 64 shards, each room behind its own
+//! lock; each connection a `Subscriber` (its queue and wake-up, `subscriber`). No global lock.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::Poll;
 use std::time::Duration;
 
-use futures_util::task::AtomicWaker;
-
 use crate::core::{
-    ConnectionQueue, JsonData, Kind, Now, Outgoing, Publication, Pushed, QueueClosed, QueueLimits, RetentionLimits,
-    Room, RoomId, RoomName, ServerControl,
+    ConnectionQueue, JsonData, Kind, Now, Publication, Pushed, QueueLimits, RetentionLimits, Room, RoomId, RoomName,
+    ServerControl,
 };
 use crate::metrics::{Metrics, Transport};
 
 const SHARDS: usize = 64;
 
-/// Identifies a connection on this node.
-pub type ConnId = u64;
+pub mod subscriber;
+
+pub use subscriber::{ConnId, Direct, DirectWrite, Subscriber};
+use subscriber::{FanoutTally, Offered};
 
 /// What the hub needs to know, built by the caller (the hub reads no environment).
 #[derive(Debug, Clone, Copy)]
@@ -114,179 +113,6 @@ pub struct RoomHistory {
     pub events: Result<Vec<Arc<Publication>>, u64>,
 }
 
-/// A one-waiter wake-up with a stored permit: a flag and an `AtomicWaker`, no lock. One per
-/// connection, set by the fan-out for every connection whose queue was empty (cheaper than
-/// `tokio::sync::Notify`, whose waiter list takes a lock on every wait and wake).
-#[derive(Debug, Default)]
-struct Wake {
-    pending: AtomicBool,
-    waker: AtomicWaker,
-}
-
-impl Wake {
-    fn wake(&self) {
-        self.pending.store(true, Ordering::Release);
-        self.waker.wake();
-    }
-
-    async fn wait(&self) {
-        std::future::poll_fn(|cx| {
-            if self.pending.swap(false, Ordering::Acquire) {
-                return Poll::Ready(());
-            }
-            self.waker.register(cx.waker());
-            if self.pending.swap(false, Ordering::Acquire) {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
-        .await;
-    }
-}
-
-/// A way to put a publication into a connection's socket from the fan-out itself, without
-/// waking the connection's task (set by the WebSocket transport). Only tried when the queue
-/// is idle, so it never overtakes a queued message.
-pub trait DirectWrite: Send + Sync + std::fmt::Debug {
-    /// Writes `publication` now if the socket takes it without waiting.
-    fn write_now(&self, publication: &Publication) -> Direct;
-}
-
-/// What a direct write did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direct {
-    /// The socket took the whole message.
-    Written,
-    /// The socket took part; the rest waits in the connection's own buffer, and its writer
-    /// must be woken to finish it.
-    Partly,
-    /// Nothing written (the socket is full or busy): queue it instead.
-    NotNow,
-}
-
-/// A connection as the hub sees it: a bounded queue and a wake-up for its writer.
-#[derive(Debug)]
-pub struct Subscriber {
-    id: ConnId,
-    transport: Transport,
-    queue: Mutex<ConnectionQueue>,
-    /// Woken when the queue goes from empty to non-empty, or closes.
-    wake: Wake,
-    direct: std::sync::OnceLock<Box<dyn DirectWrite>>,
-    /// Direct writes are allowed (cleared, under the queue lock, before the connection closes).
-    direct_on: AtomicBool,
-}
-
-impl Subscriber {
-    pub fn id(&self) -> ConnId {
-        self.id
-    }
-
-    pub fn transport(&self) -> Transport {
-        self.transport
-    }
-
-    fn queue(&self) -> MutexGuard<'_, ConnectionQueue> {
-        // A panic while holding the lock leaves a queue that is still consistent enough to drain.
-        self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Waits until there is something to write (or the queue closed).
-    pub async fn wait(&self) {
-        self.wake.wait().await;
-    }
-
-    /// Moves up to `max` pending messages into `out`; reports whether the queue has closed.
-    pub fn drain_into(&self, out: &mut Vec<Outgoing>, max: usize) -> Option<QueueClosed> {
-        let mut queue = self.queue();
-        queue.drain_into(out, max);
-        queue.closed()
-    }
-
-    /// Queues a reply to this connection, counting an overflow as a slow disconnect.
-    pub fn push_control(&self, metrics: &Metrics, control: ServerControl) {
-        let pushed = self.offer(|q| q.push_control(control));
-        FanoutTally::default().count(pushed).flush(metrics, self.transport);
-    }
-
-    pub fn is_closed(&self) -> bool {
-        self.queue().closed().is_some()
-    }
-
-    /// Stops the queue for good; returns how many pending messages were dropped.
-    pub fn close(&self, reason: QueueClosed) -> usize {
-        let dropped = self.queue().close(reason);
-        self.wake.wake();
-        dropped
-    }
-
-    /// Lets the fan-out write into this connection's socket directly while its queue is idle.
-    pub fn enable_direct(&self, writer: Box<dyn DirectWrite>) {
-        if self.direct.set(writer).is_ok() {
-            self.direct_on.store(true, Ordering::Release);
-        }
-    }
-
-    /// No more direct writes: when this returns, none is running or will start (the writer is
-    /// about to write its own last frames, such as a close).
-    pub fn stop_direct(&self) {
-        let _queue = self.queue();
-        self.direct_on.store(false, Ordering::Release);
-    }
-
-    /// Offers a publication: straight to the socket when nothing is pending for this connection
-    /// and the socket takes it, else into the queue.
-    fn offer_publication(
-        &self,
-        publication: &Arc<Publication>,
-        push: fn(&mut ConnectionQueue, &Arc<Publication>) -> Pushed,
-        allow_direct: bool,
-    ) -> Offered {
-        let mut queue = self.queue();
-        let direct = self
-            .direct
-            .get()
-            .filter(|_| allow_direct && self.direct_on.load(Ordering::Acquire));
-        if let Some(direct) = direct {
-            if queue.is_idle() {
-                match direct.write_now(publication) {
-                    Direct::Written => return Offered::Written,
-                    Direct::Partly => {
-                        drop(queue);
-                        self.wake.wake();
-                        return Offered::Written;
-                    }
-                    Direct::NotNow => {}
-                }
-            }
-        }
-        let pushed = push(&mut queue, publication);
-        drop(queue);
-        Offered::Pushed(self.wake_if_needed(pushed))
-    }
-
-    fn offer(&self, push: impl FnOnce(&mut ConnectionQueue) -> Pushed) -> Pushed {
-        let pushed = push(&mut self.queue());
-        self.wake_if_needed(pushed)
-    }
-
-    /// Wakes the writer when a push made its queue non-empty or closed it as slow.
-    fn wake_if_needed(&self, pushed: Pushed) -> Pushed {
-        if matches!(pushed, Pushed::Queued { wake: true } | Pushed::Overflowed { .. }) {
-            self.wake.wake();
-        }
-        pushed
-    }
-}
-
-/// What became of a publication offered to one subscriber.
-enum Offered {
-    /// Written into the socket by the fan-out.
-    Written,
-    Pushed(Pushed),
-}
-
 /// What one fan-out did, per transport.
 #[derive(Debug, Default)]
 struct FanoutOutcome {
@@ -301,45 +127,6 @@ impl FanoutOutcome {
             if self.written[t] > 0 {
                 metrics.record_direct_deliveries(transport, self.written[t], publication);
             }
-        }
-    }
-}
-
-/// Push outcomes summed over one fan-out, added to the metrics once.
-#[derive(Debug, Default)]
-struct FanoutTally {
-    conflated: u64,
-    dropped: u64,
-    slow: u64,
-}
-
-impl FanoutTally {
-    fn count(mut self, pushed: Pushed) -> Self {
-        self.add(pushed);
-        self
-    }
-
-    fn add(&mut self, pushed: Pushed) {
-        match pushed {
-            Pushed::Queued { .. } | Pushed::Stale => {}
-            Pushed::Conflated => self.conflated += 1,
-            Pushed::Overflowed { dropped } => {
-                self.dropped += dropped as u64;
-                self.slow += 1;
-            }
-            Pushed::Closed => self.dropped += 1,
-        }
-    }
-
-    fn flush(&self, metrics: &Metrics, transport: Transport) {
-        if self.conflated > 0 {
-            metrics.conflated.inc_by(self.conflated);
-        }
-        if self.dropped > 0 {
-            metrics.dropped.inc_by(self.dropped);
-        }
-        if self.slow > 0 {
-            metrics.transport(transport).slow_disconnects.inc_by(self.slow);
         }
     }
 }
@@ -448,14 +235,8 @@ impl Hub {
 
     /// A new connection's handle, with an empty queue.
     pub fn new_subscriber(&self, transport: Transport) -> Arc<Subscriber> {
-        Arc::new(Subscriber {
-            id: self.0.next_conn_id.fetch_add(1, Ordering::Relaxed),
-            transport,
-            queue: Mutex::new(ConnectionQueue::new(self.0.config.queue)),
-            wake: Wake::default(),
-            direct: std::sync::OnceLock::new(),
-            direct_on: AtomicBool::new(false),
-        })
+        let id = self.0.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        Arc::new(Subscriber::new(id, transport, self.0.config.queue))
     }
 
     /// Assigns the next version or sequence and offers the publication to every local subscriber.
@@ -495,7 +276,7 @@ impl Hub {
         let direct = entry.pace.allows_direct(started, subscribers);
         let mut outcome = FanoutOutcome::default();
         for subscriber in entry.subscribers.values() {
-            let t = subscriber.transport as usize;
+            let t = subscriber.transport() as usize;
             match subscriber.offer_publication(publication, offer, direct) {
                 Offered::Written => outcome.written[t] += 1,
                 Offered::Pushed(pushed) => outcome.pushed[t].add(pushed),
@@ -644,7 +425,7 @@ impl Hub {
     ) -> Result<(), HubError> {
         self.with_room(room, true, now_ms, |entry| {
             let snapshot = entry.room.snapshot(since, epoch, now_ms);
-            if entry.subscribers.insert(subscriber.id, subscriber.clone()).is_none() {
+            if entry.subscribers.insert(subscriber.id(), subscriber.clone()).is_none() {
                 self.0.metrics.subscriptions.inc();
             }
             let mut tally = FanoutTally::default();
@@ -659,9 +440,9 @@ impl Hub {
             }
             drop(queue);
             if was_empty || tally.slow > 0 {
-                subscriber.wake.wake();
+                subscriber.wake();
             }
-            tally.flush(&self.0.metrics, subscriber.transport);
+            tally.flush(&self.0.metrics, subscriber.transport());
         })?;
         Ok(())
     }
@@ -669,7 +450,7 @@ impl Hub {
     /// Removes `subscriber` from the room and forgets its pending messages of that room.
     pub fn unsubscribe(&self, room: &RoomName, subscriber: &Subscriber) {
         let result = self.with_room(room, false, 0, |entry| {
-            if entry.subscribers.remove(&subscriber.id).is_some() {
+            if entry.subscribers.remove(&subscriber.id()).is_some() {
                 self.0.metrics.subscriptions.dec();
             }
             subscriber.queue().purge_room(entry.room.id());
@@ -817,6 +598,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::{Outgoing, QueueClosed};
     use std::time::Instant;
 
     fn hub(config: HubConfig) -> Hub {
