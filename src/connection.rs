@@ -157,11 +157,12 @@ pub async fn drive<W: Wire>(
     );
     // Grows to the largest batch this connection has needed: idle fans never pay for MAX_BATCH.
     let mut batch = Vec::new();
-    let keepalive_every = settings
-        .keepalive
-        .map_or(Duration::from_secs(24 * 3600), |k| k.interval);
-    let mut keepalive = tokio::time::interval_at(Instant::now() + keepalive_every, keepalive_every);
-    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Only for wires that need it: a timer is memory held for as long as the connection lives.
+    let mut keepalive = settings.keepalive.map(|k| {
+        let mut ticks = tokio::time::interval_at(Instant::now() + k.interval, k.interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks
+    });
     let mut last_heard = Instant::now();
     // Made once, not on every turn of the loop, and polled through a gate: a turn polls only
     // the branches that woke (the shutdown notice's poll takes a lock).
@@ -202,7 +203,7 @@ pub async fn drive<W: Wire>(
                     Inbound::End(ending) => break ending,
                 }
             }
-            _ = keepalive.tick(), if settings.keepalive.is_some() => {
+            _ = tick(&mut keepalive), if keepalive.is_some() => {
                 if settings.keepalive.is_some_and(|k| last_heard.elapsed() >= k.idle_timeout) {
                     break Ending::Idle;
                 }
@@ -281,6 +282,16 @@ pub async fn drive<W: Wire>(
     }
     transport.connections.dec();
     debug!(conn, dropped, "closed");
+}
+
+/// The next keep-alive tick (never without keep-alive).
+async fn tick(keepalive: &mut Option<tokio::time::Interval>) {
+    match keepalive {
+        Some(ticks) => {
+            ticks.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Writes everything queued, up to `MAX_BATCH` messages per batch. Reports a closed queue.

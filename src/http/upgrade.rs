@@ -44,6 +44,8 @@ pub async fn websocket(State(state): State<HttpState>, mut request: Request) -> 
     };
     let accept = derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut request);
+    // Counted by the drain from here on, so a shutdown waits for the upgrade in flight.
+    let shutdown = node.shutdown_listener();
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
@@ -56,7 +58,7 @@ pub async fn websocket(State(state): State<HttpState>, mut request: Request) -> 
                     }
                 };
                 let early = parts.read_buf.to_vec();
-                websocket::serve(parts.io.into_inner(), early, node, &state.settings.websocket).await;
+                websocket::serve(parts.io.into_inner(), early, node, &state.settings.websocket, shutdown).await;
             }
             Err(error) => debug!(%error, "websocket upgrade failed"),
         }

@@ -279,7 +279,8 @@ async fn accept_session(
     };
     debug!(conn = subscriber.id(), remote = %connection.remote_address(), "webtransport session started");
     let wire = WebTransportWire::new(connection, send, recv, &node, &settings);
-    connection::drive(wire, subscriber, node, driver, shutdown).await;
+    // A task of its own whose future is the driver alone, not the handshake's as well.
+    tokio::spawn(connection::drive(wire, subscriber, node, driver, shutdown));
 }
 
 type Owned<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -317,8 +318,9 @@ struct WebTransportWire {
     control_read: ControlRead,
     next_datagram: Owned<Result<Datagram, ConnectionError>>,
     gates: [WakeGate; 3],
-    /// The repair timer, set to the earliest resend due.
-    repair_timer: Pin<Box<tokio::time::Sleep>>,
+    /// The repair timer, set to the earliest resend due: made the first time one is due (a
+    /// session on the stream alone never needs it), then reset.
+    repair_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     repair_timer_at: Option<std::time::Instant>,
     repairs: Vec<RepairAction>,
 }
@@ -347,7 +349,7 @@ impl WebTransportWire {
             out: BytesMut::new(),
             decoder: FrameDecoder::default(),
             gates: Default::default(),
-            repair_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            repair_timer: None,
             repair_timer_at: None,
             repairs: Vec::new(),
         }
@@ -417,11 +419,14 @@ impl Wire for WebTransportWire {
                 return Poll::Ready(Inbound::End(Ending::PeerGone));
             }
             if let Some(due) = self.repair.next_due() {
+                let timer = self
+                    .repair_timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(Instant::from_std(due))));
                 if self.repair_timer_at != Some(due) {
-                    self.repair_timer.as_mut().reset(Instant::from_std(due));
+                    timer.as_mut().reset(Instant::from_std(due));
                     self.repair_timer_at = Some(due);
                 }
-                if self.repair_timer.as_mut().poll(cx).is_ready() {
+                if timer.as_mut().poll(cx).is_ready() {
                     self.repair_timer_at = None;
                     return Poll::Ready(Inbound::Timer);
                 }
