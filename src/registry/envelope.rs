@@ -11,7 +11,7 @@ pub const VERSION: u8 = 1;
 /// The part the publishing node encodes (postcard).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnvelopeBody<'a> {
-    /// 0: state, 1: event.
+    /// `Kind::to_byte`: 0 state, 1 event.
     pub kind: u8,
     /// Ingest time, ms since the Unix epoch.
     pub ts: u64,
@@ -40,9 +40,6 @@ pub enum EnvelopeError {
     #[error("malformed envelope: {0}")]
     Malformed(String),
 }
-
-pub const KIND_STATE: u8 = 0;
-pub const KIND_EVENT: u8 = 1;
 
 /// Encodes the body the publish script prefixes with the header.
 pub fn encode_body(body: &EnvelopeBody<'_>) -> Vec<u8> {
@@ -88,7 +85,7 @@ mod tests {
 
     fn body() -> EnvelopeBody<'static> {
         EnvelopeBody {
-            kind: KIND_EVENT,
+            kind: crate::core::Kind::Event.to_byte(),
             ts: 1_700_000_000_000,
             data: r#"{"a":1}"#,
             origin: "n1",

@@ -15,7 +15,7 @@ use redis::{AsyncCommands, PushInfo, PushKind, Script, Value};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::envelope::{self, EnvelopeBody, KIND_EVENT, KIND_STATE};
+use super::envelope::{self, EnvelopeBody};
 use super::{
     EmbeddedRegistry, NodeRecord, Published, Registry, RegistryError, RegistryStatus, RoomEvents, RoomFigures,
     StoredEvent, StoredState, Then,
@@ -456,7 +456,7 @@ impl RedisRegistry {
         provisional: Option<u64>,
     ) -> redis::RedisResult<u64> {
         let body = envelope::encode_body(&EnvelopeBody {
-            kind: if kind == Kind::State { KIND_STATE } else { KIND_EVENT },
+            kind: kind.to_byte(),
             ts: ts_ms,
             data: data.as_str(),
             origin: &self.settings.node_id,
@@ -565,7 +565,7 @@ impl RedisRegistry {
             envelopes.push(OwnedEnvelope {
                 number: version,
                 epoch: epoch.clone(),
-                kind: KIND_STATE,
+                kind: Kind::State.to_byte(),
                 ts,
                 data: data.clone(),
                 deliver: true,
@@ -581,7 +581,7 @@ impl RedisRegistry {
             envelopes.push(OwnedEnvelope {
                 number: seq,
                 epoch: epoch.clone(),
-                kind: KIND_EVENT,
+                kind: Kind::Event.to_byte(),
                 ts,
                 data: data.clone(),
                 deliver: !own,
@@ -596,11 +596,8 @@ impl RedisRegistry {
         };
         let remote = RemotePublication {
             epoch: &envelope.epoch,
-            kind: if envelope.kind == KIND_STATE {
-                Kind::State
-            } else {
-                Kind::Event
-            },
+            // A byte no version writes is read as an event, as it always was.
+            kind: Kind::from_byte(envelope.kind).unwrap_or(Kind::Event),
             number: envelope.number,
             ts_ms: envelope.ts,
             data,
