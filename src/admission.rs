@@ -190,6 +190,10 @@ mod tests {
     use super::*;
 
     fn admission(max_connections: usize, origins: &[&str]) -> Admission {
+        admission_with(max_connections, origins, Arc::new(Metrics::new()))
+    }
+
+    fn admission_with(max_connections: usize, origins: &[&str], metrics: Arc<Metrics>) -> Admission {
         Admission::new(
             AdmissionSettings {
                 max_connections,
@@ -197,7 +201,7 @@ mod tests {
                 publish_token: "secret".into(),
                 commands: CommandRate::default(),
             },
-            Arc::new(Metrics::new()),
+            metrics,
         )
     }
 
@@ -208,6 +212,21 @@ mod tests {
         assert_eq!(a.admit_connection().err(), Some(Refusal::ConnectionLimit));
         drop(first);
         assert!(a.admit_connection().is_ok());
+    }
+
+    #[test]
+    fn refusals_are_counted_by_code_and_name() {
+        let metrics = Arc::new(Metrics::new());
+        let a = admission_with(0, &["https://scores.example.com"], metrics.clone());
+        assert!(a.admit_connection().is_err());
+        assert!(a.check_origin(Some(b"https://evil.example")).is_err());
+        let text = metrics.render();
+        for line in [
+            r#"courtside_errors_total{code="503",name="connection_limit"} 1"#,
+            r#"courtside_errors_total{code="403",name="origin_not_allowed"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} missing in {text}");
+        }
     }
 
     #[test]

@@ -139,7 +139,7 @@ pub async fn drive<W: Wire>(
     mut wire: W,
     subscriber: Arc<Subscriber>,
     node: Node,
-    settings: DriverSettings,
+    settings: Arc<DriverSettings>,
     mut shutdown: ShutdownListener,
 ) {
     let metrics = node.metrics.clone();
@@ -207,7 +207,8 @@ pub async fn drive<W: Wire>(
                 if settings.keepalive.is_some_and(|k| last_heard.elapsed() >= k.idle_timeout) {
                     break Ending::Idle;
                 }
-                if wire.ping(settings.write_timeout).await.is_err() {
+                // Boxed: its timer lives on the heap once every ping interval, not in the task.
+                if Box::pin(wire.ping(settings.write_timeout)).await.is_err() {
                     break Ending::WriteFailed;
                 }
             }
@@ -217,6 +218,29 @@ pub async fn drive<W: Wire>(
     // From here on the task writes its own last frames (a close must be the last).
     subscriber.stop_direct();
     debug!(conn, ?ending, "closing");
+    // Boxed: the closing futures (timers, close handshakes) live on the heap only while a
+    // connection closes, instead of widening every connection's task for its whole life.
+    Box::pin(finish(&mut wire, ending, &subscriber, &mut batch, &node, &settings)).await;
+    drop(session);
+    let dropped = subscriber.close(QueueClosed::Gone);
+    if dropped > 0 {
+        metrics.dropped.inc_by(dropped as u64);
+    }
+    transport.connections.dec();
+    debug!(conn, dropped, "closed");
+}
+
+/// Closes the connection as its `ending` asks.
+async fn finish<W: Wire>(
+    wire: &mut W,
+    ending: Ending,
+    subscriber: &Subscriber,
+    batch: &mut Vec<Outgoing>,
+    node: &Node,
+    settings: &DriverSettings,
+) {
+    let metrics = &node.metrics;
+    let conn = subscriber.id();
     let close = |code, reason, limit| Close {
         code,
         reason,
@@ -229,11 +253,7 @@ pub async fn drive<W: Wire>(
         Ending::PeerGone | Ending::WriteFailed => {}
         Ending::Shutdown => {
             // Deliver what was accepted, then tell the client to reconnect elsewhere.
-            let _ = timeout(
-                CLOSE_WAIT,
-                write_queue(&mut wire, &subscriber, &mut batch, &node, CLOSE_WAIT),
-            )
-            .await;
+            let _ = timeout(CLOSE_WAIT, write_queue(wire, subscriber, batch, node, CLOSE_WAIT)).await;
             let closed = wire
                 .close(Close {
                     reconnect: true,
@@ -275,13 +295,6 @@ pub async fn drive<W: Wire>(
                 .await;
         }
     }
-    drop(session);
-    let dropped = subscriber.close(QueueClosed::Gone);
-    if dropped > 0 {
-        metrics.dropped.inc_by(dropped as u64);
-    }
-    transport.connections.dec();
-    debug!(conn, dropped, "closed");
 }
 
 /// The next keep-alive tick (never without keep-alive).
@@ -327,7 +340,8 @@ pub async fn with_deadline<T, E: std::fmt::Display>(
     let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
     let result = match first {
         Poll::Ready(result) => result,
-        Poll::Pending => match timeout(limit, work).await {
+        // Boxed: the timer is on the heap only while a write waits, not in every task.
+        Poll::Pending => match Box::pin(timeout(limit, work)).await {
             Ok(result) => result,
             Err(_) => return Err(WireError::Timeout),
         },

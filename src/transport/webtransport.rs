@@ -49,9 +49,8 @@ pub struct WebTransportSettings {
     pub keep_alive: Duration,
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
-    pub write_timeout: Duration,
-    pub drain_timeout: Duration,
-    pub session: SessionLimits,
+    /// What the driver runs each session with (write timeout, the drain, session limits).
+    pub driver: Arc<DriverSettings>,
     pub repair: RepairPolicy,
     pub state_datagrams: StateDatagrams,
 }
@@ -70,9 +69,13 @@ impl WebTransportSettings {
             keep_alive: config.websocket.ping_interval,
             idle_timeout: config.websocket.idle_timeout,
             handshake_timeout: config.http.upgrade_timeout,
-            write_timeout: config.websocket.write_timeout,
-            drain_timeout: config.http.drain_timeout,
-            session: SessionLimits::from_config(config),
+            driver: Arc::new(DriverSettings {
+                write_timeout: config.websocket.write_timeout,
+                drain_timeout: config.http.drain_timeout,
+                // QUIC keeps the session alive and times it out (`transport_config`).
+                keepalive: None,
+                session: SessionLimits::from_config(config),
+            }),
             repair: RepairPolicy::default(),
             state_datagrams: wt.wt_state_datagrams,
         }
@@ -92,7 +95,8 @@ pub enum WebTransportError {
 pub struct WebTransportServer {
     endpoint: Endpoint<Server>,
     source: CertificateSource,
-    settings: WebTransportSettings,
+    /// Shared with every session's accept.
+    settings: Arc<WebTransportSettings>,
     local_addr: SocketAddr,
     /// SIGHUP, listened for from the bind on.
     hangup: Hangup,
@@ -166,7 +170,7 @@ impl WebTransportServer {
         Ok(Self {
             endpoint,
             source,
-            settings,
+            settings: Arc::new(settings),
             local_addr,
             hangup,
         })
@@ -233,7 +237,7 @@ async fn accept_session(
     incoming: IncomingSession,
     node: Node,
     shutdown: ShutdownListener,
-    settings: WebTransportSettings,
+    settings: Arc<WebTransportSettings>,
 ) {
     let request = match timeout(settings.handshake_timeout, incoming).await {
         Ok(Ok(request)) => request,
@@ -270,17 +274,16 @@ async fn accept_session(
         }
     };
     let subscriber = node.hub.new_subscriber(Transport::WebTransport);
-    let driver = DriverSettings {
-        write_timeout: settings.write_timeout,
-        drain_timeout: settings.drain_timeout,
-        // QUIC keeps the session alive and times it out (`transport_config`).
-        keepalive: None,
-        session: settings.session,
-    };
     debug!(conn = subscriber.id(), remote = %connection.remote_address(), "webtransport session started");
     let wire = WebTransportWire::new(connection, send, recv, &node, &settings);
     // A task of its own whose future is the driver alone, not the handshake's as well.
-    tokio::spawn(connection::drive(wire, subscriber, node, driver, shutdown));
+    tokio::spawn(connection::drive(
+        wire,
+        subscriber,
+        node,
+        settings.driver.clone(),
+        shutdown,
+    ));
 }
 
 type Owned<T> = Pin<Box<dyn Future<Output = T> + Send>>;
