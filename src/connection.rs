@@ -133,6 +133,20 @@ pub trait Wire: Send {
     fn close(&mut self, close: Close<'_>) -> impl Future<Output = bool> + Send;
 }
 
+/// Starts a connection's own task, running `drive` to the connection's end. The task's future
+/// is the driver alone: awaited inside the task of an upgrade or a handshake, each enclosing
+/// future kept room for the socket state moved through it (measured: 5.4 -> 10.7 KB per
+/// WebSocket connection).
+pub fn start<W: Wire + 'static>(
+    wire: W,
+    subscriber: Arc<Subscriber>,
+    node: Node,
+    settings: Arc<DriverSettings>,
+    shutdown: ShutdownListener,
+) {
+    tokio::spawn(drive(wire, subscriber, node, settings, shutdown));
+}
+
 /// Runs one connection to its end: `subscriber` is its queue in the hub (set up by the
 /// transport, which may have enabled direct writes into its socket).
 pub async fn drive<W: Wire>(

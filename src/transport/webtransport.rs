@@ -232,7 +232,7 @@ impl WebTransportServer {
     }
 }
 
-/// Completes the QUIC and HTTP/3 handshakes, checks the request, and runs the session.
+/// Completes the QUIC and HTTP/3 handshakes, checks the request, and starts the session.
 async fn accept_session(
     incoming: IncomingSession,
     node: Node,
@@ -276,14 +276,7 @@ async fn accept_session(
     let subscriber = node.hub.new_subscriber(Transport::WebTransport);
     debug!(conn = subscriber.id(), remote = %connection.remote_address(), "webtransport session started");
     let wire = WebTransportWire::new(connection, send, recv, &node, &settings);
-    // A task of its own whose future is the driver alone, not the handshake's as well.
-    tokio::spawn(connection::drive(
-        wire,
-        subscriber,
-        node,
-        settings.driver.clone(),
-        shutdown,
-    ));
+    connection::start(wire, subscriber, node, settings.driver.clone(), shutdown);
 }
 
 type Owned<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -299,8 +292,15 @@ fn read_control(mut recv: RecvStream, mut buf: Vec<u8>) -> ControlRead {
     })
 }
 
-fn receive_datagram(connection: Connection) -> Owned<Result<Datagram, ConnectionError>> {
-    Box::pin(async move { connection.receive_datagram().await })
+/// A datagram receive, owning a handle of the connection and handing it back with the datagram
+/// (no handle is cloned per ack).
+type DatagramRead = Owned<(Connection, Result<Datagram, ConnectionError>)>;
+
+fn receive_datagram(connection: Connection) -> DatagramRead {
+    Box::pin(async move {
+        let datagram = connection.receive_datagram().await;
+        (connection, datagram)
+    })
 }
 
 /// The WebTransport wire of one session: its control stream (commands in; replies, events and
@@ -319,7 +319,7 @@ struct WebTransportWire {
     // woke (each poll would take a lock of quinn's or wtransport's).
     peer_closed: Owned<()>,
     control_read: ControlRead,
-    next_datagram: Owned<Result<Datagram, ConnectionError>>,
+    next_datagram: DatagramRead,
     gates: [WakeGate; 3],
     /// The repair timer, set to the earliest resend due: made the first time one is due (a
     /// session on the stream alone never needs it), then reset.
@@ -446,11 +446,11 @@ impl Wire for WebTransportWire {
                 }
             }
             let datagram = self.gates[DATAGRAM].poll(cx, |cx| self.next_datagram.as_mut().poll(cx));
-            if let Poll::Ready(datagram) = datagram {
+            if let Poll::Ready((connection, datagram)) = datagram {
                 match datagram {
                     // Datagrams carry acknowledgements for the repair; anything else is ignored.
                     Ok(datagram) => {
-                        self.next_datagram = receive_datagram(self.connection.clone());
+                        self.next_datagram = receive_datagram(connection);
                         if let Ok(ClientMessage::Ack { room, version }) = wire::decode_client(&datagram.payload()) {
                             self.acked(&room, version);
                         }
