@@ -3,9 +3,9 @@
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
-use std::sync::Arc;
 
 use courtside::admission::{Admission, AdmissionSettings};
 use courtside::config::{self, Command, LogFormat, ServeConfig};
