@@ -117,17 +117,25 @@ pub trait Wire: Send {
     ) -> impl Future<Output = Result<(), WireError>> + Send;
 
     /// Writes what an earlier write left buffered (and the rest of a frame the fan-out wrote
-    /// directly). Done at once when nothing is.
-    fn flush(&mut self, write_timeout: Duration) -> impl Future<Output = Result<(), WireError>> + Send;
+    /// directly). Done at once when nothing is; by default nothing ever is.
+    fn flush(&mut self, _write_timeout: Duration) -> impl Future<Output = Result<(), WireError>> + Send {
+        std::future::ready(Ok(()))
+    }
 
-    /// Does what the wire's timer asked for (`Inbound::Timer`).
-    fn on_timer(&mut self, write_timeout: Duration) -> impl Future<Output = Result<(), WireError>> + Send;
+    /// Does what the wire's timer asked for (`Inbound::Timer`); by default a wire has no timer.
+    fn on_timer(&mut self, _write_timeout: Duration) -> impl Future<Output = Result<(), WireError>> + Send {
+        std::future::ready(Ok(()))
+    }
 
-    /// Sends a ping (only for wires with a `Keepalive`).
-    fn ping(&mut self, write_timeout: Duration) -> impl Future<Output = Result<(), WireError>> + Send;
+    /// Sends a ping (only for wires run with a `Keepalive`).
+    fn ping(&mut self, _write_timeout: Duration) -> impl Future<Output = Result<(), WireError>> + Send {
+        std::future::ready(Ok(()))
+    }
 
-    /// The client closed first: finish the close it started.
-    fn answer_close(&mut self) -> impl Future<Output = ()> + Send;
+    /// The client closed first: finish the close it started (by default there is nothing to finish).
+    fn answer_close(&mut self) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
 
     /// Closes the connection; returns whether the client closed in time.
     fn close(&mut self, close: Close<'_>) -> impl Future<Output = bool> + Send;

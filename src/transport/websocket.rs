@@ -374,10 +374,6 @@ impl Wire for WebSocketWire {
         with_deadline(write_timeout, self.ws.flush()).await
     }
 
-    async fn on_timer(&mut self, _write_timeout: Duration) -> Result<(), WireError> {
-        Ok(())
-    }
-
     async fn ping(&mut self, write_timeout: Duration) -> Result<(), WireError> {
         match timeout(write_timeout, self.ws.send(Message::Ping(Bytes::new()))).await {
             Ok(Ok(())) => Ok(()),

@@ -521,10 +521,6 @@ impl Wire for WebTransportWire {
         self.write_out(write_timeout).await
     }
 
-    async fn flush(&mut self, _write_timeout: Duration) -> Result<(), WireError> {
-        Ok(())
-    }
-
     async fn on_timer(&mut self, write_timeout: Duration) -> Result<(), WireError> {
         let mut repairs = std::mem::take(&mut self.repairs);
         self.repair.poll(Instant::now().into_std(), &mut repairs);
@@ -544,12 +540,6 @@ impl Wire for WebTransportWire {
         self.repairs = repairs;
         self.write_out(write_timeout).await
     }
-
-    async fn ping(&mut self, _write_timeout: Duration) -> Result<(), WireError> {
-        Ok(())
-    }
-
-    async fn answer_close(&mut self) {}
 
     /// Writes a close notice (after `reconnect`, when asked), waits (at most `limit`) for the
     /// client to close the session, and closes it with the code.
