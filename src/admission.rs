@@ -86,7 +86,10 @@ impl Refusal {
 /// A connection counted against the limit until it is dropped (it travels with the socket
 /// through any upgrade).
 #[derive(Debug)]
-pub struct ConnectionPermit(#[allow(dead_code)] OwnedSemaphorePermit);
+pub struct ConnectionPermit {
+    /// Returned to the limit when dropped.
+    _permit: OwnedSemaphorePermit,
+}
 
 /// The node's admission rules: a cloneable handle.
 #[derive(Debug, Clone)]
@@ -116,7 +119,7 @@ impl Admission {
     /// A new TCP connection: a permit while the node is under its connection limit.
     pub fn admit_connection(&self) -> Result<ConnectionPermit, Refusal> {
         match self.0.connections.clone().try_acquire_owned() {
-            Ok(permit) => Ok(ConnectionPermit(permit)),
+            Ok(permit) => Ok(ConnectionPermit { _permit: permit }),
             Err(_) => Err(self.refuse(Refusal::ConnectionLimit)),
         }
     }

@@ -360,10 +360,10 @@ fn room_not_found() -> ApiError {
 async fn room_info(State(node): State<Node>, Path(room): Path<String>) -> Result<Response, ApiError> {
     let room = parse_room(&room)?;
     let figures = node.registry.room(&room).await?.ok_or_else(room_not_found)?;
-    let data = figures.state.as_ref().map(|s| raw_json(&s.data));
-    let state = figures.state.as_ref().zip(data.as_deref()).map(|(s, data)| StateView {
+    let state = figures.state.map(|s| (s.ts_ms, raw_json(s.data)));
+    let state = state.as_ref().map(|(ts, data)| StateView {
         version: figures.version,
-        ts: s.ts_ms,
+        ts: *ts,
         data,
     });
     let view = RoomView {
@@ -377,9 +377,9 @@ async fn room_info(State(node): State<Node>, Path(room): Path<String>) -> Result
     Ok(Json(view).into_response())
 }
 
-/// Stored JSON text as a raw value (it was validated when published).
-fn raw_json(text: &str) -> Box<RawValue> {
-    RawValue::from_string(text.to_string()).unwrap_or_else(|_| RawValue::NULL.to_owned())
+/// Stored JSON text as a raw value, taking the text over (it was validated when published).
+fn raw_json(text: String) -> Box<RawValue> {
+    RawValue::from_string(text).unwrap_or_else(|_| RawValue::NULL.to_owned())
 }
 
 #[derive(Deserialize)]
@@ -414,7 +414,7 @@ async fn room_events(
         .ok_or_else(room_not_found)?;
     let events = events.map(|list| {
         list.into_iter()
-            .map(|e| (e.seq, e.ts_ms, raw_json(&e.data)))
+            .map(|e| (e.seq, e.ts_ms, raw_json(e.data)))
             .collect::<Vec<_>>()
     });
     Ok(match events {
