@@ -5,15 +5,72 @@ use std::path::PathBuf;
 use std::sync::RwLock;
 use std::time::{Duration, SystemTime};
 
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::time::Instant;
 use tracing::warn;
-use wtransport::Identity;
 
 /// Self-signed development certificates are replaced this often (they are valid 14 days).
 const SELF_SIGNED_ROTATION: Duration = Duration::from_secs(12 * 24 * 3600);
 
 /// The names a self-signed development certificate is issued for.
 const SELF_SIGNED_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
+/// Self-signed development certificates are valid this long (browsers accept a certificate by
+/// its hash only when it is valid at most 14 days).
+const SELF_SIGNED_VALIDITY: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// A certificate chain and its private key, as rustls takes them.
+#[derive(Debug)]
+pub struct Identity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Identity {
+    /// Loads a PEM certificate chain and a PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub async fn load_pemfiles(cert: &std::path::Path, key: &std::path::Path) -> Result<Self, String> {
+        let (cert, key) = (cert.to_owned(), key.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let chain = CertificateDer::pem_file_iter(&cert)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("certificate: {e}"))?;
+            if chain.is_empty() {
+                return Err("certificate: the file holds no certificate".to_string());
+            }
+            let key = PrivateKeyDer::from_pem_file(&key).map_err(|e| format!("private key: {e}"))?;
+            Ok(Self { chain, key })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// An ECDSA P-256 certificate for `names`, valid from now for 14 days.
+    pub fn self_signed(names: &[&str]) -> Result<Self, String> {
+        let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names).map_err(|e| e.to_string())?;
+        let mut subject = rcgen::DistinguishedName::new();
+        subject.push(rcgen::DnType::CommonName, "courtside development");
+        params.distinguished_name = subject;
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now;
+        params.not_after = now + SELF_SIGNED_VALIDITY;
+        let cert = params.self_signed(&key_pair).map_err(|e| e.to_string())?;
+        Ok(Self {
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pair.serialize_der())),
+        })
+    }
+
+    /// SHA-256 of the leaf certificate's DER, lowercase hex (what `serverCertificateHashes` takes).
+    pub fn leaf_sha256(&self) -> String {
+        self.chain
+            .first()
+            .map(|c| hex(ring::digest::digest(&ring::digest::SHA256, c.as_ref()).as_ref()))
+            .unwrap_or_default()
+    }
+}
 
 /// The certificate could not be loaded or generated.
 #[derive(Debug, thiserror::Error)]
@@ -36,14 +93,8 @@ pub struct CertificateInfo {
 
 impl CertificateInfo {
     pub fn of(identity: &Identity, self_signed: bool, port: u16) -> Self {
-        let sha256 = identity
-            .certificate_chain()
-            .as_slice()
-            .first()
-            .map(|c| hex(c.hash().as_ref()))
-            .unwrap_or_default();
         Self {
-            sha256,
+            sha256: identity.leaf_sha256(),
             self_signed,
             port,
         }
@@ -96,7 +147,7 @@ impl CertificateSource {
                     .map_err(|e| CertificateError::Load {
                         cert: cert.display().to_string(),
                         key: key.display().to_string(),
-                        message: e.to_string(),
+                        message: e,
                     })?;
                 let modified = file_times(cert, key);
                 let source = Self::Files {
@@ -107,8 +158,7 @@ impl CertificateSource {
                 Ok((identity, source))
             }
             None => {
-                let identity = Identity::self_signed(SELF_SIGNED_NAMES)
-                    .map_err(|e| CertificateError::SelfSigned(e.to_string()))?;
+                let identity = Identity::self_signed(&SELF_SIGNED_NAMES).map_err(CertificateError::SelfSigned)?;
                 let source = Self::SelfSigned {
                     created: Instant::now(),
                 };
@@ -145,7 +195,7 @@ impl CertificateSource {
                 if !forced && created.elapsed() < SELF_SIGNED_ROTATION {
                     return None;
                 }
-                match Identity::self_signed(SELF_SIGNED_NAMES) {
+                match Identity::self_signed(&SELF_SIGNED_NAMES) {
                     Ok(identity) => {
                         *created = Instant::now();
                         Some(identity)

@@ -11,6 +11,7 @@ use clap::parser::ValueSource;
 use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::core::routing::StateDatagrams;
+use crate::quic_lb::QuicServerId;
 
 /// The configuration cannot be used; the message names the option or the file.
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +199,12 @@ pub struct WebTransportConfig {
         value_parser = clap::builder::PossibleValuesParser::new(["always", "after-loss"]).try_map(|s| s.parse::<StateDatagrams>())
     )]
     pub wt_state_datagrams: StateDatagrams,
+    /// QUIC-LB server ID for an AWS NLB QUIC listener: 0x and 16 hex digits (8 bytes). Every
+    /// connection ID the server issues then carries it (plaintext QUIC-LB, config rotation
+    /// 0b000), so the load balancer keeps each session on this node across address changes.
+    /// Without it, connection IDs are random.
+    #[arg(long, env = "COURTSIDE_QUIC_SERVER_ID", value_name = "0xHEX")]
+    pub quic_server_id: Option<QuicServerId>,
 }
 
 /// Sharing rooms with other nodes through Redis.

@@ -15,6 +15,7 @@ pub mod hub;
 pub mod listener;
 pub mod metrics;
 pub mod node;
+pub mod quic_lb;
 pub mod random;
 pub mod registry;
 pub mod server;

@@ -40,9 +40,20 @@ impl UdpDrops {
     }
 }
 
-/// Binds the UDP socket with socket buffers sized for bursts (README.md, "UDP buffers"), and
-/// the reader of its drop count where the OS has one.
-pub fn bind(settings: &UdpSettings) -> io::Result<(UdpSocket, Option<UdpDrops>)> {
+/// A bound UDP socket, the buffers the kernel granted it and the reader of its drop count.
+#[derive(Debug)]
+pub struct BoundUdp {
+    pub socket: UdpSocket,
+    /// `None` where the OS does not report drops.
+    pub drops: Option<UdpDrops>,
+    /// Bytes each buffer can hold, as granted (at most what was asked).
+    pub recv_buffer: usize,
+    pub send_buffer: usize,
+}
+
+/// Binds the UDP socket with socket buffers sized for bursts (README.md, "UDP buffers"); logs
+/// what the kernel granted when it is less than asked.
+pub fn bind(settings: &UdpSettings) -> io::Result<BoundUdp> {
     use socket2::{Domain, Protocol, Socket, Type};
     let addr = settings.bind;
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
@@ -59,8 +70,8 @@ pub fn bind(settings: &UdpSettings) -> io::Result<(UdpSocket, Option<UdpDrops>)>
     socket
         .bind(&addr.into())
         .map_err(|e| io::Error::new(e.kind(), format!("binding WebTransport UDP socket on {addr}: {e}")))?;
-    let granted_recv = socket.recv_buffer_size().unwrap_or(0);
-    let granted_send = socket.send_buffer_size().unwrap_or(0);
+    let granted_recv = usable_buffer(socket.recv_buffer_size().unwrap_or(0));
+    let granted_send = usable_buffer(socket.send_buffer_size().unwrap_or(0));
     if granted_recv < settings.recv_buffer || granted_send < settings.send_buffer {
         info!(
             requested_recv = settings.recv_buffer,
@@ -71,7 +82,23 @@ pub fn bind(settings: &UdpSettings) -> io::Result<(UdpSocket, Option<UdpDrops>)>
         );
     }
     let drops = socket_inode(&socket).map(|inode| UdpDrops { inode });
-    Ok((socket.into(), drops))
+    Ok(BoundUdp {
+        socket: socket.into(),
+        drops,
+        recv_buffer: granted_recv,
+        send_buffer: granted_send,
+    })
+}
+
+/// The buffer a socket can fill, from what the kernel reports: Linux reports twice the size it
+/// granted (the other half is its bookkeeping), so an 8 MiB request capped by a 4 MiB
+/// `net.core.rmem_max` reads back as 8 MiB.
+fn usable_buffer(reported: usize) -> usize {
+    if cfg!(target_os = "linux") {
+        reported / 2
+    } else {
+        reported
+    }
 }
 
 #[cfg(unix)]
@@ -98,7 +125,25 @@ mod tests {
             recv_buffer: 1 << 16,
             send_buffer: 1 << 16,
         };
-        let (_socket, drops) = bind(&settings).expect("bind");
-        assert_eq!(drops.and_then(|d| d.count()), Some(0));
+        let bound = bind(&settings).expect("bind");
+        assert_eq!(bound.drops.and_then(|d| d.count()), Some(0));
+    }
+
+    #[test]
+    fn a_buffer_capped_by_the_kernel_reads_back_as_what_it_can_hold() {
+        let max = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .expect("rmem_max");
+        let settings = UdpSettings {
+            bind: "127.0.0.1:0".parse().expect("addr"),
+            recv_buffer: max * 2,
+            send_buffer: 1 << 16,
+        };
+        let bound = bind(&settings).expect("bind");
+        // Linux reports twice what it granted: read naively, a request of twice rmem_max
+        // would look granted in full and go unlogged.
+        assert_eq!(bound.recv_buffer, max);
+        assert!(bound.recv_buffer < settings.recv_buffer);
     }
 }

@@ -343,6 +343,21 @@ impl FrameDecoder {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Whether `next_frame(max)` has something to say: a complete frame, or a length it refuses.
+    pub fn has_frame(&self, max: usize) -> bool {
+        let mut len: u64 = 0;
+        for (i, &byte) in self.buf.iter().enumerate() {
+            if i == 9 {
+                return true;
+            }
+            len |= u64::from(byte & 0x7f) << (7 * i);
+            if byte & 0x80 == 0 {
+                return len > max as u64 || self.buf.len() as u64 >= (i as u64 + 1).saturating_add(len);
+            }
+        }
+        false
+    }
+
     /// The next complete frame, `Ok(None)` if more bytes are needed.
     pub fn next_frame(&mut self, max: usize) -> Result<Option<Bytes>, FrameError> {
         let mut len: u64 = 0;
@@ -625,5 +640,22 @@ mod tests {
         let mut decoder = FrameDecoder::default();
         decoder.extend(&[0xff; 12]);
         assert_eq!(decoder.next_frame(100), Err(FrameError::BadLength));
+    }
+
+    #[test]
+    fn has_frame_says_whether_next_frame_would_answer() {
+        let mut decoder = FrameDecoder::default();
+        assert!(!decoder.has_frame(100));
+        decoder.extend(&[0x02, 0x12]);
+        assert!(!decoder.has_frame(100), "one byte of two");
+        decoder.extend(&[0x12]);
+        assert!(decoder.has_frame(100));
+        let mut big = FrameDecoder::default();
+        big.extend(&[0x80, 0x80, 0x40]);
+        assert!(big.has_frame(65_536), "a refused length answers at once");
+        assert!(!big.has_frame(usize::MAX));
+        let mut bad = FrameDecoder::default();
+        bad.extend(&[0xff; 12]);
+        assert!(bad.has_frame(100));
     }
 }

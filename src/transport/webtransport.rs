@@ -1,6 +1,8 @@
-//! The WebTransport transport: HTTP/3 sessions at `/wt` on UDP. Commands and ordered messages
-//! travel on one client-opened bidirectional control stream; state updates that fit travel as
-//! datagrams, repaired by `core::repair` when lost. The session is run by `connection::drive`.
+//! The WebTransport transport: HTTP/3 sessions at `/wt` on UDP, on quinn with a session layer of
+//! our own (`transport::h3` holds its bytes). Commands and ordered messages travel on one
+//! client-opened bidirectional control stream; state updates that fit travel as datagrams,
+//! repaired by `core::repair` when lost. The handshake and the session run in the session's own
+//! task (no channel or worker task per session); `connection::drive` runs the session.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,18 +12,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::BytesMut;
-use tokio::time::{timeout, Instant};
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
+use quinn::{ConnectionError, Incoming, RecvStream, SendStream, VarInt};
+use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn};
-use wtransport::datagram::Datagram;
-use wtransport::endpoint::endpoint_side::Server;
-use wtransport::endpoint::IncomingSession;
-use wtransport::error::{ConnectionError, StreamReadError};
-use wtransport::{Connection, Endpoint, Identity, RecvStream, SendStream, ServerConfig, VarInt};
 
-use crate::certs::{CertificateError, CertificateInfo, CertificateSource, Hangup};
+use super::h3::{self, ConnectStreamEvent, H3Error, H3ErrorCode, Parsed};
+use crate::certs::{CertificateError, CertificateInfo, CertificateSource, Identity};
 use crate::config::ServeConfig;
-use crate::connection::{self, Close, DriverSettings, Ending, Inbound, Wire, WireError};
+use crate::connection::{self, Close, DriverSettings, Ending, Inbound, Keepalive, Wire, WireError};
 use crate::core::repair::{DatagramRepair, RepairAction, RepairPolicy};
 use crate::core::routing::{Route, StateDatagrams, StateRouting};
 use crate::core::wire::{self, ClientMessage, FrameDecoder, FrameError, MAX_CLIENT_MESSAGE};
@@ -29,12 +29,16 @@ use crate::core::{close_code, ClientCommand, Kind, Outgoing, RoomName, ServerCon
 use crate::gate::WakeGate;
 use crate::metrics::{Metrics, Transport};
 use crate::node::Node;
+use crate::quic_lb::{QuicServerId, RoutableConnectionIds};
 use crate::session::SessionLimits;
 use crate::shutdown::ShutdownListener;
 use crate::udp::{self, UdpSettings};
 
-/// Bytes read from the control stream at a time (a heap profile found 16 KiB here per session).
-const CONTROL_READ_CHUNK: usize = 1024;
+/// Bytes read from a stream at a time, into a buffer on the stack (client commands are small).
+const READ_CHUNK: usize = 1024;
+
+/// The largest HTTP/3 frame the handshake reads (a CONNECT's headers, the client's SETTINGS).
+const MAX_HANDSHAKE_FRAME: usize = 16 * 1024;
 
 /// The path WebTransport sessions are accepted on.
 pub const PATH: &str = "/wt";
@@ -46,13 +50,18 @@ pub struct WebTransportSettings {
     pub udp: UdpSettings,
     pub cert: Option<(PathBuf, PathBuf)>,
     pub cert_check_interval: Duration,
+    /// QUIC keep-alives: the server's PING this often keeps NAT bindings and the QUIC idle
+    /// timer fresh (25 s, the WebSocket ping interval).
     pub keep_alive: Duration,
     pub idle_timeout: Duration,
+    /// The QUIC and HTTP/3 handshakes, the control stream and its first message, together.
     pub handshake_timeout: Duration,
-    /// What the driver runs each session with (write timeout, the drain, session limits).
+    /// What the driver runs each session with (write timeout, the drain, silence, session limits).
     pub driver: Arc<DriverSettings>,
     pub repair: RepairPolicy,
     pub state_datagrams: StateDatagrams,
+    /// Routable QUIC-LB connection IDs with this server ID; random ones without.
+    pub quic_server_id: Option<QuicServerId>,
 }
 
 impl WebTransportSettings {
@@ -72,12 +81,17 @@ impl WebTransportSettings {
             driver: Arc::new(DriverSettings {
                 write_timeout: config.websocket.write_timeout,
                 drain_timeout: config.http.drain_timeout,
-                // QUIC keeps the session alive and times it out (`transport_config`).
-                keepalive: None,
+                // QUIC keeps the path alive; the client's silence is timed as on WebSocket
+                // (4002), since QUIC's own keep-alives would hold a silent session forever.
+                keepalive: Some(Keepalive {
+                    interval: config.websocket.ping_interval,
+                    idle_timeout: config.websocket.idle_timeout,
+                }),
                 session: SessionLimits::from_config(config),
             }),
             repair: RepairPolicy::default(),
             state_datagrams: wt.wt_state_datagrams,
+            quic_server_id: wt.quic_server_id,
         }
     }
 }
@@ -89,17 +103,19 @@ pub enum WebTransportError {
     Certificate(#[from] CertificateError),
     #[error("{0}")]
     Socket(#[from] std::io::Error),
+    #[error("TLS configuration: {0}")]
+    Tls(String),
 }
 
 /// A bound WebTransport endpoint, ready to serve.
 pub struct WebTransportServer {
-    endpoint: Endpoint<Server>,
+    endpoint: quinn::Endpoint,
     source: CertificateSource,
     /// Shared with every session's accept.
     settings: Arc<WebTransportSettings>,
     local_addr: SocketAddr,
     /// SIGHUP, listened for from the bind on.
-    hangup: Hangup,
+    hangup: crate::certs::Hangup,
 }
 
 impl std::fmt::Debug for WebTransportServer {
@@ -110,19 +126,25 @@ impl std::fmt::Debug for WebTransportServer {
     }
 }
 
-fn transport_config(settings: &WebTransportSettings) -> wtransport::quinn::TransportConfig {
-    use wtransport::quinn::VarInt as QVarInt;
-    let mut transport = wtransport::quinn::TransportConfig::default();
-    // A client needs its HTTP/3 CONNECT stream and one control stream, and three HTTP/3
-    // unidirectional streams; more are refused by flow control, so a client cannot pile up
-    // unread streams.
-    transport.max_concurrent_bidi_streams(QVarInt::from_u32(4));
-    transport.max_concurrent_uni_streams(QVarInt::from_u32(8));
-    transport.stream_receive_window(QVarInt::from_u32(256 * 1024));
-    transport.receive_window(QVarInt::from_u32(1024 * 1024));
-    transport.datagram_receive_buffer_size(Some(256 * 1024));
+/// quinn's transport settings for sessions that hold one control stream and receive small
+/// datagrams (README.md, "WebTransport tuning", has each one's measured effect).
+fn transport_config(settings: &WebTransportSettings) -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    // The CONNECT stream and the control stream; the client's HTTP/3 control and two QPACK
+    // streams. quinn keeps state for every stream a peer may open: more is memory per session.
+    transport.max_concurrent_bidi_streams(VarInt::from_u32(2));
+    transport.max_concurrent_uni_streams(VarInt::from_u32(3));
+    // Client commands are small; a client cannot make the server buffer more than this.
+    transport.stream_receive_window(VarInt::from_u32(64 * 1024));
+    transport.receive_window(VarInt::from_u32(128 * 1024));
+    // Acks are tiny; states are conflated before they reach quinn.
+    transport.datagram_receive_buffer_size(Some(16 * 1024));
+    transport.datagram_send_buffer_size(64 * 1024);
+    // Browsers take datagrams of about 1,200 bytes whatever the path allows: probing for a
+    // larger MTU would cost packets and a timer per session for nothing.
+    transport.mtu_discovery_config(None);
     transport.keep_alive_interval(Some(settings.keep_alive));
-    if let Ok(idle) = wtransport::quinn::IdleTimeout::try_from(settings.idle_timeout) {
+    if let Ok(idle) = quinn::IdleTimeout::try_from(settings.idle_timeout) {
         transport.max_idle_timeout(Some(idle));
     }
     transport
@@ -131,17 +153,28 @@ fn transport_config(settings: &WebTransportSettings) -> wtransport::quinn::Trans
 fn server_config(
     settings: &WebTransportSettings,
     identity: Identity,
-    socket: Option<std::net::UdpSocket>,
-) -> ServerConfig {
-    let builder = ServerConfig::builder();
-    let builder = match socket {
-        Some(socket) => builder.with_bind_socket(socket),
-        // Reloads keep the bound socket; the address here is ignored.
-        None => builder.with_bind_default(0),
-    };
-    builder
-        .with_custom_transport(identity, transport_config(settings))
-        .build()
+) -> Result<quinn::ServerConfig, WebTransportError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| WebTransportError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain, identity.key)
+        .map_err(|e| WebTransportError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let crypto =
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| WebTransportError::Tls(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config(settings)));
+    Ok(config)
+}
+
+fn endpoint_config(settings: &WebTransportSettings) -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::default();
+    if let Some(server) = settings.quic_server_id {
+        config.cid_generator(move || Box::new(RoutableConnectionIds { server }));
+    }
+    config
 }
 
 impl WebTransportServer {
@@ -149,11 +182,16 @@ impl WebTransportServer {
     /// certificate and the socket's drop counter on the node.
     pub async fn bind(settings: WebTransportSettings, node: &Node) -> Result<Self, WebTransportError> {
         let (identity, source) = CertificateSource::load(settings.cert.as_ref()).await?;
-        let hangup = Hangup::listen();
-        let (socket, drops) = udp::bind(&settings.udp)?;
-        let port = socket.local_addr()?.port();
+        let hangup = crate::certs::Hangup::listen();
+        let bound = udp::bind(&settings.udp)?;
+        let port = bound.socket.local_addr()?.port();
         let info = CertificateInfo::of(&identity, source.is_self_signed(), port);
-        let endpoint = Endpoint::server(server_config(&settings, identity, Some(socket)))?;
+        let endpoint = quinn::Endpoint::new(
+            endpoint_config(&settings),
+            Some(server_config(&settings, identity)?),
+            bound.socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
         let local_addr = endpoint.local_addr()?;
         if info.self_signed {
             info!(
@@ -163,8 +201,11 @@ impl WebTransportServer {
         } else {
             info!(sha256 = %info.sha256, "loaded the WebTransport certificate");
         }
+        if let Some(id) = settings.quic_server_id {
+            info!(quic_server_id = %id, "connection IDs carry this QUIC-LB server ID");
+        }
         node.certificate.set(info);
-        if let Some(drops) = drops {
+        if let Some(drops) = bound.drops {
             let _ = node.udp_drops.set(drops);
         }
         Ok(Self {
@@ -190,6 +231,7 @@ impl WebTransportServer {
             tokio::select! {
                 _ = stop.recv() => break,
                 incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
                     if node.is_draining() {
                         incoming.refuse();
                         continue;
@@ -210,7 +252,10 @@ impl WebTransportServer {
         // longer counts as running, so the drain does not wait for it.
         drop(stop);
         loop {
-            self.endpoint.accept().await.refuse();
+            match self.endpoint.accept().await {
+                Some(incoming) => incoming.refuse(),
+                None => std::future::pending().await,
+            }
         }
     }
 
@@ -219,11 +264,9 @@ impl WebTransportServer {
             return;
         };
         let info = CertificateInfo::of(&identity, self.source.is_self_signed(), self.local_addr.port());
-        match self
-            .endpoint
-            .reload_config(server_config(&self.settings, identity, None), false)
-        {
-            Ok(()) => {
+        match server_config(&self.settings, identity) {
+            Ok(config) => {
+                self.endpoint.set_server_config(Some(config));
                 info!(sha256 = %info.sha256, "WebTransport certificate reloaded; open sessions continue");
                 node.certificate.set(info);
             }
@@ -232,82 +275,225 @@ impl WebTransportServer {
     }
 }
 
-/// Completes the QUIC and HTTP/3 handshakes, checks the request, and starts the session.
+/// The streams of an accepted session.
+struct Handshaken {
+    /// The CONNECT stream: the server's close capsule goes out on it; the client's comes in.
+    connect_send: SendStream,
+    connect_recv: RecvStream,
+    /// The server's HTTP/3 control stream: closing it is an HTTP/3 connection error.
+    h3_control: SendStream,
+    /// The client's unidirectional streams (its HTTP/3 control and QPACK streams): held open
+    /// and drained, never stopped (stopping a critical stream is an error too).
+    h3_streams: Vec<RecvStream>,
+    send: SendStream,
+    recv: RecvStream,
+    /// The control stream's bytes read so far (at least the first message).
+    decoder: FrameDecoder,
+    /// The datagram prefix of this session (its quarter stream ID).
+    prefix: Bytes,
+}
+
+/// Why a handshake ended without a session.
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error(transparent)]
+    H3(#[from] H3Error),
+    /// Answered with this HTTP status; the client closes.
+    #[error("refused with {0}")]
+    Refused(u16),
+    #[error("connection lost: {0}")]
+    Lost(String),
+}
+
+impl From<ConnectionError> for HandshakeError {
+    fn from(error: ConnectionError) -> Self {
+        Self::Lost(error.to_string())
+    }
+}
+
+/// Completes the QUIC and HTTP/3 handshakes, checks the request, waits for the control stream
+/// and its first message, and starts the session; all within the handshake timeout.
 async fn accept_session(
-    incoming: IncomingSession,
+    incoming: Incoming,
     node: Node,
     shutdown: ShutdownListener,
     settings: Arc<WebTransportSettings>,
 ) {
-    let request = match timeout(settings.handshake_timeout, incoming).await {
-        Ok(Ok(request)) => request,
+    let deadline = Instant::now() + settings.handshake_timeout;
+    let connecting = match incoming.accept() {
+        Ok(connecting) => connecting,
+        Err(error) => return debug!(%error, "webtransport handshake failed"),
+    };
+    let connection = match timeout_at(deadline, connecting).await {
+        Ok(Ok(connection)) => connection,
         Ok(Err(error)) => return debug!(%error, "webtransport handshake failed"),
         Err(_) => return debug!("webtransport handshake timed out"),
     };
-    let path = request.path().split('?').next().unwrap_or_default();
-    if path != PATH {
-        return request.not_found().await;
-    }
-    if node
-        .admission
-        .check_origin(request.origin().map(str::as_bytes))
-        .is_err()
-    {
-        return request.forbidden().await;
-    }
-    if node.is_draining() {
-        return request.too_many_requests().await;
-    }
-    let connection = match timeout(settings.handshake_timeout, request.accept()).await {
-        Ok(Ok(connection)) => connection,
-        _ => return debug!("webtransport session accept failed"),
-    };
-    // The client opens the control stream first thing.
-    let (send, recv) = match timeout(settings.handshake_timeout, connection.accept_bi()).await {
+    let streams = match timeout_at(deadline, handshake(&connection, &node)).await {
         Ok(Ok(streams)) => streams,
-        _ => {
+        Ok(Err(HandshakeError::H3(error))) => {
+            debug!(%error, "webtransport handshake refused");
             connection.close(
-                VarInt::from_u32(close_code::PROTOCOL_ERROR.into()),
-                b"no control stream",
+                VarInt::from_u64(error.quic_code()).unwrap_or(VarInt::from_u32(0x101)),
+                error.message.as_bytes(),
+            );
+            return;
+        }
+        Ok(Err(HandshakeError::Refused(status))) => {
+            debug!(status, "webtransport session refused");
+            // The client closes on the refusal; one that does not is closed shortly after.
+            let _ = timeout(Duration::from_secs(1), connection.closed()).await;
+            connection.close(H3ErrorCode::RequestRejected.to_code_quic(), b"refused");
+            return;
+        }
+        Ok(Err(HandshakeError::Lost(error))) => return debug!(%error, "webtransport handshake failed"),
+        Err(_) => {
+            debug!("webtransport session without a control stream or first message in time");
+            connection.close(
+                VarInt::from_u32(close_code::IDLE_TIMEOUT.into()),
+                b"no first message on a control stream in time",
             );
             return;
         }
     };
     let subscriber = node.hub.new_subscriber(Transport::WebTransport);
     debug!(conn = subscriber.id(), remote = %connection.remote_address(), "webtransport session started");
-    let wire = WebTransportWire::new(connection, send, recv, &node, &settings);
+    let wire = WebTransportWire::new(connection, streams, &node, &settings);
     connection::start(wire, subscriber, node, settings.driver.clone(), shutdown);
 }
 
-type Owned<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-/// A read of the control stream, owning the stream and its buffer, so the read lives across
-/// turns of the driver (behind a gate) and hands both back when it completes.
-type ControlRead = Owned<(RecvStream, Vec<u8>, Result<Option<usize>, StreamReadError>)>;
-
-fn read_control(mut recv: RecvStream, mut buf: Vec<u8>) -> ControlRead {
-    Box::pin(async move {
-        let read = recv.read(&mut buf).await;
-        (recv, buf, read)
-    })
+/// quinn's `VarInt` of an HTTP/3 error code.
+trait QuicCode {
+    fn to_code_quic(self) -> VarInt;
 }
 
-/// A datagram receive, owning a handle of the connection and handing it back with the datagram
-/// (no handle is cloned per ack).
-type DatagramRead = Owned<(Connection, Result<Datagram, ConnectionError>)>;
+impl QuicCode for H3ErrorCode {
+    fn to_code_quic(self) -> VarInt {
+        VarInt::from_u64(self.to_code().into_inner()).unwrap_or(VarInt::from_u32(0x101))
+    }
+}
 
-fn receive_datagram(connection: Connection) -> DatagramRead {
-    Box::pin(async move {
-        let datagram = connection.receive_datagram().await;
-        (connection, datagram)
-    })
+/// Reads `stream` into `buf` until `parse` finds a value; the bytes after it stay in `buf`.
+async fn read_until<T>(
+    stream: &mut RecvStream,
+    buf: &mut Vec<u8>,
+    parse: impl Fn(&[u8]) -> Parsed<T>,
+) -> Result<T, HandshakeError> {
+    loop {
+        if let Some((value, used)) = parse(buf)? {
+            buf.drain(..used);
+            return Ok(value);
+        }
+        if buf.len() >= MAX_HANDSHAKE_FRAME {
+            return Err(H3Error {
+                code: H3ErrorCode::ExcessiveLoad,
+                message: "handshake frame too large",
+            }
+            .into());
+        }
+        let mut chunk = [0u8; READ_CHUNK];
+        match stream.read(&mut chunk).await {
+            Ok(Some(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(None) => return Err(HandshakeError::Lost("stream finished during the handshake".into())),
+            Err(error) => return Err(HandshakeError::Lost(error.to_string())),
+        }
+    }
+}
+
+/// The HTTP/3 part: the server's SETTINGS, the CONNECT (answered 200, or 403, 404 or 429),
+/// then the client's control stream with its first message. Every step reads only the stream
+/// it waits for: a client's stream that stays empty holds up nothing else.
+async fn handshake(connection: &quinn::Connection, node: &Node) -> Result<Handshaken, HandshakeError> {
+    let mut control = connection.open_uni().await?;
+    control
+        .write_all(&h3::server_control_stream())
+        .await
+        .map_err(|e| HandshakeError::Lost(e.to_string()))?;
+    let mut held = Vec::new();
+    let mut connect: Option<(SendStream, RecvStream, u64)> = None;
+    loop {
+        tokio::select! {
+            // The client's HTTP/3 control and QPACK streams: held, and drained by the wire
+            // (the server uses none of the client's settings; it sent its own).
+            uni = connection.accept_uni() => held.push(uni?),
+            bi = connection.accept_bi() => {
+                let (mut send, mut recv) = bi?;
+                let mut buf = Vec::new();
+                match connect {
+                    None => {
+                        let request = read_until(&mut recv, &mut buf, h3::read_connect).await?;
+                        let status = if request.path != PATH {
+                            404
+                        } else if node.admission.check_origin(request.origin.as_deref().map(str::as_bytes)).is_err() {
+                            403
+                        } else if node.is_draining() {
+                            429
+                        } else {
+                            200
+                        };
+                        send.write_all(&h3::response(status)).await.map_err(|e| HandshakeError::Lost(e.to_string()))?;
+                        if status != 200 {
+                            let _ = send.finish();
+                            return Err(HandshakeError::Refused(status));
+                        }
+                        let session = VarInt::from(recv.id()).into_inner();
+                        connect = Some((send, recv, session));
+                    }
+                    Some((connect_send, connect_recv, session)) => {
+                        let stream_session = read_until(&mut recv, &mut buf, h3::read_stream_session).await?;
+                        if stream_session != session {
+                            return Err(H3Error { code: H3ErrorCode::Id, message: "a stream of another session" }.into());
+                        }
+                        // The first message: the session starts once it has fully arrived.
+                        let mut decoder = FrameDecoder::default();
+                        decoder.extend(&buf);
+                        while !decoder.has_frame(MAX_CLIENT_MESSAGE) {
+                            let mut chunk = [0u8; READ_CHUNK];
+                            match recv.read(&mut chunk).await {
+                                Ok(Some(n)) => decoder.extend(&chunk[..n]),
+                                Ok(None) | Err(_) => return Err(HandshakeError::Lost("control stream ended before its first message".into())),
+                            }
+                        }
+                        return Ok(Handshaken {
+                            connect_send,
+                            connect_recv,
+                            h3_control: control,
+                            h3_streams: held,
+                            send,
+                            recv,
+                            decoder,
+                            prefix: Bytes::from(h3::datagram_prefix(session)),
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The session's incoming datagrams: one stream for the session's life (one allocation), not a
+/// future per datagram.
+type Datagrams = Pin<Box<dyn Stream<Item = Result<Bytes, ConnectionError>> + Send>>;
+
+fn datagrams(connection: quinn::Connection) -> Datagrams {
+    Box::pin(futures_util::stream::unfold(connection, |connection| async move {
+        let datagram = connection.read_datagram().await;
+        Some((datagram, connection))
+    }))
 }
 
 /// The WebTransport wire of one session: its control stream (commands in; replies, events and
 /// states that must arrive out), its datagrams (states out, acks in) and their loss repair.
 struct WebTransportWire {
-    connection: Connection,
+    connection: quinn::Connection,
     send: SendStream,
+    recv: RecvStream,
+    connect_send: SendStream,
+    connect_recv: RecvStream,
+    /// Held open for the session's life (see `Handshaken`).
+    _h3_control: SendStream,
+    h3_streams: Vec<RecvStream>,
+    prefix: Bytes,
     metrics: Arc<Metrics>,
     repair: DatagramRepair,
     /// Which states go as datagrams and which on the stream (`core::routing`).
@@ -315,12 +501,12 @@ struct WebTransportWire {
     /// Grows to what this session has needed: idle fans never pay for a large buffer.
     out: BytesMut,
     decoder: FrameDecoder,
-    // Long-lived reads, each polled through its gate: a turn of the driver polls only what
-    // woke (each poll would take a lock of quinn's or wtransport's).
-    peer_closed: Owned<()>,
-    control_read: ControlRead,
-    next_datagram: DatagramRead,
-    gates: [WakeGate; 3],
+    /// The CONNECT stream's bytes after the request (the client's close capsule).
+    connect_buf: Vec<u8>,
+    datagrams: Datagrams,
+    // Each source is polled only after its waker fired: a turn of the driver polls only what
+    // woke (each poll takes quinn's connection lock).
+    gates: [WakeGate; 4],
     /// The repair timer, set to the earliest resend due: made when a resend is due, reset when
     /// that changes, dropped when nothing waits for an ack (so it never wakes the session for
     /// nothing; a session on the stream alone never has one).
@@ -331,28 +517,23 @@ struct WebTransportWire {
 }
 
 impl WebTransportWire {
-    fn new(
-        connection: Connection,
-        send: SendStream,
-        recv: RecvStream,
-        node: &Node,
-        settings: &WebTransportSettings,
-    ) -> Self {
-        let closing = connection.clone();
+    fn new(connection: quinn::Connection, streams: Handshaken, node: &Node, settings: &WebTransportSettings) -> Self {
         Self {
-            peer_closed: Box::pin(async move {
-                closing.closed().await;
-            }),
-            // Client commands are small; a session's buffer is memory held for as long as it lives.
-            control_read: read_control(recv, vec![0u8; CONTROL_READ_CHUNK]),
-            next_datagram: receive_datagram(connection.clone()),
+            datagrams: datagrams(connection.clone()),
             connection,
-            send,
+            send: streams.send,
+            recv: streams.recv,
+            connect_send: streams.connect_send,
+            connect_recv: streams.connect_recv,
+            _h3_control: streams.h3_control,
+            h3_streams: streams.h3_streams,
+            prefix: streams.prefix,
             metrics: node.metrics.clone(),
             repair: DatagramRepair::new(settings.repair),
             routing: StateRouting::new(settings.state_datagrams),
             out: BytesMut::new(),
-            decoder: FrameDecoder::default(),
+            decoder: streams.decoder,
+            connect_buf: Vec::new(),
             gates: Default::default(),
             repair_timer: None,
             repair_timer_at: None,
@@ -368,28 +549,67 @@ impl WebTransportWire {
 
     /// The next message already read from the control stream, if any.
     fn next_decoded(&mut self) -> Option<Inbound> {
-        loop {
-            let frame = match self.decoder.next_frame(MAX_CLIENT_MESSAGE) {
-                Ok(Some(frame)) => frame,
-                Ok(None) => return None,
-                Err(FrameError::TooLarge(..) | FrameError::BadLength) => {
-                    return Some(Inbound::End(Ending::TooBig {
-                        limit: MAX_CLIENT_MESSAGE,
-                    }))
+        let frame = match self.decoder.next_frame(MAX_CLIENT_MESSAGE) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return None,
+            Err(FrameError::TooLarge(..) | FrameError::BadLength) => {
+                return Some(Inbound::End(Ending::TooBig {
+                    limit: MAX_CLIENT_MESSAGE,
+                }))
+            }
+        };
+        Some(match wire::decode_client(&frame) {
+            Ok(ClientMessage::Ack { room, version }) => {
+                self.metrics.webtransport.client_messages.inc();
+                self.acked(&room, version);
+                Inbound::Heard
+            }
+            Ok(ClientMessage::Command(command)) => {
+                if let ClientCommand::Unsubscribe { room } = &command {
+                    self.repair.forget(room);
                 }
-            };
-            match wire::decode_client(&frame) {
-                Ok(ClientMessage::Ack { room, version }) => {
-                    self.metrics.webtransport.client_messages.inc();
-                    self.acked(&room, version);
-                }
-                Ok(ClientMessage::Command(command)) => {
-                    if let ClientCommand::Unsubscribe { room } = &command {
-                        self.repair.forget(room);
+                Inbound::Command(Ok(command))
+            }
+            Err(error) => Inbound::Command(Err(error)),
+        })
+    }
+
+    /// A datagram from the client: acknowledgements for the repair; anything else is ignored.
+    fn on_datagram(&mut self, datagram: &[u8]) {
+        let Some(payload) = h3::datagram_payload(datagram, &self.prefix) else {
+            return;
+        };
+        if let Ok(ClientMessage::Ack { room, version }) = wire::decode_client(payload) {
+            self.acked(&room, version);
+        }
+    }
+
+    /// Polls the repair timer, made, reset or dropped to match what the repair waits for.
+    fn poll_repair_timer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.repair.next_due() {
+            None => {
+                // Nothing waits for an ack: a timer left armed would wake the session for
+                // nothing (measured: +12 % server CPU per delivery, WebTransport-only Saturday).
+                self.repair_timer = None;
+                self.repair_timer_at = None;
+                Poll::Pending
+            }
+            Some(due) => {
+                let deadline = Instant::from_std(due);
+                let timer = match &mut self.repair_timer {
+                    Some(timer) if self.repair_timer_at == Some(due) => timer,
+                    Some(timer) => {
+                        timer.as_mut().reset(deadline);
+                        timer
                     }
-                    return Some(Inbound::Command(Ok(command)));
+                    None => self.repair_timer.insert(Box::pin(tokio::time::sleep_until(deadline))),
+                };
+                self.repair_timer_at = Some(due);
+                if timer.as_mut().poll(cx).is_ready() {
+                    self.repair_timer_at = None;
+                    return Poll::Ready(());
                 }
-                Err(error) => return Some(Inbound::Command(Err(error))),
+                Poll::Pending
             }
         }
     }
@@ -398,11 +618,54 @@ impl WebTransportWire {
         if self.out.is_empty() {
             return Ok(());
         }
-        match timeout(write_timeout, self.send.write_all(&self.out)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(WireError::Failed(error.to_string())),
-            Err(_) => Err(WireError::Timeout),
+        connection::with_deadline(write_timeout, self.send.write_all(&self.out)).await
+    }
+
+    /// The state's datagram: the session's prefix, then the message (one shared copy for the
+    /// usual session 0).
+    fn datagram_of(&self, message: &Bytes) -> Bytes {
+        let mut datagram = BytesMut::with_capacity(self.prefix.len() + message.len());
+        datagram.extend_from_slice(&self.prefix);
+        datagram.extend_from_slice(message);
+        datagram.freeze()
+    }
+
+    /// Waits (until `deadline`) for the client to close: the QUIC connection closes, or the
+    /// CONNECT stream ends (a close capsule and FIN, or a reset).
+    async fn closed_by(&mut self, deadline: Instant) -> bool {
+        let connection = self.connection.clone();
+        let connect_recv = &mut self.connect_recv;
+        let connect_ended = async move {
+            let mut chunk = [0u8; 256];
+            while let Ok(Some(_)) = connect_recv.read(&mut chunk).await {}
+        };
+        tokio::select! {
+            _ = connection.closed() => true,
+            _ = connect_ended => true,
+            _ = tokio::time::sleep_until(deadline) => false,
         }
+    }
+}
+
+/// Reads and discards what is waiting on `streams` (the client's HTTP/3 control and QPACK
+/// streams; a finished one is let go). Ready when something was read, so the caller polls again.
+fn drain_streams(streams: &mut Vec<RecvStream>, cx: &mut Context<'_>) -> Poll<()> {
+    let mut progressed = false;
+    let mut chunk = [0u8; 256];
+    streams.retain_mut(|stream| loop {
+        match stream.poll_read(cx, &mut chunk) {
+            Poll::Ready(Ok(n)) if n > 0 => progressed = true,
+            Poll::Ready(_) => {
+                progressed = true;
+                return false;
+            }
+            Poll::Pending => return true,
+        }
+    });
+    if progressed {
+        Poll::Ready(())
+    } else {
+        Poll::Pending
     }
 }
 
@@ -410,85 +673,83 @@ impl Wire for WebTransportWire {
     const TRANSPORT: Transport = Transport::WebTransport;
 
     fn poll_inbound(&mut self, cx: &mut Context<'_>) -> Poll<Inbound> {
-        const CLOSED: usize = 0;
-        const CONTROL: usize = 1;
-        const DATAGRAM: usize = 2;
+        const CONTROL: usize = 0;
+        const DATAGRAM: usize = 1;
+        const CONNECT: usize = 2;
+        const H3_STREAMS: usize = 3;
+        let mut heard = false;
         loop {
             if let Some(inbound) = self.next_decoded() {
                 return Poll::Ready(inbound);
             }
-            if self.gates[CLOSED]
-                .poll(cx, |cx| self.peer_closed.as_mut().poll(cx))
+            if self.poll_repair_timer(cx).is_ready() {
+                return Poll::Ready(Inbound::Timer);
+            }
+            let mut chunk = [0u8; READ_CHUNK];
+            let recv = &mut self.recv;
+            match self.gates[CONTROL].poll(cx, |cx| recv.poll_read(cx, &mut chunk)) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    self.decoder.extend(&chunk[..n]);
+                    continue;
+                }
+                Poll::Ready(_) => return Poll::Ready(Inbound::End(Ending::PeerGone)),
+                Poll::Pending => {}
+            }
+            let datagrams = &mut self.datagrams;
+            match self.gates[DATAGRAM].poll(cx, |cx| datagrams.as_mut().poll_next(cx)) {
+                Poll::Ready(Some(Ok(datagram))) => {
+                    heard = true;
+                    self.on_datagram(&datagram);
+                    continue;
+                }
+                Poll::Ready(_) => return Poll::Ready(Inbound::End(Ending::PeerGone)),
+                Poll::Pending => {}
+            }
+            let connect_recv = &mut self.connect_recv;
+            match self.gates[CONNECT].poll(cx, |cx| connect_recv.poll_read(cx, &mut chunk)) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    self.connect_buf.extend_from_slice(&chunk[..n]);
+                    if let Ok(Some((ConnectStreamEvent::Close { code, reason }, _))) =
+                        h3::read_connect_stream(&self.connect_buf)
+                    {
+                        debug!(code, %reason, "the client closed the session");
+                        return Poll::Ready(Inbound::End(Ending::PeerClosed));
+                    }
+                    if self.connect_buf.len() > MAX_HANDSHAKE_FRAME {
+                        return Poll::Ready(Inbound::End(Ending::Protocol("CONNECT stream overflow".into())));
+                    }
+                    continue;
+                }
+                // The CONNECT stream finished or was reset: the session is over (the draft).
+                Poll::Ready(_) => return Poll::Ready(Inbound::End(Ending::PeerClosed)),
+                Poll::Pending => {}
+            }
+            let h3_streams = &mut self.h3_streams;
+            if self.gates[H3_STREAMS]
+                .poll(cx, |cx| drain_streams(h3_streams, cx))
                 .is_ready()
             {
-                return Poll::Ready(Inbound::End(Ending::PeerGone));
+                continue;
             }
-            match self.repair.next_due() {
-                None => {
-                    // Nothing waits for an ack: a timer left armed would wake the session for
-                    // nothing (measured: +12 % server CPU per delivery, WebTransport-only Saturday).
-                    self.repair_timer = None;
-                    self.repair_timer_at = None;
-                }
-                Some(due) => {
-                    let deadline = Instant::from_std(due);
-                    let timer = match &mut self.repair_timer {
-                        Some(timer) if self.repair_timer_at == Some(due) => timer,
-                        Some(timer) => {
-                            timer.as_mut().reset(deadline);
-                            timer
-                        }
-                        None => self.repair_timer.insert(Box::pin(tokio::time::sleep_until(deadline))),
-                    };
-                    self.repair_timer_at = Some(due);
-                    if timer.as_mut().poll(cx).is_ready() {
-                        self.repair_timer_at = None;
-                        return Poll::Ready(Inbound::Timer);
-                    }
-                }
-            }
-            let control = self.gates[CONTROL].poll(cx, |cx| self.control_read.as_mut().poll(cx));
-            if let Poll::Ready((recv, buf, read)) = control {
-                match read {
-                    Ok(Some(n)) => {
-                        self.decoder.extend(&buf[..n]);
-                        self.control_read = read_control(recv, buf);
-                        continue;
-                    }
-                    Ok(None) | Err(_) => return Poll::Ready(Inbound::End(Ending::PeerGone)),
-                }
-            }
-            let datagram = self.gates[DATAGRAM].poll(cx, |cx| self.next_datagram.as_mut().poll(cx));
-            if let Poll::Ready((connection, datagram)) = datagram {
-                match datagram {
-                    // Datagrams carry acknowledgements for the repair; anything else is ignored.
-                    Ok(datagram) => {
-                        self.next_datagram = receive_datagram(connection);
-                        if let Ok(ClientMessage::Ack { room, version }) = wire::decode_client(&datagram.payload()) {
-                            self.acked(&room, version);
-                        }
-                        continue;
-                    }
-                    Err(_) => return Poll::Ready(Inbound::End(Ending::PeerGone)),
-                }
-            }
-            return Poll::Pending;
+            return if heard {
+                Poll::Ready(Inbound::Heard)
+            } else {
+                Poll::Pending
+            };
         }
     }
 
     /// States as datagrams where `core::routing` says so and they fit, the rest on the stream.
     async fn write_batch(&mut self, batch: &[Outgoing], write_timeout: Duration) -> Result<(), WireError> {
         self.out.clear();
-        if !self.routing.datagrams_on()
-            && self.connection.quic_connection().stats().path.lost_packets > 0
-            && self.routing.loss_seen()
-        {
+        if !self.routing.datagrams_on() && self.connection.stats().path.lost_packets > 0 && self.routing.loss_seen() {
             debug!("packet loss on this session: states go as datagrams from now on");
         }
         let max_datagram = self
             .connection
             .max_datagram_size()
-            .filter(|_| self.routing.datagrams_on());
+            .filter(|_| self.routing.datagrams_on())
+            .map(|max| max.saturating_sub(self.prefix.len()));
         let rtt = self.connection.rtt();
         let now = Instant::now().into_std();
         for item in batch {
@@ -508,7 +769,7 @@ impl Wire for WebTransportWire {
                     }
                     let fits = max_datagram.is_some_and(|max| message.len() <= max);
                     if self.routing.route(&p.room, fits) == Route::Datagram
-                        && self.connection.send_datagram(message).is_ok()
+                        && self.connection.send_datagram(self.datagram_of(message)).is_ok()
                     {
                         self.repair.sent(p, p.number, now, rtt);
                     } else {
@@ -529,7 +790,7 @@ impl Wire for WebTransportWire {
             match action {
                 RepairAction::Datagram(p) => {
                     self.metrics.repair_datagrams.inc();
-                    let _ = self.connection.send_datagram(p.wire_message());
+                    let _ = self.connection.send_datagram(self.datagram_of(p.wire_message()));
                 }
                 RepairAction::Stream(p) => {
                     self.metrics.repair_stream.inc();
@@ -541,8 +802,15 @@ impl Wire for WebTransportWire {
         self.write_out(write_timeout).await
     }
 
-    /// Writes a close notice (after `reconnect`, when asked), waits (at most `limit`) for the
-    /// client to close the session, and closes it with the code.
+    /// The client closed the session: close the QUIC connection (nothing more to say).
+    async fn answer_close(&mut self) {
+        let _ = self.connect_send.finish();
+        self.connection.close(VarInt::from_u32(0), b"");
+    }
+
+    /// Writes a close notice (after `reconnect`, when asked) on the control stream and a
+    /// CLOSE_WEBTRANSPORT_SESSION capsule with the code on the CONNECT stream, waits (at most
+    /// `limit`) for the client to close, and closes the QUIC connection with the code.
     async fn close(&mut self, close: Close<'_>) -> bool {
         self.out.clear();
         if close.reconnect {
@@ -554,13 +822,16 @@ impl Wire for WebTransportWire {
         wire::put_frame(&mut self.out, &wire::encode_close(close.code, close.reason));
         let deadline = Instant::now() + close.limit;
         let mut closed = false;
-        if matches!(
-            tokio::time::timeout_at(deadline, self.send.write_all(&self.out)).await,
-            Ok(Ok(()))
-        ) {
-            closed = tokio::time::timeout_at(deadline, self.connection.closed())
-                .await
-                .is_ok();
+        let written = matches!(timeout_at(deadline, self.send.write_all(&self.out)).await, Ok(Ok(())));
+        let capsule = h3::close_capsule(close.code.into(), close.reason);
+        if written
+            && matches!(
+                timeout_at(deadline, self.connect_send.write_all(&capsule)).await,
+                Ok(Ok(()))
+            )
+        {
+            let _ = self.connect_send.finish();
+            closed = self.closed_by(deadline).await;
         }
         self.connection
             .close(VarInt::from_u32(close.code.into()), close.reason.as_bytes());

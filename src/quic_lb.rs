@@ -1,0 +1,152 @@
+//! The QUIC connection IDs the WebTransport endpoint issues: random by default, or routable
+//! plaintext QUIC-LB IDs (draft-ietf-quic-load-balancers) carrying this node's server ID, so an
+//! AWS Network Load Balancer's QUIC listener keeps every session on its target.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use quinn::{ConnectionId, ConnectionIdGenerator};
+
+/// Bytes of random nonce after the server ID (the draft asks for at least 4).
+const NONCE_LEN: usize = 7;
+
+/// Length of a routable connection ID: the first octet, the 8-byte server ID, the nonce.
+pub const ROUTABLE_CID_LEN: usize = 1 + 8 + NONCE_LEN;
+
+/// The 8-byte server ID an NLB target is registered with (`QuicServerId`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct QuicServerId(pub [u8; 8]);
+
+/// `--quic-server-id` is not `0x` and 16 hex digits.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("a QUIC server ID is 0x and 16 hex digits (8 bytes), for example 0x0123456789abcdef")]
+pub struct BadServerId;
+
+impl FromStr for QuicServerId {
+    type Err = BadServerId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let digits = s
+            .strip_prefix("0x")
+            .or_else(|| s.strip_prefix("0X"))
+            .ok_or(BadServerId)?;
+        if digits.len() != 16 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(BadServerId);
+        }
+        let mut id = [0u8; 8];
+        for (i, byte) in id.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&digits[2 * i..2 * i + 2], 16).map_err(|_| BadServerId)?;
+        }
+        Ok(Self(id))
+    }
+}
+
+impl fmt::Display for QuicServerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("0x")?;
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl fmt::Debug for QuicServerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A plaintext QUIC-LB connection ID: the first octet holds config rotation `0b000` in its top
+/// three bits and the ID's length minus one in the other five; then the server ID; then `nonce`.
+pub fn routable_cid(server: QuicServerId, nonce: [u8; NONCE_LEN]) -> [u8; ROUTABLE_CID_LEN] {
+    let mut cid = [0u8; ROUTABLE_CID_LEN];
+    cid[0] = (ROUTABLE_CID_LEN - 1) as u8 & 0x1f;
+    cid[1..9].copy_from_slice(&server.0);
+    cid[9..].copy_from_slice(&nonce);
+    cid
+}
+
+/// The server ID a routable connection ID carries; `None` for any other connection ID
+/// (another length, or a config rotation other than `0b000`).
+pub fn server_id_of(cid: &[u8]) -> Option<QuicServerId> {
+    if cid.len() != ROUTABLE_CID_LEN || cid[0] >> 5 != 0 {
+        return None;
+    }
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&cid[1..9]);
+    Some(QuicServerId(id))
+}
+
+/// quinn's generator of routable connection IDs (fresh random nonces; quinn draws again when
+/// an ID is already in use).
+#[derive(Debug, Clone, Copy)]
+pub struct RoutableConnectionIds {
+    pub server: QuicServerId,
+}
+
+impl ConnectionIdGenerator for RoutableConnectionIds {
+    fn generate_cid(&mut self) -> ConnectionId {
+        let mut nonce = [0u8; NONCE_LEN];
+        if getrandom::fill(&mut nonce).is_err() {
+            nonce.copy_from_slice(&crate::random::random_u64().to_le_bytes()[..NONCE_LEN]);
+        }
+        ConnectionId::new(&routable_cid(self.server, nonce))
+    }
+
+    fn cid_len(&self) -> usize {
+        ROUTABLE_CID_LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_ids_are_0x_and_16_hex_digits() {
+        let id: QuicServerId = "0x0123456789abcdef".parse().expect("valid");
+        assert_eq!(id.0, [0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef]);
+        assert_eq!(id.to_string(), "0x0123456789abcdef");
+        assert_eq!("0X0123456789ABCDEF".parse::<QuicServerId>(), Ok(id));
+        for bad in [
+            "0123456789abcdef",
+            "0x0123",
+            "0x0123456789abcdef00",
+            "0x0123456789abcdeg",
+            "",
+        ] {
+            assert_eq!(bad.parse::<QuicServerId>(), Err(BadServerId), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_routable_id_is_rotation_000_then_the_server_id_then_the_nonce() {
+        let id: QuicServerId = "0x0102030405060708".parse().expect("valid");
+        let cid = routable_cid(id, [0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7]);
+        assert_eq!(
+            cid,
+            [0x0f, 1, 2, 3, 4, 5, 6, 7, 8, 0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7]
+        );
+        assert_eq!(cid[0] >> 5, 0, "config rotation 0b000");
+        assert_eq!(server_id_of(&cid), Some(id));
+        assert_eq!(server_id_of(&cid[..8]), None, "another length");
+        let mut unroutable = cid;
+        unroutable[0] |= 0xe0;
+        assert_eq!(server_id_of(&unroutable), None, "config rotation 0b111");
+    }
+
+    #[test]
+    fn generated_ids_carry_the_server_id_and_differ() {
+        let server: QuicServerId = "0xfeedfacecafebeef".parse().expect("valid");
+        let mut generator = RoutableConnectionIds { server };
+        let a = generator.generate_cid();
+        let b = generator.generate_cid();
+        assert_eq!(a.len(), generator.cid_len());
+        assert_eq!(server_id_of(&a), Some(server));
+        assert_eq!(server_id_of(&b), Some(server));
+        assert_ne!(&a[..], &b[..], "random nonces");
+    }
+}

@@ -1,0 +1,357 @@
+//! The HTTP/3 that a WebTransport session needs, as pure functions over bytes: the server's
+//! SETTINGS, the extended CONNECT and its answer, the WebTransport stream header, the datagram
+//! prefix and the CLOSE_WEBTRANSPORT_SESSION capsule.
+//! The framing and QPACK are `wtransport-proto`'s; nothing here touches a socket.
+
+use std::borrow::Cow;
+
+use wtransport_proto::bytes::{BufferReader, BytesReader, BytesWriter};
+use wtransport_proto::frame::{Frame, FrameKind};
+use wtransport_proto::headers::Headers;
+use wtransport_proto::stream_header::StreamHeader;
+use wtransport_proto::varint::VarInt;
+
+pub use wtransport_proto::error::ErrorCode as H3ErrorCode;
+
+/// HTTP/3 SETTINGS identifiers the server sends (RFC 9114, RFC 9220, RFC 9297 and
+/// draft-ietf-webtrans-http3-02 as Chromium speaks it).
+mod setting {
+    pub const QPACK_MAX_TABLE_CAPACITY: u32 = 0x01;
+    pub const QPACK_BLOCKED_STREAMS: u32 = 0x07;
+    pub const ENABLE_CONNECT_PROTOCOL: u32 = 0x08;
+    pub const H3_DATAGRAM: u32 = 0x33;
+    pub const ENABLE_WEBTRANSPORT: u32 = 0x2b60_3742;
+    pub const WEBTRANSPORT_MAX_SESSIONS: u32 = 0xc671_706a;
+}
+
+/// CLOSE_WEBTRANSPORT_SESSION (draft-ietf-webtrans-http3, section 5).
+const CLOSE_WEBTRANSPORT_SESSION: u32 = 0x2843;
+
+/// The longest close reason a capsule carries (the draft's limit).
+const MAX_CLOSE_REASON: usize = 1024;
+
+/// A client's HTTP/3 bytes broke the rules; closes the connection with `code`.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("http/3: {message}")]
+pub struct H3Error {
+    pub code: H3ErrorCode,
+    pub message: &'static str,
+}
+
+impl H3Error {
+    fn new(code: H3ErrorCode, message: &'static str) -> Self {
+        Self { code, message }
+    }
+
+    /// The QUIC application error code to close with.
+    pub fn quic_code(&self) -> u64 {
+        self.code.to_code().into_inner()
+    }
+}
+
+/// What parsing a growing buffer gave: a value and the bytes it took, or not yet enough bytes.
+pub type Parsed<T> = Result<Option<(T, usize)>, H3Error>;
+
+/// The server's control stream, all of it: the stream type, then one SETTINGS frame with
+/// extended CONNECT, HTTP/3 datagrams and WebTransport on, one session per connection and no
+/// dynamic QPACK table (the settings wtransport's server sends, in a fixed order).
+pub fn server_control_stream() -> Vec<u8> {
+    let mut payload = Vec::new();
+    for (id, value) in [
+        (setting::QPACK_MAX_TABLE_CAPACITY, 0),
+        (setting::QPACK_BLOCKED_STREAMS, 0),
+        (setting::ENABLE_CONNECT_PROTOCOL, 1),
+        (setting::H3_DATAGRAM, 1),
+        (setting::ENABLE_WEBTRANSPORT, 1),
+        (setting::WEBTRANSPORT_MAX_SESSIONS, 1),
+    ] {
+        let _ = payload.put_varint(VarInt::from_u32(id));
+        let _ = payload.put_varint(VarInt::from_u32(value));
+    }
+    let mut out = Vec::new();
+    let _ = StreamHeader::new_control().write(&mut out);
+    let _ = Frame::new_settings(Cow::Owned(payload)).write(&mut out);
+    out
+}
+
+/// An extended CONNECT request for a WebTransport session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectRequest {
+    pub authority: String,
+    /// The path, without its query.
+    pub path: String,
+    pub origin: Option<String>,
+}
+
+/// The CONNECT that opens a session: a HEADERS frame on the client's bidirectional stream
+/// (reserved "grease" frames before it are skipped). Anything but an extended CONNECT with
+/// `:protocol webtransport` over https is a message error.
+pub fn read_connect(buf: &[u8]) -> Parsed<ConnectRequest> {
+    let mut reader = BufferReader::new(buf);
+    loop {
+        let frame = match Frame::read_from_buffer(&mut reader) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return Ok(None),
+            Err(_) => return Err(H3Error::new(H3ErrorCode::Frame, "bad frame on the request stream")),
+        };
+        match frame.kind() {
+            FrameKind::Exercise(_) => continue,
+            FrameKind::Headers => {}
+            _ => {
+                return Err(H3Error::new(
+                    H3ErrorCode::FrameUnexpected,
+                    "request stream without HEADERS first",
+                ))
+            }
+        }
+        let headers = Headers::with_frame(&frame).map_err(|code| H3Error::new(code, "bad QPACK headers"))?;
+        let field = |name| headers.get(name);
+        let is_connect = field(":method") == Some("CONNECT")
+            && field(":protocol") == Some("webtransport")
+            && field(":scheme") == Some("https");
+        let (Some(authority), Some(path)) = (field(":authority"), field(":path")) else {
+            return Err(H3Error::new(
+                H3ErrorCode::Message,
+                "CONNECT without :authority or :path",
+            ));
+        };
+        if !is_connect {
+            return Err(H3Error::new(H3ErrorCode::Message, "not a WebTransport CONNECT"));
+        }
+        let request = ConnectRequest {
+            authority: authority.to_string(),
+            path: path.split('?').next().unwrap_or_default().to_string(),
+            origin: field("origin").map(str::to_string),
+        };
+        return Ok(Some((request, reader.offset())));
+    }
+}
+
+/// The answer to a CONNECT: a HEADERS frame with `:status` alone.
+pub fn response(status: u16) -> Vec<u8> {
+    let headers: Headers = [(":status", status.to_string())].into_iter().collect();
+    let mut out = Vec::new();
+    let _ = headers.generate_frame().write(&mut out);
+    out
+}
+
+/// The head of a client's WebTransport bidirectional stream: the WEBTRANSPORT_STREAM signal
+/// (`0x41`) and the session ID (the CONNECT stream's ID).
+pub fn read_stream_session(buf: &[u8]) -> Parsed<u64> {
+    let mut reader = BufferReader::new(buf);
+    match Frame::read_from_buffer(&mut reader) {
+        Ok(Some(frame)) => match frame.session_id() {
+            Some(session) if matches!(frame.kind(), FrameKind::WebTransport) => {
+                Ok(Some((session.into_u64(), reader.offset())))
+            }
+            _ => Err(H3Error::new(
+                H3ErrorCode::FrameUnexpected,
+                "a second request on the connection",
+            )),
+        },
+        Ok(None) => Ok(None),
+        Err(_) => Err(H3Error::new(H3ErrorCode::Frame, "bad stream header")),
+    }
+}
+
+/// The prefix of every datagram of the session opened on stream `session`: its quarter stream
+/// ID as a QUIC varint (RFC 9297). Session 0 (the client's first stream) gives `00`.
+pub fn datagram_prefix(session: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Ok(id) = VarInt::try_from_u64(session / 4) {
+        let _ = out.put_varint(id);
+    }
+    out
+}
+
+/// The payload of a datagram with `prefix`, or `None` for a datagram of another session.
+pub fn datagram_payload<'a>(datagram: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
+    datagram.strip_prefix(prefix)
+}
+
+/// A CLOSE_WEBTRANSPORT_SESSION capsule in a DATA frame, as written on the CONNECT stream: the
+/// code as 32 bits big-endian, then the reason (cut at a character boundary to 1,024 bytes).
+pub fn close_capsule(code: u32, reason: &str) -> Vec<u8> {
+    let mut end = reason.len().min(MAX_CLOSE_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let reason = &reason.as_bytes()[..end];
+    let mut capsule = Vec::new();
+    let _ = capsule.put_varint(VarInt::from_u32(CLOSE_WEBTRANSPORT_SESSION));
+    let _ = capsule.put_varint(VarInt::from_u32(4 + reason.len() as u32));
+    capsule.extend_from_slice(&code.to_be_bytes());
+    capsule.extend_from_slice(reason);
+    let mut out = Vec::new();
+    let _ = Frame::new_data(Cow::Owned(capsule)).write(&mut out);
+    out
+}
+
+/// What the client sent on the CONNECT stream after the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectStreamEvent {
+    /// It closed the session with a code and reason.
+    Close { code: u32, reason: String },
+    /// Something else (another capsule, a grease frame): ignored.
+    Other,
+}
+
+/// One frame from the CONNECT stream after the request.
+pub fn read_connect_stream(buf: &[u8]) -> Parsed<ConnectStreamEvent> {
+    let mut reader = BufferReader::new(buf);
+    let frame = match Frame::read_from_buffer(&mut reader) {
+        Ok(Some(frame)) => frame,
+        Ok(None) => return Ok(None),
+        Err(_) => return Err(H3Error::new(H3ErrorCode::Frame, "bad frame on the CONNECT stream")),
+    };
+    let mut event = ConnectStreamEvent::Other;
+    if matches!(frame.kind(), FrameKind::Data) {
+        let mut payload = frame.payload();
+        let kind = payload.get_varint().map(VarInt::into_inner);
+        let body = payload
+            .get_varint()
+            .and_then(|len| payload.get_bytes(len.into_inner() as usize));
+        if let (Some(kind), Some(body)) = (kind, body) {
+            if kind == u64::from(CLOSE_WEBTRANSPORT_SESSION) && body.len() >= 4 {
+                let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                let reason = String::from_utf8_lossy(&body[4..]).into_owned();
+                event = ConnectStreamEvent::Close { code, reason };
+            }
+        }
+    }
+    Ok(Some((event, reader.offset())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn unhex(hex: &str) -> Vec<u8> {
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect()
+    }
+
+    #[test]
+    fn the_server_control_stream_is_the_documented_bytes() {
+        // Stream type 00, SETTINGS (04) of 0x16 bytes: 01=0, 07=0, 08=1, 33=1,
+        // 2b603742=1, c671706a=1 (four- and eight-byte varints for the last two).
+        assert_eq!(
+            hex(&server_control_stream()),
+            "0004160100070008013301ab60374201c0000000c671706a01"
+        );
+    }
+
+    fn connect_frame(fields: &[(&str, &str)]) -> Vec<u8> {
+        let headers: Headers = fields.iter().copied().collect();
+        let mut out = Vec::new();
+        headers.generate_frame().write(&mut out).expect("write");
+        out
+    }
+
+    #[test]
+    fn a_webtransport_connect_is_read_with_its_path_and_origin() {
+        let frame = connect_frame(&[
+            (":method", "CONNECT"),
+            (":protocol", "webtransport"),
+            (":scheme", "https"),
+            (":authority", "127.0.0.1:4433"),
+            (":path", "/wt?x=1"),
+            ("origin", "https://scores.example"),
+        ]);
+        let (request, used) = read_connect(&frame).expect("connect").expect("complete");
+        assert_eq!(used, frame.len());
+        assert_eq!(request.path, "/wt");
+        assert_eq!(request.authority, "127.0.0.1:4433");
+        assert_eq!(request.origin.as_deref(), Some("https://scores.example"));
+        assert_eq!(read_connect(&frame[..frame.len() - 1]), Ok(None));
+    }
+
+    #[test]
+    fn a_plain_request_or_a_connect_without_webtransport_is_a_message_error() {
+        for fields in [
+            vec![
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":authority", "a"),
+                (":path", "/wt"),
+            ],
+            vec![
+                (":method", "CONNECT"),
+                (":protocol", "websocket"),
+                (":scheme", "https"),
+                (":authority", "a"),
+                (":path", "/wt"),
+            ],
+            vec![
+                (":method", "CONNECT"),
+                (":protocol", "webtransport"),
+                (":scheme", "https"),
+            ],
+        ] {
+            let error = read_connect(&connect_frame(&fields)).expect_err("refused");
+            assert_eq!(error.code, H3ErrorCode::Message, "{fields:?}");
+        }
+    }
+
+    #[test]
+    fn the_response_is_a_headers_frame_with_the_status() {
+        let bytes = response(200);
+        let mut reader = BufferReader::new(&bytes);
+        let frame = Frame::read_from_buffer(&mut reader).expect("frame").expect("complete");
+        assert!(matches!(frame.kind(), FrameKind::Headers));
+        let headers = Headers::with_frame(&frame).expect("qpack");
+        assert_eq!(headers.get(":status"), Some("200"));
+        // HEADERS (01) of 7 bytes: QPACK prefix 00 00 (no dynamic table), then a literal with
+        // the static table's `:status` name (5f 09: index 24) and the Huffman-coded "200".
+        assert_eq!(hex(&bytes), "010700005f09821001");
+    }
+
+    #[test]
+    fn a_webtransport_stream_names_its_session() {
+        assert_eq!(read_stream_session(&unhex("404100")), Ok(Some((0, 3))));
+        assert_eq!(read_stream_session(&unhex("404104")), Ok(Some((4, 3))));
+        assert_eq!(read_stream_session(&unhex("40")), Ok(None));
+        assert!(read_stream_session(&connect_frame(&[(":method", "GET")])).is_err());
+    }
+
+    #[test]
+    fn datagrams_carry_the_quarter_stream_id() {
+        assert_eq!(datagram_prefix(0), vec![0x00]);
+        assert_eq!(datagram_prefix(4), vec![0x01]);
+        assert_eq!(datagram_prefix(4 * 64), vec![0x40, 0x40]);
+        assert_eq!(datagram_payload(&[0x00, 0x04, 0x09], &[0x00]), Some(&[0x04, 0x09][..]));
+        assert_eq!(datagram_payload(&[0x01, 0x04], &[0x00]), None);
+    }
+
+    #[test]
+    fn a_close_capsule_round_trips_and_reads_as_wtransport_reads_it() {
+        let bytes = close_capsule(4001, "slow");
+        assert_eq!(hex(&bytes), "000b68430800000fa1736c6f77");
+        assert_eq!(
+            read_connect_stream(&bytes),
+            Ok(Some((
+                ConnectStreamEvent::Close {
+                    code: 4001,
+                    reason: "slow".into()
+                },
+                bytes.len()
+            )))
+        );
+        let mut reader = BufferReader::new(&bytes);
+        let frame = Frame::read_from_buffer(&mut reader).expect("frame").expect("complete");
+        let capsule = wtransport_proto::capsule::Capsule::with_frame(&frame).expect("capsule");
+        let close =
+            wtransport_proto::capsule::capsules::CloseWebTransportSession::with_capsule(&capsule).expect("close");
+        assert_eq!(close.error_code().into_inner(), 4001);
+        assert_eq!(close.reason(), "slow");
+        let long = "é".repeat(600);
+        let cut = close_capsule(1, &long);
+        assert!(cut.len() < 1024 + 16, "the reason is cut to 1,024 bytes");
+    }
+}
