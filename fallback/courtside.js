@@ -12,15 +12,22 @@ export const DEFAULTS = Object.freeze({
   /** Reconnection backoff: first delay, cap; each delay is multiplied by a random 0.5 to 1.5. */
   reconnectInitialMs: 500,
   reconnectMaxMs: 30000,
+  /** Over WebTransport, a ping this often: the server closes a session silent for 60 s (4002). */
+  webtransportPingMs: 25000,
+  /** Acknowledgements of state datagrams wait this long to go out together, in one datagram. */
+  ackDelayMs: 5,
 });
+
+/** Acknowledgements per `acks` datagram at most (each takes 2 to 12 bytes). */
+const ACKS_PER_DATAGRAM = 64;
 
 // ---------------------------------------------------------------------------------------------
 // Binary protocol (WebTransport): type byte, then fields in postcard's format.
 
 export const MessageType = Object.freeze({
-  SUBSCRIBE: 0x01, UNSUBSCRIBE: 0x02, PING: 0x03, ACK: 0x04,
-  SUBSCRIBED: 0x10, UNSUBSCRIBED: 0x11, PONG: 0x12, ERROR: 0x13, RECONNECT: 0x14, CLOSE: 0x15,
-  STATE: 0x20, EVENT: 0x21,
+  SUBSCRIBE: 0x01, UNSUBSCRIBE: 0x02, PING: 0x03, ACK: 0x04, ACKS: 0x05,
+  SUBSCRIBED: 0x10, UNSUBSCRIBED: 0x11, PONG: 0x12, ERROR: 0x13, RECONNECT: 0x14, CLOSE: 0x15, ALIAS: 0x16,
+  STATE: 0x20, EVENT: 0x21, STATE_BY_ALIAS: 0x22,
 });
 
 const utf8Encoder = new TextEncoder();
@@ -87,7 +94,7 @@ class Reader {
   end() { if (this.pos !== this.bytes.length) throw new RangeError('trailing bytes'); }
 }
 
-/** Encodes a client message ({type: 'subscribe'|'unsubscribe'|'ping'|'ack', ...}). */
+/** Encodes a client message ({type: 'subscribe'|'unsubscribe'|'ping'|'ack'|'acks', ...}). */
 export function encodeClientMessage(m) {
   const w = new Writer();
   switch (m.type) {
@@ -99,6 +106,10 @@ export function encodeClientMessage(m) {
       return w.u8(MessageType.PING).finish();
     case 'ack':
       return w.u8(MessageType.ACK).string(m.room).varint(m.version).finish();
+    case 'acks':
+      w.u8(MessageType.ACKS).varint(m.acks.length);
+      for (const a of m.acks) w.varint(a.alias).varint(a.version);
+      return w.finish();
     default:
       throw new TypeError(`unknown client message type ${m.type}`);
   }
@@ -131,6 +142,10 @@ export function decodeServerMessage(bytes) {
       break;
     case MessageType.EVENT:
       m = { type: 'event', room: r.string(), seq: r.varint(), ts: r.varint(), data: r.string() };
+      break;
+    case MessageType.ALIAS: m = { type: 'alias', room: r.string(), alias: r.varint() }; break;
+    case MessageType.STATE_BY_ALIAS:
+      m = { type: 'state', alias: r.varint(), version: r.varint(), ts: r.varint(), data: r.string() };
       break;
     default:
       throw new RangeError(`unknown server message type 0x${type.toString(16)}`);
@@ -187,15 +202,22 @@ function hexToBytes(hex) {
 }
 
 class WebTransportConnection {
-  constructor(url, certHash, handlers) {
+  constructor(url, certHash, options, handlers) {
     this.name = 'webtransport';
+    this.options = options;
     this.handlers = handlers;
     this.closed = false;
-    const options = {};
-    if (certHash) options.serverCertificateHashes = [{ algorithm: 'sha-256', value: hexToBytes(certHash) }];
-    this.wt = new WebTransport(url, options);
+    const wtOptions = {};
+    if (certHash) wtOptions.serverCertificateHashes = [{ algorithm: 'sha-256', value: hexToBytes(certHash) }];
+    this.wt = new WebTransport(url, wtOptions);
     this.pendingDatagrams = [];
     this.ready = false;
+    /** alias -> room, and room -> alias, from the server's `alias` notices. */
+    this.roomOfAlias = new Map();
+    this.aliasOfRoom = new Map();
+    /** alias -> newest version held, waiting to be acknowledged in one datagram. */
+    this.pendingAcks = new Map();
+    this.ackTimer = null;
     // Chromium drops datagrams that are not read at once: read from construction on.
     this.readDatagrams();
     this.datagramWriter = null;
@@ -211,10 +233,12 @@ class WebTransportConnection {
       (info) => this.finish({ code: info?.closeCode, reason: info?.reason }),
       (error) => this.finish({ error: String(error) }),
     );
-    // The server expects the control stream to carry a first message promptly.
+    // The server expects the control stream to carry a first message promptly, and some
+    // message at least every minute after that.
     await this.send({ type: 'ping' });
+    this.keepalive = setInterval(() => this.send({ type: 'ping' }).catch(() => {}), this.options.webtransportPingMs);
     this.ready = true;
-    for (const m of this.pendingDatagrams.splice(0)) this.handlers.onMessage(m, true);
+    for (const m of this.pendingDatagrams.splice(0)) this.onDatagram(m);
   }
 
   async readDatagrams() {
@@ -225,9 +249,20 @@ class WebTransportConnection {
         if (done) return;
         let m;
         try { m = decodeServerMessage(value); } catch { continue; }
-        if (this.ready) this.handlers.onMessage(m, true); else this.pendingDatagrams.push(m);
+        if (this.ready) this.onDatagram(m); else this.pendingDatagrams.push(m);
       }
     } catch { /* the session ended */ }
+  }
+
+  /** A state datagram names its room by alias; one whose alias is not known yet is dropped. */
+  onDatagram(m) {
+    if (m.alias !== undefined) {
+      const room = this.roomOfAlias.get(m.alias);
+      if (room === undefined) return;
+      m.room = room;
+      delete m.alias;
+    }
+    this.handlers.onMessage(m, true);
   }
 
   async readStream(readable) {
@@ -237,7 +272,15 @@ class WebTransportConnection {
       for (;;) {
         const { value, done } = await reader.read();
         if (done) break;
-        for (const frame of decoder.push(value)) this.handlers.onMessage(decodeServerMessage(frame), false);
+        for (const frame of decoder.push(value)) {
+          const m = decodeServerMessage(frame);
+          if (m.type === 'alias') {
+            this.roomOfAlias.set(m.alias, m.room);
+            this.aliasOfRoom.set(m.room, m.alias);
+            continue;
+          }
+          this.handlers.onMessage(m, false);
+        }
       }
     } catch { /* the session ended */ }
     this.finish({});
@@ -247,19 +290,40 @@ class WebTransportConnection {
     await this.writer.write(encodeFrame(encodeClientMessage(m)));
   }
 
+  /** Acknowledges a state datagram; acks made within `ackDelayMs` go out in one datagram. */
   ack(room, version) {
-    if (!this.datagramWriter) return;
-    this.datagramWriter.write(encodeClientMessage({ type: 'ack', room, version })).catch(() => {});
+    const alias = this.aliasOfRoom.get(room);
+    if (!this.datagramWriter || alias === undefined) return;
+    this.pendingAcks.set(alias, Math.max(version, this.pendingAcks.get(alias) ?? 0));
+    if (this.ackTimer === null) this.ackTimer = setTimeout(() => this.flushAcks(), this.options.ackDelayMs);
+  }
+
+  flushAcks() {
+    this.ackTimer = null;
+    const acks = Array.from(this.pendingAcks, ([alias, version]) => ({ alias, version }));
+    this.pendingAcks.clear();
+    for (let i = 0; i < acks.length; i += ACKS_PER_DATAGRAM) {
+      const message = encodeClientMessage({ type: 'acks', acks: acks.slice(i, i + ACKS_PER_DATAGRAM) });
+      this.datagramWriter?.write(message).catch(() => {});
+    }
   }
 
   close() {
     this.closed = true;
+    this.stopTimers();
     try { this.wt.close({ closeCode: 0, reason: 'client closed' }); } catch { /* already closed */ }
+  }
+
+  stopTimers() {
+    clearInterval(this.keepalive);
+    clearTimeout(this.ackTimer);
+    this.ackTimer = null;
   }
 
   finish(info) {
     if (this.finished) return;
     this.finished = true;
+    this.stopTimers();
     this.handlers.onClose(info);
   }
 }
@@ -370,7 +434,7 @@ export class CourtsideClient {
         if (this.webtransportFailed && this.attempt % 5 !== 0) continue;
         let conn;
         try {
-          conn = new WebTransportConnection(this.urls.webtransport, this.options.certHash, this.handlersFor(() => conn));
+          conn = new WebTransportConnection(this.urls.webtransport, this.options.certHash, this.options, this.handlersFor(() => conn));
           await withTimeout(conn.open(), this.options.webtransportTimeoutMs, () => conn.close());
           this.webtransportFailed = false;
           return conn;

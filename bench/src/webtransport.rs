@@ -1,14 +1,13 @@
 //! WebTransport clients for Courtside: a control stream for commands and replies, datagrams for
 //! states (acknowledged, as PROTOCOL.md "Loss repair" asks), and the binary codec of the library.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use courtside_core::wire::{self, ClientMessage, FrameDecoder, ServerMessage};
-use courtside_core::RoomName;
+use courtside_core::wire::{self, AliasAck, ClientMessage, FrameDecoder, ServerMessage};
 use wtransport::endpoint::endpoint_side::Client;
 use wtransport::tls::Sha256Digest;
 use wtransport::{ClientConfig, Connection, Endpoint, RecvStream, SendStream};
@@ -81,6 +80,12 @@ fn decode_hex32(hex: &str) -> anyhow::Result<[u8; 32]> {
         .map_err(|_| anyhow::anyhow!("certificate hash is not 32 bytes"))
 }
 
+/// Acknowledgements wait this long to go out together, as `fallback/courtside.js` does.
+const ACK_DELAY: Duration = Duration::from_millis(5);
+
+/// A ping this often keeps a session that only receives events from the idle timeout.
+const PING_EVERY: Duration = Duration::from_secs(25);
+
 /// One WebTransport session joined to its rooms.
 pub struct WtConn {
     pub connection: Connection,
@@ -89,6 +94,12 @@ pub struct WtConn {
     decoder: FrameDecoder,
     buf: Vec<u8>,
     pending: VecDeque<Received>,
+    /// Room aliases announced on the stream; datagrams name rooms by them.
+    aliases: HashSet<u64>,
+    /// Acknowledgements waiting for `ack_due` (alias, newest version held).
+    acks: Vec<AliasAck>,
+    ack_due: Option<tokio::time::Instant>,
+    next_ping: tokio::time::Instant,
     _endpoint: Arc<Endpoint<Client>>,
 }
 
@@ -106,6 +117,10 @@ impl WtConn {
             decoder: FrameDecoder::default(),
             buf: vec![0; 16 * 1024],
             pending: VecDeque::new(),
+            aliases: HashSet::new(),
+            acks: Vec::new(),
+            ack_due: None,
+            next_ping: tokio::time::Instant::now() + PING_EVERY,
             _endpoint: endpoint,
         };
         let mut frames = bytes::BytesMut::new();
@@ -127,6 +142,9 @@ impl WtConn {
             while let Ok(Some(frame)) = conn.decoder.next_frame(MAX_FRAME) {
                 match wire::decode_server(&frame) {
                     Ok(ServerMessage::Subscribed(_)) => confirmed += 1,
+                    Ok(ServerMessage::Alias(alias)) => {
+                        conn.aliases.insert(alias.alias);
+                    }
                     Ok(ServerMessage::Error(e)) => bail!("subscribe refused: {}", e.message),
                     Ok(message) => conn.pending.extend(received(&message)),
                     Err(_) => bail!("undecodable server message"),
@@ -142,30 +160,56 @@ impl WtConn {
             if let Some(m) = self.pending.pop_front() {
                 return Some(m);
             }
+            let ack_due = self.ack_due;
             tokio::select! {
                 read = self.recv.read(&mut self.buf) => {
                     let n = read.ok()??;
                     self.decoder.extend(&self.buf[..n]);
                     while let Ok(Some(frame)) = self.decoder.next_frame(MAX_FRAME) {
-                        if let Ok(message) = wire::decode_server(&frame) {
-                            self.pending.extend(received(&message));
+                        match wire::decode_server(&frame) {
+                            Ok(ServerMessage::Alias(alias)) => {
+                                self.aliases.insert(alias.alias);
+                            }
+                            Ok(message) => self.pending.extend(received(&message)),
+                            Err(_) => {}
                         }
                     }
                 }
                 datagram = self.connection.receive_datagram() => {
                     let datagram = datagram.ok()?;
                     let payload = datagram.payload();
-                    let Ok(message) = wire::decode_server(&payload) else { continue };
-                    if let ServerMessage::State(state) = &message {
-                        if let Ok(room) = RoomName::parse(state.room) {
-                            let ack = wire::encode_client(&ClientMessage::Ack { room, version: state.version });
-                            let _ = self.connection.send_datagram(ack);
-                        }
+                    let Ok(ServerMessage::AliasedState(state)) = wire::decode_server(&payload) else { continue };
+                    if !self.aliases.contains(&state.alias) {
+                        continue;
                     }
-                    self.pending.extend(received(&message));
+                    match self.acks.iter_mut().find(|a| a.alias == state.alias) {
+                        Some(ack) => ack.version = ack.version.max(state.version),
+                        None => self.acks.push(AliasAck { alias: state.alias, version: state.version }),
+                    }
+                    self.ack_due.get_or_insert_with(|| tokio::time::Instant::now() + ACK_DELAY);
+                    self.pending.extend(parse_data(state.data));
+                }
+                _ = sleep_until_some(ack_due) => {
+                    self.ack_due = None;
+                    let acks = std::mem::take(&mut self.acks);
+                    let _ = self.connection.send_datagram(wire::encode_client(&ClientMessage::Acks(acks)));
+                }
+                _ = tokio::time::sleep_until(self.next_ping) => {
+                    self.next_ping += PING_EVERY;
+                    let mut frame = bytes::BytesMut::new();
+                    wire::put_frame(&mut frame, &wire::encode_client(&ClientMessage::Command(courtside_core::ClientCommand::Ping)));
+                    let _ = self.send.write_all(&frame).await;
                 }
             }
         }
+    }
+}
+
+/// Sleeps until `at`; never without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::publication::RoomId;
 use super::room_name::{RoomName, RoomNameError};
 
 /// A command from a client (docs/PROTOCOL.md, "Client to server").
@@ -82,6 +83,9 @@ pub mod close_code {
 pub enum ServerControl {
     Subscribed {
         room: RoomName,
+        /// This node's ID of the room, which WebTransport sessions use as the room's alias in
+        /// datagrams (not sent over WebSocket).
+        room_id: RoomId,
         epoch: String,
         /// Version of the room's current state (0: none yet).
         version: u64,
@@ -131,6 +135,7 @@ impl ServerControl {
                 version,
                 seq,
                 recovered,
+                ..
             } => WireControl::Subscribed {
                 room: room.as_str(),
                 epoch,
@@ -320,6 +325,7 @@ mod tests {
     fn control_frames_match_protocol_vectors() {
         let subscribed = ServerControl::Subscribed {
             room: room("game:1"),
+            room_id: RoomId(1),
             epoch: "00000000000000ff".into(),
             version: 3,
             seq: 9,
@@ -331,6 +337,7 @@ mod tests {
         );
         let plain = ServerControl::Subscribed {
             room: room("game:1"),
+            room_id: RoomId(1),
             epoch: "e".into(),
             version: 0,
             seq: 0,

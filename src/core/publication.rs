@@ -59,6 +59,8 @@ pub struct Publication {
     data: Range<usize>,
     /// The binary WebTransport message, built the first time a WebTransport subscriber needs it.
     wire: OnceLock<Bytes>,
+    /// A state's whole QUIC datagram payload for a session on the client's first stream.
+    datagram: OnceLock<Bytes>,
 }
 
 impl Publication {
@@ -74,6 +76,7 @@ impl Publication {
             json,
             data: data_range,
             wire: OnceLock::new(),
+            datagram: OnceLock::new(),
         }
     }
 
@@ -86,6 +89,24 @@ impl Publication {
     pub fn wire_message(&self) -> &Bytes {
         self.wire.get_or_init(|| {
             super::wire::encode_publication(&self.room, self.kind, self.number, self.ts_ms, self.data())
+        })
+    }
+
+    /// A state's aliased datagram message (`0x22`: the room by its alias, which is its `RoomId`).
+    pub fn aliased_message(&self) -> Bytes {
+        super::wire::encode_aliased_state(self.room_id.0, self.number, self.ts_ms, self.data())
+    }
+
+    /// A state's whole QUIC datagram payload for a WebTransport session opened on the client's
+    /// first stream, as nearly all are: the quarter stream ID `00` (RFC 9297), then the aliased
+    /// message. Encoded once and shared by every such session.
+    pub fn session0_datagram(&self) -> &Bytes {
+        self.datagram.get_or_init(|| {
+            let message = self.aliased_message();
+            let mut datagram = Vec::with_capacity(1 + message.len());
+            datagram.push(0x00);
+            datagram.extend_from_slice(&message);
+            Bytes::from(datagram)
         })
     }
 
@@ -163,6 +184,17 @@ mod tests {
         assert_eq!(p.data(), r#"{"home":42,"away":40}"#);
         let parsed: serde_json::Value = serde_json::from_str(p.json_frame()).expect("valid json");
         assert_eq!(parsed["data"]["home"], 42);
+    }
+
+    #[test]
+    fn a_state_datagram_is_quarter_stream_id_0_then_the_state_by_its_alias() {
+        let room = RoomName::parse("game:1234").expect("room");
+        let data = JsonData::parse(br#"{"home":42,"away":40}"#).expect("json");
+        let p = Publication::new(RoomId(17), room, Kind::State, 7, &data, now(1_700_000_000_000));
+        let hex: String = p.session0_datagram().iter().map(|b| format!("{b:02x}")).collect();
+        // PROTOCOL.md's vector "state by alias (datagram)", after the prefix 00.
+        assert_eq!(hex, "0022110780d095ffbc31157b22686f6d65223a34322c2261776179223a34307d");
+        assert_eq!(&p.session0_datagram()[1..], &p.aliased_message()[..]);
     }
 
     #[test]

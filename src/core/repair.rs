@@ -6,8 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::publication::Publication;
-use super::room_name::RoomName;
+use super::publication::{Publication, RoomId};
 
 /// When to resend an unacknowledged state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,7 +91,7 @@ impl AckTimer {
 /// The unacknowledged newest state of each room, for one session.
 #[derive(Debug, Default)]
 pub struct DatagramRepair {
-    pending: HashMap<RoomName, Pending>,
+    pending: HashMap<RoomId, Pending>,
     policy: RepairPolicy,
     acks: AckTimer,
 }
@@ -118,29 +117,29 @@ impl DatagramRepair {
             due: now + gap,
             gap,
         };
-        match self.pending.get_mut(&publication.room) {
+        match self.pending.get_mut(&publication.room_id) {
             Some(existing) if existing.version >= version => {}
             Some(existing) => *existing = pending,
             None => {
-                self.pending.insert(publication.room.clone(), pending);
+                self.pending.insert(publication.room_id, pending);
             }
         }
     }
 
     /// The client holds `version` of `room`: stop repairing anything up to it. An ack of a
     /// datagram sent once (never resent: Karn's rule) times the round trip.
-    pub fn acked(&mut self, room: &RoomName, version: u64, now: Instant) {
-        if let Some(p) = self.pending.get(room).filter(|p| p.version <= version) {
+    pub fn acked(&mut self, room: RoomId, version: u64, now: Instant) {
+        if let Some(p) = self.pending.get(&room).filter(|p| p.version <= version) {
             if p.version == version && p.resends == 0 {
                 self.acks.sample(now.saturating_duration_since(p.sent_at));
             }
-            self.pending.remove(room);
+            self.pending.remove(&room);
         }
     }
 
     /// The client left the room, or got its state reliably: stop repairing it.
-    pub fn forget(&mut self, room: &RoomName) {
-        self.pending.remove(room);
+    pub fn forget(&mut self, room: RoomId) {
+        self.pending.remove(&room);
     }
 
     /// Collects the resends due at `now` into `out`.
@@ -185,8 +184,12 @@ impl DatagramRepair {
 mod tests {
     use super::*;
     use crate::kind::Kind;
-    use crate::publication::{JsonData, RoomId};
+    use crate::publication::JsonData;
     use crate::time::Now;
+    use crate::RoomName;
+
+    /// The room of `state(..)`.
+    const G: RoomId = RoomId(1);
 
     fn state(room: &str, version: u64) -> Arc<Publication> {
         let data = JsonData::parse(b"0").expect("json");
@@ -215,7 +218,7 @@ mod tests {
         let t0 = Instant::now();
         let mut repair = DatagramRepair::new(RepairPolicy::default());
         repair.sent(&state("g", 3), 3, t0, MS);
-        repair.acked(&RoomName::parse("g").expect("room"), 3, t0);
+        repair.acked(G, 3, t0);
         let mut out = Vec::new();
         repair.poll(t0 + Duration::from_secs(10), &mut out);
         assert!(out.is_empty());
@@ -257,16 +260,16 @@ mod tests {
     fn only_the_newest_state_of_a_room_is_repaired_and_old_acks_do_not_clear_it() {
         let t0 = Instant::now();
         let mut repair = DatagramRepair::new(RepairPolicy::default());
-        let room = RoomName::parse("g").expect("room");
+        let room = G;
         repair.sent(&state("g", 3), 3, t0, MS);
         repair.sent(&state("g", 5), 5, t0, MS);
         repair.sent(&state("g", 4), 4, t0, MS);
-        repair.acked(&room, 4, t0);
+        repair.acked(room, 4, t0);
         assert_eq!(repair.len(), 1);
         let mut out = Vec::new();
         repair.poll(t0 + Duration::from_secs(1), &mut out);
         assert_eq!(kinds(&out), vec![("datagram", 5), ("stream", 5)]);
-        repair.acked(&room, 6, t0);
+        repair.acked(room, 6, t0);
         assert!(repair.is_empty());
     }
 
@@ -276,7 +279,7 @@ mod tests {
         let mut repair = DatagramRepair::new(RepairPolicy::default());
         repair.sent(&state("g", 1), 1, t0, 50 * MS);
         assert_eq!(repair.next_due(), Some(t0 + 100 * MS));
-        repair.forget(&RoomName::parse("g").expect("room"));
+        repair.forget(G);
         assert_eq!(repair.next_due(), None);
     }
 
@@ -288,7 +291,7 @@ mod tests {
         for v in 1..=8 {
             let at = t0 + 100 * MS * v as u32;
             repair.sent(&state("g", v), v, at, MS);
-            repair.acked(&RoomName::parse("g").expect("room"), v, at + 100 * MS);
+            repair.acked(G, v, at + 100 * MS);
         }
         let at = t0 + 1000 * MS;
         repair.sent(&state("g", 9), 9, at, MS);
@@ -302,11 +305,11 @@ mod tests {
     #[test]
     fn acks_later_than_the_timer_back_it_off_until_a_clean_sample() {
         let t0 = Instant::now();
-        let room = RoomName::parse("g").expect("room");
+        let room = G;
         let mut repair = DatagramRepair::new(RepairPolicy::default());
         // The timer learns 10 ms acks: srtt 10 ms, rttvar 5 ms, timeout 30 ms.
         repair.sent(&state("g", 1), 1, t0, MS);
-        repair.acked(&room, 1, t0 + 10 * MS);
+        repair.acked(room, 1, t0 + 10 * MS);
         // Then the client acks 70 ms after each send.
         let mut at = t0 + 100 * MS;
         let mut gaps = Vec::new();
@@ -319,7 +322,7 @@ mod tests {
                 repair.poll(due, &mut out);
                 assert!(!out.is_empty());
             }
-            repair.acked(&room, v, at + 70 * MS);
+            repair.acked(room, v, at + 70 * MS);
             at += 100 * MS;
         }
         // Two timeouts double the timer (30, 60, 120 ms) until it waits past the late ack; that

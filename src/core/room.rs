@@ -308,6 +308,7 @@ impl Room {
         Snapshot {
             subscribed: ServerControl::Subscribed {
                 room: self.name.clone(),
+                room_id: self.id,
                 epoch: self.epoch.clone(),
                 version: self.version,
                 seq: self.last_seq,

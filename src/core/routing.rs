@@ -110,6 +110,7 @@ impl StateRouting {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::RoomId;
 
     fn room(name: &str) -> RoomName {
         RoomName::parse(name).expect("room")
@@ -118,6 +119,7 @@ mod tests {
     fn subscribed(name: &str, version: u64) -> ServerControl {
         ServerControl::Subscribed {
             room: room(name),
+            room_id: RoomId(1),
             epoch: "e".into(),
             version,
             seq: 0,

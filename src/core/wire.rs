@@ -14,15 +14,21 @@ pub mod message_type {
     pub const UNSUBSCRIBE: u8 = 0x02;
     pub const PING: u8 = 0x03;
     pub const ACK: u8 = 0x04;
+    pub const ACKS: u8 = 0x05;
     pub const SUBSCRIBED: u8 = 0x10;
     pub const UNSUBSCRIBED: u8 = 0x11;
     pub const PONG: u8 = 0x12;
     pub const ERROR: u8 = 0x13;
     pub const RECONNECT: u8 = 0x14;
     pub const CLOSE: u8 = 0x15;
+    pub const ALIAS: u8 = 0x16;
     pub const STATE: u8 = 0x20;
     pub const EVENT: u8 = 0x21;
+    pub const ALIASED_STATE: u8 = 0x22;
 }
+
+/// Most acknowledgements one `acks` message may carry (a session holds at most 256 rooms).
+pub const MAX_ACKS: usize = 256;
 
 /// Largest message a client may send on its control stream.
 pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
@@ -43,6 +49,29 @@ pub struct RoomBody<'a> {
 pub struct AckBody<'a> {
     pub room: &'a str,
     pub version: u64,
+}
+
+/// One acknowledgement in an `acks` message: the client holds `version` of the room `alias`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AliasAck {
+    pub alias: u64,
+    pub version: u64,
+}
+
+/// A room's short name in this session's datagrams.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AliasBody<'a> {
+    pub room: &'a str,
+    pub alias: u64,
+}
+
+/// A state datagram naming its room by alias.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AliasedStateBody<'a> {
+    pub alias: u64,
+    pub version: u64,
+    pub ts: u64,
+    pub data: &'a str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +128,8 @@ pub enum ClientMessage {
         room: RoomName,
         version: u64,
     },
+    /// Acknowledgements of several rooms at once, by alias (PROTOCOL.md "Loss repair").
+    Acks(Vec<AliasAck>),
 }
 
 /// A message from the server, decoded (for clients and tests).
@@ -112,6 +143,8 @@ pub enum ServerMessage<'a> {
     Close(CloseBody<'a>),
     State(StateBody<'a>),
     Event(EventBody<'a>),
+    Alias(AliasBody<'a>),
+    AliasedState(AliasedStateBody<'a>),
 }
 
 impl ServerMessage<'_> {
@@ -143,6 +176,10 @@ impl ServerMessage<'_> {
                 json!({"type": "state", "room": b.room, "version": b.version, "ts": b.ts, "data": b.data})
             }
             Self::Event(b) => json!({"type": "event", "room": b.room, "seq": b.seq, "ts": b.ts, "data": b.data}),
+            Self::Alias(b) => json!({"type": "alias", "room": b.room, "alias": b.alias}),
+            Self::AliasedState(b) => {
+                json!({"type": "state", "alias": b.alias, "version": b.version, "ts": b.ts, "data": b.data})
+            }
         }
     }
 }
@@ -188,6 +225,30 @@ pub fn encode_publication(room: &RoomName, kind: Kind, number: u64, ts: u64, dat
     }
 }
 
+/// Encodes a state as a datagram names it: `0x22`, the room's alias, version, ts and data.
+pub fn encode_aliased_state(alias: u64, version: u64, ts: u64, data: &str) -> Bytes {
+    encode(
+        message_type::ALIASED_STATE,
+        &AliasedStateBody {
+            alias,
+            version,
+            ts,
+            data,
+        },
+    )
+}
+
+/// Encodes the `alias` notice: from now on, `alias` in this session's datagrams means `room`.
+pub fn encode_alias(room: &RoomName, alias: u64) -> Bytes {
+    encode(
+        message_type::ALIAS,
+        &AliasBody {
+            room: room.as_str(),
+            alias,
+        },
+    )
+}
+
 /// Encodes a control reply.
 pub fn encode_control(control: &ServerControl) -> Bytes {
     match control {
@@ -197,6 +258,7 @@ pub fn encode_control(control: &ServerControl) -> Bytes {
             version,
             seq,
             recovered,
+            ..
         } => encode(
             message_type::SUBSCRIBED,
             &SubscribedBody {
@@ -258,6 +320,15 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMessage, CommandError> {
                 version: b.version,
             })
         }
+        message_type::ACKS => {
+            let acks: Vec<AliasAck> = decode(body)?;
+            if acks.is_empty() || acks.len() > MAX_ACKS {
+                return Err(CommandError::Malformed(format!(
+                    "an acks message holds 1 to {MAX_ACKS} acks"
+                )));
+            }
+            Ok(ClientMessage::Acks(acks))
+        }
         other => Err(CommandError::UnknownType(format!("0x{other:02x}"))),
     }
 }
@@ -284,6 +355,7 @@ pub fn encode_client(message: &ClientMessage) -> Bytes {
                 version: *version,
             },
         ),
+        ClientMessage::Acks(acks) => encode(message_type::ACKS, acks),
     }
 }
 
@@ -304,6 +376,8 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMessage<'_>, CommandError> {
         message_type::CLOSE => ServerMessage::Close(decode(body)?),
         message_type::STATE => ServerMessage::State(decode(body)?),
         message_type::EVENT => ServerMessage::Event(decode(body)?),
+        message_type::ALIAS => ServerMessage::Alias(decode(body)?),
+        message_type::ALIASED_STATE => ServerMessage::AliasedState(decode(body)?),
         other => return Err(CommandError::UnknownType(format!("0x{other:02x}"))),
     })
 }
@@ -437,8 +511,20 @@ mod tests {
                 room: room(s(m, "room")),
                 version: u(m, "version"),
             }),
+            "acks" => encode_client(&ClientMessage::Acks(
+                m["acks"]
+                    .as_array()
+                    .expect("acks")
+                    .iter()
+                    .map(|a| AliasAck {
+                        alias: u(a, "alias"),
+                        version: u(a, "version"),
+                    })
+                    .collect(),
+            )),
             "subscribed" => encode_control(&ServerControl::Subscribed {
                 room: room(s(m, "room")),
+                room_id: RoomId(1),
                 epoch: s(m, "epoch").into(),
                 version: u(m, "version"),
                 seq: u(m, "seq"),
@@ -466,6 +552,10 @@ mod tests {
                 encode_control(&ServerControl::Reconnect { reason: "shutdown" })
             }
             "close" => encode_close(u(m, "code") as u16, s(m, "reason")),
+            "alias" => encode_alias(&room(s(m, "room")), u(m, "alias")),
+            "state" if m.get("alias").is_some() => {
+                encode_aliased_state(u(m, "alias"), u(m, "version"), u(m, "ts"), s(m, "data"))
+            }
             kind @ ("state" | "event") => {
                 let data = JsonData::parse(s(m, "data").as_bytes()).expect("data is JSON text");
                 let (publication_kind, number) = if kind == "state" {
@@ -506,6 +596,13 @@ mod tests {
                 ClientMessage::Command(ClientCommand::Ping) => json!({"type": "ping"}),
                 ClientMessage::Ack { room, version } => {
                     json!({"type": "ack", "room": room.as_str(), "version": version})
+                }
+                ClientMessage::Acks(acks) => {
+                    let acks: Vec<Value> = acks
+                        .iter()
+                        .map(|a| json!({"alias": a.alias, "version": a.version}))
+                        .collect();
+                    json!({"type": "acks", "acks": acks})
                 }
             };
         }

@@ -353,6 +353,7 @@ impl Hub {
     fn tell_subscribers(&self, entry: &RoomEntry, room: &RoomName, recovered: Option<bool>) {
         let notice = ServerControl::Subscribed {
             room: room.clone(),
+            room_id: entry.room.id(),
             epoch: entry.room.epoch().to_string(),
             version: entry.room.version(),
             seq: entry.room.last_seq(),

@@ -22,6 +22,7 @@ use super::h3::{self, ConnectStreamEvent, H3Error, H3ErrorCode, Parsed};
 use crate::certs::{CertificateError, CertificateInfo, CertificateSource, Identity};
 use crate::config::ServeConfig;
 use crate::connection::{self, Close, DriverSettings, Ending, Inbound, Keepalive, Wire, WireError};
+use crate::core::publication::{Publication, RoomId};
 use crate::core::repair::{DatagramRepair, RepairAction, RepairPolicy};
 use crate::core::routing::{Route, StateDatagrams, StateRouting};
 use crate::core::wire::{self, ClientMessage, FrameDecoder, FrameError, MAX_CLIENT_MESSAGE};
@@ -514,6 +515,9 @@ struct WebTransportWire {
     /// The deadline `repair_timer` is set to; `None` after it fired.
     repair_timer_at: Option<std::time::Instant>,
     repairs: Vec<RepairAction>,
+    /// The rooms whose alias (their `RoomId`) this session announced: a datagram names its
+    /// room by alias only after the client was told it on the stream.
+    aliases: Vec<(RoomId, RoomName)>,
 }
 
 impl WebTransportWire {
@@ -538,13 +542,56 @@ impl WebTransportWire {
             repair_timer: None,
             repair_timer_at: None,
             repairs: Vec::new(),
+            aliases: Vec::new(),
         }
     }
 
     /// The client holds `version` of `room` (an ack, as a datagram or on the control stream).
-    fn acked(&mut self, room: &RoomName, version: u64) {
+    fn acked(&mut self, room: RoomId, version: u64) {
         self.metrics.repair_acks.inc();
         self.repair.acked(room, version, std::time::Instant::now());
+    }
+
+    /// What the client acknowledged in one message: a room by name, or several by alias.
+    fn on_ack(&mut self, message: ClientMessage) {
+        match message {
+            ClientMessage::Ack { room, version } => {
+                if let Some(id) = self.alias_of(&room) {
+                    self.acked(id, version);
+                }
+            }
+            ClientMessage::Acks(acks) => {
+                let now = std::time::Instant::now();
+                self.metrics.repair_acks.inc_by(acks.len() as u64);
+                for ack in acks {
+                    self.repair.acked(RoomId(ack.alias), ack.version, now);
+                }
+            }
+            ClientMessage::Command(_) => {}
+        }
+    }
+
+    /// The alias announced for `room` in this session.
+    fn alias_of(&self, room: &RoomName) -> Option<RoomId> {
+        self.aliases.iter().find(|(_, name)| name == room).map(|(id, _)| *id)
+    }
+
+    /// Writes the `alias` notice of `room` (unless already given) for datagrams to use.
+    fn announce(&mut self, room: &RoomName, id: RoomId) {
+        if self.aliases.iter().any(|(other, name)| *other == id && name == room) {
+            return;
+        }
+        self.left(room);
+        self.aliases.push((id, room.clone()));
+        wire::put_frame(&mut self.out, &wire::encode_alias(room, id.0));
+    }
+
+    /// The client left `room`: no repair, and its alias is announced again if it comes back.
+    fn left(&mut self, room: &RoomName) {
+        if let Some(id) = self.alias_of(room) {
+            self.repair.forget(id);
+            self.aliases.retain(|(other, _)| *other != id);
+        }
     }
 
     /// The next message already read from the control stream, if any.
@@ -559,16 +606,16 @@ impl WebTransportWire {
             }
         };
         Some(match wire::decode_client(&frame) {
-            Ok(ClientMessage::Ack { room, version }) => {
-                self.metrics.webtransport.client_messages.inc();
-                self.acked(&room, version);
-                Inbound::Heard
-            }
             Ok(ClientMessage::Command(command)) => {
                 if let ClientCommand::Unsubscribe { room } = &command {
-                    self.repair.forget(room);
+                    self.left(room);
                 }
                 Inbound::Command(Ok(command))
+            }
+            Ok(ack) => {
+                self.metrics.webtransport.client_messages.inc();
+                self.on_ack(ack);
+                Inbound::Heard
             }
             Err(error) => Inbound::Command(Err(error)),
         })
@@ -579,8 +626,8 @@ impl WebTransportWire {
         let Some(payload) = h3::datagram_payload(datagram, &self.prefix) else {
             return;
         };
-        if let Ok(ClientMessage::Ack { room, version }) = wire::decode_client(payload) {
-            self.acked(&room, version);
+        if let Ok(ack) = wire::decode_client(payload) {
+            self.on_ack(ack);
         }
     }
 
@@ -621,12 +668,16 @@ impl WebTransportWire {
         connection::with_deadline(write_timeout, self.send.write_all(&self.out)).await
     }
 
-    /// The state's datagram: the session's prefix, then the message (one shared copy for the
-    /// usual session 0).
-    fn datagram_of(&self, message: &Bytes) -> Bytes {
+    /// A state's datagram: the session's prefix, then the state by its alias (one shared copy
+    /// for the usual session on the client's first stream).
+    fn datagram_of(&self, p: &Publication) -> Bytes {
+        if self.prefix[..] == [0x00] {
+            return p.session0_datagram().clone();
+        }
+        let message = p.aliased_message();
         let mut datagram = BytesMut::with_capacity(self.prefix.len() + message.len());
         datagram.extend_from_slice(&self.prefix);
-        datagram.extend_from_slice(message);
+        datagram.extend_from_slice(&message);
         datagram.freeze()
     }
 
@@ -748,18 +799,20 @@ impl Wire for WebTransportWire {
         let max_datagram = self
             .connection
             .max_datagram_size()
-            .filter(|_| self.routing.datagrams_on())
-            .map(|max| max.saturating_sub(self.prefix.len()));
+            .filter(|_| self.routing.datagrams_on());
         let rtt = self.connection.rtt();
         let now = Instant::now().into_std();
         for item in batch {
             match item {
                 Outgoing::Control(control) => {
                     self.routing.control(control);
-                    if let ServerControl::Unsubscribed { room } = control {
-                        self.repair.forget(room);
-                    }
                     wire::put_frame(&mut self.out, &wire::encode_control(control));
+                    match control {
+                        ServerControl::Unsubscribed { room } => self.left(room),
+                        // The alias follows the subscribed reply, before any datagram uses it.
+                        ServerControl::Subscribed { room, room_id, .. } => self.announce(room, *room_id),
+                        _ => {}
+                    }
                 }
                 Outgoing::Publication(p) => {
                     let message = p.wire_message();
@@ -767,15 +820,25 @@ impl Wire for WebTransportWire {
                         wire::put_frame(&mut self.out, message);
                         continue;
                     }
-                    let fits = max_datagram.is_some_and(|max| message.len() <= max);
-                    if self.routing.route(&p.room, fits) == Route::Datagram
-                        && self.connection.send_datagram(self.datagram_of(message)).is_ok()
-                    {
-                        self.repair.sent(p, p.number, now, rtt);
-                    } else {
-                        self.repair.forget(&p.room);
-                        wire::put_frame(&mut self.out, message);
+                    let datagram = max_datagram.map(|max| (max, self.datagram_of(p)));
+                    let fits = datagram.as_ref().is_some_and(|(max, d)| d.len() <= *max);
+                    if self.routing.route(&p.room, fits) == Route::Datagram {
+                        if !self.aliases.iter().any(|(id, _)| *id == p.room_id) {
+                            // The room has a new ID on this node since the subscribe: its new
+                            // alias goes out on the stream, and this state with it.
+                            self.announce(&p.room, p.room_id);
+                            wire::put_frame(&mut self.out, message);
+                            continue;
+                        }
+                        if let Some((_, datagram)) = datagram {
+                            if self.connection.send_datagram(datagram).is_ok() {
+                                self.repair.sent(p, p.number, now, rtt);
+                                continue;
+                            }
+                        }
                     }
+                    self.repair.forget(p.room_id);
+                    wire::put_frame(&mut self.out, message);
                 }
             }
         }
@@ -790,7 +853,7 @@ impl Wire for WebTransportWire {
             match action {
                 RepairAction::Datagram(p) => {
                     self.metrics.repair_datagrams.inc();
-                    let _ = self.connection.send_datagram(self.datagram_of(p.wire_message()));
+                    let _ = self.connection.send_datagram(self.datagram_of(&p));
                 }
                 RepairAction::Stream(p) => {
                     self.metrics.repair_stream.inc();

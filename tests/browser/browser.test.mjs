@@ -120,6 +120,34 @@ test('a page from http://127.0.0.1 connects with WebTransport and receives a sta
   assert.ok(received.every((r) => r.transport === 'webtransport'));
 });
 
+async function metric(server, name) {
+  const text = await (await fetch(`http://${server.http}/metrics`)).text();
+  const line = text.split('\n').find((l) => l.startsWith(`${name} `));
+  return line ? Number(line.split(' ')[1]) : 0;
+}
+
+test('state datagrams name their room by alias, and Chromium acknowledges them in batches', async () => {
+  const server = await startServer();
+  const browser = await launch();
+  const page = await browser.newPage();
+  await page.goto(`http://${server.http}/`);
+  await page.waitForFunction(() => window.courtside?.client, null, { timeout: HANG });
+  assert.equal(await subscribeInPage(page, 'test:alias'), 'webtransport');
+  await page.waitForFunction(() => window.subscribedCount >= 1, null, { timeout: HANG });
+  // The first state after subscribing goes on the stream; the rest as datagrams by alias.
+  for (let n = 1; n <= 6; n++) await publish(server, 'test:alias', 'state', { n });
+  await page.waitForFunction(() => window.received.some((r) => r.version === 6), null, { timeout: HANG });
+  const deadline = Date.now() + HANG;
+  let acks = 0;
+  while (Date.now() < deadline && (acks = await metric(server, 'courtside_repair_acks_total')) < 1) {
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  assert.ok(acks >= 1, 'the server received acknowledgements of state datagrams');
+  const received = await page.evaluate(() => window.received.filter((r) => r.kind === 'state').map((r) => r.data.n));
+  assert.deepEqual(received, [...received].sort((a, b) => a - b), 'versions only go up');
+  assert.equal(received.at(-1), 6);
+});
+
 test('an insecure origin has no WebTransport: the same page falls back to WebSocket', async () => {
   const server = await startServer();
   const port = server.http.split(':')[1];

@@ -369,8 +369,9 @@ impl WtClient {
             .expect("webtransport connect");
         let (send, recv) = connection.open_bi().await.expect("open").await.expect("control stream");
         let (tx, seen) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(read_stream(recv, tx.clone()));
-        tokio::spawn(read_datagrams(connection.clone(), tx, ack));
+        let aliases = Aliases::default();
+        tokio::spawn(read_stream(recv, tx.clone(), aliases.clone()));
+        tokio::spawn(read_datagrams(connection.clone(), tx, ack, aliases));
         Self {
             connection,
             send,
@@ -424,13 +425,27 @@ impl WtClient {
     }
 }
 
-async fn read_stream(mut recv: wtransport::RecvStream, tx: tokio::sync::mpsc::UnboundedSender<WtSeen>) {
+/// The session's room aliases (PROTOCOL.md "Loss repair"), from the stream's `alias` notices.
+type Aliases = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u64, String>>>;
+
+async fn read_stream(
+    mut recv: wtransport::RecvStream,
+    tx: tokio::sync::mpsc::UnboundedSender<WtSeen>,
+    aliases: Aliases,
+) {
     let mut decoder = courtside::core::wire::FrameDecoder::default();
     let mut buf = vec![0u8; 64 * 1024];
     while let Ok(Some(n)) = recv.read(&mut buf).await {
         decoder.extend(&buf[..n]);
         while let Ok(Some(frame)) = decoder.next_frame(16 << 20) {
             let message = courtside::core::wire::decode_server(&frame).expect("server message decodes");
+            if let courtside::core::wire::ServerMessage::Alias(alias) = &message {
+                aliases
+                    .lock()
+                    .expect("aliases")
+                    .insert(alias.alias, alias.room.to_string());
+                continue;
+            }
             if tx.send(WtSeen::Stream(message.to_json())).is_err() {
                 return;
             }
@@ -439,9 +454,14 @@ async fn read_stream(mut recv: wtransport::RecvStream, tx: tokio::sync::mpsc::Un
     let _ = tx.send(WtSeen::Closed(None));
 }
 
-async fn read_datagrams(connection: wtransport::Connection, tx: tokio::sync::mpsc::UnboundedSender<WtSeen>, ack: bool) {
-    use courtside::core::wire::{decode_server, encode_client, ClientMessage, ServerMessage};
-    let mut held: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+async fn read_datagrams(
+    connection: wtransport::Connection,
+    tx: tokio::sync::mpsc::UnboundedSender<WtSeen>,
+    ack: bool,
+    aliases: Aliases,
+) {
+    use courtside::core::wire::{decode_server, encode_client, AliasAck, ClientMessage, ServerMessage};
+    let mut held: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
     loop {
         let datagram = match connection.receive_datagram().await {
             Ok(datagram) => datagram,
@@ -456,16 +476,27 @@ async fn read_datagrams(connection: wtransport::Connection, tx: tokio::sync::mps
         };
         let payload = datagram.payload();
         let message = decode_server(&payload).expect("datagram decodes");
-        if let (true, ServerMessage::State(state)) = (ack, &message) {
-            let version = held.entry(state.room.to_string()).or_default();
+        let ServerMessage::AliasedState(state) = &message else {
+            panic!("a datagram that is not a state by alias: {}", message.to_json());
+        };
+        // A state whose alias is not known yet is dropped, as PROTOCOL.md tells clients to.
+        let Some(room) = aliases.lock().expect("aliases").get(&state.alias).cloned() else {
+            continue;
+        };
+        if ack {
+            let version = held.entry(state.alias).or_default();
             *version = (*version).max(state.version);
-            let room = courtside::core::RoomName::parse(state.room).expect("room");
-            let _ = connection.send_datagram(encode_client(&ClientMessage::Ack {
-                room,
+            let _ = connection.send_datagram(encode_client(&ClientMessage::Acks(vec![AliasAck {
+                alias: state.alias,
                 version: *version,
-            }));
+            }])));
         }
-        if tx.send(WtSeen::Datagram(message.to_json())).is_err() {
+        let mut message = message.to_json();
+        message["room"] = room.into();
+        if let Some(object) = message.as_object_mut() {
+            object.remove("alias");
+        }
+        if tx.send(WtSeen::Datagram(message)).is_err() {
             return;
         }
     }
