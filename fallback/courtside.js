@@ -279,11 +279,15 @@ class WebTransportConnection {
             this.aliasOfRoom.set(m.room, m.alias);
             continue;
           }
+          // The server's last word before it closes: the same code and reason as its close.
+          if (m.type === 'close') this.closeInfo = { code: m.code, reason: m.reason };
           this.handlers.onMessage(m, false);
         }
       }
     } catch { /* the session ended */ }
-    this.finish({});
+    // The session's own close (WebTransport.closed, with the code) usually follows at once.
+    await Promise.race([this.wt.closed.catch(() => {}), new Promise((r) => setTimeout(r, 1000))]);
+    this.finish(this.closeInfo ?? {});
   }
 
   async send(m) {

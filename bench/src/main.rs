@@ -16,10 +16,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
-use crate::clients::Protocol;
+use crate::clients::{Kind, Protocol};
 use crate::load::{RunResult, Workload};
 use crate::scenarios::{Mix, SaturdayParams};
 use crate::servers::{CourtsideOptions, ServerProcess};
@@ -74,6 +74,10 @@ enum Scenario {
         /// Padding added to each message, in bytes.
         #[arg(long, default_value_t = 60)]
         payload: usize,
+        /// What is published: events (ordered; the control stream over WebTransport) or states
+        /// (the newest wins; datagrams over WebTransport).
+        #[arg(long, value_enum, default_value = "event")]
+        kind: FanoutKind,
     },
     /// A Saturday: fans follow a game, its league and its bracket (Zipf-skewed popularity);
     /// the simulator publishes scores, finals, bracket changes and notifications, with bursts.
@@ -132,6 +136,22 @@ struct Run {
     result: RunResult,
 }
 
+/// What a `fanout` publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum FanoutKind {
+    Event,
+    State,
+}
+
+impl FanoutKind {
+    fn kind(self) -> Kind {
+        match self {
+            Self::Event => Kind::Event,
+            Self::State => Kind::State,
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -179,6 +199,7 @@ async fn main() -> anyhow::Result<()> {
             rates,
             seconds,
             payload,
+            kind,
         } => {
             let mut runs = Vec::new();
             for &n in clients {
@@ -190,6 +211,7 @@ async fn main() -> anyhow::Result<()> {
                             messages,
                             rate,
                             *payload,
+                            kind.kind(),
                             Mix {
                                 webtransport_share: share,
                                 nodes: 1,
@@ -331,6 +353,7 @@ async fn main() -> anyhow::Result<()> {
                         messages,
                         *rate,
                         60,
+                        Kind::Event,
                         Mix {
                             webtransport_share: share,
                             nodes: n,

@@ -30,8 +30,8 @@ impl Mix {
     }
 }
 
-/// `fanout`: one room, `clients` subscribers, `messages` events at `rate` per second.
-pub fn fanout(clients: usize, messages: usize, rate: f64, payload_bytes: usize, mix: Mix) -> Workload {
+/// `fanout`: one room, `clients` subscribers, `messages` events (or states) at `rate` per second.
+pub fn fanout(clients: usize, messages: usize, rate: f64, payload_bytes: usize, kind: Kind, mix: Mix) -> Workload {
     let payload = serde_json::to_string(&"x".repeat(payload_bytes)).unwrap_or_default();
     let gap = Duration::from_secs_f64(1.0 / rate.max(0.001));
     Workload {
@@ -50,7 +50,7 @@ pub fn fanout(clients: usize, messages: usize, rate: f64, payload_bytes: usize, 
             .map(|i| Planned {
                 at: gap * i as u32,
                 room: 0,
-                kind: Kind::Event,
+                kind,
                 payload: payload.clone(),
             })
             .collect(),
@@ -159,7 +159,7 @@ pub fn saturday(params: &SaturdayParams, mix: Mix) -> Workload {
 /// `connect-storm`: `clients` clients connect within `within`, all to one room; then `messages`
 /// events check that every one of them is live.
 pub fn connect_storm(clients: usize, within: Duration, messages: usize, mix: Mix) -> Workload {
-    let mut workload = fanout(clients, messages, 10.0, 60, mix);
+    let mut workload = fanout(clients, messages, 10.0, 60, Kind::Event, mix);
     workload.connect_over = Some(within);
     workload
 }

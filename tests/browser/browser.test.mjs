@@ -85,7 +85,10 @@ async function subscribeInPage(page, room, options = {}) {
     const { connect, certHash, webtransportPort } = window.courtside;
     window.received = [];
     window.subscribedCount = 0;
-    const client = await connect(location.origin, { certHash, webtransportPort, reconnectInitialMs: 100, ...options });
+    window.disconnects = [];
+    const onDisconnect = (info) => window.disconnects.push({ ...info, transport: window.testClient?.lastTransport });
+    const client = await connect(location.origin, { certHash, webtransportPort, reconnectInitialMs: 100, onDisconnect, ...options });
+    client.lastTransport = client.transport;
     client.subscribe(room, {
       onSubscribed: () => { window.subscribedCount += 1; },
       onState: (data, meta) => window.received.push({ kind: 'state', data, version: meta.version, transport: meta.transport }),
@@ -146,6 +149,33 @@ test('state datagrams name their room by alias, and Chromium acknowledges them i
   const received = await page.evaluate(() => window.received.filter((r) => r.kind === 'state').map((r) => r.data.n));
   assert.deepEqual(received, [...received].sort((a, b) => a - b), 'versions only go up');
   assert.equal(received.at(-1), 6);
+});
+
+test('a silent WebTransport page is closed with 4002, and reads the code from the session close', async () => {
+  const server = await startServer(['--idle-timeout', '3s', '--ping-interval', '1s']);
+  const browser = await launch();
+  const page = await browser.newPage();
+  await page.goto(`http://${server.http}/`);
+  await page.waitForFunction(() => window.courtside?.client, null, { timeout: HANG });
+  // This client pings every 25 s, so it is silent for the server's 3 s idle timeout.
+  assert.equal(await subscribeInPage(page, 'test:close', { reconnectInitialMs: 60000 }), 'webtransport');
+  const code = await page.evaluate(async () => {
+    const { certHash, webtransportPort } = window.courtside;
+    const bytes = new Uint8Array(certHash.match(/../g).map((h) => parseInt(h, 16)));
+    const wt = new WebTransport(`https://127.0.0.1:${webtransportPort}/wt`, { serverCertificateHashes: [{ algorithm: 'sha-256', value: bytes }] });
+    await wt.ready;
+    const stream = await wt.createBidirectionalStream();
+    const writer = stream.writable.getWriter();
+    await writer.write(new Uint8Array([1, 3])); // a ping, framed: the first message
+    // Chromium reads a close code only from the session's CLOSE_WEBTRANSPORT_SESSION capsule.
+    const info = await wt.closed;
+    return info;
+  });
+  assert.deepEqual(code, { closeCode: 4002, reason: 'idle timeout' });
+  await page.waitForFunction(() => window.disconnects.length >= 1, null, { timeout: HANG });
+  const [first] = await page.evaluate(() => window.disconnects);
+  assert.equal(first.transport, 'webtransport', JSON.stringify(first));
+  assert.equal(first.code, 4002, JSON.stringify(first));
 });
 
 test('an insecure origin has no WebTransport: the same page falls back to WebSocket', async () => {

@@ -516,10 +516,22 @@ impl TestServer {
 pub struct LossyRelay {
     pub addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    /// The head (64 bytes) of every packet forwarded, and whether it went to the server.
+    seen: RecordedPackets,
 }
 
+/// Packet heads a relay forwarded: (to the server, the first bytes).
+type RecordedPackets = std::sync::Arc<std::sync::Mutex<Vec<(bool, Vec<u8>)>>>;
+
 impl LossyRelay {
+    /// The heads of the packets forwarded so far: (to the server, first bytes).
+    pub fn packets(&self) -> Vec<(bool, Vec<u8>)> {
+        self.seen.lock().expect("packets").clone()
+    }
+
     pub async fn start(server: SocketAddr, loss: f64, seed: u64) -> Self {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = seen.clone();
         let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         let addr = front.local_addr().expect("addr");
@@ -540,18 +552,20 @@ impl LossyRelay {
                     Ok((n, from)) = front.recv_from(&mut a) => {
                         client = Some(from);
                         if keep() {
+                            record.lock().expect("packets").push((true, a[..n.min(64)].to_vec()));
                             let _ = back.send_to(&a[..n], server).await;
                         }
                     }
                     Ok((n, _)) = back.recv_from(&mut b) => {
                         if let (Some(client), true) = (client, keep()) {
+                            record.lock().expect("packets").push((false, b[..n.min(64)].to_vec()));
                             let _ = front.send_to(&b[..n], client).await;
                         }
                     }
                 }
             }
         });
-        Self { addr, task }
+        Self { addr, task, seen }
     }
 }
 

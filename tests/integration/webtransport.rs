@@ -392,3 +392,118 @@ async fn an_unacknowledged_state_is_resent_and_once_sent_reliably() {
     assert_eq!(server.metric("courtside_repair_stream_total").await, 1.0);
     assert!(server.metric("courtside_repair_datagrams_total").await >= 2.0);
 }
+
+/// The connection IDs in a QUIC packet read off the wire: a long header's (server to client:
+/// the server's own, its source ID) or a short header's destination ID (client to server: an
+/// ID the server issued), taking `short_len` bytes for the latter.
+fn server_connection_id(to_server: bool, packet: &[u8], short_len: usize) -> Option<Vec<u8>> {
+    let first = *packet.first()?;
+    if first & 0x80 != 0 {
+        // Long header: flags, version (4), DCID length and DCID, SCID length and SCID.
+        let dcid_len = *packet.get(5)? as usize;
+        let scid_at = 6 + dcid_len;
+        let scid_len = *packet.get(scid_at)? as usize;
+        let scid = packet.get(scid_at + 1..scid_at + 1 + scid_len)?;
+        let dcid = packet.get(6..6 + dcid_len)?;
+        // The client's first Initial names an ID of its own choosing; the server's packets
+        // carry the server's as their source.
+        return Some(if to_server { dcid.to_vec() } else { scid.to_vec() }).filter(|_| !to_server);
+    }
+    if to_server {
+        return packet.get(1..1 + short_len).map(<[u8]>::to_vec);
+    }
+    None
+}
+
+/// Runs one session through a relay that records packets, and returns the connection IDs the
+/// server used: its long-header source IDs and the client's short-header destination IDs.
+async fn connection_ids_seen(server_args: &[&str], short_len: usize) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let server = TestServer::start(server_args);
+    let hash = server.cert_hash().await;
+    let relay = LossyRelay::start(server.wt.expect("wt"), 0.0, 1).await;
+    let mut client = WtClient::connect_to(relay.addr, &hash, true).await;
+    client.subscribe("game:cid").await;
+    for v in 1..=3 {
+        server.publish_state("game:cid", &v.to_string()).await;
+    }
+    loop {
+        match client.next().await {
+            WtSeen::Datagram(state) | WtSeen::Stream(state) if state["version"] == 3 => break,
+            WtSeen::Closed(code) => panic!("closed {code:?}"),
+            _ => {}
+        }
+    }
+    let (mut long, mut short) = (Vec::new(), Vec::new());
+    for (to_server, packet) in relay.packets() {
+        let Some(cid) = server_connection_id(to_server, &packet, short_len) else {
+            continue;
+        };
+        if to_server {
+            short.push(cid);
+        } else if packet[0] & 0x80 != 0 {
+            long.push(cid);
+        }
+    }
+    (long, short)
+}
+
+#[tokio::test]
+async fn with_a_quic_server_id_every_connection_id_the_server_issues_carries_it() {
+    let (long, short) = connection_ids_seen(&["--quic-server-id", "0x0123456789abcdef"], 16).await;
+    assert!(!long.is_empty() && !short.is_empty(), "long {long:?} short {short:?}");
+    let id = courtside::quic_lb::QuicServerId([0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef]);
+    for cid in long.iter().chain(&short) {
+        assert_eq!(cid.len(), 16, "{cid:02x?}");
+        assert_eq!(cid[0] >> 5, 0, "config rotation 0b000: {cid:02x?}");
+        assert_eq!(courtside::quic_lb::server_id_of(cid), Some(id), "{cid:02x?}");
+    }
+}
+
+#[tokio::test]
+async fn without_a_quic_server_id_connection_ids_are_random() {
+    let (long, short) = connection_ids_seen(&[], 8).await;
+    assert!(!long.is_empty() && !short.is_empty());
+    for cid in &long {
+        assert_eq!(cid.len(), 8, "quinn's random IDs: {cid:02x?}");
+        assert_eq!(courtside::quic_lb::server_id_of(cid), None);
+    }
+}
+
+/// QUIC's keep-alives (the client's, every 2 s here) keep the connection up, but not the
+/// session: a client that sends nothing for the idle timeout is closed with 4002.
+#[tokio::test]
+async fn a_silent_session_is_closed_with_4002_although_quic_stays_alive() {
+    let server = TestServer::start(&["--idle-timeout", "3s", "--ping-interval", "1s"]);
+    let mut client = WtClient::connect(&server).await;
+    client.subscribe("game:quiet").await;
+    let close = client.recv_stream().await;
+    assert_eq!(close, json!({"type": "close", "code": 4002, "reason": "idle timeout"}));
+    // The session's close capsule carries the code too (the client reads it as the session's
+    // close; its control stream just ends).
+    let mut codes = Vec::new();
+    while codes.len() < 2 {
+        if let WtSeen::Closed(code) = client.next().await {
+            codes.push(code);
+        }
+    }
+    assert!(codes.contains(&Some(4002)), "{codes:?}");
+}
+
+/// A session whose control stream carries no first message within the upgrade timeout is
+/// closed (4002), though its QUIC connection, the CONNECT and the stream were all fine.
+#[tokio::test]
+async fn a_control_stream_without_a_first_message_is_closed() {
+    let server = TestServer::start(&["--upgrade-timeout", "1s"]);
+    let client = WtClient::connect(&server).await;
+    let closed = tokio::time::timeout(HANG, client.connection.closed())
+        .await
+        .expect("closed in time");
+    match closed {
+        wtransport::error::ConnectionError::ApplicationClosed(close) => assert_eq!(close.code().into_inner(), 4002),
+        other => panic!("closed otherwise: {other}"),
+    }
+    assert_eq!(
+        server.metric("courtside_connections{transport=\"webtransport\"}").await,
+        0.0
+    );
+}
