@@ -138,8 +138,8 @@ impl Conn {
     ) -> anyhow::Result<Self> {
         match (transport, &target.wt) {
             (Transport::WebTransport, Some((addr, hash))) => {
-                let endpoint = endpoints.pick(hash)?;
-                Ok(Self::Wt(Box::new(WtConn::connect(endpoint, *addr, rooms).await?)))
+                let (endpoint, target) = endpoints.pick(hash, *addr).await?;
+                Ok(Self::Wt(Box::new(WtConn::connect(endpoint, target, rooms).await?)))
             }
             (Transport::WebTransport, None) => bail!("this server has no WebTransport endpoint"),
             (Transport::WebSocket, _) => Ok(Self::Ws(

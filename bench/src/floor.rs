@@ -1,6 +1,7 @@
-//! `floor`: what one loopback TCP write costs on this machine. A minimal writer sends one
-//! pre-encoded WebSocket frame to each of N sockets, one frame per write and then ten per write;
-//! its thread's CPU time per write and per message is the floor any server's fan-out stands on.
+//! `floor`: what one loopback TCP write, and one UDP datagram, cost on this machine. A minimal
+//! writer sends one pre-encoded WebSocket frame to each of N sockets, one frame per write and then
+//! ten per write; then one pre-encoded datagram to each of N UDP sockets, one per `sendmsg` and
+//! then ten per `sendmsg` (GSO). Its thread's CPU per message is the floor under any fan-out.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -25,6 +26,102 @@ pub struct FloorResult {
     /// event-driven client): each write then also wakes its reader, on the writer's CPU.
     pub one_per_write_woken_cpu_us: f64,
     pub one_per_write_woken_round_ms: f64,
+    /// The same over UDP, the floor under WebTransport: one datagram per `sendmsg` to each
+    /// of the sockets, then ten per `sendmsg` (UDP GSO, ten segments to one socket).
+    pub udp: UdpFloor,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UdpFloor {
+    pub datagram_bytes: usize,
+    pub one_per_send_cpu_us: f64,
+    pub one_per_send_round_ms: f64,
+    /// `None` where the kernel has no UDP GSO.
+    pub ten_per_send_cpu_us_per_datagram: Option<f64>,
+    pub ten_per_send_round_ms: Option<f64>,
+}
+
+/// A 100-byte datagram, about a QUIC packet carrying one score update.
+const UDP_DATAGRAM: usize = 100;
+
+/// One datagram per `sendmsg` to each of `sockets` loopback UDP sockets, then ten per `sendmsg`.
+fn run_udp(sockets: usize, rounds: usize) -> anyhow::Result<UdpFloor> {
+    use std::net::UdpSocket;
+    let sender = UdpSocket::bind("127.0.0.1:0")?;
+    let state = quinn_udp::UdpSocketState::new((&sender).into())?;
+    let mut receivers = Vec::with_capacity(sockets);
+    for _ in 0..sockets {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+        let _ = socket.set_recv_buffer_size(1 << 20);
+        socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+        socket.set_nonblocking(true)?;
+        receivers.push(UdpSocket::from(socket));
+    }
+    let addrs: Vec<std::net::SocketAddr> = receivers.iter().map(|r| r.local_addr()).collect::<Result<_, _>>()?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drain = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut idle = true;
+                for r in &receivers {
+                    while r.recv(&mut buf).is_ok() {
+                        idle = false;
+                    }
+                }
+                if idle {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        })
+    };
+    let datagram = vec![0x40u8; UDP_DATAGRAM];
+    let ten = vec![0x40u8; UDP_DATAGRAM * 10];
+    let measure = |contents: &[u8], segment: Option<usize>| -> anyhow::Result<(f64, f64)> {
+        let cpu_before = procstat::cpu_time("thread-self").unwrap_or_default();
+        let started = Instant::now();
+        for _ in 0..rounds {
+            for &destination in &addrs {
+                let transmit = quinn_udp::Transmit {
+                    destination,
+                    ecn: None,
+                    contents,
+                    segment_size: segment,
+                    src_ip: None,
+                };
+                // The receivers drain continuously; a full buffer would only drop the datagram.
+                let _ = state.send((&sender).into(), &transmit);
+            }
+        }
+        let wall = started.elapsed();
+        let cpu = procstat::cpu_time("thread-self")
+            .unwrap_or_default()
+            .saturating_sub(cpu_before);
+        let sends = (rounds * addrs.len()) as f64;
+        Ok((
+            cpu.as_secs_f64() * 1e6 / sends,
+            wall.as_secs_f64() * 1e3 / rounds as f64,
+        ))
+    };
+    let (one_cpu, one_round) = measure(&datagram, None)?;
+    let gso = if state.max_gso_segments() >= 10 {
+        let (cpu, round) = measure(&ten, Some(UDP_DATAGRAM))?;
+        Some((cpu / 10.0, round))
+    } else {
+        None
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drain
+        .join()
+        .map_err(|_| anyhow::anyhow!("the UDP floor's drain thread panicked"))?;
+    Ok(UdpFloor {
+        datagram_bytes: UDP_DATAGRAM,
+        one_per_send_cpu_us: one_cpu,
+        one_per_send_round_ms: one_round,
+        ten_per_send_cpu_us_per_datagram: gso.map(|g| g.0),
+        ten_per_send_round_ms: gso.map(|g| g.1),
+    })
 }
 
 pub fn run(sockets: usize, rounds: usize) -> anyhow::Result<FloorResult> {
@@ -128,6 +225,7 @@ pub fn run(sockets: usize, rounds: usize) -> anyhow::Result<FloorResult> {
     woken_readers
         .join()
         .map_err(|_| anyhow::anyhow!("the floor's epoll reader thread panicked"))??;
+    let udp = run_udp(sockets, rounds)?;
     Ok(FloorResult {
         sockets,
         frame_bytes: frame.len(),
@@ -138,5 +236,6 @@ pub fn run(sockets: usize, rounds: usize) -> anyhow::Result<FloorResult> {
         ten_per_write_round_ms: ten_round,
         one_per_write_woken_cpu_us: woken_cpu,
         one_per_write_woken_round_ms: woken_round,
+        udp,
     })
 }

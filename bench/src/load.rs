@@ -85,6 +85,8 @@ pub struct RunResult {
     pub wall_seconds: f64,
     /// (seconds since publishing started, summed RSS of the nodes in bytes).
     pub rss_samples: Vec<(f64, u64)>,
+    /// What the lossy relays of `--wt-loss` forwarded and dropped during this run.
+    pub udp_relay: Option<crate::webtransport::RelayTotals>,
 }
 
 /// What one client task brings back.
@@ -256,6 +258,10 @@ pub async fn run(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_connected: u64 = pids.iter().filter_map(|p| procstat::rss_bytes(p)).sum();
     let _ = go_tx.send(true);
+    // Loss (`--wt-loss`) on the publishing phase only: the repair is what is measured, not
+    // handshakes through a lossy path.
+    crate::webtransport::set_loss_active(true);
+    let relayed_before = crate::webtransport::RELAYED.totals();
 
     // Publish the schedule through the first node.
     let cpu_before = cpu_of(&pids);
@@ -308,6 +314,8 @@ pub async fn run(
         .unwrap_or_default()
         .saturating_sub(gen_before);
     let server_rss: u64 = pids.iter().filter_map(|p| procstat::rss_bytes(p)).sum();
+    crate::webtransport::set_loss_active(false);
+    let udp_relay = crate::webtransport::RELAYED.totals().map(|t| t.since(relayed_before));
     let _ = stop_tx.send(true);
     let records: Vec<ClientRecord> = futures_util::future::join_all(tasks)
         .await
@@ -377,6 +385,7 @@ pub async fn run(
         server_rss_bytes: server_rss,
         server_bytes_per_idle_connection: rss_connected.saturating_sub(rss_before) as f64 / connected_now.max(1) as f64,
         generator_cpu_seconds: generator_cpu.as_secs_f64(),
+        udp_relay,
         wall_seconds: wall.as_secs_f64(),
         rss_samples,
         accounting,

@@ -42,6 +42,12 @@ struct Cli {
     /// clients all use WebSocket).
     #[arg(long, global = true, default_value_t = 0.7)]
     wt_share: f64,
+    /// Random loss, 0 to 1, on every WebTransport client's path in both directions: each client
+    /// endpoint reaches the server through a relay of the bench's that drops this share of the
+    /// packets (and counts what it forwards: `udp_relay` in the JSON). `--wt-loss 0` relays
+    /// without loss: the same path's clean figures.
+    #[arg(long, global = true)]
+    wt_loss: Option<f64>,
     /// Where to write the JSON results (default: bench/results/SCENARIO-UNIXTIME.json); the CDF
     /// plot goes beside it with the extension .svg.
     #[arg(long, global = true)]
@@ -158,6 +164,7 @@ async fn main() -> anyhow::Result<()> {
     raise_open_file_limit();
     let command: Vec<String> = std::env::args().collect();
     let wt_share = cli.wt_share.clamp(0.0, 1.0);
+    webtransport::set_path_loss(cli.wt_loss.map(|l| l.clamp(0.0, 0.9)));
     let (name, params, runs, extra) = match &cli.scenario {
         Scenario::Plot { results } => return replot(results),
         Scenario::Floor { sockets, rounds } => {
@@ -187,6 +194,17 @@ async fn main() -> anyhow::Result<()> {
                 "  one frame per write, readers waiting in epoll: {:>7.2} µs CPU per write, {:>8.2} ms to write all",
                 floor.one_per_write_woken_cpu_us, floor.one_per_write_woken_round_ms
             );
+            let udp = &floor.udp;
+            println!(
+                "UDP, {}-byte datagram: one per sendmsg  : {:>7.2} µs CPU per datagram, {:>8.2} ms to send all",
+                udp.datagram_bytes, udp.one_per_send_cpu_us, udp.one_per_send_round_ms
+            );
+            match (udp.ten_per_send_cpu_us_per_datagram, udp.ten_per_send_round_ms) {
+                (Some(cpu), Some(round)) => println!(
+                    "UDP, ten per sendmsg (GSO)              : {cpu:>7.2} µs CPU per datagram, {round:>8.2} ms to send all"
+                ),
+                _ => println!("UDP, ten per sendmsg: this kernel has no UDP GSO"),
+            }
             (
                 "floor",
                 json!({"sockets": sockets, "rounds": rounds}),

@@ -115,6 +115,18 @@ pub fn table(rows: &[(String, &RunResult)]) -> String {
             r.server_bytes_per_idle_connection,
             r.generator_cpu_seconds
         );
+        if let Some(relay) = &r.udp_relay {
+            out += &format!(
+                "{:<34} relay at {:.0} % loss: {} packets / {} B to the server, {} packets / {} B to clients, {} dropped\n",
+                "",
+                relay.loss * 100.0,
+                relay.to_server_packets,
+                relay.to_server_bytes,
+                relay.to_client_packets,
+                relay.to_client_bytes,
+                relay.dropped_packets
+            );
+        }
     }
     out
 }
@@ -211,6 +223,7 @@ mod tests {
             generator_cpu_seconds: 0.0,
             wall_seconds: 1.0,
             rss_samples: vec![],
+            udp_relay: None,
         }
     }
 

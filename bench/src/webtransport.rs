@@ -3,6 +3,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,25 +21,180 @@ const CONNECTIONS_PER_ENDPOINT: usize = 100;
 /// Largest control-stream frame the bench accepts.
 const MAX_FRAME: usize = 1 << 20;
 
+/// The loss `--wt-loss` puts on every WebTransport client's path (parts per million);
+/// `NO_RELAY` without the flag.
+static PATH_LOSS_PPM: AtomicU64 = AtomicU64::new(NO_RELAY);
+
+const NO_RELAY: u64 = u64::MAX;
+
+/// Whether the relays drop packets now (only while a run publishes).
+static LOSS_ACTIVE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns the relays' loss on (publishing) or off (connecting, joining, closing).
+pub fn set_loss_active(on: bool) {
+    LOSS_ACTIVE.store(on, Ordering::Relaxed);
+}
+
+/// What the bench's lossy relays forwarded and dropped, over the whole run of the bench.
+pub static RELAYED: RelayCounters = RelayCounters::new();
+
+/// Puts every WebTransport client behind a relay with this loss (`--wt-loss`; 0 relays without
+/// loss, for the same path's clean figures).
+pub fn set_path_loss(loss: Option<f64>) {
+    PATH_LOSS_PPM.store(loss.map_or(NO_RELAY, |l| (l * 1e6) as u64), Ordering::Relaxed);
+}
+
+/// Packets and bytes a relay forwarded each way, and the packets it dropped.
+#[derive(Debug, Default)]
+pub struct RelayCounters {
+    to_server_packets: AtomicU64,
+    to_server_bytes: AtomicU64,
+    to_client_packets: AtomicU64,
+    to_client_bytes: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// A snapshot of `RelayCounters`, for a run's results.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct RelayTotals {
+    pub loss: f64,
+    pub to_server_packets: u64,
+    pub to_server_bytes: u64,
+    pub to_client_packets: u64,
+    pub to_client_bytes: u64,
+    pub dropped_packets: u64,
+}
+
+impl RelayCounters {
+    const fn new() -> Self {
+        Self {
+            to_server_packets: AtomicU64::new(0),
+            to_server_bytes: AtomicU64::new(0),
+            to_client_packets: AtomicU64::new(0),
+            to_client_bytes: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// The counts so far; `None` when no relay runs (no `--wt-loss`).
+    pub fn totals(&self) -> Option<RelayTotals> {
+        let loss = PATH_LOSS_PPM.load(Ordering::Relaxed);
+        (loss != NO_RELAY).then(|| RelayTotals {
+            loss: loss as f64 / 1e6,
+            to_server_packets: self.to_server_packets.load(Ordering::Relaxed),
+            to_server_bytes: self.to_server_bytes.load(Ordering::Relaxed),
+            to_client_packets: self.to_client_packets.load(Ordering::Relaxed),
+            to_client_bytes: self.to_client_bytes.load(Ordering::Relaxed),
+            dropped_packets: self.dropped.load(Ordering::Relaxed),
+        })
+    }
+}
+
+impl RelayTotals {
+    /// What was counted since `before`.
+    pub fn since(self, before: Option<RelayTotals>) -> RelayTotals {
+        let b = before.unwrap_or_default();
+        RelayTotals {
+            loss: self.loss,
+            to_server_packets: self.to_server_packets - b.to_server_packets,
+            to_server_bytes: self.to_server_bytes - b.to_server_bytes,
+            to_client_packets: self.to_client_packets - b.to_client_packets,
+            to_client_bytes: self.to_client_bytes - b.to_client_bytes,
+            dropped_packets: self.dropped_packets - b.dropped_packets,
+        }
+    }
+}
+
+/// A relay between one client endpoint and the server that drops `loss_ppm` of the packets
+/// each way (loopback only); returns the address the endpoint connects to instead.
+async fn start_relay(
+    server: SocketAddr,
+    loss_ppm: u64,
+    seed: u64,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let front = tokio::net::UdpSocket::from_std(client_socket()?)?;
+    let back = tokio::net::UdpSocket::from_std(client_socket()?)?;
+    let addr = front.local_addr()?;
+    let task = tokio::spawn(async move {
+        let mut rng = seed | 1;
+        let mut keep = move || {
+            // xorshift64*
+            rng ^= rng >> 12;
+            rng ^= rng << 25;
+            rng ^= rng >> 27;
+            !LOSS_ACTIVE.load(Ordering::Relaxed) || (rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) % 1_000_000 >= loss_ppm
+        };
+        let mut client: Option<SocketAddr> = None;
+        let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);
+        loop {
+            tokio::select! {
+                Ok((n, from)) = front.recv_from(&mut up) => {
+                    client = Some(from);
+                    if keep() {
+                        RELAYED.to_server_packets.fetch_add(1, Ordering::Relaxed);
+                        RELAYED.to_server_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        let _ = back.send_to(&up[..n], server).await;
+                    } else {
+                        RELAYED.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(n) = back.recv(&mut down) => {
+                    if let (Some(client), true) = (client, keep()) {
+                        RELAYED.to_client_packets.fetch_add(1, Ordering::Relaxed);
+                        RELAYED.to_client_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        let _ = front.send_to(&down[..n], client).await;
+                    } else {
+                        RELAYED.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    });
+    Ok((addr, task))
+}
+
 /// A pool of client endpoints, so thousands of sessions need only a few dozen sockets.
 #[derive(Default)]
 pub struct WtEndpoints {
     pool: Mutex<Vec<PooledEndpoint>>,
 }
 
-/// The certificate hash an endpoint trusts, the endpoint, and how many connections it carries.
-type PooledEndpoint = (String, Arc<Endpoint<Client>>, usize);
+/// One pooled client endpoint: the certificate hash it trusts, the endpoint, how many
+/// connections it carries, and (under `--wt-loss`) its relay: the address it dials instead of
+/// the server's, and the relay's task.
+struct PooledEndpoint {
+    hash: String,
+    endpoint: Arc<Endpoint<Client>>,
+    uses: usize,
+    relay: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
+}
+
+impl Drop for PooledEndpoint {
+    fn drop(&mut self) {
+        if let Some((_, task)) = &self.relay {
+            task.abort();
+        }
+    }
+}
 
 impl WtEndpoints {
-    /// An endpoint with room for one more connection, trusting the certificate `hash_hex`.
-    pub fn pick(&self, hash_hex: &str) -> anyhow::Result<Arc<Endpoint<Client>>> {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        let free = pool
-            .iter_mut()
-            .find(|(hash, _, uses)| hash == hash_hex && *uses < CONNECTIONS_PER_ENDPOINT);
-        if let Some((_, endpoint, uses)) = free {
-            *uses += 1;
-            return Ok(endpoint.clone());
+    /// An endpoint with room for one more connection, trusting the certificate `hash_hex`, and
+    /// the address it reaches `server` at (a lossy relay's under `--wt-loss`).
+    pub async fn pick(
+        &self,
+        hash_hex: &str,
+        server: SocketAddr,
+    ) -> anyhow::Result<(Arc<Endpoint<Client>>, SocketAddr)> {
+        {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            let free = pool
+                .iter_mut()
+                .find(|e| e.hash == hash_hex && e.uses < CONNECTIONS_PER_ENDPOINT);
+            if let Some(entry) = free {
+                entry.uses += 1;
+                let target = entry.relay.as_ref().map_or(server, |(addr, _)| *addr);
+                return Ok((entry.endpoint.clone(), target));
+            }
         }
         let digest = Sha256Digest::new(decode_hex32(hash_hex)?);
         let config = ClientConfig::builder()
@@ -49,8 +205,23 @@ impl WtEndpoints {
             .context("idle timeout")?
             .build();
         let endpoint = Arc::new(Endpoint::client(config).context("webtransport client endpoint")?);
-        pool.push((hash_hex.to_string(), endpoint.clone(), 1));
-        Ok(endpoint)
+        let loss = PATH_LOSS_PPM.load(Ordering::Relaxed);
+        let relay = if loss != NO_RELAY {
+            Some(start_relay(server, loss, 0x5eed ^ u64::from(endpoint.local_addr()?.port())).await?)
+        } else {
+            None
+        };
+        let target = relay.as_ref().map_or(server, |(addr, _)| *addr);
+        self.pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(PooledEndpoint {
+                hash: hash_hex.to_string(),
+                endpoint: endpoint.clone(),
+                uses: 1,
+                relay,
+            });
+        Ok((endpoint, target))
     }
 }
 
