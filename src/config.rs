@@ -189,13 +189,14 @@ pub struct WebTransportConfig {
     #[arg(long, env = "COURTSIDE_UDP_SEND_BUFFER", value_name = "BYTES", default_value_t = 8 << 20)]
     pub udp_send_buffer: usize,
     /// When state updates go to WebTransport clients as datagrams (docs/PROTOCOL.md, "Loss repair").
-    /// always: every state that fits goes as a datagram; after-loss: states go over the
-    /// control stream until QUIC reports a lost packet on the session, then as datagrams.
+    /// after-loss (the default, chosen by bench figures): states go over the control stream
+    /// until QUIC reports a lost packet on the session, then as datagrams; always: every state
+    /// that fits goes as a datagram.
     #[arg(
         long,
         env = "COURTSIDE_WT_STATE_DATAGRAMS",
         value_name = "always|after-loss",
-        default_value = "always",
+        default_value = "after-loss",
         value_parser = clap::builder::PossibleValuesParser::new(["always", "after-loss"]).try_map(|s| s.parse::<StateDatagrams>())
     )]
     pub wt_state_datagrams: StateDatagrams,

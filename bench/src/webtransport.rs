@@ -122,7 +122,8 @@ async fn start_relay(
             rng ^= rng >> 12;
             rng ^= rng << 25;
             rng ^= rng >> 27;
-            !LOSS_ACTIVE.load(Ordering::Relaxed) || (rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) % 1_000_000 >= loss_ppm
+            !LOSS_ACTIVE.load(Ordering::Relaxed)
+                || (rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) % 1_000_000 >= loss_ppm
         };
         let mut client: Option<SocketAddr> = None;
         let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);

@@ -10,11 +10,12 @@ use super::room_name::RoomName;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StateDatagrams {
     /// Every state that fits goes as a datagram, acknowledged and repaired.
-    #[default]
     Always,
     /// States go over the control stream until the path loses a packet, then as datagrams: on
     /// a clean path a stream costs the server less per state (no ack datagram to receive, no
-    /// QUIC ACK of it to send), and loss is when datagrams pay.
+    /// QUIC ACK of it to send), and loss is when datagrams pay. The default: bench/README.md
+    /// ("Which default") has the figures on a clean and a lossy path.
+    #[default]
     AfterLoss,
 }
 

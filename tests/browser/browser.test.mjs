@@ -130,7 +130,7 @@ async function metric(server, name) {
 }
 
 test('state datagrams name their room by alias, and Chromium acknowledges them in batches', async () => {
-  const server = await startServer();
+  const server = await startServer(['--wt-state-datagrams', 'always']);
   const browser = await launch();
   const page = await browser.newPage();
   await page.goto(`http://${server.http}/`);

@@ -4,6 +4,10 @@ use serde_json::json;
 
 use crate::util::{LossyRelay, TestServer, WtClient, WtSeen, HANG};
 
+/// States as datagrams from the first one (the default, `after-loss`, sends them on the stream
+/// until a session loses a packet).
+const STATES_AS_DATAGRAMS: [&str; 2] = ["--wt-state-datagrams", "always"];
+
 #[tokio::test]
 async fn the_cert_hash_is_lowercase_hex_and_lets_a_client_connect() {
     let server = TestServer::start(&[]);
@@ -23,7 +27,7 @@ async fn the_cert_hash_is_lowercase_hex_and_lets_a_client_connect() {
 
 #[tokio::test]
 async fn a_state_update_arrives_as_a_datagram_after_an_http_publish() {
-    let server = TestServer::start(&[]);
+    let server = TestServer::start(&STATES_AS_DATAGRAMS);
     let mut client = WtClient::connect(&server).await;
     let subscribed = client.subscribe("game:1234").await;
     assert_eq!(
@@ -138,7 +142,7 @@ async fn bad_control_messages_get_documented_errors_and_the_session_keeps_workin
 
 #[tokio::test]
 async fn an_oversized_control_message_closes_the_session_with_1009() {
-    let server = TestServer::start(&[]);
+    let server = TestServer::start(&STATES_AS_DATAGRAMS);
     let mut bystander = WtClient::connect(&server).await;
     bystander.subscribe("game:1").await;
     let mut client = WtClient::connect(&server).await;
@@ -170,7 +174,7 @@ async fn websocket_and_webtransport_clients_share_rooms() {
 /// newest version within 1 s of the last publish (the design target of the loss repair).
 #[tokio::test]
 async fn under_30_percent_loss_every_client_holds_the_newest_state_within_a_second() {
-    let (times, _) = converge_under_30_percent_loss(&[]).await;
+    let (times, _) = converge_under_30_percent_loss(&STATES_AS_DATAGRAMS).await;
     eprintln!("convergence after the last publish under 30% loss: {times:?}");
     for time in &times {
         assert!(*time <= Duration::from_secs(1), "a client needed {time:?}");
@@ -344,7 +348,7 @@ async fn certificate_reload(sighup: bool) {
 /// A client's ack datagram reaches the session's repair: the server counts it.
 #[tokio::test]
 async fn an_ack_datagram_is_received_by_the_session() {
-    let server = TestServer::start(&[]);
+    let server = TestServer::start(&STATES_AS_DATAGRAMS);
     let hash = server.cert_hash().await;
     let mut client = WtClient::connect_to(server.wt.expect("wt"), &hash, true).await;
     client.subscribe("game:3").await;
@@ -366,7 +370,7 @@ async fn an_ack_datagram_is_received_by_the_session() {
 /// A client that never acknowledges gets the state again as datagrams and once over the stream.
 #[tokio::test]
 async fn an_unacknowledged_state_is_resent_and_once_sent_reliably() {
-    let server = TestServer::start(&[]);
+    let server = TestServer::start(&STATES_AS_DATAGRAMS);
     let hash = server.cert_hash().await;
     let mut client = WtClient::connect_to(server.wt.expect("wt"), &hash, false).await;
     client.subscribe("game:2").await;
