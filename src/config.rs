@@ -190,8 +190,8 @@ pub struct WebTransportConfig {
     pub udp_send_buffer: usize,
     /// When state updates go to WebTransport clients as datagrams (docs/PROTOCOL.md, "Loss repair").
     /// after-loss (the default, chosen by bench figures): states go over the control stream
-    /// until QUIC reports a lost packet on the session, then as datagrams; always: every state
-    /// that fits goes as a datagram.
+    /// until QUIC reports a lost packet on the session, then as datagrams, and on the stream
+    /// again after 30 s without loss; always: every state that fits goes as a datagram.
     #[arg(
         long,
         env = "COURTSIDE_WT_STATE_DATAGRAMS",

@@ -2,6 +2,7 @@
 //! the rule is tested here: the first state after `subscribed` never depends on a datagram.
 
 use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 use super::protocol::ServerControl;
 use super::room_name::RoomName;
@@ -11,10 +12,10 @@ use super::room_name::RoomName;
 pub enum StateDatagrams {
     /// Every state that fits goes as a datagram, acknowledged and repaired.
     Always,
-    /// States go over the control stream until the path loses a packet, then as datagrams: on
-    /// a clean path a stream costs the server less per state (no ack datagram to receive, no
-    /// QUIC ACK of it to send), and loss is when datagrams pay. The default: bench/README.md
-    /// ("Which default") has the figures on a clean and a lossy path.
+    /// States go over the control stream until the path loses a packet, then as datagrams, and
+    /// back on the stream after `CLEAN_PERIOD` without loss: on a clean path a stream costs the
+    /// server less per state (no ack datagram to receive, no QUIC ACK of it to send), and loss
+    /// is when datagrams pay. The default: bench/README.md ("Which default") has the figures.
     #[default]
     AfterLoss,
 }
@@ -54,12 +55,25 @@ pub enum Route {
     Stream,
 }
 
+/// With `AfterLoss`, a session whose path has lost nothing for this long goes back to the
+/// stream: a loss early in a session does not cost it the datagram path's price for good.
+pub const CLEAN_PERIOD: Duration = Duration::from_secs(30);
+
+/// What `AfterLoss` knows of the path: QUIC's count of lost packets and when it last grew.
+#[derive(Debug, Default, Clone, Copy)]
+struct PathWatch {
+    lost: u64,
+    last_loss: Option<Instant>,
+}
+
 /// One session's routing of states.
 #[derive(Debug, Default)]
 pub struct StateRouting {
-    /// States go as datagrams (when they fit): from the start with `Always`, from the first
-    /// lost packet with `AfterLoss`.
+    /// States go as datagrams (when they fit): from the start with `Always`; with `AfterLoss`
+    /// from a lost packet on, until the path has been clean for `CLEAN_PERIOD`.
     datagrams: bool,
+    /// `None` with `Always`.
+    path: Option<PathWatch>,
     /// Rooms whose next state goes on the stream: the state a client gets on subscribing
     /// must not depend on a datagram arriving.
     reliable_next: HashSet<RoomName>,
@@ -69,6 +83,7 @@ impl StateRouting {
     pub fn new(mode: StateDatagrams) -> Self {
         Self {
             datagrams: mode == StateDatagrams::Always,
+            path: (mode == StateDatagrams::AfterLoss).then(PathWatch::default),
             reliable_next: HashSet::new(),
         }
     }
@@ -78,9 +93,26 @@ impl StateRouting {
         self.datagrams
     }
 
-    /// The path lost a packet: states go as datagrams from now on. Returns whether that is a change.
-    pub fn loss_seen(&mut self) -> bool {
-        !std::mem::replace(&mut self.datagrams, true)
+    /// QUIC's count of packets lost on the session's path so far, read at `now`. With
+    /// `AfterLoss`, states go as datagrams once it grows, and back on the stream after
+    /// `CLEAN_PERIOD` without growth. Returns the new route when it changed.
+    pub fn path_lost(&mut self, lost_packets: u64, now: Instant) -> Option<Route> {
+        let path = self.path.as_mut()?;
+        if lost_packets > path.lost {
+            path.lost = lost_packets;
+            path.last_loss = Some(now);
+            if !std::mem::replace(&mut self.datagrams, true) {
+                return Some(Route::Datagram);
+            }
+        } else if self.datagrams
+            && path
+                .last_loss
+                .is_some_and(|at| now.saturating_duration_since(at) >= CLEAN_PERIOD)
+        {
+            self.datagrams = false;
+            return Some(Route::Stream);
+        }
+        None
     }
 
     /// Notes a control reply on its way out: after `subscribed` with a state, that state (next
@@ -154,13 +186,32 @@ mod tests {
     }
 
     #[test]
-    fn after_loss_uses_the_stream_until_the_first_loss() {
+    fn after_loss_uses_the_stream_until_a_loss_and_again_after_a_clean_period() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
         let mut routing = StateRouting::new(StateDatagrams::AfterLoss);
         assert!(!routing.datagrams_on());
+        assert_eq!(routing.path_lost(0, t0), None);
         assert_eq!(routing.route(&room("game:1"), true), Route::Stream);
-        assert!(routing.loss_seen());
-        assert!(!routing.loss_seen(), "only the first loss is a change");
+        assert_eq!(routing.path_lost(1, t0 + s(1)), Some(Route::Datagram));
+        assert_eq!(routing.path_lost(2, t0 + s(2)), None, "more loss is no change");
         assert_eq!(routing.route(&room("game:1"), true), Route::Datagram);
+        // Clean since t0 + 2 s: still datagrams just before the clean period ends.
+        assert_eq!(routing.path_lost(2, t0 + s(2) + CLEAN_PERIOD - s(1)), None);
+        assert!(routing.datagrams_on());
+        assert_eq!(routing.path_lost(2, t0 + s(2) + CLEAN_PERIOD), Some(Route::Stream));
+        assert_eq!(routing.route(&room("game:1"), true), Route::Stream);
+        // A new loss sends states back to datagrams.
+        assert_eq!(routing.path_lost(3, t0 + s(60)), Some(Route::Datagram));
+    }
+
+    #[test]
+    fn always_ignores_the_path() {
+        let mut routing = StateRouting::new(StateDatagrams::Always);
+        assert_eq!(routing.path_lost(5, Instant::now()), None);
+        assert!(routing.datagrams_on());
+        assert_eq!(routing.path_lost(5, Instant::now() + Duration::from_secs(3600)), None);
+        assert!(routing.datagrams_on());
     }
 
     #[test]

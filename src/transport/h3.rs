@@ -330,6 +330,18 @@ mod tests {
     }
 
     #[test]
+    fn other_frames_on_the_connect_stream_are_taken_whole_and_ignored() {
+        // A DATA frame (00) of 3 bytes holding a capsule of type 0xff (the two-byte varint
+        // 40 ff) and length 0: not a close, taken whole.
+        let other = unhex("000340ff00");
+        assert_eq!(
+            read_connect_stream(&other),
+            Ok(Some((ConnectStreamEvent::Other, other.len())))
+        );
+        assert_eq!(read_connect_stream(&other[..3]), Ok(None), "a partial frame waits");
+    }
+
+    #[test]
     fn a_close_capsule_round_trips_and_reads_as_wtransport_reads_it() {
         let bytes = close_capsule(4001, "slow");
         assert_eq!(hex(&bytes), "000b68430800000fa1736c6f77");

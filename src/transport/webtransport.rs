@@ -505,6 +505,7 @@ struct WebTransportWire {
     repair: DatagramRepair,
     /// Which states go as datagrams and which on the stream (`core::routing`).
     routing: StateRouting,
+    state_datagrams: StateDatagrams,
     /// Grows to what this session has needed: idle fans never pay for a large buffer.
     out: BytesMut,
     decoder: FrameDecoder,
@@ -541,6 +542,7 @@ impl WebTransportWire {
             metrics: node.metrics.clone(),
             repair: DatagramRepair::new(settings.repair),
             routing: StateRouting::new(settings.state_datagrams),
+            state_datagrams: settings.state_datagrams,
             out: BytesMut::new(),
             decoder: streams.decoder,
             connect_buf: Vec::new(),
@@ -634,6 +636,27 @@ impl WebTransportWire {
         };
         if let Ok(ack) = wire::decode_client(payload) {
             self.on_ack(ack);
+        }
+    }
+
+    /// What the client sent on the CONNECT stream: its close ends the session; other frames
+    /// (another capsule, a reserved frame) are dropped; a partial frame waits, up to a bound.
+    fn on_connect_stream(&mut self) -> Option<Ending> {
+        loop {
+            match h3::read_connect_stream(&self.connect_buf) {
+                Ok(Some((ConnectStreamEvent::Close { code, reason }, _))) => {
+                    debug!(code, %reason, "the client closed the session");
+                    return Some(Ending::PeerClosed);
+                }
+                Ok(Some((ConnectStreamEvent::Other, used))) => {
+                    self.connect_buf.drain(..used);
+                }
+                Ok(None) if self.connect_buf.len() > MAX_HANDSHAKE_FRAME => {
+                    return Some(Ending::Protocol("CONNECT stream frame too large".into()));
+                }
+                Ok(None) => return None,
+                Err(error) => return Some(Ending::Protocol(error.to_string())),
+            }
         }
     }
 
@@ -766,14 +789,8 @@ impl Wire for WebTransportWire {
             match self.gates[CONNECT].poll(cx, |cx| connect_recv.poll_read(cx, &mut chunk)) {
                 Poll::Ready(Ok(n)) if n > 0 => {
                     self.connect_buf.extend_from_slice(&chunk[..n]);
-                    if let Ok(Some((ConnectStreamEvent::Close { code, reason }, _))) =
-                        h3::read_connect_stream(&self.connect_buf)
-                    {
-                        debug!(code, %reason, "the client closed the session");
-                        return Poll::Ready(Inbound::End(Ending::PeerClosed));
-                    }
-                    if self.connect_buf.len() > MAX_HANDSHAKE_FRAME {
-                        return Poll::Ready(Inbound::End(Ending::Protocol("CONNECT stream overflow".into())));
+                    if let Some(ending) = self.on_connect_stream() {
+                        return Poll::Ready(Inbound::End(ending));
                     }
                     continue;
                 }
@@ -804,12 +821,13 @@ impl Wire for WebTransportWire {
         let has_state = batch
             .iter()
             .any(|item| matches!(item, Outgoing::Publication(p) if p.kind == Kind::State));
-        if has_state
-            && !self.routing.datagrams_on()
-            && self.connection.stats().path.lost_packets > 0
-            && self.routing.loss_seen()
-        {
-            debug!("packet loss on this session: states go as datagrams from now on");
+        if has_state && self.state_datagrams == StateDatagrams::AfterLoss {
+            let lost = self.connection.stats().path.lost_packets;
+            match self.routing.path_lost(lost, std::time::Instant::now()) {
+                Some(Route::Datagram) => debug!(lost, "packet loss on this session: states go as datagrams"),
+                Some(Route::Stream) => debug!("no loss for a while: states go on the stream again"),
+                None => {}
+            }
         }
         let max_datagram = if has_state && self.routing.datagrams_on() {
             self.connection.max_datagram_size()
