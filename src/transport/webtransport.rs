@@ -906,7 +906,7 @@ impl Wire for WebTransportWire {
     /// The client closed the session: close the QUIC connection (nothing more to say).
     async fn answer_close(&mut self) {
         let _ = self.connect_send.finish();
-        self.connection.close(VarInt::from_u32(0), b"");
+        self.connection.close(H3ErrorCode::NoError.to_code_quic(), b"");
     }
 
     /// Writes a close notice (after `reconnect`, when asked) on the control stream and a
