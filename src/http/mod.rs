@@ -395,6 +395,15 @@ struct EventView<'a> {
     data: &'a RawValue,
 }
 
+/// `GET /v1/rooms/{room}/events`: each event's data goes out as the text that was published.
+#[derive(Serialize)]
+struct EventsView<'a> {
+    room: &'a str,
+    epoch: &'a str,
+    last_seq: u64,
+    events: Vec<EventView<'a>>,
+}
+
 async fn room_events(
     State(node): State<Node>,
     Path(room): Path<String>,
@@ -428,8 +437,16 @@ async fn room_events(
                     data,
                 })
                 .collect();
-            Json(serde_json::json!({ "room": room.as_str(), "epoch": epoch, "last_seq": last_seq, "events": views }))
-                .into_response()
+            // A typed body, not `json!`: that would re-parse each event's stored text into a
+            // `Value`, which panics on what the publish API accepts (nesting of 128 levels,
+            // 1e400, a lone surrogate) and alters the rest (big integers, key order).
+            Json(EventsView {
+                room: room.as_str(),
+                epoch: &epoch,
+                last_seq,
+                events: views,
+            })
+            .into_response()
         }
         Err(last_seq) => {
             let body = serde_json::json!({

@@ -180,3 +180,49 @@ async fn a_generated_token_is_logged_and_works() {
         401
     );
 }
+
+/// The history gives each event's data back exactly as it was published: it used to re-parse
+/// the stored text, which panicked on JSON the publish API accepts (nesting of 128 levels or
+/// more, a lone surrogate escape, 1e400) and altered other JSON (big integers, key order).
+#[tokio::test]
+async fn the_history_returns_published_json_byte_for_byte() {
+    let server = TestServer::start(&[]);
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let payloads = [
+        deep.as_str(),
+        r#""\ud800""#,
+        "1e400",
+        "-12345678901234567890",
+        r#"{"b":1,"a":2}"#,
+        r#"{"x": 1.50 , "y":[ ]}"#,
+    ];
+    for payload in payloads {
+        server.publish_event("game:raw", payload).await;
+    }
+    let (status, _, body) = request(
+        server.http,
+        "GET",
+        "/v1/rooms/game:raw/events?since=0",
+        None,
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let text = std::str::from_utf8(&body).expect("utf-8");
+    for (i, payload) in payloads.iter().enumerate() {
+        let expected = format!(r#"{{"seq":{},"ts":"#, i + 1);
+        let at = text
+            .find(&expected)
+            .unwrap_or_else(|| panic!("event {} missing in {text}", i + 1));
+        let data_at = at + text[at..].find(r#""data":"#).expect("data") + 7;
+        assert!(
+            text[data_at..].starts_with(&format!("{payload}}}")),
+            "event {} not verbatim: {}",
+            i + 1,
+            &text[data_at..data_at.saturating_add(80).min(text.len())]
+        );
+    }
+    // And the server is still there for everyone else.
+    assert_eq!(server.get("/health").await.0, 200);
+}
