@@ -118,6 +118,10 @@ pub struct HttpConfig {
     /// Items accepted in one batch publish.
     #[arg(long, env = "COURTSIDE_MAX_BATCH", value_name = "N", default_value_t = 1000)]
     pub max_batch: usize,
+    /// How long a publish's Idempotency-Key is remembered: a repeat within it returns the first
+    /// answer and publishes nothing (across nodes through Redis).
+    #[arg(long, env = "COURTSIDE_IDEMPOTENCY_WINDOW", value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub idempotency_window: Duration,
     /// Open TCP connections (HTTP and WebSocket together); more are closed at once.
     #[arg(long, env = "COURTSIDE_MAX_CONNECTIONS", value_name = "N", default_value_t = 25_000)]
     pub max_connections: usize,
@@ -334,6 +338,9 @@ impl ServeConfig {
         }
         if self.webtransport.cert_check_interval.is_zero() {
             invalid!("--cert-check-interval must be greater than 0");
+        }
+        if self.http.idempotency_window.is_zero() {
+            invalid!("--idempotency-window must be greater than 0");
         }
         if self.websocket.ping_interval.is_zero() {
             invalid!("--ping-interval must be greater than 0");

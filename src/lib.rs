@@ -12,6 +12,7 @@ pub mod demo;
 pub mod gate;
 pub mod http;
 pub mod hub;
+pub mod idempotency;
 pub mod listener;
 pub mod metrics;
 pub mod node;

@@ -51,6 +51,14 @@ pub enum ApiErrorCode {
     BadWebSocketVersion,
     /// `Sec-WebSocket-Key` is missing.
     BadWebSocketKey,
+    /// `Idempotency-Key` (or a batch item's `idempotency_key`) is not 1 to 255 visible ASCII characters.
+    BadIdempotencyKey,
+    /// The key was used before with a different request.
+    IdempotencyKeyReused,
+    /// A request with this key is still being answered.
+    IdempotencyInProgress,
+    /// The node keeps as many keys as it may (embedded registry); retry once keys expire.
+    IdempotencyStoreFull,
 }
 
 impl ApiErrorCode {
@@ -76,6 +84,10 @@ impl ApiErrorCode {
             Self::UpgradeRequired => "upgrade_required",
             Self::BadWebSocketVersion => "bad_websocket_version",
             Self::BadWebSocketKey => "bad_websocket_key",
+            Self::BadIdempotencyKey => "bad_idempotency_key",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
+            Self::IdempotencyInProgress => "idempotency_in_progress",
+            Self::IdempotencyStoreFull => "idempotency_store_full",
         }
     }
 
@@ -83,15 +95,23 @@ impl ApiErrorCode {
     pub fn status(self) -> StatusCode {
         match self {
             Self::NotFound | Self::RoomNotFound | Self::WebTransportDisabled => StatusCode::NOT_FOUND,
-            Self::BadRoom | Self::BadJson | Self::BadBatch | Self::BadBody | Self::BadQuery | Self::BadWebSocketKey => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::BadRoom
+            | Self::BadJson
+            | Self::BadBatch
+            | Self::BadBody
+            | Self::BadQuery
+            | Self::BadWebSocketKey
+            | Self::BadIdempotencyKey => StatusCode::BAD_REQUEST,
+            Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::IdempotencyInProgress => StatusCode::CONFLICT,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::HistoryGone => StatusCode::GONE,
-            Self::RoomLimit | Self::RegistryUnavailable | Self::Draining | Self::ConnectionLimit => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::RoomLimit
+            | Self::RegistryUnavailable
+            | Self::Draining
+            | Self::ConnectionLimit
+            | Self::IdempotencyStoreFull => StatusCode::SERVICE_UNAVAILABLE,
             Self::OriginNotAllowed => StatusCode::FORBIDDEN,
             Self::UpgradeRequired | Self::BadWebSocketVersion => StatusCode::UPGRADE_REQUIRED,
         }

@@ -5,21 +5,24 @@ pub mod error;
 pub mod upgrade;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, FromRef, Path, Query, Request, State};
 use axum::handler::Handler;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use tracing::warn;
 
 use crate::config::ServeConfig;
 use crate::core::{JsonData, Kind, RoomName};
+use crate::idempotency::{self, Answer, Claim, IdempotencyKey};
 use crate::node::Node;
 use crate::registry::{Published, RoomEvents};
 use crate::transport::websocket::WebSocketSettings;
@@ -33,6 +36,8 @@ pub struct HttpSettings {
     pub max_body: usize,
     /// Items in one batch publish, at most.
     pub max_batch: usize,
+    /// How long an `Idempotency-Key` is remembered.
+    pub idempotency_window: Duration,
     /// What the WebSocket connections it upgrades are given.
     pub websocket: WebSocketSettings,
 }
@@ -42,6 +47,7 @@ impl HttpSettings {
         Self {
             max_body: config.http.max_body,
             max_batch: config.http.max_batch,
+            idempotency_window: config.http.idempotency_window,
             websocket: WebSocketSettings::from_config(config),
         }
     }
@@ -191,30 +197,146 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 }
 
 async fn publish_state(
-    State(node): State<Node>,
+    State(state): State<HttpState>,
     Path(room): Path<String>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    publish_one(&node, &room, Kind::State, body).await
+) -> Response {
+    publish_one(&state, &room, Kind::State, &headers, body).await
 }
 
 async fn publish_event(
-    State(node): State<Node>,
+    State(state): State<HttpState>,
     Path(room): Path<String>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    publish_one(&node, &room, Kind::Event, body).await
+) -> Response {
+    publish_one(&state, &room, Kind::Event, &headers, body).await
+}
+
+/// The request's `Idempotency-Key`, if it has one.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
+    headers
+        .get(IDEMPOTENCY_KEY)
+        .map(|value| IdempotencyKey::parse(value.as_bytes()))
+        .transpose()
+        .map_err(|e| ApiError::new(ApiErrorCode::BadIdempotencyKey, e.to_string()))
+}
+
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// A JSON answer kept as its status and body text, so that it can be replayed for a key.
+fn json_answer<T: Serialize>(status: StatusCode, body: &T) -> (StatusCode, String) {
+    (status, serde_json::to_string(body).unwrap_or_default())
+}
+
+fn error_answer(error: ApiError) -> (StatusCode, String) {
+    let body = serde_json::json!({"error": error.code.name(), "message": error.message});
+    (error.code.status(), body.to_string())
+}
+
+fn into_response((status, body): (StatusCode, String), replayed: bool) -> Response {
+    let mut response = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+    if replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// Runs `publish` once per idempotency key within the window: a repeat of the same request
+/// gets the first answer (with `Idempotent-Replayed: true`) and publishes nothing; the key with
+/// another request is 422, while the first is still being answered 409. A publish that fails
+/// releases the key, so a retry may publish.
+async fn once_per_key<F>(state: &HttpState, key: Option<IdempotencyKey>, fingerprint: String, publish: F) -> Response
+where
+    F: std::future::Future<Output = (StatusCode, String)> + Send + 'static,
+{
+    let Some(key) = key else {
+        return into_response(publish.await, false);
+    };
+    let (registry, window) = (&state.node.registry, state.settings.idempotency_window);
+    match registry.claim_key(&key, &fingerprint, window).await {
+        Err(error) => ApiError::from(error).into_response(),
+        Ok(Claim::Full) => ApiError::new(
+            ApiErrorCode::IdempotencyStoreFull,
+            "this node keeps as many idempotency keys as it may; retry later",
+        )
+        .into_response(),
+        Ok(Claim::InProgress { fingerprint: first }) if first == fingerprint => ApiError::new(
+            ApiErrorCode::IdempotencyInProgress,
+            "a request with this Idempotency-Key is still being answered; retry",
+        )
+        .into_response(),
+        Ok(Claim::Answered(answer)) if answer.fingerprint == fingerprint => {
+            let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
+            into_response((status, answer.body), true)
+        }
+        Ok(Claim::InProgress { .. } | Claim::Answered(_)) => ApiError::new(
+            ApiErrorCode::IdempotencyKeyReused,
+            "this Idempotency-Key was used with a different request",
+        )
+        .into_response(),
+        Ok(Claim::Claimed) => {
+            // In a task of its own: a publisher whose connection is cut mid-request must not
+            // leave the key claimed with nothing published or recorded.
+            let registry = registry.clone();
+            let finished = tokio::spawn(async move {
+                let (status, body) = publish.await;
+                if status.is_success() {
+                    let answer = Answer {
+                        fingerprint,
+                        status: status.as_u16(),
+                        body,
+                    };
+                    if let Err(error) = registry.answer_key(&key, &answer, window).await {
+                        warn!(%error, "cannot record the answer to an idempotency key; a retry may publish again");
+                    }
+                    (status, answer.body)
+                } else {
+                    registry.release_key(&key).await;
+                    (status, body)
+                }
+            });
+            match finished.await {
+                Ok(answer) => into_response(answer, false),
+                Err(_) => {
+                    ApiError::new(ApiErrorCode::RegistryUnavailable, "the publish did not finish").into_response()
+                }
+            }
+        }
+    }
 }
 
 async fn publish_one(
-    node: &Node,
+    state: &HttpState,
     room: &str,
     kind: Kind,
+    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
+) -> Response {
+    let key = match idempotency_key(headers) {
+        Ok(key) => key,
+        Err(error) => return error.into_response(),
+    };
+    let body = match body_bytes(body) {
+        Ok(body) => body,
+        Err(error) => return error.into_response(),
+    };
+    let fingerprint = idempotency::fingerprint(&[kind.as_str().as_bytes(), room.as_bytes(), &body]);
+    let (node, room) = (state.node.clone(), room.to_string());
+    once_per_key(state, key, fingerprint, async move {
+        publish_parsed(&node, &room, kind, &body)
+            .await
+            .unwrap_or_else(error_answer)
+    })
+    .await
+}
+
+async fn publish_parsed(node: &Node, room: &str, kind: Kind, body: &[u8]) -> Result<(StatusCode, String), ApiError> {
     let room = parse_room(room)?;
-    let body = body_bytes(body)?;
-    let data = JsonData::parse(&body).map_err(|e| ApiError::new(ApiErrorCode::BadJson, e.to_string()))?;
+    let data = JsonData::parse(body).map_err(|e| ApiError::new(ApiErrorCode::BadJson, e.to_string()))?;
     let published = node.registry.publish(&room, kind, &data).await?;
     let view = PublishView::new(&room, kind, published);
     let status = if view.queued == Some(true) {
@@ -222,7 +344,7 @@ async fn publish_one(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(view)).into_response())
+    Ok(json_answer(status, &view))
 }
 
 /// The answer to a publish: the number assigned, or (Redis away) that it was queued.
@@ -268,6 +390,10 @@ struct BatchItem<'a> {
     kind: Kind,
     #[serde(borrow)]
     data: &'a RawValue,
+    /// This item's own idempotency key: a repeat of the item (in any batch, within the window)
+    /// gets its first result and publishes nothing.
+    #[serde(default)]
+    idempotency_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -280,6 +406,8 @@ struct Batch<'a> {
 #[serde(untagged)]
 enum BatchResult {
     Published(PublishView),
+    /// An item whose idempotency key was answered before: that first result, as it was.
+    Replayed(Box<RawValue>),
     Failed {
         room: String,
         #[serde(rename = "type")]
@@ -290,15 +418,33 @@ enum BatchResult {
 }
 
 /// `POST /v1/publish`: every item is checked before any is published, then all are published
-/// in order with one ingest time.
+/// in order with one ingest time. An `Idempotency-Key` covers the whole batch; an item's
+/// `idempotency_key` covers that item.
 async fn publish_batch(
     State(state): State<HttpState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<BatchResponse>, ApiError> {
+) -> Response {
+    let key = match idempotency_key(&headers) {
+        Ok(key) => key,
+        Err(error) => return error.into_response(),
+    };
+    let body = match body_bytes(body) {
+        Ok(body) => body,
+        Err(error) => return error.into_response(),
+    };
+    let fingerprint = idempotency::fingerprint(&[b"batch", &body]);
+    let owned = state.clone();
+    once_per_key(&state, key, fingerprint, async move {
+        publish_batch_parsed(&owned, &body).await.unwrap_or_else(error_answer)
+    })
+    .await
+}
+
+async fn publish_batch_parsed(state: &HttpState, body: &[u8]) -> Result<(StatusCode, String), ApiError> {
     let (node, max_batch) = (&state.node, state.settings.max_batch);
-    let body = body_bytes(body)?;
     let batch: Batch<'_> =
-        serde_json::from_slice(&body).map_err(|e| ApiError::new(ApiErrorCode::BadBatch, e.to_string()))?;
+        serde_json::from_slice(body).map_err(|e| ApiError::new(ApiErrorCode::BadBatch, e.to_string()))?;
     if batch.messages.is_empty() || batch.messages.len() > max_batch {
         let message = format!("a batch holds 1 to {max_batch} messages");
         return Err(ApiError::new(ApiErrorCode::BadBatch, message));
@@ -307,28 +453,94 @@ async fn publish_batch(
     for (i, item) in batch.messages.iter().enumerate() {
         let room = RoomName::parse(&item.room)
             .map_err(|e| ApiError::new(ApiErrorCode::BadRoom, format!("messages[{i}]: {e}")))?;
-        checked.push((room, item.kind, JsonData::from_raw(item.data)));
+        let key = item
+            .idempotency_key
+            .as_deref()
+            .map(IdempotencyKey::for_item)
+            .transpose()
+            .map_err(|e| ApiError::new(ApiErrorCode::BadIdempotencyKey, format!("messages[{i}]: {e}")))?;
+        checked.push((room, item.kind, JsonData::from_raw(item.data), key));
     }
+    let window = state.settings.idempotency_window;
     let mut results = Vec::with_capacity(checked.len());
-    for (room, kind, data) in checked {
-        let result = match node.registry.publish(&room, kind, &data).await {
-            Ok(published) => BatchResult::Published(PublishView {
-                kind: Some(kind.as_str()),
-                ..PublishView::new(&room, kind, published)
-            }),
+    for (room, kind, data, key) in checked {
+        let failed = |code: ApiErrorCode, message: String| BatchResult::Failed {
+            room: room.to_string(),
+            kind: kind.as_str(),
+            error: code.name(),
+            message,
+        };
+        let Some(key) = key else {
+            results.push(publish_item(node, &room, kind, &data).await);
+            continue;
+        };
+        let fingerprint = idempotency::fingerprint(&[
+            kind.as_str().as_bytes(),
+            room.as_str().as_bytes(),
+            data.as_str().as_bytes(),
+        ]);
+        let result = match node.registry.claim_key(&key, &fingerprint, window).await {
             Err(error) => {
                 let error = ApiError::from(error);
-                BatchResult::Failed {
-                    room: room.to_string(),
-                    kind: kind.as_str(),
-                    error: error.code.name(),
-                    message: error.message,
+                failed(error.code, error.message)
+            }
+            Ok(Claim::Full) => failed(ApiErrorCode::IdempotencyStoreFull, "too many idempotency keys".into()),
+            Ok(Claim::Answered(answer)) if answer.fingerprint == fingerprint => {
+                match RawValue::from_string(answer.body) {
+                    Ok(first) => BatchResult::Replayed(first),
+                    Err(_) => failed(
+                        ApiErrorCode::IdempotencyInProgress,
+                        "the first result is unreadable".into(),
+                    ),
                 }
+            }
+            Ok(Claim::InProgress { fingerprint: first }) if first == fingerprint => failed(
+                ApiErrorCode::IdempotencyInProgress,
+                "an item with this idempotency_key is still being published".into(),
+            ),
+            Ok(Claim::InProgress { .. } | Claim::Answered(_)) => failed(
+                ApiErrorCode::IdempotencyKeyReused,
+                "this idempotency_key was used with a different item".into(),
+            ),
+            Ok(Claim::Claimed) => {
+                let result = publish_item(node, &room, kind, &data).await;
+                if matches!(result, BatchResult::Published(_)) {
+                    let answer = Answer {
+                        fingerprint,
+                        status: 200,
+                        body: serde_json::to_string(&result).unwrap_or_default(),
+                    };
+                    if let Err(error) = node.registry.answer_key(&key, &answer, window).await {
+                        warn!(%error, "cannot record the result of an idempotent batch item");
+                    }
+                } else {
+                    node.registry.release_key(&key).await;
+                }
+                result
             }
         };
         results.push(result);
     }
-    Ok(Json(BatchResponse { results }))
+    Ok(json_answer(StatusCode::OK, &BatchResponse { results }))
+}
+
+/// Publishes one batch item.
+async fn publish_item(node: &Node, room: &RoomName, kind: Kind, data: &JsonData) -> BatchResult {
+    match node.registry.publish(room, kind, data).await {
+        Ok(published) => BatchResult::Published(PublishView {
+            kind: Some(kind.as_str()),
+            ..PublishView::new(room, kind, published)
+        }),
+        Err(error) => {
+            let error = ApiError::from(error);
+            BatchResult::Failed {
+                room: room.to_string(),
+                kind: kind.as_str(),
+                error: error.code.name(),
+                message: error.message,
+            }
+        }
+    }
 }
 
 #[derive(Serialize)]

@@ -9,17 +9,25 @@ use super::{
 };
 use crate::core::{JsonData, Kind, RoomName};
 use crate::hub::{Hub, RoomHistory};
+use crate::idempotency::{Answer, Claim, IdempotencyKey, LocalKeys};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// This node's rooms, shared with nobody.
 #[derive(Debug, Clone)]
 pub struct EmbeddedRegistry {
     hub: Hub,
+    /// Publishers' idempotency keys, on this node alone.
+    keys: Arc<LocalKeys>,
 }
 
 impl EmbeddedRegistry {
     pub fn new(hub: Hub) -> Self {
         hub.metrics().registry_up.set(1);
-        Self { hub }
+        Self {
+            hub,
+            keys: Arc::default(),
+        }
     }
 
     /// The room as the hub holds it (also the Redis registry's view while Redis is away).
@@ -105,6 +113,30 @@ impl Registry for EmbeddedRegistry {
             status: "ok",
             outbox: 0,
         }
+    }
+
+    fn claim_key<'a>(
+        &'a self,
+        key: &'a IdempotencyKey,
+        fingerprint: &'a str,
+        window: Duration,
+    ) -> BoxFuture<'a, Result<Claim, RegistryError>> {
+        future::ready(Ok(self.keys.claim(key, fingerprint, window, Instant::now()))).boxed()
+    }
+
+    fn answer_key<'a>(
+        &'a self,
+        key: &'a IdempotencyKey,
+        answer: &'a Answer,
+        window: Duration,
+    ) -> BoxFuture<'a, Result<(), RegistryError>> {
+        self.keys.answer(key, answer.clone(), window, Instant::now());
+        future::ready(Ok(())).boxed()
+    }
+
+    fn release_key<'a>(&'a self, key: &'a IdempotencyKey) -> BoxFuture<'a, ()> {
+        self.keys.release(key);
+        future::ready(()).boxed()
     }
 }
 

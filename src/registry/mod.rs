@@ -7,10 +7,13 @@ pub mod embedded;
 pub mod envelope;
 pub mod redis;
 
+use std::time::Duration;
+
 use futures_util::future::BoxFuture;
 
 use crate::core::{JsonData, Kind, RoomName};
 use crate::hub::HubError;
+use crate::idempotency::{Answer, Claim, IdempotencyKey};
 
 pub use self::embedded::EmbeddedRegistry;
 pub use self::redis::{RedisRegistry, RedisSettings};
@@ -123,6 +126,26 @@ pub trait Registry: Send + Sync + std::fmt::Debug {
 
     /// The live nodes (this one alone with the embedded registry).
     fn nodes(&self) -> BoxFuture<'_, Result<Vec<NodeRecord>, RegistryError>>;
+
+    /// Claims a publisher's idempotency key for `window`, or says what it holds: on this node
+    /// alone with the embedded registry, across every node with Redis.
+    fn claim_key<'a>(
+        &'a self,
+        key: &'a IdempotencyKey,
+        fingerprint: &'a str,
+        window: Duration,
+    ) -> BoxFuture<'a, Result<Claim, RegistryError>>;
+
+    /// Records the first answer to a claimed key, kept for `window`.
+    fn answer_key<'a>(
+        &'a self,
+        key: &'a IdempotencyKey,
+        answer: &'a Answer,
+        window: Duration,
+    ) -> BoxFuture<'a, Result<(), RegistryError>>;
+
+    /// Forgets a claimed key whose publish failed, so that a retry may publish.
+    fn release_key<'a>(&'a self, key: &'a IdempotencyKey) -> BoxFuture<'a, ()>;
 
     fn status(&self) -> RegistryStatus;
 }

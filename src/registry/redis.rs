@@ -22,6 +22,7 @@ use super::{
 };
 use crate::core::{JsonData, Kind, Now, RoomName};
 use crate::hub::{Hub, RemotePublication};
+use crate::idempotency::{Answer, Claim, IdempotencyKey};
 use crate::metrics::Metrics;
 
 /// What the Redis registry needs, built from the configuration.
@@ -1010,6 +1011,94 @@ impl Registry for Arc<RedisRegistry> {
 
     fn status(&self) -> RegistryStatus {
         RedisRegistry::status(self)
+    }
+
+    fn claim_key<'a>(
+        &'a self,
+        key: &'a IdempotencyKey,
+        fingerprint: &'a str,
+        window: Duration,
+    ) -> BoxFuture<'a, Result<Claim, RegistryError>> {
+        async move {
+            self.claim_key_shared(key, fingerprint, window)
+                .await
+                .map_err(|e| RegistryError::Unavailable(e.to_string()))
+        }
+        .boxed()
+    }
+
+    fn answer_key<'a>(
+        &'a self,
+        key: &'a IdempotencyKey,
+        answer: &'a Answer,
+        window: Duration,
+    ) -> BoxFuture<'a, Result<(), RegistryError>> {
+        async move {
+            let mut conn = self.commands.clone();
+            let record = format!("{KEY_ANSWERED}{}", answer.encode());
+            let _: () = redis::cmd("SET")
+                .arg(idempotency_key(key))
+                .arg(record)
+                .arg("PX")
+                .arg(window.as_millis() as u64)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| RegistryError::Unavailable(e.to_string()))?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn release_key<'a>(&'a self, key: &'a IdempotencyKey) -> BoxFuture<'a, ()> {
+        async move {
+            let mut conn = self.commands.clone();
+            let _: Result<(), _> = conn.del(idempotency_key(key)).await;
+        }
+        .boxed()
+    }
+}
+
+/// A publisher's idempotency key in Redis (one key each, any slot).
+fn idempotency_key(key: &IdempotencyKey) -> String {
+    format!("cs:idem:{}", key.as_str())
+}
+
+/// How a key's record starts: claimed by a publish under way, or answered (then the answer).
+const KEY_PENDING: &str = "pending\n";
+const KEY_ANSWERED: &str = "answered\n";
+
+impl RedisRegistry {
+    /// `SET NX` claims the key across every node; a key already there is read back.
+    async fn claim_key_shared(
+        &self,
+        key: &IdempotencyKey,
+        fingerprint: &str,
+        window: Duration,
+    ) -> redis::RedisResult<Claim> {
+        let mut conn = self.commands.clone();
+        let name = idempotency_key(key);
+        let set: Option<String> = redis::cmd("SET")
+            .arg(&name)
+            .arg(format!("{KEY_PENDING}{fingerprint}"))
+            .arg("NX")
+            .arg("PX")
+            .arg(window.min(crate::idempotency::PENDING_TTL).as_millis() as u64)
+            .query_async(&mut conn)
+            .await?;
+        if set.is_some() {
+            return Ok(Claim::Claimed);
+        }
+        let record: Option<String> = conn.get(&name).await?;
+        Ok(match record {
+            // Expired between the two commands: claim it again.
+            None => return Box::pin(self.claim_key_shared(key, fingerprint, window)).await,
+            Some(record) => match record.strip_prefix(KEY_ANSWERED).and_then(Answer::decode) {
+                Some(answer) => Claim::Answered(answer),
+                None => Claim::InProgress {
+                    fingerprint: record.strip_prefix(KEY_PENDING).unwrap_or_default().to_string(),
+                },
+            },
+        })
     }
 }
 

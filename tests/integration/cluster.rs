@@ -542,3 +542,37 @@ async fn a_full_outbox_refuses_publishes() {
     client.send(json!({"type": "ping"})).await;
     assert_eq!(client.recv().await["type"], "pong");
 }
+
+/// A publisher that retries through another node with the same `Idempotency-Key` publishes
+/// once: the key lives in Redis, shared by every node.
+#[tokio::test]
+async fn an_idempotency_key_holds_across_nodes() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis, "a"), node(&redis, "b"));
+    let publish = |server: &TestServer| {
+        let http = server.http;
+        async move {
+            crate::util::request(
+                http,
+                "POST",
+                "/v1/rooms/game:idem-x/events",
+                Some(crate::util::TOKEN),
+                &[("idempotency-key", "final-whistle")],
+                bytes::Bytes::from_static(br#"{"final":true}"#),
+            )
+            .await
+        }
+    };
+    let (status, headers, first) = publish(&a).await;
+    assert_eq!(status, 200);
+    assert!(headers.get("idempotent-replayed").is_none());
+    let (status, headers, again) = publish(&b).await;
+    assert_eq!((status, &again), (200, &first));
+    assert_eq!(
+        headers.get("idempotent-replayed").map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
+    let (_, history) = b.get("/v1/rooms/game:idem-x/events?since=0").await;
+    assert_eq!(history["events"].as_array().map(Vec::len), Some(1), "{history}");
+    assert_eq!(history["last_seq"], json!(1));
+}

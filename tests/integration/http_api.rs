@@ -226,3 +226,128 @@ async fn the_history_returns_published_json_byte_for_byte() {
     // And the server is still there for everyone else.
     assert_eq!(server.get("/health").await.0, 200);
 }
+
+async fn publish_with_key(
+    server: &TestServer,
+    path: &str,
+    key: &str,
+    body: &str,
+) -> (u16, hyper::HeaderMap, serde_json::Value) {
+    let (status, headers, body) = request(
+        server.http,
+        "POST",
+        path,
+        Some(TOKEN),
+        &[("idempotency-key", key)],
+        Bytes::from(body.to_string()),
+    )
+    .await;
+    (
+        status,
+        headers,
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// A retry with the same `Idempotency-Key` gets the first answer and publishes nothing: the
+/// subscriber sees the event once, the history holds it once.
+#[tokio::test]
+async fn a_retry_with_the_same_idempotency_key_publishes_once() {
+    let server = TestServer::start(&[]);
+    let mut client = server.connect().await;
+    client.subscribe("game:idem").await;
+    let path = "/v1/rooms/game:idem/events";
+    let (status, headers, first) = publish_with_key(&server, path, "goal-17", r#"{"goal":"home"}"#).await;
+    assert_eq!((status, first["seq"].as_u64()), (200, Some(1)), "{first}");
+    assert!(headers.get("idempotent-replayed").is_none());
+    let (status, headers, again) = publish_with_key(&server, path, "goal-17", r#"{"goal":"home"}"#).await;
+    assert_eq!((status, &again), (200, &first));
+    assert_eq!(
+        headers.get("idempotent-replayed").map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
+    // A different key publishes; the subscriber's next event after seq 1 is seq 2.
+    server.publish_event("game:idem", r#"{"goal":"away"}"#).await;
+    assert_eq!(client.recv().await["seq"], 1);
+    assert_eq!(client.recv().await["seq"], 2);
+    let (_, history) = server.get("/v1/rooms/game:idem/events?since=0").await;
+    assert_eq!(history["events"].as_array().map(Vec::len), Some(2), "{history}");
+}
+
+/// The same key with a different body is 422 and publishes nothing; a malformed key is 400.
+#[tokio::test]
+async fn an_idempotency_key_reused_with_another_body_is_refused() {
+    let server = TestServer::start(&[]);
+    let path = "/v1/rooms/game:idem2/events";
+    assert_eq!(publish_with_key(&server, path, "k1", "1").await.0, 200);
+    let (status, _, body) = publish_with_key(&server, path, "k1", "2").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (422, Some("idempotency_key_reused")),
+        "{body}"
+    );
+    let (status, _, body) = publish_with_key(&server, "/v1/rooms/game:idem2/state", "k1", "1").await;
+    assert_eq!(status, 422, "the key covers the request, path included: {body}");
+    let (status, _, body) = publish_with_key(&server, path, &"k".repeat(256), "1").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("bad_idempotency_key")),
+        "{body}"
+    );
+    let (_, history) = server.get("/v1/rooms/game:idem2/events?since=0").await;
+    assert_eq!(history["events"].as_array().map(Vec::len), Some(1));
+}
+
+/// A failed publish does not use the key up: the fixed retry publishes.
+#[tokio::test]
+async fn a_failed_publish_releases_its_idempotency_key() {
+    let server = TestServer::start(&[]);
+    let path = "/v1/rooms/game:idem3/events";
+    let (status, _, body) = publish_with_key(&server, path, "k", "{").await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("bad_json")));
+    assert_eq!(publish_with_key(&server, path, "k", "{}").await.0, 200);
+}
+
+/// Batch items with their own `idempotency_key`: a repeated item gets its first result and is
+/// not published again; a new item in the same batch is.
+#[tokio::test]
+async fn batch_items_with_an_idempotency_key_are_published_once() {
+    let server = TestServer::start(&[]);
+    let batch = |items: &str| format!(r#"{{"messages":[{items}]}}"#);
+    let a = r#"{"room":"game:b1","type":"event","data":1,"idempotency_key":"a"}"#;
+    let b = r#"{"room":"game:b1","type":"event","data":2,"idempotency_key":"b"}"#;
+    let (status, first) = server.request("POST", "/v1/publish", Some(TOKEN), batch(a)).await;
+    assert_eq!(status, 200, "{first}");
+    let (status, second) = server
+        .request("POST", "/v1/publish", Some(TOKEN), batch(&format!("{a},{b}")))
+        .await;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(second["results"][0], first["results"][0], "the first result, replayed");
+    assert_eq!(second["results"][1]["seq"], 2);
+    let (_, history) = server.get("/v1/rooms/game:b1/events?since=0").await;
+    assert_eq!(history["events"].as_array().map(Vec::len), Some(2), "{history}");
+}
+
+/// The publisher's connection is cut after the request went out, before the answer: the retry
+/// with the same key (repeated while the first is still answered: 409) publishes nothing more.
+#[tokio::test]
+async fn a_retry_after_a_cut_connection_publishes_once() {
+    use tokio::io::AsyncWriteExt;
+    let server = TestServer::start(&[]);
+    let body = r#"{"final":true}"#;
+    let raw = format!(
+        "POST /v1/rooms/game:cut/events HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN}\r\nidempotency-key: cut-1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(server.http).await.expect("connect");
+    stream.write_all(raw.as_bytes()).await.expect("write");
+    drop(stream);
+    let answer = crate::util::eventually("the retry is answered", || async {
+        let (status, _, answer) = publish_with_key(&server, "/v1/rooms/game:cut/events", "cut-1", body).await;
+        (status != 409).then_some((status, answer))
+    })
+    .await;
+    assert_eq!(answer.0, 200, "{}", answer.1);
+    let (_, history) = server.get("/v1/rooms/game:cut/events?since=0").await;
+    assert_eq!(history["events"].as_array().map(Vec::len), Some(1), "{history}");
+}
