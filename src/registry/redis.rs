@@ -304,6 +304,33 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The Redis Cluster seed list of `--redis`: comma-separated URLs, where a seed written as bare
+/// `host:port` takes the scheme and credentials of the first full URL (`redis://` without one),
+/// so `rediss://:TOKEN@h1:6379,h2:6379` and `127.0.0.1:7000,127.0.0.1:7001` both work.
+fn cluster_seeds(list: &str) -> Vec<String> {
+    let seeds: Vec<&str> = list.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let prefix = seeds
+        .iter()
+        .find_map(|seed| {
+            let (scheme, rest) = seed.split_once("://")?;
+            let userinfo = rest
+                .split_once('@')
+                .map_or(String::new(), |(user, _)| format!("{user}@"));
+            Some(format!("{scheme}://{userinfo}"))
+        })
+        .unwrap_or_else(|| "redis://".to_string());
+    seeds
+        .iter()
+        .map(|seed| {
+            if seed.contains("://") {
+                seed.to_string()
+            } else {
+                format!("{prefix}{seed}")
+            }
+        })
+        .collect()
+}
+
 /// The URL with `protocol=resp3` (needed for pushes) added to its query, before any fragment.
 fn with_resp3(url: &str) -> String {
     let (base, fragment) = match url.split_once('#') {
@@ -324,7 +351,7 @@ impl RedisRegistry {
     pub async fn connect(settings: RedisSettings, hub: Hub, metrics: Arc<Metrics>) -> redis::RedisResult<Arc<Self>> {
         let (push_tx, push_rx) = mpsc::unbounded_channel();
         let (commands, pubsub) = if settings.cluster {
-            let seeds: Vec<String> = settings.url.split(',').map(|u| with_resp3(u.trim())).collect();
+            let seeds: Vec<String> = cluster_seeds(&settings.url).iter().map(|u| with_resp3(u)).collect();
             let builder = || {
                 redis::cluster::ClusterClientBuilder::new(seeds.clone())
                     .use_protocol(redis::ProtocolVersion::RESP3)
@@ -1105,6 +1132,19 @@ impl RedisRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_seeds_may_be_bare_host_ports_after_the_first_url() {
+        assert_eq!(
+            cluster_seeds("127.0.0.1:7000, 127.0.0.1:7001"),
+            ["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"]
+        );
+        assert_eq!(
+            cluster_seeds("rediss://:t@h1:6379,h2:6379,redis://h3:6379"),
+            ["rediss://:t@h1:6379", "rediss://:t@h2:6379", "redis://h3:6379"]
+        );
+        assert_eq!(cluster_seeds("redis://h1:1,"), ["redis://h1:1"]);
+    }
 
     #[test]
     fn resp3_is_asked_for_in_the_query_before_any_fragment() {

@@ -790,10 +790,18 @@ impl RedisCluster {
         cluster
     }
 
+    /// The seed list as README.md writes it: the first seed a URL, the others bare `host:port`.
     pub fn url(&self) -> String {
         self.ports
             .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .enumerate()
+            .map(|(i, p)| {
+                if i == 0 {
+                    format!("redis://127.0.0.1:{p}")
+                } else {
+                    format!("127.0.0.1:{p}")
+                }
+            })
             .collect::<Vec<_>>()
             .join(",")
     }
