@@ -1,5 +1,6 @@
 //! The per-connection outbound queue and its slow-consumer policy: states conflate to the newest
 //! version per room, ordered messages are bounded and overflow closes the connection as "slow".
+//! Recovered history is one entry handed out in pieces, so any history the room keeps fits.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -62,6 +63,12 @@ enum Entry {
     State(RoomId),
     Event(Arc<Publication>),
     Control(ServerControl),
+    /// A room's recovered events (`since`), handed out in order as the writer drains: the
+    /// publications the room's history already holds, shared, never copied, and counted as
+    /// one message, so a history larger than the bounds is delivered in pieces instead of
+    /// closing the connection as slow before `subscribed` (which the client's reconnect would
+    /// repeat forever).
+    Recovery(VecDeque<Arc<Publication>>),
 }
 
 /// A connection's pending output, in the order it must be written.
@@ -141,6 +148,17 @@ impl ConnectionQueue {
         self.push_ordered(Entry::Event(publication.clone()), publication.size())
     }
 
+    /// Queues a room's recovered events, after what is queued and before anything pushed later.
+    pub fn push_recovery(&mut self, events: Vec<Arc<Publication>>) -> Pushed {
+        if self.closed.is_some() {
+            return Pushed::Closed;
+        }
+        if events.is_empty() {
+            return Pushed::Queued { wake: false };
+        }
+        self.push_ordered(Entry::Recovery(events.into()), 0)
+    }
+
     /// Offers a control reply; it counts against the same bound as events.
     pub fn push_control(&mut self, control: ServerControl) -> Pushed {
         if self.closed.is_some() {
@@ -187,6 +205,10 @@ impl ConnectionQueue {
                 bytes += p.size();
                 false
             }
+            Entry::Recovery(events) if events.front().is_some_and(|p| p.room_id == room) => {
+                messages += 1;
+                false
+            }
             _ => true,
         });
         self.ordered_messages -= messages;
@@ -219,6 +241,18 @@ impl ConnectionQueue {
                     self.ordered_messages -= 1;
                     self.ordered_bytes -= c.size_hint();
                     out.push(Outgoing::Control(c));
+                }
+                Entry::Recovery(mut events) => {
+                    while out.len() < max {
+                        let Some(p) = events.pop_front() else { break };
+                        out.push(Outgoing::Publication(p));
+                    }
+                    if events.is_empty() {
+                        self.ordered_messages -= 1;
+                    } else {
+                        // The batch is full: the rest goes first in the next one.
+                        self.entries.push_front(Entry::Recovery(events));
+                    }
                 }
             }
         }
@@ -255,6 +289,46 @@ mod tests {
 
     fn event(room: u64, seq: u64) -> Arc<Publication> {
         publication(room, Kind::Event, seq)
+    }
+
+    #[test]
+    fn recovery_larger_than_the_bounds_is_handed_out_in_pieces_in_order() {
+        let limits = QueueLimits {
+            max_messages: 4,
+            max_bytes: 200,
+        };
+        let mut q = ConnectionQueue::new(limits);
+        // Nine events: more messages and bytes than the bounds allow as single entries.
+        let history: Vec<_> = (1..=9).map(|seq| event(1, seq)).collect();
+        assert!(history.iter().map(|p| p.size()).sum::<usize>() > limits.max_bytes);
+        assert!(matches!(q.push_recovery(history), Pushed::Queued { wake: true }));
+        // A live event of the room after the recovery, and another room's state.
+        assert!(matches!(q.push_event(&event(1, 10)), Pushed::Queued { .. }));
+        assert!(matches!(q.push_state(&state(2, 1)), Pushed::Queued { .. }));
+        let mut out = Vec::new();
+        let mut seen = Vec::new();
+        while !q.is_empty() {
+            out.clear();
+            q.drain_into(&mut out, 4);
+            seen.extend(out.iter().map(|o| match o {
+                Outgoing::Publication(p) => (p.room_id.0, p.number),
+                Outgoing::Control(_) => (0, 0),
+            }));
+        }
+        let expected: Vec<(u64, u64)> = (1..=10).map(|seq| (1, seq)).chain([(2, 1)]).collect();
+        assert_eq!(seen, expected);
+        assert_eq!((q.ordered_messages, q.ordered_bytes), (0, 0));
+        assert_eq!(q.closed(), None);
+    }
+
+    #[test]
+    fn purging_a_room_drops_its_pending_recovery() {
+        let mut q = ConnectionQueue::new(QueueLimits::default());
+        q.push_recovery((1..=5).map(|seq| event(1, seq)).collect());
+        q.push_recovery((1..=2).map(|seq| event(2, seq)).collect());
+        q.purge_room(RoomId(1));
+        assert_eq!(drain(&mut q), vec![(2, Kind::Event, 1), (2, Kind::Event, 2)]);
+        assert_eq!(q.ordered_messages, 0);
     }
 
     fn drain(q: &mut ConnectionQueue) -> Vec<(u64, Kind, u64)> {

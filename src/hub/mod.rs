@@ -415,7 +415,8 @@ impl Hub {
     }
 
     /// Adds `subscriber` to the room and queues, in order: `subscribed`, the current state, and
-    /// the events recovered after `since`. Subscribing again re-sends all of it.
+    /// the events recovered after `since` (one queue entry, handed out in pieces: however much
+    /// history the room keeps, it is delivered). Subscribing again re-sends all of it.
     pub fn subscribe(
         &self,
         room: &RoomName,
@@ -436,9 +437,7 @@ impl Hub {
             if let Some(state) = &snapshot.state {
                 tally.add(queue.push_state(state));
             }
-            for event in &snapshot.events {
-                tally.add(queue.push_event(event));
-            }
+            tally.add(queue.push_recovery(snapshot.events));
             drop(queue);
             if was_empty || tally.slow > 0 {
                 subscriber.wake();

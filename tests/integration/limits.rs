@@ -193,3 +193,36 @@ async fn commands_beyond_the_rate_limit_get_104() {
     }
     assert_eq!(client.recv().await["code"], 104);
 }
+
+/// Recovery of more history than a connection's queue may hold (9 events of 1,000,000 bytes
+/// against the 8 MiB bound) is delivered, in pieces, after `subscribed`: it used to close the
+/// connection with 4001 before `subscribed`, every time, and the client's reconnect repeated it.
+#[tokio::test]
+async fn recovery_of_a_history_larger_than_the_queue_is_delivered() {
+    let server = TestServer::start(&[]);
+    let big = format!("\"{}\"", "x".repeat(1_000_000 - 2));
+    for _ in 0..9 {
+        server.publish_event("game:big", &big).await;
+    }
+    let mut client = server.connect().await;
+    client
+        .send(json!({"type": "subscribe", "room": "game:big", "since": 0}))
+        .await;
+    let subscribed = client.recv().await;
+    assert_eq!(
+        (subscribed["type"].as_str(), subscribed["recovered"].as_bool()),
+        (Some("subscribed"), Some(true)),
+        "{subscribed}"
+    );
+    for seq in 1..=9 {
+        let event = client.recv().await;
+        assert_eq!(
+            (event["type"].as_str(), event["seq"].as_u64()),
+            (Some("event"), Some(seq))
+        );
+        assert_eq!(event["data"].as_str().map(str::len), Some(1_000_000 - 2));
+    }
+    // Live events follow the recovered ones.
+    server.publish_event("game:big", "10").await;
+    assert_eq!(client.recv().await["seq"], 10);
+}
