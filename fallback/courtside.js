@@ -99,7 +99,10 @@ export function encodeClientMessage(m) {
   const w = new Writer();
   switch (m.type) {
     case 'subscribe':
-      return w.u8(MessageType.SUBSCRIBE).string(m.room).option(m.since, w.varint).option(m.epoch, w.string).finish();
+      w.u8(MessageType.SUBSCRIBE).string(m.room).option(m.since, w.varint).option(m.epoch, w.string);
+      // `id` is a trailing optional field: absent, the message ends before it.
+      if (m.id !== undefined && m.id !== null) w.option(m.id, w.varint);
+      return w.finish();
     case 'unsubscribe':
       return w.u8(MessageType.UNSUBSCRIBE).string(m.room).finish();
     case 'ping':
@@ -125,6 +128,11 @@ export function decodeServerMessage(bytes) {
       m = { type: 'subscribed', room: r.string(), epoch: r.string(), version: r.varint(), seq: r.varint() };
       const recovered = r.option(r.bool);
       if (recovered !== undefined) m.recovered = recovered;
+      // A trailing optional field: the id of the subscribe this answers.
+      if (r.pos < r.bytes.length) {
+        const id = r.option(r.varint);
+        if (id !== undefined) m.id = id;
+      }
       break;
     }
     case MessageType.UNSUBSCRIBED: m = { type: 'unsubscribed', room: r.string() }; break;
@@ -491,7 +499,10 @@ export class CourtsideClient {
 
   sendSubscribe(room, entry) {
     entry.confirmed = false;
-    const m = { type: 'subscribe', room };
+    // Every subscribe carries an id, echoed in the `subscribed` that answers it.
+    this.nextRequestId = (this.nextRequestId ?? 0) + 1;
+    entry.requestId = this.nextRequestId;
+    const m = { type: 'subscribe', room, id: entry.requestId };
     if (entry.seq > 0 || entry.since !== undefined) {
       m.since = entry.seq;
       if (entry.epoch) m.epoch = entry.epoch;

@@ -89,7 +89,12 @@ impl Session {
             Err(error) => return self.reply_error(error.code(), error.to_string(), None),
         };
         match command {
-            ClientCommand::Subscribe { room, since, epoch } => self.subscribe(room, since, epoch.as_deref()),
+            ClientCommand::Subscribe {
+                room,
+                since,
+                epoch,
+                request,
+            } => self.subscribe(room, Recovery { since, epoch, request }),
             ClientCommand::Unsubscribe { room } => {
                 let mut wanted = self.wanted();
                 if wanted.remove(&room) {
@@ -107,7 +112,7 @@ impl Session {
         self.reply_error(code, message.to_string(), None);
     }
 
-    fn subscribe(&mut self, room: RoomName, since: Option<u64>, epoch: Option<&str>) {
+    fn subscribe(&mut self, room: RoomName, recovery: Recovery) {
         if self.draining.load(Ordering::Relaxed) {
             return self.reply_error(
                 ErrorCode::Draining,
@@ -123,14 +128,13 @@ impl Session {
         }
         wanted.insert(room.clone());
         drop(wanted);
-        let epoch = epoch.map(str::to_string);
         // The registry first makes sure the room's messages reach the hub (at once when
         // embedded; with Redis after subscribing its channel and loading its state and history).
         let (hub, rooms, subscriber) = (self.hub.clone(), self.rooms.clone(), self.subscriber.clone());
         let followed = room.clone();
         self.registry.follow(
             followed,
-            Box::new(move |now_ms| join(&hub, &rooms, &subscriber, room, since, epoch.as_deref(), now_ms)),
+            Box::new(move |now_ms| join(&hub, &rooms, &subscriber, room, recovery, now_ms)),
         );
     }
 
@@ -144,21 +148,31 @@ impl Session {
     }
 }
 
+/// What a subscribe asked for besides the room: recovery after `since` in `epoch`, and the
+/// request's `id` to echo in `subscribed`.
+struct Recovery {
+    since: Option<u64>,
+    epoch: Option<String>,
+    request: Option<u64>,
+}
+
 /// Adds the subscriber to the room in the hub if the client still wants it.
 fn join(
     hub: &Hub,
     rooms: &Mutex<HashSet<RoomName>>,
     subscriber: &Arc<Subscriber>,
     room: RoomName,
-    since: Option<u64>,
-    epoch: Option<&str>,
+    recovery: Recovery,
     now_ms: u64,
 ) {
     let mut wanted = rooms.lock().unwrap_or_else(|p| p.into_inner());
     if !wanted.contains(&room) {
         return;
     }
-    if let Err(error @ HubError::RoomLimit(_)) = hub.subscribe(&room, subscriber, since, epoch, now_ms) {
+    let Recovery { since, epoch, request } = recovery;
+    if let Err(error @ HubError::RoomLimit(_)) =
+        hub.subscribe(&room, subscriber, since, epoch.as_deref(), request, now_ms)
+    {
         wanted.remove(&room);
         drop(wanted);
         hub.metrics().error(ErrorCode::RoomLimit);
@@ -283,6 +297,7 @@ mod tests {
                     room: RoomName::parse("x").expect("room"),
                     since: None,
                     epoch: None,
+                    request: None,
                 }),
                 0,
             );

@@ -15,6 +15,9 @@ pub enum ClientCommand {
         since: Option<u64>,
         /// The room epoch the client last saw; recovery fails when it differs.
         epoch: Option<String>,
+        /// The client's number for this request, echoed in the `subscribed` reply, so that a
+        /// reply is told apart from an unrequested notice.
+        request: Option<u64>,
     },
     Unsubscribe {
         room: RoomName,
@@ -93,6 +96,8 @@ pub enum ServerControl {
         seq: u64,
         /// Present when the client sent `since`: whether every missed event follows.
         recovered: Option<bool>,
+        /// The `id` of the subscribe this answers; `None` on an unrequested notice.
+        request: Option<u64>,
     },
     Unsubscribed {
         room: RoomName,
@@ -135,6 +140,7 @@ impl ServerControl {
                 version,
                 seq,
                 recovered,
+                request,
                 ..
             } => WireControl::Subscribed {
                 room: room.as_str(),
@@ -142,6 +148,7 @@ impl ServerControl {
                 version: *version,
                 seq: *seq,
                 recovered: *recovered,
+                id: *request,
             },
             Self::Unsubscribed { room } => WireControl::Unsubscribed { room: room.as_str() },
             Self::Pong => return r#"{"type":"pong"}"#.to_string(),
@@ -169,6 +176,8 @@ enum WireControl<'a> {
         seq: u64,
         #[serde(skip_serializing_if = "Option::is_none")]
         recovered: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
     },
     Unsubscribed {
         room: &'a str,
@@ -222,6 +231,7 @@ struct RawCommand<'a> {
     room: Option<std::borrow::Cow<'a, str>>,
     since: Option<u64>,
     epoch: Option<String>,
+    id: Option<u64>,
 }
 
 /// Parses one client text frame. Unknown fields are ignored, so clients may add their own.
@@ -237,6 +247,7 @@ pub fn parse_command(text: &str) -> Result<ClientCommand, CommandError> {
             room: room()?,
             since: raw.since,
             epoch: raw.epoch.clone(),
+            request: raw.id,
         }),
         "unsubscribe" => Ok(ClientCommand::Unsubscribe { room: room()? }),
         "ping" => Ok(ClientCommand::Ping),
@@ -267,7 +278,8 @@ mod tests {
             Ok(ClientCommand::Subscribe {
                 room: room("game:1"),
                 since: None,
-                epoch: None
+                epoch: None,
+                request: None
             })
         );
         assert_eq!(
@@ -275,7 +287,8 @@ mod tests {
             Ok(ClientCommand::Subscribe {
                 room: room("game:1"),
                 since: Some(41),
-                epoch: Some("ab".into())
+                epoch: Some("ab".into()),
+                request: None
             })
         );
         assert_eq!(
@@ -330,6 +343,7 @@ mod tests {
             version: 3,
             seq: 9,
             recovered: Some(true),
+            request: None,
         };
         assert_eq!(
             subscribed.to_json().as_str(),
@@ -342,10 +356,37 @@ mod tests {
             version: 0,
             seq: 0,
             recovered: None,
+            request: None,
         };
         assert_eq!(
             plain.to_json().as_str(),
             r#"{"type":"subscribed","room":"game:1","epoch":"e","version":0,"seq":0}"#
+        );
+        let answering = ServerControl::Subscribed {
+            room: room("game:1"),
+            room_id: RoomId(1),
+            epoch: "e".into(),
+            version: 0,
+            seq: 0,
+            recovered: None,
+            request: Some(7),
+        };
+        assert_eq!(
+            answering.to_json().as_str(),
+            r#"{"type":"subscribed","room":"game:1","epoch":"e","version":0,"seq":0,"id":7}"#
+        );
+        assert_eq!(
+            parse_command(r#"{"type":"subscribe","room":"game:1","id":7}"#),
+            Ok(ClientCommand::Subscribe {
+                room: room("game:1"),
+                since: None,
+                epoch: None,
+                request: Some(7)
+            })
+        );
+        assert_eq!(
+            parse_command(r#"{"type":"subscribe","room":"game:1","id":-1}"#).map_err(|e| e.code()),
+            Err(ErrorCode::BadRequest)
         );
         assert_eq!(ServerControl::Pong.to_json().as_str(), r#"{"type":"pong"}"#);
         assert_eq!(

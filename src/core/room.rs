@@ -313,6 +313,7 @@ impl Room {
                 version: self.version,
                 seq: self.last_seq,
                 recovered,
+                request: None,
             },
             state: self.state.clone(),
             events,
@@ -395,6 +396,7 @@ mod tests {
             snap.subscribed,
             ServerControl::Subscribed {
                 recovered: Some(true),
+                request: None,
                 seq: 5,
                 ..
             }

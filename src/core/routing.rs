@@ -157,6 +157,7 @@ mod tests {
             version,
             seq: 0,
             recovered: None,
+            request: None,
         }
     }
 

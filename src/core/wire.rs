@@ -38,6 +38,9 @@ pub struct SubscribeBody<'a> {
     pub room: &'a str,
     pub since: Option<u64>,
     pub epoch: Option<&'a str>,
+    /// A trailing optional field (added later; a message may end before it): not serde's.
+    #[serde(skip)]
+    pub id: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +84,9 @@ pub struct SubscribedBody<'a> {
     pub version: u64,
     pub seq: u64,
     pub recovered: Option<bool>,
+    /// The subscribe's `id`, echoed; a trailing optional field like `SubscribeBody::id`.
+    #[serde(skip)]
+    pub id: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,6 +165,9 @@ impl ServerMessage<'_> {
                 if let Some(r) = b.recovered {
                     v["recovered"] = r.into();
                 }
+                if let Some(id) = b.id {
+                    v["id"] = id.into();
+                }
                 v
             }
             Self::Unsubscribed(b) => json!({"type": "unsubscribed", "room": b.room}),
@@ -190,6 +199,25 @@ fn encode<T: Serialize>(kind: u8, body: &T) -> Bytes {
     // Serialising strings and integers into a Vec cannot fail.
     postcard::to_io(body, &mut out).ok();
     Bytes::from(out)
+}
+
+/// Encodes `body`, then `id` as a trailing optional `u64` when there is one: a field added after
+/// the message's first form, so a message without it is byte for byte the first form.
+fn encode_with_id<T: Serialize>(kind: u8, body: &T, id: Option<u64>) -> Bytes {
+    let mut out = encode(kind, body).to_vec();
+    if id.is_some() {
+        postcard::to_io(&id, &mut out).ok();
+    }
+    Bytes::from(out)
+}
+
+/// Decodes `T`, then the trailing optional `id` if the message goes on (see `encode_with_id`).
+fn decode_with_id<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<(T, Option<u64>), CommandError> {
+    let (value, rest) = postcard::take_from_bytes(body).map_err(|e| CommandError::Malformed(e.to_string()))?;
+    if rest.is_empty() {
+        return Ok((value, None));
+    }
+    Ok((value, decode(rest)?))
 }
 
 fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, CommandError> {
@@ -258,8 +286,9 @@ pub fn encode_control(control: &ServerControl) -> Bytes {
             version,
             seq,
             recovered,
+            request,
             ..
-        } => encode(
+        } => encode_with_id(
             message_type::SUBSCRIBED,
             &SubscribedBody {
                 room: room.as_str(),
@@ -267,7 +296,9 @@ pub fn encode_control(control: &ServerControl) -> Bytes {
                 version: *version,
                 seq: *seq,
                 recovered: *recovered,
+                id: None,
             },
+            *request,
         ),
         ServerControl::Unsubscribed { room } => encode(message_type::UNSUBSCRIBED, &RoomBody { room: room.as_str() }),
         ServerControl::Pong => Bytes::from_static(&[message_type::PONG]),
@@ -296,11 +327,12 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMessage, CommandError> {
     };
     match kind {
         message_type::SUBSCRIBE => {
-            let b: SubscribeBody<'_> = decode(body)?;
+            let (b, request): (SubscribeBody<'_>, _) = decode_with_id(body)?;
             Ok(ClientMessage::Command(ClientCommand::Subscribe {
                 room: RoomName::parse(b.room)?,
                 since: b.since,
                 epoch: b.epoch.map(str::to_string),
+                request,
             }))
         }
         message_type::UNSUBSCRIBE => {
@@ -336,13 +368,20 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMessage, CommandError> {
 /// Encodes a client message (for clients and tests).
 pub fn encode_client(message: &ClientMessage) -> Bytes {
     match message {
-        ClientMessage::Command(ClientCommand::Subscribe { room, since, epoch }) => encode(
+        ClientMessage::Command(ClientCommand::Subscribe {
+            room,
+            since,
+            epoch,
+            request,
+        }) => encode_with_id(
             message_type::SUBSCRIBE,
             &SubscribeBody {
                 room: room.as_str(),
                 since: *since,
                 epoch: epoch.as_deref(),
+                id: None,
             },
+            *request,
         ),
         ClientMessage::Command(ClientCommand::Unsubscribe { room }) => {
             encode(message_type::UNSUBSCRIBE, &RoomBody { room: room.as_str() })
@@ -365,7 +404,11 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMessage<'_>, CommandError> {
         return Err(CommandError::MissingType);
     };
     Ok(match kind {
-        message_type::SUBSCRIBED => ServerMessage::Subscribed(decode(body)?),
+        message_type::SUBSCRIBED => {
+            let (mut b, id): (SubscribedBody<'_>, _) = decode_with_id(body)?;
+            b.id = id;
+            ServerMessage::Subscribed(b)
+        }
         message_type::UNSUBSCRIBED => ServerMessage::Unsubscribed(decode(body)?),
         message_type::PONG => {
             decode::<()>(body)?;
@@ -502,6 +545,7 @@ mod tests {
                 room: room(s(m, "room")),
                 since: opt_u("since"),
                 epoch: opt_s("epoch").map(str::to_string),
+                request: opt_u("id"),
             })),
             "unsubscribe" => encode_client(&ClientMessage::Command(ClientCommand::Unsubscribe {
                 room: room(s(m, "room")),
@@ -529,6 +573,7 @@ mod tests {
                 version: u(m, "version"),
                 seq: u(m, "seq"),
                 recovered: m["recovered"].as_bool(),
+                request: m["id"].as_u64(),
             }),
             "unsubscribed" => encode_control(&ServerControl::Unsubscribed {
                 room: room(s(m, "room")),
@@ -580,13 +625,21 @@ mod tests {
         use serde_json::json;
         if from_client {
             return match decode_client(bytes).expect("decode") {
-                ClientMessage::Command(ClientCommand::Subscribe { room, since, epoch }) => {
+                ClientMessage::Command(ClientCommand::Subscribe {
+                    room,
+                    since,
+                    epoch,
+                    request,
+                }) => {
                     let mut v = json!({"type": "subscribe", "room": room.as_str()});
                     if let Some(since) = since {
                         v["since"] = since.into();
                     }
                     if let Some(epoch) = epoch {
                         v["epoch"] = epoch.into();
+                    }
+                    if let Some(id) = request {
+                        v["id"] = id.into();
                     }
                     v
                 }
@@ -717,7 +770,16 @@ mod tests {
                 room: "a b",
                 since: None,
                 epoch: None,
+                id: None,
             },
+        );
+        // A subscribe whose trailing id is cut short, or followed by more bytes, is malformed.
+        let cut = [message_type::SUBSCRIBE, 0x01, b'a', 0x00, 0x00, 0x01];
+        assert_eq!(decode_client(&cut).map_err(|e| e.code()), Err(ErrorCode::BadRequest));
+        let trailing = [message_type::SUBSCRIBE, 0x01, b'a', 0x00, 0x00, 0x01, 0x07, 0x00];
+        assert_eq!(
+            decode_client(&trailing).map_err(|e| e.code()),
+            Err(ErrorCode::BadRequest)
         );
         assert_eq!(decode_client(&bad_room).map_err(|e| e.code()), Err(ErrorCode::BadRoom));
         let bad_utf8 = [message_type::UNSUBSCRIBE, 0x01, 0xff];

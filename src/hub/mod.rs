@@ -358,6 +358,7 @@ impl Hub {
             version: entry.room.version(),
             seq: entry.room.last_seq(),
             recovered,
+            request: None,
         };
         for subscriber in entry.subscribers.values() {
             subscriber.push_control(&self.0.metrics, notice.clone());
@@ -414,7 +415,8 @@ impl Hub {
         names
     }
 
-    /// Adds `subscriber` to the room and queues, in order: `subscribed`, the current state, and
+    /// Adds `subscriber` to the room and queues, in order: `subscribed` (with the request's
+    /// `id`), the current state, and
     /// the events recovered after `since` (one queue entry, handed out in pieces: however much
     /// history the room keeps, it is delivered). Subscribing again re-sends all of it.
     pub fn subscribe(
@@ -423,10 +425,14 @@ impl Hub {
         subscriber: &Arc<Subscriber>,
         since: Option<u64>,
         epoch: Option<&str>,
+        request: Option<u64>,
         now_ms: u64,
     ) -> Result<(), HubError> {
         self.with_room(room, true, now_ms, |entry| {
-            let snapshot = entry.room.snapshot(since, epoch, now_ms);
+            let mut snapshot = entry.room.snapshot(since, epoch, now_ms);
+            if let ServerControl::Subscribed { request: echoed, .. } = &mut snapshot.subscribed {
+                *echoed = request;
+            }
             if entry.subscribers.insert(subscriber.id(), subscriber.clone()).is_none() {
                 self.0.metrics.subscriptions.inc();
             }
@@ -636,7 +642,8 @@ mod tests {
         let hub = hub(HubConfig::default());
         let subscribers: Vec<_> = (0..2055).map(|_| hub.new_subscriber(Transport::WebSocket)).collect();
         for s in &subscribers {
-            hub.subscribe(&room("game:big"), s, None, None, 0).expect("subscribe");
+            hub.subscribe(&room("game:big"), s, None, None, None, 0)
+                .expect("subscribe");
             drain(s);
         }
         for i in 1..=5 {
@@ -662,8 +669,10 @@ mod tests {
             hub.new_subscriber(Transport::WebSocket),
             hub.new_subscriber(Transport::WebTransport),
         );
-        hub.subscribe(&room("game:1"), &a, None, None, 0).expect("subscribe");
-        hub.subscribe(&room("game:1"), &b, None, None, 0).expect("subscribe");
+        hub.subscribe(&room("game:1"), &a, None, None, None, 0)
+            .expect("subscribe");
+        hub.subscribe(&room("game:1"), &b, None, None, None, 0)
+            .expect("subscribe");
         drain(&a);
         drain(&b);
         let receipt = hub
@@ -687,7 +696,7 @@ mod tests {
         hub.publish(&r, Kind::Event, &data("\"a\""), now()).expect("publish");
         hub.publish(&r, Kind::Event, &data("\"b\""), now()).expect("publish");
         let s = hub.new_subscriber(Transport::WebSocket);
-        hub.subscribe(&r, &s, Some(1), None, 1_000).expect("subscribe");
+        hub.subscribe(&r, &s, Some(1), None, None, 1_000).expect("subscribe");
         let frames = drain(&s);
         assert_eq!(frames.len(), 3);
         assert!(
@@ -702,7 +711,7 @@ mod tests {
     fn rooms_live_while_they_have_subscribers_or_data() {
         let hub = hub(HubConfig::default());
         let s = hub.new_subscriber(Transport::WebSocket);
-        hub.subscribe(&room("a"), &s, None, None, 0).expect("subscribe");
+        hub.subscribe(&room("a"), &s, None, None, None, 0).expect("subscribe");
         assert_eq!(hub.room_count(), 1);
         hub.unsubscribe(&room("a"), &s);
         assert_eq!(hub.room_count(), 0);
@@ -721,10 +730,10 @@ mod tests {
     fn a_recreated_room_has_a_new_epoch() {
         let hub = hub(HubConfig::default());
         let s = hub.new_subscriber(Transport::WebSocket);
-        hub.subscribe(&room("a"), &s, None, None, 0).expect("subscribe");
+        hub.subscribe(&room("a"), &s, None, None, None, 0).expect("subscribe");
         let first = hub.room_info(&room("a")).map(|i| i.epoch);
         hub.unsubscribe(&room("a"), &s);
-        hub.subscribe(&room("a"), &s, None, None, 0).expect("subscribe");
+        hub.subscribe(&room("a"), &s, None, None, None, 0).expect("subscribe");
         let second = hub.room_info(&room("a")).map(|i| i.epoch);
         assert!(first.is_some() && second.is_some() && first != second);
     }
@@ -743,7 +752,7 @@ mod tests {
         );
         let s = hub.new_subscriber(Transport::WebSocket);
         assert_eq!(
-            hub.subscribe(&room("b"), &s, None, None, 0),
+            hub.subscribe(&room("b"), &s, None, None, None, 0),
             Err(HubError::RoomLimit(1))
         );
         assert!(hub.publish(&room("a"), Kind::State, &data("2"), now()).is_ok());
@@ -764,8 +773,8 @@ mod tests {
             hub.new_subscriber(Transport::WebSocket),
             hub.new_subscriber(Transport::WebSocket),
         );
-        hub.subscribe(&r, &slow, None, None, 0).expect("subscribe");
-        hub.subscribe(&r, &fast, None, None, 0).expect("subscribe");
+        hub.subscribe(&r, &slow, None, None, None, 0).expect("subscribe");
+        hub.subscribe(&r, &fast, None, None, None, 0).expect("subscribe");
         drain(&slow);
         drain(&fast);
         let mut fast_seqs = Vec::new();

@@ -246,3 +246,32 @@ async fn subscriber_counts_follow_connections() {
     assert_eq!(b.recv().await["type"], "unsubscribed");
     assert_eq!(server.get("/v1/rooms/team:301").await.1["subscribers"], 1);
 }
+
+/// A subscribe with an `id` gets it back in `subscribed`, on both transports, so a client tells
+/// its replies from unrequested notices (which never carry one); without an id there is none.
+#[tokio::test]
+async fn subscribed_echoes_the_request_id() {
+    let server = crate::util::TestServer::start(&[]);
+    let mut ws = server.connect().await;
+    ws.send(serde_json::json!({"type": "subscribe", "room": "game:id", "id": 41}))
+        .await;
+    let reply = ws.recv().await;
+    assert_eq!(
+        (reply["type"].as_str(), reply["id"].as_u64()),
+        (Some("subscribed"), Some(41)),
+        "{reply}"
+    );
+    ws.send(serde_json::json!({"type": "subscribe", "room": "game:id2"}))
+        .await;
+    let reply = ws.recv().await;
+    assert!(reply.get("id").is_none(), "{reply}");
+    let mut wt = crate::util::WtClient::connect(&server).await;
+    wt.send(serde_json::json!({"type": "subscribe", "room": "game:id", "id": 42}))
+        .await;
+    let reply = wt.recv_stream().await;
+    assert_eq!(
+        (reply["type"].as_str(), reply["id"].as_u64()),
+        (Some("subscribed"), Some(42)),
+        "{reply}"
+    );
+}
