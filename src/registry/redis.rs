@@ -545,6 +545,23 @@ impl RedisRegistry {
         FollowGuard(follow)
     }
 
+    /// Subscribes a followed room's channel again after Redis dropped it (a slot migration),
+    /// holding live messages until the room is re-read, as on the first follow.
+    async fn refollow(self: Arc<Self>, room: RoomName, follow: Arc<Follow>) {
+        info!(%room, "redis dropped the room's shard channel (slot moved?): subscribing again");
+        {
+            let mut buffer = lock(&follow.buffer);
+            if buffer.is_none() {
+                *buffer = Some(Vec::new());
+            }
+        }
+        let mut pubsub = self.pubsub.clone();
+        if let Err(error) = pubsub.subscribe(channel(&room)).await {
+            warn!(%error, %room, "cannot subscribe the room's channel again");
+        }
+        self.load(&room, &follow).await;
+    }
+
     /// Reads the room from Redis into the hub, then applies what arrived meanwhile.
     async fn load(&self, room: &RoomName, follow: &Follow) {
         let now = crate::clock::now();
@@ -663,6 +680,20 @@ impl RedisRegistry {
                 PushKind::Disconnection => self.mark_down(&"pub/sub connection lost"),
                 PushKind::Subscribe | PushKind::SSubscribe if !self.is_up() => {
                     tokio::spawn(self.clone().resync());
+                }
+                // Redis 7 unsubscribes a shard channel, unasked, when its slot moves to another
+                // master: a room still followed subscribes again (the cluster client routes to
+                // the slot's new owner) and re-reads what it may have missed meanwhile. (The
+                // node's own unsubscribes come after it stopped following the room.)
+                PushKind::SUnsubscribe => {
+                    let room = match push.data.first() {
+                        Some(Value::BulkString(channel)) => room_of_channel(channel),
+                        _ => None,
+                    };
+                    let follow = room.as_ref().and_then(|room| lock(&self.follows).get(room).cloned());
+                    if let (Some(room), Some(follow)) = (room, follow) {
+                        tokio::spawn(self.clone().refollow(room, follow));
+                    }
                 }
                 _ => {}
             }

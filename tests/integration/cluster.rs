@@ -576,3 +576,124 @@ async fn an_idempotency_key_holds_across_nodes() {
     assert_eq!(history["events"].as_array().map(Vec::len), Some(1), "{history}");
     assert_eq!(history["last_seq"], json!(1));
 }
+
+/// Moves one slot from its master to another, keys included, as `redis-cli --cluster reshard`
+/// does for each slot it moves.
+async fn move_slot(cluster: &crate::util::RedisCluster, slot: u64) -> (u16, u16) {
+    use crate::util::cluster_node_connection;
+    let mut any = cluster_node_connection(cluster.ports[0]).await;
+    let nodes: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(&mut any)
+        .await
+        .expect("nodes");
+    // Each line: id ip:port@cport flags master ping pong epoch link slot-ranges...
+    let mut masters = Vec::new();
+    let mut owner = None;
+    for line in nodes.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let port: u16 = fields[1]
+            .split(['@', ':'])
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .expect("port");
+        masters.push((fields[0].to_string(), port));
+        for range in &fields[8..] {
+            let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+            if let (Ok(lo), Ok(hi)) = (lo.parse::<u64>(), hi.parse::<u64>()) {
+                if (lo..=hi).contains(&slot) {
+                    owner = Some((fields[0].to_string(), port));
+                }
+            }
+        }
+    }
+    let (src_id, src_port) = owner.expect("the slot's owner");
+    let (dst_id, dst_port) = masters
+        .iter()
+        .find(|(id, _)| *id != src_id)
+        .cloned()
+        .expect("another master");
+    let mut src = cluster_node_connection(src_port).await;
+    let mut dst = cluster_node_connection(dst_port).await;
+    let setslot = |state: &str, id: &str| {
+        let mut cmd = redis::cmd("CLUSTER");
+        cmd.arg("SETSLOT").arg(slot).arg(state).arg(id);
+        cmd
+    };
+    let _: () = setslot("IMPORTING", &src_id)
+        .query_async(&mut dst)
+        .await
+        .expect("importing");
+    let _: () = setslot("MIGRATING", &dst_id)
+        .query_async(&mut src)
+        .await
+        .expect("migrating");
+    let keys: Vec<String> = redis::cmd("CLUSTER")
+        .arg("GETKEYSINSLOT")
+        .arg(slot)
+        .arg(1000)
+        .query_async(&mut src)
+        .await
+        .expect("keys");
+    for key in keys {
+        let _: () = redis::cmd("MIGRATE")
+            .arg("127.0.0.1")
+            .arg(dst_port)
+            .arg(&key)
+            .arg(0)
+            .arg(5000)
+            .query_async(&mut src)
+            .await
+            .expect("migrate");
+    }
+    for (_, port) in &masters {
+        let mut conn = cluster_node_connection(*port).await;
+        let _: () = setslot("NODE", &dst_id).query_async(&mut conn).await.expect("node");
+    }
+    (src_port, dst_port)
+}
+
+/// A live room's slot moves to another master: Redis 7 unsubscribes the shard channel's
+/// subscribers unasked, and the node subscribes again, so later publishes still reach its
+/// clients (they reached none before, for good).
+#[tokio::test]
+async fn a_live_room_keeps_its_clients_when_its_slot_moves() {
+    use crate::util::{cluster_node_connection, RedisCluster};
+    let cluster = RedisCluster::start().await;
+    let url = cluster.url();
+    let args = |id: &'static str| ["--no-wt", "--redis", &url, "--redis-cluster", "--node-id", id].map(str::to_string);
+    let (a_args, b_args) = (args("a"), args("b"));
+    let a = TestServer::start(&a_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let b = TestServer::start(&b_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut client = b.connect().await;
+    client.subscribe("game:moving").await;
+    a.publish_event("game:moving", "1").await;
+    assert_eq!(client.recv().await["seq"], 1);
+    let mut conn = cluster_node_connection(cluster.ports[0]).await;
+    let slot: u64 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg("cs:{game:moving}:ch")
+        .query_async(&mut conn)
+        .await
+        .expect("keyslot");
+    let (_, dst_port) = move_slot(&cluster, slot).await;
+    // The channel is subscribed again, on the slot's new owner.
+    eventually("the channel is subscribed on the new owner", || async {
+        let mut conn = cluster_node_connection(dst_port).await;
+        let reply: Vec<(String, i64)> = redis::cmd("PUBSUB")
+            .arg("SHARDNUMSUB")
+            .arg("cs:{game:moving}:ch")
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        reply.first().is_some_and(|r| r.1 > 0).then_some(())
+    })
+    .await;
+    a.publish_event("game:moving", "2").await;
+    let event = client.recv().await;
+    assert_eq!(
+        (event["type"].as_str(), event["seq"].as_u64()),
+        (Some("event"), Some(2)),
+        "{event}"
+    );
+}
