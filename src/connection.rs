@@ -36,6 +36,22 @@ pub struct DriverSettings {
     pub session: SessionLimits,
 }
 
+impl DriverSettings {
+    /// The same for every transport: a ping (or, over QUIC, nothing: QUIC's keep-alives run
+    /// underneath) every `--ping-interval`, and 4002 after `--idle-timeout` of client silence.
+    pub fn from_config(config: &crate::config::ServeConfig) -> Self {
+        Self {
+            write_timeout: config.websocket.write_timeout,
+            drain_timeout: config.http.drain_timeout,
+            keepalive: Some(Keepalive {
+                interval: config.websocket.ping_interval,
+                idle_timeout: config.websocket.idle_timeout,
+            }),
+            session: SessionLimits::from_config(config),
+        }
+    }
+}
+
 /// Pings every `interval`; silence for `idle_timeout` closes the connection (4002).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Keepalive {

@@ -18,16 +18,13 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::config::ServeConfig;
-use crate::connection::{
-    self, with_deadline, Close, DriverSettings, Ending, Inbound, Keepalive, Wire, WireError, CLOSE_WAIT,
-};
+use crate::connection::{self, with_deadline, Close, DriverSettings, Ending, Inbound, Wire, WireError, CLOSE_WAIT};
 use crate::core::{parse_command, ErrorCode, Outgoing, Publication, ServerControl};
 use crate::gate::WakeGate;
 use crate::hub::{Direct, DirectWrite};
 use crate::listener::LimitedStream;
 use crate::metrics::Transport;
 use crate::node::Node;
-use crate::session::SessionLimits;
 use crate::shutdown::ShutdownListener;
 
 /// Bytes read from a socket at a time (tungstenite's default is 128 KiB). tungstenite zeroes
@@ -52,15 +49,7 @@ impl WebSocketSettings {
     pub fn from_config(config: &ServeConfig) -> Self {
         Self {
             max_message: config.websocket.ws_max_message,
-            driver: Arc::new(DriverSettings {
-                write_timeout: config.websocket.write_timeout,
-                drain_timeout: config.http.drain_timeout,
-                keepalive: Some(Keepalive {
-                    interval: config.websocket.ping_interval,
-                    idle_timeout: config.websocket.idle_timeout,
-                }),
-                session: SessionLimits::from_config(config),
-            }),
+            driver: Arc::new(DriverSettings::from_config(config)),
         }
     }
 }

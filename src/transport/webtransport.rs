@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 use super::h3::{self, ConnectStreamEvent, H3Error, H3ErrorCode, Parsed};
 use crate::certs::{CertificateError, CertificateInfo, CertificateSource, Identity};
 use crate::config::ServeConfig;
-use crate::connection::{self, Close, DriverSettings, Ending, Inbound, Keepalive, Wire, WireError};
+use crate::connection::{self, Close, DriverSettings, Ending, Inbound, Wire, WireError};
 use crate::core::publication::{Publication, RoomId};
 use crate::core::repair::{DatagramRepair, RepairAction, RepairPolicy};
 use crate::core::routing::{Route, StateDatagrams, StateRouting};
@@ -31,7 +31,6 @@ use crate::gate::WakeGate;
 use crate::metrics::{Metrics, Transport};
 use crate::node::Node;
 use crate::quic_lb::{QuicServerId, RoutableConnectionIds};
-use crate::session::SessionLimits;
 use crate::shutdown::ShutdownListener;
 use crate::udp::{self, UdpSettings};
 
@@ -85,17 +84,9 @@ impl WebTransportSettings {
             keep_alive: config.websocket.ping_interval.min(config.websocket.idle_timeout / 3),
             idle_timeout: config.websocket.idle_timeout,
             handshake_timeout: config.http.upgrade_timeout,
-            driver: Arc::new(DriverSettings {
-                write_timeout: config.websocket.write_timeout,
-                drain_timeout: config.http.drain_timeout,
-                // QUIC keeps the path alive; the client's silence is timed as on WebSocket
-                // (4002), since QUIC's own keep-alives would hold a silent session forever.
-                keepalive: Some(Keepalive {
-                    interval: config.websocket.ping_interval,
-                    idle_timeout: config.websocket.idle_timeout,
-                }),
-                session: SessionLimits::from_config(config),
-            }),
+            // The client's silence is timed as on WebSocket (4002): QUIC's own keep-alives
+            // would hold a silent session forever.
+            driver: Arc::new(DriverSettings::from_config(config)),
             repair: RepairPolicy::default(),
             state_datagrams: wt.wt_state_datagrams,
             quic_server_id: wt.quic_server_id,
