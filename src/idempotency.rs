@@ -98,6 +98,40 @@ pub enum Claim {
     Full,
 }
 
+impl Claim {
+    /// What a request with `fingerprint` does about what its key holds.
+    pub fn verdict(self, fingerprint: &str) -> Verdict {
+        match self {
+            Self::Claimed => Verdict::Publish,
+            Self::Full => Verdict::Refuse(KeyRefusal::StoreFull),
+            Self::InProgress { fingerprint: first } if first == fingerprint => Verdict::Refuse(KeyRefusal::InProgress),
+            Self::Answered(answer) if answer.fingerprint == fingerprint => Verdict::Replay(answer),
+            Self::InProgress { .. } | Self::Answered(_) => Verdict::Refuse(KeyRefusal::Reused),
+        }
+    }
+}
+
+/// What a keyed request does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Publish, then record the answer (or release the key if the publish failed).
+    Publish,
+    /// Give the first answer again; publish nothing.
+    Replay(Answer),
+    Refuse(KeyRefusal),
+}
+
+/// Why a keyed request is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRefusal {
+    /// The same request is still being answered.
+    InProgress,
+    /// The key was used with another request.
+    Reused,
+    /// The store holds as many keys as it may.
+    StoreFull,
+}
+
 #[derive(Debug)]
 enum Entry {
     Pending { fingerprint: String },
@@ -182,6 +216,30 @@ mod tests {
         };
         assert_eq!(Answer::decode(&answer.encode()), Some(answer));
         assert_eq!(Answer::decode("f\nnot-a-status\n"), None);
+    }
+
+    #[test]
+    fn a_claim_is_judged_by_the_request_fingerprint() {
+        let answer = Answer {
+            fingerprint: "f".into(),
+            status: 200,
+            body: "{}".into(),
+        };
+        assert_eq!(Claim::Claimed.verdict("f"), Verdict::Publish);
+        assert_eq!(
+            Claim::Answered(answer.clone()).verdict("f"),
+            Verdict::Replay(answer.clone())
+        );
+        assert_eq!(
+            Claim::Answered(answer).verdict("g"),
+            Verdict::Refuse(KeyRefusal::Reused)
+        );
+        let pending = || Claim::InProgress {
+            fingerprint: "f".into(),
+        };
+        assert_eq!(pending().verdict("f"), Verdict::Refuse(KeyRefusal::InProgress));
+        assert_eq!(pending().verdict("g"), Verdict::Refuse(KeyRefusal::Reused));
+        assert_eq!(Claim::Full.verdict("f"), Verdict::Refuse(KeyRefusal::StoreFull));
     }
 
     #[test]

@@ -3,7 +3,6 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::Serialize;
 
 use crate::admission::Refusal;
@@ -140,14 +139,23 @@ struct ErrorBody<'a> {
     message: &'a str,
 }
 
+impl ApiError {
+    /// The JSON body every error answer has: `{"error": name, "message": text}`.
+    pub fn body(&self) -> String {
+        let body = ErrorBody {
+            error: self.code.name(),
+            message: &self.message,
+        };
+        serde_json::to_string(&body).unwrap_or_default()
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (
             self.code.status(),
-            Json(ErrorBody {
-                error: self.code.name(),
-                message: &self.message,
-            }),
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            self.body(),
         )
             .into_response()
     }

@@ -22,9 +22,9 @@ use tracing::warn;
 
 use crate::config::ServeConfig;
 use crate::core::{JsonData, Kind, RoomName};
-use crate::idempotency::{self, Answer, Claim, IdempotencyKey};
+use crate::idempotency::{self, Answer, IdempotencyKey, KeyRefusal, Verdict};
 use crate::node::Node;
-use crate::registry::{Published, RoomEvents};
+use crate::registry::{Published, Registry, RoomEvents};
 use crate::transport::websocket::WebSocketSettings;
 
 pub use self::error::{ApiError, ApiErrorCode};
@@ -225,14 +225,53 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiErr
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
+/// A publish's `Idempotency-Key` (checked first) and body.
+fn keyed_body(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(Option<IdempotencyKey>, Bytes), ApiError> {
+    Ok((idempotency_key(headers)?, body_bytes(body)?))
+}
+
 /// A JSON answer kept as its status and body text, so that it can be replayed for a key.
 fn json_answer<T: Serialize>(status: StatusCode, body: &T) -> (StatusCode, String) {
     (status, serde_json::to_string(body).unwrap_or_default())
 }
 
 fn error_answer(error: ApiError) -> (StatusCode, String) {
-    let body = serde_json::json!({"error": error.code.name(), "message": error.message});
-    (error.code.status(), body.to_string())
+    (error.code.status(), error.body())
+}
+
+/// The error of a keyed request refused; `what` names the key (`Idempotency-Key`, or a batch
+/// item's `idempotency_key`).
+fn key_refusal(refusal: KeyRefusal, what: &str) -> ApiError {
+    match refusal {
+        KeyRefusal::InProgress => ApiError::new(
+            ApiErrorCode::IdempotencyInProgress,
+            format!("a request with this {what} is still being answered; retry"),
+        ),
+        KeyRefusal::Reused => ApiError::new(
+            ApiErrorCode::IdempotencyKeyReused,
+            format!("this {what} was used with a different request"),
+        ),
+        KeyRefusal::StoreFull => ApiError::new(
+            ApiErrorCode::IdempotencyStoreFull,
+            "this node keeps as many idempotency keys as it may; retry later",
+        ),
+    }
+}
+
+/// After a keyed publish: records its answer for the window, or, when it failed (`None`),
+/// releases the key so that a retry may publish.
+async fn settle_key(registry: &Arc<dyn Registry>, key: &IdempotencyKey, answer: Option<&Answer>, window: Duration) {
+    match answer {
+        Some(answer) => {
+            if let Err(error) = registry.answer_key(key, answer, window).await {
+                warn!(%error, "cannot record the answer to an idempotency key; a retry may publish again");
+            }
+        }
+        None => registry.release_key(key).await,
+    }
 }
 
 fn into_response((status, body): (StatusCode, String), replayed: bool) -> Response {
@@ -257,47 +296,30 @@ where
         return into_response(publish.await, false);
     };
     let (registry, window) = (&state.node.registry, state.settings.idempotency_window);
-    match registry.claim_key(&key, &fingerprint, window).await {
-        Err(error) => ApiError::from(error).into_response(),
-        Ok(Claim::Full) => ApiError::new(
-            ApiErrorCode::IdempotencyStoreFull,
-            "this node keeps as many idempotency keys as it may; retry later",
-        )
-        .into_response(),
-        Ok(Claim::InProgress { fingerprint: first }) if first == fingerprint => ApiError::new(
-            ApiErrorCode::IdempotencyInProgress,
-            "a request with this Idempotency-Key is still being answered; retry",
-        )
-        .into_response(),
-        Ok(Claim::Answered(answer)) if answer.fingerprint == fingerprint => {
+    let claim = match registry.claim_key(&key, &fingerprint, window).await {
+        Ok(claim) => claim,
+        Err(error) => return ApiError::from(error).into_response(),
+    };
+    match claim.verdict(&fingerprint) {
+        Verdict::Refuse(refusal) => key_refusal(refusal, "Idempotency-Key").into_response(),
+        Verdict::Replay(answer) => {
             let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
             into_response((status, answer.body), true)
         }
-        Ok(Claim::InProgress { .. } | Claim::Answered(_)) => ApiError::new(
-            ApiErrorCode::IdempotencyKeyReused,
-            "this Idempotency-Key was used with a different request",
-        )
-        .into_response(),
-        Ok(Claim::Claimed) => {
+        Verdict::Publish => {
             // In a task of its own: a publisher whose connection is cut mid-request must not
             // leave the key claimed with nothing published or recorded.
             let registry = registry.clone();
             let finished = tokio::spawn(async move {
                 let (status, body) = publish.await;
-                if status.is_success() {
-                    let answer = Answer {
-                        fingerprint,
-                        status: status.as_u16(),
-                        body,
-                    };
-                    if let Err(error) = registry.answer_key(&key, &answer, window).await {
-                        warn!(%error, "cannot record the answer to an idempotency key; a retry may publish again");
-                    }
-                    (status, answer.body)
-                } else {
-                    registry.release_key(&key).await;
-                    (status, body)
-                }
+                let answer = Answer {
+                    fingerprint,
+                    status: status.as_u16(),
+                    body,
+                };
+                let ok = status.is_success();
+                settle_key(&registry, &key, ok.then_some(&answer), window).await;
+                (status, answer.body)
             });
             match finished.await {
                 Ok(answer) => into_response(answer, false),
@@ -316,12 +338,8 @@ async fn publish_one(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let key = match idempotency_key(headers) {
-        Ok(key) => key,
-        Err(error) => return error.into_response(),
-    };
-    let body = match body_bytes(body) {
-        Ok(body) => body,
+    let (key, body) = match keyed_body(headers, body) {
+        Ok(request) => request,
         Err(error) => return error.into_response(),
     };
     let fingerprint = idempotency::fingerprint(&[kind.as_str().as_bytes(), room.as_bytes(), &body]);
@@ -425,12 +443,8 @@ async fn publish_batch(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let key = match idempotency_key(&headers) {
-        Ok(key) => key,
-        Err(error) => return error.into_response(),
-    };
-    let body = match body_bytes(body) {
-        Ok(body) => body,
+    let (key, body) = match keyed_body(&headers, body) {
+        Ok(request) => request,
         Err(error) => return error.into_response(),
     };
     let fingerprint = idempotency::fingerprint(&[b"batch", &body]);
@@ -479,43 +493,36 @@ async fn publish_batch_parsed(state: &HttpState, body: &[u8]) -> Result<(StatusC
             room.as_str().as_bytes(),
             data.as_str().as_bytes(),
         ]);
-        let result = match node.registry.claim_key(&key, &fingerprint, window).await {
+        let verdict = node
+            .registry
+            .claim_key(&key, &fingerprint, window)
+            .await
+            .map(|claim| claim.verdict(&fingerprint));
+        let result = match verdict {
             Err(error) => {
                 let error = ApiError::from(error);
                 failed(error.code, error.message)
             }
-            Ok(Claim::Full) => failed(ApiErrorCode::IdempotencyStoreFull, "too many idempotency keys".into()),
-            Ok(Claim::Answered(answer)) if answer.fingerprint == fingerprint => {
-                match RawValue::from_string(answer.body) {
-                    Ok(first) => BatchResult::Replayed(first),
-                    Err(_) => failed(
-                        ApiErrorCode::IdempotencyInProgress,
-                        "the first result is unreadable".into(),
-                    ),
-                }
+            Ok(Verdict::Refuse(refusal)) => {
+                let error = key_refusal(refusal, "idempotency_key");
+                failed(error.code, error.message)
             }
-            Ok(Claim::InProgress { fingerprint: first }) if first == fingerprint => failed(
-                ApiErrorCode::IdempotencyInProgress,
-                "an item with this idempotency_key is still being published".into(),
-            ),
-            Ok(Claim::InProgress { .. } | Claim::Answered(_)) => failed(
-                ApiErrorCode::IdempotencyKeyReused,
-                "this idempotency_key was used with a different item".into(),
-            ),
-            Ok(Claim::Claimed) => {
+            Ok(Verdict::Replay(answer)) => match RawValue::from_string(answer.body) {
+                Ok(first) => BatchResult::Replayed(first),
+                Err(_) => failed(
+                    ApiErrorCode::IdempotencyInProgress,
+                    "the first result is unreadable".into(),
+                ),
+            },
+            Ok(Verdict::Publish) => {
                 let result = publish_item(node, &room, kind, &data).await;
-                if matches!(result, BatchResult::Published(_)) {
-                    let answer = Answer {
-                        fingerprint,
-                        status: 200,
-                        body: serde_json::to_string(&result).unwrap_or_default(),
-                    };
-                    if let Err(error) = node.registry.answer_key(&key, &answer, window).await {
-                        warn!(%error, "cannot record the result of an idempotent batch item");
-                    }
-                } else {
-                    node.registry.release_key(&key).await;
-                }
+                let answer = Answer {
+                    fingerprint,
+                    status: 200,
+                    body: serde_json::to_string(&result).unwrap_or_default(),
+                };
+                let ok = matches!(result, BatchResult::Published(_));
+                settle_key(&node.registry, &key, ok.then_some(&answer), window).await;
                 result
             }
         };

@@ -42,11 +42,6 @@ impl H3Error {
     fn new(code: H3ErrorCode, message: &'static str) -> Self {
         Self { code, message }
     }
-
-    /// The QUIC application error code to close with.
-    pub fn quic_code(&self) -> u64 {
-        self.code.to_code().into_inner()
-    }
 }
 
 /// What parsing a growing buffer gave: a value and the bytes it took, or not yet enough bytes.

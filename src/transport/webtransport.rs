@@ -331,17 +331,14 @@ async fn accept_session(
         Ok(Ok(streams)) => streams,
         Ok(Err(HandshakeError::H3(error))) => {
             debug!(%error, "webtransport handshake refused");
-            connection.close(
-                VarInt::from_u64(error.quic_code()).unwrap_or(VarInt::from_u32(0x101)),
-                error.message.as_bytes(),
-            );
+            connection.close(h3_code(error.code), error.message.as_bytes());
             return;
         }
         Ok(Err(HandshakeError::Refused(status))) => {
             debug!(status, "webtransport session refused");
             // The client closes on the refusal; one that does not is closed shortly after.
             let _ = timeout(Duration::from_secs(1), connection.closed()).await;
-            connection.close(H3ErrorCode::RequestRejected.to_code_quic(), b"refused");
+            connection.close(h3_code(H3ErrorCode::RequestRejected), b"refused");
             return;
         }
         Ok(Err(HandshakeError::Lost(error))) => return debug!(%error, "webtransport handshake failed"),
@@ -360,15 +357,9 @@ async fn accept_session(
     connection::start(wire, subscriber, node, settings.driver.clone(), shutdown);
 }
 
-/// quinn's `VarInt` of an HTTP/3 error code.
-trait QuicCode {
-    fn to_code_quic(self) -> VarInt;
-}
-
-impl QuicCode for H3ErrorCode {
-    fn to_code_quic(self) -> VarInt {
-        VarInt::from_u64(self.to_code().into_inner()).unwrap_or(VarInt::from_u32(0x101))
-    }
+/// An HTTP/3 error code as quinn's application error code.
+fn h3_code(code: H3ErrorCode) -> VarInt {
+    VarInt::from_u64(code.to_code().into_inner()).unwrap_or(VarInt::from_u32(0x101))
 }
 
 /// Reads `stream` into `buf` until `parse` finds a value; the bytes after it stay in `buf`.
@@ -897,7 +888,7 @@ impl Wire for WebTransportWire {
     /// The client closed the session: close the QUIC connection (nothing more to say).
     async fn answer_close(&mut self) {
         let _ = self.connect_send.finish();
-        self.connection.close(H3ErrorCode::NoError.to_code_quic(), b"");
+        self.connection.close(h3_code(H3ErrorCode::NoError), b"");
     }
 
     /// Writes a close notice (after `reconnect`, when asked) on the control stream and a
@@ -932,7 +923,7 @@ impl Wire for WebTransportWire {
             // as closed with the code (seen with a close 1 ms after its FIN; 500 ms was enough).
             let grace = deadline.min(Instant::now() + CLOSE_GRACE);
             let _ = timeout_at(grace, self.connection.closed()).await;
-            self.connection.close(H3ErrorCode::NoError.to_code_quic(), b"");
+            self.connection.close(h3_code(H3ErrorCode::NoError), b"");
         } else {
             self.connection
                 .close(VarInt::from_u32(close.code.into()), close.reason.as_bytes());
