@@ -15,7 +15,7 @@ pub mod wire;
 
 pub use kind::Kind;
 pub use protocol::{close_code, parse_command, ClientCommand, CommandError, ErrorCode, ServerControl};
-pub use publication::{JsonData, JsonDataError, Publication, RoomId};
+pub use publication::{EventId, EventIds, JsonData, JsonDataError, Publication, RoomId};
 pub use queue::{ConnectionQueue, Outgoing, Pushed, QueueClosed, QueueLimits};
 pub use room::{RetentionLimits, Room, Snapshot};
 pub use room_name::{RoomName, RoomNameError};

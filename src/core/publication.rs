@@ -16,6 +16,43 @@ use super::time::Now;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RoomId(pub u64);
 
+/// An event's identity, assigned once when a node accepts the publish and carried with it
+/// everywhere (both transports, the history, Redis): it survives renumbering, so a client drops
+/// what it already holds by `id` (docs/PROTOCOL.md, "Event identity"). Shown as 16 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventId(pub u64);
+
+impl EventId {
+    /// Parses the 16 lowercase hex digits `Display` writes.
+    pub fn parse(text: &str) -> Option<Self> {
+        if text.len() != 16 || !text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return None;
+        }
+        u64::from_str_radix(text, 16).ok().map(Self)
+    }
+}
+
+impl std::fmt::Display for EventId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// Hands out event ids: a random start per process, then one after another, so that ids from
+/// different nodes and runs do not meet in practice and taking one costs an atomic add.
+#[derive(Debug)]
+pub struct EventIds(std::sync::atomic::AtomicU64);
+
+impl EventIds {
+    pub fn starting_at(seed: u64) -> Self {
+        Self(std::sync::atomic::AtomicU64::new(seed))
+    }
+
+    pub fn next(&self) -> EventId {
+        EventId(self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
 /// A JSON value as the publisher sent it, checked for syntax and kept byte for byte.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JsonData(Box<str>);
@@ -49,6 +86,8 @@ pub struct Publication {
     pub kind: Kind,
     /// The state's version or the event's sequence number.
     pub number: u64,
+    /// An event's identity (`None` for states, which are conflated, not identified).
+    pub id: Option<EventId>,
     /// Ingest time sent to clients as `ts`.
     pub ts_ms: u64,
     /// Ingest instant, for the publish-to-send latency histogram.
@@ -64,13 +103,23 @@ pub struct Publication {
 }
 
 impl Publication {
-    pub fn new(room_id: RoomId, room: RoomName, kind: Kind, number: u64, data: &JsonData, now: Now) -> Self {
-        let (json, data_range) = encode_json_frame(&room, kind, number, now.unix_ms, data);
+    /// A state (`id: None`) or an event (`Some`) as published.
+    pub fn new(
+        room_id: RoomId,
+        room: RoomName,
+        kind: Kind,
+        number: u64,
+        id: Option<EventId>,
+        data: &JsonData,
+        now: Now,
+    ) -> Self {
+        let (json, data_range) = encode_json_frame(&room, kind, number, id, now.unix_ms, data);
         Self {
             room_id,
             room,
             kind,
             number,
+            id,
             ts_ms: now.unix_ms,
             published_at: now.instant,
             json,
@@ -88,7 +137,7 @@ impl Publication {
     /// The binary WebTransport message (docs/PROTOCOL.md), encoded once and shared.
     pub fn wire_message(&self) -> &Bytes {
         self.wire.get_or_init(|| {
-            super::wire::encode_publication(&self.room, self.kind, self.number, self.ts_ms, self.data())
+            super::wire::encode_publication(&self.room, self.kind, self.number, self.id, self.ts_ms, self.data())
         })
     }
 
@@ -126,12 +175,13 @@ impl Publication {
     }
 }
 
-/// Builds `{"type":"state","room":R,"version":V,"ts":T,"data":D}` (or the event form).
-/// Room names are restricted to characters that need no JSON escaping.
+/// Builds `{"type":"state","room":R,"version":V,"ts":T,"data":D}` (or the event form, with
+/// `"id":I` after `seq`). Room names and ids need no JSON escaping.
 fn encode_json_frame(
     room: &RoomName,
     kind: Kind,
     counter: u64,
+    id: Option<EventId>,
     ts_ms: u64,
     data: &JsonData,
 ) -> (Box<str>, Range<usize>) {
@@ -146,6 +196,10 @@ fn encode_json_frame(
     out.push_str(counter_name);
     out.push_str("\":");
     push_u64(&mut out, counter);
+    if let Some(id) = id {
+        use std::fmt::Write;
+        let _ = write!(out, ",\"id\":\"{id}\"");
+    }
     out.push_str(",\"ts\":");
     push_u64(&mut out, ts_ms);
     out.push_str(",\"data\":");
@@ -176,7 +230,7 @@ mod tests {
     fn state_frame_matches_protocol_vector() {
         let room = RoomName::parse("game:1234").expect("room");
         let data = JsonData::parse(br#"{"home":42,"away":40}"#).expect("json");
-        let p = Publication::new(RoomId(1), room, Kind::State, 7, &data, now(1_700_000_000_000));
+        let p = Publication::new(RoomId(1), room, Kind::State, 7, None, &data, now(1_700_000_000_000));
         assert_eq!(
             p.json_frame(),
             r#"{"type":"state","room":"game:1234","version":7,"ts":1700000000000,"data":{"home":42,"away":40}}"#
@@ -190,7 +244,7 @@ mod tests {
     fn a_state_datagram_is_quarter_stream_id_0_then_the_state_by_its_alias() {
         let room = RoomName::parse("game:1234").expect("room");
         let data = JsonData::parse(br#"{"home":42,"away":40}"#).expect("json");
-        let p = Publication::new(RoomId(17), room, Kind::State, 7, &data, now(1_700_000_000_000));
+        let p = Publication::new(RoomId(17), room, Kind::State, 7, None, &data, now(1_700_000_000_000));
         let hex: String = p.session0_datagram().iter().map(|b| format!("{b:02x}")).collect();
         // PROTOCOL.md's vector "state by alias (datagram)", after the prefix 00.
         assert_eq!(hex, "0022110780d095ffbc31157b22686f6d65223a34322c2261776179223a34307d");
@@ -201,11 +255,40 @@ mod tests {
     fn event_frame_matches_protocol_vector() {
         let room = RoomName::parse("bracket:77").expect("room");
         let data = JsonData::parse(br#" "semifinal" "#).expect("json");
-        let p = Publication::new(RoomId(2), room, Kind::Event, 3, &data, now(5));
+        let p = Publication::new(
+            RoomId(2),
+            room,
+            Kind::Event,
+            3,
+            Some(EventId(0x3f9c0a51d2e4b771)),
+            &data,
+            now(5),
+        );
         assert_eq!(
             p.json_frame(),
-            r#"{"type":"event","room":"bracket:77","seq":3,"ts":5,"data":"semifinal"}"#
+            r#"{"type":"event","room":"bracket:77","seq":3,"id":"3f9c0a51d2e4b771","ts":5,"data":"semifinal"}"#
         );
+    }
+
+    #[test]
+    fn event_ids_are_16_hex_digits_both_ways_and_follow_one_another() {
+        let ids = EventIds::starting_at(0xfff);
+        let (a, b) = (ids.next(), ids.next());
+        assert_eq!(
+            (a.to_string().as_str(), b.to_string().as_str()),
+            ("0000000000000fff", "0000000000001000")
+        );
+        assert_eq!(EventId::parse(&a.to_string()), Some(a));
+        for bad in [
+            "",
+            "fff",
+            "0000000000000FFF",
+            "000000000000000g",
+            "00000000000000000",
+            "+000000000000fff",
+        ] {
+            assert_eq!(EventId::parse(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -275,6 +275,7 @@ mod tests {
             name,
             kind,
             number,
+            (kind == Kind::Event).then_some(crate::publication::EventId(number)),
             &data,
             Now {
                 unix_ms: 0,

@@ -198,7 +198,15 @@ mod tests {
             instant: Instant::now(),
         };
         let name = RoomName::parse(room).expect("room");
-        Arc::new(Publication::new(RoomId(1), name, Kind::State, version, &data, now))
+        Arc::new(Publication::new(
+            RoomId(1),
+            name,
+            Kind::State,
+            version,
+            None,
+            &data,
+            now,
+        ))
     }
 
     fn kinds(actions: &[RepairAction]) -> Vec<(&'static str, u64)> {

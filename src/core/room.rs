@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::kind::Kind;
 use super::protocol::ServerControl;
-use super::publication::{JsonData, Publication, RoomId};
+use super::publication::{EventId, JsonData, Publication, RoomId};
 use super::room_name::RoomName;
 use super::time::Now;
 
@@ -115,10 +115,11 @@ impl Room {
         self.keep_state(self.version, data, now, now)
     }
 
-    /// Appends an event with the next sequence number, trimming the history to its bounds.
-    pub fn publish_event(&mut self, data: &JsonData, now: Now) -> Arc<Publication> {
+    /// Appends an event (identified by `id`, assigned when the publish was accepted) with the
+    /// next sequence number, trimming the history to its bounds.
+    pub fn publish_event(&mut self, id: EventId, data: &JsonData, now: Now) -> Arc<Publication> {
         self.last_seq += 1;
-        self.keep_event(self.last_seq, data, now, now)
+        self.keep_event(self.last_seq, id, data, now, now)
     }
 
     /// Applies a state whose version was assigned elsewhere (the Redis registry). Returns the
@@ -142,7 +143,14 @@ impl Room {
 
     /// Applies an event whose sequence was assigned elsewhere. Sequences may skip numbers (after a
     /// Redis outage, for example) but never go back: an old or repeated one returns `None`.
-    pub fn apply_event(&mut self, seq: u64, ts_ms: u64, data: &JsonData, now: Now) -> Option<Arc<Publication>> {
+    pub fn apply_event(
+        &mut self,
+        seq: u64,
+        id: EventId,
+        ts_ms: u64,
+        data: &JsonData,
+        now: Now,
+    ) -> Option<Arc<Publication>> {
         if seq <= self.last_seq {
             return None;
         }
@@ -150,6 +158,7 @@ impl Room {
         self.confirmed_seq = seq;
         Some(self.keep_event(
             seq,
+            id,
             data,
             Now {
                 unix_ms: ts_ms,
@@ -166,6 +175,7 @@ impl Room {
             self.name.clone(),
             Kind::State,
             version,
+            None,
             data,
             ingest,
         ));
@@ -175,12 +185,13 @@ impl Room {
     }
 
     /// Builds the event publication (ingested at `ingest`) and appends it to the history.
-    fn keep_event(&mut self, seq: u64, data: &JsonData, ingest: Now, now: Now) -> Arc<Publication> {
+    fn keep_event(&mut self, seq: u64, id: EventId, data: &JsonData, ingest: Now, now: Now) -> Arc<Publication> {
         let publication = Arc::new(Publication::new(
             self.id,
             self.name.clone(),
             Kind::Event,
             seq,
+            Some(id),
             data,
             ingest,
         ));
@@ -213,6 +224,25 @@ impl Room {
         }
         self.outage_of = Some(std::mem::replace(&mut self.epoch, local_epoch));
         true
+    }
+
+    /// Whether the room runs on a local epoch (the registry is unreachable, or was until now).
+    pub fn in_outage(&self) -> bool {
+        self.outage_of.is_some()
+    }
+
+    /// Ids of the events this node numbered itself during an outage and still holds: its
+    /// subscribers received them, so a re-read from the registry must not deliver them again.
+    pub fn local_event_ids(&self) -> std::collections::HashSet<EventId> {
+        if self.outage_of.is_none() {
+            return std::collections::HashSet::new();
+        }
+        self.history
+            .iter()
+            .rev()
+            .take_while(|p| p.number() > self.confirmed_seq)
+            .filter_map(|p| p.id)
+            .collect()
     }
 
     /// The registry's epoch: the room's own, or the one it had before an outage.
@@ -361,7 +391,10 @@ mod tests {
         let kind_and_number = |p: Arc<Publication>| (p.kind, p.number);
         assert_eq!(kind_and_number(r.publish_state(&data(1), at(1))), (Kind::State, 1));
         assert_eq!(kind_and_number(r.publish_state(&data(2), at(2))), (Kind::State, 2));
-        assert_eq!(kind_and_number(r.publish_event(&data(3), at(3))), (Kind::Event, 1));
+        assert_eq!(
+            kind_and_number(r.publish_event(EventId(3), &data(3), at(3))),
+            (Kind::Event, 1)
+        );
         assert_eq!(r.state().map(|s| s.data().to_string()), Some("2".into()));
         assert_eq!((r.version(), r.last_seq()), (2, 1));
     }
@@ -370,7 +403,7 @@ mod tests {
     fn snapshot_without_since_carries_current_state_only() {
         let mut r = room(RetentionLimits::default());
         r.publish_state(&data(9), at(1));
-        r.publish_event(&data(1), at(1));
+        r.publish_event(EventId(1), &data(1), at(1));
         let snap = r.snapshot(None, None, 2);
         assert!(matches!(
             snap.subscribed,
@@ -389,7 +422,7 @@ mod tests {
     fn since_recovers_missed_events_in_order() {
         let mut r = room(RetentionLimits::default());
         for i in 1..=5 {
-            r.publish_event(&data(i), at(i));
+            r.publish_event(EventId(i), &data(i), at(i));
         }
         let snap = r.snapshot(Some(2), None, 10);
         assert!(matches!(
@@ -422,7 +455,7 @@ mod tests {
         };
         let mut r = room(limits);
         for i in 1..=10 {
-            r.publish_event(&data(i), at(i));
+            r.publish_event(EventId(i), &data(i), at(i));
         }
         assert_eq!(seqs(&r.snapshot(Some(7), None, 10).events), vec![8, 9, 10]);
         let failed = |s: Snapshot| {
@@ -447,9 +480,9 @@ mod tests {
             ..RetentionLimits::default()
         };
         let mut r = room(limits);
-        r.publish_event(&data(1), at(0));
-        r.publish_event(&data(2), at(50));
-        r.publish_event(&data(3), at(120));
+        r.publish_event(EventId(1), &data(1), at(0));
+        r.publish_event(EventId(2), &data(2), at(50));
+        r.publish_event(EventId(3), &data(3), at(120));
         assert_eq!(seqs(&r.snapshot(Some(1), None, 120).events), vec![2, 3]);
         assert!(matches!(
             r.snapshot(Some(0), None, 120).subscribed,
@@ -464,6 +497,7 @@ mod tests {
             RoomName::parse("game:1").expect("room"),
             Kind::Event,
             1,
+            Some(EventId(1)),
             &data(1),
             at(0),
         )
@@ -473,7 +507,7 @@ mod tests {
             ..RetentionLimits::default()
         });
         for i in 1..=5 {
-            r.publish_event(&data(i), at(i));
+            r.publish_event(EventId(i), &data(i), at(i));
         }
         assert_eq!(seqs(&r.snapshot(Some(3), None, 5).events), vec![4, 5]);
     }
@@ -485,32 +519,32 @@ mod tests {
         assert!(r.apply_state(5, 11, &data(6), at(11)).is_none());
         assert!(r.apply_state(4, 11, &data(4), at(11)).is_none());
         assert_eq!(r.state().map(|s| (s.number(), s.ts_ms)), Some((5, 10)));
-        assert!(r.apply_event(3, 1, &data(3), at(12)).is_some());
-        assert!(r.apply_event(9, 1, &data(9), at(12)).is_some());
-        assert!(r.apply_event(9, 1, &data(9), at(12)).is_none());
+        assert!(r.apply_event(3, EventId(103), 1, &data(3), at(12)).is_some());
+        assert!(r.apply_event(9, EventId(109), 1, &data(9), at(12)).is_some());
+        assert!(r.apply_event(9, EventId(109), 1, &data(9), at(12)).is_none());
         assert_eq!(seqs(&r.snapshot(Some(3), None, 12).events), vec![9]);
         r.restart("new".into());
         assert_eq!(
             (r.epoch(), r.version(), r.last_seq(), r.retains_data()),
             ("new", 0, 0, false)
         );
-        assert!(r.apply_event(1, 1, &data(1), at(13)).is_some());
+        assert!(r.apply_event(1, EventId(101), 1, &data(1), at(13)).is_some());
     }
 
     #[test]
     fn an_outage_runs_on_a_local_epoch_and_resumes_from_confirmed_numbers() {
         let mut r = room(RetentionLimits::default());
-        r.apply_event(1, 1, &data(1), at(1));
+        r.apply_event(1, EventId(101), 1, &data(1), at(1));
         r.apply_state(1, 1, &data(1), at(1));
         assert!(r.enter_outage("local".into()));
         assert!(!r.enter_outage("again".into()));
-        assert_eq!(r.publish_event(&data(2), at(2)).number(), 2);
+        assert_eq!(r.publish_event(EventId(2), &data(2), at(2)).number(), 2);
         assert_eq!((r.epoch(), r.registry_epoch(), r.confirmed()), ("local", "ep", (1, 1)));
         assert!(r.resume("ep"));
         assert_eq!((r.epoch(), r.version(), r.last_seq()), ("ep", 1, 1));
         assert_eq!(seqs(&r.snapshot(Some(0), None, 3).events), vec![1]);
         assert!(
-            r.apply_event(2, 3, &data(20), at(3)).is_some(),
+            r.apply_event(2, EventId(102), 3, &data(20), at(3)).is_some(),
             "the registry's event 2 is not taken for the local one"
         );
         assert!(!r.resume("ep"));
@@ -527,7 +561,7 @@ mod tests {
         };
         let mut r = room(limits);
         r.publish_state(&data(1), at(0));
-        r.publish_event(&data(1), at(0));
+        r.publish_event(EventId(1), &data(1), at(0));
         assert!(r.expire(50));
         assert!(r.state().is_some());
         assert!(!r.expire(100));

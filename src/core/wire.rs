@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::kind::Kind;
 use super::protocol::{ClientCommand, CommandError, ServerControl};
+use super::publication::EventId;
 use super::room_name::RoomName;
 
 /// Type bytes, the first byte of every message (docs/PROTOCOL.md, "Message types").
@@ -123,6 +124,8 @@ pub struct EventBody<'a> {
     pub seq: u64,
     pub ts: u64,
     pub data: &'a str,
+    /// The event's identity: 16 hex digits, as on WebSocket.
+    pub id: &'a str,
 }
 
 /// A message from a WebTransport client.
@@ -184,7 +187,9 @@ impl ServerMessage<'_> {
             Self::State(b) => {
                 json!({"type": "state", "room": b.room, "version": b.version, "ts": b.ts, "data": b.data})
             }
-            Self::Event(b) => json!({"type": "event", "room": b.room, "seq": b.seq, "ts": b.ts, "data": b.data}),
+            Self::Event(b) => {
+                json!({"type": "event", "room": b.room, "seq": b.seq, "id": b.id, "ts": b.ts, "data": b.data})
+            }
             Self::Alias(b) => json!({"type": "alias", "room": b.room, "alias": b.alias}),
             Self::AliasedState(b) => {
                 json!({"type": "state", "alias": b.alias, "version": b.version, "ts": b.ts, "data": b.data})
@@ -229,7 +234,7 @@ fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, CommandError> {
 }
 
 /// Encodes a publication: `0x20` state or `0x21` event (`number` is its version or sequence).
-pub fn encode_publication(room: &RoomName, kind: Kind, number: u64, ts: u64, data: &str) -> Bytes {
+pub fn encode_publication(room: &RoomName, kind: Kind, number: u64, id: Option<EventId>, ts: u64, data: &str) -> Bytes {
     let room = room.as_str();
     match kind {
         Kind::State => encode(
@@ -248,6 +253,7 @@ pub fn encode_publication(room: &RoomName, kind: Kind, number: u64, ts: u64, dat
                 seq: number,
                 ts,
                 data,
+                id: &id.map(|id| id.to_string()).unwrap_or_default(),
             },
         ),
     }
@@ -612,7 +618,11 @@ mod tests {
                     unix_ms: u(m, "ts"),
                     instant: Instant::now(),
                 };
-                Publication::new(RoomId(1), room(s(m, "room")), publication_kind, number, &data, now)
+                let id = m
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .map(|id| EventId::parse(id).expect("id"));
+                Publication::new(RoomId(1), room(s(m, "room")), publication_kind, number, id, &data, now)
                     .wire_message()
                     .clone()
             }
@@ -737,7 +747,11 @@ mod tests {
                         unix_ms: u(&parsed, "ts"),
                         instant: Instant::now(),
                     };
-                    let p = Publication::new(RoomId(1), room(s(&parsed, "room")), kind, number, &data, now);
+                    let id = parsed
+                        .get("id")
+                        .and_then(Value::as_str)
+                        .map(|id| EventId::parse(id).expect("id"));
+                    let p = Publication::new(RoomId(1), room(s(&parsed, "room")), kind, number, id, &data, now);
                     assert_eq!(p.json_frame(), text);
                 }
                 _ => assert!(text.starts_with(r#"{"type":""#), "{text}"),

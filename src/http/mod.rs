@@ -375,6 +375,9 @@ struct PublishView {
     version: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     seq: Option<u64>,
+    /// An event's identity (docs/PROTOCOL.md, "Event identity"), also while queued.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
     ts: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     queued: Option<bool>,
@@ -382,9 +385,9 @@ struct PublishView {
 
 impl PublishView {
     fn new(room: &RoomName, kind: Kind, published: Published) -> Self {
-        let (number, ts, queued) = match published {
-            Published::Numbered { number, ts_ms } => (Some(number), ts_ms, None),
-            Published::Queued { provisional, ts_ms } => (provisional, ts_ms, Some(true)),
+        let (number, id, ts, queued) = match published {
+            Published::Numbered { number, id, ts_ms } => (Some(number), id, ts_ms, None),
+            Published::Queued { provisional, id, ts_ms } => (provisional, id, ts_ms, Some(true)),
         };
         let (version, seq) = match kind {
             Kind::State => (number, None),
@@ -395,6 +398,7 @@ impl PublishView {
             kind: None,
             version,
             seq,
+            id: id.map(|id| id.to_string()),
             ts,
             queued,
         }
@@ -610,6 +614,7 @@ struct SinceQuery {
 #[derive(Serialize)]
 struct EventView<'a> {
     seq: u64,
+    id: String,
     ts: u64,
     data: &'a RawValue,
 }
@@ -642,7 +647,7 @@ async fn room_events(
         .ok_or_else(room_not_found)?;
     let events = events.map(|list| {
         list.into_iter()
-            .map(|e| (e.seq, e.ts_ms, raw_json(e.data)))
+            .map(|e| (e.seq, e.id, e.ts_ms, raw_json(e.data)))
             .collect::<Vec<_>>()
     });
     Ok(match events {
@@ -650,8 +655,9 @@ async fn room_events(
             let last_seq = events.last().map_or(since, |e| e.0);
             let views: Vec<EventView<'_>> = events
                 .iter()
-                .map(|(seq, ts, data)| EventView {
+                .map(|(seq, id, ts, data)| EventView {
                     seq: *seq,
+                    id: id.to_string(),
                     ts: *ts,
                     data,
                 })

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::core::{
-    ConnectionQueue, JsonData, Kind, Now, Publication, Pushed, QueueLimits, RetentionLimits, Room, RoomId, RoomName,
-    ServerControl,
+    ConnectionQueue, EventId, EventIds, JsonData, Kind, Now, Publication, Pushed, QueueLimits, RetentionLimits, Room,
+    RoomId, RoomName, ServerControl,
 };
 use crate::metrics::{Metrics, Transport};
 
@@ -67,6 +67,8 @@ pub enum HubError {
 pub struct PublishReceipt {
     /// The state version or the event sequence number.
     pub number: u64,
+    /// The event's identity (`None` for a state).
+    pub id: Option<EventId>,
     pub ts_ms: u64,
     /// Local subscribers the publication was offered to.
     pub subscribers: usize,
@@ -88,6 +90,8 @@ pub struct RemotePublication<'a> {
     pub epoch: &'a str,
     pub kind: Kind,
     pub number: u64,
+    /// The event's identity, as the accepting node assigned it (`None` for a state).
+    pub id: Option<EventId>,
     pub ts_ms: u64,
     pub data: JsonData,
     /// False when this node's clients already received it (published during a Redis outage).
@@ -201,6 +205,8 @@ struct HubInner {
     next_conn_id: AtomicU64,
     /// Random per process, so epochs differ across restarts.
     epoch_seed: u64,
+    /// Identities for the events this node accepts.
+    event_ids: EventIds,
     /// Told the name of a room whose last local subscriber left (the Redis registry unfollows it).
     emptied: Mutex<Option<tokio::sync::mpsc::UnboundedSender<RoomName>>>,
 }
@@ -216,6 +222,7 @@ impl Hub {
             next_room_id: AtomicU64::new(1),
             next_conn_id: AtomicU64::new(1),
             epoch_seed,
+            event_ids: EventIds::starting_at(crate::random::random_u64()),
             emptied: Mutex::new(None),
         }))
     }
@@ -223,6 +230,11 @@ impl Hub {
     /// Asks to be told when a room's last local subscriber leaves.
     pub fn notify_emptied_rooms(&self, sender: tokio::sync::mpsc::UnboundedSender<RoomName>) {
         *self.0.emptied.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
+    }
+
+    /// A new event's identity (docs/PROTOCOL.md, "Event identity").
+    pub fn next_event_id(&self) -> EventId {
+        self.0.event_ids.next()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -241,7 +253,10 @@ impl Hub {
 
     /// Assigns the next version or sequence and offers the publication to every local subscriber.
     pub fn publish(&self, room: &RoomName, kind: Kind, data: &JsonData, now: Now) -> Result<PublishReceipt, HubError> {
-        let receipt = self.with_room(room, true, now.unix_ms, |entry| self.publish_in(entry, kind, data, now))?;
+        let id = (kind == Kind::Event).then(|| self.next_event_id());
+        let receipt = self.with_room(room, true, now.unix_ms, |entry| {
+            self.publish_in(entry, kind, id, data, now)
+        })?;
         match kind {
             Kind::State => self.0.metrics.published_states.inc(),
             Kind::Event => self.0.metrics.published_events.inc(),
@@ -251,14 +266,23 @@ impl Hub {
     }
 
     /// Numbers a publish in the room (its lock held) and fans it out.
-    fn publish_in(&self, entry: &mut RoomEntry, kind: Kind, data: &JsonData, now: Now) -> PublishReceipt {
-        let publication = match kind {
-            Kind::State => entry.room.publish_state(data, now),
-            Kind::Event => entry.room.publish_event(data, now),
+    fn publish_in(
+        &self,
+        entry: &mut RoomEntry,
+        kind: Kind,
+        id: Option<EventId>,
+        data: &JsonData,
+        now: Now,
+    ) -> PublishReceipt {
+        let publication = match (kind, id) {
+            (Kind::Event, Some(id)) => entry.room.publish_event(id, data, now),
+            (Kind::Event, None) => entry.room.publish_event(self.next_event_id(), data, now),
+            (Kind::State, _) => entry.room.publish_state(data, now),
         };
         self.fan_out(entry, &publication);
         PublishReceipt {
             number: publication.number(),
+            id: publication.id,
             ts_ms: publication.ts_ms,
             subscribers: entry.subscribers.len(),
         }
@@ -298,15 +322,69 @@ impl Hub {
             if entry.room.epoch() != remote.epoch && entry.room.resume(remote.epoch) {
                 self.tell_subscribers(entry, room, Some(false));
             }
-            let applied = match remote.kind {
-                Kind::State => entry.room.apply_state(remote.number, remote.ts_ms, &remote.data, now),
-                Kind::Event => entry.room.apply_event(remote.number, remote.ts_ms, &remote.data, now),
-            };
-            if let (Some(publication), true) = (applied, remote.deliver) {
-                self.fan_out(entry, &publication);
-            }
+            self.apply_in(entry, remote, remote.deliver, now);
         });
         matches!(held, Ok(Some(())))
+    }
+
+    /// Applies one registry publication to the room (its lock held), fanning it out if `deliver`.
+    fn apply_in(&self, entry: &mut RoomEntry, remote: &RemotePublication<'_>, deliver: bool, now: Now) {
+        let applied = match remote.kind {
+            Kind::State => entry.room.apply_state(remote.number, remote.ts_ms, &remote.data, now),
+            Kind::Event => {
+                let id = remote.id.unwrap_or_else(|| self.next_event_id());
+                entry
+                    .room
+                    .apply_event(remote.number, id, remote.ts_ms, &remote.data, now)
+            }
+        };
+        if let (Some(publication), true) = (applied, deliver) {
+            self.fan_out(entry, &publication);
+        }
+    }
+
+    /// Brings the room back to the registry's numbering after an outage, from a fresh read of
+    /// the registry (`read`: its state and retained events in order), so that no subscriber
+    /// misses an event or gets one twice (docs/PROTOCOL.md, "Epochs"):
+    /// - same registry epoch (the usual case, whether Redis kept its data or was reseeded): the
+    ///   events after the last confirmed sequence that this node did not deliver itself (by id)
+    ///   go out first, still under the local epoch; then the room takes the registry's numbers and
+    ///   subscribers get a notice with `recovered: true` whose `seq` is the registry's last;
+    /// - another registry epoch (the room was re-created there): the notice says
+    ///   `recovered: false` with the new epoch's last `seq` (the client refetches; ids tell it what
+    ///   it holds).
+    ///
+    /// Either way the newest state follows the notice, and live events continue at `seq + 1`.
+    pub fn resume_from(&self, room: &RoomName, epoch: &str, read: &[RemotePublication<'_>], now: Now) {
+        let _ = self.with_room(room, false, now.unix_ms, |entry| {
+            if !entry.room.in_outage() && entry.room.epoch() == epoch {
+                for remote in read {
+                    self.apply_in(entry, remote, remote.deliver, now);
+                }
+                return;
+            }
+            let same_numbering = entry.room.registry_epoch() == epoch;
+            if same_numbering {
+                let delivered = entry.room.local_event_ids();
+                let (_, confirmed_seq) = entry.room.confirmed();
+                for remote in read {
+                    let missed = remote.kind == Kind::Event
+                        && remote.number > confirmed_seq
+                        && !remote.id.is_some_and(|id| delivered.contains(&id));
+                    if missed {
+                        self.publish_in(entry, Kind::Event, remote.id, &remote.data, now);
+                    }
+                }
+            }
+            entry.room.resume(epoch);
+            for remote in read.iter().filter(|r| r.kind == Kind::Event) {
+                self.apply_in(entry, remote, false, now);
+            }
+            self.tell_subscribers(entry, room, Some(same_numbering));
+            for remote in read.iter().filter(|r| r.kind == Kind::State) {
+                self.apply_in(entry, remote, true, now);
+            }
+        });
     }
 
     /// Creates the room (if needed) with the registry's epoch, so that what follows applies to it,
@@ -330,24 +408,15 @@ impl Hub {
         data: &JsonData,
         now: Now,
         local_epoch: String,
+        id: Option<EventId>,
     ) -> Option<PublishReceipt> {
         let receipt = self.with_room(room, false, now.unix_ms, |entry| {
             if entry.room.enter_outage(local_epoch) {
                 self.tell_subscribers(entry, room, Some(true));
             }
-            self.publish_in(entry, kind, data, now)
+            self.publish_in(entry, kind, id, data, now)
         });
         receipt.ok().flatten()
-    }
-
-    /// Returns the room to the registry's numbering after an outage (PROTOCOL.md, "Epochs"):
-    /// subscribers are told the epoch and the numbers to continue from, with `recovered: false`.
-    pub fn resume(&self, room: &RoomName, epoch: &str) {
-        let _ = self.with_room(room, false, 0, |entry| {
-            if entry.room.resume(epoch) {
-                self.tell_subscribers(entry, room, Some(false));
-            }
-        });
     }
 
     fn tell_subscribers(&self, entry: &RoomEntry, room: &RoomName, recovered: Option<bool>) {
@@ -686,6 +755,85 @@ mod tests {
             ([Outgoing::Publication(pa)], [Outgoing::Publication(pb)]) => assert!(Arc::ptr_eq(pa, pb)),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    fn remote<'a>(epoch: &'a str, kind: Kind, number: u64, id: u64, text: &str) -> RemotePublication<'a> {
+        RemotePublication {
+            epoch,
+            kind,
+            number,
+            id: (kind == Kind::Event).then_some(EventId(id)),
+            ts_ms: 1,
+            data: data(text),
+            deliver: true,
+        }
+    }
+
+    /// Frames as (type, epoch or data, seq) for short assertions.
+    fn summary(frames: &[String]) -> Vec<String> {
+        frames
+            .iter()
+            .map(|f| {
+                let v: serde_json::Value = serde_json::from_str(f).expect("json");
+                match v["type"].as_str() {
+                    Some("subscribed") => format!("subscribed {} {} {}", v["epoch"], v["seq"], v["recovered"]),
+                    Some("event") => format!("event {} {}", v["data"], v["seq"]),
+                    other => format!("{other:?} {}", v["data"]),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn after_an_outage_each_event_reaches_a_subscriber_once_and_numbering_continues() {
+        let hub = hub(HubConfig::default());
+        let r = room("bracket:3");
+        hub.ensure_room(&r, "E", 0).expect("room");
+        let s = hub.new_subscriber(Transport::WebSocket);
+        hub.subscribe(&r, &s, None, None, Some(1), 0).expect("subscribe");
+        hub.apply_remote(&r, &remote("E", Kind::Event, 1, 11, "1"), now());
+        drain(&s);
+        // Redis is down: this node's own publish goes out under a local epoch.
+        let local = hub
+            .publish_provisional(&r, Kind::Event, &data("\"a1\""), now(), "L".into(), Some(EventId(21)))
+            .expect("held");
+        assert_eq!(local.number, 2);
+        assert_eq!(summary(&drain(&s)), ["subscribed \"L\" 1 true", "event \"a1\" 2"]);
+        // Redis is back (reseeded): its history holds another node's b1 and c1 around a1.
+        let read = [
+            remote("E", Kind::State, 1, 0, "\"s\""),
+            remote("E", Kind::Event, 2, 31, "\"b1\""),
+            remote("E", Kind::Event, 3, 21, "\"a1\""),
+            remote("E", Kind::Event, 4, 41, "\"c1\""),
+        ];
+        hub.resume_from(&r, "E", &read, now());
+        assert_eq!(
+            summary(&drain(&s)),
+            [
+                "event \"b1\" 3",
+                "event \"c1\" 4",
+                "subscribed \"E\" 4 true",
+                "Some(\"state\") \"s\""
+            ],
+            "what the subscriber missed, still under the local epoch; then the registry's numbers"
+        );
+        hub.apply_remote(&r, &remote("E", Kind::Event, 5, 51, "\"d\""), now());
+        assert_eq!(summary(&drain(&s)), ["event \"d\" 5"]);
+        let late = hub.new_subscriber(Transport::WebSocket);
+        hub.subscribe(&r, &late, Some(1), Some("E"), None, 0)
+            .expect("subscribe");
+        let recovered = summary(&drain(&late));
+        assert_eq!(
+            recovered[2..],
+            ["event \"b1\" 2", "event \"a1\" 3", "event \"c1\" 4", "event \"d\" 5"]
+        );
+
+        // The room re-created in the registry (another epoch): nothing replayed, the notice says
+        // where the live stream goes on.
+        hub.publish_provisional(&r, Kind::Event, &data("\"x\""), now(), "L2".into(), Some(EventId(61)));
+        drain(&s);
+        hub.resume_from(&r, "F", &[remote("F", Kind::Event, 9, 71, "\"y\"")], now());
+        assert_eq!(summary(&drain(&s)), ["subscribed \"F\" 9 false"]);
     }
 
     #[test]

@@ -58,6 +58,7 @@ impl Registry for EmbeddedRegistry {
             .publish(room, kind, data, crate::clock::now())
             .map(|receipt| Published::Numbered {
                 number: receipt.number,
+                id: receipt.id,
                 ts_ms: receipt.ts_ms,
             })
             .map_err(RegistryError::from);
@@ -86,6 +87,7 @@ impl Registry for EmbeddedRegistry {
                     list.iter()
                         .map(|p| StoredEvent {
                             seq: p.number(),
+                            id: p.id.unwrap_or(crate::core::EventId(0)),
                             ts_ms: p.ts_ms,
                             data: p.data().to_string(),
                         })

@@ -21,6 +21,30 @@ pub struct EnvelopeBody<'a> {
     pub origin: &'a str,
     /// The number the origin already delivered to its own clients while Redis was down.
     pub provisional: Option<u64>,
+    /// An event's identity (`EventId`), assigned by the origin; 0 for a state. Appended in
+    /// 0.2: an envelope from an older node has none, and gets `legacy_event_id`.
+    pub event_id: u64,
+}
+
+/// The body as nodes before event ids wrote it.
+#[derive(Deserialize)]
+struct LegacyBody<'a> {
+    kind: u8,
+    ts: u64,
+    data: &'a str,
+    origin: &'a str,
+    provisional: Option<u64>,
+}
+
+/// An id for an event from a node that assigned none, the same on every node that reads it
+/// (FNV-1a of the epoch and the sequence), so that they agree on it.
+pub fn legacy_event_id(epoch: &str, seq: u64) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in epoch.bytes().chain(seq.to_be_bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
 }
 
 /// A decoded envelope.
@@ -74,8 +98,25 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
         return Err(EnvelopeError::Short);
     }
     let epoch = std::str::from_utf8(&rest[..epoch_len]).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
-    let (body, _appended) =
-        postcard::take_from_bytes(&rest[epoch_len..]).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+    let body = match postcard::take_from_bytes::<EnvelopeBody<'_>>(&rest[epoch_len..]) {
+        Ok((body, _appended)) => body,
+        Err(_) => {
+            let (old, _): (LegacyBody<'_>, _) =
+                postcard::take_from_bytes(&rest[epoch_len..]).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+            EnvelopeBody {
+                kind: old.kind,
+                ts: old.ts,
+                data: old.data,
+                origin: old.origin,
+                provisional: old.provisional,
+                event_id: if old.kind == crate::core::Kind::Event.to_byte() {
+                    legacy_event_id(epoch, number)
+                } else {
+                    0
+                },
+            }
+        }
+    };
     Ok(Envelope { number, epoch, body })
 }
 
@@ -90,6 +131,7 @@ mod tests {
             data: r#"{"a":1}"#,
             origin: "n1",
             provisional: Some(12),
+            event_id: 0x0102,
         }
     }
 
@@ -97,9 +139,9 @@ mod tests {
     fn round_trips_and_matches_the_documented_layout() {
         let bytes = encode(300, "ep", &body());
         assert_eq!(&bytes[..12], &[1, 0, 0, 0, 0, 0, 0, 1, 44, 2, b'e', b'p']);
-        // The body: kind 01, ts varint, data, origin, provisional Some(12).
+        // The body: kind 01, ts varint, data, origin, provisional Some(12), event id varint.
         assert_eq!(&bytes[12..14], &[0x01, 0x80]);
-        assert!(bytes.ends_with(&[0x02, b'n', b'1', 0x01, 0x0c]));
+        assert!(bytes.ends_with(&[0x02, b'n', b'1', 0x01, 0x0c, 0x82, 0x02]));
         assert_eq!(
             decode(&bytes),
             Ok(Envelope {
@@ -115,6 +157,16 @@ mod tests {
         let mut bytes = encode(1, "e", &body());
         bytes.extend_from_slice(&[0x05, 0x06]);
         assert_eq!(decode(&bytes).map(|e| e.number), Ok(1));
+    }
+
+    #[test]
+    fn an_envelope_from_a_node_without_event_ids_gets_the_same_id_on_every_node() {
+        let mut bytes = encode(7, "ep", &body());
+        bytes.truncate(bytes.len() - 2);
+        let decoded = decode(&bytes).expect("legacy envelope");
+        assert_eq!(decoded.body.event_id, legacy_event_id("ep", 7));
+        assert_ne!(legacy_event_id("ep", 7), legacy_event_id("ep", 8));
+        assert_ne!(legacy_event_id("ep", 7), legacy_event_id("eq", 7));
     }
 
     #[test]

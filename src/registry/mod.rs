@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
-use crate::core::{JsonData, Kind, RoomName};
+use crate::core::{EventId, JsonData, Kind, RoomName};
 use crate::hub::HubError;
 use crate::idempotency::{Answer, Claim, IdempotencyKey};
 
@@ -21,11 +21,19 @@ pub use self::redis::{RedisRegistry, RedisSettings};
 /// The outcome of a publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Published {
-    /// Numbered: the version or sequence, and the ingest time.
-    Numbered { number: u64, ts_ms: u64 },
+    /// Numbered: the version or sequence, the event's id, and the ingest time.
+    Numbered {
+        number: u64,
+        id: Option<EventId>,
+        ts_ms: u64,
+    },
     /// Redis is unreachable: queued in the outbox, to be numbered when it returns. Local
     /// subscribers already received it with `provisional` as its number, when the node holds the room.
-    Queued { provisional: Option<u64>, ts_ms: u64 },
+    Queued {
+        provisional: Option<u64>,
+        id: Option<EventId>,
+        ts_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,10 +78,11 @@ pub struct StoredState {
     pub data: String,
 }
 
-/// One retained event: its sequence, ingest time and published JSON text.
+/// One retained event: its sequence, identity, ingest time and published JSON text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEvent {
     pub seq: u64,
+    pub id: EventId,
     pub ts_ms: u64,
     pub data: String,
 }

@@ -20,7 +20,7 @@ use super::{
     EmbeddedRegistry, NodeRecord, Published, Registry, RegistryError, RegistryStatus, RoomEvents, RoomFigures,
     StoredEvent, StoredState, Then,
 };
-use crate::core::{JsonData, Kind, Now, RoomName};
+use crate::core::{EventId, JsonData, Kind, Now, RoomName};
 use crate::hub::{Hub, RemotePublication};
 use crate::idempotency::{Answer, Claim, IdempotencyKey};
 use crate::metrics::Metrics;
@@ -122,7 +122,7 @@ impl RedisConn {
 const PUBLISH_LUA: &str = r#"
 -- KEYS: meta, history. ARGV: kind, data, ts, new epoch, floor, history length, history ttl ms,
 -- key ttl s, envelope body, channel, origin node, provisional number ('' when none),
--- publish command (PUBLISH, or SPUBLISH on a cluster).
+-- publish command (PUBLISH, or SPUBLISH on a cluster), event id (16 hex digits; '' for a state).
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[4]
@@ -140,7 +140,7 @@ if ARGV[1] == 'state' then
   redis.call('HSET', KEYS[1], 'state', ARGV[2], 'state_ts', ARGV[3])
 else
   redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], '*', 'seq', n, 'ts', ARGV[3], 'data', ARGV[2],
-    'origin', ARGV[11], 'prov', ARGV[12])
+    'origin', ARGV[11], 'prov', ARGV[12], 'id', ARGV[14])
   local now = redis.call('TIME')
   local oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[7])
   if oldest > 0 then redis.call('XTRIM', KEYS[2], 'MINID', oldest) end
@@ -182,11 +182,16 @@ type Fields = HashMap<String, String>;
 /// Stream entries: id and fields.
 type StreamEntries = Vec<(String, Fields)>;
 
-/// An event of a room's history stream: (seq, ts, data), as the publish script wrote it.
-fn stream_event(entry: &Fields) -> Option<(u64, u64, &String)> {
+/// An event of a room's history stream: (seq, id, ts, data), as the publish script wrote it.
+/// An entry written by a node without event ids gets the id every node derives for it.
+fn stream_event<'a>(epoch: &str, entry: &'a Fields) -> Option<(u64, EventId, u64, &'a String)> {
     let seq = entry.get("seq")?.parse().ok()?;
     let ts = entry.get("ts").and_then(|t| t.parse().ok()).unwrap_or(0);
-    Some((seq, ts, entry.get("data")?))
+    let id = entry
+        .get("id")
+        .and_then(|id| EventId::parse(id))
+        .unwrap_or(EventId(envelope::legacy_event_id(epoch, seq)));
+    Some((seq, id, ts, entry.get("data")?))
 }
 
 fn meta_key(room: &RoomName) -> String {
@@ -242,6 +247,7 @@ struct OutboxItem {
     data: JsonData,
     ts_ms: u64,
     provisional: Option<u64>,
+    id: Option<EventId>,
 }
 
 /// An envelope held while its room is (re)loading.
@@ -252,7 +258,51 @@ struct OwnedEnvelope {
     kind: u8,
     ts: u64,
     data: String,
+    id: Option<EventId>,
     deliver: bool,
+}
+
+/// A publish for the script to number: a fresh one, or one from the outbox.
+#[derive(Debug, Clone, Copy)]
+struct ToNumber<'a> {
+    room: &'a RoomName,
+    kind: Kind,
+    id: Option<EventId>,
+    data: &'a JsonData,
+    ts_ms: u64,
+    /// The number it was delivered under locally during an outage.
+    provisional: Option<u64>,
+}
+
+impl OutboxItem {
+    fn to_number(&self) -> ToNumber<'_> {
+        ToNumber {
+            room: &self.room,
+            kind: self.kind,
+            id: self.id,
+            data: &self.data,
+            ts_ms: self.ts_ms,
+            provisional: self.provisional,
+        }
+    }
+}
+
+impl OwnedEnvelope {
+    /// The publication it carries, for the hub; `None` if its data is not JSON.
+    fn remote(&self) -> Option<RemotePublication<'_>> {
+        let data = JsonData::parse(self.data.as_bytes()).ok()?;
+        // A byte no version writes is read as an event, as it always was.
+        let kind = Kind::from_byte(self.kind).unwrap_or(Kind::Event);
+        Some(RemotePublication {
+            epoch: &self.epoch,
+            kind,
+            number: self.number,
+            id: self.id,
+            ts_ms: self.ts,
+            data,
+            deliver: self.deliver,
+        })
+    }
 }
 
 /// A room this node follows (its channel is subscribed, its state loaded).
@@ -430,25 +480,42 @@ impl RedisRegistry {
     /// provisional number and queued.
     async fn publish_numbered(&self, room: &RoomName, kind: Kind, data: &JsonData) -> Result<Published, RegistryError> {
         let now = crate::clock::now();
+        let id = (kind == Kind::Event).then(|| self.hub.next_event_id());
         if self.is_up() {
             let floor = self.hub.room_numbers(room).map_or(0, |n| match kind {
                 Kind::State => n.version,
                 Kind::Event => n.seq,
             });
-            match self.run_publish(room, kind, data, now.unix_ms, floor, None).await {
+            let publish = ToNumber {
+                room,
+                kind,
+                id,
+                data,
+                ts_ms: now.unix_ms,
+                provisional: None,
+            };
+            match self.run_publish(publish, floor).await {
                 Ok(number) => {
                     return Ok(Published::Numbered {
                         number,
+                        id,
                         ts_ms: now.unix_ms,
                     })
                 }
                 Err(error) => self.mark_down(&error),
             }
         }
-        self.queue(room, kind, data, now)
+        self.queue(room, kind, id, data, now)
     }
 
-    fn queue(&self, room: &RoomName, kind: Kind, data: &JsonData, now: Now) -> Result<Published, RegistryError> {
+    fn queue(
+        &self,
+        room: &RoomName,
+        kind: Kind,
+        id: Option<EventId>,
+        data: &JsonData,
+        now: Now,
+    ) -> Result<Published, RegistryError> {
         let mut outbox = lock(&self.outbox);
         let bytes = self.outbox_bytes.load(Ordering::Relaxed);
         if outbox.len() >= self.settings.outbox_messages || bytes + data.as_str().len() > self.settings.outbox_bytes {
@@ -457,7 +524,7 @@ impl RedisRegistry {
         // Local clients get it now, numbered after what this node has seen, under a local epoch.
         let provisional = self
             .hub
-            .publish_provisional(room, kind, data, now, self.new_epoch())
+            .publish_provisional(room, kind, data, now, self.new_epoch(), id)
             .map(|r| r.number);
         outbox.push_back(OutboxItem {
             room: room.clone(),
@@ -465,30 +532,34 @@ impl RedisRegistry {
             data: data.clone(),
             ts_ms: now.unix_ms,
             provisional,
+            id,
         });
         self.outbox_bytes.fetch_add(data.as_str().len(), Ordering::Relaxed);
         self.metrics.outbox.set(outbox.len() as i64);
         Ok(Published::Queued {
             provisional,
+            id,
             ts_ms: now.unix_ms,
         })
     }
 
-    async fn run_publish(
-        &self,
-        room: &RoomName,
-        kind: Kind,
-        data: &JsonData,
-        ts_ms: u64,
-        floor: u64,
-        provisional: Option<u64>,
-    ) -> redis::RedisResult<u64> {
+    /// Runs the publish script: numbers the publish (above `floor`), stores and sends it.
+    async fn run_publish(&self, publish: ToNumber<'_>, floor: u64) -> redis::RedisResult<u64> {
+        let ToNumber {
+            room,
+            kind,
+            id,
+            data,
+            ts_ms,
+            provisional,
+        } = publish;
         let body = envelope::encode_body(&EnvelopeBody {
             kind: kind.to_byte(),
             ts: ts_ms,
             data: data.as_str(),
             origin: &self.settings.node_id,
             provisional,
+            event_id: id.map_or(0, |id| id.0),
         });
         let mut conn = self.commands.clone();
         let (_epoch, number): (String, u64) = self
@@ -508,6 +579,7 @@ impl RedisRegistry {
             .arg(&self.settings.node_id)
             .arg(provisional.map(|p| p.to_string()).unwrap_or_default())
             .arg(if self.settings.cluster { "SPUBLISH" } else { "PUBLISH" })
+            .arg(id.map(|id| id.to_string()).unwrap_or_default())
             .invoke_async(&mut conn)
             .await?;
         Ok(number)
@@ -613,11 +685,12 @@ impl RedisRegistry {
                 kind: Kind::State.to_byte(),
                 ts,
                 data: data.clone(),
+                id: None,
                 deliver: true,
             });
         }
         for (_, entry) in entries {
-            let Some((seq, ts, data)) = stream_event(&entry) else {
+            let Some((seq, id, ts, data)) = stream_event(&epoch, &entry) else {
                 continue;
             };
             // This node's own outbox events: its clients got them during the outage.
@@ -629,6 +702,7 @@ impl RedisRegistry {
                 kind: Kind::Event.to_byte(),
                 ts,
                 data: data.clone(),
+                id: Some(id),
                 deliver: !own,
             });
         }
@@ -636,19 +710,9 @@ impl RedisRegistry {
     }
 
     fn apply(&self, room: &RoomName, envelope: &OwnedEnvelope, now: Now) {
-        let Ok(data) = JsonData::parse(envelope.data.as_bytes()) else {
-            return;
-        };
-        let remote = RemotePublication {
-            epoch: &envelope.epoch,
-            // A byte no version writes is read as an event, as it always was.
-            kind: Kind::from_byte(envelope.kind).unwrap_or(Kind::Event),
-            number: envelope.number,
-            ts_ms: envelope.ts,
-            data,
-            deliver: envelope.deliver,
-        };
-        self.hub.apply_remote(room, &remote, now);
+        if let Some(remote) = envelope.remote() {
+            self.hub.apply_remote(room, &remote, now);
+        }
     }
 
     /// Reads pub/sub pushes: messages are applied (or buffered while their room loads); a
@@ -670,6 +734,7 @@ impl RedisRegistry {
                                 kind: e.body.kind,
                                 ts: e.body.ts,
                                 data: e.body.data.to_string(),
+                                id: (e.body.kind == Kind::Event.to_byte()).then_some(EventId(e.body.event_id)),
                                 deliver: !own,
                             };
                             self.receive(&room, owned);
@@ -700,11 +765,22 @@ impl RedisRegistry {
         }
     }
 
+    /// Applies a live message, or holds it while its room loads or while Redis counts as down:
+    /// until the resync re-reads the room, a message applied now would move the room's
+    /// confirmed sequence past what it has not read yet.
     fn receive(&self, room: &RoomName, envelope: OwnedEnvelope) {
         let follow = lock(&self.follows).get(room).cloned();
         if let Some(follow) = follow {
             let mut buffer = lock(&follow.buffer);
+            if !self.is_up() && buffer.is_none() {
+                *buffer = Some(Vec::new());
+            }
             if let Some(buffer) = buffer.as_mut() {
+                // While Redis is down, what is held is also in Redis and the resync's re-read
+                // comes after it: past the history's length the oldest can go.
+                if !self.is_up() && buffer.len() >= self.settings.history_len.max(1) {
+                    buffer.remove(0);
+                }
                 buffer.push(envelope);
                 return;
             }
@@ -778,8 +854,7 @@ impl RedisRegistry {
                 let Some(item) = lock(&self.outbox).front().cloned() else {
                     break;
                 };
-                self.run_publish(&item.room, item.kind, &item.data, item.ts_ms, 0, item.provisional)
-                    .await?;
+                self.run_publish(item.to_number(), 0).await?;
                 let mut outbox = lock(&self.outbox);
                 outbox.pop_front();
                 self.outbox_bytes.fetch_sub(item.data.as_str().len(), Ordering::Relaxed);
@@ -789,11 +864,9 @@ impl RedisRegistry {
         }
         .await;
         if let Err(error) = result {
+            // The rooms stay held (their buffers kept): the next resync re-reads them, and a
+            // live message applied meanwhile could skip what this one could not read.
             warn!(%error, "redis resync failed; retrying");
-            for (_, follow) in &rooms {
-                let buffered = lock(&follow.buffer).take().unwrap_or_default();
-                drop(buffered);
-            }
             return;
         }
         self.up.store(true, Ordering::Release);
@@ -803,10 +876,9 @@ impl RedisRegistry {
         for (room, follow) in rooms {
             match self.read_room(&room).await {
                 Ok(snapshot) => {
-                    self.hub.resume(&room, &snapshot.epoch);
-                    for envelope in snapshot.envelopes {
-                        self.apply(&room, &envelope, now);
-                    }
+                    let read: Vec<RemotePublication<'_>> =
+                        snapshot.envelopes.iter().filter_map(OwnedEnvelope::remote).collect();
+                    self.hub.resume_from(&room, &snapshot.epoch, &read, now);
                 }
                 Err(error) => warn!(error = ?error, %room, "cannot re-read room after reconnect"),
             }
@@ -986,8 +1058,9 @@ impl RedisRegistry {
         let events: Vec<StoredEvent> = entries
             .iter()
             .filter_map(|(_, e)| {
-                stream_event(e).map(|(seq, ts_ms, data)| StoredEvent {
+                stream_event(&epoch, e).map(|(seq, id, ts_ms, data)| StoredEvent {
                     seq,
+                    id,
                     ts_ms,
                     data: data.clone(),
                 })

@@ -211,7 +211,7 @@ async fn the_history_returns_published_json_byte_for_byte() {
     assert_eq!(status, 200);
     let text = std::str::from_utf8(&body).expect("utf-8");
     for (i, payload) in payloads.iter().enumerate() {
-        let expected = format!(r#"{{"seq":{},"ts":"#, i + 1);
+        let expected = format!(r#"{{"seq":{},"id":""#, i + 1);
         let at = text
             .find(&expected)
             .unwrap_or_else(|| panic!("event {} missing in {text}", i + 1));

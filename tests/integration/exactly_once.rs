@@ -1,0 +1,359 @@
+//! Every accepted event exactly once, for a client that follows docs/PROTOCOL.md ("Reconnecting"
+//! and "Epochs"): three nodes on one Redis, through a Redis SIGKILL with an empty restart, a node
+//! SIGKILL and a rolling restart.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::{json, Value};
+
+use crate::util::{eventually, Client, RedisServer, Seen, TestServer, TOKEN};
+
+fn node(redis: &RedisServer, id: &str) -> TestServer {
+    TestServer::start(&[
+        "--no-wt",
+        "--redis",
+        &redis.url(),
+        "--node-id",
+        id,
+        "--node-heartbeat",
+        "200ms",
+        "--drain-timeout",
+        "2s",
+    ])
+}
+
+/// A client written from docs/PROTOCOL.md alone: it numbers its subscribes, keeps the room's
+/// epoch and last `seq`, follows notices, drops an event whose `id` it already holds, and after
+/// its connection ends resubscribes through another node with `since` and the epoch.
+struct ContractClient {
+    room: String,
+    ws: Client,
+    epoch: String,
+    seq: u64,
+    ids: HashSet<String>,
+    /// The `n` of each event taken, in the order taken.
+    taken: Vec<u64>,
+    /// Events the server sent again (an id already held): what this issue removes.
+    repeats: Vec<Value>,
+    notices: Vec<Value>,
+    next_request: u64,
+}
+
+impl ContractClient {
+    async fn join(server: &TestServer, room: &str) -> Self {
+        let mut client = Self {
+            room: room.to_string(),
+            ws: server.connect().await,
+            epoch: String::new(),
+            seq: 0,
+            ids: HashSet::new(),
+            taken: Vec::new(),
+            repeats: Vec::new(),
+            notices: Vec::new(),
+            next_request: 1,
+        };
+        client.subscribe(server, None).await;
+        client
+    }
+
+    /// Subscribes (with `since` and the epoch when resuming) and handles the reply.
+    async fn subscribe(&mut self, server: &TestServer, since: Option<u64>) {
+        let request = self.next_request;
+        self.next_request += 1;
+        let mut command = json!({"type": "subscribe", "room": self.room, "id": request});
+        if let Some(since) = since {
+            command["since"] = json!(since);
+            command["epoch"] = json!(self.epoch);
+        }
+        self.ws.send(command).await;
+        loop {
+            let frame = self.ws.recv().await;
+            if frame["type"] == "subscribed" && frame["id"] == request {
+                self.epoch = frame["epoch"].as_str().expect("epoch").to_string();
+                // Recovered: the events after `since` follow. Otherwise the live stream goes on
+                // after the reply's `seq`.
+                match since {
+                    Some(since) if frame["recovered"] == true => self.seq = since,
+                    _ => self.seq = frame["seq"].as_u64().expect("seq"),
+                }
+                if since.is_some() && frame["recovered"] == false {
+                    self.refetch(server).await;
+                }
+                return;
+            }
+            self.take(server, frame).await;
+        }
+    }
+
+    /// `recovered: false`: what the history still holds, by id, before the live stream.
+    async fn refetch(&mut self, server: &TestServer) {
+        let (status, body) = server.get(&format!("/v1/rooms/{}/events?since=0", self.room)).await;
+        if status != 200 || body["epoch"] != self.epoch.as_str() {
+            return;
+        }
+        for event in body["events"].as_array().cloned().unwrap_or_default() {
+            if self.ids.insert(event["id"].as_str().expect("id").to_string()) {
+                self.taken.push(event["data"]["n"].as_u64().expect("n"));
+            }
+        }
+    }
+
+    async fn take(&mut self, server: &TestServer, frame: Value) {
+        match frame["type"].as_str() {
+            Some("subscribed") => {
+                // An unrequested notice: a new epoch, the numbers to go on from.
+                self.epoch = frame["epoch"].as_str().expect("epoch").to_string();
+                self.seq = frame["seq"].as_u64().expect("seq");
+                let recovered = frame["recovered"] != false;
+                self.notices.push(frame);
+                if !recovered {
+                    self.refetch(server).await;
+                }
+            }
+            Some("event") => {
+                let seq = frame["seq"].as_u64().expect("seq");
+                assert_eq!(seq, self.seq + 1, "a sequence skipped or repeated: {frame}");
+                self.seq = seq;
+                let id = frame["id"].as_str().expect("every event has an id").to_string();
+                if self.ids.insert(id) {
+                    self.taken.push(frame["data"]["n"].as_u64().expect("n"));
+                } else {
+                    self.repeats.push(frame);
+                }
+            }
+            Some("reconnect") | Some("state") => {}
+            _ => panic!("unexpected {frame}"),
+        }
+    }
+
+    /// Reads until every `n` in `wanted` was taken, resubscribing through `servers[next]` when the
+    /// connection ends (a killed or draining node).
+    async fn until(&mut self, wanted: &[u64], servers: &[&TestServer], mut next: usize) {
+        let mut live = 0;
+        while !wanted.iter().all(|n| self.taken.contains(n)) {
+            match self.ws.next_seen().await {
+                Seen::Json(frame) => self.take(servers[live], frame).await,
+                Seen::Close(_) | Seen::Ended => {
+                    next %= servers.len();
+                    live = next;
+                    self.ws = servers[live].connect().await;
+                    self.subscribe(servers[live], Some(self.seq)).await;
+                    next += 1;
+                }
+            }
+        }
+    }
+
+    /// Every accepted event once, none the server did not accept, none sent twice.
+    fn assert_exactly_once(&self, accepted: &[u64], attempted: &[u64]) {
+        assert!(self.repeats.is_empty(), "events sent twice: {:?}", self.repeats);
+        let mut counts: HashMap<u64, usize> = HashMap::new();
+        for n in &self.taken {
+            *counts.entry(*n).or_default() += 1;
+        }
+        assert!(counts.values().all(|c| *c == 1), "taken twice: {:?}", self.taken);
+        for n in accepted {
+            assert!(
+                counts.contains_key(n),
+                "accepted event {n} never arrived: {:?}",
+                self.taken
+            );
+        }
+        for n in &self.taken {
+            assert!(attempted.contains(n), "event {n} was never published");
+        }
+    }
+}
+
+/// Publishes event `{"n": n}`; returns whether it was accepted (200, or 202 while Redis is away).
+async fn publish(server: &TestServer, room: &str, n: u64) -> bool {
+    publish_status(server, room, n).await.is_some()
+}
+
+/// The status of an accepted publish (200 or 202), `None` for any other.
+async fn publish_status(server: &TestServer, room: &str, n: u64) -> Option<u16> {
+    let (status, body) = server
+        .request(
+            "POST",
+            &format!("/v1/rooms/{room}/events"),
+            Some(TOKEN),
+            json!({"n": n}).to_string(),
+        )
+        .await;
+    if status == 200 || status == 202 {
+        assert!(body["id"].is_string(), "the answer names the event's id: {body}");
+        return Some(status);
+    }
+    None
+}
+
+async fn healthy(server: &TestServer) {
+    eventually("the node is on redis with an empty outbox", || async {
+        let (_, health) = server.get("/health").await;
+        (health["registry"]["status"] == "ok" && health["registry"]["outbox"] == 0).then_some(())
+    })
+    .await;
+}
+
+/// The issue's repro: clients on three nodes while publishes go round-robin; Redis is SIGKILLed
+/// and restarted empty. Each client gets every accepted event once (the events each node accepted
+/// alone reach the others' clients when Redis returns), and resubscribing through the next node
+/// with the notice's `since` and epoch recovers nothing twice.
+#[tokio::test]
+async fn every_event_once_across_a_redis_kill_and_empty_restart() {
+    const ROOM: &str = "bracket:3";
+    let mut redis = RedisServer::start();
+    let nodes = [node(&redis, "n1"), node(&redis, "n2"), node(&redis, "n3")];
+    let mut clients = Vec::new();
+    for n in &nodes {
+        clients.push(ContractClient::join(n, ROOM).await);
+    }
+    let (mut accepted, mut attempted) = (Vec::new(), Vec::new());
+    let mut n = 0;
+    let mut round = |count: u64| {
+        let range = n + 1..=n + count;
+        n += count;
+        range
+    };
+    for i in round(30) {
+        attempted.push(i);
+        if publish(&nodes[i as usize % 3], ROOM, i).await {
+            accepted.push(i);
+        }
+    }
+    redis.kill();
+    let mut queued = 0;
+    for i in round(30) {
+        attempted.push(i);
+        if let Some(status) = publish_status(&nodes[i as usize % 3], ROOM, i).await {
+            queued += usize::from(status == 202);
+            accepted.push(i);
+        }
+    }
+    assert!(
+        queued >= 20,
+        "publishes during the outage wait in the outboxes: {queued} of 30"
+    );
+    redis.restart_empty();
+    // Publishes go on while the nodes find Redis again and resync.
+    for i in round(30) {
+        attempted.push(i);
+        if publish(&nodes[i as usize % 3], ROOM, i).await {
+            accepted.push(i);
+        }
+    }
+    for n in &nodes {
+        healthy(n).await;
+    }
+    for i in round(10) {
+        attempted.push(i);
+        assert!(publish(&nodes[i as usize % 3], ROOM, i).await);
+        accepted.push(i);
+    }
+    assert!(accepted.len() >= 70, "most publishes were accepted: {accepted:?}");
+    let all: Vec<&TestServer> = nodes.iter().collect();
+    for (i, client) in clients.iter_mut().enumerate() {
+        client.until(&accepted, &all, i + 1).await;
+        client.assert_exactly_once(&accepted, &attempted);
+        assert!(
+            client.notices.iter().any(|n| n["recovered"] == true),
+            "client {i} was told of the local epoch and of the return: {:?}",
+            client.notices
+        );
+        // What each node accepted reached its own clients in the order it accepted them.
+        for node_index in 0..3u64 {
+            let own: Vec<u64> = client.taken.iter().copied().filter(|n| n % 3 == node_index).collect();
+            let mut sorted = own.clone();
+            sorted.sort_unstable();
+            assert_eq!(own, sorted, "client {i}: node {node_index}'s events out of order");
+        }
+    }
+    // The repro's step: resubscribe through the next node with the last seq and epoch.
+    for (i, client) in clients.iter_mut().enumerate() {
+        let next = &nodes[(i + 1) % 3];
+        client.ws = next.connect().await;
+        let since = client.seq;
+        client.subscribe(next, Some(since)).await;
+        // Nothing is pending on the new connection: a later publish is the next event it sees.
+        assert!(publish(next, ROOM, 1000 + i as u64).await);
+        client.until(&[1000 + i as u64], &all, i + 1).await;
+        assert!(
+            client.repeats.is_empty(),
+            "client {i} got events again: {:?}",
+            client.repeats
+        );
+        assert_eq!(client.taken.last(), Some(&(1000 + i as u64)));
+    }
+}
+
+/// A node SIGKILLed while publishes flow: its clients resubscribe through another node with
+/// `since` and get every accepted event once, in the order published.
+#[tokio::test]
+async fn every_event_once_and_in_order_across_a_node_kill() {
+    const ROOM: &str = "game:kill";
+    let redis = RedisServer::start();
+    let mut nodes = [node(&redis, "n1"), node(&redis, "n2"), node(&redis, "n3")];
+    let mut on_first = ContractClient::join(&nodes[0], ROOM).await;
+    let mut on_third = ContractClient::join(&nodes[2], ROOM).await;
+    let mut accepted = Vec::new();
+    for i in 1..=40u64 {
+        if i == 20 {
+            nodes[0].kill();
+        }
+        let through = if i < 20 {
+            &nodes[(i % 3) as usize]
+        } else {
+            &nodes[1 + (i % 2) as usize]
+        };
+        assert!(publish(through, ROOM, i).await);
+        accepted.push(i);
+    }
+    let survivors: Vec<&TestServer> = nodes[1..].iter().collect();
+    on_first.until(&accepted, &survivors, 0).await;
+    on_third.until(&accepted, &survivors, 1).await;
+    for client in [&on_first, &on_third] {
+        client.assert_exactly_once(&accepted, &accepted);
+        assert_eq!(client.taken, accepted, "in the order published");
+    }
+}
+
+/// A rolling restart: each node in turn gets SIGTERM (its clients are told to reconnect and
+/// resubscribe elsewhere) and a replacement joins; publishes never stop. Every accepted event
+/// reaches each client once, in the order published.
+#[tokio::test]
+async fn every_event_once_and_in_order_across_a_rolling_restart() {
+    const ROOM: &str = "league:roll";
+    let redis = RedisServer::start();
+    let mut nodes = [node(&redis, "n1"), node(&redis, "n2"), node(&redis, "n3")];
+    let mut clients = Vec::new();
+    for n in &nodes {
+        clients.push(ContractClient::join(n, ROOM).await);
+    }
+    let mut accepted = Vec::new();
+    let mut n = 0u64;
+    for turn in 0..3 {
+        for _ in 0..10 {
+            n += 1;
+            assert!(publish(&nodes[(turn + 1) % 3], ROOM, n).await);
+            accepted.push(n);
+        }
+        nodes[turn].sigterm();
+        // Draining: a publish to the draining node is still accepted, the others carry on.
+        for _ in 0..10 {
+            n += 1;
+            assert!(publish(&nodes[(turn + 1 + (n as usize % 2)) % 3], ROOM, n).await);
+            accepted.push(n);
+        }
+        // The clients of the draining node move to another node while events flow.
+        let others: Vec<&TestServer> = (1..3).map(|k| &nodes[(turn + k) % 3]).collect();
+        for client in clients.iter_mut() {
+            client.until(&accepted, &others, 0).await;
+        }
+        nodes[turn].wait_exit().await;
+        nodes[turn] = node(&redis, &format!("n{}b", turn + 1));
+    }
+    for client in &clients {
+        client.assert_exactly_once(&accepted, &accepted);
+        assert_eq!(client.taken, accepted, "in the order published");
+    }
+}
