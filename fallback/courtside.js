@@ -16,6 +16,8 @@ export const DEFAULTS = Object.freeze({
   webtransportPingMs: 25000,
   /** Acknowledgements of state datagrams wait this long to go out together, in one datagram. */
   ackDelayMs: 5,
+  /** Event ids remembered per room, to drop an event delivered again under another number. */
+  eventIdMemory: 2048,
 });
 
 /** Acknowledgements per `acks` datagram at most (each takes 2 to 12 bytes). */
@@ -149,7 +151,7 @@ export function decodeServerMessage(bytes) {
       m = { type: 'state', room: r.string(), version: r.varint(), ts: r.varint(), data: r.string() };
       break;
     case MessageType.EVENT:
-      m = { type: 'event', room: r.string(), seq: r.varint(), ts: r.varint(), data: r.string() };
+      m = { type: 'event', room: r.string(), seq: r.varint(), ts: r.varint(), data: r.string(), id: r.string() };
       break;
     case MessageType.ALIAS: m = { type: 'alias', room: r.string(), alias: r.varint() }; break;
     case MessageType.STATE_BY_ALIAS:
@@ -414,11 +416,23 @@ export async function connect(origin, options = {}) {
   return client;
 }
 
+/** The ids of a room's most recent events, to drop one delivered again (a bounded set). */
+export class RecentIds {
+  constructor(limit = 2048) { this.limit = limit; this.set = new Set(); }
+  /** Adds `id`; false if it was already there. */
+  add(id) {
+    if (this.set.has(id)) return false;
+    this.set.add(id);
+    if (this.set.size > this.limit) this.set.delete(this.set.values().next().value);
+    return true;
+  }
+}
+
 export class CourtsideClient {
   constructor(origin, options = {}) {
     this.options = { ...DEFAULTS, ...options };
     this.urls = deriveUrls(origin, options);
-    /** room name -> { handlers, epoch, version, seq, confirmed } */
+    /** room name -> { handlers, epoch, version, seq, confirmed, ids } */
     this.rooms = new Map();
     this.connection = null;
     this.closedByUser = false;
@@ -480,7 +494,10 @@ export class CourtsideClient {
   /** Subscribes to `room`. Handlers: onState(data, meta), onEvent(data, meta), onSubscribed(info),
    *  onRecoveryFailed(info), onError(error). `since`: recover events after this sequence. */
   subscribe(room, handlers = {}) {
-    const entry = { handlers, epoch: handlers.epoch, version: 0, seq: handlers.since ?? 0, since: handlers.since, confirmed: false };
+    const entry = {
+      handlers, epoch: handlers.epoch, version: 0, seq: handlers.since ?? 0, since: handlers.since, confirmed: false,
+      ids: new RecentIds(this.options.eventIdMemory),
+    };
     this.rooms.set(room, entry);
     this.sendSubscribe(room, entry);
   }
@@ -515,18 +532,23 @@ export class CourtsideClient {
     switch (m.type) {
       case 'subscribed': {
         if (!entry) return;
-        if (entry.epoch !== undefined && entry.epoch !== m.epoch) {
-          // The room was created anew: its counters restarted.
-          entry.version = 0;
-          entry.seq = 0;
+        // PROTOCOL.md, "After each subscribed": the reply to our subscribe carries its id;
+        // anything else is a notice.
+        const reply = m.id !== undefined && m.id === entry.requestId;
+        if (reply && m.recovered === true) {
+          // The events after `since` follow, in this epoch.
+        } else if (reply) {
+          if (entry.epoch !== m.epoch) entry.version = 0; // the state that follows is newer
+          entry.seq = m.seq;
+        } else {
+          // A notice: a new epoch and the numbers the room goes on from.
+          entry.version = m.version;
+          entry.seq = m.seq;
         }
         entry.epoch = m.epoch;
         entry.confirmed = true;
         entry.handlers.onSubscribed?.(m);
-        if (m.recovered === false) {
-          entry.seq = m.seq;
-          entry.handlers.onRecoveryFailed?.(m);
-        }
+        if (m.recovered === false) entry.handlers.onRecoveryFailed?.(m);
         return;
       }
       case 'state': {
@@ -543,7 +565,9 @@ export class CourtsideClient {
       case 'event': {
         if (!entry || m.seq <= entry.seq) return;
         entry.seq = m.seq;
-        entry.handlers.onEvent?.(JSON.parse(m.data), { room: m.room, seq: m.seq, ts: m.ts, transport: this.transport });
+        // An event already delivered under another number (PROTOCOL.md, "Event identity").
+        if (m.id !== undefined && !entry.ids.add(m.id)) return;
+        entry.handlers.onEvent?.(JSON.parse(m.data), { room: m.room, seq: m.seq, id: m.id, ts: m.ts, transport: this.transport });
         return;
       }
       case 'error': {

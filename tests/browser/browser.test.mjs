@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import dgram from 'node:dgram';
+import net from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 
@@ -92,7 +93,7 @@ async function subscribeInPage(page, room, options = {}) {
     client.subscribe(room, {
       onSubscribed: () => { window.subscribedCount += 1; },
       onState: (data, meta) => window.received.push({ kind: 'state', data, version: meta.version, transport: meta.transport }),
-      onEvent: (data, meta) => window.received.push({ kind: 'event', data, seq: meta.seq, transport: meta.transport }),
+      onEvent: (data, meta) => window.received.push({ kind: 'event', data, seq: meta.seq, id: meta.id, transport: meta.transport }),
     });
     window.testClient = client;
     return client.transport;
@@ -225,6 +226,90 @@ test('the client reconnects by itself, resubscribes, and accepts the restarted r
   // Version 1 of the new epoch is newer data, not a stale duplicate of version 1.
   await publish(second, 'test:restart', 'state', { n: 'after restart' });
   await page.waitForFunction(() => window.received.some((r) => r.data?.n === 'after restart'), null, { timeout: HANG });
+});
+
+/** A redis-server on a free loopback port; `restart()` brings it back empty on the same port. */
+async function startRedis() {
+  const port = await new Promise((resolve) => {
+    const probe = net.createServer().listen(0, '127.0.0.1', () => {
+      const { port } = probe.address();
+      probe.close(() => resolve(port));
+    });
+  });
+  const redis = { port, url: `redis://127.0.0.1:${port}` };
+  const spawnIt = async () => {
+    redis.child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
+    servers.push({ child: redis.child });
+    for (let i = 0; ; i++) {
+      const up = await new Promise((resolve) => {
+        const socket = net.connect(port, '127.0.0.1', () => { socket.end(); resolve(true); });
+        socket.on('error', () => resolve(false));
+      });
+      if (up) return;
+      if (i > 1000) throw new Error('redis-server did not start');
+      await new Promise((r) => setTimeout(r, 10));
+    }
+  };
+  redis.kill = () => new Promise((resolve) => { redis.child.once('exit', resolve); redis.child.kill('SIGKILL'); });
+  redis.restart = spawnIt;
+  await spawnIt();
+  return redis;
+}
+
+async function publishAccepted(server, room, data) {
+  const res = await fetch(`http://${server.http}/v1/rooms/${room}/events`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/json' },
+    body: JSON.stringify(data),
+  });
+  const body = await res.json();
+  assert.ok(res.status === 200 || res.status === 202, JSON.stringify(body));
+  assert.match(body.id, /^[0-9a-f]{16}$/);
+}
+
+async function healthyOnRedis(server) {
+  for (;;) {
+    const health = await (await fetch(`http://${server.http}/health`)).json();
+    if (health.registry?.status === 'ok' && health.registry?.outbox === 0) return;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+test('across a node kill and a Redis restart, the page gets every event once', async () => {
+  const redis = await startRedis();
+  const nodeArgs = (id) => ['--redis', redis.url, '--node-id', id, '--node-heartbeat', '200ms', '--no-wt'];
+  const a = await startServer(nodeArgs('a'));
+  const b = await startServer(nodeArgs('b'));
+  const browser = await launch();
+  const page = await browser.newPage();
+  await page.goto(`http://${a.http}/`);
+  await page.waitForFunction(() => window.courtside?.client, null, { timeout: HANG });
+  await subscribeInPage(page, 'bracket:9', { transports: ['websocket'] });
+  await page.waitForFunction(() => window.subscribedCount >= 1, null, { timeout: HANG });
+  let n = 0;
+  const publishSome = async (server, count) => { for (let i = 0; i < count; i++) await publishAccepted(server, 'bracket:9', { n: ++n }); };
+  await publishSome(b, 10);
+
+  // The page's node dies; a replacement comes up behind the same address (the load balancer).
+  a.child.kill('SIGKILL');
+  await publishSome(b, 10);
+  const a2 = await startServer(['--http', a.http, ...nodeArgs('a2')]);
+  await page.waitForFunction(() => window.subscribedCount >= 2, null, { timeout: HANG });
+  await publishSome(b, 5);
+
+  // Redis dies; both nodes accept publishes alone; it comes back empty.
+  await redis.kill();
+  await publishSome(b, 10);
+  await publishSome(a2, 5);
+  await redis.restart();
+  await healthyOnRedis(a2);
+  await healthyOnRedis(b);
+  await publishSome(a2, 5);
+
+  await page.waitForFunction((total) => new Set(window.received.map((r) => r.data.n)).size >= total, n, { timeout: HANG });
+  const taken = await page.evaluate(() => window.received.filter((r) => r.kind === 'event').map((r) => r.data.n));
+  assert.equal(taken.length, n, `every event once, none twice: ${taken}`);
+  assert.deepEqual([...taken].sort((x, y) => x - y), Array.from({ length: n }, (_, i) => i + 1));
 });
 
 test('the demo page shows live games of a simulated Saturday', async () => {
