@@ -357,3 +357,107 @@ async fn every_event_once_and_in_order_across_a_rolling_restart() {
         assert_eq!(client.taken, accepted, "in the order published");
     }
 }
+
+/// A Redis Cluster of three masters with a replica each. Node n1's client follows a room on
+/// master Z and a room on a healthy master; n2 publishes to the first, n3 to the second (n3
+/// never needs Z). Z is SIGKILLed and its replica takes over: n1's client gets every accepted
+/// event of both rooms once, the healthy room's included while n1 could not reach Z.
+#[tokio::test]
+async fn every_event_once_across_a_cluster_master_kill() {
+    use crate::util::RedisCluster;
+    let mut cluster = RedisCluster::start_with_replicas(1).await;
+    let url = cluster.url();
+    let start = |id: &str| {
+        TestServer::start(&[
+            "--no-wt",
+            "--redis",
+            &url,
+            "--redis-cluster",
+            "--node-id",
+            id,
+            "--node-heartbeat",
+            "200ms",
+        ])
+    };
+    let master = |key: String| {
+        let cluster = &cluster;
+        async move { cluster.master_of(&key, None).await.expect("a master") }
+    };
+    // The node records' slot stays up; the doomed room's master is another one.
+    let nodes_master = master("cs:{nodes}:n1".into()).await;
+    let mut doomed_room = None;
+    for i in 0..64 {
+        let room = format!("bracket:z{i}");
+        if master(format!("cs:{{{room}}}:meta")).await != nodes_master {
+            doomed_room = Some(room);
+            break;
+        }
+    }
+    let doomed_room = doomed_room.expect("a room off the node records' master");
+    let doomed = master(format!("cs:{{{doomed_room}}}:meta")).await;
+    let mut healthy_room = None;
+    for i in 0..64 {
+        let room = format!("game:h{i}");
+        if master(format!("cs:{{{room}}}:meta")).await != doomed {
+            healthy_room = Some(room);
+            break;
+        }
+    }
+    let healthy_room = healthy_room.expect("a room on another master");
+    let (n1, n2, n3) = (start("n1"), start("n2"), start("n3"));
+    let mut on_z = ContractClient::join(&n1, &doomed_room).await;
+    let mut on_h = ContractClient::join(&n1, &healthy_room).await;
+    let (mut accepted_z, mut accepted_h, mut attempted) = (Vec::new(), Vec::new(), Vec::new());
+    let mut n = 0u64;
+    let mut publish_round = async |count: u64, must: bool| {
+        for _ in 0..count {
+            n += 1;
+            attempted.push(n);
+            let (server, room, accepted) = if n % 2 == 0 {
+                (&n2, &doomed_room, &mut accepted_z)
+            } else {
+                (&n3, &healthy_room, &mut accepted_h)
+            };
+            let ok = publish(server, room, n).await;
+            assert!(ok || !must, "publish {n} refused");
+            if ok {
+                accepted.push(n);
+            }
+        }
+    };
+    publish_round(20, true).await;
+    cluster.kill_port(doomed);
+    // Publishes flow at about 40 a second through the failover (cluster-node-timeout is 2 s
+    // here), until a replica holds the dead master's slots and every node is back on Redis.
+    let mut rounds = 0;
+    loop {
+        publish_round(2, false).await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        rounds += 1;
+        assert!(rounds < 1200, "the failover did not finish within a minute");
+        if rounds % 4 != 0 {
+            continue;
+        }
+        let promoted = cluster
+            .master_of(&format!("cs:{{{doomed_room}}}:meta"), Some(doomed))
+            .await;
+        if promoted.is_none_or(|m| m == doomed) {
+            continue;
+        }
+        let mut all_ok = true;
+        for server in [&n1, &n2, &n3] {
+            let (_, health) = server.get("/health").await;
+            all_ok &= health["registry"]["status"] == "ok" && health["registry"]["outbox"] == 0;
+        }
+        if all_ok {
+            break;
+        }
+    }
+    publish_round(20, true).await;
+    drop(publish_round);
+    let servers = [&n1];
+    on_z.until(&accepted_z, &servers, 0).await;
+    on_h.until(&accepted_h, &servers, 0).await;
+    on_z.assert_exactly_once(&accepted_z, &attempted);
+    on_h.assert_exactly_once(&accepted_h, &attempted);
+}

@@ -732,9 +732,14 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub async fn start() -> Self {
+        Self::start_with_replicas(0).await
+    }
+
+    /// Three masters, each with `replicas` replicas (which take over when their master dies).
+    pub async fn start_with_replicas(replicas: usize) -> Self {
         let dir = std::env::temp_dir().join(format!("courtside-cluster-{}-{}", std::process::id(), free_port()));
         std::fs::create_dir_all(&dir).expect("dir");
-        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let ports: Vec<u16> = (0..3 * (1 + replicas)).map(|_| free_port()).collect();
         let mut children = Vec::new();
         for port in &ports {
             let child = Command::new("redis-server")
@@ -773,7 +778,7 @@ impl RedisCluster {
         let status = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -786,8 +791,59 @@ impl RedisCluster {
                 info.contains("cluster_state:ok").then_some(())
             })
             .await;
+            // A replica takes over only once it has synced with its master.
+            eventually("each replica is in sync with its master", || async move {
+                let mut conn = cluster_node_connection(port).await;
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query_async(&mut conn)
+                    .await
+                    .ok()?;
+                (info.contains("role:master") || info.contains("master_link_status:up")).then_some(())
+            })
+            .await;
         }
         cluster
+    }
+
+    /// SIGKILLs the server on `port`.
+    pub fn kill_port(&mut self, port: u16) {
+        if let Some(i) = self.ports.iter().position(|p| *p == port) {
+            let _ = self.children[i].kill();
+            let _ = self.children[i].wait();
+        }
+    }
+
+    /// The master port that holds `key`'s slot, asked of any live server but `dead` (`None`
+    /// while no live master holds it, during a failover).
+    pub async fn master_of(&self, key: &str, dead: Option<u16>) -> Option<u16> {
+        let port = *self.ports.iter().find(|p| Some(**p) != dead).expect("a live server");
+        let mut conn = cluster_node_connection(port).await;
+        let slot: u64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .expect("keyslot");
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut conn)
+            .await
+            .expect("nodes");
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            let owns = fields[8..].iter().any(|range| {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                matches!((lo.parse::<u64>(), hi.parse::<u64>()), (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot))
+            });
+            if owns {
+                return fields[1].split(['@', ':']).nth(1).and_then(|p| p.parse().ok());
+            }
+        }
+        None
     }
 
     /// The seed list as README.md writes it: the first seed a URL, the others bare `host:port`.
