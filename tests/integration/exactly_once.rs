@@ -454,7 +454,6 @@ async fn every_event_once_across_a_cluster_master_kill() {
         }
     }
     publish_round(20, true).await;
-    drop(publish_round);
     let servers = [&n1];
     on_z.until(&accepted_z, &servers, 0).await;
     on_h.until(&accepted_h, &servers, 0).await;
