@@ -4,7 +4,7 @@
 //! going while Redis is away. Key layout and failure behaviour: docs/ARCHITECTURE.md, "Redis".
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -248,6 +248,8 @@ struct OutboxItem {
     ts_ms: u64,
     provisional: Option<u64>,
     id: Option<EventId>,
+    /// Tells outbox items apart (a room's are flushed alone on a cluster).
+    serial: u64,
 }
 
 /// An envelope held while its room is (re)loading.
@@ -333,9 +335,13 @@ pub struct RedisRegistry {
     commands: RedisConn,
     pubsub: RedisConn,
     up: AtomicBool,
+    /// Redis Cluster: rooms whose shard failed a command, each in outage on its own while the
+    /// others go on (`up` stays true on a cluster). `true` while its resync runs.
+    down_rooms: Mutex<HashMap<RoomName, bool>>,
     follows: Mutex<HashMap<RoomName, Arc<Follow>>>,
     outbox: Mutex<VecDeque<OutboxItem>>,
     outbox_bytes: AtomicUsize,
+    outbox_serial: AtomicU64,
     publish_script: Script,
     reseed_script: Script,
     /// One resync at a time.
@@ -431,9 +437,11 @@ impl RedisRegistry {
             commands,
             pubsub,
             up: AtomicBool::new(true),
+            down_rooms: Mutex::new(HashMap::new()),
             follows: Mutex::new(HashMap::new()),
             outbox: Mutex::new(VecDeque::new()),
             outbox_bytes: AtomicUsize::new(0),
+            outbox_serial: AtomicU64::new(0),
             publish_script: Script::new(PUBLISH_LUA),
             reseed_script: Script::new(RESEED_LUA),
             resync: tokio::sync::Mutex::new(()),
@@ -456,10 +464,17 @@ impl RedisRegistry {
         self.up.load(Ordering::Acquire)
     }
 
+    /// Whether the room's publishes go to Redis now: Redis is up and, on a cluster, the room's
+    /// shard is not in outage.
+    fn is_room_up(&self, room: &RoomName) -> bool {
+        self.is_up() && !(self.settings.cluster && lock(&self.down_rooms).contains_key(room))
+    }
+
     pub fn status(&self) -> RegistryStatus {
+        let healthy = self.is_up() && lock(&self.down_rooms).is_empty();
         RegistryStatus {
             kind: "redis",
-            status: if self.is_up() { "ok" } else { "degraded" },
+            status: if healthy { "ok" } else { "degraded" },
             outbox: lock(&self.outbox).len(),
         }
     }
@@ -467,6 +482,20 @@ impl RedisRegistry {
     fn mark_down(&self, error: &dyn std::fmt::Display) {
         if self.up.swap(false, Ordering::AcqRel) {
             warn!(%error, "redis is down: serving local clients only; publishes wait in the outbox");
+            self.metrics.registry_up.set(0);
+        }
+    }
+
+    /// A command for `room` failed. One Redis: Redis is down. A cluster: that room's shard is
+    /// (the heartbeat resyncs it alone), and rooms on other shards go on.
+    fn mark_room_down(&self, room: &RoomName, error: &dyn std::fmt::Display) {
+        if !self.settings.cluster {
+            return self.mark_down(error);
+        }
+        let mut down = lock(&self.down_rooms);
+        if !down.contains_key(room) {
+            down.insert(room.clone(), false);
+            warn!(%error, %room, "the room's redis shard failed: serving its local clients only; its publishes wait in the outbox");
             self.metrics.registry_up.set(0);
         }
     }
@@ -481,7 +510,14 @@ impl RedisRegistry {
     async fn publish_numbered(&self, room: &RoomName, kind: Kind, data: &JsonData) -> Result<Published, RegistryError> {
         let now = crate::clock::now();
         let id = (kind == Kind::Event).then(|| self.hub.next_event_id());
-        if self.is_up() {
+        loop {
+            if !self.is_room_up(room) {
+                match self.queue(room, kind, id, data, now) {
+                    Some(queued) => return queued,
+                    // The room's shard came back meanwhile, its outbox flushed: publish.
+                    None => continue,
+                }
+            }
             let floor = self.hub.room_numbers(room).map_or(0, |n| match kind {
                 Kind::State => n.version,
                 Kind::Event => n.seq,
@@ -502,10 +538,9 @@ impl RedisRegistry {
                         ts_ms: now.unix_ms,
                     })
                 }
-                Err(error) => self.mark_down(&error),
+                Err(error) => self.mark_room_down(room, &error),
             }
         }
-        self.queue(room, kind, id, data, now)
     }
 
     fn queue(
@@ -515,11 +550,16 @@ impl RedisRegistry {
         id: Option<EventId>,
         data: &JsonData,
         now: Now,
-    ) -> Result<Published, RegistryError> {
+    ) -> Option<Result<Published, RegistryError>> {
         let mut outbox = lock(&self.outbox);
+        // Checked under the outbox lock, which a room's resync holds when it finds the room's
+        // last item gone and marks the room up: nothing is queued behind a finished flush.
+        if self.is_room_up(room) {
+            return None;
+        }
         let bytes = self.outbox_bytes.load(Ordering::Relaxed);
         if outbox.len() >= self.settings.outbox_messages || bytes + data.as_str().len() > self.settings.outbox_bytes {
-            return Err(RegistryError::OutboxFull(outbox.len()));
+            return Some(Err(RegistryError::OutboxFull(outbox.len())));
         }
         // Local clients get it now, numbered after what this node has seen, under a local epoch.
         let provisional = self
@@ -533,14 +573,15 @@ impl RedisRegistry {
             ts_ms: now.unix_ms,
             provisional,
             id,
+            serial: self.outbox_serial.fetch_add(1, Ordering::Relaxed),
         });
         self.outbox_bytes.fetch_add(data.as_str().len(), Ordering::Relaxed);
         self.metrics.outbox.set(outbox.len() as i64);
-        Ok(Published::Queued {
+        Some(Ok(Published::Queued {
             provisional,
             id,
             ts_ms: now.unix_ms,
-        })
+        }))
     }
 
     /// Runs the publish script: numbers the publish (above `floor`), stores and sends it.
@@ -605,10 +646,10 @@ impl RedisRegistry {
         follow
             .ready
             .get_or_init(|| async {
-                if self.is_up() {
+                if self.is_room_up(room) {
                     let mut pubsub = self.pubsub.clone();
                     if let Err(error) = pubsub.subscribe(channel(room)).await {
-                        self.mark_down(&error);
+                        self.mark_room_down(room, &error);
                     }
                 }
                 self.load(room, &follow).await;
@@ -621,6 +662,32 @@ impl RedisRegistry {
     /// holding live messages until the room is re-read, as on the first follow.
     async fn refollow(self: Arc<Self>, room: RoomName, follow: Arc<Follow>) {
         info!(%room, "redis dropped the room's shard channel (slot moved?): subscribing again");
+        self.subscribe_again(room, follow).await;
+    }
+
+    /// Redis Cluster: the pub/sub connection to some shard was lost. Every followed room
+    /// subscribes again and re-reads; a room whose shard does not answer goes into outage alone.
+    async fn recheck_rooms(self: Arc<Self>) {
+        warn!("a redis cluster pub/sub connection was lost: every room subscribes again");
+        let rooms: Vec<(RoomName, Arc<Follow>)> = lock(&self.follows)
+            .iter()
+            .map(|(room, follow)| (room.clone(), follow.clone()))
+            .collect();
+        let checks: Vec<_> = rooms
+            .into_iter()
+            .map(|(room, follow)| {
+                let registry = self.clone();
+                async move {
+                    registry.subscribe_again(room, follow).await;
+                    Ok::<_, redis::RedisError>(())
+                }
+            })
+            .collect();
+        let _ = run_per_room(checks).await;
+    }
+
+    /// Subscribes the room's channel again, holding live messages until it is re-read.
+    async fn subscribe_again(&self, room: RoomName, follow: Arc<Follow>) {
         {
             let mut buffer = lock(&follow.buffer);
             if buffer.is_none() {
@@ -630,6 +697,7 @@ impl RedisRegistry {
         let mut pubsub = self.pubsub.clone();
         if let Err(error) = pubsub.subscribe(channel(&room)).await {
             warn!(%error, %room, "cannot subscribe the room's channel again");
+            self.mark_room_down(&room, &error);
         }
         self.load(&room, &follow).await;
     }
@@ -637,7 +705,7 @@ impl RedisRegistry {
     /// Reads the room from Redis into the hub, then applies what arrived meanwhile.
     async fn load(&self, room: &RoomName, follow: &Follow) {
         let now = crate::clock::now();
-        let loaded = if self.is_up() {
+        let loaded = if self.is_room_up(room) {
             self.read_room(room).await
         } else {
             Err(None)
@@ -651,10 +719,12 @@ impl RedisRegistry {
             }
             Err(error) => {
                 if let Some(error) = error {
-                    self.mark_down(&error);
+                    self.mark_room_down(room, &error);
                 }
-                // Serve local clients; the resync loads the room when Redis returns.
+                // Serve local clients; the resync loads the room (and applies what is held
+                // meanwhile) when Redis returns.
                 let _ = self.hub.ensure_room(room, &self.new_epoch(), now.unix_ms);
+                return;
             }
         }
         let buffered = lock(&follow.buffer).take().unwrap_or_default();
@@ -742,6 +812,10 @@ impl RedisRegistry {
                         Err(error) => warn!(%error, %room, "undecodable message from redis"),
                     }
                 }
+                // On a cluster, the connection to one shard: each followed room checks its own.
+                PushKind::Disconnection if self.settings.cluster => {
+                    tokio::spawn(self.clone().recheck_rooms());
+                }
                 PushKind::Disconnection => self.mark_down(&"pub/sub connection lost"),
                 PushKind::Subscribe | PushKind::SSubscribe if !self.is_up() => {
                     tokio::spawn(self.clone().resync());
@@ -772,13 +846,14 @@ impl RedisRegistry {
         let follow = lock(&self.follows).get(room).cloned();
         if let Some(follow) = follow {
             let mut buffer = lock(&follow.buffer);
-            if !self.is_up() && buffer.is_none() {
+            let held = !self.is_room_up(room);
+            if held && buffer.is_none() {
                 *buffer = Some(Vec::new());
             }
             if let Some(buffer) = buffer.as_mut() {
                 // While Redis is down, what is held is also in Redis and the resync's re-read
                 // comes after it: past the history's length the oldest can go.
-                if !self.is_up() && buffer.len() >= self.settings.history_len.max(1) {
+                if held && buffer.len() >= self.settings.history_len.max(1) {
                     buffer.remove(0);
                 }
                 buffer.push(envelope);
@@ -919,15 +994,118 @@ impl RedisRegistry {
     async fn heartbeat(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.settings.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut beat_failing = false;
         loop {
             tick.tick().await;
             if !self.is_up() {
                 tokio::spawn(self.clone().resync());
                 continue;
             }
-            if let Err(error) = self.beat().await {
-                self.mark_down(&error);
+            if self.settings.cluster {
+                // Each room whose shard failed is resynced on its own, one attempt at a time.
+                let due: Vec<RoomName> = lock(&self.down_rooms)
+                    .iter_mut()
+                    .filter(|(_, resyncing)| !**resyncing)
+                    .map(|(room, resyncing)| {
+                        *resyncing = true;
+                        room.clone()
+                    })
+                    .collect();
+                for room in due {
+                    tokio::spawn(self.clone().resync_room(room));
+                }
             }
+            match self.beat().await {
+                // On a cluster the node records live on one shard: presence suffers, rooms do not.
+                Err(error) if self.settings.cluster => {
+                    if !beat_failing {
+                        warn!(%error, "cannot refresh this node's record and presence in redis");
+                    }
+                    beat_failing = true;
+                }
+                Err(error) => self.mark_down(&error),
+                Ok(()) => beat_failing = false,
+            }
+        }
+    }
+
+    /// Redis Cluster: brings one room back after its shard failed (the shard answers again, or a
+    /// replica took over): subscribes its channel, reseeds it, publishes its outbox items in
+    /// order, then re-reads it into the hub as the whole-Redis resync does (`Hub::resume_from`).
+    async fn resync_room(self: Arc<Self>, room: RoomName) {
+        let follow = lock(&self.follows).get(&room).cloned();
+        if let Some(follow) = &follow {
+            lock(&follow.buffer).get_or_insert_with(Vec::new);
+        }
+        let flushed = async {
+            if follow.is_some() {
+                self.pubsub.clone().subscribe(channel(&room)).await?;
+            }
+            if let Some(numbers) = self.hub.room_numbers(&room) {
+                let (data, ts) = numbers
+                    .state
+                    .as_ref()
+                    .map_or((String::new(), 0), |s| (s.data().to_string(), s.ts_ms));
+                self.reseed_script
+                    .key(meta_key(&room))
+                    .arg(numbers.epoch)
+                    .arg(numbers.version)
+                    .arg(numbers.seq)
+                    .arg(data)
+                    .arg(ts)
+                    .arg(self.settings.state_ttl.as_secs().max(1))
+                    .invoke_async::<String>(&mut self.commands.clone())
+                    .await?;
+            }
+            loop {
+                let next = {
+                    let outbox = lock(&self.outbox);
+                    let next = outbox.iter().find(|item| item.room == room).cloned();
+                    if next.is_none() {
+                        // Under the outbox lock: a publish from now on goes to Redis.
+                        lock(&self.down_rooms).remove(&room);
+                    }
+                    next
+                };
+                let Some(item) = next else { break };
+                self.run_publish(item.to_number(), 0).await?;
+                let mut outbox = lock(&self.outbox);
+                outbox.retain(|queued| queued.serial != item.serial);
+                self.outbox_bytes.fetch_sub(item.data.as_str().len(), Ordering::Relaxed);
+                self.metrics.outbox.set(outbox.len() as i64);
+            }
+            Ok::<_, redis::RedisError>(())
+        }
+        .await;
+        if let Err(error) = flushed {
+            debug!(%error, %room, "the room's redis shard is still down");
+            if let Some(resyncing) = lock(&self.down_rooms).get_mut(&room) {
+                *resyncing = false;
+            }
+            return;
+        }
+        if lock(&self.down_rooms).is_empty() && self.is_up() {
+            self.metrics.registry_up.set(1);
+        }
+        info!(%room, "the room's redis shard is back: outbox published, room re-read");
+        let Some(follow) = follow else { return };
+        let now = crate::clock::now();
+        match self.read_room(&room).await {
+            Ok(snapshot) => {
+                let read: Vec<RemotePublication<'_>> =
+                    snapshot.envelopes.iter().filter_map(OwnedEnvelope::remote).collect();
+                self.hub.resume_from(&room, &snapshot.epoch, &read, now);
+            }
+            Err(error) => {
+                // Held messages stay held until the next attempt re-reads the room.
+                warn!(error = ?error, %room, "cannot re-read the room after its shard returned");
+                self.mark_room_down(&room, &"re-read failed");
+                return;
+            }
+        }
+        let buffered = lock(&follow.buffer).take().unwrap_or_default();
+        for envelope in buffered {
+            self.apply(&room, &envelope, now);
         }
     }
 
