@@ -581,7 +581,7 @@ async fn an_idempotency_key_holds_across_nodes() {
 
 /// Moves one slot from its master to another, keys included, as `redis-cli --cluster reshard`
 /// does for each slot it moves.
-async fn move_slot(cluster: &crate::util::RedisCluster, slot: u64) -> (u16, u16) {
+pub async fn move_slot(cluster: &crate::util::RedisCluster, slot: u64) -> (u16, u16) {
     use crate::util::cluster_node_connection;
     let mut any = cluster_node_connection(cluster.ports[0]).await;
     let nodes: String = redis::cmd("CLUSTER")
@@ -594,6 +594,9 @@ async fn move_slot(cluster: &crate::util::RedisCluster, slot: u64) -> (u16, u16)
     let mut owner = None;
     for line in nodes.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
+        if !fields[2].contains("master") {
+            continue;
+        }
         let port: u16 = fields[1]
             .split(['@', ':'])
             .nth(1)

@@ -30,6 +30,9 @@ struct ContractClient {
     ws: Client,
     epoch: String,
     seq: u64,
+    version: u64,
+    /// The state applied last (the newest, by the rules).
+    state: Option<Value>,
     ids: HashSet<String>,
     /// The `n` of each event taken, in the order taken.
     taken: Vec<u64>,
@@ -46,6 +49,8 @@ impl ContractClient {
             ws: server.connect().await,
             epoch: String::new(),
             seq: 0,
+            version: 0,
+            state: None,
             ids: HashSet::new(),
             taken: Vec::new(),
             repeats: Vec::new(),
@@ -69,13 +74,18 @@ impl ContractClient {
         loop {
             let frame = self.ws.recv().await;
             if frame["type"] == "subscribed" && frame["id"] == request {
-                self.epoch = frame["epoch"].as_str().expect("epoch").to_string();
+                let epoch = frame["epoch"].as_str().expect("epoch").to_string();
                 // Recovered: the events after `since` follow. Otherwise the live stream goes on
-                // after the reply's `seq`.
+                // after the reply's `seq`. The state that follows applies unless it is the same
+                // epoch's and not newer.
                 match since {
                     Some(since) if frame["recovered"] == true => self.seq = since,
                     _ => self.seq = frame["seq"].as_u64().expect("seq"),
                 }
+                if epoch != self.epoch || frame["recovered"] != true {
+                    self.version = 0;
+                }
+                self.epoch = epoch;
                 if since.is_some() && frame["recovered"] == false {
                     self.refetch(server).await;
                 }
@@ -104,6 +114,7 @@ impl ContractClient {
                 // An unrequested notice: a new epoch, the numbers to go on from.
                 self.epoch = frame["epoch"].as_str().expect("epoch").to_string();
                 self.seq = frame["seq"].as_u64().expect("seq");
+                self.version = frame["version"].as_u64().expect("version");
                 let recovered = frame["recovered"] != false;
                 self.notices.push(frame);
                 if !recovered {
@@ -121,7 +132,14 @@ impl ContractClient {
                     self.repeats.push(frame);
                 }
             }
-            Some("reconnect") | Some("state") => {}
+            Some("state") => {
+                let version = frame["version"].as_u64().expect("version");
+                if version > self.version {
+                    self.version = version;
+                    self.state = Some(frame["data"].clone());
+                }
+            }
+            Some("reconnect") => {}
             _ => panic!("unexpected {frame}"),
         }
     }
@@ -140,6 +158,16 @@ impl ContractClient {
                     self.subscribe(servers[live], Some(self.seq)).await;
                     next += 1;
                 }
+            }
+        }
+    }
+
+    /// Reads until the applied state is `wanted`.
+    async fn until_state(&mut self, wanted: &Value, server: &TestServer) {
+        while self.state.as_ref() != Some(wanted) {
+            match self.ws.next_seen().await {
+                Seen::Json(frame) => self.take(server, frame).await,
+                other => panic!("the connection ended: {other:?}"),
             }
         }
     }
@@ -268,6 +296,11 @@ async fn every_event_once_across_a_redis_kill_and_empty_restart() {
             assert_eq!(own, sorted, "client {i}: node {node_index}'s events out of order");
         }
     }
+    let newest = json!({"standings": "final"});
+    nodes[0].publish_state(ROOM, &newest.to_string()).await;
+    for (i, client) in clients.iter_mut().enumerate() {
+        client.until_state(&newest, &nodes[i]).await;
+    }
     // The repro's step: resubscribe through the next node with the last seq and epoch.
     for (i, client) in clients.iter_mut().enumerate() {
         let next = &nodes[(i + 1) % 3];
@@ -311,10 +344,14 @@ async fn every_event_once_and_in_order_across_a_node_kill() {
     let survivors: Vec<&TestServer> = nodes[1..].iter().collect();
     on_first.until(&accepted, &survivors, 0).await;
     on_third.until(&accepted, &survivors, 1).await;
-    for client in [&on_first, &on_third] {
+    let newest = json!({"score": "final"});
+    nodes[1].publish_state(ROOM, &newest.to_string()).await;
+    for client in [&mut on_first, &mut on_third] {
         client.assert_exactly_once(&accepted, &accepted);
         assert_eq!(client.taken, accepted, "in the order published");
     }
+    on_first.until_state(&newest, &nodes[1]).await;
+    on_third.until_state(&newest, &nodes[2]).await;
 }
 
 /// A rolling restart: each node in turn gets SIGTERM (its clients are told to reconnect and
@@ -352,9 +389,12 @@ async fn every_event_once_and_in_order_across_a_rolling_restart() {
         nodes[turn].wait_exit().await;
         nodes[turn] = node(&redis, &format!("n{}b", turn + 1));
     }
-    for client in &clients {
+    let newest = json!({"league": "final"});
+    nodes[0].publish_state(ROOM, &newest.to_string()).await;
+    for client in clients.iter_mut() {
         client.assert_exactly_once(&accepted, &accepted);
         assert_eq!(client.taken, accepted, "in the order published");
+        client.until_state(&newest, &nodes[0]).await;
     }
 }
 
@@ -458,8 +498,13 @@ async fn every_event_once_across_a_cluster_master_kill() {
         }
     }
     publish_round(20, true).await;
+    for (room, server) in [(&doomed_room, &n2), (&healthy_room, &n3)] {
+        server.publish_state(room, &json!({"final": room}).to_string()).await;
+    }
     let servers = [&n1];
     on_z.until(&accepted_z, &servers, 0).await;
+    on_z.until_state(&json!({"final": doomed_room}), &n1).await;
+    on_h.until_state(&json!({"final": healthy_room}), &n1).await;
     on_h.until(&accepted_h, &servers, 0).await;
     on_z.assert_exactly_once(&accepted_z, &attempted);
     on_h.assert_exactly_once(&accepted_h, &attempted);
@@ -481,4 +526,71 @@ async fn every_event_once_across_a_cluster_master_kill() {
         statuses.iter().any(|(doomed, status)| *doomed && *status == 202),
         "the dead shard's room was queued meanwhile"
     );
+}
+
+/// A resharded slot of a live room: three nodes on a Redis Cluster of three masters with a
+/// replica each, a client on each, publishes through all three at about 20 a second while the
+/// room's slot moves to another master. Every client gets every event once, in the order
+/// published, and ends on the newest state.
+#[tokio::test]
+async fn every_event_once_and_in_order_across_a_resharded_slot() {
+    use crate::util::RedisCluster;
+    const ROOM: &str = "bracket:moving";
+    let cluster = RedisCluster::start_with_replicas(1).await;
+    let url = cluster.url();
+    let start = |id: &str| TestServer::start(&["--no-wt", "--redis", &url, "--redis-cluster", "--node-id", id]);
+    let nodes = [start("n1"), start("n2"), start("n3")];
+    let mut clients = Vec::new();
+    for n in &nodes {
+        clients.push(ContractClient::join(n, ROOM).await);
+    }
+    let addrs: Vec<std::net::SocketAddr> = nodes.iter().map(|n| n.http).collect();
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let publisher = tokio::spawn(async move {
+        let mut accepted = Vec::new();
+        for n in 1..=2000u64 {
+            let body = json!({"n": n}).to_string();
+            let path = format!("/v1/rooms/{ROOM}/events");
+            let (status, _, _) =
+                crate::util::request(addrs[n as usize % 3], "POST", &path, Some(TOKEN), &[], body.into()).await;
+            assert_eq!(status, 200, "publish {n}");
+            accepted.push(n);
+            if n >= 20 && stop_rx.try_recv().is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        accepted
+    });
+    let slot: u64 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(format!("cs:{{{ROOM}}}:ch"))
+        .query_async(&mut crate::util::cluster_node_connection(cluster.ports[0]).await)
+        .await
+        .expect("keyslot");
+    let (from, to) = crate::cluster::move_slot(&cluster, slot).await;
+    assert_ne!(from, to);
+    // Publishing goes on a while on the new owner, then stops.
+    eventually("the room's channel is subscribed on the slot's new owner", || async {
+        let mut conn = crate::util::cluster_node_connection(to).await;
+        let reply: Vec<(String, i64)> = redis::cmd("PUBSUB")
+            .arg("SHARDNUMSUB")
+            .arg(format!("cs:{{{ROOM}}}:ch"))
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        reply.first().is_some_and(|r| r.1 == 3).then_some(())
+    })
+    .await;
+    let _ = stop_tx.send(());
+    let accepted = publisher.await.expect("publisher");
+    let last_state = json!({"final": accepted.len()});
+    nodes[1].publish_state(ROOM, &last_state.to_string()).await;
+    let all: Vec<&TestServer> = nodes.iter().collect();
+    for (i, client) in clients.iter_mut().enumerate() {
+        client.until(&accepted, &all, i + 1).await;
+        client.until_state(&last_state, &nodes[i]).await;
+        client.assert_exactly_once(&accepted, &accepted);
+        assert_eq!(client.taken, accepted, "client {i}: in the order published");
+    }
 }
