@@ -120,13 +120,19 @@ impl RedisConn {
 }
 
 const PUBLISH_LUA: &str = r#"
--- KEYS: meta, history. ARGV: kind, data, ts, new epoch, floor, history length, history ttl ms,
+-- KEYS: meta, history, event ids. ARGV: kind, data, ts, new epoch, floor, history length, history ttl ms,
 -- key ttl s, envelope body, channel, origin node, provisional number ('' when none),
 -- publish command (PUBLISH, or SPUBLISH on a cluster), event id (16 hex digits; '' for a state).
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[4]
   redis.call('HSET', KEYS[1], 'epoch', epoch)
+end
+-- An event id numbered before (an outbox retry whose first answer was lost): its number again,
+-- nothing published twice.
+if ARGV[14] ~= '' then
+  local seen = redis.call('ZSCORE', KEYS[3], ARGV[14])
+  if seen then return {epoch, tonumber(seen)} end
 end
 local field = 'seq'
 if ARGV[1] == 'state' then field = 'version' end
@@ -145,6 +151,11 @@ else
   local oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[7])
   if oldest > 0 then redis.call('XTRIM', KEYS[2], 'MINID', oldest) end
   redis.call('PEXPIRE', KEYS[2], ARGV[7])
+  if ARGV[14] ~= '' then
+    redis.call('ZADD', KEYS[3], n, ARGV[14])
+    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', n - tonumber(ARGV[6]))
+    redis.call('PEXPIRE', KEYS[3], ARGV[7])
+  end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[8])
 local x = n
@@ -200,6 +211,12 @@ fn meta_key(room: &RoomName) -> String {
 
 fn history_key(room: &RoomName) -> String {
     format!("cs:{{{room}}}:hist")
+}
+
+/// The ids of the room's recent events with their sequence numbers (a sorted set), so that an
+/// event sent again from an outbox is numbered once.
+fn ids_key(room: &RoomName) -> String {
+    format!("cs:{{{room}}}:ids")
 }
 
 /// Per-room commands in flight at once when a node resubscribes and reseeds its rooms after an
@@ -607,6 +624,7 @@ impl RedisRegistry {
             .publish_script
             .key(meta_key(room))
             .key(history_key(room))
+            .key(ids_key(room))
             .arg(if kind == Kind::State { "state" } else { "event" })
             .arg(data.as_str())
             .arg(ts_ms)
@@ -1414,6 +1432,65 @@ impl RedisRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The publish script against a real redis-server (tests/run.sh installs it): an event id
+    /// sent again gets its first number back, and nothing is stored or published twice.
+    #[tokio::test]
+    async fn the_publish_script_numbers_an_event_id_once() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .port();
+        let mut server = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (apt-get install redis-server)");
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("client");
+        let mut conn = loop {
+            match client.get_multiplexed_async_connection().await {
+                Ok(conn) => break conn,
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        };
+        let room = RoomName::parse("game:once").expect("room");
+        let script = Script::new(PUBLISH_LUA);
+        let mut publish = async |id: &str| -> u64 {
+            let (_epoch, n): (String, u64) = script
+                .key(meta_key(&room))
+                .key(history_key(&room))
+                .key(ids_key(&room))
+                .arg("event")
+                .arg("1")
+                .arg(1)
+                .arg("ep")
+                .arg(0)
+                .arg(1000)
+                .arg(600_000)
+                .arg(60)
+                .arg(Vec::<u8>::new())
+                .arg(channel(&room))
+                .arg("n1")
+                .arg("")
+                .arg("PUBLISH")
+                .arg(id)
+                .invoke_async(&mut conn)
+                .await
+                .expect("script");
+            n
+        };
+        let first = publish("00000000000000a1").await;
+        let again = publish("00000000000000a1").await;
+        let other = publish("00000000000000b2").await;
+        let stored: u64 = redis::cmd("XLEN")
+            .arg(history_key(&room))
+            .query_async(&mut conn)
+            .await
+            .expect("xlen");
+        let _ = server.kill();
+        let _ = server.wait();
+        assert_eq!((first, again, other, stored), (1, 1, 2, 2));
+    }
 
     #[test]
     fn cluster_seeds_may_be_bare_host_ports_after_the_first_url() {
