@@ -122,8 +122,11 @@ impl RedisConn {
 const PUBLISH_LUA: &str = r#"
 -- KEYS: meta, history, event ids. ARGV: kind, data, ts, new epoch, floor, history length, history ttl ms,
 -- key ttl s, envelope body, channel, origin node, provisional number ('' when none),
--- publish command (PUBLISH, or SPUBLISH on a cluster), event id (16 hex digits; '' for a state).
+-- publish command (PUBLISH, or SPUBLISH on a cluster), event id (16 hex digits; '' for a state),
+-- '1' to publish nothing (answer {'', 0}) when Redis holds no such room: an outbox publish of a
+-- room this node does not hold waits for the nodes that hold it to put its numbers back.
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch and ARGV[15] == '1' then return {'', 0} end
 if not epoch then
   epoch = ARGV[4]
   redis.call('HSET', KEYS[1], 'epoch', epoch)
@@ -281,6 +284,15 @@ struct OwnedEnvelope {
     deliver: bool,
 }
 
+/// A room in outage on its own (see `RedisRegistry::down_rooms`).
+#[derive(Debug, Default)]
+struct RoomOutage {
+    /// Its resync is running.
+    resyncing: bool,
+    /// Its outbox publishes wait for the room's holders until then (Redis came back empty).
+    wait_for_holders_until: Option<std::time::Instant>,
+}
+
 /// A publish for the script to number: a fresh one, or one from the outbox.
 #[derive(Debug, Clone, Copy)]
 struct ToNumber<'a> {
@@ -352,9 +364,10 @@ pub struct RedisRegistry {
     commands: RedisConn,
     pubsub: RedisConn,
     up: AtomicBool,
-    /// Redis Cluster: rooms whose shard failed a command, each in outage on its own while the
-    /// others go on (`up` stays true on a cluster). `true` while its resync runs.
-    down_rooms: Mutex<HashMap<RoomName, bool>>,
+    /// Rooms in outage on their own while the others go on: on a cluster, rooms whose shard
+    /// failed a command (`up` stays true on a cluster); on either, rooms whose outbox publishes
+    /// wait for the nodes that hold them (`RoomOutage::wait_for_holders_until`).
+    down_rooms: Mutex<HashMap<RoomName, RoomOutage>>,
     follows: Mutex<HashMap<RoomName, Arc<Follow>>>,
     outbox: Mutex<VecDeque<OutboxItem>>,
     outbox_bytes: AtomicUsize,
@@ -484,7 +497,7 @@ impl RedisRegistry {
     /// Whether the room's publishes go to Redis now: Redis is up and, on a cluster, the room's
     /// shard is not in outage.
     fn is_room_up(&self, room: &RoomName) -> bool {
-        self.is_up() && !(self.settings.cluster && lock(&self.down_rooms).contains_key(room))
+        self.is_up() && !lock(&self.down_rooms).contains_key(room)
     }
 
     pub fn status(&self) -> RegistryStatus {
@@ -511,10 +524,45 @@ impl RedisRegistry {
         }
         let mut down = lock(&self.down_rooms);
         if !down.contains_key(room) {
-            down.insert(room.clone(), false);
+            down.insert(room.clone(), RoomOutage::default());
             warn!(%error, %room, "the room's redis shard failed: serving its local clients only; its publishes wait in the outbox");
             self.metrics.registry_up.set(0);
         }
+    }
+
+    /// An outbox publish found Redis without the room (it came back empty) and this node does not
+    /// hold it: its publishes wait, in order, for two heartbeats, so that the nodes that hold the
+    /// room put its epoch and numbers back first (else this publish would start the room over
+    /// under a new epoch, and their clients would have to refetch). Then they go anyway.
+    fn wait_for_holders(&self, room: &RoomName) {
+        let mut down = lock(&self.down_rooms);
+        let outage = down.entry(room.clone()).or_default();
+        if outage.wait_for_holders_until.is_none() {
+            let until = std::time::Instant::now() + self.settings.heartbeat * 2;
+            outage.wait_for_holders_until = Some(until);
+            info!(%room, "redis lost a room this node does not hold: its queued publishes wait for the nodes that hold it");
+        }
+    }
+
+    /// Drops a published item from the outbox.
+    fn remove_from_outbox(&self, item: &OutboxItem) {
+        let mut outbox = lock(&self.outbox);
+        let before = outbox.len();
+        outbox.retain(|queued| queued.serial != item.serial);
+        if outbox.len() < before {
+            self.outbox_bytes.fetch_sub(item.data.as_str().len(), Ordering::Relaxed);
+        }
+        self.metrics.outbox.set(outbox.len() as i64);
+    }
+
+    /// Whether a publish of the room from the outbox should still wait for its holders.
+    fn waits_for_holders(&self, room: &RoomName) -> bool {
+        let holds = self.hub.room_numbers(room).is_some();
+        !holds
+            && lock(&self.down_rooms)
+                .get(room)
+                .and_then(|o| o.wait_for_holders_until)
+                .is_none_or(|until| std::time::Instant::now() < until)
     }
 
     fn new_epoch(&self) -> String {
@@ -603,6 +651,17 @@ impl RedisRegistry {
 
     /// Runs the publish script: numbers the publish (above `floor`), stores and sends it.
     async fn run_publish(&self, publish: ToNumber<'_>, floor: u64) -> redis::RedisResult<u64> {
+        Ok(self.run_publish_unless_new(publish, floor, false).await?.unwrap_or(0))
+    }
+
+    /// `run_publish`, but with `wait_for_holders` publishes nothing (`None`) if Redis holds no
+    /// such room.
+    async fn run_publish_unless_new(
+        &self,
+        publish: ToNumber<'_>,
+        floor: u64,
+        wait_for_holders: bool,
+    ) -> redis::RedisResult<Option<u64>> {
         let ToNumber {
             room,
             kind,
@@ -639,9 +698,10 @@ impl RedisRegistry {
             .arg(provisional.map(|p| p.to_string()).unwrap_or_default())
             .arg(if self.settings.cluster { "SPUBLISH" } else { "PUBLISH" })
             .arg(id.map(|id| id.to_string()).unwrap_or_default())
+            .arg(if wait_for_holders { "1" } else { "" })
             .invoke_async(&mut conn)
             .await?;
-        Ok(number)
+        Ok((number > 0).then_some(number))
     }
 
     /// Follows the room (subscribes its channel and loads its state and history) before a local
@@ -943,15 +1003,19 @@ impl RedisRegistry {
                     .collect(),
             )
             .await?;
-            loop {
-                let Some(item) = lock(&self.outbox).front().cloned() else {
-                    break;
-                };
-                self.run_publish(item.to_number(), 0).await?;
-                let mut outbox = lock(&self.outbox);
-                outbox.pop_front();
-                self.outbox_bytes.fetch_sub(item.data.as_str().len(), Ordering::Relaxed);
-                self.metrics.outbox.set(outbox.len() as i64);
+            // In order; a room whose publishes must wait for its holders keeps them all, and
+            // resyncs on its own afterwards (`resync_room`).
+            let items: Vec<OutboxItem> = lock(&self.outbox).iter().cloned().collect();
+            for item in items {
+                if lock(&self.down_rooms).contains_key(&item.room) {
+                    continue;
+                }
+                let wait = self.waits_for_holders(&item.room);
+                if self.run_publish_unless_new(item.to_number(), 0, wait).await?.is_none() {
+                    self.wait_for_holders(&item.room);
+                    continue;
+                }
+                self.remove_from_outbox(&item);
             }
             Ok::<_, redis::RedisError>(())
         }
@@ -1019,19 +1083,17 @@ impl RedisRegistry {
                 tokio::spawn(self.clone().resync());
                 continue;
             }
-            if self.settings.cluster {
-                // Each room whose shard failed is resynced on its own, one attempt at a time.
-                let due: Vec<RoomName> = lock(&self.down_rooms)
-                    .iter_mut()
-                    .filter(|(_, resyncing)| !**resyncing)
-                    .map(|(room, resyncing)| {
-                        *resyncing = true;
-                        room.clone()
-                    })
-                    .collect();
-                for room in due {
-                    tokio::spawn(self.clone().resync_room(room));
-                }
+            // Each room in outage on its own is resynced on its own, one attempt at a time.
+            let due: Vec<RoomName> = lock(&self.down_rooms)
+                .iter_mut()
+                .filter(|(_, outage)| !outage.resyncing)
+                .map(|(room, outage)| {
+                    outage.resyncing = true;
+                    room.clone()
+                })
+                .collect();
+            for room in due {
+                tokio::spawn(self.clone().resync_room(room));
             }
             match self.beat().await {
                 // On a cluster the node records live on one shard: presence suffers, rooms do not.
@@ -1047,9 +1109,10 @@ impl RedisRegistry {
         }
     }
 
-    /// Redis Cluster: brings one room back after its shard failed (the shard answers again, or a
-    /// replica took over): subscribes its channel, reseeds it, publishes its outbox items in
-    /// order, then re-reads it into the hub as the whole-Redis resync does (`Hub::resume_from`).
+    /// Brings one room in outage on its own back (on a cluster its shard answers again, or a
+    /// replica took over; or its holders had their time to put it back): subscribes its channel,
+    /// reseeds it, publishes its outbox items in order, then re-reads it into the hub as the
+    /// whole-Redis resync does (`Hub::resume_from`).
     async fn resync_room(self: Arc<Self>, room: RoomName) {
         let follow = lock(&self.follows).get(&room).cloned();
         if let Some(follow) = &follow {
@@ -1086,26 +1149,30 @@ impl RedisRegistry {
                     next
                 };
                 let Some(item) = next else { break };
-                self.run_publish(item.to_number(), 0).await?;
-                let mut outbox = lock(&self.outbox);
-                outbox.retain(|queued| queued.serial != item.serial);
-                self.outbox_bytes.fetch_sub(item.data.as_str().len(), Ordering::Relaxed);
-                self.metrics.outbox.set(outbox.len() as i64);
+                let wait = self.waits_for_holders(&room);
+                if self.run_publish_unless_new(item.to_number(), 0, wait).await?.is_none() {
+                    return Ok(false);
+                }
+                self.remove_from_outbox(&item);
             }
-            Ok::<_, redis::RedisError>(())
+            Ok::<_, redis::RedisError>(true)
         }
         .await;
-        if let Err(error) = flushed {
-            debug!(%error, %room, "the room's redis shard is still down");
-            if let Some(resyncing) = lock(&self.down_rooms).get_mut(&room) {
-                *resyncing = false;
+        let retry_later = |what: &dyn std::fmt::Display| {
+            debug!(%room, "{what}");
+            if let Some(outage) = lock(&self.down_rooms).get_mut(&room) {
+                outage.resyncing = false;
             }
-            return;
+        };
+        match flushed {
+            Ok(true) => {}
+            Ok(false) => return retry_later(&"the room's publishes still wait for its holders"),
+            Err(error) => return retry_later(&format_args!("the room's redis shard is still down: {error}")),
         }
         if lock(&self.down_rooms).is_empty() && self.is_up() {
             self.metrics.registry_up.set(1);
         }
-        info!(%room, "the room's redis shard is back: outbox published, room re-read");
+        info!(%room, "the room is back on redis: its outbox published, the room re-read");
         let Some(follow) = follow else { return };
         let now = crate::clock::now();
         match self.read_room(&room).await {
@@ -1442,7 +1509,16 @@ mod tests {
             .expect("port")
             .port();
         let mut server = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server (apt-get install redis-server)");

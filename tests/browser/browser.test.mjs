@@ -306,7 +306,12 @@ test('across a node kill and a Redis restart, the page gets every event once', a
   await healthyOnRedis(b);
   await publishSome(a2, 5);
 
-  await page.waitForFunction((total) => new Set(window.received.map((r) => r.data.n)).size >= total, n, { timeout: HANG });
+  await page.waitForFunction((total) => new Set(window.received.map((r) => r.data.n)).size >= total, n, { timeout: HANG })
+    .catch(async (e) => {
+      const seen = await page.evaluate(() => window.received.map((r) => `${r.data.n}@${r.seq}`));
+      const logs = [a2, b].map((s) => s.logs.filter((l) => !l.includes('"DEBUG"')).slice(-15).join('\n'));
+      throw new Error(`${e.message}; received ${seen.join(' ')}; logs:\n${logs.join('\n---\n')}`);
+    });
   const taken = await page.evaluate(() => window.received.filter((r) => r.kind === 'event').map((r) => r.data.n));
   assert.equal(taken.length, n, `every event once, none twice: ${taken}`);
   assert.deepEqual([...taken].sort((x, y) => x - y), Array.from({ length: n }, (_, i) => i + 1));

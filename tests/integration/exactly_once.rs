@@ -594,3 +594,42 @@ async fn every_event_once_and_in_order_across_a_resharded_slot() {
         assert_eq!(client.taken, accepted, "client {i}: in the order published");
     }
 }
+
+/// Redis restarted empty while a node that does not hold a room (no subscriber of it there) has
+/// publishes of it in its outbox: they wait for the node that holds the room to put its epoch and
+/// numbers back, so its client sees no new epoch (no refetch) and every event once.
+#[tokio::test]
+async fn publishes_of_a_room_a_node_does_not_hold_wait_for_its_holder_after_an_empty_restart() {
+    const ROOM: &str = "bracket:held";
+    let mut redis = RedisServer::start();
+    let (holder, other) = (node(&redis, "holder"), node(&redis, "other"));
+    let mut client = ContractClient::join(&holder, ROOM).await;
+    let mut accepted = Vec::new();
+    for n in 1..=10 {
+        assert!(publish(&other, ROOM, n).await);
+        accepted.push(n);
+    }
+    redis.kill();
+    for n in 11..=20 {
+        assert!(publish(&other, ROOM, n).await);
+        accepted.push(n);
+    }
+    for n in 21..=25 {
+        assert!(publish(&holder, ROOM, n).await);
+        accepted.push(n);
+    }
+    redis.restart_empty();
+    healthy(&holder).await;
+    healthy(&other).await;
+    for n in 26..=30 {
+        assert!(publish(&other, ROOM, n).await);
+        accepted.push(n);
+    }
+    client.until(&accepted, &[&holder], 0).await;
+    client.assert_exactly_once(&accepted, &accepted);
+    assert!(
+        client.notices.iter().all(|n| n["recovered"] == true),
+        "the room kept its numbering: {:?}",
+        client.notices
+    );
+}
