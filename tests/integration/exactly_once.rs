@@ -149,7 +149,14 @@ impl ContractClient {
     async fn until(&mut self, wanted: &[u64], servers: &[&TestServer], mut next: usize) {
         let mut live = 0;
         while !wanted.iter().all(|n| self.taken.contains(n)) {
-            match self.ws.next_seen().await {
+            let Ok(seen) = tokio::time::timeout(std::time::Duration::from_secs(20), self.ws.next_seen()).await else {
+                let missing: Vec<&u64> = wanted.iter().filter(|n| !self.taken.contains(n)).collect();
+                panic!(
+                    "events never arrived: {missing:?}; taken {:?}; notices {:?}; at seq {} of {}",
+                    self.taken, self.notices, self.seq, self.epoch
+                );
+            };
+            match seen {
                 Seen::Json(frame) => self.take(servers[live], frame).await,
                 Seen::Close(_) | Seen::Ended => {
                     next %= servers.len();
@@ -596,19 +603,39 @@ async fn every_event_once_and_in_order_across_a_resharded_slot() {
 }
 
 /// Redis restarted empty while a node that does not hold a room (no subscriber of it there) has
-/// publishes of it in its outbox: they wait for the node that holds the room to put its epoch and
-/// numbers back, so its client sees no new epoch (no refetch) and every event once.
-#[tokio::test]
+/// publishes of it in its outbox, and the node that holds the room reaches Redis again only after
+/// that one did: the publishes wait for the holder to put the room's epoch and numbers back, so its
+/// client sees no new epoch (nothing to refetch) and every event once. (Before, the first flush
+/// started the room over under a new epoch.)
+// Multi-threaded: the gate forwards while the test thread waits for a server to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_of_a_room_a_node_does_not_hold_wait_for_its_holder_after_an_empty_restart() {
+    use crate::util::TcpGate;
     const ROOM: &str = "bracket:held";
     let mut redis = RedisServer::start();
-    let (holder, other) = (node(&redis, "holder"), node(&redis, "other"));
+    let gate = TcpGate::start(redis.port).await;
+    let start = |url: String, id: &str| {
+        TestServer::start(&[
+            "--no-wt",
+            "--redis",
+            &url,
+            "--node-id",
+            id,
+            "--node-heartbeat",
+            "1500ms",
+        ])
+    };
+    let holder = start(format!("redis://127.0.0.1:{}", gate.port), "holder");
+    let other = start(redis.url(), "other");
     let mut client = ContractClient::join(&holder, ROOM).await;
     let mut accepted = Vec::new();
     for n in 1..=10 {
         assert!(publish(&other, ROOM, n).await);
         accepted.push(n);
     }
+    // Delivered before the cut: the gate drops what it holds in flight when it closes.
+    client.until(&accepted, &[&holder], 0).await;
+    gate.close();
     redis.kill();
     for n in 11..=20 {
         assert!(publish(&other, ROOM, n).await);
@@ -619,6 +646,18 @@ async fn publishes_of_a_room_a_node_does_not_hold_wait_for_its_holder_after_an_e
         accepted.push(n);
     }
     redis.restart_empty();
+    // The other node is back on Redis (its heartbeat wrote its record) before the holder is.
+    eventually("the other node is back on redis", || async {
+        let mut conn = redis.connection().await;
+        let back: bool = redis::cmd("EXISTS")
+            .arg("cs:{nodes}:other")
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        back.then_some(())
+    })
+    .await;
+    gate.open();
     healthy(&holder).await;
     healthy(&other).await;
     for n in 26..=30 {

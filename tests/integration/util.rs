@@ -885,3 +885,59 @@ impl Drop for RedisCluster {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A TCP forwarder on loopback to `target`, which the test can close (refusing new connections
+/// and cutting the open ones) and open again: one node's path to Redis, cut alone.
+pub struct TcpGate {
+    pub port: u16,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    links: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl TcpGate {
+    pub async fn start(target: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let links: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (gate_open, gate_links) = (open.clone(), links.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !gate_open.load(std::sync::atomic::Ordering::Acquire) {
+                    continue;
+                }
+                let link = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                gate_links.lock().expect("links").push(link.abort_handle());
+            }
+        });
+        Self {
+            port,
+            open,
+            links,
+            accept,
+        }
+    }
+
+    pub fn close(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::Release);
+        for link in self.links.lock().expect("links").drain(..) {
+            link.abort();
+        }
+    }
+
+    pub fn open(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl Drop for TcpGate {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.close();
+    }
+}
