@@ -390,6 +390,7 @@ function deriveUrls(origin, options) {
   return {
     webtransport: options.webtransportUrl ?? `https://${base.hostname}:${wtPort}/wt`,
     websocket: options.websocketUrl ?? `${secure ? 'wss' : 'ws'}://${base.host}/ws`,
+    http: (options.httpUrl ?? base.origin).replace(/\/$/, ''),
   };
 }
 
@@ -406,8 +407,9 @@ function withTimeout(promise, ms, onTimeout) {
 /**
  * Connects to a Courtside edge. `origin` is its HTTP origin (for example `location.origin`).
  * Options: certHash (hex SHA-256 from /v1/cert-hash, for development certificates),
- * webtransportUrl, websocketUrl, webtransportPort, webtransportTimeoutMs, transports,
- * reconnectInitialMs, reconnectMaxMs, onTransport(name), onDisconnect(info), log(message).
+ * webtransportUrl, websocketUrl, httpUrl (the HTTP API's origin, for refetching after a failed
+ * recovery; default `origin`), webtransportPort, webtransportTimeoutMs, transports,
+ * reconnectInitialMs, reconnectMaxMs, eventIdMemory, onTransport(name), onDisconnect(info), log(message).
  * Resolves once a transport is open; rejects if none could be opened.
  */
 export async function connect(origin, options = {}) {
@@ -520,8 +522,10 @@ export class CourtsideClient {
     this.nextRequestId = (this.nextRequestId ?? 0) + 1;
     entry.requestId = this.nextRequestId;
     const m = { type: 'subscribe', room, id: entry.requestId };
+    entry.sentSince = undefined;
     if (entry.seq > 0 || entry.since !== undefined) {
       m.since = entry.seq;
+      entry.sentSince = entry.seq;
       if (entry.epoch) m.epoch = entry.epoch;
     }
     this.connection?.send(m).catch(() => {});
@@ -535,6 +539,8 @@ export class CourtsideClient {
         // PROTOCOL.md, "After each subscribed": the reply to our subscribe carries its id;
         // anything else is a notice.
         const reply = m.id !== undefined && m.id === entry.requestId;
+        const sameEpoch = entry.epoch === m.epoch;
+        const sentSince = entry.sentSince;
         if (reply && m.recovered === true) {
           // The events after `since` follow, in this epoch.
         } else if (reply) {
@@ -548,7 +554,11 @@ export class CourtsideClient {
         entry.epoch = m.epoch;
         entry.confirmed = true;
         entry.handlers.onSubscribed?.(m);
-        if (m.recovered === false) entry.handlers.onRecoveryFailed?.(m);
+        if (m.recovered === false) {
+          entry.handlers.onRecoveryFailed?.(m);
+          // What the history still keeps, from our `since` in the same epoch, else from 0.
+          this.refetch(m.room, entry, reply && sameEpoch && sentSince !== undefined ? sentSince : 0);
+        }
         return;
       }
       case 'state': {
@@ -563,11 +573,12 @@ export class CourtsideClient {
         return;
       }
       case 'event': {
-        if (!entry || m.seq <= entry.seq) return;
+        if (!entry) return;
+        // Live events wait while a refetch runs, to come after what it brings.
+        if (entry.held) { entry.held.push(m); return; }
+        if (m.seq <= entry.seq) return;
         entry.seq = m.seq;
-        // An event already delivered under another number (PROTOCOL.md, "Event identity").
-        if (m.id !== undefined && !entry.ids.add(m.id)) return;
-        entry.handlers.onEvent?.(JSON.parse(m.data), { room: m.room, seq: m.seq, id: m.id, ts: m.ts, transport: this.transport });
+        this.takeEvent(entry, m, JSON.parse(m.data), this.transport);
         return;
       }
       case 'error': {
@@ -585,6 +596,38 @@ export class CourtsideClient {
       default:
         return;
     }
+  }
+
+  /** Hands an event to the room's handler unless its id is held already (PROTOCOL.md, "Event
+   *  identity"): the same event under another number is dropped. */
+  takeEvent(entry, m, data, transport) {
+    if (m.id !== undefined && !entry.ids.add(m.id)) return;
+    entry.handlers.onEvent?.(data, { room: m.room, seq: m.seq, id: m.id, ts: m.ts, transport });
+  }
+
+  /** Recovery failed (PROTOCOL.md, "After each subscribed"): fetches what the room's history
+   *  still keeps after `since` and hands over, in order, the events whose id is not held, before
+   *  the live events that arrive meanwhile. A 410 (gone) or a failed fetch hands over nothing. */
+  async refetch(room, entry, since) {
+    if (entry.held) return;
+    entry.held = [];
+    try {
+      const response = await fetch(`${this.urls.http}/v1/rooms/${encodeURIComponent(room)}/events?since=${since}`);
+      if (response.ok) {
+        const body = await response.json();
+        if (body.epoch === entry.epoch) {
+          for (const e of body.events) {
+            if (e.seq > entry.seq) entry.seq = e.seq;
+            this.takeEvent(entry, { room, seq: e.seq, id: e.id, ts: e.ts }, e.data, 'http');
+          }
+        }
+      }
+    } catch (e) {
+      this.log(`refetching ${room} failed: ${e.message ?? e}`);
+    }
+    const held = entry.held;
+    entry.held = null;
+    for (const m of held) this.dispatch(m, false);
   }
 
   lost(info) {
