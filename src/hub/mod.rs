@@ -135,9 +135,19 @@ impl FanoutOutcome {
     }
 }
 
+/// Which of the two room budgets (each `max_rooms`) a room counts against: the publisher's, for
+/// rooms a publish created, or the subscribers', for rooms a subscribe named first. Subscribers
+/// who invent room names fill their own budget only: they can never refuse the publisher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    Published = 0,
+    Subscribed = 1,
+}
+
 #[derive(Debug)]
 struct RoomEntry {
     room: Room,
+    budget: Budget,
     subscribers: HashMap<ConnId, Arc<Subscriber>>,
     /// Set once the room left its shard; a caller holding a stale `Arc` looks it up again.
     removed: bool,
@@ -201,6 +211,8 @@ struct HubInner {
     config: HubConfig,
     metrics: Arc<Metrics>,
     room_count: AtomicUsize,
+    /// Rooms per `Budget`.
+    budget_rooms: [AtomicUsize; 2],
     next_room_id: AtomicU64,
     next_conn_id: AtomicU64,
     /// Random per process, so epochs differ across restarts.
@@ -219,6 +231,7 @@ impl Hub {
             config,
             metrics,
             room_count: AtomicUsize::new(0),
+            budget_rooms: [AtomicUsize::new(0), AtomicUsize::new(0)],
             next_room_id: AtomicU64::new(1),
             next_conn_id: AtomicU64::new(1),
             epoch_seed,
@@ -254,7 +267,7 @@ impl Hub {
     /// Assigns the next version or sequence and offers the publication to every local subscriber.
     pub fn publish(&self, room: &RoomName, kind: Kind, data: &JsonData, now: Now) -> Result<PublishReceipt, HubError> {
         let id = (kind == Kind::Event).then(|| self.next_event_id());
-        let receipt = self.with_room(room, true, now.unix_ms, |entry| {
+        let receipt = self.with_room(room, Some(Budget::Published), now.unix_ms, |entry| {
             self.publish_in(entry, kind, id, data, now)
         })?;
         match kind {
@@ -318,7 +331,7 @@ impl Hub {
     /// epoch restarts the room first and tells its subscribers (`subscribed` with the new epoch
     /// and `recovered: false`). Returns whether this node holds the room.
     pub fn apply_remote(&self, room: &RoomName, remote: &RemotePublication<'_>, now: Now) -> bool {
-        let held = self.with_room(room, false, now.unix_ms, |entry| {
+        let held = self.with_room(room, None, now.unix_ms, |entry| {
             if entry.room.epoch() != remote.epoch && entry.room.resume(remote.epoch) {
                 self.tell_subscribers(entry, room, Some(false));
             }
@@ -356,7 +369,7 @@ impl Hub {
     ///
     /// Either way the newest state follows the notice, and live events continue at `seq + 1`.
     pub fn resume_from(&self, room: &RoomName, epoch: &str, read: &[RemotePublication<'_>], now: Now) {
-        let _ = self.with_room(room, false, now.unix_ms, |entry| {
+        let _ = self.with_room(room, None, now.unix_ms, |entry| {
             if !entry.room.in_outage() && entry.room.epoch() == epoch {
                 for remote in read {
                     self.apply_in(entry, remote, remote.deliver, now);
@@ -390,7 +403,7 @@ impl Hub {
     /// Creates the room (if needed) with the registry's epoch, so that what follows applies to it,
     /// and keeps it until `remove_if_unsubscribed`.
     pub fn ensure_room(&self, room: &RoomName, epoch: &str, now_ms: u64) -> Result<(), HubError> {
-        self.with_room(room, true, now_ms, |entry| {
+        self.with_room(room, Some(Budget::Subscribed), now_ms, |entry| {
             entry.pinned = true;
             if entry.room.version() == 0 && entry.room.last_seq() == 0 && entry.room.epoch() != epoch {
                 entry.room.restart(epoch.to_string());
@@ -410,7 +423,7 @@ impl Hub {
         local_epoch: String,
         id: Option<EventId>,
     ) -> Option<PublishReceipt> {
-        let receipt = self.with_room(room, false, now.unix_ms, |entry| {
+        let receipt = self.with_room(room, None, now.unix_ms, |entry| {
             if entry.room.enter_outage(local_epoch) {
                 self.tell_subscribers(entry, room, Some(true));
             }
@@ -436,7 +449,7 @@ impl Hub {
 
     /// Local subscribers of the room.
     pub fn subscriber_count(&self, room: &RoomName) -> usize {
-        self.with_room(room, false, 0, |entry| entry.subscribers.len())
+        self.with_room(room, None, 0, |entry| entry.subscribers.len())
             .ok()
             .flatten()
             .unwrap_or(0)
@@ -455,14 +468,20 @@ impl Hub {
         }
         entry.removed = true;
         rooms.remove(room);
-        let left = self.0.room_count.fetch_sub(1, Ordering::Relaxed) - 1;
-        self.0.metrics.rooms.set(left as i64);
+        self.forget_rooms(entry.budget, 1);
         true
+    }
+
+    /// Counts `count` rooms of `budget` gone.
+    fn forget_rooms(&self, budget: Budget, count: usize) {
+        self.0.budget_rooms[budget as usize].fetch_sub(count, Ordering::Relaxed);
+        let left = self.0.room_count.fetch_sub(count, Ordering::Relaxed) - count;
+        self.0.metrics.rooms.set(left as i64);
     }
 
     /// What this node knows of a room, to restore it in a registry that lost it.
     pub fn room_numbers(&self, room: &RoomName) -> Option<RoomNumbers> {
-        self.with_room(room, false, 0, |entry| {
+        self.with_room(room, None, 0, |entry| {
             let (version, seq) = entry.room.confirmed();
             RoomNumbers {
                 epoch: entry.room.registry_epoch().to_string(),
@@ -497,7 +516,7 @@ impl Hub {
         request: Option<u64>,
         now_ms: u64,
     ) -> Result<(), HubError> {
-        self.with_room(room, true, now_ms, |entry| {
+        self.with_room(room, Some(Budget::Subscribed), now_ms, |entry| {
             let mut snapshot = entry.room.snapshot(since, epoch, now_ms);
             if let ServerControl::Subscribed { request: echoed, .. } = &mut snapshot.subscribed {
                 *echoed = request;
@@ -524,7 +543,7 @@ impl Hub {
 
     /// Removes `subscriber` from the room and forgets its pending messages of that room.
     pub fn unsubscribe(&self, room: &RoomName, subscriber: &Subscriber) {
-        let result = self.with_room(room, false, 0, |entry| {
+        let result = self.with_room(room, None, 0, |entry| {
             if entry.subscribers.remove(&subscriber.id()).is_some() {
                 self.0.metrics.subscriptions.dec();
             }
@@ -540,7 +559,7 @@ impl Hub {
 
     /// The room's figures, or `None` when this node holds no such room.
     pub fn room_info(&self, room: &RoomName) -> Option<RoomInfo> {
-        self.with_room(room, false, 0, |entry| RoomInfo {
+        self.with_room(room, None, 0, |entry| RoomInfo {
             epoch: entry.room.epoch().to_string(),
             state: entry.room.state().cloned(),
             version: entry.room.version(),
@@ -553,7 +572,7 @@ impl Hub {
 
     /// Retained events after `since`, or `None` when this node holds no such room.
     pub fn room_events(&self, room: &RoomName, since: u64, now_ms: u64) -> Option<RoomHistory> {
-        self.with_room(room, false, now_ms, |entry| {
+        self.with_room(room, None, now_ms, |entry| {
             entry.room.trim(now_ms);
             let events = entry.room.events_since(since).ok_or(entry.room.last_seq());
             RoomHistory {
@@ -567,7 +586,7 @@ impl Hub {
 
     /// Expires old history and state, and drops rooms with nothing left. Returns rooms dropped.
     pub fn sweep(&self, now_ms: u64) -> usize {
-        let mut removed = 0;
+        let mut removed = [0; 2];
         for shard in self.0.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             shard.retain(|_, slot| {
@@ -575,18 +594,19 @@ impl Hub {
                 entry.room.expire(now_ms);
                 if entry.is_empty() {
                     entry.removed = true;
-                    removed += 1;
+                    removed[entry.budget as usize] += 1;
                     false
                 } else {
                     true
                 }
             });
         }
-        if removed > 0 {
-            let left = self.0.room_count.fetch_sub(removed, Ordering::Relaxed) - removed;
-            self.0.metrics.rooms.set(left as i64);
+        for (budget, count) in [(Budget::Published, removed[0]), (Budget::Subscribed, removed[1])] {
+            if count > 0 {
+                self.forget_rooms(budget, count);
+            }
         }
-        removed
+        removed[0] + removed[1]
     }
 
     fn shard(&self, room: &RoomName) -> &Shard {
@@ -595,12 +615,13 @@ impl Hub {
         &self.0.shards[(hash as usize) % SHARDS]
     }
 
-    /// Runs `f` on the room under its own lock, creating the room if asked. Afterwards drops the
-    /// room when it has neither subscribers nor retained data. `Ok(None)`: no room, none created.
+    /// Runs `f` on the room under its own lock, creating the room (counted against `create`'s
+    /// budget) if asked. Afterwards drops the room when it has neither subscribers nor retained
+    /// data. `Ok(None)`: no room, none created.
     fn with_room<R>(
         &self,
         name: &RoomName,
-        create: bool,
+        create: Option<Budget>,
         now_ms: u64,
         f: impl FnOnce(&mut RoomEntry) -> R,
     ) -> Result<Option<R>, HubError> {
@@ -610,12 +631,12 @@ impl Hub {
                 let mut rooms = shard.lock().unwrap_or_else(|p| p.into_inner());
                 match rooms.get(name) {
                     Some(slot) => slot.clone(),
-                    None if create => {
-                        let slot = self.create_room(name, now_ms)?;
+                    None => {
+                        let Some(budget) = create else { return Ok(None) };
+                        let slot = self.create_room(name, now_ms, budget)?;
                         rooms.insert(name.clone(), slot.clone());
                         slot
                     }
-                    None => return Ok(None),
                 }
             };
             let mut entry = slot.lock();
@@ -632,13 +653,14 @@ impl Hub {
         }
     }
 
-    fn create_room(&self, name: &RoomName, now_ms: u64) -> Result<Arc<RoomSlot>, HubError> {
+    fn create_room(&self, name: &RoomName, now_ms: u64, budget: Budget) -> Result<Arc<RoomSlot>, HubError> {
         let max = self.0.config.max_rooms;
-        let count = self.0.room_count.fetch_add(1, Ordering::Relaxed);
-        if count >= max {
-            self.0.room_count.fetch_sub(1, Ordering::Relaxed);
+        let in_budget = &self.0.budget_rooms[budget as usize];
+        if in_budget.fetch_add(1, Ordering::Relaxed) >= max {
+            in_budget.fetch_sub(1, Ordering::Relaxed);
             return Err(HubError::RoomLimit(max));
         }
+        let count = self.0.room_count.fetch_add(1, Ordering::Relaxed);
         self.0.metrics.rooms.set(count as i64 + 1);
         let id = self.0.next_room_id.fetch_add(1, Ordering::Relaxed);
         let epoch = format!(
@@ -648,6 +670,7 @@ impl Hub {
         let room = Room::new(RoomId(id), name.clone(), epoch, self.0.config.retention, now_ms);
         Ok(Arc::new(RoomSlot(Mutex::new(RoomEntry {
             room,
+            budget,
             subscribers: HashMap::new(),
             removed: false,
             pinned: false,
@@ -664,8 +687,7 @@ impl Hub {
         if rooms.get(name).is_some_and(|current| Arc::ptr_eq(current, slot)) {
             rooms.remove(name);
             entry.removed = true;
-            let left = self.0.room_count.fetch_sub(1, Ordering::Relaxed) - 1;
-            self.0.metrics.rooms.set(left as i64);
+            self.forget_rooms(entry.budget, 1);
         }
     }
 }
@@ -887,7 +909,7 @@ mod tests {
     }
 
     #[test]
-    fn room_limit_refuses_new_rooms_only() {
+    fn room_limit_refuses_new_rooms_only_and_subscribers_never_refuse_the_publisher() {
         let hub = hub(HubConfig {
             max_rooms: 1,
             ..HubConfig::default()
@@ -898,12 +920,33 @@ mod tests {
             hub.publish(&room("b"), Kind::State, &data("1"), now()),
             Err(HubError::RoomLimit(1))
         );
+        assert!(hub.publish(&room("a"), Kind::State, &data("2"), now()).is_ok());
+        // Subscribers fill their own budget: a new invented name is refused to them.
         let s = hub.new_subscriber(Transport::WebSocket);
+        hub.subscribe(&room("x"), &s, None, None, None, 0).expect("subscribe");
         assert_eq!(
-            hub.subscribe(&room("b"), &s, None, None, None, 0),
+            hub.subscribe(&room("y"), &s, None, None, None, 0),
             Err(HubError::RoomLimit(1))
         );
-        assert!(hub.publish(&room("a"), Kind::State, &data("2"), now()).is_ok());
+    }
+
+    #[test]
+    fn rooms_subscribers_named_do_not_count_against_the_publishers_budget() {
+        let other = hub(HubConfig {
+            max_rooms: 1,
+            ..HubConfig::default()
+        });
+        let s = other.new_subscriber(Transport::WebSocket);
+        other.subscribe(&room("invented"), &s, None, None, None, 0).expect("subscribe");
+        assert!(other.publish(&room("b"), Kind::State, &data("1"), now()).is_ok());
+        assert!(other.publish(&room("invented"), Kind::Event, &data("1"), now()).is_ok());
+        assert_eq!(other.room_count(), 2);
+        // A room keeps its budget while it retains data, subscribers or not.
+        other.unsubscribe(&room("invented"), &s);
+        assert_eq!(
+            other.subscribe(&room("z"), &s, None, None, None, 0),
+            Err(HubError::RoomLimit(1))
+        );
     }
 
     #[test]

@@ -226,3 +226,37 @@ async fn recovery_of_a_history_larger_than_the_queue_is_delivered() {
     server.publish_event("game:big", "10").await;
     assert_eq!(client.recv().await["seq"], 10);
 }
+
+/// Anonymous subscribers inventing room names fill a budget of their own (`--max-rooms` more
+/// rooms): beyond it a subscribe to a new name gets error 105, and the publisher can still create
+/// rooms (they made every publish to a new room fail with 503 before).
+#[tokio::test]
+async fn subscribers_inventing_rooms_never_refuse_the_publisher() {
+    let server = TestServer::start(&["--no-wt", "--max-rooms", "300"]);
+    let mut refused = 0;
+    let mut clients = Vec::new();
+    for client_index in 0..2 {
+        let mut client = server.connect().await;
+        for i in 0..178 {
+            client
+                .send(json!({"type": "subscribe", "room": format!("invented:{client_index}-{i}")}))
+                .await;
+            let reply = client.recv().await;
+            match reply["type"].as_str() {
+                Some("subscribed") => {}
+                Some("error") => {
+                    assert_eq!(reply["code"], 105, "{reply}");
+                    refused += 1;
+                }
+                _ => panic!("unexpected {reply}"),
+            }
+        }
+        // Held open until the publishes below.
+        clients.push(client);
+    }
+    assert_eq!(refused, 356 - 300, "the subscribers' budget is --max-rooms rooms");
+    for i in 0..10 {
+        let answer = server.publish_state(&format!("game:new{i}"), r#"{"home":1}"#).await;
+        assert_eq!(answer["version"], 1);
+    }
+}
