@@ -139,8 +139,7 @@ impl Admission {
     pub fn authorize_publish(&self, authorization: Option<&[u8]>) -> Result<(), Refusal> {
         let presented = authorization
             .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+            .and_then(bearer_token);
         match presented {
             Some(token) if constant_time_eq(token.as_bytes(), self.0.settings.publish_token.as_bytes()) => Ok(()),
             _ => Err(Refusal::Unauthorized),
@@ -151,6 +150,14 @@ impl Admission {
     pub fn command_budget(&self, now_ms: u64) -> CommandBudget {
         CommandBudget::new(self.0.settings.commands, now_ms)
     }
+}
+
+/// The token of `Bearer <token>`; the scheme is case-insensitive (RFC 9110 §11.1), and one or
+/// more spaces may follow it.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    let token = rest.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -251,6 +258,13 @@ mod tests {
         assert_eq!(a.authorize_publish(Some(b"Bearer wrong")), Err(Refusal::Unauthorized));
         assert_eq!(a.authorize_publish(Some(b"secret")), Err(Refusal::Unauthorized));
         assert_eq!(a.authorize_publish(None), Err(Refusal::Unauthorized));
+        // The scheme is case-insensitive (RFC 9110 section 11.1).
+        for value in [&b"bearer secret"[..], b"BEARER secret", b"BeArEr  secret"] {
+            assert!(a.authorize_publish(Some(value)).is_ok(), "{:?}", std::str::from_utf8(value));
+        }
+        for value in [&b"Basic secret"[..], b"Bearer", b"Bearer ", b"Bearersecret"] {
+            assert_eq!(a.authorize_publish(Some(value)), Err(Refusal::Unauthorized));
+        }
     }
 
     #[test]
