@@ -260,7 +260,11 @@ mod tests {
         assert_eq!(a.authorize_publish(None), Err(Refusal::Unauthorized));
         // The scheme is case-insensitive (RFC 9110 section 11.1).
         for value in [&b"bearer secret"[..], b"BEARER secret", b"BeArEr  secret"] {
-            assert!(a.authorize_publish(Some(value)).is_ok(), "{:?}", std::str::from_utf8(value));
+            assert!(
+                a.authorize_publish(Some(value)).is_ok(),
+                "{:?}",
+                std::str::from_utf8(value)
+            );
         }
         for value in [&b"Basic secret"[..], b"Bearer", b"Bearer ", b"Bearersecret"] {
             assert_eq!(a.authorize_publish(Some(value)), Err(Refusal::Unauthorized));

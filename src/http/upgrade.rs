@@ -94,8 +94,41 @@ fn check_upgrade_headers(headers: &HeaderMap) -> Result<HeaderValue, ApiError> {
             "Sec-WebSocket-Version must be 13",
         ));
     }
-    headers
+    let key = headers
         .get(header::SEC_WEBSOCKET_KEY)
-        .cloned()
-        .ok_or_else(|| ApiError::new(ApiErrorCode::BadWebSocketKey, "Sec-WebSocket-Key is missing"))
+        .ok_or_else(|| ApiError::new(ApiErrorCode::BadWebSocketKey, "Sec-WebSocket-Key is missing"))?;
+    if !is_websocket_key(key.as_bytes()) {
+        return Err(ApiError::new(
+            ApiErrorCode::BadWebSocketKey,
+            "Sec-WebSocket-Key must be 16 bytes in base64 (24 characters ending in ==)",
+        ));
+    }
+    Ok(key.clone())
+}
+
+/// RFC 6455 §4.2.1: the key is a nonce of 16 bytes, base64-encoded: 22 characters of the
+/// alphabet, then `==`.
+fn is_websocket_key(key: &[u8]) -> bool {
+    let base64 = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
+    key.len() == 24 && key[..22].iter().all(base64) && &key[22..] == b"=="
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_websocket_key;
+
+    #[test]
+    fn a_websocket_key_is_16_bytes_in_base64() {
+        assert!(is_websocket_key(b"dGhlIHNhbXBsZSBub25jZQ=="), "RFC 6455's example");
+        for bad in [
+            &b""[..],
+            b"!!!!",
+            b"dGhlIHNhbXBsZSBub25jZQ",
+            b"dGhlIHNhbXBsZSBub25jZQ=!",
+            b"dGhlIHNhbXBsZSBub25j!Q==",
+            b"dGhlIHNhbXBsZSBub25jZQ===",
+        ] {
+            assert!(!is_websocket_key(bad), "{:?}", std::str::from_utf8(bad));
+        }
+    }
 }

@@ -937,7 +937,9 @@ mod tests {
             ..HubConfig::default()
         });
         let s = other.new_subscriber(Transport::WebSocket);
-        other.subscribe(&room("invented"), &s, None, None, None, 0).expect("subscribe");
+        other
+            .subscribe(&room("invented"), &s, None, None, None, 0)
+            .expect("subscribe");
         assert!(other.publish(&room("b"), Kind::State, &data("1"), now()).is_ok());
         assert!(other.publish(&room("invented"), Kind::Event, &data("1"), now()).is_ok());
         assert_eq!(other.room_count(), 2);

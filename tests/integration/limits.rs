@@ -181,6 +181,30 @@ async fn a_plain_get_on_the_websocket_path_is_refused() {
     assert!(String::from_utf8_lossy(&body).contains("upgrade_required"));
 }
 
+/// RFC 6455 section 4.2.1: a key that is not 16 bytes in base64 gets 400 `bad_websocket_key`
+/// (an empty key or `!!!!` got 101 before); a good one still upgrades.
+#[tokio::test]
+async fn a_websocket_key_that_is_not_16_bytes_in_base64_is_refused() {
+    let server = TestServer::start(&["--no-wt"]);
+    let upgrade = [
+        ("upgrade", "websocket"),
+        ("connection", "upgrade"),
+        ("sec-websocket-version", "13"),
+    ];
+    for key in ["", "!!!!", "dGhlIHNhbXBsZSBub25jZQ", "dGhlIHNhbXBsZSBub25jZQ==="] {
+        let mut headers = upgrade.to_vec();
+        headers.push(("sec-websocket-key", key));
+        let (status, _, body) = request(server.http, "GET", "/ws", None, &headers, Bytes::new()).await;
+        let body: serde_json::Value = serde_json::from_slice(&body).expect("a JSON error");
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("bad_websocket_key")),
+            "key {key:?}"
+        );
+    }
+    server.connect().await.subscribe("game:1").await;
+}
+
 #[tokio::test]
 async fn commands_beyond_the_rate_limit_get_104() {
     let server = TestServer::start(&["--command-rate", "1", "--command-burst", "3"]);
