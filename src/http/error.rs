@@ -58,6 +58,12 @@ pub enum ApiErrorCode {
     IdempotencyInProgress,
     /// The node keeps as many keys as it may (embedded registry); retry once keys expire.
     IdempotencyStoreFull,
+    /// A request the router could not take apart (a path that is not UTF-8, for example).
+    BadRequest,
+    /// The endpoint does not take this method (the `Allow` header lists those it takes).
+    MethodNotAllowed,
+    /// The URL is longer than the server reads.
+    UriTooLong,
 }
 
 impl ApiErrorCode {
@@ -87,6 +93,9 @@ impl ApiErrorCode {
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::IdempotencyInProgress => "idempotency_in_progress",
             Self::IdempotencyStoreFull => "idempotency_store_full",
+            Self::BadRequest => "bad_request",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::UriTooLong => "uri_too_long",
         }
     }
 
@@ -100,7 +109,10 @@ impl ApiErrorCode {
             | Self::BadBody
             | Self::BadQuery
             | Self::BadWebSocketKey
-            | Self::BadIdempotencyKey => StatusCode::BAD_REQUEST,
+            | Self::BadIdempotencyKey
+            | Self::BadRequest => StatusCode::BAD_REQUEST,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::UriTooLong => StatusCode::URI_TOO_LONG,
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::IdempotencyInProgress => StatusCode::CONFLICT,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -178,6 +190,55 @@ impl From<RegistryError> for ApiError {
             }
         }
     }
+}
+
+/// URLs longer than this are answered 414 `uri_too_long` (hyper answers beyond 64 KiB itself).
+pub const MAX_URI_BYTES: usize = 8192;
+
+/// Middleware: what the router answers by itself (a path that is not UTF-8, a method an
+/// endpoint does not take) gets the documented JSON error body too, headers such as `Allow`
+/// kept; and a URL beyond `MAX_URI_BYTES` is refused before routing.
+pub async fn json_errors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let uri = request.uri();
+    let uri_len = uri.path().len() + uri.query().map_or(0, |q| q.len() + 1);
+    if uri_len > MAX_URI_BYTES {
+        return ApiError::new(
+            ApiErrorCode::UriTooLong,
+            format!("the URL is {uri_len} bytes; at most {MAX_URI_BYTES} are read"),
+        )
+        .into_response();
+    }
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let code = match status {
+        StatusCode::BAD_REQUEST => ApiErrorCode::BadRequest,
+        StatusCode::NOT_FOUND => ApiErrorCode::NotFound,
+        StatusCode::METHOD_NOT_ALLOWED => ApiErrorCode::MethodNotAllowed,
+        StatusCode::PAYLOAD_TOO_LARGE => ApiErrorCode::BodyTooLarge,
+        StatusCode::URI_TOO_LONG => ApiErrorCode::UriTooLong,
+        _ => return response,
+    };
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let message = match code {
+        ApiErrorCode::MethodNotAllowed => "this endpoint does not take this method (see Allow)".to_string(),
+        _ if text.is_empty() => status.canonical_reason().unwrap_or("error").to_string(),
+        _ => String::from_utf8_lossy(&text).into_owned(),
+    };
+    let error = ApiError::new(code, message);
+    parts.headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(error.body()))
 }
 
 impl ApiErrorCode {

@@ -91,6 +91,7 @@ pub fn router(node: Node, settings: HttpSettings) -> Router {
         .route("/v1/publish", post(publish_batch.layer(auth())))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn(error::json_errors))
         .with_state(state)
 }
 

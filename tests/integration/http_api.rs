@@ -351,3 +351,36 @@ async fn a_retry_after_a_cut_connection_publishes_once() {
     let (_, history) = server.get("/v1/rooms/game:cut/events?since=0").await;
     assert_eq!(history["events"].as_array().map(Vec::len), Some(1), "{history}");
 }
+
+/// What the router answers by itself has the documented JSON body too: a path that is not
+/// UTF-8 (was text/plain), a method an endpoint does not take (was an empty 405), a URL longer
+/// than 8 KiB (was an empty 414).
+#[tokio::test]
+async fn router_errors_have_the_documented_json_body() {
+    let server = TestServer::start(&["--no-wt"]);
+    let long = format!("/v1/rooms/{}", "a".repeat(9000));
+    for (method, path, status, code) in [
+        ("GET", "/v1/rooms/%ff%fe", 400, "bad_request"),
+        ("DELETE", "/v1/rooms/game:1", 405, "method_not_allowed"),
+        ("PUT", "/health", 405, "method_not_allowed"),
+        ("GET", long.as_str(), 414, "uri_too_long"),
+    ] {
+        let (got, headers, body) = request(server.http, method, path, None, &[], Bytes::new()).await;
+        let body: serde_json::Value =
+            serde_json::from_slice(&body).unwrap_or_else(|_| panic!("{method} {path}: not JSON"));
+        assert_eq!(
+            (got, body["error"].as_str()),
+            (status, Some(code)),
+            "{method} {}",
+            &path[..path.len().min(40)]
+        );
+        assert!(body["message"].is_string());
+        assert_eq!(
+            headers.get("content-type").map(|v| v.as_bytes()),
+            Some(&b"application/json"[..])
+        );
+        if status == 405 {
+            assert!(headers.contains_key("allow"), "the Allow header is kept");
+        }
+    }
+}
