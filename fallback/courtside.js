@@ -612,15 +612,18 @@ export class CourtsideClient {
     if (entry.held) return;
     entry.held = [];
     try {
-      const response = await fetch(`${this.urls.http}/v1/rooms/${encodeURIComponent(room)}/events?since=${since}`);
-      if (response.ok) {
+      // Page by page while `more` (docs/openapi.yaml), a bounded number of pages.
+      for (let pages = 0; pages < 50; pages++) {
+        const response = await fetch(`${this.urls.http}/v1/rooms/${encodeURIComponent(room)}/events?since=${since}`);
+        if (!response.ok) break;
         const body = await response.json();
-        if (body.epoch === entry.epoch) {
-          for (const e of body.events) {
-            if (e.seq > entry.seq) entry.seq = e.seq;
-            this.takeEvent(entry, { room, seq: e.seq, id: e.id, ts: e.ts }, e.data, 'http');
-          }
+        if (body.epoch !== entry.epoch) break;
+        for (const e of body.events) {
+          if (e.seq > entry.seq) entry.seq = e.seq;
+          this.takeEvent(entry, { room, seq: e.seq, id: e.id, ts: e.ts }, e.data, 'http');
         }
+        if (!body.more || body.last_seq <= since) break;
+        since = body.last_seq;
       }
     } catch (e) {
       this.log(`refetching ${room} failed: ${e.message ?? e}`);

@@ -32,6 +32,8 @@ pub enum ApiErrorCode {
     RoomNotFound,
     /// The history no longer reaches back to `since`.
     HistoryGone,
+    /// `since` is beyond the room's last sequence (from another epoch, or made up).
+    SinceAhead,
     /// The node holds its maximum number of rooms.
     RoomLimit,
     /// Redis is unreachable (and, for publishes, the outbox is full).
@@ -80,6 +82,7 @@ impl ApiErrorCode {
             Self::Unauthorized => "unauthorized",
             Self::RoomNotFound => "room_not_found",
             Self::HistoryGone => "history_gone",
+            Self::SinceAhead => "since_ahead",
             Self::RoomLimit => "room_limit",
             Self::RegistryUnavailable => "registry_unavailable",
             Self::WebTransportDisabled => "webtransport_disabled",
@@ -114,7 +117,7 @@ impl ApiErrorCode {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::UriTooLong => StatusCode::URI_TOO_LONG,
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::IdempotencyInProgress => StatusCode::CONFLICT,
+            Self::IdempotencyInProgress | Self::SinceAhead => StatusCode::CONFLICT,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::HistoryGone => StatusCode::GONE,

@@ -24,7 +24,7 @@ use crate::config::ServeConfig;
 use crate::core::{JsonData, Kind, RoomName};
 use crate::idempotency::{self, Answer, IdempotencyKey, KeyRefusal, Verdict};
 use crate::node::Node;
-use crate::registry::{Published, Registry, RoomEvents};
+use crate::registry::{HistoryPage, Published, Registry, RoomEvents};
 use crate::transport::websocket::WebSocketSettings;
 
 pub use self::error::{ApiError, ApiErrorCode};
@@ -58,6 +58,8 @@ impl HttpSettings {
 pub struct HttpState {
     pub node: Node,
     pub settings: Arc<HttpSettings>,
+    /// Turns for history reads (`HISTORY_READS_AT_ONCE`).
+    pub history_reads: Arc<tokio::sync::Semaphore>,
 }
 
 impl FromRef<HttpState> for Node {
@@ -72,6 +74,7 @@ pub fn router(node: Node, settings: HttpSettings) -> Router {
     let state = HttpState {
         node: node.clone(),
         settings: Arc::new(settings),
+        history_reads: Arc::new(tokio::sync::Semaphore::new(HISTORY_READS_AT_ONCE)),
     };
     let auth = || middleware::from_fn_with_state(node.clone(), require_token);
     Router::new()
@@ -610,7 +613,16 @@ fn raw_json(text: String) -> Box<RawValue> {
 struct SinceQuery {
     #[serde(default)]
     since: u64,
+    limit: Option<usize>,
 }
+
+/// Events per page of `GET /v1/rooms/{room}/events` at most (and the default).
+const HISTORY_PAGE_LIMIT: usize = 1000;
+/// Data bytes per page past its first event.
+const HISTORY_PAGE_BYTES: usize = 1 << 20;
+/// History reads served at once; more wait their turn, so that concurrent readers of a large
+/// history cost a bounded amount of memory.
+pub const HISTORY_READS_AT_ONCE: usize = 8;
 
 #[derive(Serialize)]
 struct EventView<'a> {
@@ -627,23 +639,37 @@ struct EventsView<'a> {
     epoch: &'a str,
     last_seq: u64,
     events: Vec<EventView<'a>>,
+    more: bool,
 }
 
 async fn room_events(
-    State(node): State<Node>,
+    State(state): State<HttpState>,
     Path(room): Path<String>,
     query: Result<Query<SinceQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let node = state.node;
     let room = parse_room(&room)?;
-    let Ok(Query(SinceQuery { since })) = query else {
-        return Err(ApiError::new(
+    let bad_query = || {
+        ApiError::new(
             ApiErrorCode::BadQuery,
-            "since must be a non-negative integer",
-        ));
+            format!("since must be an integer from 0 to 2^63-1, limit one from 1 to {HISTORY_PAGE_LIMIT}"),
+        )
     };
-    let RoomEvents { epoch, events } = node
+    let Ok(Query(SinceQuery { since, limit })) = query else {
+        return Err(bad_query());
+    };
+    let limit = limit.unwrap_or(HISTORY_PAGE_LIMIT);
+    if since > i64::MAX as u64 || !(1..=HISTORY_PAGE_LIMIT).contains(&limit) {
+        return Err(bad_query());
+    }
+    let page = HistoryPage {
+        limit,
+        max_bytes: HISTORY_PAGE_BYTES,
+    };
+    let _turn = state.history_reads.acquire().await;
+    let RoomEvents { epoch, events, more } = node
         .registry
-        .events_since(&room, since)
+        .events_since(&room, since, page)
         .await?
         .ok_or_else(room_not_found)?;
     let events = events.map(|list| {
@@ -671,8 +697,18 @@ async fn room_events(
                 epoch: &epoch,
                 last_seq,
                 events: views,
+                more,
             })
             .into_response()
+        }
+        Err(last_seq) if since > last_seq => {
+            let body = serde_json::json!({
+                "error": ApiErrorCode::SinceAhead.name(),
+                "message": "since is beyond the room's last seq (another epoch's?); read the state and start from last_seq",
+                "epoch": epoch,
+                "last_seq": last_seq,
+            });
+            (ApiErrorCode::SinceAhead.status(), Json(body)).into_response()
         }
         Err(last_seq) => {
             let body = serde_json::json!({

@@ -4,8 +4,8 @@
 use futures_util::future::{self, BoxFuture, FutureExt};
 
 use super::{
-    NodeRecord, Published, Registry, RegistryError, RegistryStatus, RoomEvents, RoomFigures, StoredEvent, StoredState,
-    Then,
+    HistoryPage, NodeRecord, Published, Registry, RegistryError, RegistryStatus, RoomEvents, RoomFigures, StoredEvent,
+    StoredState, Then,
 };
 use crate::core::{JsonData, Kind, RoomName};
 use crate::hub::{Hub, RoomHistory};
@@ -77,22 +77,30 @@ impl Registry for EmbeddedRegistry {
         &'a self,
         room: &'a RoomName,
         since: u64,
+        page: HistoryPage,
     ) -> BoxFuture<'a, Result<Option<RoomEvents>, RegistryError>> {
         let events = self
             .hub
             .room_events(room, since, crate::clock::unix_ms())
-            .map(|RoomHistory { epoch, events }| RoomEvents {
-                epoch,
-                events: events.map(|list| {
-                    list.iter()
-                        .map(|p| StoredEvent {
-                            seq: p.number(),
-                            id: p.id.unwrap_or(crate::core::EventId(0)),
-                            ts_ms: p.ts_ms,
-                            data: p.data().to_string(),
-                        })
-                        .collect()
-                }),
+            .map(|RoomHistory { epoch, events }| {
+                // The hub hands out shared publications: only the page's data is copied.
+                let (events, more) = match events {
+                    Ok(list) => {
+                        let (count, more) = page.fit(list.iter().map(|p| p.data().len()));
+                        let events = list[..count]
+                            .iter()
+                            .map(|p| StoredEvent {
+                                seq: p.number(),
+                                id: p.id.unwrap_or(crate::core::EventId(0)),
+                                ts_ms: p.ts_ms,
+                                data: p.data().to_string(),
+                            })
+                            .collect();
+                        (Ok(events), more)
+                    }
+                    Err(last_seq) => (Err(last_seq), false),
+                };
+                RoomEvents { epoch, events, more }
             });
         future::ready(Ok(events)).boxed()
     }
@@ -168,7 +176,14 @@ mod tests {
         assert_eq!((figures.version, figures.last_seq), (1, 1));
         assert_eq!(figures.state.map(|s| s.data), Some(r#"{"home":2}"#.to_string()));
         let events = registry
-            .events_since(&room("game:1"), 0)
+            .events_since(
+                &room("game:1"),
+                0,
+                HistoryPage {
+                    limit: 10,
+                    max_bytes: 1 << 20,
+                },
+            )
             .await
             .expect("read")
             .expect("room");

@@ -87,12 +87,39 @@ pub struct StoredEvent {
     pub data: String,
 }
 
-/// A room's retained events after some sequence.
+/// A room's retained events after some sequence: one page of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomEvents {
     pub epoch: String,
-    /// The events, or `Err(last_seq)` when the history no longer reaches back that far.
+    /// The events, or `Err(last_seq)` when the history no longer reaches back that far (or
+    /// `since` is beyond the last sequence).
     pub events: Result<Vec<StoredEvent>, u64>,
+    /// More events follow the page: ask again from its last `seq`.
+    pub more: bool,
+}
+
+/// How much of the history one read returns: at most `limit` events and, past the first,
+/// `max_bytes` of their data, so that a read costs a bounded amount whatever the history holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryPage {
+    pub limit: usize,
+    pub max_bytes: usize,
+}
+
+impl HistoryPage {
+    /// How many of `sizes` (the data sizes of the events in order) fit the page, and whether
+    /// some are left over.
+    pub fn fit(&self, sizes: impl IntoIterator<Item = usize>) -> (usize, bool) {
+        let (mut count, mut bytes) = (0, 0);
+        for size in sizes {
+            if count == self.limit || (count > 0 && bytes + size > self.max_bytes) {
+                return (count, true);
+            }
+            count += 1;
+            bytes += size;
+        }
+        (count, false)
+    }
 }
 
 /// A node as `GET /v1/nodes` shows it.
@@ -126,11 +153,12 @@ pub trait Registry: Send + Sync + std::fmt::Debug {
     /// The room's figures, or `None` when no node holds such a room.
     fn room<'a>(&'a self, room: &'a RoomName) -> BoxFuture<'a, Result<Option<RoomFigures>, RegistryError>>;
 
-    /// Retained events after `since`, or `None` when no node holds such a room.
+    /// One page of the retained events after `since`, or `None` when no node holds such a room.
     fn events_since<'a>(
         &'a self,
         room: &'a RoomName,
         since: u64,
+        page: HistoryPage,
     ) -> BoxFuture<'a, Result<Option<RoomEvents>, RegistryError>>;
 
     /// The live nodes (this one alone with the embedded registry).
@@ -157,4 +185,26 @@ pub trait Registry: Send + Sync + std::fmt::Debug {
     fn release_key<'a>(&'a self, key: &'a IdempotencyKey) -> BoxFuture<'a, ()>;
 
     fn status(&self) -> RegistryStatus;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HistoryPage;
+
+    #[test]
+    fn a_page_holds_up_to_its_limit_and_its_bytes_but_always_one_event() {
+        let page = HistoryPage {
+            limit: 3,
+            max_bytes: 10,
+        };
+        assert_eq!(page.fit([1, 1]), (2, false));
+        assert_eq!(page.fit([1, 1, 1, 1]), (3, true));
+        assert_eq!(page.fit([6, 4, 1]), (2, true));
+        assert_eq!(
+            page.fit([50, 1]),
+            (1, true),
+            "one event larger than the page still goes"
+        );
+        assert_eq!(page.fit([]), (0, false));
+    }
 }

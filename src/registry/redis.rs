@@ -17,8 +17,8 @@ use tracing::{debug, info, warn};
 
 use super::envelope::{self, EnvelopeBody};
 use super::{
-    EmbeddedRegistry, NodeRecord, Published, Registry, RegistryError, RegistryStatus, RoomEvents, RoomFigures,
-    StoredEvent, StoredState, Then,
+    EmbeddedRegistry, HistoryPage, NodeRecord, Published, Registry, RegistryError, RegistryStatus, RoomEvents,
+    RoomFigures, StoredEvent, StoredState, Then,
 };
 use crate::core::{EventId, JsonData, Kind, Now, RoomName};
 use crate::hub::{Hub, RemotePublication};
@@ -1305,19 +1305,43 @@ impl RedisRegistry {
         }))
     }
 
-    /// Retained events after `since` from the Redis stream: `Err(last_seq)` when it no longer
-    /// reaches back that far, `None` when Redis holds no such room.
-    async fn shared_events(&self, room: &RoomName, since: u64) -> redis::RedisResult<Option<RoomEvents>> {
+    /// One page of the retained events after `since` from the Redis stream: `Err(last_seq)` when
+    /// it no longer reaches back that far, `None` when Redis holds no such room. Reads only the
+    /// entries after `since` (sequences only grow, one per entry: the newest `last_seq - since`).
+    async fn shared_events(
+        &self,
+        room: &RoomName,
+        since: u64,
+        page: HistoryPage,
+    ) -> redis::RedisResult<Option<RoomEvents>> {
         let mut conn = self.commands.clone();
-        let (fields, entries): (HashMap<String, String>, StreamEntries) = redis::pipe()
-            .hgetall(meta_key(room))
-            .xrange_all(history_key(room))
-            .query_async(&mut conn)
-            .await?;
+        let fields: HashMap<String, String> = conn.hgetall(meta_key(room)).await?;
         let Some(epoch) = fields.get("epoch").cloned() else {
             return Ok(None);
         };
         let last_seq: u64 = fields.get("seq").and_then(|v| v.parse().ok()).unwrap_or(0);
+        if since >= last_seq {
+            let events = if since == last_seq {
+                Ok(Vec::new())
+            } else {
+                Err(last_seq)
+            };
+            return Ok(Some(RoomEvents {
+                epoch,
+                events,
+                more: false,
+            }));
+        }
+        let newest = (last_seq - since).min(self.settings.history_len.max(1) as u64);
+        let mut entries: StreamEntries = redis::cmd("XREVRANGE")
+            .arg(history_key(room))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(newest)
+            .query_async(&mut conn)
+            .await?;
+        entries.reverse();
         let events: Vec<StoredEvent> = entries
             .iter()
             .filter_map(|(_, e)| {
@@ -1329,17 +1353,21 @@ impl RedisRegistry {
                 })
             })
             .collect();
+        let mut events: Vec<StoredEvent> = events.into_iter().filter(|e| e.seq > since).collect();
         let first = events.first().map_or(last_seq + 1, |e| e.seq);
-        if since > last_seq || since + 1 < first {
+        if since + 1 < first {
             return Ok(Some(RoomEvents {
                 epoch,
                 events: Err(last_seq),
+                more: false,
             }));
         }
-        let events = events.into_iter().filter(|e| e.seq > since).collect();
+        let (count, more) = page.fit(events.iter().map(|e| e.data.len()));
+        events.truncate(count);
         Ok(Some(RoomEvents {
             epoch,
             events: Ok(events),
+            more,
         }))
     }
 }
@@ -1385,9 +1413,10 @@ impl Registry for Arc<RedisRegistry> {
         &'a self,
         room: &'a RoomName,
         since: u64,
+        page: HistoryPage,
     ) -> BoxFuture<'a, Result<Option<RoomEvents>, RegistryError>> {
         async move {
-            self.shared_events(room, since)
+            self.shared_events(room, since, page)
                 .await
                 .map_err(|e| RegistryError::Unavailable(e.to_string()))
         }

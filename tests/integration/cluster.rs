@@ -702,3 +702,11 @@ async fn a_live_room_keeps_its_clients_when_its_slot_moves() {
         "{event}"
     );
 }
+
+/// The history API's pages, read from Redis (the newest entries after `since` only).
+#[tokio::test]
+async fn the_history_is_read_in_bounded_pages_from_redis() {
+    let redis = RedisServer::start();
+    let server = node(&redis, "n1");
+    crate::http_api::check_history_paging(&server, "bracket:pages").await;
+}

@@ -97,14 +97,23 @@ impl ContractClient {
 
     /// `recovered: false`: what the history still holds, by id, before the live stream.
     async fn refetch(&mut self, server: &TestServer) {
-        let (status, body) = server.get(&format!("/v1/rooms/{}/events?since=0", self.room)).await;
-        if status != 200 || body["epoch"] != self.epoch.as_str() {
-            return;
-        }
-        for event in body["events"].as_array().cloned().unwrap_or_default() {
-            if self.ids.insert(event["id"].as_str().expect("id").to_string()) {
-                self.taken.push(event["data"]["n"].as_u64().expect("n"));
+        let mut since = 0;
+        loop {
+            let (status, body) = server
+                .get(&format!("/v1/rooms/{}/events?since={since}", self.room))
+                .await;
+            if status != 200 || body["epoch"] != self.epoch.as_str() {
+                return;
             }
+            for event in body["events"].as_array().cloned().unwrap_or_default() {
+                if self.ids.insert(event["id"].as_str().expect("id").to_string()) {
+                    self.taken.push(event["data"]["n"].as_u64().expect("n"));
+                }
+            }
+            if body["more"] != true {
+                return;
+            }
+            since = body["last_seq"].as_u64().expect("last_seq");
         }
     }
 
