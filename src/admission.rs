@@ -18,6 +18,8 @@ pub struct AdmissionSettings {
     pub publish_token: String,
     /// Commands per connection.
     pub commands: CommandRate,
+    /// Recovered event bytes per connection per minute (`--recovery-bytes`).
+    pub recovery_bytes: usize,
 }
 
 impl AdmissionSettings {
@@ -31,6 +33,7 @@ impl AdmissionSettings {
                 per_second: config.connection.command_rate,
                 burst: config.connection.command_burst,
             },
+            recovery_bytes: config.connection.recovery_bytes,
         }
     }
 }
@@ -150,6 +153,11 @@ impl Admission {
     pub fn command_budget(&self, now_ms: u64) -> CommandBudget {
         CommandBudget::new(self.0.settings.commands, now_ms)
     }
+
+    /// The recovery allowance of a connection opened at `now_ms`.
+    pub fn recovery_budget(&self, now_ms: u64) -> RecoveryBudget {
+        RecoveryBudget::new(self.0.settings.recovery_bytes, now_ms)
+    }
 }
 
 /// The token of `Bearer <token>`; the scheme is case-insensitive (RFC 9110 §11.1), and one or
@@ -162,6 +170,38 @@ fn bearer_token(value: &str) -> Option<&str> {
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A connection's allowance of recovered event bytes (`--recovery-bytes` per minute, as a
+/// token bucket of that size), fed with the time by its caller.
+#[derive(Debug)]
+pub struct RecoveryBudget {
+    per_minute: usize,
+    bytes: f64,
+    last_ms: u64,
+}
+
+impl RecoveryBudget {
+    pub fn new(per_minute: usize, now_ms: u64) -> Self {
+        Self {
+            per_minute,
+            bytes: per_minute as f64,
+            last_ms: now_ms,
+        }
+    }
+
+    /// The bytes a recovery may take now.
+    pub fn available(&mut self, now_ms: u64) -> usize {
+        let elapsed_min = now_ms.saturating_sub(self.last_ms) as f64 / 60_000.0;
+        self.last_ms = now_ms.max(self.last_ms);
+        self.bytes = (self.bytes + elapsed_min * self.per_minute as f64).min(self.per_minute as f64);
+        self.bytes as usize
+    }
+
+    /// Takes what a recovery sent.
+    pub fn spend(&mut self, bytes: usize) {
+        self.bytes = (self.bytes - bytes as f64).max(0.0);
+    }
 }
 
 /// A connection's token bucket of commands, fed with the time by its caller.
@@ -210,6 +250,7 @@ mod tests {
                 allowed_origins: origins.iter().map(|o| o.to_string()).collect(),
                 publish_token: "secret".into(),
                 commands: CommandRate::default(),
+                recovery_bytes: 64 << 20,
             },
             metrics,
         )
@@ -269,6 +310,18 @@ mod tests {
         for value in [&b"Basic secret"[..], b"Bearer", b"Bearer ", b"Bearersecret"] {
             assert_eq!(a.authorize_publish(Some(value)), Err(Refusal::Unauthorized));
         }
+    }
+
+    #[test]
+    fn recovery_takes_from_a_bucket_that_refills_over_a_minute() {
+        let mut budget = RecoveryBudget::new(600, 0);
+        assert_eq!(budget.available(0), 600);
+        budget.spend(500);
+        assert_eq!(budget.available(0), 100);
+        budget.spend(500);
+        assert_eq!(budget.available(0), 0);
+        assert_eq!(budget.available(30_000), 300, "half a minute refills half");
+        assert_eq!(budget.available(600_000), 600, "never above one minute's worth");
     }
 
     #[test]

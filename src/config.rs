@@ -263,6 +263,11 @@ pub struct ConnectionConfig {
     /// Commands a client may send in one burst.
     #[arg(long, env = "COURTSIDE_COMMAND_BURST", value_name = "N", default_value_t = 1000.0)]
     pub command_burst: f64,
+    /// Bytes of events one connection may recover with `since` per minute (a subscribe beyond is
+    /// answered `recovered: false`): what a client that resubscribes in a loop can make the
+    /// server send is bounded.
+    #[arg(long, env = "COURTSIDE_RECOVERY_BYTES", value_name = "BYTES", default_value_t = 64 << 20)]
+    pub recovery_bytes: usize,
 }
 
 /// What rooms retain, and how many there may be.

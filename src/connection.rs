@@ -191,6 +191,7 @@ pub async fn drive<W: Wire>(
         subscriber.clone(),
         settings.session,
         node.admission.command_budget(crate::clock::unix_ms()),
+        node.admission.recovery_budget(crate::clock::unix_ms()),
         node.draining.clone(),
     );
     // Grows to the largest batch this connection has needed: idle fans never pay for MAX_BATCH.

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::admission::CommandBudget;
+use crate::admission::{CommandBudget, RecoveryBudget};
 use crate::core::{ClientCommand, CommandError, ErrorCode, RoomName, ServerControl};
 use crate::hub::{Hub, HubError, Subscriber};
 use crate::registry::Registry;
@@ -43,6 +43,9 @@ pub struct Session {
     limits: SessionLimits,
     /// The command rate admission allows this connection.
     budget: CommandBudget,
+    /// The recovered event bytes admission allows this connection (shared with subscribes
+    /// still loading from Redis).
+    recovery: Arc<Mutex<RecoveryBudget>>,
     /// Set by the server while it drains: no new subscriptions.
     draining: Arc<AtomicBool>,
 }
@@ -54,6 +57,7 @@ impl Session {
         subscriber: Arc<Subscriber>,
         limits: SessionLimits,
         budget: CommandBudget,
+        recovery: RecoveryBudget,
         draining: Arc<AtomicBool>,
     ) -> Self {
         Self {
@@ -63,6 +67,7 @@ impl Session {
             registry,
             limits,
             budget,
+            recovery: Arc::new(Mutex::new(recovery)),
             draining,
         }
     }
@@ -131,10 +136,19 @@ impl Session {
         // The registry first makes sure the room's messages reach the hub (at once when
         // embedded; with Redis after subscribing its channel and loading its state and history).
         let (hub, rooms, subscriber) = (self.hub.clone(), self.rooms.clone(), self.subscriber.clone());
+        let allowance = self.recovery.clone();
         let followed = room.clone();
         self.registry.follow(
             followed,
-            Box::new(move |now_ms| join(&hub, &rooms, &subscriber, room, recovery, now_ms)),
+            Box::new(move |now_ms| {
+                let joining = Joining {
+                    hub: &hub,
+                    rooms: &rooms,
+                    subscriber: &subscriber,
+                    allowance: &allowance,
+                };
+                joining.join(room, recovery, now_ms)
+            }),
         );
     }
 
@@ -156,32 +170,45 @@ struct Recovery {
     request: Option<u64>,
 }
 
-/// Adds the subscriber to the room in the hub if the client still wants it.
-fn join(
-    hub: &Hub,
-    rooms: &Mutex<HashSet<RoomName>>,
-    subscriber: &Arc<Subscriber>,
-    room: RoomName,
-    recovery: Recovery,
-    now_ms: u64,
-) {
-    let mut wanted = rooms.lock().unwrap_or_else(|p| p.into_inner());
-    if !wanted.contains(&room) {
-        return;
-    }
-    let Recovery { since, epoch, request } = recovery;
-    if let Err(error @ HubError::RoomLimit(_)) =
-        hub.subscribe(&room, subscriber, since, epoch.as_deref(), request, now_ms)
-    {
-        wanted.remove(&room);
-        drop(wanted);
-        hub.metrics().error(ErrorCode::RoomLimit);
-        let reply = ServerControl::Error {
-            code: ErrorCode::RoomLimit,
-            message: error.to_string(),
-            room: Some(room),
-        };
-        subscriber.push_control(hub.metrics(), reply);
+/// What a subscribe joins the room with, once the registry follows it.
+struct Joining<'a> {
+    hub: &'a Hub,
+    rooms: &'a Mutex<HashSet<RoomName>>,
+    subscriber: &'a Arc<Subscriber>,
+    allowance: &'a Mutex<RecoveryBudget>,
+}
+
+impl Joining<'_> {
+    /// Adds the subscriber to the room in the hub if the client still wants it; a recovery
+    /// takes from the connection's allowance (beyond it, `recovered: false`).
+    fn join(self, room: RoomName, recovery: Recovery, now_ms: u64) {
+        let Joining {
+            hub,
+            rooms,
+            subscriber,
+            allowance,
+        } = self;
+        let mut wanted = rooms.lock().unwrap_or_else(|p| p.into_inner());
+        if !wanted.contains(&room) {
+            return;
+        }
+        let Recovery { since, epoch, request } = recovery;
+        let mut allowance = allowance.lock().unwrap_or_else(|p| p.into_inner());
+        let available = allowance.available(now_ms);
+        match hub.subscribe(&room, subscriber, since, epoch.as_deref(), request, available, now_ms) {
+            Ok(recovered) => allowance.spend(recovered),
+            Err(error @ HubError::RoomLimit(_)) => {
+                wanted.remove(&room);
+                drop(wanted);
+                hub.metrics().error(ErrorCode::RoomLimit);
+                let reply = ServerControl::Error {
+                    code: ErrorCode::RoomLimit,
+                    message: error.to_string(),
+                    room: Some(room),
+                };
+                subscriber.push_control(hub.metrics(), reply);
+            }
+        }
     }
 }
 
@@ -213,6 +240,7 @@ mod tests {
             sub,
             limits,
             CommandBudget::new(rate, 0),
+            RecoveryBudget::new(usize::MAX, 0),
             Arc::new(AtomicBool::new(false)),
         )
     }

@@ -324,15 +324,24 @@ impl Room {
     }
 
     /// Everything a new subscriber must receive, in order. With `since`, recovery succeeds
-    /// only when the epoch matches (if given) and the history reaches back far enough.
-    pub fn snapshot(&mut self, since: Option<u64>, epoch: Option<&str>, now_ms: u64) -> Snapshot {
+    /// only when the epoch matches (if given), the history reaches back far enough, and the
+    /// events to recover hold at most `max_recovery_bytes` (the connection's allowance).
+    pub fn snapshot(
+        &mut self,
+        since: Option<u64>,
+        epoch: Option<&str>,
+        max_recovery_bytes: usize,
+        now_ms: u64,
+    ) -> Snapshot {
         self.trim(now_ms);
         let (recovered, events) = match since {
             None => (None, Vec::new()),
             Some(_) if epoch.is_some_and(|e| e != self.epoch) => (Some(false), Vec::new()),
             Some(since) => match self.events_since(since) {
-                Some(events) => (Some(true), events),
-                None => (Some(false), Vec::new()),
+                Some(events) if events.iter().map(|p| p.size()).sum::<usize>() <= max_recovery_bytes => {
+                    (Some(true), events)
+                }
+                _ => (Some(false), Vec::new()),
             },
         };
         Snapshot {
@@ -404,7 +413,7 @@ mod tests {
         let mut r = room(RetentionLimits::default());
         r.publish_state(&data(9), at(1));
         r.publish_event(EventId(1), &data(1), at(1));
-        let snap = r.snapshot(None, None, 2);
+        let snap = r.snapshot(None, None, usize::MAX, 2);
         assert!(matches!(
             snap.subscribed,
             ServerControl::Subscribed {
@@ -424,7 +433,7 @@ mod tests {
         for i in 1..=5 {
             r.publish_event(EventId(i), &data(i), at(i));
         }
-        let snap = r.snapshot(Some(2), None, 10);
+        let snap = r.snapshot(Some(2), None, usize::MAX, 10);
         assert!(matches!(
             snap.subscribed,
             ServerControl::Subscribed {
@@ -435,8 +444,11 @@ mod tests {
             }
         ));
         assert_eq!(seqs(&snap.events), vec![3, 4, 5]);
-        assert_eq!(seqs(&r.snapshot(Some(0), None, 10).events), vec![1, 2, 3, 4, 5]);
-        let caught_up = r.snapshot(Some(5), Some("ep"), 10);
+        assert_eq!(
+            seqs(&r.snapshot(Some(0), None, usize::MAX, 10).events),
+            vec![1, 2, 3, 4, 5]
+        );
+        let caught_up = r.snapshot(Some(5), Some("ep"), usize::MAX, 10);
         assert!(matches!(
             caught_up.subscribed,
             ServerControl::Subscribed {
@@ -457,7 +469,7 @@ mod tests {
         for i in 1..=10 {
             r.publish_event(EventId(i), &data(i), at(i));
         }
-        assert_eq!(seqs(&r.snapshot(Some(7), None, 10).events), vec![8, 9, 10]);
+        assert_eq!(seqs(&r.snapshot(Some(7), None, usize::MAX, 10).events), vec![8, 9, 10]);
         let failed = |s: Snapshot| {
             matches!(
                 s.subscribed,
@@ -467,10 +479,29 @@ mod tests {
                 }
             ) && s.events.is_empty()
         };
-        assert!(failed(r.snapshot(Some(6), None, 10)));
-        assert!(failed(r.snapshot(Some(0), None, 10)));
-        assert!(failed(r.snapshot(Some(8), Some("other-epoch"), 10)));
-        assert!(failed(r.snapshot(Some(11), None, 10)));
+        assert!(failed(r.snapshot(Some(6), None, usize::MAX, 10)));
+        assert!(failed(r.snapshot(Some(0), None, usize::MAX, 10)));
+        assert!(failed(r.snapshot(Some(8), Some("other-epoch"), usize::MAX, 10)));
+        assert!(failed(r.snapshot(Some(11), None, usize::MAX, 10)));
+    }
+
+    #[test]
+    fn recovery_beyond_the_connections_allowance_fails_cleanly() {
+        let mut r = room(RetentionLimits::default());
+        for i in 1..=4 {
+            r.publish_event(EventId(i), &data(i), at(i));
+        }
+        let all: usize = r.events_since(0).expect("history").iter().map(|p| p.size()).sum();
+        assert_eq!(seqs(&r.snapshot(Some(0), None, all, 5).events), vec![1, 2, 3, 4]);
+        let over = r.snapshot(Some(0), None, all - 1, 5);
+        assert!(matches!(
+            over.subscribed,
+            ServerControl::Subscribed {
+                recovered: Some(false),
+                ..
+            }
+        ));
+        assert!(over.events.is_empty());
     }
 
     #[test]
@@ -483,9 +514,9 @@ mod tests {
         r.publish_event(EventId(1), &data(1), at(0));
         r.publish_event(EventId(2), &data(2), at(50));
         r.publish_event(EventId(3), &data(3), at(120));
-        assert_eq!(seqs(&r.snapshot(Some(1), None, 120).events), vec![2, 3]);
+        assert_eq!(seqs(&r.snapshot(Some(1), None, usize::MAX, 120).events), vec![2, 3]);
         assert!(matches!(
-            r.snapshot(Some(0), None, 120).subscribed,
+            r.snapshot(Some(0), None, usize::MAX, 120).subscribed,
             ServerControl::Subscribed {
                 recovered: Some(false),
                 ..
@@ -509,7 +540,7 @@ mod tests {
         for i in 1..=5 {
             r.publish_event(EventId(i), &data(i), at(i));
         }
-        assert_eq!(seqs(&r.snapshot(Some(3), None, 5).events), vec![4, 5]);
+        assert_eq!(seqs(&r.snapshot(Some(3), None, usize::MAX, 5).events), vec![4, 5]);
     }
 
     #[test]
@@ -522,7 +553,7 @@ mod tests {
         assert!(r.apply_event(3, EventId(103), 1, &data(3), at(12)).is_some());
         assert!(r.apply_event(9, EventId(109), 1, &data(9), at(12)).is_some());
         assert!(r.apply_event(9, EventId(109), 1, &data(9), at(12)).is_none());
-        assert_eq!(seqs(&r.snapshot(Some(3), None, 12).events), vec![9]);
+        assert_eq!(seqs(&r.snapshot(Some(3), None, usize::MAX, 12).events), vec![9]);
         r.restart("new".into());
         assert_eq!(
             (r.epoch(), r.version(), r.last_seq(), r.retains_data()),
@@ -542,7 +573,7 @@ mod tests {
         assert_eq!((r.epoch(), r.registry_epoch(), r.confirmed()), ("local", "ep", (1, 1)));
         assert!(r.resume("ep"));
         assert_eq!((r.epoch(), r.version(), r.last_seq()), ("ep", 1, 1));
-        assert_eq!(seqs(&r.snapshot(Some(0), None, 3).events), vec![1]);
+        assert_eq!(seqs(&r.snapshot(Some(0), None, usize::MAX, 3).events), vec![1]);
         assert!(
             r.apply_event(2, EventId(102), 3, &data(20), at(3)).is_some(),
             "the registry's event 2 is not taken for the local one"

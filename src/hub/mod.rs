@@ -506,7 +506,9 @@ impl Hub {
     /// Adds `subscriber` to the room and queues, in order: `subscribed` (with the request's
     /// `id`), the current state, and
     /// the events recovered after `since` (one queue entry, handed out in pieces: however much
-    /// history the room keeps, it is delivered). Subscribing again re-sends all of it.
+    /// history the room keeps, it is delivered), if they fit `max_recovery_bytes`. Subscribing
+    /// again re-sends all of it. Returns the bytes of events recovered.
+    #[allow(clippy::too_many_arguments)]
     pub fn subscribe(
         &self,
         room: &RoomName,
@@ -514,10 +516,12 @@ impl Hub {
         since: Option<u64>,
         epoch: Option<&str>,
         request: Option<u64>,
+        max_recovery_bytes: usize,
         now_ms: u64,
-    ) -> Result<(), HubError> {
-        self.with_room(room, Some(Budget::Subscribed), now_ms, |entry| {
-            let mut snapshot = entry.room.snapshot(since, epoch, now_ms);
+    ) -> Result<usize, HubError> {
+        let recovered = self.with_room(room, Some(Budget::Subscribed), now_ms, |entry| {
+            let mut snapshot = entry.room.snapshot(since, epoch, max_recovery_bytes, now_ms);
+            let recovered_bytes: usize = snapshot.events.iter().map(|p| p.size()).sum();
             if let ServerControl::Subscribed { request: echoed, .. } = &mut snapshot.subscribed {
                 *echoed = request;
             }
@@ -537,8 +541,9 @@ impl Hub {
                 subscriber.wake();
             }
             tally.flush(&self.0.metrics, subscriber.transport());
+            recovered_bytes
         })?;
-        Ok(())
+        Ok(recovered.unwrap_or(0))
     }
 
     /// Removes `subscriber` from the room and forgets its pending messages of that room.
@@ -733,7 +738,7 @@ mod tests {
         let hub = hub(HubConfig::default());
         let subscribers: Vec<_> = (0..2055).map(|_| hub.new_subscriber(Transport::WebSocket)).collect();
         for s in &subscribers {
-            hub.subscribe(&room("game:big"), s, None, None, None, 0)
+            hub.subscribe(&room("game:big"), s, None, None, None, usize::MAX, 0)
                 .expect("subscribe");
             drain(s);
         }
@@ -760,9 +765,9 @@ mod tests {
             hub.new_subscriber(Transport::WebSocket),
             hub.new_subscriber(Transport::WebTransport),
         );
-        hub.subscribe(&room("game:1"), &a, None, None, None, 0)
+        hub.subscribe(&room("game:1"), &a, None, None, None, usize::MAX, 0)
             .expect("subscribe");
-        hub.subscribe(&room("game:1"), &b, None, None, None, 0)
+        hub.subscribe(&room("game:1"), &b, None, None, None, usize::MAX, 0)
             .expect("subscribe");
         drain(&a);
         drain(&b);
@@ -812,7 +817,8 @@ mod tests {
         let r = room("bracket:3");
         hub.ensure_room(&r, "E", 0).expect("room");
         let s = hub.new_subscriber(Transport::WebSocket);
-        hub.subscribe(&r, &s, None, None, Some(1), 0).expect("subscribe");
+        hub.subscribe(&r, &s, None, None, Some(1), usize::MAX, 0)
+            .expect("subscribe");
         hub.apply_remote(&r, &remote("E", Kind::Event, 1, 11, "1"), now());
         drain(&s);
         // Redis is down: this node's own publish goes out under a local epoch.
@@ -842,7 +848,7 @@ mod tests {
         hub.apply_remote(&r, &remote("E", Kind::Event, 5, 51, "\"d\""), now());
         assert_eq!(summary(&drain(&s)), ["event \"d\" 5"]);
         let late = hub.new_subscriber(Transport::WebSocket);
-        hub.subscribe(&r, &late, Some(1), Some("E"), None, 0)
+        hub.subscribe(&r, &late, Some(1), Some("E"), None, usize::MAX, 0)
             .expect("subscribe");
         let recovered = summary(&drain(&late));
         assert_eq!(
@@ -866,7 +872,8 @@ mod tests {
         hub.publish(&r, Kind::Event, &data("\"a\""), now()).expect("publish");
         hub.publish(&r, Kind::Event, &data("\"b\""), now()).expect("publish");
         let s = hub.new_subscriber(Transport::WebSocket);
-        hub.subscribe(&r, &s, Some(1), None, None, 1_000).expect("subscribe");
+        hub.subscribe(&r, &s, Some(1), None, None, usize::MAX, 1_000)
+            .expect("subscribe");
         let frames = drain(&s);
         assert_eq!(frames.len(), 3);
         assert!(
@@ -881,7 +888,8 @@ mod tests {
     fn rooms_live_while_they_have_subscribers_or_data() {
         let hub = hub(HubConfig::default());
         let s = hub.new_subscriber(Transport::WebSocket);
-        hub.subscribe(&room("a"), &s, None, None, None, 0).expect("subscribe");
+        hub.subscribe(&room("a"), &s, None, None, None, usize::MAX, 0)
+            .expect("subscribe");
         assert_eq!(hub.room_count(), 1);
         hub.unsubscribe(&room("a"), &s);
         assert_eq!(hub.room_count(), 0);
@@ -900,10 +908,12 @@ mod tests {
     fn a_recreated_room_has_a_new_epoch() {
         let hub = hub(HubConfig::default());
         let s = hub.new_subscriber(Transport::WebSocket);
-        hub.subscribe(&room("a"), &s, None, None, None, 0).expect("subscribe");
+        hub.subscribe(&room("a"), &s, None, None, None, usize::MAX, 0)
+            .expect("subscribe");
         let first = hub.room_info(&room("a")).map(|i| i.epoch);
         hub.unsubscribe(&room("a"), &s);
-        hub.subscribe(&room("a"), &s, None, None, None, 0).expect("subscribe");
+        hub.subscribe(&room("a"), &s, None, None, None, usize::MAX, 0)
+            .expect("subscribe");
         let second = hub.room_info(&room("a")).map(|i| i.epoch);
         assert!(first.is_some() && second.is_some() && first != second);
     }
@@ -923,9 +933,10 @@ mod tests {
         assert!(hub.publish(&room("a"), Kind::State, &data("2"), now()).is_ok());
         // Subscribers fill their own budget: a new invented name is refused to them.
         let s = hub.new_subscriber(Transport::WebSocket);
-        hub.subscribe(&room("x"), &s, None, None, None, 0).expect("subscribe");
+        hub.subscribe(&room("x"), &s, None, None, None, usize::MAX, 0)
+            .expect("subscribe");
         assert_eq!(
-            hub.subscribe(&room("y"), &s, None, None, None, 0),
+            hub.subscribe(&room("y"), &s, None, None, None, usize::MAX, 0),
             Err(HubError::RoomLimit(1))
         );
     }
@@ -938,7 +949,7 @@ mod tests {
         });
         let s = other.new_subscriber(Transport::WebSocket);
         other
-            .subscribe(&room("invented"), &s, None, None, None, 0)
+            .subscribe(&room("invented"), &s, None, None, None, usize::MAX, 0)
             .expect("subscribe");
         assert!(other.publish(&room("b"), Kind::State, &data("1"), now()).is_ok());
         assert!(other.publish(&room("invented"), Kind::Event, &data("1"), now()).is_ok());
@@ -946,7 +957,7 @@ mod tests {
         // A room keeps its budget while it retains data, subscribers or not.
         other.unsubscribe(&room("invented"), &s);
         assert_eq!(
-            other.subscribe(&room("z"), &s, None, None, None, 0),
+            other.subscribe(&room("z"), &s, None, None, None, usize::MAX, 0),
             Err(HubError::RoomLimit(1))
         );
     }
@@ -966,8 +977,10 @@ mod tests {
             hub.new_subscriber(Transport::WebSocket),
             hub.new_subscriber(Transport::WebSocket),
         );
-        hub.subscribe(&r, &slow, None, None, None, 0).expect("subscribe");
-        hub.subscribe(&r, &fast, None, None, None, 0).expect("subscribe");
+        hub.subscribe(&r, &slow, None, None, None, usize::MAX, 0)
+            .expect("subscribe");
+        hub.subscribe(&r, &fast, None, None, None, usize::MAX, 0)
+            .expect("subscribe");
         drain(&slow);
         drain(&fast);
         let mut fast_seqs = Vec::new();

@@ -284,3 +284,35 @@ async fn subscribers_inventing_rooms_never_refuse_the_publisher() {
         assert_eq!(answer["version"], 1);
     }
 }
+
+/// Re-subscribing with `since: 0` in a loop made the server resend the whole history each time
+/// (4.4 KB of commands brought back 425 MiB in 2 s): a connection recovers at most
+/// `--recovery-bytes` of events per minute; beyond it a subscribe is answered `recovered: false`
+/// with no events, and the connection goes on.
+#[tokio::test]
+async fn recovery_beyond_the_connections_allowance_is_answered_recovered_false() {
+    let server = TestServer::start(&["--no-wt", "--recovery-bytes", "2500000"]);
+    let big = format!("\"{}\"", "x".repeat(100_000));
+    for _ in 0..10 {
+        server.publish_event("bracket:loop", &big).await;
+    }
+    let mut client = server.connect().await;
+    for _ in 0..3 {
+        client
+            .send(json!({"type": "subscribe", "room": "bracket:loop", "since": 0}))
+            .await;
+    }
+    let (mut replies, mut events) = (Vec::new(), 0);
+    while replies.len() < 3 {
+        let frame = client.recv().await;
+        match frame["type"].as_str() {
+            Some("subscribed") => replies.push(frame["recovered"].as_bool()),
+            Some("event") => events += 1,
+            _ => panic!("unexpected {frame}"),
+        }
+    }
+    client.send(json!({"type": "ping"})).await;
+    assert_eq!(client.recv().await["type"], "pong");
+    assert_eq!(replies, [Some(true), Some(true), Some(false)]);
+    assert_eq!(events, 20, "two recoveries of ten events, none for the third");
+}
