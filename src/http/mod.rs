@@ -18,7 +18,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::config::ServeConfig;
 use crate::core::{JsonData, Kind, RoomName};
@@ -77,6 +77,7 @@ pub fn router(node: Node, settings: HttpSettings) -> Router {
         history_reads: Arc::new(tokio::sync::Semaphore::new(HISTORY_READS_AT_ONCE)),
     };
     let auth = || middleware::from_fn_with_state(node.clone(), require_token);
+    let whole_body = || middleware::from_fn_with_state(max_body, read_whole_body);
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -86,12 +87,15 @@ pub fn router(node: Node, settings: HttpSettings) -> Router {
         .route("/", get(demo_page))
         .route("/courtside.js", get(client_module))
         .route("/v1/rooms/{room}", get(room_info))
-        .route("/v1/rooms/{room}/state", post(publish_state.layer(auth())))
+        .route(
+            "/v1/rooms/{room}/state",
+            post(publish_state.layer(whole_body()).layer(auth())),
+        )
         .route(
             "/v1/rooms/{room}/events",
-            post(publish_event.layer(auth())).get(room_events),
+            post(publish_event.layer(whole_body()).layer(auth())).get(room_events),
         )
-        .route("/v1/publish", post(publish_batch.layer(auth())))
+        .route("/v1/publish", post(publish_batch.layer(whole_body()).layer(auth())))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn(error::json_errors))
@@ -183,6 +187,71 @@ async fn require_token(State(node): State<Node>, request: Request, next: Next) -
             response
         }
     }
+}
+
+/// Bytes of an oversized body read and dropped before its 413, at most.
+const DRAIN_BYTES: usize = 64 << 20;
+/// Time given to an oversized body's sender to finish before its 413.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads a publish's whole body (at most `max_body`) before its handler. An oversized one is read
+/// to its end and dropped (up to `DRAIN_BYTES`, within `DRAIN_TIME`) before the 413 goes out
+/// with `Connection: close`: a connection closed with unread bytes is reset, and the client
+/// would see the reset instead of the answer.
+async fn read_whole_body(State(max_body): State<usize>, request: Request, next: Next) -> Response {
+    use futures_util::StreamExt;
+    let (parts, body) = request.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut too_large = declared.is_some_and(|n| n > max_body as u64);
+    let mut chunks = body.into_data_stream();
+    let mut kept = bytes::BytesMut::new();
+    let (mut seen, mut drain_until) = (0usize, too_large.then(|| tokio::time::Instant::now() + DRAIN_TIME));
+    loop {
+        let next_chunk = match drain_until {
+            Some(deadline) => match tokio::time::timeout_at(deadline, chunks.next()).await {
+                Ok(chunk) => chunk,
+                Err(_) => break,
+            },
+            None => chunks.next().await,
+        };
+        let chunk = match next_chunk {
+            None => break,
+            Some(Ok(chunk)) => chunk,
+            Some(Err(error)) if too_large => {
+                debug!(%error, "an oversized body ended early");
+                break;
+            }
+            Some(Err(error)) => return ApiError::new(ApiErrorCode::BadBody, error.to_string()).into_response(),
+        };
+        seen = seen.saturating_add(chunk.len());
+        if !too_large && seen > max_body {
+            too_large = true;
+            kept = bytes::BytesMut::new();
+            drain_until = Some(tokio::time::Instant::now() + DRAIN_TIME);
+        }
+        if !too_large {
+            kept.extend_from_slice(&chunk);
+        } else if seen > DRAIN_BYTES {
+            break;
+        }
+    }
+    if too_large {
+        let mut response = ApiError::new(
+            ApiErrorCode::BodyTooLarge,
+            format!("the body is larger than {max_body} bytes (--max-body)"),
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(kept.freeze())))
+        .await
 }
 
 fn parse_room(name: &str) -> Result<RoomName, ApiError> {
