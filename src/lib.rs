@@ -22,5 +22,6 @@ pub mod registry;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod tokens;
 pub mod transport;
 pub mod udp;
