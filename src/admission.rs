@@ -6,9 +6,10 @@ use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::Metrics;
+use crate::tokens::{Claims, RoomPattern, TokenError, TokenSettings, TokenVerifier};
 
 /// What admission enforces, built from the configuration.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct AdmissionSettings {
     /// Open TCP connections at once (HTTP and WebSocket); more are closed on accept.
     pub max_connections: usize,
@@ -20,6 +21,12 @@ pub struct AdmissionSettings {
     pub commands: CommandRate,
     /// Recovered event bytes per connection per minute (`--recovery-bytes`).
     pub recovery_bytes: usize,
+    /// Where JWTs are verified from.
+    pub tokens: TokenSettings,
+    /// Rooms that need a token allowing them.
+    pub private_rooms: Vec<RoomPattern>,
+    /// Every room needs a token.
+    pub require_token: bool,
 }
 
 impl AdmissionSettings {
@@ -34,6 +41,14 @@ impl AdmissionSettings {
                 burst: config.connection.command_burst,
             },
             recovery_bytes: config.connection.recovery_bytes,
+            tokens: TokenSettings {
+                secret: config.tokens.jwt_secret.clone(),
+                keys_file: config.tokens.jwt_keys.clone(),
+                issuer: config.tokens.jwt_issuer.clone(),
+                audience: config.tokens.jwt_audience.clone(),
+            },
+            private_rooms: RoomPattern::list(&config.tokens.private_rooms),
+            require_token: config.tokens.require_token,
         }
     }
 }
@@ -64,6 +79,8 @@ pub enum Refusal {
     OriginNotAllowed,
     #[error("a valid publish token is required: Authorization: Bearer <token>")]
     Unauthorized,
+    #[error("the token does not allow this room")]
+    Forbidden,
 }
 
 impl Refusal {
@@ -71,7 +88,7 @@ impl Refusal {
     pub fn status(self) -> u16 {
         match self {
             Self::ConnectionLimit => 503,
-            Self::OriginNotAllowed => 403,
+            Self::OriginNotAllowed | Self::Forbidden => 403,
             Self::Unauthorized => 401,
         }
     }
@@ -82,6 +99,7 @@ impl Refusal {
             Self::ConnectionLimit => "connection_limit",
             Self::OriginNotAllowed => "origin_not_allowed",
             Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
         }
     }
 }
@@ -102,16 +120,69 @@ pub struct Admission(Arc<AdmissionInner>);
 struct AdmissionInner {
     connections: Arc<Semaphore>,
     settings: AdmissionSettings,
+    tokens: TokenVerifier,
     metrics: Arc<Metrics>,
 }
 
+/// What a publish request's credentials allow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishScope {
+    /// The publish token: every room.
+    Everything,
+    /// A JWT's `publish` claim.
+    Rooms(Vec<RoomPattern>),
+}
+
+impl PublishScope {
+    pub fn allows(&self, room: &str) -> bool {
+        match self {
+            Self::Everything => true,
+            Self::Rooms(patterns) => patterns.iter().any(|p| p.matches(room)),
+        }
+    }
+}
+
 impl Admission {
-    pub fn new(settings: AdmissionSettings, metrics: Arc<Metrics>) -> Self {
-        Self(Arc::new(AdmissionInner {
+    /// Fails when the JWT key file cannot be read.
+    pub fn new(settings: AdmissionSettings, metrics: Arc<Metrics>) -> Result<Self, String> {
+        let tokens = TokenVerifier::new(settings.tokens.clone())?;
+        Ok(Self(Arc::new(AdmissionInner {
             connections: Arc::new(Semaphore::new(settings.max_connections)),
             settings,
+            tokens,
             metrics,
-        }))
+        })))
+    }
+
+    /// Re-reads the JWT key file if it changed (the server calls this every few seconds).
+    pub fn reload_token_keys(&self) -> Result<bool, String> {
+        self.0.tokens.reload_if_changed()
+    }
+
+    /// Verifies a subscriber's token (the `auth` command).
+    pub fn authenticate(&self, token: &str) -> Result<Claims, TokenError> {
+        self.0.tokens.verify(token)
+    }
+
+    /// Whether a connection holding `claims` (or none) may subscribe to `room`: a private room
+    /// (or, with `--require-token`, any) needs a token, and a private one a token allowing it.
+    pub fn may_listen(&self, room: &str, claims: Option<&Claims>) -> Result<(), Refusal> {
+        let private = self.0.settings.private_rooms.iter().any(|p| p.matches(room));
+        let allowed = match claims {
+            Some(claims) => !private || claims.may_listen(room),
+            None => !private && !self.0.settings.require_token,
+        };
+        if allowed {
+            Ok(())
+        } else {
+            // Counted by the session's error reply (109), not here.
+            Err(Refusal::Forbidden)
+        }
+    }
+
+    /// Whether `room` needs a token to be read (over HTTP too).
+    pub fn is_private(&self, room: &str) -> bool {
+        self.0.settings.require_token || self.0.settings.private_rooms.iter().any(|p| p.matches(room))
     }
 
     fn refuse(&self, refusal: Refusal) -> Refusal {
@@ -138,14 +209,46 @@ impl Admission {
         }
     }
 
-    /// A publish request's `Authorization` header value.
-    pub fn authorize_publish(&self, authorization: Option<&[u8]>) -> Result<(), Refusal> {
+    /// A publish request's `Authorization` header value: the publish token (every room), or a
+    /// JWT whose `publish` claim names the rooms it may publish to.
+    pub fn authorize_publish(&self, authorization: Option<&[u8]>) -> Result<PublishScope, Refusal> {
         let presented = authorization
             .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(bearer_token);
         match presented {
-            Some(token) if constant_time_eq(token.as_bytes(), self.0.settings.publish_token.as_bytes()) => Ok(()),
+            Some(token) if constant_time_eq(token.as_bytes(), self.0.settings.publish_token.as_bytes()) => {
+                Ok(PublishScope::Everything)
+            }
+            Some(token) if self.0.tokens.is_configured() => match self.0.tokens.verify(token) {
+                Ok(claims) => Ok(PublishScope::Rooms(claims.publish)),
+                Err(_) => Err(Refusal::Unauthorized),
+            },
             _ => Err(Refusal::Unauthorized),
+        }
+    }
+
+    /// Whether a request holding `authorization` may read private `room` over HTTP: the publish
+    /// token, or a JWT that may listen to it.
+    pub fn may_read(&self, room: &str, authorization: Option<&[u8]>) -> Result<(), Refusal> {
+        if !self.is_private(room) {
+            return Ok(());
+        }
+        let presented = authorization
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(bearer_token);
+        let allowed = match presented {
+            Some(token) if constant_time_eq(token.as_bytes(), self.0.settings.publish_token.as_bytes()) => true,
+            Some(token) => self
+                .0
+                .tokens
+                .verify(token)
+                .is_ok_and(|claims| self.may_listen(room, Some(&claims)).is_ok()),
+            None => false,
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(self.refuse(Refusal::Forbidden))
         }
     }
 
@@ -251,9 +354,16 @@ mod tests {
                 publish_token: "secret".into(),
                 commands: CommandRate::default(),
                 recovery_bytes: 64 << 20,
+                tokens: TokenSettings {
+                    secret: Some("jwt-secret".into()),
+                    ..TokenSettings::default()
+                },
+                private_rooms: RoomPattern::list("user:*"),
+                require_token: false,
             },
             metrics,
         )
+        .expect("admission")
     }
 
     #[test]
@@ -295,7 +405,10 @@ mod tests {
     #[test]
     fn publishing_needs_the_bearer_token() {
         let a = admission(1, &[]);
-        assert!(a.authorize_publish(Some(b"Bearer secret")).is_ok());
+        assert_eq!(
+            a.authorize_publish(Some(b"Bearer secret")),
+            Ok(PublishScope::Everything)
+        );
         assert_eq!(a.authorize_publish(Some(b"Bearer wrong")), Err(Refusal::Unauthorized));
         assert_eq!(a.authorize_publish(Some(b"secret")), Err(Refusal::Unauthorized));
         assert_eq!(a.authorize_publish(None), Err(Refusal::Unauthorized));

@@ -67,6 +67,8 @@ pub struct ServeConfig {
     #[command(flatten)]
     pub connection: ConnectionConfig,
     #[command(flatten)]
+    pub tokens: TokenConfig,
+    #[command(flatten)]
     pub cluster: ClusterConfig,
     #[command(flatten)]
     pub rooms: RoomConfig,
@@ -268,6 +270,30 @@ pub struct ConnectionConfig {
     /// server send is bounded.
     #[arg(long, env = "COURTSIDE_RECOVERY_BYTES", value_name = "BYTES", default_value_t = 64 << 20)]
     pub recovery_bytes: usize,
+}
+
+/// Subscriber and publisher tokens (JWT), and the rooms that need one.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Tokens")]
+pub struct TokenConfig {
+    /// HS256 secret that signs the JWTs of subscribers (the `auth` command) and publishers.
+    #[arg(long, env = "COURTSIDE_JWT_SECRET", value_name = "SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM file of public keys (RS256, ES256, EdDSA) that sign JWTs; re-read when it changes.
+    #[arg(long, env = "COURTSIDE_JWT_KEYS", value_name = "FILE")]
+    pub jwt_keys: Option<PathBuf>,
+    /// The `iss` a JWT must carry.
+    #[arg(long, env = "COURTSIDE_JWT_ISSUER", value_name = "ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// The `aud` a JWT must carry.
+    #[arg(long, env = "COURTSIDE_JWT_AUDIENCE", value_name = "AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Rooms that need a token allowing them (names, or prefixes ending in `*`), comma-separated.
+    #[arg(long, env = "COURTSIDE_PRIVATE_ROOMS", value_name = "LIST", default_value = "user:*")]
+    pub private_rooms: String,
+    /// Every room needs a token (public rooms: any valid one).
+    #[arg(long, env = "COURTSIDE_REQUIRE_TOKEN")]
+    pub require_token: bool,
 }
 
 /// What rooms retain, and how many there may be.

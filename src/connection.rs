@@ -84,6 +84,8 @@ pub enum Ending {
     Shutdown,
     Slow,
     Idle,
+    /// The connection's token expired and no `auth` refreshed it.
+    TokenExpired,
     /// The client sent a message larger than `limit` bytes.
     TooBig {
         limit: usize,
@@ -190,9 +192,9 @@ pub async fn drive<W: Wire>(
         node.registry.clone(),
         subscriber.clone(),
         settings.session,
-        node.admission.command_budget(crate::clock::unix_ms()),
-        node.admission.recovery_budget(crate::clock::unix_ms()),
+        node.admission.clone(),
         node.draining.clone(),
+        crate::clock::unix_ms(),
     );
     // Grows to the largest batch this connection has needed: idle fans never pay for MAX_BATCH.
     let mut batch = Vec::new();
@@ -203,6 +205,8 @@ pub async fn drive<W: Wire>(
         ticks
     });
     let mut last_heard = Instant::now();
+    // While the connection holds a token: its expiry (boxed, for authenticated connections only).
+    let mut token_expiry: Option<(u64, std::pin::Pin<Box<tokio::time::Sleep>>)> = None;
     // Made once, not on every turn of the loop, and polled through a gate: a turn polls only
     // the branches that woke (the shutdown notice's poll takes a lock).
     let shutdown_notice = shutdown.recv();
@@ -226,7 +230,15 @@ pub async fn drive<W: Wire>(
                     Inbound::Command(command) => {
                         last_heard = Instant::now();
                         transport.client_messages.inc();
-                        session.handle(command, crate::clock::unix_ms());
+                        let now_ms = crate::clock::unix_ms();
+                        session.handle(command, now_ms);
+                        let expires_ms = session.token_expires_ms();
+                        if expires_ms != token_expiry.as_ref().map(|(ms, _)| *ms) {
+                            token_expiry = expires_ms.map(|ms| {
+                                let left = Duration::from_millis(ms.saturating_sub(now_ms));
+                                (ms, Box::pin(tokio::time::sleep(left)))
+                            });
+                        }
                     }
                     Inbound::Rejected(code, message) => {
                         last_heard = Instant::now();
@@ -241,6 +253,9 @@ pub async fn drive<W: Wire>(
                     }
                     Inbound::End(ending) => break ending,
                 }
+            }
+            _ = async { if let Some((_, sleep)) = token_expiry.as_mut() { sleep.as_mut().await } }, if token_expiry.is_some() => {
+                break Ending::TokenExpired;
             }
             _ = tick(&mut keepalive), if keepalive.is_some() => {
                 if settings.keepalive.is_some_and(|k| last_heard.elapsed() >= k.idle_timeout) {
@@ -317,6 +332,11 @@ async fn finish<W: Wire>(
             metrics.close_error(close_code::IDLE_TIMEOUT, "idle_timeout");
             wire.close(close(close_code::IDLE_TIMEOUT, "idle timeout", CLOSE_WAIT))
                 .await;
+        }
+        Ending::TokenExpired => {
+            metrics.close_error(close_code::TOKEN_EXPIRED, "token_expired");
+            let reason = "token expired; reconnect with a fresh one";
+            wire.close(close(close_code::TOKEN_EXPIRED, reason, CLOSE_WAIT)).await;
         }
         Ending::TooBig { limit } => {
             metrics.close_error(close_code::MESSAGE_TOO_BIG, "message_too_big");

@@ -108,7 +108,23 @@ fn run(config: ServeConfig) -> anyhow::Result<()> {
                 Arc::new(redis)
             }
         };
-        let admission = Admission::new(AdmissionSettings::from_config(&config, token), hub.metrics().clone());
+        let admission = Admission::new(AdmissionSettings::from_config(&config, token), hub.metrics().clone())
+            .map_err(|e| anyhow::anyhow!(e))?;
+        {
+            // Keys rotate by replacing the file: it is re-read when it changes.
+            let admission = admission.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+                loop {
+                    every.tick().await;
+                    match admission.reload_token_keys() {
+                        Ok(true) => info!("jwt keys reloaded"),
+                        Ok(false) => {}
+                        Err(error) => warn!(%error, "jwt keys not reloaded; the keys in use stay"),
+                    }
+                }
+            });
+        }
         let node = Node::new(hub, registry, admission);
         info!(%http, version = env!("CARGO_PKG_VERSION"), "listening for HTTP and WebSocket (/ws)");
         if !config.webtransport.disabled {

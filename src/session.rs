@@ -5,10 +5,11 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::admission::{CommandBudget, RecoveryBudget};
+use crate::admission::{Admission, CommandBudget, RecoveryBudget};
 use crate::core::{ClientCommand, CommandError, ErrorCode, RoomName, ServerControl};
 use crate::hub::{Hub, HubError, Subscriber};
 use crate::registry::Registry;
+use crate::tokens::Claims;
 
 /// Per-connection limits on what a client controls (the command rate is admission's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,19 +47,24 @@ pub struct Session {
     /// The recovered event bytes admission allows this connection (shared with subscribes
     /// still loading from Redis).
     recovery: Arc<Mutex<RecoveryBudget>>,
+    /// Who may listen to what.
+    admission: Admission,
+    /// The connection's token, once an `auth` was accepted (boxed: most connections have none).
+    claims: Option<Box<Claims>>,
     /// Set by the server while it drains: no new subscriptions.
     draining: Arc<AtomicBool>,
 }
 
 impl Session {
+    /// A session opened at `now_ms`: its command and recovery budgets come from `admission`.
     pub fn new(
         hub: Hub,
         registry: Arc<dyn Registry>,
         subscriber: Arc<Subscriber>,
         limits: SessionLimits,
-        budget: CommandBudget,
-        recovery: RecoveryBudget,
+        admission: Admission,
         draining: Arc<AtomicBool>,
+        now_ms: u64,
     ) -> Self {
         Self {
             hub,
@@ -66,10 +72,18 @@ impl Session {
             rooms: Arc::new(Mutex::new(HashSet::new())),
             registry,
             limits,
-            budget,
-            recovery: Arc::new(Mutex::new(recovery)),
+            budget: admission.command_budget(now_ms),
+            recovery: Arc::new(Mutex::new(admission.recovery_budget(now_ms))),
+            admission,
+            claims: None,
             draining,
         }
+    }
+
+    /// When the connection's token expires (ms since the Unix epoch): the driver closes it then
+    /// with 4003 unless an `auth` refreshed it.
+    pub fn token_expires_ms(&self) -> Option<u64> {
+        self.claims.as_ref().map(|c| c.exp.saturating_mul(1000))
     }
 
     pub fn subscriber(&self) -> &Arc<Subscriber> {
@@ -109,6 +123,27 @@ impl Session {
                 self.reply(ServerControl::Unsubscribed { room });
             }
             ClientCommand::Ping => self.reply(ServerControl::Pong),
+            ClientCommand::Auth { token } => self.authenticate(&token),
+        }
+    }
+
+    /// `auth`: a token for the connection, or a fresh one for the same subject.
+    fn authenticate(&mut self, token: &str) {
+        match self.admission.authenticate(token) {
+            Ok(claims) if self.claims.as_ref().is_some_and(|held| held.sub != claims.sub) => self.reply_error(
+                ErrorCode::BadToken,
+                "a new token must keep the connection's subject (sub); reconnect to change it".into(),
+                None,
+            ),
+            Ok(claims) => {
+                let reply = ServerControl::Authed {
+                    sub: claims.sub.clone(),
+                    exp: claims.exp,
+                };
+                self.claims = Some(Box::new(claims));
+                self.reply(reply);
+            }
+            Err(error) => self.reply_error(ErrorCode::BadToken, error.to_string(), None),
         }
     }
 
@@ -124,6 +159,17 @@ impl Session {
                 "the server is shutting down; reconnect".into(),
                 Some(room),
             );
+        }
+        if self
+            .admission
+            .may_listen(room.as_str(), self.claims.as_deref())
+            .is_err()
+        {
+            let message = match self.claims {
+                Some(_) => "this room is private and the connection's token does not allow it",
+                None => "this room needs a token: send auth first",
+            };
+            return self.reply_error(ErrorCode::Forbidden, message.into(), Some(room));
         }
         let mut wanted = self.wanted();
         if !wanted.contains(&room) && wanted.len() >= self.limits.max_subscriptions {
@@ -239,10 +285,79 @@ mod tests {
             registry,
             sub,
             limits,
-            CommandBudget::new(rate, 0),
-            RecoveryBudget::new(usize::MAX, 0),
+            test_admission(rate),
             Arc::new(AtomicBool::new(false)),
+            0,
         )
+    }
+
+    fn test_admission(commands: CommandRate) -> Admission {
+        let settings = crate::admission::AdmissionSettings {
+            max_connections: 10,
+            allowed_origins: Vec::new(),
+            publish_token: "p".into(),
+            commands,
+            recovery_bytes: usize::MAX,
+            tokens: crate::tokens::TokenSettings {
+                secret: Some("jwt".into()),
+                ..Default::default()
+            },
+            private_rooms: crate::tokens::RoomPattern::list("user:*"),
+            require_token: false,
+        };
+        Admission::new(settings, Arc::new(Metrics::new())).expect("admission")
+    }
+
+    fn token(claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(b"jwt"),
+        )
+        .expect("token")
+    }
+
+    #[test]
+    fn a_private_room_needs_a_token_that_allows_it() {
+        let mut s = session(SessionLimits::default());
+        let exp = crate::clock::unix_ms() / 1000 + 60;
+        s.handle(parse_command(r#"{"type":"subscribe","room":"user:55"}"#), 0);
+        s.handle(
+            parse_command(&json_auth(&token(serde_json::json!({"sub": "55", "exp": exp})))),
+            0,
+        );
+        s.handle(parse_command(r#"{"type":"subscribe","room":"user:55"}"#), 0);
+        s.handle(parse_command(r#"{"type":"subscribe","room":"user:56"}"#), 0);
+        // A refresh keeps the subject; another subject is refused.
+        s.handle(
+            parse_command(&json_auth(&token(serde_json::json!({"sub": "56", "exp": exp})))),
+            0,
+        );
+        s.handle(parse_command(r#"{"type":"auth","token":"forged"}"#), 0);
+        let got = replies(&s);
+        assert!(
+            got[0].contains(r#""code":109"#) && got[0].contains("user:55"),
+            "{}",
+            got[0]
+        );
+        assert_eq!(got[1], format!(r#"{{"type":"authed","sub":"55","exp":{exp}}}"#));
+        assert!(
+            got[2].starts_with(r#"{"type":"subscribed","room":"user:55""#),
+            "{}",
+            got[2]
+        );
+        assert!(
+            got[3].contains(r#""code":109"#) && got[3].contains("user:56"),
+            "{}",
+            got[3]
+        );
+        assert!(got[4].contains(r#""code":108"#), "{}", got[4]);
+        assert!(got[5].contains(r#""code":108"#), "{}", got[5]);
+        assert_eq!(s.token_expires_ms(), Some(exp * 1000));
+    }
+
+    fn json_auth(token: &str) -> String {
+        serde_json::json!({"type": "auth", "token": token}).to_string()
     }
 
     fn session(limits: SessionLimits) -> Session {

@@ -27,7 +27,10 @@ impl RoomPattern {
 
     /// A comma-separated list, as the options take it.
     pub fn list(text: &str) -> Vec<Self> {
-        text.split(',').filter(|p| !p.trim().is_empty()).map(Self::new).collect()
+        text.split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(Self::new)
+            .collect()
     }
 }
 
@@ -76,7 +79,7 @@ pub enum TokenError {
 }
 
 /// Where keys come from.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TokenSettings {
     pub secret: Option<String>,
     pub keys_file: Option<PathBuf>,
@@ -109,7 +112,10 @@ impl std::fmt::Debug for TokenVerifier {
 impl TokenVerifier {
     /// Loads the key file, if there is one: a file that cannot be read or holds no key is an error.
     pub fn new(settings: TokenSettings) -> Result<Self, String> {
-        let secret = settings.secret.as_deref().map(|s| DecodingKey::from_secret(s.as_bytes()));
+        let secret = settings
+            .secret
+            .as_deref()
+            .map(|s| DecodingKey::from_secret(s.as_bytes()));
         let verifier = Self {
             settings,
             secret,
@@ -256,7 +262,12 @@ mod tests {
     }
 
     fn hs256(secret: &str, claims: serde_json::Value) -> String {
-        encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes())).expect("token")
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("token")
     }
 
     fn verifier(settings: TokenSettings) -> TokenVerifier {
@@ -293,10 +304,16 @@ mod tests {
         let mut expired = good.clone();
         expired["exp"] = serde_json::json!(now_s() - 1);
         assert_eq!(v.verify(&hs256("s3cret", expired)), Err(TokenError::Expired));
-        assert!(matches!(v.verify(&hs256("other", good.clone())), Err(TokenError::Invalid(_))));
+        assert!(matches!(
+            v.verify(&hs256("other", good.clone())),
+            Err(TokenError::Invalid(_))
+        ));
         let mut wrong_issuer = good.clone();
         wrong_issuer["iss"] = serde_json::json!("someone");
-        assert!(matches!(v.verify(&hs256("s3cret", wrong_issuer)), Err(TokenError::Invalid(_))));
+        assert!(matches!(
+            v.verify(&hs256("s3cret", wrong_issuer)),
+            Err(TokenError::Invalid(_))
+        ));
         let mut no_sub = good;
         no_sub.as_object_mut().expect("object").remove("sub");
         assert!(v.verify(&hs256("s3cret", no_sub)).is_err());
@@ -363,11 +380,22 @@ mod tests {
         for chunk in der.chunks(3) {
             let n = chunk.iter().fold(0u32, |n, b| (n << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
             for i in 0..4 {
-                text.push(if i <= chunk.len() { ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char } else { '=' });
+                text.push(if i <= chunk.len() {
+                    ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char
+                } else {
+                    '='
+                });
             }
         }
-        let lines: Vec<&str> = text.as_bytes().chunks(64).map(|l| std::str::from_utf8(l).unwrap_or("")).collect();
-        format!("-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n", lines.join("\n"))
+        let lines: Vec<&str> = text
+            .as_bytes()
+            .chunks(64)
+            .map(|l| std::str::from_utf8(l).unwrap_or(""))
+            .collect();
+        format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+            lines.join("\n")
+        )
     }
 
     #[test]

@@ -23,6 +23,10 @@ pub enum ClientCommand {
         room: RoomName,
     },
     Ping,
+    /// Authenticates the connection with a JWT, or refreshes its token before it expires.
+    Auth {
+        token: String,
+    },
 }
 
 /// Error codes carried by `{"type":"error"}` frames. The numbers are part of the protocol.
@@ -44,6 +48,10 @@ pub enum ErrorCode {
     UnsupportedFrame = 106,
     /// The node is shutting down and takes no new subscriptions.
     Draining = 107,
+    /// The token of an `auth` was refused (expired, forged, or this server takes none).
+    BadToken = 108,
+    /// The room is private and the connection's token does not allow it (or there is none).
+    Forbidden = 109,
 }
 
 impl ErrorCode {
@@ -61,6 +69,8 @@ impl ErrorCode {
             Self::RoomLimit => "room_limit",
             Self::UnsupportedFrame => "unsupported_frame",
             Self::Draining => "draining",
+            Self::BadToken => "bad_token",
+            Self::Forbidden => "forbidden",
         }
     }
 }
@@ -79,6 +89,8 @@ pub mod close_code {
     pub const SLOW: u16 = 4001;
     /// Nothing was heard from the client within the idle timeout.
     pub const IDLE_TIMEOUT: u16 = 4002;
+    /// The connection's token expired and no `auth` refreshed it.
+    pub const TOKEN_EXPIRED: u16 = 4003;
 }
 
 /// A reply or notice from the server that is not a publication.
@@ -111,6 +123,11 @@ pub enum ServerControl {
     /// The node is going away; the client should reconnect (with `since`).
     Reconnect {
         reason: &'static str,
+    },
+    /// An `auth` was accepted: the token's subject and expiry (seconds since the Unix epoch).
+    Authed {
+        sub: String,
+        exp: u64,
     },
 }
 
@@ -159,6 +176,7 @@ impl ServerControl {
                 room: room.as_ref().map(RoomName::as_str),
             },
             Self::Reconnect { reason } => WireControl::Reconnect { reason },
+            Self::Authed { sub, exp } => WireControl::Authed { sub, exp: *exp },
         };
         // Serialising plain strings and integers cannot fail.
         serde_json::to_string(&wire).unwrap_or_default()
@@ -191,6 +209,10 @@ enum WireControl<'a> {
     },
     Reconnect {
         reason: &'a str,
+    },
+    Authed {
+        sub: &'a str,
+        exp: u64,
     },
 }
 
@@ -232,6 +254,7 @@ struct RawCommand<'a> {
     since: Option<u64>,
     epoch: Option<String>,
     id: Option<u64>,
+    token: Option<String>,
 }
 
 /// Parses one client text frame. Unknown fields are ignored, so clients may add their own.
@@ -251,6 +274,10 @@ pub fn parse_command(text: &str) -> Result<ClientCommand, CommandError> {
         }),
         "unsubscribe" => Ok(ClientCommand::Unsubscribe { room: room()? }),
         "ping" => Ok(ClientCommand::Ping),
+        "auth" => match raw.token {
+            Some(token) => Ok(ClientCommand::Auth { token }),
+            None => Err(CommandError::Malformed("auth needs a \"token\" string".into())),
+        },
         other => Err(CommandError::UnknownType(truncate(other, 64))),
     }
 }

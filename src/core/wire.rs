@@ -16,6 +16,7 @@ pub mod message_type {
     pub const PING: u8 = 0x03;
     pub const ACK: u8 = 0x04;
     pub const ACKS: u8 = 0x05;
+    pub const AUTH: u8 = 0x06;
     pub const SUBSCRIBED: u8 = 0x10;
     pub const UNSUBSCRIBED: u8 = 0x11;
     pub const PONG: u8 = 0x12;
@@ -23,6 +24,7 @@ pub mod message_type {
     pub const RECONNECT: u8 = 0x14;
     pub const CLOSE: u8 = 0x15;
     pub const ALIAS: u8 = 0x16;
+    pub const AUTHED: u8 = 0x17;
     pub const STATE: u8 = 0x20;
     pub const EVENT: u8 = 0x21;
     pub const ALIASED_STATE: u8 = 0x22;
@@ -154,6 +156,20 @@ pub enum ServerMessage<'a> {
     Event(EventBody<'a>),
     Alias(AliasBody<'a>),
     AliasedState(AliasedStateBody<'a>),
+    Authed(AuthedBody<'a>),
+}
+
+/// `0x06 auth`: the token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthBody<'a> {
+    pub token: &'a str,
+}
+
+/// `0x17 authed`: the token's subject and expiry (seconds since the Unix epoch).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthedBody<'a> {
+    pub sub: &'a str,
+    pub exp: u64,
 }
 
 impl ServerMessage<'_> {
@@ -183,6 +199,7 @@ impl ServerMessage<'_> {
                 v
             }
             Self::Reconnect(b) => json!({"type": "reconnect", "reason": b.reason}),
+            Self::Authed(b) => json!({"type": "authed", "sub": b.sub, "exp": b.exp}),
             Self::Close(b) => json!({"type": "close", "code": b.code, "reason": b.reason}),
             Self::State(b) => {
                 json!({"type": "state", "room": b.room, "version": b.version, "ts": b.ts, "data": b.data})
@@ -318,6 +335,7 @@ pub fn encode_control(control: &ServerControl) -> Bytes {
             },
         ),
         ServerControl::Reconnect { reason } => encode(message_type::RECONNECT, &ReasonBody { reason }),
+        ServerControl::Authed { sub, exp } => encode(message_type::AUTHED, &AuthedBody { sub, exp: *exp }),
     }
 }
 
@@ -350,6 +368,12 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMessage, CommandError> {
         message_type::PING => {
             decode::<()>(body)?;
             Ok(ClientMessage::Command(ClientCommand::Ping))
+        }
+        message_type::AUTH => {
+            let b: AuthBody<'_> = decode(body)?;
+            Ok(ClientMessage::Command(ClientCommand::Auth {
+                token: b.token.to_string(),
+            }))
         }
         message_type::ACK => {
             let b: AckBody<'_> = decode(body)?;
@@ -393,6 +417,7 @@ pub fn encode_client(message: &ClientMessage) -> Bytes {
             encode(message_type::UNSUBSCRIBE, &RoomBody { room: room.as_str() })
         }
         ClientMessage::Command(ClientCommand::Ping) => Bytes::from_static(&[message_type::PING]),
+        ClientMessage::Command(ClientCommand::Auth { token }) => encode(message_type::AUTH, &AuthBody { token }),
         ClientMessage::Ack { room, version } => encode(
             message_type::ACK,
             &AckBody {
@@ -427,6 +452,7 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMessage<'_>, CommandError> {
         message_type::EVENT => ServerMessage::Event(decode(body)?),
         message_type::ALIAS => ServerMessage::Alias(decode(body)?),
         message_type::ALIASED_STATE => ServerMessage::AliasedState(decode(body)?),
+        message_type::AUTHED => ServerMessage::Authed(decode(body)?),
         other => return Err(CommandError::UnknownType(format!("0x{other:02x}"))),
     })
 }

@@ -44,6 +44,8 @@ pub enum ApiErrorCode {
     Draining,
     /// The browser origin may not open a connection here.
     OriginNotAllowed,
+    /// The token does not allow this room (a private room's read, a publish outside its scope).
+    Forbidden,
     /// The node holds its maximum number of connections.
     ConnectionLimit,
     /// `/ws` needs a WebSocket upgrade.
@@ -88,6 +90,7 @@ impl ApiErrorCode {
             Self::WebTransportDisabled => "webtransport_disabled",
             Self::Draining => "draining",
             Self::OriginNotAllowed => "origin_not_allowed",
+            Self::Forbidden => "forbidden",
             Self::ConnectionLimit => "connection_limit",
             Self::UpgradeRequired => "upgrade_required",
             Self::BadWebSocketVersion => "bad_websocket_version",
@@ -126,7 +129,7 @@ impl ApiErrorCode {
             | Self::Draining
             | Self::ConnectionLimit
             | Self::IdempotencyStoreFull => StatusCode::SERVICE_UNAVAILABLE,
-            Self::OriginNotAllowed => StatusCode::FORBIDDEN,
+            Self::OriginNotAllowed | Self::Forbidden => StatusCode::FORBIDDEN,
             Self::UpgradeRequired | Self::BadWebSocketVersion => StatusCode::UPGRADE_REQUIRED,
         }
     }
@@ -251,6 +254,7 @@ impl ApiErrorCode {
             Refusal::ConnectionLimit => Self::ConnectionLimit,
             Refusal::OriginNotAllowed => Self::OriginNotAllowed,
             Refusal::Unauthorized => Self::Unauthorized,
+            Refusal::Forbidden => Self::Forbidden,
         }
     }
 }
@@ -271,6 +275,7 @@ mod tests {
             Refusal::ConnectionLimit,
             Refusal::OriginNotAllowed,
             Refusal::Unauthorized,
+            Refusal::Forbidden,
         ] {
             let error = ApiError::from(refusal);
             assert_eq!(error.code.status().as_u16(), refusal.status());

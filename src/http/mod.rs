@@ -15,7 +15,9 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
+
+use crate::admission::PublishScope;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tracing::{debug, warn};
@@ -175,10 +177,14 @@ async fn cert_hash(State(node): State<Node>) -> Result<Response, ApiError> {
 
 /// Publishing needs `Authorization: Bearer <token>` (admission decides); checked before the
 /// body is read.
-async fn require_token(State(node): State<Node>, request: Request, next: Next) -> Response {
+async fn require_token(State(node): State<Node>, mut request: Request, next: Next) -> Response {
     let authorization = request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
     match node.admission.authorize_publish(authorization) {
-        Ok(()) => next.run(request).await,
+        Ok(scope) => {
+            // The handler checks each room against it before it publishes anything.
+            request.extensions_mut().insert(scope);
+            next.run(request).await
+        }
         Err(refusal) => {
             let mut response = ApiError::from(refusal).into_response();
             response
@@ -272,19 +278,38 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 async fn publish_state(
     State(state): State<HttpState>,
     Path(room): Path<String>,
+    scope: Option<Extension<PublishScope>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    if let Err(error) = within_scope(scope.as_deref(), &room) {
+        return error.into_response();
+    }
     publish_one(&state, &room, Kind::State, &headers, body).await
 }
 
 async fn publish_event(
     State(state): State<HttpState>,
     Path(room): Path<String>,
+    scope: Option<Extension<PublishScope>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    if let Err(error) = within_scope(scope.as_deref(), &room) {
+        return error.into_response();
+    }
     publish_one(&state, &room, Kind::Event, &headers, body).await
+}
+
+/// A publish JWT's `publish` claim must name the room (403 `forbidden`, nothing published).
+fn within_scope(scope: Option<&PublishScope>, room: &str) -> Result<(), ApiError> {
+    match scope {
+        Some(scope) if !scope.allows(room) => Err(ApiError::new(
+            ApiErrorCode::Forbidden,
+            format!("the token's publish claim does not allow {room:?}"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The request's `Idempotency-Key`, if it has one.
@@ -517,6 +542,7 @@ enum BatchResult {
 /// `idempotency_key` covers that item.
 async fn publish_batch(
     State(state): State<HttpState>,
+    scope: Option<Extension<PublishScope>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -526,13 +552,20 @@ async fn publish_batch(
     };
     let fingerprint = idempotency::fingerprint(&[b"batch", &body]);
     let owned = state.clone();
+    let scope = scope.map(|Extension(scope)| scope);
     once_per_key(&state, key, fingerprint, async move {
-        publish_batch_parsed(&owned, &body).await.unwrap_or_else(error_answer)
+        publish_batch_parsed(&owned, scope.as_ref(), &body)
+            .await
+            .unwrap_or_else(error_answer)
     })
     .await
 }
 
-async fn publish_batch_parsed(state: &HttpState, body: &[u8]) -> Result<(StatusCode, String), ApiError> {
+async fn publish_batch_parsed(
+    state: &HttpState,
+    scope: Option<&PublishScope>,
+    body: &[u8],
+) -> Result<(StatusCode, String), ApiError> {
     let (node, max_batch) = (&state.node, state.settings.max_batch);
     let batch: Batch<'_> =
         serde_json::from_slice(body).map_err(|e| ApiError::new(ApiErrorCode::BadBatch, e.to_string()))?;
@@ -544,6 +577,8 @@ async fn publish_batch_parsed(state: &HttpState, body: &[u8]) -> Result<(StatusC
     for (i, item) in batch.messages.iter().enumerate() {
         let room = RoomName::parse(&item.room)
             .map_err(|e| ApiError::new(ApiErrorCode::BadRoom, format!("messages[{i}]: {e}")))?;
+        within_scope(scope, room.as_str())
+            .map_err(|e| ApiError::new(e.code, format!("messages[{i}]: {}", e.message)))?;
         let key = item
             .idempotency_key
             .as_deref()
@@ -653,8 +688,16 @@ fn room_not_found() -> ApiError {
     ApiError::new(ApiErrorCode::RoomNotFound, "this node holds no such room")
 }
 
-async fn room_info(State(node): State<Node>, Path(room): Path<String>) -> Result<Response, ApiError> {
+async fn room_info(
+    State(node): State<Node>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let room = parse_room(&room)?;
+    node.admission.may_read(
+        room.as_str(),
+        headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes),
+    )?;
     let figures = node.registry.room(&room).await?.ok_or_else(room_not_found)?;
     let state = figures.state.map(|s| (s.ts_ms, raw_json(s.data)));
     let state = state.as_ref().map(|(ts, data)| StateView {
@@ -714,10 +757,15 @@ struct EventsView<'a> {
 async fn room_events(
     State(state): State<HttpState>,
     Path(room): Path<String>,
+    headers: HeaderMap,
     query: Result<Query<SinceQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let node = state.node;
     let room = parse_room(&room)?;
+    node.admission.may_read(
+        room.as_str(),
+        headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes),
+    )?;
     let bad_query = || {
         ApiError::new(
             ApiErrorCode::BadQuery,
