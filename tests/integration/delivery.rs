@@ -141,11 +141,11 @@ async fn events_arrive_in_order_and_since_recovers_missed_ones() {
 async fn recovery_fails_beyond_the_history_or_for_another_epoch() {
     let server = TestServer::start(&["--history-size", "3"]);
     for i in 1..=10 {
-        server.publish_event("user:55", &i.to_string()).await;
+        server.publish_event("bracket:55", &i.to_string()).await;
     }
     for (last_seq, subscribe) in [10, 11].into_iter().zip([
-        json!({"type": "subscribe", "room": "user:55", "since": 2}),
-        json!({"type": "subscribe", "room": "user:55", "since": 9, "epoch": "not-the-epoch"}),
+        json!({"type": "subscribe", "room": "bracket:55", "since": 2}),
+        json!({"type": "subscribe", "room": "bracket:55", "since": 9, "epoch": "not-the-epoch"}),
     ]) {
         let mut client = server.connect().await;
         client.send(subscribe).await;
@@ -154,7 +154,7 @@ async fn recovery_fails_beyond_the_history_or_for_another_epoch() {
         assert_eq!(subscribed["recovered"], false, "{subscribed}");
         assert_eq!(subscribed["seq"], last_seq);
         // Nothing was replayed: the next frame is the next live event.
-        server.publish_event("user:55", "0").await;
+        server.publish_event("bracket:55", "0").await;
         let next = client.recv().await;
         assert_eq!(
             (next["type"].as_str(), next["seq"].as_u64()),
@@ -162,10 +162,10 @@ async fn recovery_fails_beyond_the_history_or_for_another_epoch() {
         );
     }
     // The refetch path: the history endpoint says the same.
-    let (status, body) = server.get("/v1/rooms/user:55/events?since=2").await;
+    let (status, body) = server.get("/v1/rooms/bracket:55/events?since=2").await;
     assert_eq!(status, 410, "{body}");
     assert_eq!(body["error"], "history_gone");
-    let (status, body) = server.get("/v1/rooms/user:55/events?since=9").await;
+    let (status, body) = server.get("/v1/rooms/bracket:55/events?since=9").await;
     assert_eq!(status, 200);
     let seqs: Vec<u64> = body["events"]
         .as_array()

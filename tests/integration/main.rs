@@ -14,5 +14,7 @@ mod http_api;
 mod limits;
 /// Graceful shutdown on SIGTERM.
 mod shutdown;
+/// Subscriber tokens, private rooms and publish scopes.
+mod tokens;
 /// WebTransport: datagram states, the control stream, loss repair, certificates.
 mod webtransport;
