@@ -16,6 +16,8 @@ export const DEFAULTS = Object.freeze({
   webtransportPingMs: 25000,
   /** Acknowledgements of state datagrams wait this long to go out together, in one datagram. */
   ackDelayMs: 5,
+  /** With `getToken`, a fresh token is asked for this long before the current one expires. */
+  tokenRefreshMarginMs: 30000,
   /** Event ids remembered per room, to drop an event delivered again under another number. */
   eventIdMemory: 2048,
 });
@@ -27,8 +29,9 @@ const ACKS_PER_DATAGRAM = 64;
 // Binary protocol (WebTransport): type byte, then fields in postcard's format.
 
 export const MessageType = Object.freeze({
-  SUBSCRIBE: 0x01, UNSUBSCRIBE: 0x02, PING: 0x03, ACK: 0x04, ACKS: 0x05,
+  SUBSCRIBE: 0x01, UNSUBSCRIBE: 0x02, PING: 0x03, ACK: 0x04, ACKS: 0x05, AUTH: 0x06,
   SUBSCRIBED: 0x10, UNSUBSCRIBED: 0x11, PONG: 0x12, ERROR: 0x13, RECONNECT: 0x14, CLOSE: 0x15, ALIAS: 0x16,
+  AUTHED: 0x17,
   STATE: 0x20, EVENT: 0x21, STATE_BY_ALIAS: 0x22,
 });
 
@@ -109,6 +112,8 @@ export function encodeClientMessage(m) {
       return w.u8(MessageType.UNSUBSCRIBE).string(m.room).finish();
     case 'ping':
       return w.u8(MessageType.PING).finish();
+    case 'auth':
+      return w.u8(MessageType.AUTH).string(m.token).finish();
     case 'ack':
       return w.u8(MessageType.ACK).string(m.room).varint(m.version).finish();
     case 'acks':
@@ -154,6 +159,7 @@ export function decodeServerMessage(bytes) {
       m = { type: 'event', room: r.string(), seq: r.varint(), ts: r.varint(), data: r.string(), id: r.string() };
       break;
     case MessageType.ALIAS: m = { type: 'alias', room: r.string(), alias: r.varint() }; break;
+    case MessageType.AUTHED: m = { type: 'authed', sub: r.string(), exp: r.varint() }; break;
     case MessageType.STATE_BY_ALIAS:
       m = { type: 'state', alias: r.varint(), version: r.varint(), ts: r.varint(), data: r.string() };
       break;
@@ -452,6 +458,17 @@ export class CourtsideClient {
     this.connection = await this.open();
     this.attempt = 0;
     this.options.onTransport?.(this.connection.name);
+    await this.authenticate();
+  }
+
+  /** Sends `auth` with the token (`options.getToken()` asked each time, else `options.token`),
+   *  before any subscribe on a new connection: commands are handled in order (PROTOCOL.md, "Tokens"). */
+  async authenticate() {
+    let token = this.options.token;
+    if (this.options.getToken) {
+      try { token = await this.options.getToken(); } catch (e) { this.log(`getToken failed: ${e.message ?? e}`); }
+    }
+    if (token) await this.connection?.send({ type: 'auth', token }).catch(() => {});
   }
 
   async open() {
@@ -512,6 +529,7 @@ export class CourtsideClient {
   close() {
     this.closedByUser = true;
     clearTimeout(this.reconnectTimer);
+    clearTimeout(this.refreshTimer);
     this.connection?.close();
     this.connection = null;
   }
@@ -589,6 +607,17 @@ export class CourtsideClient {
       case 'pong':
         this.pongWaiters?.shift()?.();
         return;
+      case 'authed': {
+        this.authed = { sub: m.sub, exp: m.exp };
+        this.options.onAuthed?.(m);
+        clearTimeout(this.refreshTimer);
+        if (this.options.getToken) {
+          // A new token before this one expires; the server closes with 4003 otherwise.
+          const delay = Math.max(1000, m.exp * 1000 - Date.now() - this.options.tokenRefreshMarginMs);
+          this.refreshTimer = setTimeout(() => this.authenticate(), delay);
+        }
+        return;
+      }
       case 'reconnect':
         this.log(`server asked to reconnect (${m.reason})`);
         this.reconnectSoon(Math.random() * this.options.reconnectInitialMs);
@@ -661,6 +690,7 @@ export class CourtsideClient {
       }
       this.attempt = 0;
       this.options.onTransport?.(this.connection.name);
+      await this.authenticate();
       for (const [room, entry] of this.rooms) this.sendSubscribe(room, entry);
     }, delay);
   }

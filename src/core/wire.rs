@@ -583,6 +583,13 @@ mod tests {
                 room: room(s(m, "room")),
             })),
             "ping" => encode_client(&ClientMessage::Command(ClientCommand::Ping)),
+            "auth" => encode_client(&ClientMessage::Command(ClientCommand::Auth {
+                token: s(m, "token").to_string(),
+            })),
+            "authed" => encode_control(&ServerControl::Authed {
+                sub: s(m, "sub").to_string(),
+                exp: u(m, "exp"),
+            }),
             "ack" => encode_client(&ClientMessage::Ack {
                 room: room(s(m, "room")),
                 version: u(m, "version"),
@@ -683,6 +690,7 @@ mod tests {
                     json!({"type": "unsubscribe", "room": room.as_str()})
                 }
                 ClientMessage::Command(ClientCommand::Ping) => json!({"type": "ping"}),
+                ClientMessage::Command(ClientCommand::Auth { token }) => json!({"type": "auth", "token": token}),
                 ClientMessage::Ack { room, version } => {
                     json!({"type": "ack", "room": room.as_str(), "version": version})
                 }

@@ -8,6 +8,7 @@ import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import dgram from 'node:dgram';
 import net from 'node:net';
+import { createHmac } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 
@@ -315,6 +316,49 @@ test('across a node kill and a Redis restart, the page gets every event once', a
   const taken = await page.evaluate(() => window.received.filter((r) => r.kind === 'event').map((r) => r.data.n));
   assert.equal(taken.length, n, `every event once, none twice: ${taken}`);
   assert.deepEqual([...taken].sort((x, y) => x - y), Array.from({ length: n }, (_, i) => i + 1));
+});
+
+/** An HS256 JWT, as the platform's backend would sign it. */
+function jwt(secret, claims) {
+  const part = (value) => Buffer.from(JSON.stringify(value)).toString('base64url');
+  const body = `${part({ alg: 'HS256', typ: 'JWT' })}.${part(claims)}`;
+  return `${body}.${createHmac('sha256', secret).update(body).digest('base64url')}`;
+}
+
+test('a page with a token reads its own user room and is refused another', async () => {
+  const secret = 'browser-jwt-secret';
+  const server = await startServer(['--jwt-secret', secret]);
+  const browser = await launch();
+  const page = await browser.newPage();
+  await page.goto(`http://${server.http}/`);
+  await page.waitForFunction(() => window.courtside?.client, null, { timeout: HANG });
+  const token = jwt(secret, { sub: '55', exp: Math.floor(Date.now() / 1000) + 600 });
+  const transport = await page.evaluate(async (token) => {
+    const { connect, certHash, webtransportPort } = window.courtside;
+    window.mine = [];
+    window.refusals = [];
+    window.authed = null;
+    const client = await connect(location.origin, {
+      certHash, webtransportPort, getToken: async () => token, onAuthed: (m) => { window.authed = m; },
+    });
+    client.subscribe('user:55', {
+      onSubscribed: () => { window.subscribedMine = true; },
+      onEvent: (data) => window.mine.push(data),
+    });
+    client.subscribe('user:56', { onError: (e) => window.refusals.push(e), onEvent: () => window.mine.push('leak') });
+    return client.transport;
+  }, token);
+  assert.equal(transport, 'webtransport');
+  await page.waitForFunction(() => window.subscribedMine && window.refusals.length === 1, null, { timeout: HANG });
+  // Another user's event first: had it leaked, it would arrive before this page's own.
+  await publish(server, 'user:56', 'event', { note: 'not yours' });
+  await publish(server, 'user:55', 'event', { note: 'game moved to 3pm' });
+  await page.waitForFunction(() => window.mine.length >= 1, null, { timeout: HANG });
+  const seen = await page.evaluate(() => ({ mine: window.mine, refusals: window.refusals, authed: window.authed }));
+  assert.equal(seen.authed.sub, '55');
+  assert.equal(seen.refusals[0].code, 109);
+  assert.equal(seen.refusals[0].name, 'forbidden');
+  assert.deepEqual(seen.mine, [{ note: 'game moved to 3pm' }]);
 });
 
 test('the demo page shows live games of a simulated Saturday', async () => {
