@@ -28,6 +28,13 @@ if [ ! -d tests/browser/node_modules/playwright-core ]; then
   npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
 fi
 
+echo "== docs/openapi.yaml parses"
+if python3 -c 'import yaml' 2>/dev/null; then
+  python3 -c 'import sys, yaml; yaml.safe_load(open("docs/openapi.yaml"))' || { echo "docs/openapi.yaml is not valid YAML" >&2; exit 1; }
+else
+  echo "(no PyYAML here: skipped)"
+fi
+
 echo "== cargo test"
 cargo test --workspace "$@"
 
