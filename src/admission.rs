@@ -27,6 +27,108 @@ pub struct AdmissionSettings {
     pub private_rooms: Vec<RoomPattern>,
     /// Every room needs a token.
     pub require_token: bool,
+    /// WebSocket connections and WebTransport sessions from one client address at once.
+    pub max_connections_per_ip: usize,
+    /// Peers whose `X-Forwarded-For` names the client (the load balancers).
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+/// An address range, `10.0.0.0/8` or `fd00::/8` (a bare address is a range of one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (addr, prefix) = text.trim().split_once('/').unwrap_or((text.trim(), ""));
+        let network: std::net::IpAddr = addr.parse().map_err(|_| format!("{text:?} is not an address range"))?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = if prefix.is_empty() {
+            max
+        } else {
+            prefix
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{text:?}: the prefix must be 0 to {max}"))?
+        };
+        Ok(Self { network, prefix })
+    }
+
+    /// A comma-separated list.
+    pub fn list(text: &str) -> Result<Vec<Self>, String> {
+        text.split(',')
+            .filter(|c| !c.trim().is_empty())
+            .map(Self::parse)
+            .collect()
+    }
+
+    pub fn contains(&self, addr: std::net::IpAddr) -> bool {
+        let bits = |ip: std::net::IpAddr| match ip {
+            std::net::IpAddr::V4(v4) => (u128::from(u32::from(v4)) << 96, 32u32),
+            std::net::IpAddr::V6(v6) => (u128::from(v6), 128),
+        };
+        let addr = match addr {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        let ((net, width), (ip, ip_width)) = (bits(self.network), bits(addr));
+        if width != ip_width {
+            return false;
+        }
+        let mask = if self.prefix == 0 {
+            0
+        } else {
+            u128::MAX << (128 - u32::from(self.prefix))
+        };
+        net & mask == ip & mask
+    }
+}
+
+/// The client's address: the TCP peer, or, when the peer is a trusted proxy, the last address
+/// in `X-Forwarded-For` that is not a trusted proxy itself (proxies append what they saw).
+pub fn client_ip(peer: std::net::IpAddr, forwarded_for: Option<&[u8]>, trusted: &[Cidr]) -> std::net::IpAddr {
+    let is_trusted = |ip: std::net::IpAddr| trusted.iter().any(|c| c.contains(ip));
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let Some(header) = forwarded_for.and_then(|v| std::str::from_utf8(v).ok()) else {
+        return peer;
+    };
+    let mut client = peer;
+    for hop in header.rsplit(',') {
+        match hop.trim().parse::<std::net::IpAddr>() {
+            Ok(ip) => {
+                client = ip;
+                if !is_trusted(ip) {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    client
+}
+
+/// One connection from a client address, counted until dropped.
+#[derive(Debug)]
+pub struct IpPermit {
+    ip: std::net::IpAddr,
+    admission: Admission,
+}
+
+impl Drop for IpPermit {
+    fn drop(&mut self) {
+        let mut counts = self.admission.0.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl AdmissionSettings {
@@ -49,6 +151,9 @@ impl AdmissionSettings {
             },
             private_rooms: RoomPattern::list(&config.tokens.private_rooms),
             require_token: config.tokens.require_token,
+            max_connections_per_ip: config.http.max_connections_per_ip,
+            // Checked when the configuration is read.
+            trusted_proxies: Cidr::list(&config.http.trusted_proxies).unwrap_or_default(),
         }
     }
 }
@@ -81,6 +186,8 @@ pub enum Refusal {
     Unauthorized,
     #[error("the token does not allow this room")]
     Forbidden,
+    #[error("too many connections from this address")]
+    IpConnectionLimit,
 }
 
 impl Refusal {
@@ -89,6 +196,7 @@ impl Refusal {
         match self {
             Self::ConnectionLimit => 503,
             Self::OriginNotAllowed | Self::Forbidden => 403,
+            Self::IpConnectionLimit => 429,
             Self::Unauthorized => 401,
         }
     }
@@ -100,6 +208,7 @@ impl Refusal {
             Self::OriginNotAllowed => "origin_not_allowed",
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",
+            Self::IpConnectionLimit => "ip_connection_limit",
         }
     }
 }
@@ -122,6 +231,8 @@ struct AdmissionInner {
     settings: AdmissionSettings,
     tokens: TokenVerifier,
     metrics: Arc<Metrics>,
+    /// Open WebSocket connections and WebTransport sessions per client address.
+    per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
 }
 
 /// What a publish request's credentials allow.
@@ -151,7 +262,32 @@ impl Admission {
             settings,
             tokens,
             metrics,
+            per_ip: std::sync::Mutex::new(std::collections::HashMap::new()),
         })))
+    }
+
+    /// The client address of a request from `peer` (see `client_ip`).
+    pub fn client_ip(&self, peer: std::net::IpAddr, forwarded_for: Option<&[u8]>) -> std::net::IpAddr {
+        client_ip(peer, forwarded_for, &self.0.settings.trusted_proxies)
+    }
+
+    /// One more WebSocket connection or WebTransport session from `ip`, under
+    /// `--max-connections-per-ip`.
+    pub fn admit_ip(&self, ip: std::net::IpAddr) -> Result<IpPermit, Refusal> {
+        let mut counts = self.0.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= self.0.settings.max_connections_per_ip {
+            if *count == 0 {
+                counts.remove(&ip);
+            }
+            drop(counts);
+            return Err(self.refuse(Refusal::IpConnectionLimit));
+        }
+        *count += 1;
+        Ok(IpPermit {
+            ip,
+            admission: self.clone(),
+        })
     }
 
     /// Re-reads the JWT key file if it changed (the server calls this every few seconds).
@@ -360,6 +496,8 @@ mod tests {
                 },
                 private_rooms: RoomPattern::list("user:*"),
                 require_token: false,
+                max_connections_per_ip: 2,
+                trusted_proxies: Cidr::list("10.0.0.0/8").expect("cidr"),
             },
             metrics,
         )
@@ -423,6 +561,47 @@ mod tests {
         for value in [&b"Basic secret"[..], b"Bearer", b"Bearer ", b"Bearersecret"] {
             assert_eq!(a.authorize_publish(Some(value)), Err(Refusal::Unauthorized));
         }
+    }
+
+    #[test]
+    fn connections_per_address_are_limited_and_returned_when_dropped() {
+        let a = admission(10, &[]);
+        let ip: std::net::IpAddr = "203.0.113.5".parse().expect("ip");
+        let (first, second) = (a.admit_ip(ip).expect("one"), a.admit_ip(ip).expect("two"));
+        assert_eq!(a.admit_ip(ip).err(), Some(Refusal::IpConnectionLimit));
+        assert!(
+            a.admit_ip("203.0.113.6".parse().expect("ip")).is_ok(),
+            "another address"
+        );
+        drop(first);
+        let third = a.admit_ip(ip).expect("returned");
+        drop((second, third));
+        assert!(a.0.per_ip.lock().expect("lock").get(&ip).is_none(), "forgotten at zero");
+    }
+
+    #[test]
+    fn the_client_address_comes_from_x_forwarded_for_only_behind_a_trusted_proxy() {
+        let trusted = Cidr::list("10.0.0.0/8, fd00::/8").expect("cidrs");
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+        let xff = Some(&b"198.51.100.7, 10.1.2.3"[..]);
+        assert_eq!(client_ip(ip("10.0.0.9"), xff, &trusted), ip("198.51.100.7"));
+        assert_eq!(
+            client_ip(ip("203.0.113.1"), xff, &trusted),
+            ip("203.0.113.1"),
+            "an untrusted peer's header is ignored"
+        );
+        assert_eq!(client_ip(ip("10.0.0.9"), None, &trusted), ip("10.0.0.9"));
+        assert_eq!(client_ip(ip("10.0.0.9"), Some(b"garbage"), &trusted), ip("10.0.0.9"));
+        // A client cannot smuggle an address in front: the last untrusted hop counts.
+        assert_eq!(
+            client_ip(ip("10.0.0.9"), Some(b"1.2.3.4, 198.51.100.7"), &trusted),
+            ip("198.51.100.7")
+        );
+        assert!(Cidr::parse("::ffff:10.0.0.0/104").is_ok());
+        assert!(Cidr::parse("10.0.0.0/33").is_err() && Cidr::parse("nope").is_err());
+        assert!(Cidr::parse("fd00::/8").expect("cidr").contains(ip("fd12::1")));
+        assert!(Cidr::parse("10.0.0.0/8").expect("cidr").contains(ip("::ffff:10.2.3.4")));
+        assert!(Cidr::parse("0.0.0.0/0").expect("cidr").contains(ip("8.8.8.8")));
     }
 
     #[test]

@@ -114,6 +114,19 @@ pub struct HttpConfig {
     /// Bearer token for the publish API. When unset, a random one is generated and logged.
     #[arg(long, env = "COURTSIDE_PUBLISH_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     pub publish_token: Option<String>,
+    /// WebSocket connections and WebTransport sessions from one client address at once (429
+    /// `ip_connection_limit` beyond). Stadium and school Wi-Fi put many fans behind one address.
+    #[arg(
+        long,
+        env = "COURTSIDE_MAX_CONNECTIONS_PER_IP",
+        value_name = "N",
+        default_value_t = 1000
+    )]
+    pub max_connections_per_ip: usize,
+    /// Peers (comma-separated addresses or CIDR ranges, the load balancers) whose
+    /// `X-Forwarded-For` names the client; anyone else's is ignored.
+    #[arg(long, env = "COURTSIDE_TRUSTED_PROXIES", value_name = "CIDR,...", default_value = "")]
+    pub trusted_proxies: String,
     /// Largest accepted HTTP request body, in bytes.
     #[arg(long, env = "COURTSIDE_MAX_BODY", value_name = "BYTES", default_value_t = 1 << 20)]
     pub max_body: usize,
@@ -381,6 +394,12 @@ impl ServeConfig {
         }
         if self.http.publish_token.as_deref().is_some_and(str::is_empty) {
             invalid!("--publish-token must not be empty");
+        }
+        if let Err(error) = crate::admission::Cidr::list(&self.http.trusted_proxies) {
+            invalid!("--trusted-proxies: {error}");
+        }
+        if self.http.max_connections_per_ip == 0 {
+            invalid!("--max-connections-per-ip must be at least 1");
         }
         Ok(())
     }

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::admission::ConnectionPermit;
+use crate::admission::{ConnectionPermit, IpPermit};
 
 /// Connections waiting to be accepted, at most (the kernel caps it at net.core.somaxconn). The
 /// default of 1,024 overflowed when thousands of clients reconnected at once, and each dropped
@@ -32,6 +32,8 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 pub struct LimitedStream {
     stream: TcpStream,
     _permit: ConnectionPermit,
+    /// A WebSocket's count against its client address, from the upgrade on.
+    ip_permit: Option<IpPermit>,
 }
 
 impl LimitedStream {
@@ -39,7 +41,13 @@ impl LimitedStream {
         Self {
             stream,
             _permit: permit,
+            ip_permit: None,
         }
+    }
+
+    /// Holds `permit` until the stream closes.
+    pub fn hold(&mut self, permit: IpPermit) {
+        self.ip_permit = Some(permit);
     }
 
     pub fn tcp(&self) -> &TcpStream {

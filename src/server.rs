@@ -76,7 +76,11 @@ pub async fn serve(
             };
             let _ = stream.set_nodelay(true);
             let io = TokioIo::new(LimitedStream::new(stream, permit));
-            let service = TowerToHyperService::new(router.clone());
+            // The TCP peer travels with each request, for admission (the client address).
+            let service = TowerToHyperService::new(WithPeer {
+                router: router.clone(),
+                peer,
+            });
             let mut stop = node.shutdown_listener();
             let draining = stop.is_shutdown();
             tokio::spawn(async move {
@@ -130,5 +134,34 @@ fn unreachable_accept() -> DrainReport {
     DrainReport {
         clean: false,
         abandoned: 0,
+    }
+}
+
+/// The TCP peer of a request (a load balancer, or the client itself).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
+/// The router, with each request's `PeerAddr` put in its extensions.
+#[derive(Clone)]
+struct WithPeer {
+    router: axum::Router,
+    peer: std::net::SocketAddr,
+}
+
+impl<B> tower_service::Service<axum::http::Request<B>> for WithPeer
+where
+    axum::Router: tower_service::Service<axum::http::Request<B>>,
+{
+    type Response = <axum::Router as tower_service::Service<axum::http::Request<B>>>::Response;
+    type Error = <axum::Router as tower_service::Service<axum::http::Request<B>>>::Error;
+    type Future = <axum::Router as tower_service::Service<axum::http::Request<B>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        tower_service::Service::<axum::http::Request<B>>::poll_ready(&mut self.router, cx)
+    }
+
+    fn call(&mut self, mut request: axum::http::Request<B>) -> Self::Future {
+        request.extensions_mut().insert(PeerAddr(self.peer));
+        self.router.call(request)
     }
 }

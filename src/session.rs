@@ -304,6 +304,8 @@ mod tests {
             },
             private_rooms: crate::tokens::RoomPattern::list("user:*"),
             require_token: false,
+            max_connections_per_ip: 10,
+            trusted_proxies: Vec::new(),
         };
         Admission::new(settings, Arc::new(Metrics::new())).expect("admission")
     }

@@ -46,6 +46,8 @@ pub enum ApiErrorCode {
     OriginNotAllowed,
     /// The token does not allow this room (a private room's read, a publish outside its scope).
     Forbidden,
+    /// The client address holds `--max-connections-per-ip` connections already.
+    IpConnectionLimit,
     /// The node holds its maximum number of connections.
     ConnectionLimit,
     /// `/ws` needs a WebSocket upgrade.
@@ -91,6 +93,7 @@ impl ApiErrorCode {
             Self::Draining => "draining",
             Self::OriginNotAllowed => "origin_not_allowed",
             Self::Forbidden => "forbidden",
+            Self::IpConnectionLimit => "ip_connection_limit",
             Self::ConnectionLimit => "connection_limit",
             Self::UpgradeRequired => "upgrade_required",
             Self::BadWebSocketVersion => "bad_websocket_version",
@@ -130,6 +133,7 @@ impl ApiErrorCode {
             | Self::ConnectionLimit
             | Self::IdempotencyStoreFull => StatusCode::SERVICE_UNAVAILABLE,
             Self::OriginNotAllowed | Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::IpConnectionLimit => StatusCode::TOO_MANY_REQUESTS,
             Self::UpgradeRequired | Self::BadWebSocketVersion => StatusCode::UPGRADE_REQUIRED,
         }
     }
@@ -255,6 +259,7 @@ impl ApiErrorCode {
             Refusal::OriginNotAllowed => Self::OriginNotAllowed,
             Refusal::Unauthorized => Self::Unauthorized,
             Refusal::Forbidden => Self::Forbidden,
+            Refusal::IpConnectionLimit => Self::IpConnectionLimit,
         }
     }
 }
@@ -276,6 +281,7 @@ mod tests {
             Refusal::OriginNotAllowed,
             Refusal::Unauthorized,
             Refusal::Forbidden,
+            Refusal::IpConnectionLimit,
         ] {
             let error = ApiError::from(refusal);
             assert_eq!(error.code.status().as_u16(), refusal.status());

@@ -42,6 +42,25 @@ pub async fn websocket(State(state): State<HttpState>, mut request: Request) -> 
             return response;
         }
     };
+    // One more connection from this client address (behind a trusted proxy, its
+    // X-Forwarded-For), held by the socket from the upgrade on.
+    let ip_permit = match request.extensions().get::<crate::server::PeerAddr>() {
+        Some(peer) => {
+            let forwarded = request.headers().get("x-forwarded-for").map(HeaderValue::as_bytes);
+            let ip = node.admission.client_ip(peer.0.ip(), forwarded);
+            match node.admission.admit_ip(ip) {
+                Ok(permit) => Some(permit),
+                Err(refusal) => {
+                    return ApiError::new(
+                        ApiErrorCode::from_refusal(refusal),
+                        "too many connections from this address (--max-connections-per-ip)",
+                    )
+                    .into_response()
+                }
+            }
+        }
+        None => None,
+    };
     let accept = derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut request);
     // Counted by the drain from here on, so a shutdown waits for the upgrade in flight.
@@ -58,7 +77,11 @@ pub async fn websocket(State(state): State<HttpState>, mut request: Request) -> 
                     }
                 };
                 let early = parts.read_buf.to_vec();
-                websocket::serve(parts.io.into_inner(), early, node, &state.settings.websocket, shutdown).await;
+                let mut stream = parts.io.into_inner();
+                if let Some(permit) = ip_permit {
+                    stream.hold(permit);
+                }
+                websocket::serve(stream, early, node, &state.settings.websocket, shutdown).await;
             }
             Err(error) => debug!(%error, "websocket upgrade failed"),
         }

@@ -19,6 +19,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn};
 
 use super::h3::{self, ConnectStreamEvent, H3Error, H3ErrorCode, Parsed};
+use crate::admission::IpPermit;
 use crate::certs::{CertificateError, CertificateInfo, CertificateSource, Identity};
 use crate::config::ServeConfig;
 use crate::connection::{self, Close, DriverSettings, Ending, Inbound, Wire, WireError};
@@ -289,6 +290,8 @@ struct Handshaken {
     decoder: FrameDecoder,
     /// The datagram prefix of this session (its quarter stream ID).
     prefix: Bytes,
+    /// The session's count against its client address.
+    ip_permit: Option<IpPermit>,
 }
 
 /// Why a handshake ended without a session.
@@ -400,6 +403,7 @@ async fn handshake(connection: &quinn::Connection, node: &Node) -> Result<Handsh
         .map_err(|e| HandshakeError::Lost(e.to_string()))?;
     let mut held = Vec::new();
     let mut connect: Option<(SendStream, RecvStream, u64)> = None;
+    let mut ip_permit = None;
     loop {
         tokio::select! {
             // The client's HTTP/3 control and QPACK streams: held, and drained by the wire
@@ -411,6 +415,7 @@ async fn handshake(connection: &quinn::Connection, node: &Node) -> Result<Handsh
                 match connect {
                     None => {
                         let request = read_until(&mut recv, &mut buf, h3::read_connect).await?;
+                        // WebTransport sees the client's own address (the NLB keeps it).
                         let status = if request.path != PATH {
                             404
                         } else if node.admission.check_origin(request.origin.as_deref().map(str::as_bytes)).is_err() {
@@ -418,7 +423,13 @@ async fn handshake(connection: &quinn::Connection, node: &Node) -> Result<Handsh
                         } else if node.is_draining() {
                             429
                         } else {
-                            200
+                            match node.admission.admit_ip(connection.remote_address().ip()) {
+                                Ok(permit) => {
+                                    ip_permit = Some(permit);
+                                    200
+                                }
+                                Err(_) => 429,
+                            }
                         };
                         send.write_all(&h3::response(status)).await.map_err(|e| HandshakeError::Lost(e.to_string()))?;
                         if status != 200 {
@@ -452,6 +463,7 @@ async fn handshake(connection: &quinn::Connection, node: &Node) -> Result<Handsh
                             recv,
                             decoder,
                             prefix: Bytes::from(h3::datagram_prefix(session)),
+                            ip_permit: ip_permit.take(),
                         });
                     }
                 }
@@ -482,6 +494,8 @@ struct WebTransportWire {
     /// Held open for the session's life (see `Handshaken`).
     _h3_control: SendStream,
     h3_streams: Vec<RecvStream>,
+    /// Held until the session ends: its count against the client address.
+    _ip_permit: Option<IpPermit>,
     prefix: Bytes,
     metrics: Arc<Metrics>,
     repair: DatagramRepair,
@@ -520,6 +534,7 @@ impl WebTransportWire {
             connect_recv: streams.connect_recv,
             _h3_control: streams.h3_control,
             h3_streams: streams.h3_streams,
+            _ip_permit: streams.ip_permit,
             prefix: streams.prefix,
             metrics: node.metrics.clone(),
             repair: DatagramRepair::new(settings.repair),

@@ -316,3 +316,91 @@ async fn recovery_beyond_the_connections_allowance_is_answered_recovered_false()
     assert_eq!(replies, [Some(true), Some(true), Some(false)]);
     assert_eq!(events, 20, "two recoveries of ten events, none for the third");
 }
+
+async fn upgrade_status(server: &TestServer, forwarded_for: Option<&str>) -> (u16, Option<Client>) {
+    let mut request = server.ws_url().into_client_request().expect("request");
+    if let Some(xff) = forwarded_for {
+        request
+            .headers_mut()
+            .insert("x-forwarded-for", xff.parse().expect("header"));
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, _)) => (101, Some(Client { ws })),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => (response.status().as_u16(), None),
+        Err(other) => panic!("unexpected {other:?}"),
+    }
+}
+
+/// `--max-connections-per-ip`: beyond it a WebSocket upgrade gets 429 `ip_connection_limit`; a
+/// closed connection frees its place. Behind a trusted proxy the client address is the one in
+/// `X-Forwarded-For`; from anyone else that header is ignored.
+#[tokio::test]
+async fn connections_per_client_address_are_limited() {
+    let server = TestServer::start(&["--no-wt", "--max-connections-per-ip", "2"]);
+    let (_, first) = upgrade_status(&server, None).await;
+    let (status, _second) = upgrade_status(&server, None).await;
+    assert_eq!(status, 101);
+    assert_eq!(upgrade_status(&server, None).await.0, 429);
+    // A spoofed header from an untrusted peer changes nothing.
+    assert_eq!(upgrade_status(&server, Some("198.51.100.1")).await.0, 429);
+    drop(first);
+    crate::util::eventually("the closed connection frees its place", || async {
+        let (status, client) = upgrade_status(&server, None).await;
+        (status == 101).then_some(client)
+    })
+    .await;
+    assert!(
+        server
+            .metric("courtside_errors_total{code=\"429\",name=\"ip_connection_limit\"}")
+            .await
+            >= 2.0
+    );
+
+    let behind = TestServer::start(&[
+        "--no-wt",
+        "--max-connections-per-ip",
+        "1",
+        "--trusted-proxies",
+        "127.0.0.0/8",
+    ]);
+    let (status, _a) = upgrade_status(&behind, Some("198.51.100.1")).await;
+    assert_eq!(status, 101);
+    let (status, _b) = upgrade_status(&behind, Some("198.51.100.2, 127.0.0.1")).await;
+    assert_eq!(status, 101, "another client behind the same proxy");
+    assert_eq!(upgrade_status(&behind, Some("198.51.100.1")).await.0, 429);
+}
+
+/// The same limit for WebTransport sessions, by the packets' source address.
+#[tokio::test]
+async fn webtransport_sessions_per_client_address_are_limited() {
+    use wtransport::tls::Sha256Digest;
+    let server = TestServer::start(&["--max-connections-per-ip", "1"]);
+    let _held = crate::util::WtClient::connect(&server).await;
+    let hash = server.cert_hash().await;
+    let digest: Sha256Digest = hash
+        .as_bytes()
+        .chunks(2)
+        .map(|c| u8::from_str_radix(std::str::from_utf8(c).expect("hex"), 16).expect("hex"))
+        .collect::<Vec<u8>>()
+        .try_into()
+        .map(Sha256Digest::new)
+        .expect("32 bytes");
+    let config = wtransport::ClientConfig::builder()
+        .with_bind_default()
+        .with_server_certificate_hashes([digest])
+        .build();
+    let endpoint = wtransport::Endpoint::client(config).expect("client endpoint");
+    let refused = tokio::time::timeout(HANG, endpoint.connect(format!("https://{}/wt", server.wt.expect("wt"))))
+        .await
+        .expect("an answer in time");
+    let Err(error) = refused else {
+        panic!("the second session was accepted");
+    };
+    let error = error.to_string();
+    assert!(error.contains("rejected"), "{error}");
+    assert_eq!(
+        server.metric("courtside_errors_total{code=\"429\",name=\"ip_connection_limit\"}").await,
+        1.0,
+        "refused by the per-address limit (the CONNECT answered 429)"
+    );
+}
