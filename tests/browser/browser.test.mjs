@@ -292,7 +292,8 @@ test('across a node kill and a Redis restart, the page gets every event once', a
   await publishSome(b, 10);
 
   // The page's node dies; a replacement comes up behind the same address (the load balancer).
-  a.child.kill('SIGKILL');
+  // SIGKILL, and wait until it is gone: its port is free only then.
+  await new Promise((resolve) => { a.child.once('exit', resolve); a.child.kill('SIGKILL'); });
   await publishSome(b, 10);
   const a2 = await startServer(['--http', a.http, ...nodeArgs('a2')]);
   await page.waitForFunction(() => window.subscribedCount >= 2, null, { timeout: HANG });
