@@ -399,7 +399,9 @@ async fn webtransport_sessions_per_client_address_are_limited() {
     let error = error.to_string();
     assert!(error.contains("rejected"), "{error}");
     assert_eq!(
-        server.metric("courtside_errors_total{code=\"429\",name=\"ip_connection_limit\"}").await,
+        server
+            .metric("courtside_errors_total{code=\"429\",name=\"ip_connection_limit\"}")
+            .await,
         1.0,
         "refused by the per-address limit (the CONNECT answered 429)"
     );
