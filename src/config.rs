@@ -395,7 +395,7 @@ impl ServeConfig {
         if self.http.publish_token.as_deref().is_some_and(str::is_empty) {
             invalid!("--publish-token must not be empty");
         }
-        if let Err(error) = crate::admission::Cidr::list(&self.http.trusted_proxies) {
+        if let Err(error) = crate::cidr::Cidr::list(&self.http.trusted_proxies) {
             invalid!("--trusted-proxies: {error}");
         }
         if self.http.max_connections_per_ip == 0 {

@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod certs;
+pub mod cidr;
 pub mod clock;
 pub mod config;
 pub mod connection;

@@ -27,6 +27,10 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// The TCP peer of a request (a load balancer, or the client itself).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
 /// A TCP stream that holds a connection-limit permit until it closes, through any upgrade.
 #[derive(Debug)]
 pub struct LimitedStream {

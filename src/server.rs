@@ -11,7 +11,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::ServeConfig;
 use crate::http::HttpSettings;
-use crate::listener::LimitedStream;
+use crate::listener::{LimitedStream, PeerAddr};
 use crate::node::Node;
 
 /// How often rooms are swept for expired history and state.
@@ -136,10 +136,6 @@ fn unreachable_accept() -> DrainReport {
         abandoned: 0,
     }
 }
-
-/// The TCP peer of a request (a load balancer, or the client itself).
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub std::net::SocketAddr);
 
 /// The router, with each request's `PeerAddr` put in its extensions.
 #[derive(Clone)]

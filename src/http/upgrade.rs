@@ -44,7 +44,7 @@ pub async fn websocket(State(state): State<HttpState>, mut request: Request) -> 
     };
     // One more connection from this client address (behind a trusted proxy, its
     // X-Forwarded-For), held by the socket from the upgrade on.
-    let ip_permit = match request.extensions().get::<crate::server::PeerAddr>() {
+    let ip_permit = match request.extensions().get::<crate::listener::PeerAddr>() {
         Some(peer) => {
             let forwarded = request.headers().get("x-forwarded-for").map(HeaderValue::as_bytes);
             let ip = node.admission.client_ip(peer.0.ip(), forwarded);

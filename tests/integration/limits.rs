@@ -373,23 +373,9 @@ async fn connections_per_client_address_are_limited() {
 /// The same limit for WebTransport sessions, by the packets' source address.
 #[tokio::test]
 async fn webtransport_sessions_per_client_address_are_limited() {
-    use wtransport::tls::Sha256Digest;
     let server = TestServer::start(&["--max-connections-per-ip", "1"]);
     let _held = crate::util::WtClient::connect(&server).await;
-    let hash = server.cert_hash().await;
-    let digest: Sha256Digest = hash
-        .as_bytes()
-        .chunks(2)
-        .map(|c| u8::from_str_radix(std::str::from_utf8(c).expect("hex"), 16).expect("hex"))
-        .collect::<Vec<u8>>()
-        .try_into()
-        .map(Sha256Digest::new)
-        .expect("32 bytes");
-    let config = wtransport::ClientConfig::builder()
-        .with_bind_default()
-        .with_server_certificate_hashes([digest])
-        .build();
-    let endpoint = wtransport::Endpoint::client(config).expect("client endpoint");
+    let endpoint = crate::util::wt_endpoint(&server.cert_hash().await);
     let refused = tokio::time::timeout(HANG, endpoint.connect(format!("https://{}/wt", server.wt.expect("wt"))))
         .await
         .expect("an answer in time");

@@ -322,6 +322,25 @@ impl Client {
     }
 }
 
+/// A wtransport client endpoint that trusts the certificate of SHA-256 `hash_hex`.
+pub fn wt_endpoint(hash_hex: &str) -> wtransport::Endpoint<wtransport::endpoint::endpoint_side::Client> {
+    use wtransport::tls::Sha256Digest;
+    let digest: Sha256Digest = hash_hex
+        .as_bytes()
+        .chunks(2)
+        .map(|c| u8::from_str_radix(std::str::from_utf8(c).expect("hex"), 16).expect("hex"))
+        .collect::<Vec<u8>>()
+        .try_into()
+        .map(Sha256Digest::new)
+        .expect("32 bytes");
+    let config = wtransport::ClientConfig::builder()
+        .with_bind_default()
+        .with_server_certificate_hashes([digest])
+        .keep_alive_interval(Some(Duration::from_secs(2)))
+        .build();
+    wtransport::Endpoint::client(config).expect("client endpoint")
+}
+
 /// What a WebTransport client saw next.
 #[derive(Debug)]
 pub enum WtSeen {
@@ -348,21 +367,7 @@ impl WtClient {
     }
 
     pub async fn connect_to(addr: SocketAddr, hash_hex: &str, ack: bool) -> Self {
-        use wtransport::tls::Sha256Digest;
-        let digest: Sha256Digest = hash_hex
-            .as_bytes()
-            .chunks(2)
-            .map(|c| u8::from_str_radix(std::str::from_utf8(c).expect("hex"), 16).expect("hex"))
-            .collect::<Vec<u8>>()
-            .try_into()
-            .map(Sha256Digest::new)
-            .expect("32 bytes");
-        let config = wtransport::ClientConfig::builder()
-            .with_bind_default()
-            .with_server_certificate_hashes([digest])
-            .keep_alive_interval(Some(Duration::from_secs(2)))
-            .build();
-        let endpoint = wtransport::Endpoint::client(config).expect("client endpoint");
+        let endpoint = wt_endpoint(hash_hex);
         let connection = tokio::time::timeout(HANG, endpoint.connect(format!("https://{addr}/wt")))
             .await
             .expect("connect in time")
