@@ -125,7 +125,14 @@ pub struct HttpConfig {
     pub max_connections_per_ip: usize,
     /// Peers (comma-separated addresses or CIDR ranges, the load balancers) whose
     /// `X-Forwarded-For` names the client; anyone else's is ignored.
-    #[arg(long, env = "COURTSIDE_TRUSTED_PROXIES", value_name = "CIDR,...", default_value = "")]
+    /// The default, the private ranges, takes in the load balancers of a VPC (clients reach
+    /// the ALB from public addresses); set it to "" when clients connect from private ones.
+    #[arg(
+        long,
+        env = "COURTSIDE_TRUSTED_PROXIES",
+        value_name = "CIDR,...",
+        default_value = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7"
+    )]
     pub trusted_proxies: String,
     /// Largest accepted HTTP request body, in bytes.
     #[arg(long, env = "COURTSIDE_MAX_BODY", value_name = "BYTES", default_value_t = 1 << 20)]

@@ -85,6 +85,10 @@ pub async fn start_courtside(binary: &Path, options: &CourtsideOptions) -> anyho
             "60000",
             "--command-burst",
             "100000",
+            // Every bench client comes from 127.0.0.1: the per-address limit would refuse
+            // all but the first thousand.
+            "--max-connections-per-ip",
+            "1000000",
         ])
         .args(&extra)
         .stdin(Stdio::null())
