@@ -182,6 +182,12 @@ struct AdmissionInner {
     per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
 }
 
+/// Valid credentials of an HTTP request.
+enum Credentials {
+    PublishToken,
+    Jwt(Claims),
+}
+
 /// What a publish request's credentials allow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PublishScope {
@@ -295,18 +301,10 @@ impl Admission {
     /// A publish request's `Authorization` header value: the publish token (every room), or a
     /// JWT whose `publish` claim names the rooms it may publish to.
     pub fn authorize_publish(&self, authorization: Option<&[u8]>) -> Result<PublishScope, Refusal> {
-        let presented = authorization
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(bearer_token);
-        match presented {
-            Some(token) if constant_time_eq(token.as_bytes(), self.0.settings.publish_token.as_bytes()) => {
-                Ok(PublishScope::Everything)
-            }
-            Some(token) if self.0.tokens.is_configured() => match self.0.tokens.verify(token) {
-                Ok(claims) => Ok(PublishScope::Rooms(claims.publish)),
-                Err(_) => Err(Refusal::Unauthorized),
-            },
-            _ => Err(Refusal::Unauthorized),
+        match self.credentials(authorization) {
+            Some(Credentials::PublishToken) => Ok(PublishScope::Everything),
+            Some(Credentials::Jwt(claims)) => Ok(PublishScope::Rooms(claims.publish)),
+            None => Err(Refusal::Unauthorized),
         }
     }
 
@@ -316,16 +314,9 @@ impl Admission {
         if !self.is_private(room) {
             return Ok(());
         }
-        let presented = authorization
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(bearer_token);
-        let allowed = match presented {
-            Some(token) if constant_time_eq(token.as_bytes(), self.0.settings.publish_token.as_bytes()) => true,
-            Some(token) => self
-                .0
-                .tokens
-                .verify(token)
-                .is_ok_and(|claims| self.may_listen(room, Some(&claims)).is_ok()),
+        let allowed = match self.credentials(authorization) {
+            Some(Credentials::PublishToken) => true,
+            Some(Credentials::Jwt(claims)) => self.may_listen(room, Some(&claims)).is_ok(),
             None => false,
         };
         if allowed {
@@ -333,6 +324,16 @@ impl Admission {
         } else {
             Err(self.refuse(Refusal::Forbidden))
         }
+    }
+
+    /// What an `Authorization` header holds: the publish token (compared in constant time), a
+    /// JWT that verifies, or nothing valid (`None`).
+    fn credentials(&self, authorization: Option<&[u8]>) -> Option<Credentials> {
+        let token = bearer_token(std::str::from_utf8(authorization?).ok()?)?;
+        if constant_time_eq(token.as_bytes(), self.0.settings.publish_token.as_bytes()) {
+            return Some(Credentials::PublishToken);
+        }
+        self.0.tokens.verify(token).ok().map(Credentials::Jwt)
     }
 
     /// The command budget of a connection opened at `now_ms`.

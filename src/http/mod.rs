@@ -178,8 +178,7 @@ async fn cert_hash(State(node): State<Node>) -> Result<Response, ApiError> {
 /// Publishing needs `Authorization: Bearer <token>` (admission decides); checked before the
 /// body is read.
 async fn require_token(State(node): State<Node>, mut request: Request, next: Next) -> Response {
-    let authorization = request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
-    match node.admission.authorize_publish(authorization) {
+    match node.admission.authorize_publish(authorization(request.headers())) {
         Ok(scope) => {
             // The handler checks each room against it before it publishes anything.
             request.extensions_mut().insert(scope);
@@ -258,6 +257,11 @@ async fn read_whole_body(State(max_body): State<usize>, request: Request, next: 
     }
     next.run(Request::from_parts(parts, axum::body::Body::from(kept.freeze())))
         .await
+}
+
+/// The request's `Authorization` value, for admission.
+fn authorization(headers: &HeaderMap) -> Option<&[u8]> {
+    headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes)
 }
 
 fn parse_room(name: &str) -> Result<RoomName, ApiError> {
@@ -694,10 +698,7 @@ async fn room_info(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let room = parse_room(&room)?;
-    node.admission.may_read(
-        room.as_str(),
-        headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes),
-    )?;
+    node.admission.may_read(room.as_str(), authorization(&headers))?;
     let figures = node.registry.room(&room).await?.ok_or_else(room_not_found)?;
     let state = figures.state.map(|s| (s.ts_ms, raw_json(s.data)));
     let state = state.as_ref().map(|(ts, data)| StateView {
@@ -762,10 +763,7 @@ async fn room_events(
 ) -> Result<Response, ApiError> {
     let node = state.node;
     let room = parse_room(&room)?;
-    node.admission.may_read(
-        room.as_str(),
-        headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes),
-    )?;
+    node.admission.may_read(room.as_str(), authorization(&headers))?;
     let bad_query = || {
         ApiError::new(
             ApiErrorCode::BadQuery,

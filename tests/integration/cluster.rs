@@ -3,15 +3,15 @@ use serde_json::json;
 use crate::util::{eventually, RedisServer, TestServer};
 
 fn node(redis: &RedisServer, id: &str) -> TestServer {
-    TestServer::start(&[
-        "--no-wt",
-        "--redis",
-        &redis.url(),
-        "--node-id",
-        id,
-        "--node-heartbeat",
-        "200ms",
-    ])
+    node_with(redis, id, &[])
+}
+
+/// A node on `redis` (no WebTransport, a 200 ms heartbeat) with `extra` options.
+pub fn node_with(redis: &RedisServer, id: &str, extra: &[&str]) -> TestServer {
+    let url = redis.url();
+    let mut args = vec!["--no-wt", "--redis", &url, "--node-id", id, "--node-heartbeat", "200ms"];
+    args.extend_from_slice(extra);
+    TestServer::start(&args)
 }
 
 async fn numsub(redis: &RedisServer, room: &str) -> i64 {

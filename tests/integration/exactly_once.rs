@@ -9,17 +9,7 @@ use serde_json::{json, Value};
 use crate::util::{eventually, Client, RedisServer, Seen, TestServer, TOKEN};
 
 fn node(redis: &RedisServer, id: &str) -> TestServer {
-    TestServer::start(&[
-        "--no-wt",
-        "--redis",
-        &redis.url(),
-        "--node-id",
-        id,
-        "--node-heartbeat",
-        "200ms",
-        "--drain-timeout",
-        "2s",
-    ])
+    crate::cluster::node_with(redis, id, &["--drain-timeout", "2s"])
 }
 
 /// A client written from docs/PROTOCOL.md alone: it numbers its subscribes, keeps the room's
