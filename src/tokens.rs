@@ -1,6 +1,6 @@
 //! The JWTs subscribers and publishers present: verified with `--jwt-secret` (HS256) or the
-//! public keys of `--jwt-keys` (PEM: RS256, ES256, EdDSA; reloaded when the file changes, so keys
-//! can rotate), and what their claims allow. Pure but for reading the key file.
+//! public keys of `--jwt-keys` (a PEM file or a JWKS document: RS256, ES256, EdDSA; reloaded when
+//! the file changes, so keys can rotate), and what their claims allow. Pure but for reading the file.
 
 use std::path::PathBuf;
 use std::sync::RwLock;
@@ -87,11 +87,28 @@ pub struct TokenSettings {
     pub audience: Option<String>,
 }
 
-/// A public key of the key file, with the algorithms it verifies.
+/// A public key of the key file, with the algorithms it verifies and (JWKS) its `kid`.
 struct PublicKey {
     algorithms: &'static [Algorithm],
     key: DecodingKey,
+    kid: Option<String>,
 }
+
+impl PublicKey {
+    /// Whether this key may verify a token of `alg` naming `kid`: a token naming a key is tried
+    /// only on that key and on keys without a `kid`.
+    fn fits(&self, alg: Algorithm, kid: Option<&str>) -> bool {
+        self.algorithms.contains(&alg)
+            && match (kid, self.kid.as_deref()) {
+                (Some(wanted), Some(own)) => wanted == own,
+                _ => true,
+            }
+    }
+}
+
+const RSA: &[Algorithm] = &[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512];
+const ES256: &[Algorithm] = &[Algorithm::ES256];
+const EDDSA: &[Algorithm] = &[Algorithm::EdDSA];
 
 /// Verifies tokens. Cheap to share (`Arc`); the key file is re-read by `reload_if_changed`.
 pub struct TokenVerifier {
@@ -174,7 +191,7 @@ impl TokenVerifier {
             let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
             keys.1
                 .iter()
-                .filter(|k| k.algorithms.contains(&header.alg))
+                .filter(|k| k.fits(header.alg, header.kid.as_deref()))
                 .find_map(|k| try_key(&k.key, &mut last))
         };
         let raw = claims.ok_or(last)?;
@@ -201,35 +218,83 @@ impl TokenVerifier {
     }
 }
 
-/// The public keys of a PEM file: each `BEGIN PUBLIC KEY` (or `RSA PUBLIC KEY`) block, as RSA,
-/// EC (P-256) or Ed25519, whichever it parses as.
+/// The public keys of the key file: a JWKS document (`{"keys": [...]}`) when it starts with `{`,
+/// else each PEM `BEGIN PUBLIC KEY` (or `RSA PUBLIC KEY`) block, as RSA, EC (P-256) or Ed25519,
+/// whichever it parses as.
 fn load_keys(path: &std::path::Path) -> Result<(Option<SystemTime>, Vec<PublicKey>), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("--jwt-keys {}: {e}", path.display()))?;
     let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    let mut keys = Vec::new();
-    for block in pem_blocks(&text) {
-        let pem = block.as_bytes();
-        if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
-            keys.push(PublicKey {
-                algorithms: &[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512],
-                key,
-            });
-        } else if let Ok(key) = DecodingKey::from_ec_pem(pem) {
-            keys.push(PublicKey {
-                algorithms: &[Algorithm::ES256],
-                key,
-            });
-        } else if let Ok(key) = DecodingKey::from_ed_pem(pem) {
-            keys.push(PublicKey {
-                algorithms: &[Algorithm::EdDSA],
-                key,
-            });
-        }
-    }
+    let keys = if text.trim_start().starts_with('{') {
+        jwks_keys(&text).map_err(|e| format!("--jwt-keys {}: {e}", path.display()))?
+    } else {
+        pem_keys(&text)
+    };
     if keys.is_empty() {
-        return Err(format!("--jwt-keys {}: no PEM public key in it", path.display()));
+        return Err(format!("--jwt-keys {}: no public key in it", path.display()));
     }
     Ok((modified, keys))
+}
+
+fn pem_keys(text: &str) -> Vec<PublicKey> {
+    let mut keys = Vec::new();
+    for block in pem_blocks(text) {
+        let pem = block.as_bytes();
+        let (algorithms, key) = if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
+            (RSA, key)
+        } else if let Ok(key) = DecodingKey::from_ec_pem(pem) {
+            (ES256, key)
+        } else if let Ok(key) = DecodingKey::from_ed_pem(pem) {
+            (EDDSA, key)
+        } else {
+            continue;
+        };
+        keys.push(PublicKey {
+            algorithms,
+            key,
+            kid: None,
+        });
+    }
+    keys
+}
+
+/// The public keys of a JWKS document (RFC 7517 §5): RSA, EC on P-256, OKP Ed25519. Keys of
+/// other kinds or curves, symmetric keys and keys whose `alg` or `use` rule them out for
+/// verifying signatures are skipped; a document that does not parse is an error.
+fn jwks_keys(text: &str) -> Result<Vec<PublicKey>, String> {
+    use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, PublicKeyUse};
+    let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("not a JWKS document: {e}"))?;
+    let mut keys = Vec::new();
+    for jwk in &set.keys {
+        if matches!(jwk.common.public_key_use, Some(ref u) if *u != PublicKeyUse::Signature) {
+            continue;
+        }
+        let family: &'static [Algorithm] = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => RSA,
+            AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => ES256,
+            AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => EDDSA,
+            _ => continue,
+        };
+        let algorithms = match jwk
+            .common
+            .key_algorithm
+            .and_then(|a| a.to_string().parse::<Algorithm>().ok())
+        {
+            Some(alg) => match family.iter().position(|a| *a == alg) {
+                Some(i) => &family[i..=i],
+                None => continue,
+            },
+            None => family,
+        };
+        let Ok(key) = DecodingKey::from_jwk(jwk) else {
+            continue;
+        };
+        keys.push(PublicKey {
+            algorithms,
+            key,
+            kid: jwk.common.key_id.clone(),
+        });
+    }
+    Ok(keys)
 }
 
 /// Each `-----BEGIN ...-----` to `-----END ...-----` block of a PEM file, lines included.
@@ -369,6 +434,78 @@ mod tests {
         assert!(v.reload_if_changed().is_err());
         assert!(v.verify(&sign(&second)).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_jwks_file_gives_its_signing_keys_chosen_by_kid() {
+        use rcgen::PublicKeyData;
+        let dir = std::env::temp_dir().join(format!("courtside-jwks-{}", crate::random::random_u64()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("keys.json");
+        let (a, b, enc) = (
+            rcgen::KeyPair::generate().expect("key"),
+            rcgen::KeyPair::generate().expect("key"),
+            rcgen::KeyPair::generate().expect("key"),
+        );
+        // A P-256 SubjectPublicKeyInfo ends with the point 0x04 || x || y.
+        let ec_jwk = |pair: &rcgen::KeyPair, extra: serde_json::Value| {
+            let spki = pair.subject_public_key_info();
+            let point = &spki[spki.len() - 64..];
+            let mut jwk = serde_json::json!({
+                "kty": "EC", "crv": "P-256",
+                "x": base64url(&point[..32]), "y": base64url(&point[32..]),
+            });
+            for (k, v) in extra.as_object().expect("object") {
+                jwk[k] = v.clone();
+            }
+            jwk
+        };
+        let set = serde_json::json!({"keys": [
+            {"kty": "oct", "k": "c2VjcmV0"},
+            ec_jwk(&enc, serde_json::json!({"use": "enc", "kid": "e"})),
+            ec_jwk(&a, serde_json::json!({"kid": "a", "alg": "ES256", "use": "sig"})),
+            ec_jwk(&b, serde_json::json!({"kid": "b"})),
+        ]});
+        std::fs::write(&path, set.to_string()).expect("write");
+        let v = verifier(TokenSettings {
+            keys_file: Some(path.clone()),
+            ..TokenSettings::default()
+        });
+        let sign = |pair: &rcgen::KeyPair, kid: Option<&str>| {
+            let mut header = Header::new(Algorithm::ES256);
+            header.kid = kid.map(str::to_string);
+            let claims = serde_json::json!({"sub": "9", "exp": now_s() + 60});
+            encode(&header, &claims, &EncodingKey::from_ec_der(&pair.serialize_der())).expect("token")
+        };
+        assert_eq!(v.verify(&sign(&a, Some("a"))).map(|c| c.sub), Ok("9".into()));
+        assert!(v.verify(&sign(&b, Some("b"))).is_ok());
+        assert!(
+            v.verify(&sign(&b, None)).is_ok(),
+            "no kid: every key of the algorithm is tried"
+        );
+        assert!(v.verify(&sign(&a, Some("b"))).is_err(), "a kid names the one key");
+        assert!(
+            v.verify(&sign(&enc, Some("e"))).is_err(),
+            "an encryption key verifies nothing"
+        );
+        // A document without a signing key, or that is not JWKS, is refused.
+        std::fs::write(&path, r#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#).expect("write");
+        assert!(TokenVerifier::new(v.settings.clone()).is_err());
+        std::fs::write(&path, r#"{"keys": 3}"#).expect("write");
+        assert!(TokenVerifier::new(v.settings.clone()).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn base64url(bytes: &[u8]) -> String {
+        const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut text = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk.iter().fold(0u32, |n, b| (n << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
+            for i in 0..=chunk.len() {
+                text.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            }
+        }
+        text
     }
 
     /// The key's SubjectPublicKeyInfo as PEM.
