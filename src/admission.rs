@@ -7,6 +7,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use crate::cidr::Cidr;
 use crate::metrics::Metrics;
+use crate::rates::AddressRates;
 use crate::tokens::{Claims, RoomPattern, TokenError, TokenSettings, TokenVerifier};
 
 /// What admission enforces, built from the configuration.
@@ -30,6 +31,10 @@ pub struct AdmissionSettings {
     pub require_token: bool,
     /// WebSocket connections and WebTransport sessions from one client address at once.
     pub max_connections_per_ip: usize,
+    /// New WebSocket connections and WebTransport sessions from one client address per minute.
+    pub connection_rate_per_ip: u32,
+    /// Publish API requests from one client address per minute.
+    pub publish_rate_per_ip: u32,
     /// Peers whose `X-Forwarded-For` names the client (the load balancers).
     pub trusted_proxies: Vec<Cidr>,
 }
@@ -99,6 +104,8 @@ impl AdmissionSettings {
             private_rooms: RoomPattern::list(&config.tokens.private_rooms),
             require_token: config.tokens.require_token,
             max_connections_per_ip: config.http.max_connections_per_ip,
+            connection_rate_per_ip: config.http.connection_rate_per_ip,
+            publish_rate_per_ip: config.http.publish_rate_per_ip,
             // Checked when the configuration is read.
             trusted_proxies: Cidr::list(&config.http.trusted_proxies).unwrap_or_default(),
         }
@@ -135,6 +142,8 @@ pub enum Refusal {
     Forbidden,
     #[error("too many connections from this address")]
     IpConnectionLimit,
+    #[error("too many requests from this address in the last minute")]
+    IpRateLimited,
 }
 
 impl Refusal {
@@ -143,7 +152,7 @@ impl Refusal {
         match self {
             Self::ConnectionLimit => 503,
             Self::OriginNotAllowed | Self::Forbidden => 403,
-            Self::IpConnectionLimit => 429,
+            Self::IpConnectionLimit | Self::IpRateLimited => 429,
             Self::Unauthorized => 401,
         }
     }
@@ -156,6 +165,7 @@ impl Refusal {
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",
             Self::IpConnectionLimit => "ip_connection_limit",
+            Self::IpRateLimited => "ip_rate_limited",
         }
     }
 }
@@ -180,6 +190,17 @@ struct AdmissionInner {
     metrics: Arc<Metrics>,
     /// Open WebSocket connections and WebTransport sessions per client address.
     per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    /// New connections and sessions per client address in the last minute.
+    connection_rates: std::sync::Mutex<AddressRates>,
+    /// Publish requests per client address in the last minute.
+    publish_rates: std::sync::Mutex<AddressRates>,
+}
+
+/// Why a client address was turned away, and when it may try again (`Retry-After`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpRefusal {
+    pub refusal: Refusal,
+    pub retry_after_s: Option<u64>,
 }
 
 /// Valid credentials of an HTTP request.
@@ -210,12 +231,15 @@ impl Admission {
     /// Fails when the JWT key file cannot be read.
     pub fn new(settings: AdmissionSettings, metrics: Arc<Metrics>) -> Result<Self, String> {
         let tokens = TokenVerifier::new(settings.tokens.clone())?;
+        let settings_rate = (settings.connection_rate_per_ip, settings.publish_rate_per_ip);
         Ok(Self(Arc::new(AdmissionInner {
             connections: Arc::new(Semaphore::new(settings.max_connections)),
             settings,
             tokens,
             metrics,
             per_ip: std::sync::Mutex::new(std::collections::HashMap::new()),
+            connection_rates: std::sync::Mutex::new(AddressRates::new(settings_rate.0)),
+            publish_rates: std::sync::Mutex::new(AddressRates::new(settings_rate.1)),
         })))
     }
 
@@ -224,9 +248,45 @@ impl Admission {
         client_ip(peer, forwarded_for, &self.0.settings.trusted_proxies)
     }
 
-    /// One more WebSocket connection or WebTransport session from `ip`, under
-    /// `--max-connections-per-ip`.
-    pub fn admit_ip(&self, ip: std::net::IpAddr) -> Result<IpPermit, Refusal> {
+    /// One more WebSocket connection or WebTransport session from `ip`: within
+    /// `--connection-rate-per-ip` new ones this minute (every attempt counts), then under
+    /// `--max-connections-per-ip` at once.
+    pub fn admit_ip(&self, ip: std::net::IpAddr) -> Result<IpPermit, IpRefusal> {
+        let now_ms = crate::clock::unix_ms();
+        let rated = self
+            .0
+            .connection_rates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .check(ip, now_ms);
+        if let Err(limited) = rated {
+            return Err(IpRefusal {
+                refusal: self.refuse(Refusal::IpRateLimited),
+                retry_after_s: Some(limited.retry_after_s),
+            });
+        }
+        self.hold_ip(ip).map_err(|refusal| IpRefusal {
+            refusal,
+            retry_after_s: None,
+        })
+    }
+
+    /// A publish API request from `ip`, within `--publish-rate-per-ip` this minute.
+    pub fn admit_publish_request(&self, ip: std::net::IpAddr) -> Result<(), IpRefusal> {
+        let now_ms = crate::clock::unix_ms();
+        let rated = self
+            .0
+            .publish_rates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .check(ip, now_ms);
+        rated.map_err(|limited| IpRefusal {
+            refusal: self.refuse(Refusal::IpRateLimited),
+            retry_after_s: Some(limited.retry_after_s),
+        })
+    }
+
+    fn hold_ip(&self, ip: std::net::IpAddr) -> Result<IpPermit, Refusal> {
         let mut counts = self.0.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         let count = counts.entry(ip).or_insert(0);
         if *count >= self.0.settings.max_connections_per_ip {
@@ -445,6 +505,8 @@ mod tests {
                 private_rooms: RoomPattern::list("user:*"),
                 require_token: false,
                 max_connections_per_ip: 2,
+                connection_rate_per_ip: 0,
+                publish_rate_per_ip: 0,
                 trusted_proxies: Cidr::list("10.0.0.0/8").expect("cidr"),
             },
             metrics,
@@ -516,7 +578,7 @@ mod tests {
         let a = admission(10, &[]);
         let ip: std::net::IpAddr = "203.0.113.5".parse().expect("ip");
         let (first, second) = (a.admit_ip(ip).expect("one"), a.admit_ip(ip).expect("two"));
-        assert_eq!(a.admit_ip(ip).err(), Some(Refusal::IpConnectionLimit));
+        assert_eq!(a.admit_ip(ip).err().map(|r| r.refusal), Some(Refusal::IpConnectionLimit));
         assert!(
             a.admit_ip("203.0.113.6".parse().expect("ip")).is_ok(),
             "another address"

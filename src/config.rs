@@ -123,6 +123,25 @@ pub struct HttpConfig {
         default_value_t = 1000
     )]
     pub max_connections_per_ip: usize,
+    /// New WebSocket connections and WebTransport sessions one client address may open per
+    /// minute (429 `ip_rate_limited` beyond, with `Retry-After`); 0: no limit.
+    #[arg(
+        long,
+        env = "COURTSIDE_CONNECTION_RATE_PER_IP",
+        value_name = "N",
+        default_value_t = 1000
+    )]
+    pub connection_rate_per_ip: u32,
+    /// Publish API requests (single and batch) one client address may make per minute, counted
+    /// before their credentials are checked (429 `ip_rate_limited` beyond, with `Retry-After`):
+    /// the original design's WAF rule for deployments without a WAF. 0: no limit.
+    #[arg(
+        long,
+        env = "COURTSIDE_PUBLISH_RATE_PER_IP",
+        value_name = "N",
+        default_value_t = 1000
+    )]
+    pub publish_rate_per_ip: u32,
     /// Peers (comma-separated addresses or CIDR ranges, the load balancers) whose
     /// `X-Forwarded-For` names the client; anyone else's is ignored.
     /// The default, the private ranges, takes in the load balancers of a VPC (clients reach

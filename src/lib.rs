@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod node;
 pub mod quic_lb;
 pub mod random;
+pub mod rates;
 pub mod registry;
 pub mod server;
 pub mod session;

@@ -305,6 +305,8 @@ mod tests {
             private_rooms: crate::tokens::RoomPattern::list("user:*"),
             require_token: false,
             max_connections_per_ip: 10,
+            connection_rate_per_ip: 0,
+            publish_rate_per_ip: 0,
             trusted_proxies: Vec::new(),
         };
         Admission::new(settings, Arc::new(Metrics::new())).expect("admission")

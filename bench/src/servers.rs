@@ -89,6 +89,12 @@ pub async fn start_courtside(binary: &Path, options: &CourtsideOptions) -> anyho
             // all but the first thousand.
             "--max-connections-per-ip",
             "1000000",
+            // Likewise the per-address rates: a connect storm opens thousands a minute, and the
+            // publisher is one address.
+            "--connection-rate-per-ip",
+            "0",
+            "--publish-rate-per-ip",
+            "0",
         ])
         .args(&extra)
         .stdin(Stdio::null())

@@ -48,6 +48,9 @@ pub enum ApiErrorCode {
     Forbidden,
     /// The client address holds `--max-connections-per-ip` connections already.
     IpConnectionLimit,
+    /// The client address made its `--connection-rate-per-ip` or `--publish-rate-per-ip`
+    /// requests of the last minute.
+    IpRateLimited,
     /// The node holds its maximum number of connections.
     ConnectionLimit,
     /// `/ws` needs a WebSocket upgrade.
@@ -94,6 +97,7 @@ impl ApiErrorCode {
             Self::OriginNotAllowed => "origin_not_allowed",
             Self::Forbidden => "forbidden",
             Self::IpConnectionLimit => "ip_connection_limit",
+            Self::IpRateLimited => "ip_rate_limited",
             Self::ConnectionLimit => "connection_limit",
             Self::UpgradeRequired => "upgrade_required",
             Self::BadWebSocketVersion => "bad_websocket_version",
@@ -133,7 +137,7 @@ impl ApiErrorCode {
             | Self::ConnectionLimit
             | Self::IdempotencyStoreFull => StatusCode::SERVICE_UNAVAILABLE,
             Self::OriginNotAllowed | Self::Forbidden => StatusCode::FORBIDDEN,
-            Self::IpConnectionLimit => StatusCode::TOO_MANY_REQUESTS,
+            Self::IpConnectionLimit | Self::IpRateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::UpgradeRequired | Self::BadWebSocketVersion => StatusCode::UPGRADE_REQUIRED,
         }
     }
@@ -260,8 +264,28 @@ impl ApiErrorCode {
             Refusal::Unauthorized => Self::Unauthorized,
             Refusal::Forbidden => Self::Forbidden,
             Refusal::IpConnectionLimit => Self::IpConnectionLimit,
+            Refusal::IpRateLimited => Self::IpRateLimited,
         }
     }
+}
+
+/// The answer to a refused client address: 429 with the documented code, and `Retry-After`
+/// when the address is over a per-minute rate.
+pub fn ip_refusal(refused: crate::admission::IpRefusal) -> Response {
+    let message = match refused.refusal {
+        Refusal::IpRateLimited => {
+            "too many requests from this address in the last minute (--connection-rate-per-ip, --publish-rate-per-ip)"
+        }
+        Refusal::IpConnectionLimit => "too many connections from this address (--max-connections-per-ip)",
+        other => return ApiError::from(other).into_response(),
+    };
+    let mut response = ApiError::new(ApiErrorCode::from_refusal(refused.refusal), message).into_response();
+    if let Some(seconds) = refused.retry_after_s {
+        response
+            .headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(seconds));
+    }
+    response
 }
 
 impl From<Refusal> for ApiError {
@@ -282,6 +306,7 @@ mod tests {
             Refusal::Unauthorized,
             Refusal::Forbidden,
             Refusal::IpConnectionLimit,
+            Refusal::IpRateLimited,
         ] {
             let error = ApiError::from(refusal);
             assert_eq!(error.code.status().as_u16(), refusal.status());

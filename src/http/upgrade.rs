@@ -50,13 +50,7 @@ pub async fn websocket(State(state): State<HttpState>, mut request: Request) -> 
             let ip = node.admission.client_ip(peer.0.ip(), forwarded);
             match node.admission.admit_ip(ip) {
                 Ok(permit) => Some(permit),
-                Err(refusal) => {
-                    return ApiError::new(
-                        ApiErrorCode::from_refusal(refusal),
-                        "too many connections from this address (--max-connections-per-ip)",
-                    )
-                    .into_response()
-                }
+                Err(refused) => return super::error::ip_refusal(refused).into_response(),
             }
         }
         None => None,

@@ -99,6 +99,9 @@ pub fn read_connect(buf: &[u8]) -> Parsed<ConnectRequest> {
                 ))
             }
         }
+        if !qpack_integers_fit(frame.payload()) {
+            return Err(H3Error::new(H3ErrorCode::Message, "bad QPACK headers"));
+        }
         let headers = Headers::with_frame(&frame).map_err(|code| H3Error::new(code, "bad QPACK headers"))?;
         let field = |name| headers.get(name);
         let is_connect = field(":method") == Some("CONNECT")
@@ -120,6 +123,73 @@ pub fn read_connect(buf: &[u8]) -> Parsed<ConnectRequest> {
         };
         return Ok(Some((request, reader.offset())));
     }
+}
+
+/// Whether every QPACK integer of a field section (RFC 9204 §4.1.1, §4.5) is at most 8 bytes
+/// past its prefix. wtransport-proto's decoder shifts by 7 per continuation byte and overflows
+/// the shift (a panic where overflow checks are on) after 9; found by the `h3_connect` fuzzer.
+/// Walks the representations the decoder reads (static references and literals) and stops at
+/// one it refuses anyway (dynamic table).
+fn qpack_integers_fit(block: &[u8]) -> bool {
+    const MAX_CONTINUATION: usize = 8;
+    /// Reads an integer of an `n`-bit prefix at `at`: `Ok(None)` when the block ends first (the
+    /// decoder refuses that itself), `Err(())` when it runs past `MAX_CONTINUATION` bytes.
+    fn integer(block: &[u8], at: usize, n: u32) -> Result<Option<(usize, usize)>, ()> {
+        let mask = (1usize << n) - 1;
+        let Some(&first) = block.get(at) else {
+            return Ok(None);
+        };
+        if usize::from(first) & mask != mask {
+            return Ok(Some((usize::from(first) & mask, at + 1)));
+        }
+        let (mut value, mut at) = (mask, at + 1);
+        for i in 0..=MAX_CONTINUATION {
+            let Some(&byte) = block.get(at) else {
+                return Ok(None);
+            };
+            value = value.saturating_add(usize::from(byte & 0x7f) << (7 * i));
+            at += 1;
+            if byte & 0x80 == 0 {
+                return Ok(Some((value, at)));
+            }
+        }
+        Err(())
+    }
+    let walk = || -> Result<Option<()>, ()> {
+        let string = |at: usize, n: u32| -> Result<Option<usize>, ()> {
+            Ok(integer(block, at, n)?.map(|(len, at)| at.saturating_add(len)))
+        };
+        let Some((_, at)) = integer(block, 0, 8)? else {
+            return Ok(None);
+        };
+        let Some((_, mut at)) = integer(block, at, 7)? else {
+            return Ok(None);
+        };
+        while let Some(&byte) = block.get(at) {
+            let next = if byte & 0x80 != 0 {
+                integer(block, at, 6)?.map(|(_, at)| at)
+            } else if byte & 0x40 != 0 {
+                if byte & 0x10 == 0 {
+                    return Ok(None); // a dynamic reference: the decoder refuses it
+                }
+                match integer(block, at, 4)? {
+                    Some((_, at)) => string(at, 7)?,
+                    None => None,
+                }
+            } else if byte & 0x20 != 0 {
+                match string(at, 3)? {
+                    Some(at) => string(at, 7)?,
+                    None => None,
+                }
+            } else {
+                return Ok(None); // post-base forms: the decoder refuses them
+            };
+            let Some(next) = next else { return Ok(None) };
+            at = next;
+        }
+        Ok(Some(()))
+    };
+    walk().is_ok()
 }
 
 /// The answer to a CONNECT: a HEADERS frame with `:status` alone.
@@ -292,6 +362,30 @@ mod tests {
             let error = read_connect(&connect_frame(&fields)).expect_err("refused");
             assert_eq!(error.code, H3ErrorCode::Message, "{fields:?}");
         }
+    }
+
+    #[test]
+    fn a_qpack_integer_too_long_for_the_decoder_is_a_message_error_not_a_panic() {
+        // Found by the h3_connect fuzzer (tests/fuzz): a HEADERS frame whose first QPACK integer
+        // runs on for ten continuation bytes made wtransport-proto's decoder overflow a shift.
+        let crash = unhex("010cfff2fef2f2f2fffffffff1000000ffff01c4c4000104fefe043b544c3bff2e23");
+        let error = read_connect(&crash).expect_err("refused");
+        assert_eq!(error.code, H3ErrorCode::Message);
+        // Eight continuation bytes still fit, and a well-formed CONNECT passes the check.
+        assert!(qpack_integers_fit(&[
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01, 0x00
+        ]));
+        assert!(!qpack_integers_fit(&[
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01
+        ]));
+        let fields = [
+            (":method", "CONNECT"),
+            (":protocol", "webtransport"),
+            (":scheme", "https"),
+            (":authority", "a"),
+            (":path", "/wt"),
+        ];
+        assert!(read_connect(&connect_frame(&fields)).expect("read").is_some());
     }
 
     #[test]

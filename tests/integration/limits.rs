@@ -2,13 +2,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::SinkExt;
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::util::{request, Client, TestServer, HANG};
+use crate::util::{request, Client, TestServer, HANG, TOKEN};
 
 /// Each bad frame gets an error with its documented code; the connection keeps working and
 /// another client in the same room notices nothing.
@@ -391,4 +391,72 @@ async fn webtransport_sessions_per_client_address_are_limited() {
         1.0,
         "refused by the per-address limit (the CONNECT answered 429)"
     );
+}
+
+/// `--connection-rate-per-ip`: new WebSocket connections from one address in a minute, even
+/// when earlier ones closed; beyond it 429 `ip_rate_limited` with `Retry-After`, and another
+/// address (behind the trusted proxy) is not touched.
+#[tokio::test]
+async fn new_connections_per_client_address_per_minute_are_limited() {
+    let server = TestServer::start(&[
+        "--no-wt",
+        "--connection-rate-per-ip",
+        "2",
+        "--trusted-proxies",
+        "127.0.0.1/32",
+    ]);
+    for _ in 0..2 {
+        let (status, client) = upgrade_status(&server, Some("198.51.100.7")).await;
+        assert_eq!(status, 101);
+        drop(client); // closed at once: the rate counts openings, not open connections
+    }
+    let mut request = server.ws_url().into_client_request().expect("request");
+    request
+        .headers_mut()
+        .insert("x-forwarded-for", "198.51.100.7".parse().expect("header"));
+    let Err(tokio_tungstenite::tungstenite::Error::Http(refused)) = tokio_tungstenite::connect_async(request).await
+    else {
+        panic!("the third connection of the minute was accepted");
+    };
+    assert_eq!(refused.status().as_u16(), 429);
+    let retry_after: u64 = refused
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After seconds");
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    let body: Value = serde_json::from_slice(refused.body().as_deref().unwrap_or_default()).expect("JSON body");
+    assert_eq!(body["error"], "ip_rate_limited");
+    assert_eq!(upgrade_status(&server, Some("198.51.100.8")).await.0, 101);
+    assert_eq!(
+        server
+            .metric("courtside_errors_total{code=\"429\",name=\"ip_rate_limited\"}")
+            .await,
+        1.0
+    );
+}
+
+/// `--publish-rate-per-ip`: publish requests per address per minute, counted before the
+/// credentials (a flood of bad tokens counts), single and batch alike; beyond it 429
+/// `ip_rate_limited` with `Retry-After` and nothing published.
+#[tokio::test]
+async fn publish_requests_per_client_address_per_minute_are_limited() {
+    let server = TestServer::start(&["--publish-rate-per-ip", "3"]);
+    let publish = |token: &'static str, path: &'static str, body: &'static str| {
+        let addr = server.http;
+        async move { crate::util::request(addr, "POST", path, Some(token), &[], Bytes::from(body)).await }
+    };
+    assert_eq!(publish(TOKEN, "/v1/rooms/game:1/state", "{\"n\":1}").await.0, 200);
+    assert_eq!(publish("wrong", "/v1/rooms/game:1/state", "{\"n\":2}").await.0, 401);
+    let batch = "{\"messages\":[{\"room\":\"game:1\",\"type\":\"state\",\"data\":{\"n\":3}}]}";
+    assert_eq!(publish(TOKEN, "/v1/publish", batch).await.0, 200);
+    let (status, headers, body) = publish(TOKEN, "/v1/rooms/game:1/state", "{\"n\":4}").await;
+    assert_eq!(status, 429);
+    assert!(headers.get("retry-after").is_some());
+    let body: Value = serde_json::from_slice(&body).expect("JSON body");
+    assert_eq!(body["error"], "ip_rate_limited");
+    // Reads are not publish requests, and the refused publish published nothing.
+    let (status, room) = server.get("/v1/rooms/game:1").await;
+    assert_eq!((status, room["state"]["data"]["n"].as_u64()), (200, Some(3)));
 }
