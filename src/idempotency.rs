@@ -27,13 +27,17 @@ pub struct BadKey;
 pub struct IdempotencyKey(String);
 
 impl IdempotencyKey {
-    /// The header's value; the draft's structured-field string form (`"..."`) is unquoted.
+    /// The header's value (HTTP trims the spaces around it): 1 to 255 visible ASCII characters;
+    /// the draft's structured-field string form (`"..."`, three or more characters) is unquoted.
     pub fn parse(value: &[u8]) -> Result<Self, BadKey> {
         let text = std::str::from_utf8(value).map_err(|_| BadKey)?.trim();
-        let text = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(text);
-        if text.is_empty() || text.len() > MAX_KEY_LEN || !text.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        if text.is_empty() || text.len() > MAX_KEY_LEN || !text.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(BadKey);
         }
+        let text = match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+            Some(quoted) if !quoted.is_empty() => quoted,
+            _ => text,
+        };
         Ok(Self(text.to_string()))
     }
 
@@ -194,7 +198,9 @@ mod tests {
             Ok("8e03978e-40d5".into())
         );
         assert_eq!(IdempotencyKey::parse(br#""abc""#).map(|k| k.0), Ok("abc".into()));
-        for bad in [&b""[..], b"\"\"", b"a\x01b", &[b'a'; 256][..], b"\xff"] {
+        // Exactly what the schema's pattern says: `""` is a key of two quotes, a space is refused.
+        assert_eq!(IdempotencyKey::parse(br#""""#).map(|k| k.0), Ok(r#""""#.into()));
+        for bad in [&b""[..], b"a b", b"a\x01b", &[b'a'; 256][..], b"\xff"] {
             assert_eq!(IdempotencyKey::parse(bad), Err(BadKey), "{bad:?}");
         }
         assert_eq!(IdempotencyKey::for_item("x").map(|k| k.0), Ok("item:x".into()));
