@@ -578,7 +578,10 @@ mod tests {
         let a = admission(10, &[]);
         let ip: std::net::IpAddr = "203.0.113.5".parse().expect("ip");
         let (first, second) = (a.admit_ip(ip).expect("one"), a.admit_ip(ip).expect("two"));
-        assert_eq!(a.admit_ip(ip).err().map(|r| r.refusal), Some(Refusal::IpConnectionLimit));
+        assert_eq!(
+            a.admit_ip(ip).err().map(|r| r.refusal),
+            Some(Refusal::IpConnectionLimit)
+        );
         assert!(
             a.admit_ip("203.0.113.6".parse().expect("ip")).is_ok(),
             "another address"

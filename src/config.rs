@@ -251,6 +251,17 @@ pub struct WebTransportConfig {
     /// Without it, connection IDs are random.
     #[arg(long, env = "COURTSIDE_QUIC_SERVER_ID", value_name = "0xHEX")]
     pub quic_server_id: Option<QuicServerId>,
+    /// QUIC handshakes under way above which a new one from an address not yet validated is
+    /// answered with a Retry (RFC 9000 §8.1.2): the client must echo a token, proving it gets
+    /// packets at its source address, before the server spends a TLS handshake on it. 0: every
+    /// new connection is retried (one round trip more for each).
+    #[arg(
+        long,
+        env = "COURTSIDE_QUIC_RETRY_THRESHOLD",
+        value_name = "N",
+        default_value_t = 200
+    )]
+    pub quic_retry_threshold: usize,
 }
 
 /// Sharing rooms with other nodes through Redis.

@@ -81,6 +81,10 @@ pub struct Metrics {
     pub outbox: Gauge,
     /// Datagrams the kernel dropped on the WebTransport UDP socket (read at scrape time).
     pub udp_receive_drops: Gauge,
+    /// QUIC handshakes answered with a Retry (address validation under a handshake flood).
+    pub quic_retries: Counter,
+    /// QUIC handshakes under way (Initial received, handshake not yet complete).
+    pub quic_handshakes: Gauge,
 }
 
 impl Default for Metrics {
@@ -118,6 +122,8 @@ impl Metrics {
             delivery_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             draining: Gauge::default(),
             udp_receive_drops: Gauge::default(),
+            quic_retries: Counter::default(),
+            quic_handshakes: Gauge::default(),
             repair_datagrams: Counter::default(),
             registry_up: Gauge::default(),
             outbox: Gauge::default(),
@@ -194,6 +200,16 @@ impl Metrics {
             "udp_receive_drops",
             "Datagrams the kernel dropped on the WebTransport UDP socket (receive buffer full)",
             metrics.udp_receive_drops.clone(),
+        );
+        registry.register(
+            "quic_retries",
+            "QUIC handshakes answered with a Retry to validate the client address (--quic-retry-threshold)",
+            metrics.quic_retries.clone(),
+        );
+        registry.register(
+            "quic_handshakes",
+            "QUIC handshakes under way",
+            metrics.quic_handshakes.clone(),
         );
         Self { registry, ..metrics }
     }

@@ -19,7 +19,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn};
 
 use super::h3::{self, ConnectStreamEvent, H3Error, H3ErrorCode, Parsed};
-use crate::admission::IpPermit;
+use crate::admission::{ConnectionPermit, IpPermit};
 use crate::certs::{CertificateError, CertificateInfo, CertificateSource, Identity};
 use crate::config::ServeConfig;
 use crate::connection::{self, Close, DriverSettings, Ending, Inbound, Wire, WireError};
@@ -67,6 +67,8 @@ pub struct WebTransportSettings {
     pub state_datagrams: StateDatagrams,
     /// Routable QUIC-LB connection IDs with this server ID; random ones without.
     pub quic_server_id: Option<QuicServerId>,
+    /// Handshakes under way above which unvalidated addresses get a Retry (0: always).
+    pub retry_threshold: usize,
 }
 
 impl WebTransportSettings {
@@ -91,6 +93,7 @@ impl WebTransportSettings {
             repair: RepairPolicy::default(),
             state_datagrams: wt.wt_state_datagrams,
             quic_server_id: wt.quic_server_id,
+            retry_threshold: wt.quic_retry_threshold,
         }
     }
 }
@@ -235,10 +238,25 @@ impl WebTransportServer {
                         incoming.refuse();
                         continue;
                     }
+                    let under_way = node.metrics.quic_handshakes.get();
+                    if should_retry(
+                        incoming.remote_address_validated(),
+                        incoming.may_retry(),
+                        usize::try_from(under_way).unwrap_or(0),
+                        self.settings.retry_threshold,
+                    ) {
+                        // Stateless: the server keeps nothing until the client echoes the token.
+                        if incoming.retry().is_ok() {
+                            node.metrics.quic_retries.inc();
+                        }
+                        continue;
+                    }
+                    // Counted here, not in the task, so a burst of Initials sees itself.
+                    let under_way = HandshakeUnderWay::new(&node);
                     let node = node.clone();
                     let listener = node.shutdown_listener();
                     let settings = self.settings.clone();
-                    tokio::spawn(async move { accept_session(incoming, node, listener, settings).await });
+                    tokio::spawn(async move { accept_session(incoming, under_way, node, listener, settings).await });
                 }
                 _ = check.tick() => self.reload_if_changed(&node, false).await,
                 _ = hangup.recv() => {
@@ -292,6 +310,8 @@ struct Handshaken {
     prefix: Bytes,
     /// The session's count against its client address.
     ip_permit: Option<IpPermit>,
+    /// The session's place under `--max-connections` (shared with TCP connections).
+    connection_permit: Option<ConnectionPermit>,
 }
 
 /// Why a handshake ended without a session.
@@ -312,10 +332,34 @@ impl From<ConnectionError> for HandshakeError {
     }
 }
 
+/// Whether a new QUIC connection is answered with a Retry: its address is not validated yet (a
+/// client echoing a Retry token is), a Retry is still possible, and the handshakes under way
+/// have reached the threshold (0: always).
+fn should_retry(validated: bool, may_retry: bool, under_way: usize, threshold: usize) -> bool {
+    !validated && may_retry && under_way >= threshold
+}
+
+/// One QUIC handshake counted in `courtside_quic_handshakes` until dropped.
+struct HandshakeUnderWay(Node);
+
+impl HandshakeUnderWay {
+    fn new(node: &Node) -> Self {
+        node.metrics.quic_handshakes.inc();
+        Self(node.clone())
+    }
+}
+
+impl Drop for HandshakeUnderWay {
+    fn drop(&mut self) {
+        self.0.metrics.quic_handshakes.dec();
+    }
+}
+
 /// Completes the QUIC and HTTP/3 handshakes, checks the request, waits for the control stream
 /// and its first message, and starts the session; all within the handshake timeout.
 async fn accept_session(
     incoming: Incoming,
+    under_way: HandshakeUnderWay,
     node: Node,
     shutdown: ShutdownListener,
     settings: Arc<WebTransportSettings>,
@@ -325,7 +369,9 @@ async fn accept_session(
         Ok(connecting) => connecting,
         Err(error) => return debug!(%error, "webtransport handshake failed"),
     };
-    let connection = match timeout_at(deadline, connecting).await {
+    let connected = timeout_at(deadline, connecting).await;
+    drop(under_way);
+    let connection = match connected {
         Ok(Ok(connection)) => connection,
         Ok(Err(error)) => return debug!(%error, "webtransport handshake failed"),
         Err(_) => return debug!("webtransport handshake timed out"),
@@ -404,6 +450,7 @@ async fn handshake(connection: &quinn::Connection, node: &Node) -> Result<Handsh
     let mut held = Vec::new();
     let mut connect: Option<(SendStream, RecvStream, u64)> = None;
     let mut ip_permit = None;
+    let mut connection_permit = None;
     loop {
         tokio::select! {
             // The client's HTTP/3 control and QPACK streams: held, and drained by the wire
@@ -424,10 +471,14 @@ async fn handshake(connection: &quinn::Connection, node: &Node) -> Result<Handsh
                             429
                         } else {
                             match node.admission.admit_ip(connection.remote_address().ip()) {
-                                Ok(permit) => {
-                                    ip_permit = Some(permit);
-                                    200
-                                }
+                                Ok(permit) => match node.admission.admit_connection() {
+                                    Ok(place) => {
+                                        ip_permit = Some(permit);
+                                        connection_permit = Some(place);
+                                        200
+                                    }
+                                    Err(_) => 503,
+                                },
                                 Err(_) => 429,
                             }
                         };
@@ -464,6 +515,7 @@ async fn handshake(connection: &quinn::Connection, node: &Node) -> Result<Handsh
                             decoder,
                             prefix: Bytes::from(h3::datagram_prefix(session)),
                             ip_permit: ip_permit.take(),
+                            connection_permit: connection_permit.take(),
                         });
                     }
                 }
@@ -496,6 +548,7 @@ struct WebTransportWire {
     h3_streams: Vec<RecvStream>,
     /// Held until the session ends: its count against the client address.
     _ip_permit: Option<IpPermit>,
+    _connection_permit: Option<ConnectionPermit>,
     prefix: Bytes,
     metrics: Arc<Metrics>,
     repair: DatagramRepair,
@@ -535,6 +588,7 @@ impl WebTransportWire {
             _h3_control: streams.h3_control,
             h3_streams: streams.h3_streams,
             _ip_permit: streams.ip_permit,
+            _connection_permit: streams.connection_permit,
             prefix: streams.prefix,
             metrics: node.metrics.clone(),
             repair: DatagramRepair::new(settings.repair),
@@ -944,5 +998,19 @@ impl Wire for WebTransportWire {
                 .close(VarInt::from_u32(close.code.into()), close.reason.as_bytes());
         }
         closed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::should_retry;
+
+    #[test]
+    fn a_retry_is_asked_of_unvalidated_addresses_once_handshakes_reach_the_threshold() {
+        assert!(!should_retry(false, true, 199, 200), "below the threshold");
+        assert!(should_retry(false, true, 200, 200));
+        assert!(!should_retry(true, true, 500, 200), "it echoed a Retry token already");
+        assert!(!should_retry(false, false, 500, 200), "no second Retry");
+        assert!(should_retry(false, true, 0, 0), "0: always");
     }
 }

@@ -460,3 +460,37 @@ async fn publish_requests_per_client_address_per_minute_are_limited() {
     let (status, room) = server.get("/v1/rooms/game:1").await;
     assert_eq!((status, room["state"]["data"]["n"].as_u64()), (200, Some(3)));
 }
+
+/// `--max-connections` counts WebTransport sessions with the TCP connections: a session beyond
+/// it is refused (CONNECT 503, `connection_limit`), and a closed one frees its place.
+#[tokio::test]
+async fn webtransport_sessions_count_against_the_connection_limit() {
+    let server = TestServer::start(&["--max-connections", "2"]);
+    let hash = server.cert_hash().await;
+    let wt = server.wt.expect("wt");
+    let first = crate::util::WtClient::connect_to(wt, &hash, true).await;
+    let _second = crate::util::WtClient::connect_to(wt, &hash, true).await;
+    let endpoint = crate::util::wt_endpoint(&hash);
+    let url = format!("https://{wt}/wt");
+    let refused = tokio::time::timeout(HANG, endpoint.connect(&url))
+        .await
+        .expect("an answer in time");
+    assert!(
+        refused.is_err(),
+        "a third session was accepted under --max-connections 2"
+    );
+    drop(first);
+    let _third = crate::util::eventually("a closed session frees its place", || {
+        let (endpoint, url) = (&endpoint, &url);
+        async move { endpoint.connect(url).await.ok() }
+    })
+    .await;
+    drop(_second);
+    crate::util::eventually("the refusal counted, once a place is free for the scrape", || async {
+        let refused = server
+            .try_metric("courtside_errors_total{code=\"503\",name=\"connection_limit\"}")
+            .await?;
+        (refused >= 1.0).then_some(())
+    })
+    .await;
+}

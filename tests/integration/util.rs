@@ -180,6 +180,35 @@ impl TestServer {
             .unwrap_or(0.0)
     }
 
+    /// `metric`, or `None` when the scrape itself is refused (a node at its connection limit
+    /// resets it), for use inside `eventually`.
+    pub async fn try_metric(&self, line_prefix: &str) -> Option<f64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = TcpStream::connect(self.http).await.ok()?;
+        let request = format!(
+            "GET /metrics HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n",
+            self.http
+        );
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = Vec::new();
+        tokio::time::timeout(HANG, stream.read_to_end(&mut response))
+            .await
+            .ok()?
+            .ok()?;
+        let text = String::from_utf8(response).ok()?;
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            return None;
+        }
+        Some(
+            body.lines()
+                .find(|l| l.starts_with(line_prefix))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0),
+        )
+    }
+
     pub async fn connect(&self) -> Client {
         Client::connect(&self.ws_url()).await
     }

@@ -511,3 +511,27 @@ async fn a_control_stream_without_a_first_message_is_closed() {
         0.0
     );
 }
+
+/// `--quic-retry-threshold 0`: every new QUIC connection is first answered with a Retry; a
+/// client that echoes the token (wtransport's quinn does) gets its session as usual. Below the
+/// default threshold nothing is retried.
+#[tokio::test]
+async fn a_handshake_flood_is_met_with_retry_and_real_clients_still_connect() {
+    let server = TestServer::start(&["--quic-retry-threshold", "0"]);
+    let mut client = WtClient::connect(&server).await;
+    client.subscribe("game:retry").await;
+    server.publish_event("game:retry", "\"after a retry\"").await;
+    loop {
+        if let WtSeen::Stream(message) = client.next().await {
+            if message["type"] == "event" {
+                assert_eq!(message["data"], "\"after a retry\"");
+                break;
+            }
+        }
+    }
+    assert_eq!(server.metric("courtside_quic_retries_total").await, 1.0);
+
+    let quiet = TestServer::start(&[]);
+    let _client = WtClient::connect(&quiet).await;
+    assert_eq!(quiet.metric("courtside_quic_retries_total").await, 0.0);
+}
