@@ -74,6 +74,8 @@ pub struct ServeConfig {
     pub rooms: RoomConfig,
     #[command(flatten)]
     pub log: LogConfig,
+    #[command(flatten)]
+    pub emf: EmfConfig,
 
     /// Run the built-in simulator of a Phoenix Saturday (80 leagues, 3,500 teams) and publish
     /// its games through this node; open the page at / to watch.
@@ -386,6 +388,41 @@ pub struct LogConfig {
     pub log_level: String,
 }
 
+/// CloudWatch Embedded Metric Format on standard output (docs in README.md, "Metrics").
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "CloudWatch metrics (EMF)")]
+pub struct EmfConfig {
+    /// Write the node's metrics as CloudWatch Embedded Metric Format documents to standard
+    /// output, one JSON object per line, this often (60s for CloudWatch's standard resolution).
+    /// Off when unset; logs stay on standard error either way.
+    #[arg(long, env = "COURTSIDE_EMF_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub emf_interval: Option<std::time::Duration>,
+    /// The CloudWatch namespace of the metrics.
+    #[arg(
+        long,
+        env = "COURTSIDE_EMF_NAMESPACE",
+        value_name = "NAME",
+        default_value = "Courtside"
+    )]
+    pub emf_namespace: String,
+    /// The `Service` dimension of every metric.
+    #[arg(
+        long,
+        env = "COURTSIDE_EMF_SERVICE",
+        value_name = "NAME",
+        default_value = "courtside"
+    )]
+    pub emf_service: String,
+    /// The `Environment` dimension of every metric.
+    #[arg(
+        long,
+        env = "COURTSIDE_EMF_ENVIRONMENT",
+        value_name = "NAME",
+        default_value = "production"
+    )]
+    pub emf_environment: String,
+}
+
 impl ServeConfig {
     /// Rejects values that would make the server misbehave.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -434,6 +471,27 @@ impl ServeConfig {
         }
         if let Err(error) = crate::cidr::Cidr::list(&self.http.trusted_proxies) {
             invalid!("--trusted-proxies: {error}");
+        }
+        if self
+            .emf
+            .emf_interval
+            .is_some_and(|i| i < std::time::Duration::from_millis(100))
+        {
+            invalid!("--emf-interval must be at least 100ms");
+        }
+        let dimension_ok = |s: &str| !s.is_empty() && s.len() <= 1024 && s.chars().all(|c| !c.is_control());
+        if self.emf.emf_namespace.is_empty()
+            || self.emf.emf_namespace.len() > 255
+            || !self
+                .emf
+                .emf_namespace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".-_/#:".contains(c))
+        {
+            invalid!("--emf-namespace must be 1 to 255 of A-Z a-z 0-9 . - _ / # :");
+        }
+        if !dimension_ok(&self.emf.emf_service) || !dimension_ok(&self.emf.emf_environment) {
+            invalid!("--emf-service and --emf-environment must be 1 to 1024 characters, no control characters");
         }
         if self.http.max_connections_per_ip == 0 {
             invalid!("--max-connections-per-ip must be at least 1");

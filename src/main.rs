@@ -133,6 +133,11 @@ fn run(config: ServeConfig) -> anyhow::Result<()> {
             info!(wt = %wt.local_addr(), "listening for WebTransport (/wt)");
             tokio::spawn(wt.run(node.clone()));
         }
+        if let Some(emf) = courtside::emf::EmfSettings::from_config(&config) {
+            info!(interval = ?emf.interval, namespace = %emf.namespace, "CloudWatch EMF metrics on standard output");
+            let listener = node.shutdown_listener();
+            tokio::spawn(courtside::emf::run(node.metrics.clone(), emf, listener));
+        }
         if config.demo {
             let listener = node.shutdown_listener();
             tokio::spawn(courtside::demo::run(

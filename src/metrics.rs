@@ -66,6 +66,8 @@ pub struct Metrics {
     /// Messages discarded because their connection was closing (slow or gone).
     pub dropped: Counter,
     errors: Family<CodeLabel, Counter>,
+    /// Every error of `errors`, whatever its code (for EMF; not exported on its own).
+    pub errors_sum: Counter,
     /// Seconds from a publish entering the node to its frame being written to a socket.
     pub delivery_latency: Histogram,
     pub draining: Gauge,
@@ -119,6 +121,7 @@ impl Metrics {
             conflated: Counter::default(),
             dropped: Counter::default(),
             errors: Family::default(),
+            errors_sum: Counter::default(),
             delivery_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             draining: Gauge::default(),
             udp_receive_drops: Gauge::default(),
@@ -245,6 +248,7 @@ impl Metrics {
 
     /// Counts an error reply or error close by its protocol code.
     pub fn error(&self, code: ErrorCode) {
+        self.errors_sum.inc();
         self.errors
             .get_or_create(&CodeLabel {
                 code: code.as_u16(),
@@ -255,7 +259,29 @@ impl Metrics {
 
     /// Counts a close code that signals a failure (1002, 1009, 4001, 4002...).
     pub fn close_error(&self, code: u16, name: &'static str) {
+        self.errors_sum.inc();
         self.errors.get_or_create(&CodeLabel { code, name }).inc();
+    }
+
+    /// The delivery latency histogram's cumulative buckets: (upper bound in seconds, count),
+    /// `+Inf` last. Read through the exposition, the histogram's only public view.
+    pub fn latency_buckets(&self) -> Vec<(f64, u64)> {
+        let mut registry = Registry::default();
+        registry.register("latency", "", self.delivery_latency.clone());
+        let mut text = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+        text.lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix("latency_bucket{le=\"")?;
+                let (bound, count) = rest.split_once("\"} ")?;
+                let bound = if bound == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    bound.parse().ok()?
+                };
+                Some((bound, count.trim().parse().ok()?))
+            })
+            .collect()
     }
 
     /// The OpenMetrics text exposition.

@@ -6,6 +6,8 @@ mod util;
 mod cluster;
 /// Subscribing, publishing and receiving: states, events, recovery, slow consumers.
 mod delivery;
+/// CloudWatch Embedded Metric Format documents on standard output.
+mod emf;
 /// Every accepted event exactly once across Redis and node failures, for a client that follows the docs.
 mod exactly_once;
 /// The HTTP API: publishing, auth, room queries, batches, health and metrics.

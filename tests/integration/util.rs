@@ -29,6 +29,7 @@ pub struct TestServer {
     /// The WebTransport UDP address, unless started with `--no-wt`.
     pub wt: Option<SocketAddr>,
     logs: Arc<Mutex<Vec<Value>>>,
+    stdout_lines: Arc<Mutex<Vec<String>>>,
 }
 
 impl TestServer {
@@ -52,11 +53,21 @@ impl TestServer {
         let mut child = Command::new(env!("CARGO_BIN_EXE_courtside"))
             .args(&args)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start courtside");
         let stderr = child.stderr.take().expect("stderr");
+        // Standard output carries the EMF documents (--emf-interval), nothing else.
+        let stdout_lines = Arc::new(Mutex::new(Vec::new()));
+        if let Some(stdout) = child.stdout.take() {
+            let sink = stdout_lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    sink.lock().expect("stdout").push(line);
+                }
+            });
+        }
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (addr_tx, addr_rx) = mpsc::channel();
         let sink = logs.clone();
@@ -92,7 +103,18 @@ impl TestServer {
             }
         }
         let http = http.expect("http address");
-        Self { child, http, wt, logs }
+        Self {
+            child,
+            http,
+            wt,
+            logs,
+            stdout_lines,
+        }
+    }
+
+    /// Every line the server wrote to standard output so far.
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout_lines.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
     pub fn ws_url(&self) -> String {

@@ -1,0 +1,400 @@
+//! The node's metrics as CloudWatch Embedded Metric Format documents on standard output, one JSON
+//! object per line every `--emf-interval`: what the ECS log driver carries to CloudWatch, where the
+//! dashboard, alarms and scaling of deploy/ read them. Building a document is pure (tested here);
+//! `run` only samples the counters and writes.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+
+use crate::config::ServeConfig;
+use crate::metrics::{Metrics, Transport};
+use crate::shutdown::ShutdownListener;
+
+/// Where the documents go and what they are filed under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmfSettings {
+    pub interval: Duration,
+    pub namespace: String,
+    pub service: String,
+    pub environment: String,
+}
+
+impl EmfSettings {
+    /// `None` when `--emf-interval` is unset.
+    pub fn from_config(config: &ServeConfig) -> Option<Self> {
+        let emf = &config.emf;
+        Some(Self {
+            interval: emf.emf_interval?,
+            namespace: emf.emf_namespace.clone(),
+            service: emf.emf_service.clone(),
+            environment: emf.emf_environment.clone(),
+        })
+    }
+}
+
+/// One transport's counters at an instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TransportSample {
+    pub connections: i64,
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub slow_disconnects: u64,
+}
+
+/// Every counter and gauge a document reports, at an instant.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sample {
+    pub websocket: TransportSample,
+    pub webtransport: TransportSample,
+    pub published_states: u64,
+    pub published_events: u64,
+    pub errors: u64,
+    pub rooms: i64,
+    pub subscriptions: i64,
+    pub registry_up: i64,
+    pub outbox: i64,
+    pub draining: i64,
+    /// The delivery latency histogram, cumulative: (upper bound in seconds, count).
+    pub latency: Vec<(f64, u64)>,
+}
+
+impl Sample {
+    pub fn of(metrics: &Metrics) -> Self {
+        let transport = |t: Transport| {
+            let m = metrics.transport(t);
+            TransportSample {
+                connections: m.connections.get(),
+                messages_in: m.client_messages.get(),
+                messages_out: m.deliveries.get(),
+                slow_disconnects: m.slow_disconnects.get(),
+            }
+        };
+        Self {
+            websocket: transport(Transport::WebSocket),
+            webtransport: transport(Transport::WebTransport),
+            published_states: metrics.published_states.get(),
+            published_events: metrics.published_events.get(),
+            errors: metrics.errors_sum.get(),
+            rooms: metrics.rooms.get(),
+            subscriptions: metrics.subscriptions.get(),
+            registry_up: metrics.registry_up.get(),
+            outbox: metrics.outbox.get(),
+            draining: metrics.draining.get(),
+            latency: metrics.latency_buckets(),
+        }
+    }
+}
+
+/// The metrics of the main document, with their units: what deploy/ and README.md name.
+pub const METRICS: &[(&str, &str)] = &[
+    ("Connections", "Count"),
+    ("MessagesIn", "Count"),
+    ("MessagesOut", "Count"),
+    ("Publishes", "Count"),
+    ("Errors", "Count"),
+    ("SlowDisconnects", "Count"),
+    ("Rooms", "Count"),
+    ("Subscriptions", "Count"),
+    ("RegistryUp", "None"),
+    ("Outbox", "Count"),
+    ("Draining", "None"),
+    ("DeliveryLatencyP50", "Milliseconds"),
+    ("DeliveryLatencyP95", "Milliseconds"),
+    ("DeliveryLatencyP99", "Milliseconds"),
+];
+
+/// The metrics of each per-transport document (dimension `Transport`).
+pub const TRANSPORT_METRICS: &[(&str, &str)] = &[
+    ("Connections", "Count"),
+    ("MessagesIn", "Count"),
+    ("MessagesOut", "Count"),
+    ("SlowDisconnects", "Count"),
+];
+
+/// The documents for the interval from `before` to `now`: counters as what happened in the
+/// interval, gauges as they are now, latency percentiles over the interval's deliveries (left
+/// out of the document, directive included, when there were none). One main document
+/// (dimensions Service, Environment) and one per transport (plus Transport).
+pub fn documents(settings: &EmfSettings, before: &Sample, now: &Sample, timestamp_ms: u64) -> Vec<String> {
+    let delta = |a: u64, b: u64| b.saturating_sub(a);
+    let mut values: Vec<(&str, Value)> = vec![
+        (
+            "Connections",
+            json!(now.websocket.connections + now.webtransport.connections),
+        ),
+        (
+            "MessagesIn",
+            json!(
+                delta(before.websocket.messages_in, now.websocket.messages_in)
+                    + delta(before.webtransport.messages_in, now.webtransport.messages_in)
+            ),
+        ),
+        (
+            "MessagesOut",
+            json!(
+                delta(before.websocket.messages_out, now.websocket.messages_out)
+                    + delta(before.webtransport.messages_out, now.webtransport.messages_out)
+            ),
+        ),
+        (
+            "Publishes",
+            json!(
+                delta(before.published_states, now.published_states)
+                    + delta(before.published_events, now.published_events)
+            ),
+        ),
+        ("Errors", json!(delta(before.errors, now.errors))),
+        (
+            "SlowDisconnects",
+            json!(
+                delta(before.websocket.slow_disconnects, now.websocket.slow_disconnects)
+                    + delta(before.webtransport.slow_disconnects, now.webtransport.slow_disconnects)
+            ),
+        ),
+        ("Rooms", json!(now.rooms)),
+        ("Subscriptions", json!(now.subscriptions)),
+        ("RegistryUp", json!(now.registry_up)),
+        ("Outbox", json!(now.outbox)),
+        ("Draining", json!(now.draining)),
+    ];
+    let interval_buckets = interval_histogram(&before.latency, &now.latency);
+    for (name, q) in [
+        ("DeliveryLatencyP50", 0.50),
+        ("DeliveryLatencyP95", 0.95),
+        ("DeliveryLatencyP99", 0.99),
+    ] {
+        if let Some(seconds) = quantile(&interval_buckets, q) {
+            values.push((name, json!((seconds * 1000.0 * 1000.0).round() / 1000.0)));
+        }
+    }
+    let main = document(settings, None, METRICS, &values, timestamp_ms);
+    let mut out = vec![main];
+    for (transport, b, n) in [
+        (Transport::WebSocket, &before.websocket, &now.websocket),
+        (Transport::WebTransport, &before.webtransport, &now.webtransport),
+    ] {
+        let values = [
+            ("Connections", json!(n.connections)),
+            ("MessagesIn", json!(delta(b.messages_in, n.messages_in))),
+            ("MessagesOut", json!(delta(b.messages_out, n.messages_out))),
+            ("SlowDisconnects", json!(delta(b.slow_disconnects, n.slow_disconnects))),
+        ];
+        out.push(document(
+            settings,
+            Some(transport.as_str()),
+            TRANSPORT_METRICS,
+            &values,
+            timestamp_ms,
+        ));
+    }
+    out
+}
+
+/// One EMF document: the `_aws` metadata naming the metrics present, the dimensions and the
+/// values as members of the root.
+fn document(
+    settings: &EmfSettings,
+    transport: Option<&str>,
+    units: &[(&str, &str)],
+    values: &[(&str, Value)],
+    timestamp_ms: u64,
+) -> String {
+    let mut dimensions = vec!["Service", "Environment"];
+    let mut root = Map::new();
+    root.insert("Service".into(), json!(settings.service));
+    root.insert("Environment".into(), json!(settings.environment));
+    if let Some(transport) = transport {
+        dimensions.push("Transport");
+        root.insert("Transport".into(), json!(transport));
+    }
+    let metrics: Vec<Value> = units
+        .iter()
+        .filter(|(name, _)| values.iter().any(|(n, _)| n == name))
+        .map(|(name, unit)| json!({"Name": name, "Unit": unit}))
+        .collect();
+    for (name, value) in values {
+        root.insert((*name).into(), value.clone());
+    }
+    root.insert(
+        "_aws".into(),
+        json!({
+            "Timestamp": timestamp_ms,
+            "CloudWatchMetrics": [{
+                "Namespace": settings.namespace,
+                "Dimensions": [dimensions],
+                "Metrics": metrics,
+            }],
+        }),
+    );
+    Value::Object(root).to_string()
+}
+
+/// Per-bucket counts of the deliveries between two cumulative histograms (same bounds).
+fn interval_histogram(before: &[(f64, u64)], now: &[(f64, u64)]) -> Vec<(f64, u64)> {
+    now.iter()
+        .enumerate()
+        .map(|(i, &(bound, count))| {
+            let earlier = before.get(i).map_or(0, |&(_, c)| c);
+            (bound, count.saturating_sub(earlier))
+        })
+        .collect()
+}
+
+/// The `q` quantile of a cumulative histogram, interpolated linearly inside its bucket (the
+/// bucket above the last finite bound reports that bound); `None` without observations.
+fn quantile(cumulative: &[(f64, u64)], q: f64) -> Option<f64> {
+    let total = cumulative.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let (mut lower_bound, mut lower_count) = (0.0, 0u64);
+    for &(bound, count) in cumulative {
+        if count as f64 >= rank {
+            if bound.is_infinite() {
+                return Some(lower_bound);
+            }
+            let inside = (count - lower_count) as f64;
+            let fraction = if inside > 0.0 {
+                (rank - lower_count as f64) / inside
+            } else {
+                1.0
+            };
+            return Some(lower_bound + (bound - lower_bound) * fraction.clamp(0.0, 1.0));
+        }
+        (lower_bound, lower_count) = (bound, count);
+    }
+    Some(lower_bound)
+}
+
+/// Writes the documents every interval until the shutdown, and once more at its end.
+pub async fn run(metrics: Arc<Metrics>, settings: EmfSettings, mut shutdown: ShutdownListener) {
+    let mut before = Sample::of(&metrics);
+    let mut tick = tokio::time::interval(settings.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        let stopping = tokio::select! {
+            _ = tick.tick() => false,
+            _ = shutdown.recv() => true,
+        };
+        let now = Sample::of(&metrics);
+        let lines = documents(&settings, &before, &now, crate::clock::unix_ms());
+        let mut out = std::io::stdout().lock();
+        for line in lines {
+            // Standard output gone (a closed pipe): nothing to report to.
+            let _ = writeln!(out, "{line}");
+        }
+        let _ = out.flush();
+        drop(out);
+        before = now;
+        if stopping {
+            break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> EmfSettings {
+        EmfSettings {
+            interval: Duration::from_secs(60),
+            namespace: "Courtside".into(),
+            service: "courtside".into(),
+            environment: "test".into(),
+        }
+    }
+
+    fn buckets(counts: &[u64]) -> Vec<(f64, u64)> {
+        let mut bounds: Vec<f64> = (0..counts.len() - 1).map(|i| 0.001 * 2f64.powi(i as i32)).collect();
+        bounds.push(f64::INFINITY);
+        bounds.into_iter().zip(counts.iter().copied()).collect()
+    }
+
+    #[test]
+    fn counters_report_the_interval_and_gauges_the_present() {
+        let before = Sample {
+            websocket: TransportSample {
+                connections: 5,
+                messages_in: 10,
+                messages_out: 100,
+                slow_disconnects: 1,
+            },
+            published_states: 7,
+            latency: buckets(&[0, 0, 0]),
+            ..Sample::default()
+        };
+        let now = Sample {
+            websocket: TransportSample {
+                connections: 8,
+                messages_in: 15,
+                messages_out: 400,
+                slow_disconnects: 1,
+            },
+            webtransport: TransportSample {
+                connections: 2,
+                ..TransportSample::default()
+            },
+            published_states: 9,
+            published_events: 1,
+            errors: 4,
+            registry_up: 1,
+            latency: buckets(&[0, 0, 0]),
+            ..Sample::default()
+        };
+        let docs: Vec<Value> = documents(&settings(), &before, &now, 1_700_000_000_000)
+            .iter()
+            .map(|d| serde_json::from_str(d).expect("json"))
+            .collect();
+        assert_eq!(docs.len(), 3);
+        let main = &docs[0];
+        assert_eq!(
+            (
+                &main["Connections"],
+                &main["MessagesIn"],
+                &main["MessagesOut"],
+                &main["Publishes"],
+                &main["Errors"]
+            ),
+            (&json!(10), &json!(5), &json!(300), &json!(3), &json!(4))
+        );
+        assert!(main.get("DeliveryLatencyP99").is_none(), "no deliveries, no percentile");
+        let named: Vec<&str> = main["_aws"]["CloudWatchMetrics"][0]["Metrics"]
+            .as_array()
+            .expect("metrics")
+            .iter()
+            .map(|m| m["Name"].as_str().expect("name"))
+            .collect();
+        assert!(!named.contains(&"DeliveryLatencyP99") && named.contains(&"Connections"));
+        assert_eq!(main["_aws"]["Timestamp"], 1_700_000_000_000u64);
+        assert_eq!(
+            (&docs[1]["Transport"], &docs[1]["Connections"]),
+            (&json!("websocket"), &json!(8))
+        );
+        assert_eq!(
+            docs[2]["_aws"]["CloudWatchMetrics"][0]["Dimensions"],
+            json!([["Service", "Environment", "Transport"]])
+        );
+    }
+
+    #[test]
+    fn percentiles_come_from_the_intervals_deliveries_alone() {
+        // Before: 100 slow deliveries (in the 4-8 ms bucket); in the interval, 100 more of
+        // which 90 are in the first bucket (under 1 ms) and 10 in the 1-2 ms one.
+        let before = buckets(&[0, 0, 0, 100, 100]);
+        let now = buckets(&[90, 100, 100, 200, 200]);
+        let interval = interval_histogram(&before, &now);
+        let p50 = quantile(&interval, 0.5).expect("p50");
+        assert!((p50 - 0.5 * 0.001 / 0.9).abs() < 1e-9, "{p50}");
+        let p99 = quantile(&interval, 0.99).expect("p99");
+        assert!(p99 > 0.001 && p99 <= 0.002, "{p99}");
+        assert_eq!(quantile(&buckets(&[0, 0]), 0.5), None);
+        // Beyond the last finite bound: that bound.
+        assert_eq!(quantile(&buckets(&[0, 0, 5]), 0.99), Some(0.002));
+    }
+}
