@@ -11,7 +11,7 @@ use clap::parser::ValueSource;
 use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::core::routing::StateDatagrams;
-use crate::quic_lb::QuicServerId;
+use crate::quic_lb::ServerIdSource;
 
 /// The configuration cannot be used; the message names the option or the file.
 #[derive(Debug, thiserror::Error)]
@@ -250,9 +250,11 @@ pub struct WebTransportConfig {
     /// QUIC-LB server ID for an AWS NLB QUIC listener: 0x and 16 hex digits (8 bytes). Every
     /// connection ID the server issues then carries it (plaintext QUIC-LB, config rotation
     /// 0b000), so the load balancer keeps each session on this node across address changes.
-    /// Without it, connection IDs are random.
-    #[arg(long, env = "COURTSIDE_QUIC_SERVER_ID", value_name = "0xHEX")]
-    pub quic_server_id: Option<QuicServerId>,
+    /// Without it, connection IDs are random. `ecs-task`: the first 8 bytes of SHA-256 over the
+    /// task's ARN, read from the ECS task metadata endpoint at startup (what deploy/'s
+    /// registration function derives for the NLB target).
+    #[arg(long, env = "COURTSIDE_QUIC_SERVER_ID", value_name = "0xHEX|ecs-task")]
+    pub quic_server_id: Option<ServerIdSource>,
     /// QUIC handshakes under way above which a new one from an address not yet validated is
     /// answered with a Retry (RFC 9000 §8.1.2): the client must echo a token, proving it gets
     /// packets at its source address, before the server spends a TLS handshake on it. 0: every

@@ -10,6 +10,7 @@ pub mod connection;
 /// The sans-IO core, a package of its own (src/core/Cargo.toml).
 pub use courtside_core as core;
 pub mod demo;
+pub mod ecs;
 pub mod emf;
 pub mod gate;
 pub mod http;

@@ -128,7 +128,11 @@ fn run(config: ServeConfig) -> anyhow::Result<()> {
         let node = Node::new(hub, registry, admission);
         info!(%http, version = env!("CARGO_PKG_VERSION"), "listening for HTTP and WebSocket (/ws)");
         if !config.webtransport.disabled {
-            let settings = WebTransportSettings::from_config(&config);
+            let mut settings = WebTransportSettings::from_config(&config);
+            settings.quic_server_id =
+                courtside::transport::webtransport::resolve_server_id(config.webtransport.quic_server_id)
+                    .await
+                    .context("--quic-server-id ecs-task")?;
             let wt = WebTransportServer::bind(settings, &node).await?;
             info!(wt = %wt.local_addr(), "listening for WebTransport (/wt)");
             tokio::spawn(wt.run(node.clone()));

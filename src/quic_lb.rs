@@ -20,7 +20,7 @@ pub struct QuicServerId(pub [u8; 8]);
 
 /// `--quic-server-id` is not `0x` and 16 hex digits.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("a QUIC server ID is 0x and 16 hex digits (8 bytes), for example 0x0123456789abcdef")]
+#[error("a QUIC server ID is 0x and 16 hex digits (8 bytes), for example 0x0123456789abcdef, or ecs-task")]
 pub struct BadServerId;
 
 impl FromStr for QuicServerId {
@@ -39,6 +39,37 @@ impl FromStr for QuicServerId {
             *byte = u8::from_str_radix(&digits[2 * i..2 * i + 2], 16).map_err(|_| BadServerId)?;
         }
         Ok(Self(id))
+    }
+}
+
+impl QuicServerId {
+    /// The ID of an ECS task: the first 8 bytes of SHA-256 over its ARN. deploy/'s registration
+    /// function derives the same from the task state change event, so the NLB target and the
+    /// connection IDs agree without either telling the other.
+    pub fn of_ecs_task(task_arn: &str) -> Self {
+        let digest = ring::digest::digest(&ring::digest::SHA256, task_arn.as_bytes());
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&digest.as_ref()[..8]);
+        Self(id)
+    }
+}
+
+/// Where `--quic-server-id` comes from: given, or derived from the ECS task's ARN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerIdSource {
+    Fixed(QuicServerId),
+    /// `ecs-task`: read the task ARN from the ECS task metadata endpoint at startup.
+    EcsTask,
+}
+
+impl FromStr for ServerIdSource {
+    type Err = BadServerId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "ecs-task" {
+            return Ok(Self::EcsTask);
+        }
+        s.parse().map(Self::Fixed)
     }
 }
 
@@ -104,6 +135,18 @@ impl ConnectionIdGenerator for RoutableConnectionIds {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ecs_task_id_is_the_first_8_bytes_of_sha256_over_its_arn() {
+        // The vector deploy/README.md gives and deploy/quic-register's tests check.
+        let arn = "arn:aws:ecs:us-west-2:111122223333:task/courtside/0123456789abcdef0123456789abcdef";
+        assert_eq!(QuicServerId::of_ecs_task(arn).to_string(), "0x05cd5e4324e6ab56");
+        assert_eq!("ecs-task".parse(), Ok(ServerIdSource::EcsTask));
+        assert_eq!(
+            "0x05cd5e4324e6ab56".parse(),
+            Ok(ServerIdSource::Fixed(QuicServerId::of_ecs_task(arn)))
+        );
+    }
 
     #[test]
     fn server_ids_are_0x_and_16_hex_digits() {

@@ -31,7 +31,7 @@ use crate::core::{close_code, ClientCommand, Kind, Outgoing, RoomName, ServerCon
 use crate::gate::WakeGate;
 use crate::metrics::{Metrics, Transport};
 use crate::node::Node;
-use crate::quic_lb::{QuicServerId, RoutableConnectionIds};
+use crate::quic_lb::{QuicServerId, RoutableConnectionIds, ServerIdSource};
 use crate::shutdown::ShutdownListener;
 use crate::udp::{self, UdpSettings};
 
@@ -92,7 +92,11 @@ impl WebTransportSettings {
             driver: Arc::new(DriverSettings::from_config(config)),
             repair: RepairPolicy::default(),
             state_datagrams: wt.wt_state_datagrams,
-            quic_server_id: wt.quic_server_id,
+            // `ecs-task` is resolved by the caller (`resolve_server_id`) before binding.
+            quic_server_id: match wt.quic_server_id {
+                Some(ServerIdSource::Fixed(id)) => Some(id),
+                _ => None,
+            },
             retry_threshold: wt.quic_retry_threshold,
         }
     }
@@ -177,6 +181,20 @@ fn endpoint_config(settings: &WebTransportSettings) -> quinn::EndpointConfig {
         config.cid_generator(move || Box::new(RoutableConnectionIds { server }));
     }
     config
+}
+
+/// The server ID `--quic-server-id` names: given, or derived from the ECS task's ARN.
+pub async fn resolve_server_id(source: Option<ServerIdSource>) -> Result<Option<QuicServerId>, crate::ecs::EcsError> {
+    match source {
+        None => Ok(None),
+        Some(ServerIdSource::Fixed(id)) => Ok(Some(id)),
+        Some(ServerIdSource::EcsTask) => {
+            let arn = crate::ecs::task_arn().await?;
+            let id = QuicServerId::of_ecs_task(&arn);
+            info!(task_arn = %arn, quic_server_id = %id, "QUIC server ID derived from the ECS task");
+            Ok(Some(id))
+        }
+    }
 }
 
 impl WebTransportServer {

@@ -34,6 +34,11 @@ pub struct TestServer {
 
 impl TestServer {
     pub fn start(extra: &[&str]) -> Self {
+        Self::start_with_env(extra, &[])
+    }
+
+    /// `start`, with these environment variables set for the server alone.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut args = vec![
             "serve",
             "--http",
@@ -52,6 +57,7 @@ impl TestServer {
         args.extend(extra.iter().filter(|a| **a != "--no-token"));
         let mut child = Command::new(env!("CARGO_BIN_EXE_courtside"))
             .args(&args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

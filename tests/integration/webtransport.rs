@@ -535,3 +535,42 @@ async fn a_handshake_flood_is_met_with_retry_and_real_clients_still_connect() {
     let _client = WtClient::connect(&quiet).await;
     assert_eq!(quiet.metric("courtside_quic_retries_total").await, 0.0);
 }
+
+/// `--quic-server-id ecs-task`: the ID is derived from the task ARN the ECS task metadata
+/// endpoint (`ECS_CONTAINER_METADATA_URI_V4`) gives, as deploy/'s registration function derives
+/// it. The endpoint here is a stand-in serving the documented `/task` body on loopback (on a
+/// runtime thread of its own: `TestServer::start` blocks while it waits for the addresses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quic_server_id_can_come_from_the_ecs_task_metadata() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut request = vec![0u8; 4096];
+            let n = stream.read(&mut request).await.unwrap_or(0);
+            let asked = String::from_utf8_lossy(&request[..n]).to_string();
+            let body = if asked.starts_with("GET /v4/abc/task ") {
+                r#"{"Cluster":"courtside","TaskARN":"arn:aws:ecs:us-west-2:111122223333:task/courtside/0123456789abcdef0123456789abcdef","Family":"courtside"}"#
+            } else {
+                "{}"
+            };
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        }
+    });
+    let metadata = format!("http://{addr}/v4/abc");
+    let server = TestServer::start_with_env(
+        &["--quic-server-id", "ecs-task"],
+        &[("ECS_CONTAINER_METADATA_URI_V4", &metadata)],
+    );
+    let derived = server.logs_with("derived from the ECS task");
+    assert_eq!(derived.len(), 1, "{derived:?}");
+    assert_eq!(derived[0]["quic_server_id"], "0x05cd5e4324e6ab56");
+    // Sessions work with it.
+    let mut client = WtClient::connect(&server).await;
+    client.subscribe("game:ecs").await;
+}
