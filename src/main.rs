@@ -155,6 +155,12 @@ fn run(config: ServeConfig) -> anyhow::Result<()> {
         let report = server::serve(&config, node, listener, shutdown).await;
         if report.clean {
             info!("drained; every connection closed");
+        } else if report.unflushed > 0 {
+            error!(
+                unflushed = report.unflushed,
+                abandoned = report.abandoned,
+                "drain timeout reached with publishes still queued for redis (answered 202): they are lost"
+            );
         } else {
             warn!(
                 abandoned = report.abandoned,

@@ -27,6 +27,8 @@ pub struct DrainReport {
     pub clean: bool,
     /// Connections that did not close within the drain timeout and were dropped.
     pub abandoned: usize,
+    /// Publishes still waiting for Redis (answered 202 `queued`) when the drain ended: lost.
+    pub unflushed: usize,
 }
 
 /// Serves until `signal` resolves, then drains: health turns 503, new WebSocket upgrades are
@@ -111,12 +113,15 @@ pub async fn serve(
             signal.await;
             info!(drain_timeout = ?drain_timeout, "shutting down: health is 503, clients are told to reconnect");
             node.begin_drain();
+            let deadline = tokio::time::Instant::now() + drain_timeout + DRAIN_GRACE;
             // Connections enforce the drain deadline themselves; the grace covers their last writes.
             let finished = node.shutdown.wait(drain_timeout + DRAIN_GRACE).await;
             let abandoned = node.shutdown.abandoned() + node.shutdown.running();
+            let unflushed = wait_for_outbox(&node, deadline).await;
             DrainReport {
-                clean: finished && abandoned == 0,
+                clean: finished && abandoned == 0 && unflushed == 0,
                 abandoned,
+                unflushed,
             }
         };
         tokio::pin!(drain);
@@ -134,6 +139,27 @@ fn unreachable_accept() -> DrainReport {
     DrainReport {
         clean: false,
         abandoned: 0,
+        unflushed: 0,
+    }
+}
+
+/// Publishes accepted while Redis was away (202 `queued`) live in this node's outbox: the drain
+/// gives Redis until `deadline` to take them, checking every 100 ms (the outbox has no
+/// notification of its own), and returns how many are left.
+async fn wait_for_outbox(node: &Node, deadline: tokio::time::Instant) -> usize {
+    let waiting = node.registry.status().outbox;
+    if waiting > 0 {
+        info!(
+            outbox = waiting,
+            "draining: waiting for redis to take the queued publishes"
+        );
+    }
+    loop {
+        let waiting = node.registry.status().outbox;
+        if waiting == 0 || tokio::time::Instant::now() >= deadline {
+            return waiting;
+        }
+        tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + Duration::from_millis(100))).await;
     }
 }
 

@@ -50,3 +50,54 @@ async fn the_drain_is_bounded() {
     assert_eq!(abandoned[0]["abandoned"], 1);
     drop(stuck);
 }
+
+/// Publishes accepted while Redis was away (202 `queued`) are not dropped by a shutdown: the
+/// drain waits for Redis to take them, and a publish queued on the stopping node is in Redis
+/// when it has exited.
+#[tokio::test]
+async fn the_drain_waits_for_redis_to_take_the_queued_publishes() {
+    let mut redis = crate::util::RedisServer::start();
+    let mut node = crate::cluster::node_with(&redis, "a", &["--drain-timeout", "20s"]);
+    node.publish_state("game:queued", r#"{"n":1}"#).await;
+    redis.kill();
+    let (status, body) = node
+        .request(
+            "POST",
+            "/v1/rooms/game:queued/state",
+            Some(crate::util::TOKEN),
+            r#"{"n":2}"#,
+        )
+        .await;
+    assert_eq!((status, body["queued"].as_bool()), (202, Some(true)), "{body}");
+    node.sigterm();
+    crate::util::eventually("the drain says it waits for redis", || async {
+        (!node
+            .logs_with("waiting for redis to take the queued publishes")
+            .is_empty())
+        .then_some(())
+    })
+    .await;
+    redis.restart_empty();
+    assert_eq!(node.wait_exit().await.code(), Some(0));
+    assert_eq!(node.logs_with("drained; every connection closed").len(), 1);
+    let other = crate::cluster::node_with(&redis, "b", &[]);
+    let (status, room) = other.get("/v1/rooms/game:queued").await;
+    assert_eq!((status, room["state"]["data"]["n"].as_u64()), (200, Some(2)), "{room}");
+}
+
+/// A drain that ends with publishes still queued (Redis never came back) says they are lost.
+#[tokio::test]
+async fn a_drain_that_cannot_flush_the_outbox_says_what_is_lost() {
+    let mut redis = crate::util::RedisServer::start();
+    let mut node = crate::cluster::node_with(&redis, "a", &["--drain-timeout", "1s"]);
+    redis.kill();
+    let (status, _) = node
+        .request("POST", "/v1/rooms/game:lost/events", Some(crate::util::TOKEN), r#""e""#)
+        .await;
+    assert_eq!(status, 202);
+    node.sigterm();
+    let _ = node.wait_exit().await;
+    let lost = node.logs_with("they are lost");
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!(lost[0]["unflushed"], 1);
+}
