@@ -252,19 +252,7 @@ impl Admission {
     /// `--connection-rate-per-ip` new ones this minute (every attempt counts), then under
     /// `--max-connections-per-ip` at once.
     pub fn admit_ip(&self, ip: std::net::IpAddr) -> Result<IpPermit, IpRefusal> {
-        let now_ms = crate::clock::unix_ms();
-        let rated = self
-            .0
-            .connection_rates
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .check(ip, now_ms);
-        if let Err(limited) = rated {
-            return Err(IpRefusal {
-                refusal: self.refuse(Refusal::IpRateLimited),
-                retry_after_s: Some(limited.retry_after_s),
-            });
-        }
+        self.within_rate(&self.0.connection_rates, ip)?;
         self.hold_ip(ip).map_err(|refusal| IpRefusal {
             refusal,
             retry_after_s: None,
@@ -273,13 +261,15 @@ impl Admission {
 
     /// A publish API request from `ip`, within `--publish-rate-per-ip` this minute.
     pub fn admit_publish_request(&self, ip: std::net::IpAddr) -> Result<(), IpRefusal> {
-        let now_ms = crate::clock::unix_ms();
-        let rated = self
-            .0
-            .publish_rates
+        self.within_rate(&self.0.publish_rates, ip)
+    }
+
+    /// Counts a request from `ip` in `rates`; over the rate: `ip_rate_limited` and when to retry.
+    fn within_rate(&self, rates: &std::sync::Mutex<AddressRates>, ip: std::net::IpAddr) -> Result<(), IpRefusal> {
+        let rated = rates
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .check(ip, now_ms);
+            .check(ip, crate::clock::unix_ms());
         rated.map_err(|limited| IpRefusal {
             refusal: self.refuse(Refusal::IpRateLimited),
             retry_after_s: Some(limited.retry_after_s),
