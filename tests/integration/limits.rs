@@ -494,3 +494,27 @@ async fn webtransport_sessions_count_against_the_connection_limit() {
     })
     .await;
 }
+
+/// `--connection-rate-per-ip` counts WebTransport sessions too, by the packets' source: the
+/// second session of the minute is refused (CONNECT 429) even after the first has closed.
+#[tokio::test]
+async fn new_webtransport_sessions_per_client_address_per_minute_are_limited() {
+    let server = TestServer::start(&["--connection-rate-per-ip", "1"]);
+    let hash = server.cert_hash().await;
+    let wt = server.wt.expect("wt");
+    drop(crate::util::WtClient::connect_to(wt, &hash, true).await);
+    let endpoint = crate::util::wt_endpoint(&hash);
+    let refused = tokio::time::timeout(HANG, endpoint.connect(format!("https://{wt}/wt")))
+        .await
+        .expect("an answer in time");
+    let Err(error) = refused else {
+        panic!("the second session of the minute was accepted");
+    };
+    assert!(error.to_string().contains("rejected"), "{error}");
+    assert_eq!(
+        server
+            .metric("courtside_errors_total{code=\"429\",name=\"ip_rate_limited\"}")
+            .await,
+        1.0
+    );
+}
