@@ -40,6 +40,11 @@ EVENT = {
 }
 
 
+# The task of EVENT as the NLB target: registered with its ID, deregistered by address and port.
+TARGET = {"Id": "10.0.1.23", "Port": 4433, "QuicServerId": "0x05cd5e4324e6ab56"}
+ADDRESS = {"Id": "10.0.1.23", "Port": 4433}
+
+
 def event(**detail):
     e = copy.deepcopy(EVENT)
     e["detail"].update(detail)
@@ -66,14 +71,14 @@ class PlanTest(unittest.TestCase):
     def test_a_running_task_is_registered_with_its_address_and_id(self):
         self.assertEqual(
             handler.plan(EVENT, 4433, CLUSTER, "service:courtside"),
-            ("register", {"Id": "10.0.1.23", "Port": 4433, "QuicServerId": "0x05cd5e4324e6ab56"}),
+            ("register", TARGET),
         )
 
     def test_a_stopping_task_is_deregistered_before_it_stops(self):
         for last, desired in [("RUNNING", "STOPPED"), ("DEACTIVATING", "STOPPED"), ("STOPPED", "STOPPED")]:
             self.assertEqual(
                 handler.plan(event(lastStatus=last, desiredStatus=desired), 4433),
-                ("deregister", {"Id": "10.0.1.23", "Port": 4433}),
+                ("deregister", ADDRESS),
             )
 
     def test_other_events_clusters_services_and_early_states_are_ignored(self):
@@ -98,10 +103,7 @@ class ApplyTest(unittest.TestCase):
             stub.add_response(
                 "register_targets",
                 {},
-                {
-                    "TargetGroupArn": TG,
-                    "Targets": [{"Id": "10.0.1.23", "Port": 4433, "QuicServerId": "0x05cd5e4324e6ab56"}],
-                },
+                {"TargetGroupArn": TG, "Targets": [TARGET]},
             )
             self.assertEqual(handler.lambda_handler(EVENT, None, elbv2=elbv2), {"result": "registered"})
             stub.assert_no_pending_responses()
@@ -112,7 +114,7 @@ class ApplyTest(unittest.TestCase):
             stub.add_response(
                 "deregister_targets",
                 {},
-                {"TargetGroupArn": TG, "Targets": [{"Id": "10.0.1.23", "Port": 4433}]},
+                {"TargetGroupArn": TG, "Targets": [ADDRESS]},
             )
             result = handler.lambda_handler(event(desiredStatus="STOPPED"), None, elbv2=elbv2)
             self.assertEqual(result, {"result": "deregistered"})
@@ -120,23 +122,19 @@ class ApplyTest(unittest.TestCase):
 
     def test_a_stale_target_at_the_same_address_is_replaced(self):
         elbv2 = client()
-        target = {"Id": "10.0.1.23", "Port": 4433, "QuicServerId": "0x05cd5e4324e6ab56"}
         with Stubber(elbv2) as stub:
             stub.add_client_error("register_targets", "ValidationError", "server ID cannot be modified")
-            stub.add_response(
-                "deregister_targets", {}, {"TargetGroupArn": TG, "Targets": [{"Id": "10.0.1.23", "Port": 4433}]}
-            )
-            stub.add_response("register_targets", {}, {"TargetGroupArn": TG, "Targets": [target]})
-            self.assertEqual(handler.apply(elbv2, TG, ("register", target)), "re-registered")
+            stub.add_response("deregister_targets", {}, {"TargetGroupArn": TG, "Targets": [ADDRESS]})
+            stub.add_response("register_targets", {}, {"TargetGroupArn": TG, "Targets": [TARGET]})
+            self.assertEqual(handler.apply(elbv2, TG, ("register", TARGET)), "re-registered")
             stub.assert_no_pending_responses()
 
     def test_other_errors_are_raised_for_the_retry_of_eventbridge(self):
         elbv2 = client()
-        target = {"Id": "10.0.1.23", "Port": 4433, "QuicServerId": "0x05cd5e4324e6ab56"}
         with Stubber(elbv2) as stub:
             stub.add_client_error("register_targets", "TargetGroupNotFound", "gone")
             with self.assertRaises(ClientError):
-                handler.apply(elbv2, TG, ("register", target))
+                handler.apply(elbv2, TG, ("register", TARGET))
 
     def test_the_stubber_validates_requests_against_the_service_model(self):
         # The model's check is real: a request shape it does not know fails validation.

@@ -179,14 +179,19 @@ async fn cert_hash(State(node): State<Node>) -> Result<Response, ApiError> {
         .into_response())
 }
 
-/// Publishing needs `Authorization: Bearer <token>` (admission decides); checked before the
-/// body is read.
+/// The client address of a request: its TCP peer, or behind a trusted proxy the address in
+/// `X-Forwarded-For` (admission decides). `None` when the request did not come through the
+/// server's listener (no `PeerAddr`).
+fn client_ip(node: &Node, request: &Request) -> Option<std::net::IpAddr> {
+    let peer = request.extensions().get::<crate::listener::PeerAddr>()?;
+    let forwarded = request.headers().get("x-forwarded-for").map(HeaderValue::as_bytes);
+    Some(node.admission.client_ip(peer.0.ip(), forwarded))
+}
+
 /// Counts a publish request against its client address's `--publish-rate-per-ip` before anything
 /// else is done for it (credentials included: a flood of bad tokens is a flood too).
 async fn publish_rate(State(node): State<Node>, request: Request, next: Next) -> Response {
-    if let Some(peer) = request.extensions().get::<crate::listener::PeerAddr>() {
-        let forwarded = request.headers().get("x-forwarded-for").map(HeaderValue::as_bytes);
-        let ip = node.admission.client_ip(peer.0.ip(), forwarded);
+    if let Some(ip) = client_ip(&node, &request) {
         if let Err(refused) = node.admission.admit_publish_request(ip) {
             return error::ip_refusal(refused);
         }
@@ -194,6 +199,8 @@ async fn publish_rate(State(node): State<Node>, request: Request, next: Next) ->
     next.run(request).await
 }
 
+/// Publishing needs `Authorization: Bearer <token>` (admission decides); checked before the
+/// body is read.
 async fn require_token(State(node): State<Node>, mut request: Request, next: Next) -> Response {
     match node.admission.authorize_publish(authorization(request.headers())) {
         Ok(scope) => {

@@ -44,15 +44,11 @@ pub async fn websocket(State(state): State<HttpState>, mut request: Request) -> 
     };
     // One more connection from this client address (behind a trusted proxy, its
     // X-Forwarded-For), held by the socket from the upgrade on.
-    let ip_permit = match request.extensions().get::<crate::listener::PeerAddr>() {
-        Some(peer) => {
-            let forwarded = request.headers().get("x-forwarded-for").map(HeaderValue::as_bytes);
-            let ip = node.admission.client_ip(peer.0.ip(), forwarded);
-            match node.admission.admit_ip(ip) {
-                Ok(permit) => Some(permit),
-                Err(refused) => return super::error::ip_refusal(refused).into_response(),
-            }
-        }
+    let ip_permit = match super::client_ip(&node, &request) {
+        Some(ip) => match node.admission.admit_ip(ip) {
+            Ok(permit) => Some(permit),
+            Err(refused) => return super::error::ip_refusal(refused).into_response(),
+        },
         None => None,
     };
     let accept = derive_accept_key(key.as_bytes());

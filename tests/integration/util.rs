@@ -200,12 +200,7 @@ impl TestServer {
     pub async fn metric(&self, line_prefix: &str) -> f64 {
         let (status, _, body) = request(self.http, "GET", "/metrics", None, &[], Bytes::new()).await;
         assert_eq!(status, 200);
-        let text = String::from_utf8(body.to_vec()).expect("utf8");
-        text.lines()
-            .find(|l| l.starts_with(line_prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
+        metric_value(std::str::from_utf8(&body).expect("utf8"), line_prefix)
     }
 
     /// `metric`, or `None` when the scrape itself is refused (a node at its connection limit
@@ -228,13 +223,7 @@ impl TestServer {
         if !head.starts_with("HTTP/1.1 200") {
             return None;
         }
-        Some(
-            body.lines()
-                .find(|l| l.starts_with(line_prefix))
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0.0),
-        )
+        Some(metric_value(body, line_prefix))
     }
 
     pub async fn connect(&self) -> Client {
@@ -254,6 +243,16 @@ impl Drop for TestServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The value of the first line of an exposition starting with `line_prefix`; 0 when none.
+fn metric_value(exposition: &str, line_prefix: &str) -> f64 {
+    exposition
+        .lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// One HTTP/1.1 request on a fresh connection.
