@@ -142,7 +142,9 @@ impl Room {
     }
 
     /// Applies an event whose sequence was assigned elsewhere. Sequences may skip numbers (after a
-    /// Redis outage, for example) but never go back: an old or repeated one returns `None`.
+    /// Redis outage, for example) but never go back: an old or repeated one returns `None`. An
+    /// event whose id the history holds already (sent again under a new number after Redis lost
+    /// it) moves the numbering on but returns `None`: no subscriber gets it twice.
     pub fn apply_event(
         &mut self,
         seq: u64,
@@ -156,6 +158,9 @@ impl Room {
         }
         self.last_seq = seq;
         self.confirmed_seq = seq;
+        if self.holds_event(id) {
+            return None;
+        }
         Some(self.keep_event(
             seq,
             id,
@@ -166,6 +171,11 @@ impl Room {
             },
             now,
         ))
+    }
+
+    /// Whether the history holds the event with this id.
+    pub fn holds_event(&self, id: EventId) -> bool {
+        self.history.iter().rev().any(|p| p.id == Some(id))
     }
 
     /// Builds the state publication (ingested at `ingest`) and keeps it as the room's state.
@@ -560,6 +570,17 @@ mod tests {
             ("new", 0, 0, false)
         );
         assert!(r.apply_event(1, EventId(101), 1, &data(1), at(13)).is_some());
+    }
+
+    #[test]
+    fn an_event_held_already_moves_the_numbering_on_without_being_delivered_again() {
+        let mut r = room(RetentionLimits::default());
+        assert!(r.apply_event(4, EventId(104), 1, &data(4), at(1)).is_some());
+        // Redis lost it and its publisher sent it again: numbered 5 this time.
+        assert!(r.apply_event(5, EventId(104), 1, &data(4), at(2)).is_none());
+        assert_eq!((r.last_seq(), r.confirmed()), (5, (0, 5)));
+        assert!(r.apply_event(6, EventId(106), 1, &data(6), at(3)).is_some());
+        assert_eq!(seqs(&r.snapshot(Some(3), None, usize::MAX, 3).events), vec![4, 6]);
     }
 
     #[test]

@@ -44,6 +44,32 @@ impl EmbeddedRegistry {
             subscribers: info.subscribers as u64,
         })
     }
+
+    /// One page of the room's events after `since` as the hub holds them (also the Redis
+    /// registry's answer for a room this node holds while Redis lacks it).
+    pub fn local_events(hub: &Hub, room: &RoomName, since: u64, page: HistoryPage) -> Option<RoomEvents> {
+        hub.room_events(room, since, crate::clock::unix_ms())
+            .map(|RoomHistory { epoch, events }| {
+                // The hub hands out shared publications: only the page's data is copied.
+                let (events, more) = match events {
+                    Ok(list) => {
+                        let (count, more) = page.fit(list.iter().map(|p| p.data().len()));
+                        let events = list[..count]
+                            .iter()
+                            .map(|p| StoredEvent {
+                                seq: p.number(),
+                                id: p.id.unwrap_or(crate::core::EventId(0)),
+                                ts_ms: p.ts_ms,
+                                data: p.data().to_string(),
+                            })
+                            .collect();
+                        (Ok(events), more)
+                    }
+                    Err(last_seq) => (Err(last_seq), false),
+                };
+                RoomEvents { epoch, events, more }
+            })
+    }
 }
 
 impl Registry for EmbeddedRegistry {
@@ -79,30 +105,7 @@ impl Registry for EmbeddedRegistry {
         since: u64,
         page: HistoryPage,
     ) -> BoxFuture<'a, Result<Option<RoomEvents>, RegistryError>> {
-        let events = self
-            .hub
-            .room_events(room, since, crate::clock::unix_ms())
-            .map(|RoomHistory { epoch, events }| {
-                // The hub hands out shared publications: only the page's data is copied.
-                let (events, more) = match events {
-                    Ok(list) => {
-                        let (count, more) = page.fit(list.iter().map(|p| p.data().len()));
-                        let events = list[..count]
-                            .iter()
-                            .map(|p| StoredEvent {
-                                seq: p.number(),
-                                id: p.id.unwrap_or(crate::core::EventId(0)),
-                                ts_ms: p.ts_ms,
-                                data: p.data().to_string(),
-                            })
-                            .collect();
-                        (Ok(events), more)
-                    }
-                    Err(last_seq) => (Err(last_seq), false),
-                };
-                RoomEvents { epoch, events, more }
-            });
-        future::ready(Ok(events)).boxed()
+        future::ready(Ok(Self::local_events(&self.hub, room, since, page))).boxed()
     }
 
     fn nodes(&self) -> BoxFuture<'_, Result<Vec<NodeRecord>, RegistryError>> {

@@ -1,0 +1,250 @@
+//! What waits for Redis: the outbox of publishes accepted while their room could not reach Redis
+//! (202 `queued`), the publishes just numbered that an emptied Redis may have lost before any
+//! holder received them, and the rooms in outage on their own. Every item leaves in the order it
+//! was accepted (its serial), and only the resync (`resync`) empties the outbox.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tracing::info;
+
+use super::resync::Scope;
+use super::scripts::ToNumber;
+use super::{lock, RedisRegistry};
+use crate::core::{EventId, JsonData, Kind, Now, RoomName};
+use crate::registry::{Published, RegistryError};
+
+/// How long a node keeps what Redis numbered for it, to send it again if Redis loses it: an
+/// event in flight through pub/sub when Redis dies reaches its holders in milliseconds, so a few
+/// seconds cover it with room to spare.
+pub(super) const RECENT_WINDOW: Duration = Duration::from_secs(5);
+/// At most this many recent publishes are kept (the oldest go first)...
+const RECENT_MAX: usize = 4096;
+/// ...and at most this many bytes of their data.
+const RECENT_BYTES: usize = 4 << 20;
+
+/// A publish waiting for Redis.
+#[derive(Debug, Clone)]
+pub(super) struct OutboxItem {
+    pub room: RoomName,
+    pub kind: Kind,
+    pub data: JsonData,
+    pub ts_ms: u64,
+    pub provisional: Option<u64>,
+    pub id: Option<EventId>,
+    /// The order the node accepted its publishes in: the outbox is kept sorted by it.
+    pub serial: u64,
+    /// Numbered by Redis before (a recent publish sent again after Redis was lost).
+    pub restore: bool,
+}
+
+impl OutboxItem {
+    pub(super) fn to_number(&self) -> ToNumber<'_> {
+        ToNumber {
+            room: &self.room,
+            kind: self.kind,
+            id: self.id,
+            data: &self.data,
+            ts_ms: self.ts_ms,
+            provisional: self.provisional,
+            restore: self.restore,
+        }
+    }
+}
+
+/// The outbox and the recent publishes, under one lock.
+#[derive(Debug, Default)]
+pub(super) struct Outbox {
+    /// Waiting for Redis, sorted by serial.
+    items: VecDeque<OutboxItem>,
+    /// Bytes of data the items hold (`--outbox-bytes`); restored items are not counted against it.
+    bytes: usize,
+    /// Numbered by Redis within `RECENT_WINDOW`, with when.
+    recent: VecDeque<(Instant, OutboxItem)>,
+    recent_bytes: usize,
+}
+
+impl Outbox {
+    pub(super) fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Inserts the item at its place in acceptance order.
+    fn insert(&mut self, item: OutboxItem) {
+        let at = self.items.partition_point(|queued| queued.serial < item.serial);
+        if !item.restore {
+            self.bytes += item.data.as_str().len();
+        }
+        self.items.insert(at, item);
+    }
+}
+
+/// A room in outage on its own (see `RedisRegistry::down_rooms`).
+#[derive(Debug, Default)]
+pub(super) struct RoomOutage {
+    /// Its resync is running.
+    pub resyncing: bool,
+    /// Its outbox publishes wait for the room's holders until then (Redis came back empty).
+    pub wait_for_holders_until: Option<Instant>,
+}
+
+impl RedisRegistry {
+    /// Queues a publish of a room that cannot reach Redis now, delivering it to this node's
+    /// subscribers under a local epoch. `None` when the room is back meanwhile: publish it.
+    pub(super) fn queue(
+        &self,
+        room: &RoomName,
+        kind: Kind,
+        id: Option<EventId>,
+        data: &JsonData,
+        now: Now,
+        serial: u64,
+    ) -> Option<Result<Published, RegistryError>> {
+        let mut outbox = lock(&self.outbox);
+        // Checked under the outbox lock, which a resync holds when it finds the outbox empty and
+        // marks Redis (or the room) up: nothing is queued behind a finished flush.
+        if self.is_room_up(room) {
+            return None;
+        }
+        if outbox.items.len() >= self.settings.outbox_messages
+            || outbox.bytes + data.as_str().len() > self.settings.outbox_bytes
+        {
+            return Some(Err(RegistryError::OutboxFull(outbox.items.len())));
+        }
+        // Local clients get it now, numbered after what this node has seen, under a local epoch.
+        let provisional = self
+            .hub
+            .publish_provisional(room, kind, data, now, self.new_epoch(), id)
+            .map(|r| r.number);
+        outbox.insert(OutboxItem {
+            room: room.clone(),
+            kind,
+            data: data.clone(),
+            ts_ms: now.unix_ms,
+            provisional,
+            id,
+            serial,
+            restore: false,
+        });
+        self.metrics.outbox.set(outbox.items.len() as i64);
+        Some(Ok(Published::Queued {
+            provisional,
+            id,
+            ts_ms: now.unix_ms,
+        }))
+    }
+
+    /// Keeps a publish Redis just numbered, to send it again if Redis turns out to have lost it
+    /// (`restore_recent`). If its room went down meanwhile, it goes to the outbox at once.
+    pub(super) fn remember(&self, item: OutboxItem) {
+        let item = OutboxItem { restore: true, ..item };
+        let now = Instant::now();
+        let mut outbox = lock(&self.outbox);
+        if !self.is_room_up(&item.room) {
+            outbox.insert(item);
+            self.metrics.outbox.set(outbox.items.len() as i64);
+            return;
+        }
+        outbox.recent_bytes += item.data.as_str().len();
+        outbox.recent.push_back((now, item));
+        while let Some((at, oldest)) = outbox.recent.front() {
+            let over = outbox.recent.len() > RECENT_MAX
+                || outbox.recent_bytes > RECENT_BYTES
+                || now.duration_since(*at) > RECENT_WINDOW;
+            if !over {
+                break;
+            }
+            outbox.recent_bytes -= oldest.data.as_str().len();
+            outbox.recent.pop_front();
+        }
+    }
+
+    /// Redis (or a room's shard) was lost: the publishes it numbered within `RECENT_WINDOW` go to
+    /// the outbox to be sent again, in order, by the resync. Redis answers an event id it still
+    /// holds with its number and publishes nothing, and a state only goes over an older one, so
+    /// nothing reaches a client twice; a holder that already has an event skips it by its id.
+    pub(super) fn restore_recent(&self, scope: &Scope) {
+        let since = Instant::now().checked_sub(RECENT_WINDOW);
+        let mut outbox = lock(&self.outbox);
+        let recent = std::mem::take(&mut outbox.recent);
+        let mut restored = 0;
+        for (at, item) in recent {
+            if !scope.covers(&item.room) {
+                outbox.recent.push_back((at, item));
+                continue;
+            }
+            outbox.recent_bytes -= item.data.as_str().len();
+            if since.is_none_or(|since| at >= since) {
+                restored += 1;
+                outbox.insert(OutboxItem { restore: true, ..item });
+            }
+        }
+        self.metrics.outbox.set(outbox.items.len() as i64);
+        if restored > 0 {
+            info!(
+                restored,
+                "publishes redis numbered in the last seconds wait to be sent again, in case redis lost them"
+            );
+        }
+    }
+
+    /// The next item the resync of `scope` must send, in order; when none is left, marks the
+    /// scope up under the outbox lock (`queue` checks under it), so that no publish accepted
+    /// meanwhile is left behind. A whole-Redis resync skips rooms in outage on their own.
+    pub(super) fn next_to_flush(&self, scope: &Scope) -> Option<OutboxItem> {
+        let outbox = lock(&self.outbox);
+        let next = match scope {
+            Scope::All => {
+                let down = lock(&self.down_rooms);
+                outbox.items.iter().find(|item| !down.contains_key(&item.room)).cloned()
+            }
+            Scope::Room(room) => outbox.items.iter().find(|item| &item.room == room).cloned(),
+        };
+        if next.is_none() {
+            match scope {
+                Scope::All => self.up.store(true, Ordering::Release),
+                Scope::Room(room) => {
+                    lock(&self.down_rooms).remove(room);
+                }
+            }
+        }
+        next
+    }
+
+    /// Drops a published item from the outbox.
+    pub(super) fn remove_from_outbox(&self, item: &OutboxItem) {
+        let mut outbox = lock(&self.outbox);
+        if let Some(at) = outbox.items.iter().position(|queued| queued.serial == item.serial) {
+            if let Some(removed) = outbox.items.remove(at) {
+                if !removed.restore {
+                    outbox.bytes -= removed.data.as_str().len();
+                }
+            }
+        }
+        self.metrics.outbox.set(outbox.items.len() as i64);
+    }
+
+    /// An outbox publish found Redis without the room (it came back empty) and this node does not
+    /// hold it: its publishes wait, in order, for two heartbeats, so that the nodes that hold the
+    /// room put its epoch and numbers back first (else this publish would start the room over
+    /// under a new epoch, and their clients would have to refetch). Then they go anyway.
+    pub(super) fn wait_for_holders(&self, room: &RoomName) {
+        let mut down = lock(&self.down_rooms);
+        let outage = down.entry(room.clone()).or_default();
+        if outage.wait_for_holders_until.is_none() {
+            outage.wait_for_holders_until = Some(Instant::now() + self.settings.heartbeat * 2);
+            info!(%room, "redis lost a room this node does not hold: its queued publishes wait for the nodes that hold it");
+        }
+    }
+
+    /// Whether a publish of the room from the outbox should still wait for its holders.
+    pub(super) fn waits_for_holders(&self, room: &RoomName) -> bool {
+        let holds = self.hub.room_numbers(room).is_some();
+        !holds
+            && lock(&self.down_rooms)
+                .get(room)
+                .and_then(|o| o.wait_for_holders_until)
+                .is_none_or(|until| Instant::now() < until)
+    }
+}

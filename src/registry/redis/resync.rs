@@ -1,0 +1,193 @@
+//! Coming back to Redis after an outage, the same way for the whole of Redis (it was lost) and
+//! for one room (its cluster shard failed, or its publishes waited for its holders): hold live
+//! messages, subscribe, reseed, send the outbox in order and mark the scope up once it is empty,
+//! then re-read each room into the hub and apply what was held.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
+
+use super::follow::Follow;
+use super::keys::channel;
+use super::scripts::Numbered;
+use super::{lock, run_per_room, RedisRegistry};
+use crate::core::RoomName;
+
+/// What a resync brings back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Scope {
+    /// Every room: Redis itself was lost (one Redis).
+    All,
+    /// One room in outage on its own.
+    Room(RoomName),
+}
+
+impl Scope {
+    pub(super) fn covers(&self, room: &RoomName) -> bool {
+        match self {
+            Self::All => true,
+            Self::Room(own) => own == room,
+        }
+    }
+}
+
+/// How soon a whole-Redis resync that failed after Redis answered is tried again (a failure
+/// before it answers waits for the next heartbeat).
+const RETRY_AFTER: Duration = Duration::from_millis(250);
+
+/// How a resync's catch-up ended.
+enum CaughtUp {
+    /// The outbox of the scope is sent and the scope is up.
+    Done,
+    /// A room's publishes still wait for its holders (`Scope::Room` only).
+    WaitingForHolders,
+}
+
+impl RedisRegistry {
+    /// Brings `scope` back to Redis; retried by the heartbeat (and soon after a failure once Redis
+    /// answers) until it succeeds.
+    pub(super) async fn resync(self: Arc<Self>, scope: Scope) {
+        let _one = match scope {
+            Scope::All => Some(self.resync.lock().await),
+            Scope::Room(_) => None,
+        };
+        if scope == Scope::All {
+            if self.is_up() {
+                return;
+            }
+            // Both connections must answer: a pub/sub connection that still reports its last
+            // failed reconnect would fail the subscribes below (`RedisConn::probe`).
+            let probed = async {
+                self.commands.clone().probe().await?;
+                self.pubsub.clone().probe().await
+            };
+            if let Err(error) = probed.await {
+                debug!(%error, "redis still down");
+                return;
+            }
+        }
+        let rooms: Vec<(RoomName, Arc<Follow>)> = self
+            .followed()
+            .into_iter()
+            .filter(|(room, _)| scope.covers(room))
+            .collect();
+        for (_, follow) in &rooms {
+            follow.hold();
+        }
+        match self.catch_up(&scope, &rooms).await {
+            Ok(CaughtUp::Done) => {}
+            Ok(CaughtUp::WaitingForHolders) => {
+                debug!(?scope, "the room's publishes still wait for its holders");
+                return Arc::clone(&self).resync_later(&scope);
+            }
+            Err(error) => {
+                // The rooms stay held (their buffers kept): the next attempt re-reads them, and a
+                // live message applied meanwhile could skip what this one could not read.
+                warn!(%error, ?scope, "redis resync failed; retrying");
+                return Arc::clone(&self).resync_later(&scope);
+            }
+        }
+        if self.is_up() && lock(&self.down_rooms).is_empty() {
+            self.metrics.registry_up.set(1);
+        }
+        match &scope {
+            Scope::All => {
+                info!(rooms = rooms.len(), "redis is back: outbox published, rooms re-read");
+                // Presence and the node record come back now, not a heartbeat later.
+                if let Err(error) = self.beat().await {
+                    debug!(%error, "heartbeat after the resync failed");
+                }
+            }
+            Scope::Room(room) => info!(%room, "the room is back on redis: its outbox published, the room re-read"),
+        }
+        let now = crate::clock::now();
+        for (room, follow) in rooms {
+            match self.read_room(&room).await {
+                Ok(snapshot) => self
+                    .hub
+                    .resume_from(&room, &snapshot.epoch, &snapshot.publications(), now),
+                Err(error) if scope != Scope::All => {
+                    // Held messages stay held until the next attempt re-reads the room.
+                    warn!(error = ?error, %room, "cannot re-read the room after its shard returned");
+                    self.mark_room_down(&room, &"re-read failed");
+                    return;
+                }
+                Err(error) => warn!(error = ?error, %room, "cannot re-read room after reconnect"),
+            }
+            for envelope in follow.take_held() {
+                self.apply(&room, &envelope, now);
+            }
+        }
+    }
+
+    /// Subscribes the scope's rooms, reseeds them from what this node holds, then sends the
+    /// scope's outbox in order; the last step marks the scope up (`next_to_flush`).
+    async fn catch_up(&self, scope: &Scope, rooms: &[(RoomName, Arc<Follow>)]) -> redis::RedisResult<CaughtUp> {
+        // Subscribe first, and wait for Redis to confirm: what other nodes publish from here on
+        // arrives live (held), and the re-read covers what they published before. A resync that
+        // starts from the heartbeat, before the pub/sub connection resubscribed by itself, would
+        // otherwise lose a message published in between.
+        run_per_room(
+            rooms
+                .iter()
+                .map(|(room, _)| {
+                    let (channel, mut pubsub) = (channel(room), self.pubsub.clone());
+                    async move { pubsub.subscribe(channel).await }
+                })
+                .collect(),
+        )
+        .await?;
+        // Every room this node holds gets its epoch, counters and state back if Redis lost them.
+        run_per_room(
+            rooms
+                .iter()
+                .filter_map(|(room, _)| Some((room, self.hub.room_numbers(room)?)))
+                .map(|(room, numbers)| self.reseed(room, numbers))
+                .collect(),
+        )
+        .await?;
+        if let Scope::Room(room) = scope {
+            if rooms.is_empty() {
+                // Not followed (a room whose publishes waited for its holders): reseed if held.
+                if let Some(numbers) = self.hub.room_numbers(room) {
+                    self.reseed(room, numbers).await?;
+                }
+            }
+        }
+        while let Some(item) = self.next_to_flush(scope) {
+            let wait = self.waits_for_holders(&item.room);
+            match self.run_publish_script(item.to_number(), 0, wait).await? {
+                Numbered::NoSuchRoom => match scope {
+                    // The room's items stay; the room resyncs on its own when its wait ends.
+                    Scope::All => self.wait_for_holders(&item.room),
+                    Scope::Room(_) => return Ok(CaughtUp::WaitingForHolders),
+                },
+                Numbered::Number(_) | Numbered::Superseded => self.remove_from_outbox(&item),
+            }
+        }
+        Ok(CaughtUp::Done)
+    }
+
+    /// After a failed attempt: a room is retried by the next heartbeat; the whole of Redis soon,
+    /// once (the heartbeat goes on probing too).
+    fn resync_later(self: Arc<Self>, scope: &Scope) {
+        match scope {
+            Scope::Room(room) => {
+                if let Some(outage) = lock(&self.down_rooms).get_mut(room) {
+                    outage.resyncing = false;
+                }
+            }
+            Scope::All => {
+                if !self.retry_soon.swap(true, Ordering::AcqRel) {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(RETRY_AFTER).await;
+                        self.retry_soon.store(false, Ordering::Release);
+                        self.resync(Scope::All).await;
+                    });
+                }
+            }
+        }
+    }
+}

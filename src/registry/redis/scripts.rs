@@ -1,0 +1,401 @@
+//! The two Lua scripts that keep a room's numbers in Redis: *publish* numbers, stores and sends a
+//! publish in one round trip; *reseed* puts back what an emptied Redis lost. Key layout: `keys`.
+
+use redis::Script;
+
+use super::keys::{channel, history_key, ids_key, meta_key};
+use super::RedisRegistry;
+use crate::core::{EventId, JsonData, Kind, RoomName};
+use crate::hub::RoomNumbers;
+use crate::registry::envelope::{self, EnvelopeBody};
+
+const PUBLISH_LUA: &str = r#"
+-- KEYS: meta, history, event ids. ARGV: kind, data, ts, new epoch, floor, history length, history ttl ms,
+-- key ttl s, envelope body, channel, origin node, provisional number ('' when none),
+-- publish command (PUBLISH, or SPUBLISH on a cluster), event id (16 hex digits; '' for a state),
+-- '1' to publish nothing (answer {'', 0}) when Redis holds no such room: an outbox publish of a
+-- room this node does not hold waits for the nodes that hold it to put its numbers back,
+-- '1' for a state sent again after an outage: published only if Redis holds an older state
+-- (else answer {epoch, 0}).
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch and ARGV[15] == '1' then return {'', 0} end
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+end
+-- An event id numbered before (an outbox retry whose first answer was lost, or an event sent
+-- again after an outage while Redis kept it): its number again, nothing published twice.
+if ARGV[14] ~= '' then
+  local seen = redis.call('ZSCORE', KEYS[3], ARGV[14])
+  if seen then return {epoch, tonumber(seen)} end
+end
+if ARGV[16] == '1' and ARGV[1] == 'state' then
+  local stored = redis.call('HGET', KEYS[1], 'state_ts')
+  if stored and tonumber(stored) >= tonumber(ARGV[3]) then return {epoch, 0} end
+end
+local field = 'seq'
+if ARGV[1] == 'state' then field = 'version' end
+local n = redis.call('HINCRBY', KEYS[1], field, 1)
+local floor = tonumber(ARGV[5])
+if n <= floor then
+  n = floor + 1
+  redis.call('HSET', KEYS[1], field, n)
+end
+if ARGV[1] == 'state' then
+  redis.call('HSET', KEYS[1], 'state', ARGV[2], 'state_ts', ARGV[3])
+else
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], '*', 'seq', n, 'ts', ARGV[3], 'data', ARGV[2],
+    'origin', ARGV[11], 'prov', ARGV[12], 'id', ARGV[14])
+  local now = redis.call('TIME')
+  local oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[7])
+  if oldest > 0 then redis.call('XTRIM', KEYS[2], 'MINID', oldest) end
+  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+  if ARGV[14] ~= '' then
+    redis.call('ZADD', KEYS[3], n, ARGV[14])
+    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', n - tonumber(ARGV[6]))
+    redis.call('PEXPIRE', KEYS[3], ARGV[7])
+  end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[8])
+local x = n
+local number = ''
+for i = 1, 8 do
+  number = string.char(x % 256) .. number
+  x = math.floor(x / 256)
+end
+redis.call(ARGV[13], ARGV[10], string.char(1) .. number .. string.char(#epoch) .. epoch .. ARGV[9])
+return {epoch, n}
+"#;
+
+const RESEED_LUA: &str = r#"
+-- KEYS: meta. ARGV: epoch, version, seq, state, state ts, key ttl s.
+local current = redis.call('HGET', KEYS[1], 'epoch')
+if not current then
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'version', ARGV[2], 'seq', ARGV[3])
+  if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'state', ARGV[4], 'state_ts', ARGV[5]) end
+  redis.call('EXPIRE', KEYS[1], ARGV[6])
+  return ARGV[1]
+end
+if current == ARGV[1] then
+  -- Another holder reseeded first: the newest version wins, with its state.
+  if tonumber(redis.call('HGET', KEYS[1], 'version') or '0') < tonumber(ARGV[2]) then
+    redis.call('HSET', KEYS[1], 'version', ARGV[2])
+    if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'state', ARGV[4], 'state_ts', ARGV[5]) end
+  end
+  if tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') < tonumber(ARGV[3]) then
+    redis.call('HSET', KEYS[1], 'seq', ARGV[3])
+  end
+end
+return current
+"#;
+
+/// The scripts, loaded by `EVALSHA` (and again by the client after Redis restarts).
+pub(super) struct Scripts {
+    publish: Script,
+    reseed: Script,
+}
+
+impl Default for Scripts {
+    fn default() -> Self {
+        Self {
+            publish: Script::new(PUBLISH_LUA),
+            reseed: Script::new(RESEED_LUA),
+        }
+    }
+}
+
+/// A publish for the script to number: a fresh one, or one from the outbox.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ToNumber<'a> {
+    pub room: &'a RoomName,
+    pub kind: Kind,
+    pub id: Option<EventId>,
+    pub data: &'a JsonData,
+    pub ts_ms: u64,
+    /// The number it was delivered under locally during an outage.
+    pub provisional: Option<u64>,
+    /// Sent again after an outage (it was numbered before): a state goes only over an older one.
+    pub restore: bool,
+}
+
+/// What the publish script did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Numbered {
+    /// Numbered and sent (or numbered before, for an event id Redis knows).
+    Number(u64),
+    /// Published nothing: Redis holds no such room and the publish waits for its holders.
+    NoSuchRoom,
+    /// Published nothing: a restored state older than the one Redis holds.
+    Superseded,
+}
+
+impl RedisRegistry {
+    /// Runs the publish script: numbers a fresh publish (above `floor`), stores and sends it.
+    pub(super) async fn run_publish(&self, publish: ToNumber<'_>, floor: u64) -> redis::RedisResult<u64> {
+        match self.run_publish_script(publish, floor, false).await? {
+            Numbered::Number(n) => Ok(n),
+            // Neither can happen without `wait_for_holders` or `restore`.
+            Numbered::NoSuchRoom | Numbered::Superseded => Ok(0),
+        }
+    }
+
+    /// The publish script; with `wait_for_holders` it publishes nothing if Redis holds no such room.
+    pub(super) async fn run_publish_script(
+        &self,
+        publish: ToNumber<'_>,
+        floor: u64,
+        wait_for_holders: bool,
+    ) -> redis::RedisResult<Numbered> {
+        let ToNumber {
+            room,
+            kind,
+            id,
+            data,
+            ts_ms,
+            provisional,
+            restore,
+        } = publish;
+        let body = envelope::encode_body(&EnvelopeBody {
+            kind: kind.to_byte(),
+            ts: ts_ms,
+            data: data.as_str(),
+            origin: &self.settings.node_id,
+            provisional,
+            event_id: id.map_or(0, |id| id.0),
+        });
+        let mut conn = self.commands.clone();
+        let (epoch, number): (String, u64) = self
+            .scripts
+            .publish
+            .key(meta_key(room))
+            .key(history_key(room))
+            .key(ids_key(room))
+            .arg(if kind == Kind::State { "state" } else { "event" })
+            .arg(data.as_str())
+            .arg(ts_ms)
+            .arg(self.new_epoch())
+            .arg(floor)
+            .arg(self.settings.history_len)
+            .arg(self.settings.history_ttl.as_millis() as u64)
+            .arg(self.settings.state_ttl_s())
+            .arg(body)
+            .arg(channel(room))
+            .arg(&self.settings.node_id)
+            .arg(provisional.map(|p| p.to_string()).unwrap_or_default())
+            .arg(if self.settings.cluster { "SPUBLISH" } else { "PUBLISH" })
+            .arg(id.map(|id| id.to_string()).unwrap_or_default())
+            .arg(if wait_for_holders { "1" } else { "" })
+            .arg(if restore { "1" } else { "" })
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(match (epoch.is_empty(), number) {
+            (true, _) => Numbered::NoSuchRoom,
+            (false, 0) => Numbered::Superseded,
+            (false, n) => Numbered::Number(n),
+        })
+    }
+
+    /// Runs the reseed script with what this node holds of the room.
+    pub(super) async fn reseed(&self, room: &RoomName, numbers: RoomNumbers) -> redis::RedisResult<()> {
+        let (data, ts) = numbers
+            .state
+            .as_ref()
+            .map_or((String::new(), 0), |s| (s.data().to_string(), s.ts_ms));
+        self.scripts
+            .reseed
+            .key(meta_key(room))
+            .arg(numbers.epoch)
+            .arg(numbers.version)
+            .arg(numbers.seq)
+            .arg(data)
+            .arg(ts)
+            .arg(self.settings.state_ttl_s())
+            .invoke_async::<String>(&mut self.commands.clone())
+            .await
+            .map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A redis-server on a free loopback port (tests/run.sh installs it), killed on drop.
+    struct TestRedis(std::process::Child, u16);
+
+    impl TestRedis {
+        fn start() -> Self {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("port")
+                .port();
+            let server = std::process::Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server (apt-get install redis-server)");
+            Self(server, port)
+        }
+
+        /// A connection, once the server accepts one (within 10 s, or the test fails).
+        async fn connect(&self) -> redis::aio::MultiplexedConnection {
+            let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.1)).expect("client");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                match client.get_multiplexed_async_connection().await {
+                    Ok(conn) => return conn,
+                    Err(error) if std::time::Instant::now() > deadline => {
+                        panic!("redis-server never answered: {error}")
+                    }
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+                }
+            }
+        }
+    }
+
+    impl Drop for TestRedis {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Runs the publish script as a node would (history of 1,000, no floor).
+    async fn publish(
+        conn: &mut redis::aio::MultiplexedConnection,
+        room: &RoomName,
+        kind: &str,
+        data: &str,
+        ts: u64,
+        id: &str,
+        restore: bool,
+    ) -> (String, u64) {
+        Script::new(PUBLISH_LUA)
+            .key(meta_key(room))
+            .key(history_key(room))
+            .key(ids_key(room))
+            .arg(kind)
+            .arg(data)
+            .arg(ts)
+            .arg("ep")
+            .arg(0)
+            .arg(1000)
+            .arg(600_000)
+            .arg(60)
+            .arg(Vec::<u8>::new())
+            .arg(channel(room))
+            .arg("n1")
+            .arg("")
+            .arg("PUBLISH")
+            .arg(id)
+            .arg("")
+            .arg(if restore { "1" } else { "" })
+            .invoke_async(conn)
+            .await
+            .expect("script")
+    }
+
+    /// An event id sent again gets its first number back, and nothing is stored or published twice.
+    #[tokio::test]
+    async fn the_publish_script_numbers_an_event_id_once() {
+        let redis = TestRedis::start();
+        let mut conn = redis.connect().await;
+        let room = RoomName::parse("game:once").expect("room");
+        let first = publish(&mut conn, &room, "event", "1", 1, "00000000000000a1", false)
+            .await
+            .1;
+        let again = publish(&mut conn, &room, "event", "1", 1, "00000000000000a1", true)
+            .await
+            .1;
+        let other = publish(&mut conn, &room, "event", "1", 1, "00000000000000b2", false)
+            .await
+            .1;
+        let stored: u64 = redis::cmd("XLEN")
+            .arg(history_key(&room))
+            .query_async(&mut conn)
+            .await
+            .expect("xlen");
+        assert_eq!((first, again, other, stored), (1, 1, 2, 2));
+    }
+
+    /// A state sent again after an outage goes only over an older one: never over the same one
+    /// (its holders put it back) nor over a newer one.
+    #[tokio::test]
+    async fn a_restored_state_never_replaces_a_newer_one() {
+        let redis = TestRedis::start();
+        let mut conn = redis.connect().await;
+        let room = RoomName::parse("game:restore").expect("room");
+        assert_eq!(
+            publish(&mut conn, &room, "state", "{\"s\":1}", 100, "", false).await.1,
+            1
+        );
+        assert_eq!(
+            publish(&mut conn, &room, "state", "{\"s\":1}", 100, "", true).await.1,
+            0,
+            "the same state"
+        );
+        assert_eq!(
+            publish(&mut conn, &room, "state", "{\"s\":0}", 50, "", true).await.1,
+            0,
+            "an older state"
+        );
+        assert_eq!(
+            publish(&mut conn, &room, "state", "{\"s\":2}", 200, "", true).await.1,
+            2,
+            "a newer state"
+        );
+        let state: String = redis::cmd("HGET")
+            .arg(meta_key(&room))
+            .arg("state")
+            .query_async(&mut conn)
+            .await
+            .expect("hget");
+        assert_eq!(state, "{\"s\":2}");
+    }
+
+    /// Two holders reseed an emptied Redis: the newest version wins with its own state.
+    #[tokio::test]
+    async fn the_newest_reseed_brings_its_state() {
+        let redis = TestRedis::start();
+        let mut conn = redis.connect().await;
+        let room = RoomName::parse("game:reseed").expect("room");
+        let reseed = |version: u64, state: &'static str, ts: u64| {
+            let mut conn = conn.clone();
+            let room = room.clone();
+            async move {
+                Script::new(RESEED_LUA)
+                    .key(meta_key(&room))
+                    .arg("ep")
+                    .arg(version)
+                    .arg(0)
+                    .arg(state)
+                    .arg(ts)
+                    .arg(60)
+                    .invoke_async::<String>(&mut conn)
+                    .await
+                    .expect("reseed")
+            }
+        };
+        reseed(1, "{\"old\":1}", 10).await;
+        reseed(2, "{\"new\":2}", 20).await;
+        reseed(1, "{\"old\":1}", 10).await;
+        let (version, state, ts): (u64, String, u64) = redis::cmd("HMGET")
+            .arg(meta_key(&room))
+            .arg("version")
+            .arg("state")
+            .arg("state_ts")
+            .query_async(&mut conn)
+            .await
+            .expect("hmget");
+        assert_eq!((version, state.as_str(), ts), (2, "{\"new\":2}", 20));
+    }
+}
