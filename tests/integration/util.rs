@@ -1,5 +1,7 @@
 //! The harness: starts the real `courtside` binary on 127.0.0.1 port 0, and real HTTP and
 //! WebSocket clients. Timeouts here only stop a broken test from hanging; they assert nothing.
+//! What the server counts or logs after an action is awaited (`await_metric`, `await_log`),
+//! never read once: a client can see a frame before the server has counted it.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -11,11 +13,13 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub mod wt_codec;
 
 pub const TOKEN: &str = "test-token";
 
@@ -30,6 +34,9 @@ pub struct TestServer {
     pub wt: Option<SocketAddr>,
     logs: Arc<Mutex<Vec<Value>>>,
     stdout_lines: Arc<Mutex<Vec<String>>>,
+    /// The threads reading standard output and error: finished once the process has exited and
+    /// they read all it wrote (then `logs_with` and `stdout_lines` are complete).
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl TestServer {
@@ -66,18 +73,19 @@ impl TestServer {
         let stderr = child.stderr.take().expect("stderr");
         // Standard output carries the EMF documents (--emf-interval), nothing else.
         let stdout_lines = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
         if let Some(stdout) = child.stdout.take() {
             let sink = stdout_lines.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                     sink.lock().expect("stdout").push(line);
                 }
-            });
+            }));
         }
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (addr_tx, addr_rx) = mpsc::channel();
         let sink = logs.clone();
-        std::thread::spawn(move || {
+        readers.push(std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let Ok(value) = serde_json::from_str::<Value>(&line) else {
                     eprintln!("server: {line}");
@@ -90,7 +98,7 @@ impl TestServer {
                 }
                 sink.lock().expect("logs").push(value);
             }
-        });
+        }));
         let wants_wt = !extra.contains(&"--no-wt");
         let (mut http, mut wt) = (None, None);
         while http.is_none() || (wants_wt && wt.is_none()) {
@@ -115,6 +123,7 @@ impl TestServer {
             wt,
             logs,
             stdout_lines,
+            readers,
         }
     }
 
@@ -127,7 +136,8 @@ impl TestServer {
         format!("ws://{}/ws", self.http)
     }
 
-    /// Log records whose message contains `text`.
+    /// Log records whose message contains `text`, so far: complete only after `wait_exit`; while
+    /// the server runs, await a record with `await_log`.
     pub fn logs_with(&self, text: &str) -> Vec<Value> {
         let logs = self.logs.lock().expect("logs");
         logs.iter()
@@ -148,16 +158,32 @@ impl TestServer {
         assert!(status.success());
     }
 
-    /// Waits for the process to exit (polling; the harness only).
+    /// The first log record whose message contains `text`, awaited: the test fails if none
+    /// comes within `HANG`.
+    pub async fn await_log(&self, text: &str) -> Value {
+        let what = format!("a log record containing {text:?}");
+        eventually(&what, || async { self.logs_with(text).into_iter().next() }).await
+    }
+
+    /// Waits for the process to exit, then for the reader threads to take everything it wrote
+    /// (polling; the harness only): afterwards `logs_with` and `stdout_lines` are complete.
     pub async fn wait_exit(&mut self) -> ExitStatus {
         let deadline = tokio::time::Instant::now() + HANG;
-        loop {
+        let status = loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
+                break status;
             }
             assert!(tokio::time::Instant::now() < deadline, "server did not exit");
             tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        while !self.readers.iter().all(std::thread::JoinHandle::is_finished) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the server exited but its output was not read to the end"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        status
     }
 
     pub async fn request(&self, method: &str, path: &str, token: Option<&str>, body: impl Into<Bytes>) -> (u16, Value) {
@@ -195,17 +221,27 @@ impl TestServer {
         body
     }
 
-    /// The value of the first metric line starting with `line_prefix`; 0 when there is none
-    /// (labelled series appear on their first increment).
-    pub async fn metric(&self, line_prefix: &str) -> f64 {
+    /// The `/metrics` exposition, one scrape.
+    pub async fn scrape(&self) -> String {
         let (status, _, body) = request(self.http, "GET", "/metrics", None, &[], Bytes::new()).await;
         assert_eq!(status, 200);
-        metric_value(std::str::from_utf8(&body).expect("utf8"), line_prefix)
+        String::from_utf8(body.to_vec()).expect("utf8")
     }
 
-    /// `metric`, or `None` when the scrape itself is refused (a node at its connection limit
-    /// resets it), for use inside `eventually`.
-    pub async fn try_metric(&self, line_prefix: &str) -> Option<f64> {
+    /// The value of `series` (as for `try_metric`) now, one scrape; the test fails when the series
+    /// is absent (an absent series is not 0: a renamed metric must not pass for an unchanged one).
+    /// Only for values that cannot change any more; await anything that follows an action with
+    /// `await_metric`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let exposition = self.scrape().await;
+        metric_value(&exposition, series).unwrap_or_else(|| panic!("no series {series} in /metrics:\n{exposition}"))
+    }
+
+    /// The value of `series` (a name with its labels exactly as the server writes them:
+    /// `courtside_errors_total{code="100",name="bad_request"}`), one scrape; `None` when the series
+    /// is absent (labelled series appear on their first increment) or the scrape itself is
+    /// refused (a node at its connection limit resets it). For use inside `eventually`.
+    pub async fn try_metric(&self, series: &str) -> Option<f64> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = TcpStream::connect(self.http).await.ok()?;
         let request = format!(
@@ -223,7 +259,32 @@ impl TestServer {
         if !head.starts_with("HTTP/1.1 200") {
             return None;
         }
-        Some(metric_value(body, line_prefix))
+        metric_value(body, series)
+    }
+
+    /// Awaits `series` being present with a value for which `check` holds, and returns it; the
+    /// test fails, saying `what` was expected and what was seen last, if that does not happen
+    /// within `HANG`. Tolerates refused scrapes (a node at its connection limit).
+    pub async fn await_metric(&self, series: &str, what: &str, check: impl Fn(f64) -> bool) -> f64 {
+        let deadline = tokio::time::Instant::now() + HANG;
+        loop {
+            let value = self.try_metric(series).await;
+            if let Some(value) = value.filter(|v| check(*v)) {
+                return value;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{series} never became {what}; last seen {value:?} (None: absent, or the scrape refused)"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Awaits `series` reaching `count`, then asserts it did not pass it (for counters, and for
+    /// gauges that only rise in the test).
+    pub async fn await_count(&self, series: &str, count: f64) {
+        let value = self.await_metric(series, &format!(">= {count}"), |v| v >= count).await;
+        assert_eq!(value, count, "{series} went past {count}");
     }
 
     pub async fn connect(&self) -> Client {
@@ -245,14 +306,19 @@ impl Drop for TestServer {
     }
 }
 
-/// The value of the first line of an exposition starting with `line_prefix`; 0 when none.
-fn metric_value(exposition: &str, line_prefix: &str) -> f64 {
-    exposition
-        .lines()
-        .find(|l| l.starts_with(line_prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+/// The value of `series` (a name and its labels, as written) in an OpenMetrics exposition: the
+/// line must be exactly the series, a space and a number (an optional timestamp or exemplar
+/// after it); `None` when no line names the series. A line naming it with a value that is not a
+/// number fails the test.
+pub fn metric_value(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?.split(' ').next()?;
+        Some(
+            value
+                .parse()
+                .unwrap_or_else(|_| panic!("{series}: {value:?} is not a number in {line:?}")),
+        )
+    })
 }
 
 /// One HTTP/1.1 request on a fresh connection.
@@ -406,13 +472,48 @@ pub enum WtSeen {
     Closed(Option<u64>),
 }
 
-/// A wtransport client speaking the binary protocol: a control stream and datagrams.
-/// It acknowledges state datagrams as a real client does, unless told not to.
+/// What the client's reader tasks hand to the test: what they saw, or why they stopped.
+enum WtReport {
+    Seen(WtSeen),
+    /// A reader task panicked (bytes the test client's decoder refused, say): the test fails.
+    Broken(String),
+}
+
+type WtReports = tokio::sync::mpsc::UnboundedSender<WtReport>;
+
+/// A wtransport client speaking the binary protocol: a control stream and datagrams, encoded and
+/// decoded by `wt_codec` (written from docs/PROTOCOL.md, not the server's codec). It acknowledges
+/// state datagrams as a real client does, unless told not to. A panic in one of its reader tasks
+/// fails the test at the next `next()`, or when the client is dropped.
 pub struct WtClient {
     pub connection: wtransport::Connection,
     send: wtransport::SendStream,
-    seen: tokio::sync::mpsc::UnboundedReceiver<WtSeen>,
+    seen: tokio::sync::mpsc::UnboundedReceiver<WtReport>,
+    readers: Vec<tokio::task::AbortHandle>,
     _endpoint: wtransport::Endpoint<wtransport::endpoint::endpoint_side::Client>,
+}
+
+/// Runs `task`, and reports its panic to the test as `WtReport::Broken`.
+fn spawn_reader<F>(name: &'static str, tx: WtReports, task: F) -> tokio::task::AbortHandle
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let handle = tokio::spawn(task);
+    let abort = handle.abort_handle();
+    tokio::spawn(async move {
+        if let Err(error) = handle.await {
+            if error.is_panic() {
+                let panic = error.into_panic();
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "a panic without a message".to_string());
+                let _ = tx.send(WtReport::Broken(format!("{name}: {message}")));
+            }
+        }
+    });
+    abort
 }
 
 impl WtClient {
@@ -428,31 +529,45 @@ impl WtClient {
             .await
             .expect("connect in time")
             .expect("webtransport connect");
-        let (send, recv) = connection.open_bi().await.expect("open").await.expect("control stream");
+        let (send, recv) = tokio::time::timeout(HANG, async {
+            connection.open_bi().await.expect("open").await.expect("control stream")
+        })
+        .await
+        .expect("a control stream in time");
         let (tx, seen) = tokio::sync::mpsc::unbounded_channel();
         let aliases = Aliases::default();
-        tokio::spawn(read_stream(recv, tx.clone(), aliases.clone()));
-        tokio::spawn(read_datagrams(connection.clone(), tx, ack, aliases));
+        let readers = vec![
+            spawn_reader(
+                "the control stream reader",
+                tx.clone(),
+                read_stream(recv, tx.clone(), aliases.clone()),
+            ),
+            spawn_reader(
+                "the datagram reader",
+                tx.clone(),
+                read_datagrams(connection.clone(), tx, ack, aliases),
+            ),
+        ];
         Self {
             connection,
             send,
             seen,
+            readers,
             _endpoint: endpoint,
         }
     }
 
-    /// Sends a command in its JSON form (as on WebSocket), encoded as the binary protocol.
+    /// Sends a command in its JSON form (as on WebSocket), in the binary encoding.
     pub async fn send(&mut self, command: Value) {
-        let command = courtside::core::parse_command(&command.to_string()).expect("a valid command");
-        let message = courtside::core::wire::encode_client(&courtside::core::wire::ClientMessage::Command(command));
-        self.send_raw(&message).await;
+        self.send_raw(&wt_codec::encode_client(&command)).await;
     }
 
     /// Sends `message` as one frame on the control stream.
     pub async fn send_raw(&mut self, message: &[u8]) {
-        let mut frame = bytes::BytesMut::new();
-        courtside::core::wire::put_frame(&mut frame, message);
-        self.send.write_all(&frame).await.expect("write control stream");
+        self.send
+            .write_all(&wt_codec::frame(message))
+            .await
+            .expect("write control stream");
     }
 
     /// Writes bytes as they are (for malformed framing).
@@ -461,10 +576,14 @@ impl WtClient {
     }
 
     pub async fn next(&mut self) -> WtSeen {
-        tokio::time::timeout(HANG, self.seen.recv())
+        let report = tokio::time::timeout(HANG, self.seen.recv())
             .await
-            .expect("something in time")
-            .unwrap_or(WtSeen::Closed(None))
+            .expect("something in time");
+        match report {
+            Some(WtReport::Seen(seen)) => seen,
+            Some(WtReport::Broken(why)) => panic!("the WebTransport test client failed in {why}"),
+            None => WtSeen::Closed(None),
+        }
     }
 
     /// The next message on the control stream, skipping datagrams.
@@ -486,42 +605,53 @@ impl WtClient {
     }
 }
 
+impl Drop for WtClient {
+    fn drop(&mut self) {
+        for reader in &self.readers {
+            reader.abort();
+        }
+        if std::thread::panicking() {
+            return;
+        }
+        while let Ok(report) = self.seen.try_recv() {
+            if let WtReport::Broken(why) = report {
+                panic!("the WebTransport test client failed in {why}");
+            }
+        }
+    }
+}
+
 /// The session's room aliases (PROTOCOL.md "Loss repair"), from the stream's `alias` notices.
 type Aliases = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u64, String>>>;
 
-async fn read_stream(
-    mut recv: wtransport::RecvStream,
-    tx: tokio::sync::mpsc::UnboundedSender<WtSeen>,
-    aliases: Aliases,
-) {
-    let mut decoder = courtside::core::wire::FrameDecoder::default();
+async fn read_stream(mut recv: wtransport::RecvStream, tx: WtReports, aliases: Aliases) {
+    let mut frames = wt_codec::Frames::default();
     let mut buf = vec![0u8; 64 * 1024];
     while let Ok(Some(n)) = recv.read(&mut buf).await {
-        decoder.extend(&buf[..n]);
-        while let Ok(Some(frame)) = decoder.next_frame(16 << 20) {
-            let message = courtside::core::wire::decode_server(&frame).expect("server message decodes");
-            if let courtside::core::wire::ServerMessage::Alias(alias) = &message {
-                aliases
-                    .lock()
-                    .expect("aliases")
-                    .insert(alias.alias, alias.room.to_string());
+        frames.extend(&buf[..n]);
+        while let Some(frame) = frames.next().unwrap_or_else(|e| panic!("control stream framing: {e}")) {
+            let message = wt_codec::decode_server(&frame)
+                .unwrap_or_else(|e| panic!("a stream message that does not decode ({e}): {frame:02x?}"));
+            if message["type"] == "alias" {
+                let (room, alias) = (message["room"].as_str(), message["alias"].as_u64());
+                let (Some(room), Some(alias)) = (room, alias) else {
+                    panic!("an alias without a room or a number: {message}");
+                };
+                aliases.lock().expect("aliases").insert(alias, room.to_string());
                 continue;
             }
-            if tx.send(WtSeen::Stream(message.to_json())).is_err() {
+            if message.get("alias").is_some() {
+                panic!("a state by alias on the control stream: {message}");
+            }
+            if tx.send(WtReport::Seen(WtSeen::Stream(message))).is_err() {
                 return;
             }
         }
     }
-    let _ = tx.send(WtSeen::Closed(None));
+    let _ = tx.send(WtReport::Seen(WtSeen::Closed(None)));
 }
 
-async fn read_datagrams(
-    connection: wtransport::Connection,
-    tx: tokio::sync::mpsc::UnboundedSender<WtSeen>,
-    ack: bool,
-    aliases: Aliases,
-) {
-    use courtside::core::wire::{decode_server, encode_client, AliasAck, ClientMessage, ServerMessage};
+async fn read_datagrams(connection: wtransport::Connection, tx: WtReports, ack: bool, aliases: Aliases) {
     let mut held: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
     loop {
         let datagram = match connection.receive_datagram().await {
@@ -531,33 +661,31 @@ async fn read_datagrams(
                     wtransport::error::ConnectionError::ApplicationClosed(close) => Some(close.code().into_inner()),
                     _ => None,
                 };
-                let _ = tx.send(WtSeen::Closed(code));
+                let _ = tx.send(WtReport::Seen(WtSeen::Closed(code)));
                 return;
             }
         };
         let payload = datagram.payload();
-        let message = decode_server(&payload).expect("datagram decodes");
-        let ServerMessage::AliasedState(state) = &message else {
-            panic!("a datagram that is not a state by alias: {}", message.to_json());
+        let mut message = wt_codec::decode_server(&payload)
+            .unwrap_or_else(|e| panic!("a datagram that does not decode ({e}): {:02x?}", &payload[..]));
+        let (Some(alias), Some(version)) = (message["alias"].as_u64(), message["version"].as_u64()) else {
+            panic!("a datagram that is not a state by alias: {message}");
         };
         // A state whose alias is not known yet is dropped, as PROTOCOL.md tells clients to.
-        let Some(room) = aliases.lock().expect("aliases").get(&state.alias).cloned() else {
+        let Some(room) = aliases.lock().expect("aliases").get(&alias).cloned() else {
             continue;
         };
         if ack {
-            let version = held.entry(state.alias).or_default();
-            *version = (*version).max(state.version);
-            let _ = connection.send_datagram(encode_client(&ClientMessage::Acks(vec![AliasAck {
-                alias: state.alias,
-                version: *version,
-            }])));
+            let newest = held.entry(alias).or_default();
+            *newest = (*newest).max(version);
+            let acks = json!({"type": "acks", "acks": [{"alias": alias, "version": *newest}]});
+            let _ = connection.send_datagram(wt_codec::encode_client(&acks));
         }
-        let mut message = message.to_json();
         message["room"] = room.into();
         if let Some(object) = message.as_object_mut() {
             object.remove("alias");
         }
-        if tx.send(WtSeen::Datagram(message)).is_err() {
+        if tx.send(WtReport::Seen(WtSeen::Datagram(message))).is_err() {
             return;
         }
     }
@@ -1000,5 +1128,41 @@ impl Drop for TcpGate {
     fn drop(&mut self) {
         self.accept.abort();
         self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{metric_value, spawn_reader, WtReport, HANG};
+
+    /// A reader task's panic (bytes the client's decoder refused, say) reaches the test.
+    #[tokio::test]
+    async fn a_panic_in_a_reader_task_reaches_the_test() {
+        let (tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
+        spawn_reader("the reader", tx, async { panic!("bad bytes") });
+        match tokio::time::timeout(HANG, reports.recv()).await {
+            Ok(Some(WtReport::Broken(why))) => assert_eq!(why, "the reader: bad bytes"),
+            Ok(Some(WtReport::Seen(seen))) => panic!("saw {seen:?}"),
+            Ok(None) | Err(_) => panic!("the panic was not reported"),
+        }
+    }
+
+    #[test]
+    fn metric_lines_match_the_whole_series_and_a_number() {
+        let exposition = "# TYPE courtside_rooms gauge\ncourtside_rooms 10\n\
+            courtside_rooms_total 3\n\
+            courtside_errors_total{code=\"100\",name=\"bad_request\"} 4 1700000000\n\
+            courtside_connections{transport=\"websocket\"} 1\n# EOF\n";
+        assert_eq!(metric_value(exposition, "courtside_rooms"), Some(10.0));
+        assert_eq!(metric_value(exposition, "courtside_rooms_total"), Some(3.0));
+        assert_eq!(
+            metric_value(exposition, "courtside_errors_total{code=\"100\",name=\"bad_request\"}"),
+            Some(4.0)
+        );
+        // A prefix of a series is not the series; an absent one is absent, not 0.
+        assert_eq!(metric_value(exposition, "courtside_connections"), None);
+        assert_eq!(metric_value(exposition, "courtside_room"), None);
+        assert_eq!(metric_value(exposition, "courtside_errors_total"), None);
+        assert_eq!(metric_value(exposition, "courtside_renamed_total"), None);
     }
 }
