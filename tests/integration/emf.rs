@@ -81,12 +81,27 @@ fn check_emf(line: &str) -> Vec<String> {
     names
 }
 
+/// The documents on `server`'s standard output so far, parsed: the main ones (no `Transport`
+/// dimension) and the per-transport ones.
+fn documents(server: &TestServer) -> (Vec<Value>, Vec<Value>) {
+    server
+        .stdout_lines()
+        .iter()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .partition(|doc| doc.get("Transport").is_none())
+}
+
+/// The sum of a counter over documents (each counts what happened in its interval).
+fn sum(documents: &[Value], name: &str) -> u64 {
+    documents.iter().map(|d| d[name].as_u64().unwrap_or(0)).sum()
+}
+
 /// `--emf-interval`: every line on standard output is an EMF document, the main one names every
 /// documented metric (the latency percentiles once something was delivered), and the values
 /// follow what happened: connections now, deliveries and publishes in the interval.
 #[tokio::test]
 async fn emf_documents_on_standard_output_follow_the_specification() {
-    let server = TestServer::start(&[
+    let mut server = TestServer::start(&[
         "--emf-interval",
         "200ms",
         "--emf-namespace",
@@ -98,22 +113,35 @@ async fn emf_documents_on_standard_output_follow_the_specification() {
     fan.subscribe("game:emf").await;
     server.publish_event("game:emf", "1").await;
     assert_eq!(fan.recv().await["type"], "event");
-    let main = crate::util::eventually("a main document with the delivery", || async {
-        server.stdout_lines().into_iter().find_map(|line| {
-            let doc: Value = serde_json::from_str(&line).ok()?;
-            (doc.get("Transport").is_none() && doc["MessagesOut"].as_u64()? >= 1).then_some(doc)
-        })
-    })
+    // The subscribe, the publish and the two messages out (the reply, the event) may fall in
+    // different intervals, and the server counts a delivery after writing it: await the sums
+    // over the documents, and the document of the interval that saw the delivery.
+    let (mains, delivered) = crate::util::eventually(
+        "main documents with the subscribe, the publish and the delivery",
+        || async {
+            let (mains, _) = documents(&server);
+            let delivered = mains.iter().find(|d| d.get("DeliveryLatencyP99").is_some())?.clone();
+            (sum(&mains, "MessagesIn") >= 1 && sum(&mains, "Publishes") >= 1 && sum(&mains, "MessagesOut") >= 2)
+                .then_some((mains, delivered))
+        },
+    )
     .await;
-    assert_eq!(main["Connections"], 1);
-    assert_eq!(main["Publishes"], 1);
     assert_eq!(
-        (&main["Service"], &main["Environment"]),
+        (
+            sum(&mains, "MessagesIn"),
+            sum(&mains, "Publishes"),
+            sum(&mains, "MessagesOut")
+        ),
+        (1, 1, 2)
+    );
+    assert_eq!(delivered["Connections"], 1, "{delivered}");
+    assert_eq!(
+        (&delivered["Service"], &delivered["Environment"]),
         (&"courtside".into(), &"ci".into())
     );
-    assert_eq!(main["_aws"]["CloudWatchMetrics"][0]["Namespace"], "CourtsideTest");
-    assert!(main["DeliveryLatencyP99"].as_f64().expect("p99 after a delivery") >= 0.0);
-    let names: HashSet<String> = check_emf(&main.to_string()).into_iter().collect();
+    assert_eq!(delivered["_aws"]["CloudWatchMetrics"][0]["Namespace"], "CourtsideTest");
+    assert!(delivered["DeliveryLatencyP99"].as_f64().expect("p99 after a delivery") >= 0.0);
+    let names: HashSet<String> = check_emf(&delivered.to_string()).into_iter().collect();
     for name in [
         "Connections",
         "MessagesIn",
@@ -129,26 +157,56 @@ async fn emf_documents_on_standard_output_follow_the_specification() {
     ] {
         assert!(names.contains(name), "{name} missing from {names:?}");
     }
-    let lines = server.stdout_lines();
-    let mut transports = HashSet::new();
-    for line in &lines {
-        check_emf(line);
-        let doc: Value = serde_json::from_str(line).expect("json");
-        if let Some(t) = doc["Transport"].as_str() {
-            transports.insert(t.to_string());
-        }
+    // Each tick writes the main document, then one per transport.
+    let websocket_out = |per_transport: &[Value]| {
+        let websocket: Vec<Value> = per_transport
+            .iter()
+            .filter(|d| d["Transport"] == "websocket")
+            .cloned()
+            .collect();
+        sum(&websocket, "MessagesOut")
+    };
+    crate::util::eventually(
+        "a document for each transport, the websocket ones with the delivery",
+        || async {
+            let (_, per_transport) = documents(&server);
+            let transports: HashSet<&str> = per_transport.iter().filter_map(|d| d["Transport"].as_str()).collect();
+            (transports == HashSet::from(["websocket", "webtransport"]) && websocket_out(&per_transport) >= 2)
+                .then_some(())
+        },
+    )
+    .await;
+    // Every line the process wrote, read to the end after it exited, is a document, and nothing
+    // was counted twice. (The fan leaves first, so the shutdown has no one to notify.)
+    fan.ws.close(None).await.expect("close");
+    server
+        .await_metric("courtside_connections{transport=\"websocket\"}", "= 0", |v| v == 0.0)
+        .await;
+    server.sigterm();
+    assert_eq!(server.wait_exit().await.code(), Some(0));
+    for line in server.stdout_lines() {
+        check_emf(&line);
     }
+    let (mains, per_transport) = documents(&server);
     assert_eq!(
-        transports,
-        HashSet::from(["websocket".to_string(), "webtransport".to_string()])
+        (
+            sum(&mains, "MessagesIn"),
+            sum(&mains, "Publishes"),
+            sum(&mains, "MessagesOut"),
+            websocket_out(&per_transport)
+        ),
+        (1, 1, 2, 2)
     );
 }
 
-/// Without `--emf-interval`, standard output stays empty (logs are on standard error).
+/// Without `--emf-interval`, standard output stays empty (logs are on standard error): read to
+/// the end once the process has exited.
 #[tokio::test]
 async fn without_emf_standard_output_is_empty() {
-    let server = TestServer::start(&[]);
+    let mut server = TestServer::start(&[]);
     server.publish_event("game:quiet", "1").await;
     let _ = server.get("/health").await;
+    server.sigterm();
+    assert_eq!(server.wait_exit().await.code(), Some(0));
     assert!(server.stdout_lines().is_empty(), "{:?}", server.stdout_lines());
 }
