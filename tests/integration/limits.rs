@@ -1,5 +1,3 @@
-use std::time::Duration;
-
 use bytes::Bytes;
 use futures_util::SinkExt;
 use serde_json::{json, Value};
@@ -45,12 +43,9 @@ async fn bad_frames_get_error_codes_and_the_connection_keeps_working() {
     server.publish_state("game:1", "1").await;
     assert_eq!(client.recv().await["version"], 1);
     assert_eq!(bystander.recv().await["version"], 1);
-    assert!(
-        server
-            .metric("courtside_errors_total{code=\"100\",name=\"bad_request\"}")
-            .await
-            >= 4.0
-    );
+    server
+        .await_count("courtside_errors_total{code=\"100\",name=\"bad_request\"}", 4.0)
+        .await;
 }
 
 #[tokio::test]
@@ -100,35 +95,53 @@ async fn a_frame_over_one_mebibyte_closes_with_1009() {
 async fn a_silent_peer_is_closed_after_the_idle_timeout() {
     let server = TestServer::start(&["--ping-interval", "100ms", "--idle-timeout", "300ms"]);
     let mut silent = server.connect().await;
-    // Not reading means tungstenite never answers the pings: the server hears nothing.
-    let closed_with = loop {
-        let status = server
-            .metric("courtside_errors_total{code=\"4002\",name=\"idle_timeout\"}")
-            .await;
-        if status >= 1.0 {
-            break silent.close_code().await;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(closed_with, 4002);
+    // Not reading means tungstenite never answers the pings: the server hears nothing. Read only
+    // once the server counted the close.
+    server
+        .await_count("courtside_errors_total{code=\"4002\",name=\"idle_timeout\"}", 1.0)
+        .await;
+    assert_eq!(silent.close_code().await, 4002);
 }
 
-/// A client that keeps answering pings stays connected past the idle timeout.
+/// A client that keeps answering pings stays connected past the idle timeout. Shown by ordering,
+/// not by the clock: a silent client that connected after it is closed by the timeout first,
+/// and the answering one still answers after that.
 #[tokio::test]
 async fn a_peer_that_answers_pings_stays() {
-    let server = TestServer::start(&["--ping-interval", "100ms", "--idle-timeout", "300ms"]);
+    use futures_util::StreamExt;
+    let server = TestServer::start(&["--ping-interval", "200ms", "--idle-timeout", "3s"]);
     let mut client = server.connect().await;
-    // Reading answers pings; wait until many pings went by.
-    let mut pings = 0;
-    while pings < 8 {
-        use futures_util::StreamExt;
-        match tokio::time::timeout(HANG, client.ws.next()).await.expect("frame") {
-            Some(Ok(Message::Ping(_))) => pings += 1,
-            other => panic!("unexpected {other:?}"),
+    // Reading answers pings (tungstenite queues the pong and flushes it with the next read).
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let reader = tokio::spawn(async move {
+        let mut pings = 0;
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return (client, pings),
+                frame = client.ws.next() => match frame {
+                    Some(Ok(Message::Ping(_))) => pings += 1,
+                    other => panic!("unexpected {other:?}"),
+                },
+            }
         }
-    }
+    });
+    let mut silent = server.connect().await;
+    server
+        .await_count("courtside_errors_total{code=\"4002\",name=\"idle_timeout\"}", 1.0)
+        .await;
+    assert_eq!(silent.close_code().await, 4002);
+    let _ = stop.send(());
+    let (mut client, pings) = reader.await.expect("the reader");
+    assert!(pings >= 1, "the server pinged the answering client");
     client.send(json!({"type": "ping"})).await;
     assert_eq!(client.recv().await["type"], "pong");
+    assert_eq!(
+        server
+            .metric("courtside_errors_total{code=\"4002\",name=\"idle_timeout\"}")
+            .await,
+        1.0,
+        "only the silent client was closed for silence"
+    );
 }
 
 /// A connection that does not complete its upgrade request in time is dropped.
@@ -207,7 +220,8 @@ async fn a_websocket_key_that_is_not_16_bytes_in_base64_is_refused() {
 
 #[tokio::test]
 async fn commands_beyond_the_rate_limit_get_104() {
-    let server = TestServer::start(&["--command-rate", "1", "--command-burst", "3"]);
+    // A refill of one command per 1,000 s: however slowly the pings arrive, the fourth is over.
+    let server = TestServer::start(&["--command-rate", "0.001", "--command-burst", "3"]);
     let mut client = server.connect().await;
     for _ in 0..4 {
         client.send(json!({"type": "ping"})).await;
@@ -349,12 +363,13 @@ async fn connections_per_client_address_are_limited() {
         (status == 101).then_some(client)
     })
     .await;
-    assert!(
-        server
-            .metric("courtside_errors_total{code=\"429\",name=\"ip_connection_limit\"}")
-            .await
-            >= 2.0
-    );
+    server
+        .await_metric(
+            "courtside_errors_total{code=\"429\",name=\"ip_connection_limit\"}",
+            ">= 2",
+            |v| v >= 2.0,
+        )
+        .await;
 
     let behind = TestServer::start(&[
         "--no-wt",
@@ -384,13 +399,10 @@ async fn webtransport_sessions_per_client_address_are_limited() {
     };
     let error = error.to_string();
     assert!(error.contains("rejected"), "{error}");
-    assert_eq!(
-        server
-            .metric("courtside_errors_total{code=\"429\",name=\"ip_connection_limit\"}")
-            .await,
-        1.0,
-        "refused by the per-address limit (the CONNECT answered 429)"
-    );
+    // Refused by the per-address limit (the CONNECT answered 429).
+    server
+        .await_count("courtside_errors_total{code=\"429\",name=\"ip_connection_limit\"}", 1.0)
+        .await;
 }
 
 /// `--connection-rate-per-ip`: new WebSocket connections from one address in a minute, even
@@ -429,12 +441,9 @@ async fn new_connections_per_client_address_per_minute_are_limited() {
     let body: Value = serde_json::from_slice(refused.body().as_deref().unwrap_or_default()).expect("JSON body");
     assert_eq!(body["error"], "ip_rate_limited");
     assert_eq!(upgrade_status(&server, Some("198.51.100.8")).await.0, 101);
-    assert_eq!(
-        server
-            .metric("courtside_errors_total{code=\"429\",name=\"ip_rate_limited\"}")
-            .await,
-        1.0
-    );
+    server
+        .await_count("courtside_errors_total{code=\"429\",name=\"ip_rate_limited\"}", 1.0)
+        .await;
 }
 
 /// `--publish-rate-per-ip`: publish requests per address per minute, counted before the
@@ -511,10 +520,7 @@ async fn new_webtransport_sessions_per_client_address_per_minute_are_limited() {
         panic!("the second session of the minute was accepted");
     };
     assert!(error.to_string().contains("rejected"), "{error}");
-    assert_eq!(
-        server
-            .metric("courtside_errors_total{code=\"429\",name=\"ip_rate_limited\"}")
-            .await,
-        1.0
-    );
+    server
+        .await_count("courtside_errors_total{code=\"429\",name=\"ip_rate_limited\"}", 1.0)
+        .await;
 }
