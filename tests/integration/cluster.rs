@@ -476,20 +476,29 @@ async fn nodes_share_rooms_over_tls_with_a_password() {
         (health["registry"]["status"] == "ok").then_some(())
     })
     .await;
-    // Publishing through node 2 reaches node 1's client once node 1's channel is subscribed.
+    // Publishing through node 2 reaches node 1's client once node 1's channel is subscribed:
+    // publish until a state arrives (the wait between publishes is a pace, not a bound), and
+    // check that it is one node 2 published, with the version node 2 answered for it.
     let deadline = tokio::time::Instant::now() + crate::util::HANG;
-    let version = loop {
-        let version = nodes[1].publish_state("game:tls", "1").await["version"]
+    let mut published = std::collections::HashMap::new();
+    let state = loop {
+        let n = published.len() as u64 + 1;
+        let version = nodes[1].publish_state("game:tls", &json!({"n": n}).to_string()).await["version"]
             .as_u64()
             .expect("version");
+        published.insert(version, n);
         if let Ok(state) = tokio::time::timeout(std::time::Duration::from_millis(200), client.recv()).await {
-            assert_eq!(state["type"], "state");
-            assert!(state["version"].as_u64() <= Some(version));
-            break version;
+            break state;
         }
         assert!(tokio::time::Instant::now() < deadline, "nothing crossed nodes over TLS");
     };
-    assert!(version >= 1);
+    assert_eq!(state["type"], "state", "{state}");
+    let version = state["version"].as_u64().expect("version");
+    assert_eq!(
+        published.get(&version).map(|n| json!({"n": n})).as_ref(),
+        Some(&state["data"]),
+        "node 1's client got version {version} as node 2 published it: {state}; published {published:?}"
+    );
 }
 
 /// While Redis is away, publishes wait in a bounded outbox; a full outbox answers 503 and the
@@ -530,8 +539,8 @@ async fn a_full_outbox_refuses_publishes() {
         ),
         (Some("degraded"), Some(2))
     );
-    assert_eq!(n1.metric("courtside_registry_up").await, 0.0);
-    assert_eq!(n1.metric("courtside_outbox").await, 2.0);
+    n1.await_metric("courtside_registry_up", "= 0", |v| v == 0.0).await;
+    n1.await_metric("courtside_outbox", "= 2", |v| v == 2.0).await;
     // The client got the two accepted events (after the local-epoch notice), not the refused one.
     let mut data = Vec::new();
     while data.len() < 2 {

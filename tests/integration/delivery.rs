@@ -92,7 +92,9 @@ async fn a_slow_reader_conflates_and_ends_on_the_newest_version() {
         "no conflation: {} frames",
         versions.len()
     );
-    assert!(server.metric("courtside_conflated_total").await > 0.0);
+    server
+        .await_metric("courtside_conflated_total", "> 0", |v| v > 0.0)
+        .await;
 }
 
 #[tokio::test]
@@ -202,12 +204,9 @@ async fn an_overflowing_event_subscriber_is_closed_as_slow_and_others_get_everyt
     }
     assert_eq!(fast_reader.await.expect("fast reader"), (1..=TOTAL).collect::<Vec<_>>());
     assert_eq!(slow.close_code().await, 4001);
-    assert_eq!(
-        server
-            .metric("courtside_slow_disconnects_total{transport=\"websocket\"}")
-            .await,
-        1.0
-    );
+    server
+        .await_count("courtside_slow_disconnects_total{transport=\"websocket\"}", 1.0)
+        .await;
 }
 
 #[tokio::test]
