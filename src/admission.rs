@@ -196,7 +196,8 @@ struct AdmissionInner {
     publish_rates: std::sync::Mutex<AddressRates>,
 }
 
-/// Why a client address was turned away, and when it may try again (`Retry-After`).
+/// Why a client address (or a publish request) was turned away, and when it may try again
+/// (`Retry-After`, for a rate).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IpRefusal {
     pub refusal: Refusal,
@@ -257,11 +258,6 @@ impl Admission {
             refusal,
             retry_after_s: None,
         })
-    }
-
-    /// A publish API request from `ip`, within `--publish-rate-per-ip` this minute.
-    pub fn admit_publish_request(&self, ip: std::net::IpAddr) -> Result<(), IpRefusal> {
-        self.within_rate(&self.0.publish_rates, ip)
     }
 
     /// Counts a request from `ip` in `rates`; over the rate: `ip_rate_limited` and when to retry.
@@ -348,14 +344,35 @@ impl Admission {
         }
     }
 
-    /// A publish request's `Authorization` header value: the publish token (every room), or a
-    /// JWT whose `publish` claim names the rooms it may publish to.
-    pub fn authorize_publish(&self, authorization: Option<&[u8]>) -> Result<PublishScope, Refusal> {
-        match self.credentials(authorization) {
-            Some(Credentials::PublishToken) => Ok(PublishScope::Everything),
-            Some(Credentials::Jwt(claims)) => Ok(PublishScope::Rooms(claims.publish)),
+    /// A publish request from client address `ip` (`None`: not through the listener) holding
+    /// `authorization`. Its credentials are checked first: publish credentials (the publish
+    /// token, every room; or a JWT whose `publish` claim names at least one room, those rooms)
+    /// are never limited by the address, so the platform's backend cannot be throttled by its
+    /// own server. Anything else counts against the address's `--publish-rate-per-ip`
+    /// (`ip_rate_limited` beyond) and is then refused: `unauthorized` without valid
+    /// credentials, or, for a JWT without a `publish` claim (a subscriber's token), an empty
+    /// scope that the handler answers `forbidden`. Checking a bad token costs a constant-time
+    /// comparison and at most one JWT verification (`credentials`).
+    pub fn admit_publish(
+        &self,
+        ip: Option<std::net::IpAddr>,
+        authorization: Option<&[u8]>,
+    ) -> Result<PublishScope, IpRefusal> {
+        let outcome = match self.credentials(authorization) {
+            Some(Credentials::PublishToken) => return Ok(PublishScope::Everything),
+            Some(Credentials::Jwt(claims)) if !claims.publish.is_empty() => {
+                return Ok(PublishScope::Rooms(claims.publish))
+            }
+            Some(Credentials::Jwt(_)) => Ok(PublishScope::Rooms(Vec::new())),
             None => Err(Refusal::Unauthorized),
+        };
+        if let Some(ip) = ip {
+            self.within_rate(&self.0.publish_rates, ip)?;
         }
+        outcome.map_err(|refusal| IpRefusal {
+            refusal: self.refuse(refusal),
+            retry_after_s: None,
+        })
     }
 
     /// Whether a request holding `authorization` may read private `room` over HTTP: the publish
@@ -377,11 +394,18 @@ impl Admission {
     }
 
     /// What an `Authorization` header holds: the publish token (compared in constant time), a
-    /// JWT that verifies, or nothing valid (`None`).
+    /// JWT that verifies, or nothing valid (`None`). Cheap for bad tokens: no JWT is tried
+    /// without `--jwt-secret` or `--jwt-keys`, one longer than `MAX_TOKEN_BYTES` or not of three
+    /// dot-separated parts is refused unread, and one whose header names no configured key is
+    /// refused before any signature check; what remains costs one signature check (an HMAC with
+    /// the secret, one public-key verification with a key of the token's `alg` and `kid`).
     fn credentials(&self, authorization: Option<&[u8]>) -> Option<Credentials> {
         let token = bearer_token(std::str::from_utf8(authorization?).ok()?)?;
         if constant_time_eq(token.as_bytes(), self.0.settings.publish_token.as_bytes()) {
             return Some(Credentials::PublishToken);
+        }
+        if token.len() > MAX_TOKEN_BYTES || token.bytes().filter(|b| *b == b'.').count() != 2 {
+            return None;
         }
         self.0.tokens.verify(token).ok().map(Credentials::Jwt)
     }
@@ -396,6 +420,10 @@ impl Admission {
         RecoveryBudget::new(self.0.settings.recovery_bytes, now_ms)
     }
 }
+
+/// Bytes of a bearer token at most: a longer one is not verified (no JWT the platform issues
+/// comes near it, and a bad one costs no more than this to refuse).
+pub const MAX_TOKEN_BYTES: usize = 8192;
 
 /// The token of `Bearer <token>`; the scheme is case-insensitive (RFC 9110 §11.1), and one or
 /// more spaces may follow it.
@@ -481,6 +509,15 @@ mod tests {
     }
 
     fn admission_with(max_connections: usize, origins: &[&str], metrics: Arc<Metrics>) -> Admission {
+        admission_rated(max_connections, origins, metrics, 0)
+    }
+
+    fn admission_rated(
+        max_connections: usize,
+        origins: &[&str],
+        metrics: Arc<Metrics>,
+        publish_rate: u32,
+    ) -> Admission {
         Admission::new(
             AdmissionSettings {
                 max_connections,
@@ -496,7 +533,7 @@ mod tests {
                 require_token: false,
                 max_connections_per_ip: 2,
                 connection_rate_per_ip: 0,
-                publish_rate_per_ip: 0,
+                publish_rate_per_ip: publish_rate,
                 trusted_proxies: Cidr::list("10.0.0.0/8").expect("cidr"),
             },
             metrics,
@@ -543,24 +580,99 @@ mod tests {
     #[test]
     fn publishing_needs_the_bearer_token() {
         let a = admission(1, &[]);
-        assert_eq!(
-            a.authorize_publish(Some(b"Bearer secret")),
-            Ok(PublishScope::Everything)
-        );
-        assert_eq!(a.authorize_publish(Some(b"Bearer wrong")), Err(Refusal::Unauthorized));
-        assert_eq!(a.authorize_publish(Some(b"secret")), Err(Refusal::Unauthorized));
-        assert_eq!(a.authorize_publish(None), Err(Refusal::Unauthorized));
+        let publish = |value: Option<&[u8]>| a.admit_publish(None, value).map_err(|r| r.refusal);
+        assert_eq!(publish(Some(b"Bearer secret")), Ok(PublishScope::Everything));
+        assert_eq!(publish(Some(b"Bearer wrong")), Err(Refusal::Unauthorized));
+        assert_eq!(publish(Some(b"secret")), Err(Refusal::Unauthorized));
+        assert_eq!(publish(None), Err(Refusal::Unauthorized));
         // The scheme is case-insensitive (RFC 9110 section 11.1).
         for value in [&b"bearer secret"[..], b"BEARER secret", b"BeArEr  secret"] {
-            assert!(
-                a.authorize_publish(Some(value)).is_ok(),
-                "{:?}",
-                std::str::from_utf8(value)
-            );
+            assert!(publish(Some(value)).is_ok(), "{:?}", std::str::from_utf8(value));
         }
         for value in [&b"Basic secret"[..], b"Bearer", b"Bearer ", b"Bearersecret"] {
-            assert_eq!(a.authorize_publish(Some(value)), Err(Refusal::Unauthorized));
+            assert_eq!(publish(Some(value)), Err(Refusal::Unauthorized));
         }
+    }
+
+    fn jwt(claims: serde_json::Value) -> String {
+        let key = jsonwebtoken::EncodingKey::from_secret(b"jwt-secret");
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).expect("jwt")
+    }
+
+    /// `--publish-rate-per-ip` counts only requests without publish credentials: the publish
+    /// token and a publish JWT pass however many come from the address, even while the address
+    /// is refused for everything else.
+    #[test]
+    fn only_requests_without_publish_credentials_count_against_the_address() {
+        let metrics = Arc::new(Metrics::new());
+        let a = admission_rated(1, &[], metrics.clone(), 3);
+        let ip = Some("203.0.113.9".parse::<std::net::IpAddr>().expect("ip"));
+        let exp = crate::clock::unix_ms() / 1000 + 600;
+        let publisher = format!(
+            "Bearer {}",
+            jwt(serde_json::json!({"sub": "b", "exp": exp, "publish": ["game:*"]}))
+        );
+        let subscriber = format!("Bearer {}", jwt(serde_json::json!({"sub": "fan", "exp": exp})));
+        let forged = format!("Bearer {}x", &publisher["Bearer ".len()..]);
+        for _ in 0..50 {
+            assert_eq!(
+                a.admit_publish(ip, Some(b"Bearer secret")),
+                Ok(PublishScope::Everything)
+            );
+            let scope = a.admit_publish(ip, Some(publisher.as_bytes())).expect("publish JWT");
+            assert!(scope.allows("game:1") && !scope.allows("user:1"));
+        }
+        let refusal = |value: &str| a.admit_publish(ip, Some(value.as_bytes())).err().map(|r| r.refusal);
+        // Three without publish credentials: a wrong token, a forged JWT, a subscriber's JWT
+        // (valid, but it may publish nowhere: the handler answers 403).
+        assert_eq!(refusal("Bearer wrong"), Some(Refusal::Unauthorized));
+        assert_eq!(refusal(&forged), Some(Refusal::Unauthorized));
+        assert_eq!(
+            a.admit_publish(ip, Some(subscriber.as_bytes())),
+            Ok(PublishScope::Rooms(Vec::new()))
+        );
+        // The fourth is over the rate, whatever it holds short of publish credentials.
+        for value in ["Bearer wrong", forged.as_str(), subscriber.as_str()] {
+            let refused = a.admit_publish(ip, Some(value.as_bytes())).expect_err("over the rate");
+            assert_eq!(refused.refusal, Refusal::IpRateLimited);
+            assert!(refused.retry_after_s.is_some_and(|s| (1..=60).contains(&s)));
+        }
+        assert_eq!(
+            a.admit_publish(None, None).err().map(|r| r.refusal),
+            Some(Refusal::Unauthorized),
+            "no address, no rate"
+        );
+        // The backend on the same address is not touched by the flood.
+        assert_eq!(
+            a.admit_publish(ip, Some(b"Bearer secret")),
+            Ok(PublishScope::Everything)
+        );
+        assert!(a.admit_publish(ip, Some(publisher.as_bytes())).is_ok());
+        let text = metrics.render();
+        for line in [
+            r#"courtside_errors_total{code="401",name="unauthorized"} 3"#,
+            r#"courtside_errors_total{code="429",name="ip_rate_limited"} 3"#,
+        ] {
+            assert!(text.contains(line), "{line} missing in {text}");
+        }
+    }
+
+    #[test]
+    fn tokens_that_cannot_be_a_jwt_are_refused_unverified() {
+        let a = admission(1, &[]);
+        let exp = crate::clock::unix_ms() / 1000 + 600;
+        let mut claims = serde_json::json!({"sub": "b", "exp": exp, "publish": ["game:*"]});
+        assert!(a
+            .credentials(Some(format!("Bearer {}", jwt(claims.clone())).as_bytes()))
+            .is_some());
+        claims["pad"] = serde_json::Value::String("x".repeat(MAX_TOKEN_BYTES));
+        let long = format!("Bearer {}", jwt(claims));
+        assert!(
+            a.credentials(Some(long.as_bytes())).is_none(),
+            "longer than MAX_TOKEN_BYTES"
+        );
+        assert!(a.credentials(Some(b"Bearer a.b")).is_none());
+        assert!(a.credentials(Some(b"Bearer a.b.c.d")).is_none());
     }
 
     #[test]

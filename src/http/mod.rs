@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 
-use crate::admission::PublishScope;
+use crate::admission::{PublishScope, Refusal};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tracing::{debug, warn};
@@ -78,9 +78,7 @@ pub fn router(node: Node, settings: HttpSettings) -> Router {
         settings: Arc::new(settings),
         history_reads: Arc::new(tokio::sync::Semaphore::new(HISTORY_READS_AT_ONCE)),
     };
-    let auth = || middleware::from_fn_with_state(node.clone(), require_token);
-    let rate = || middleware::from_fn_with_state(node.clone(), publish_rate);
-    let whole_body = || middleware::from_fn_with_state(max_body, read_whole_body);
+    let gate = || middleware::from_fn_with_state(state.clone(), publish_gate);
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -90,18 +88,12 @@ pub fn router(node: Node, settings: HttpSettings) -> Router {
         .route("/", get(demo_page))
         .route("/courtside.js", get(client_module))
         .route("/v1/rooms/{room}", get(room_info))
-        .route(
-            "/v1/rooms/{room}/state",
-            post(publish_state.layer(whole_body()).layer(auth()).layer(rate())),
-        )
+        .route("/v1/rooms/{room}/state", post(publish_state.layer(gate())))
         .route(
             "/v1/rooms/{room}/events",
-            post(publish_event.layer(whole_body()).layer(auth()).layer(rate())).get(room_events),
+            post(publish_event.layer(gate())).get(room_events),
         )
-        .route(
-            "/v1/publish",
-            post(publish_batch.layer(whole_body()).layer(auth()).layer(rate())),
-        )
+        .route("/v1/publish", post(publish_batch.layer(gate())))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn(error::json_errors))
@@ -188,96 +180,121 @@ fn client_ip(node: &Node, request: &Request) -> Option<std::net::IpAddr> {
     Some(node.admission.client_ip(peer.0.ip(), forwarded))
 }
 
-/// Counts a publish request against its client address's `--publish-rate-per-ip` before anything
-/// else is done for it (credentials included: a flood of bad tokens is a flood too).
-async fn publish_rate(State(node): State<Node>, request: Request, next: Next) -> Response {
-    if let Some(ip) = client_ip(&node, &request) {
-        if let Err(refused) = node.admission.admit_publish_request(ip) {
-            return error::ip_refusal(refused);
-        }
-    }
-    next.run(request).await
-}
-
-/// Publishing needs `Authorization: Bearer <token>` (admission decides); checked before the
-/// body is read.
-async fn require_token(State(node): State<Node>, mut request: Request, next: Next) -> Response {
-    match node.admission.authorize_publish(authorization(request.headers())) {
+/// Every publish route's gate, in order: the credentials, and for a request without publish
+/// credentials its client address's `--publish-rate-per-ip` (`Admission::admit_publish`: 401,
+/// 429; the backend's valid credentials are never counted); then the body, read whole up to
+/// `--max-body` (413). A refusal here is answered before the body is read (`answer_unread`).
+async fn publish_gate(State(state): State<HttpState>, mut request: Request, next: Next) -> Response {
+    let node = &state.node;
+    let ip = client_ip(node, &request);
+    match node.admission.admit_publish(ip, authorization(request.headers())) {
+        // The handler checks each room against the scope before it publishes anything.
         Ok(scope) => {
-            // The handler checks each room against it before it publishes anything.
             request.extensions_mut().insert(scope);
-            next.run(request).await
         }
-        Err(refusal) => {
-            let mut response = ApiError::from(refusal).into_response();
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            response
+        Err(refused) => {
+            let mut response = error::ip_refusal(refused);
+            if refused.refusal == Refusal::Unauthorized {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            let (parts, body) = request.into_parts();
+            return answer_unread(&parts.headers, body, response, false);
         }
     }
+    read_whole_body(state.settings.max_body, request, next).await
 }
 
-/// Bytes of an oversized body read and dropped before its 413, at most.
-const DRAIN_BYTES: usize = 64 << 20;
-/// Time given to an oversized body's sender to finish before its 413.
-const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+/// Bytes of a refused request's body read and dropped after its answer, at most.
+pub const LINGER_BYTES: usize = 16 << 20;
+/// Time a refused request's body is read and dropped after its answer, at most.
+pub const LINGER_TIME: Duration = Duration::from_secs(10);
 
-/// Reads a publish's whole body (at most `max_body`) before its handler. An oversized one is read
-/// to its end and dropped (up to `DRAIN_BYTES`, within `DRAIN_TIME`) before the 413 goes out
-/// with `Connection: close`: a connection closed with unread bytes is reset, and the client
-/// would see the reset instead of the answer.
-async fn read_whole_body(State(max_body): State<usize>, request: Request, next: Next) -> Response {
-    use futures_util::StreamExt;
-    let (parts, body) = request.into_parts();
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let mut too_large = declared.is_some_and(|n| n > max_body as u64);
-    let mut chunks = body.into_data_stream();
-    let mut kept = bytes::BytesMut::new();
-    let (mut seen, mut drain_until) = (0usize, too_large.then(|| tokio::time::Instant::now() + DRAIN_TIME));
-    loop {
-        let next_chunk = match drain_until {
-            Some(deadline) => match tokio::time::timeout_at(deadline, chunks.next()).await {
-                Ok(chunk) => chunk,
-                Err(_) => break,
-            },
-            None => chunks.next().await,
-        };
-        let chunk = match next_chunk {
-            None => break,
-            Some(Ok(chunk)) => chunk,
-            Some(Err(error)) if too_large => {
-                debug!(%error, "an oversized body ended early");
-                break;
-            }
-            Some(Err(error)) => return ApiError::new(ApiErrorCode::BadBody, error.to_string()).into_response(),
-        };
-        seen = seen.saturating_add(chunk.len());
-        if !too_large && seen > max_body {
-            too_large = true;
-            kept = bytes::BytesMut::new();
-            drain_until = Some(tokio::time::Instant::now() + DRAIN_TIME);
-        }
-        if !too_large {
-            kept.extend_from_slice(&chunk);
-        } else if seen > DRAIN_BYTES {
-            break;
-        }
-    }
-    if too_large {
-        let mut response = ApiError::new(
-            ApiErrorCode::BodyTooLarge,
-            format!("the body is larger than {max_body} bytes (--max-body)"),
-        )
-        .into_response();
+/// Answers `response` at once to a request whose body is unread (or not read to its end), and
+/// reads the rest of the body in the background, dropping it, until it ends or `LINGER_BYTES`
+/// or `LINGER_TIME` run out: a lingering close, as nginx's. Closed with unread bytes, the
+/// connection would be reset, and the client would see the reset instead of the answer. With
+/// `close` (a 413) the answer says `Connection: close`; otherwise a body that ends in time
+/// leaves the connection open for the next request. A client that sent `Expect: 100-continue`
+/// and was not told to continue sends no body: nothing is read, and the connection closes.
+fn answer_unread(headers: &HeaderMap, body: axum::body::Body, mut response: Response, close: bool) -> Response {
+    use axum::body::HttpBody;
+    if close {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return response;
+    }
+    let expects_continue = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if !expects_continue && !body.is_end_stream() {
+        tokio::spawn(linger(body.into_data_stream()));
+    }
+    response
+}
+
+/// Reads and drops what is left of a refused request's body (`answer_unread`); returning drops
+/// the body, and hyper then closes the connection unless the body ended.
+async fn linger(mut chunks: axum::body::BodyDataStream) {
+    use futures_util::StreamExt;
+    let deadline = tokio::time::Instant::now() + LINGER_TIME;
+    let mut discarded = 0usize;
+    let ended = loop {
+        match tokio::time::timeout_at(deadline, chunks.next()).await {
+            Ok(Some(Ok(chunk))) => discarded = discarded.saturating_add(chunk.len()),
+            Ok(None) => break true,
+            Ok(Some(Err(_))) | Err(_) => break false,
+        }
+        if discarded > LINGER_BYTES {
+            break false;
+        }
+    };
+    if !ended {
+        debug!(discarded, "closing a connection whose refused body did not end");
+    }
+}
+
+fn too_large(max_body: usize) -> Response {
+    ApiError::new(
+        ApiErrorCode::BodyTooLarge,
+        format!("the body is larger than {max_body} bytes (--max-body)"),
+    )
+    .into_response()
+}
+
+/// Reads a publish's whole body (at most `max_body`) before its handler. One that its
+/// `Content-Length` shows too large is answered 413 before any of it is read; one without
+/// (chunked) is answered 413 as soon as it passes `max_body`. Either way the rest is read and
+/// dropped after the answer, within bounds (`answer_unread`), and the connection closes.
+async fn read_whole_body(max_body: usize, request: Request, next: Next) -> Response {
+    use futures_util::StreamExt;
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let (parts, body) = request.into_parts();
+    if declared.is_some_and(|n| n > max_body as u64) {
+        return answer_unread(&parts.headers, body, too_large(max_body), true);
+    }
+    let mut chunks = body.into_data_stream();
+    let mut kept = bytes::BytesMut::new();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(error) => return ApiError::new(ApiErrorCode::BadBody, error.to_string()).into_response(),
+        };
+        if kept.len().saturating_add(chunk.len()) > max_body {
+            let mut response = too_large(max_body);
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            // Polled already: any `Expect: 100-continue` was answered, and the rest is coming.
+            tokio::spawn(linger(chunks));
+            return response;
+        }
+        kept.extend_from_slice(&chunk);
     }
     next.run(Request::from_parts(parts, axum::body::Body::from(kept.freeze())))
         .await
