@@ -14,6 +14,8 @@ mod exactly_once;
 mod http_api;
 /// Bad input and limits: each gets its documented error or close code.
 mod limits;
+/// The publish API's gate: credentials before the per-address rate, 413 before the body.
+mod publish_admission;
 /// Graceful shutdown on SIGTERM.
 mod shutdown;
 /// Subscriber tokens, private rooms and publish scopes.
