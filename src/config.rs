@@ -134,9 +134,10 @@ pub struct HttpConfig {
         default_value_t = 1000
     )]
     pub connection_rate_per_ip: u32,
-    /// Publish API requests (single and batch) one client address may make per minute, counted
-    /// before their credentials are checked (429 `ip_rate_limited` beyond, with `Retry-After`):
-    /// the original design's WAF rule for deployments without a WAF. 0: no limit.
+    /// Publish API requests (single and batch) without publish credentials one client address
+    /// may make per minute (429 `ip_rate_limited` beyond, with `Retry-After`): the original
+    /// design's WAF rule for deployments without a WAF. The credentials are checked first: a
+    /// request with the publish token or a publish JWT is never counted. 0: no limit.
     #[arg(
         long,
         env = "COURTSIDE_PUBLISH_RATE_PER_IP",
@@ -155,7 +156,8 @@ pub struct HttpConfig {
         default_value = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7"
     )]
     pub trusted_proxies: String,
-    /// Largest accepted HTTP request body, in bytes.
+    /// Largest accepted HTTP request body, in bytes; a larger Content-Length is answered 413
+    /// before the body is read.
     #[arg(long, env = "COURTSIDE_MAX_BODY", value_name = "BYTES", default_value_t = 1 << 20)]
     pub max_body: usize,
     /// Items accepted in one batch publish.
