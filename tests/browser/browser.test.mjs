@@ -125,10 +125,26 @@ test('a page from http://127.0.0.1 connects with WebTransport and receives a sta
   assert.ok(received.every((r) => r.transport === 'webtransport'));
 });
 
-async function metric(server, name) {
+/** The value of `series` (a name and its labels, as the server writes them) now; `undefined`
+ *  when /metrics has no such series (absent is not 0). */
+async function metric(server, series) {
   const text = await (await fetch(`http://${server.http}/metrics`)).text();
-  const line = text.split('\n').find((l) => l.startsWith(`${name} `));
-  return line ? Number(line.split(' ')[1]) : 0;
+  const line = text.split('\n').find((l) => l.startsWith(`${series} `));
+  if (line === undefined) return undefined;
+  const value = Number(line.slice(series.length + 1).split(' ')[0]);
+  assert.ok(Number.isFinite(value), `${series}: not a number in ${JSON.stringify(line)}`);
+  return value;
+}
+
+/** Polls `check` until it returns something other than undefined, failing with `what` after HANG. */
+async function eventually(what, check) {
+  const deadline = Date.now() + HANG;
+  for (;;) {
+    const value = await check();
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) throw new Error(`never happened within ${HANG} ms: ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
 }
 
 test('state datagrams name their room by alias, and Chromium acknowledges them in batches', async () => {
@@ -142,12 +158,10 @@ test('state datagrams name their room by alias, and Chromium acknowledges them i
   // The first state after subscribing goes on the stream; the rest as datagrams by alias.
   for (let n = 1; n <= 6; n++) await publish(server, 'test:alias', 'state', { n });
   await page.waitForFunction(() => window.received.some((r) => r.version === 6), null, { timeout: HANG });
-  const deadline = Date.now() + HANG;
-  let acks = 0;
-  while (Date.now() < deadline && (acks = await metric(server, 'courtside_repair_acks_total')) < 1) {
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  assert.ok(acks >= 1, 'the server received acknowledgements of state datagrams');
+  await eventually('the server received acknowledgements of state datagrams', async () => {
+    const acks = await metric(server, 'courtside_repair_acks_total');
+    return acks >= 1 ? acks : undefined;
+  });
   const received = await page.evaluate(() => window.received.filter((r) => r.kind === 'state').map((r) => r.data.n));
   assert.deepEqual(received, [...received].sort((a, b) => a - b), 'versions only go up');
   assert.equal(received.at(-1), 6);
@@ -269,11 +283,10 @@ async function publishAccepted(server, room, data) {
 }
 
 async function healthyOnRedis(server) {
-  for (;;) {
+  await eventually(`${server.http} is on Redis with an empty outbox`, async () => {
     const health = await (await fetch(`http://${server.http}/health`)).json();
-    if (health.registry?.status === 'ok' && health.registry?.outbox === 0) return;
-    await new Promise((r) => setTimeout(r, 20));
-  }
+    return health.registry?.status === 'ok' && health.registry?.outbox === 0 ? true : undefined;
+  });
 }
 
 test('across a node kill and a Redis restart, the page gets every event once', async () => {
