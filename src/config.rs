@@ -295,6 +295,10 @@ pub struct ClusterConfig {
     /// Bytes of publishes kept while Redis is unreachable; more are refused with 503.
     #[arg(long, env = "COURTSIDE_OUTBOX_BYTES", value_name = "BYTES", default_value_t = 64 << 20)]
     pub outbox_bytes: usize,
+    /// How long a node keeps what Redis just numbered for it, to send it again (with its event id)
+    /// if Redis is lost: an event in flight through pub/sub when Redis dies empty is not lost.
+    #[arg(long, env = "COURTSIDE_RESEND_WINDOW", value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub resend_window: Duration,
 }
 
 /// Per-connection limits, shared by every transport.

@@ -241,20 +241,6 @@ impl Room {
         self.outage_of.is_some()
     }
 
-    /// Ids of the events this node numbered itself during an outage and still holds: its
-    /// subscribers received them, so a re-read from the registry must not deliver them again.
-    pub fn local_event_ids(&self) -> std::collections::HashSet<EventId> {
-        if self.outage_of.is_none() {
-            return std::collections::HashSet::new();
-        }
-        self.history
-            .iter()
-            .rev()
-            .take_while(|p| p.number() > self.confirmed_seq)
-            .filter_map(|p| p.id)
-            .collect()
-    }
-
     /// The registry's epoch: the room's own, or the one it had before an outage.
     pub fn registry_epoch(&self) -> &str {
         self.outage_of.as_deref().unwrap_or(&self.epoch)

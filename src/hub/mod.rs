@@ -378,12 +378,13 @@ impl Hub {
             }
             let same_numbering = entry.room.registry_epoch() == epoch;
             if same_numbering {
-                let delivered = entry.room.local_event_ids();
                 let (_, confirmed_seq) = entry.room.confirmed();
                 for remote in read {
+                    // Told apart by id: the room holds what it numbered itself during the outage
+                    // and what it had before (sent again under a new number if Redis lost it).
                     let missed = remote.kind == Kind::Event
                         && remote.number > confirmed_seq
-                        && !remote.id.is_some_and(|id| delivered.contains(&id));
+                        && !remote.id.is_some_and(|id| entry.room.holds_event(id));
                     if missed {
                         self.publish_in(entry, Kind::Event, remote.id, &remote.data, now);
                     }

@@ -16,6 +16,8 @@ mod http_api;
 mod limits;
 /// The publish API's gate: credentials before the per-address rate, 413 before the body.
 mod publish_admission;
+/// Nothing accepted is stranded: publishes during a resync, events in flight when Redis dies empty.
+mod stranded;
 /// Graceful shutdown on SIGTERM.
 mod shutdown;
 /// Subscriber tokens, private rooms and publish scopes.

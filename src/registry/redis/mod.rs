@@ -209,10 +209,10 @@ impl RedisRegistry {
                 data,
                 ts_ms: now.unix_ms,
                 provisional: None,
-                restore: false,
+                restore: None,
             };
             match self.run_publish(publish, floor).await {
-                Ok(number) => {
+                Ok((epoch, number)) => {
                     // Kept a few seconds, in case Redis dies before any holder received it.
                     self.remember(OutboxItem {
                         room: room.clone(),
@@ -222,7 +222,7 @@ impl RedisRegistry {
                         provisional: None,
                         id,
                         serial,
-                        restore: true,
+                        numbered: Some((epoch, number)),
                     });
                     return Ok(Published::Numbered {
                         number,

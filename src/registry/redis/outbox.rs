@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tracing::info;
 
@@ -15,11 +15,9 @@ use super::{lock, RedisRegistry};
 use crate::core::{EventId, JsonData, Kind, Now, RoomName};
 use crate::registry::{Published, RegistryError};
 
-/// How long a node keeps what Redis numbered for it, to send it again if Redis loses it: an
-/// event in flight through pub/sub when Redis dies reaches its holders in milliseconds, so a few
-/// seconds cover it with room to spare.
-pub(super) const RECENT_WINDOW: Duration = Duration::from_secs(5);
-/// At most this many recent publishes are kept (the oldest go first)...
+/// At most this many recent publishes are kept (the oldest go first) for `--resend-window` (5 s by
+/// default: an event in flight through pub/sub when Redis dies reaches its holders in
+/// milliseconds, so a few seconds cover it with room to spare)...
 const RECENT_MAX: usize = 4096;
 /// ...and at most this many bytes of their data.
 const RECENT_BYTES: usize = 4 << 20;
@@ -35,8 +33,8 @@ pub(super) struct OutboxItem {
     pub id: Option<EventId>,
     /// The order the node accepted its publishes in: the outbox is kept sorted by it.
     pub serial: u64,
-    /// Numbered by Redis before (a recent publish sent again after Redis was lost).
-    pub restore: bool,
+    /// The epoch and number Redis gave it, for a recent publish sent again after Redis was lost.
+    pub numbered: Option<(String, u64)>,
 }
 
 impl OutboxItem {
@@ -48,7 +46,7 @@ impl OutboxItem {
             data: &self.data,
             ts_ms: self.ts_ms,
             provisional: self.provisional,
-            restore: self.restore,
+            restore: self.numbered.as_ref().map(|(epoch, number)| (epoch.as_str(), *number)),
         }
     }
 }
@@ -60,7 +58,7 @@ pub(super) struct Outbox {
     items: VecDeque<OutboxItem>,
     /// Bytes of data the items hold (`--outbox-bytes`); restored items are not counted against it.
     bytes: usize,
-    /// Numbered by Redis within `RECENT_WINDOW`, with when.
+    /// Numbered by Redis within `--resend-window`, with when.
     recent: VecDeque<(Instant, OutboxItem)>,
     recent_bytes: usize,
 }
@@ -73,7 +71,7 @@ impl Outbox {
     /// Inserts the item at its place in acceptance order.
     fn insert(&mut self, item: OutboxItem) {
         let at = self.items.partition_point(|queued| queued.serial < item.serial);
-        if !item.restore {
+        if item.numbered.is_none() {
             self.bytes += item.data.as_str().len();
         }
         self.items.insert(at, item);
@@ -125,7 +123,7 @@ impl RedisRegistry {
             provisional,
             id,
             serial,
-            restore: false,
+            numbered: None,
         });
         self.metrics.outbox.set(outbox.items.len() as i64);
         Some(Ok(Published::Queued {
@@ -138,7 +136,6 @@ impl RedisRegistry {
     /// Keeps a publish Redis just numbered, to send it again if Redis turns out to have lost it
     /// (`restore_recent`). If its room went down meanwhile, it goes to the outbox at once.
     pub(super) fn remember(&self, item: OutboxItem) {
-        let item = OutboxItem { restore: true, ..item };
         let now = Instant::now();
         let mut outbox = lock(&self.outbox);
         if !self.is_room_up(&item.room) {
@@ -151,7 +148,7 @@ impl RedisRegistry {
         while let Some((at, oldest)) = outbox.recent.front() {
             let over = outbox.recent.len() > RECENT_MAX
                 || outbox.recent_bytes > RECENT_BYTES
-                || now.duration_since(*at) > RECENT_WINDOW;
+                || now.duration_since(*at) > self.settings.resend_window;
             if !over {
                 break;
             }
@@ -160,12 +157,12 @@ impl RedisRegistry {
         }
     }
 
-    /// Redis (or a room's shard) was lost: the publishes it numbered within `RECENT_WINDOW` go to
+    /// Redis (or a room's shard) was lost: the publishes it numbered within `--resend-window` go to
     /// the outbox to be sent again, in order, by the resync. Redis answers an event id it still
     /// holds with its number and publishes nothing, and a state only goes over an older one, so
     /// nothing reaches a client twice; a holder that already has an event skips it by its id.
     pub(super) fn restore_recent(&self, scope: &Scope) {
-        let since = Instant::now().checked_sub(RECENT_WINDOW);
+        let since = Instant::now().checked_sub(self.settings.resend_window);
         let mut outbox = lock(&self.outbox);
         let recent = std::mem::take(&mut outbox.recent);
         let mut restored = 0;
@@ -177,7 +174,7 @@ impl RedisRegistry {
             outbox.recent_bytes -= item.data.as_str().len();
             if since.is_none_or(|since| at >= since) {
                 restored += 1;
-                outbox.insert(OutboxItem { restore: true, ..item });
+                outbox.insert(item);
             }
         }
         self.metrics.outbox.set(outbox.items.len() as i64);
@@ -217,7 +214,7 @@ impl RedisRegistry {
         let mut outbox = lock(&self.outbox);
         if let Some(at) = outbox.items.iter().position(|queued| queued.serial == item.serial) {
             if let Some(removed) = outbox.items.remove(at) {
-                if !removed.restore {
+                if removed.numbered.is_none() {
                     outbox.bytes -= removed.data.as_str().len();
                 }
             }

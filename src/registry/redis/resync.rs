@@ -164,7 +164,7 @@ impl RedisRegistry {
                     Scope::All => self.wait_for_holders(&item.room),
                     Scope::Room(_) => return Ok(CaughtUp::WaitingForHolders),
                 },
-                Numbered::Number(_) | Numbered::Superseded => self.remove_from_outbox(&item),
+                Numbered::Number(..) | Numbered::Superseded => self.remove_from_outbox(&item),
             }
         }
         Ok(CaughtUp::Done)

@@ -15,23 +15,44 @@ const PUBLISH_LUA: &str = r#"
 -- publish command (PUBLISH, or SPUBLISH on a cluster), event id (16 hex digits; '' for a state),
 -- '1' to publish nothing (answer {'', 0}) when Redis holds no such room: an outbox publish of a
 -- room this node does not hold waits for the nodes that hold it to put its numbers back,
--- '1' for a state sent again after an outage: published only if Redis holds an older state
--- (else answer {epoch, 0}).
+-- '1' when a publish Redis numbered before is sent again after Redis was lost (a restore),
+-- the epoch and number Redis gave it then ('' and 0 when not a restore).
+local function send(epoch, n)
+  local x = n
+  local number = ''
+  for i = 1, 8 do
+    number = string.char(x % 256) .. number
+    x = math.floor(x / 256)
+  end
+  redis.call(ARGV[13], ARGV[10], string.char(1) .. number .. string.char(#epoch) .. epoch .. ARGV[9])
+end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch and ARGV[15] == '1' then return {'', 0} end
 if not epoch then
   epoch = ARGV[4]
   redis.call('HSET', KEYS[1], 'epoch', epoch)
 end
--- An event id numbered before (an outbox retry whose first answer was lost, or an event sent
--- again after an outage while Redis kept it): its number again, nothing published twice.
+-- An event id numbered before (an outbox retry whose first answer was lost, or a restore while
+-- Redis kept its data): its number again, nothing published twice.
 if ARGV[14] ~= '' then
   local seen = redis.call('ZSCORE', KEYS[3], ARGV[14])
   if seen then return {epoch, tonumber(seen)} end
 end
 if ARGV[16] == '1' and ARGV[1] == 'state' then
+  -- A restored state goes only over an older one (else answer {epoch, 0}).
   local stored = redis.call('HGET', KEYS[1], 'state_ts')
   if stored and tonumber(stored) >= tonumber(ARGV[3]) then return {epoch, 0} end
+end
+if ARGV[16] == '1' and ARGV[1] == 'event' and ARGV[17] == epoch then
+  -- A restored event whose number the room's holders put back (they had it, or one after it):
+  -- sent again under its own number, for a holder that missed it; stored nowhere else.
+  local original = tonumber(ARGV[18])
+  if tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') >= original then
+    redis.call('ZADD', KEYS[3], original, ARGV[14])
+    redis.call('PEXPIRE', KEYS[3], ARGV[7])
+    send(epoch, original)
+    return {epoch, original}
+  end
 end
 local field = 'seq'
 if ARGV[1] == 'state' then field = 'version' end
@@ -57,13 +78,7 @@ else
   end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[8])
-local x = n
-local number = ''
-for i = 1, 8 do
-  number = string.char(x % 256) .. number
-  x = math.floor(x / 256)
-end
-redis.call(ARGV[13], ARGV[10], string.char(1) .. number .. string.char(#epoch) .. epoch .. ARGV[9])
+send(epoch, n)
 return {epoch, n}
 "#;
 
@@ -114,15 +129,16 @@ pub(super) struct ToNumber<'a> {
     pub ts_ms: u64,
     /// The number it was delivered under locally during an outage.
     pub provisional: Option<u64>,
-    /// Sent again after an outage (it was numbered before): a state goes only over an older one.
-    pub restore: bool,
+    /// Sent again after Redis was lost, with the epoch and number Redis gave it then: a state
+    /// goes only over an older one, an event under its own number if its holders put it back.
+    pub restore: Option<(&'a str, u64)>,
 }
 
 /// What the publish script did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Numbered {
-    /// Numbered and sent (or numbered before, for an event id Redis knows).
-    Number(u64),
+    /// Numbered and sent (or numbered before, for an event id Redis knows), under that epoch.
+    Number(String, u64),
     /// Published nothing: Redis holds no such room and the publish waits for its holders.
     NoSuchRoom,
     /// Published nothing: a restored state older than the one Redis holds.
@@ -130,12 +146,13 @@ pub(super) enum Numbered {
 }
 
 impl RedisRegistry {
-    /// Runs the publish script: numbers a fresh publish (above `floor`), stores and sends it.
-    pub(super) async fn run_publish(&self, publish: ToNumber<'_>, floor: u64) -> redis::RedisResult<u64> {
+    /// Runs the publish script: numbers a fresh publish (above `floor`), stores and sends it;
+    /// returns the room's epoch in Redis and the number.
+    pub(super) async fn run_publish(&self, publish: ToNumber<'_>, floor: u64) -> redis::RedisResult<(String, u64)> {
         match self.run_publish_script(publish, floor, false).await? {
-            Numbered::Number(n) => Ok(n),
+            Numbered::Number(epoch, n) => Ok((epoch, n)),
             // Neither can happen without `wait_for_holders` or `restore`.
-            Numbered::NoSuchRoom | Numbered::Superseded => Ok(0),
+            Numbered::NoSuchRoom | Numbered::Superseded => Ok((String::new(), 0)),
         }
     }
 
@@ -185,13 +202,15 @@ impl RedisRegistry {
             .arg(if self.settings.cluster { "SPUBLISH" } else { "PUBLISH" })
             .arg(id.map(|id| id.to_string()).unwrap_or_default())
             .arg(if wait_for_holders { "1" } else { "" })
-            .arg(if restore { "1" } else { "" })
+            .arg(if restore.is_some() { "1" } else { "" })
+            .arg(restore.map_or("", |(epoch, _)| epoch))
+            .arg(restore.map_or(0, |(_, number)| number))
             .invoke_async(&mut conn)
             .await?;
         Ok(match (epoch.is_empty(), number) {
             (true, _) => Numbered::NoSuchRoom,
             (false, 0) => Numbered::Superseded,
-            (false, n) => Numbered::Number(n),
+            (false, n) => Numbered::Number(epoch, n),
         })
     }
 
@@ -277,7 +296,7 @@ mod tests {
         data: &str,
         ts: u64,
         id: &str,
-        restore: bool,
+        restore: Option<(&str, u64)>,
     ) -> (String, u64) {
         Script::new(PUBLISH_LUA)
             .key(meta_key(room))
@@ -298,7 +317,9 @@ mod tests {
             .arg("PUBLISH")
             .arg(id)
             .arg("")
-            .arg(if restore { "1" } else { "" })
+            .arg(if restore.is_some() { "1" } else { "" })
+            .arg(restore.map_or("", |r| r.0))
+            .arg(restore.map_or(0, |r| r.1))
             .invoke_async(conn)
             .await
             .expect("script")
@@ -310,13 +331,13 @@ mod tests {
         let redis = TestRedis::start();
         let mut conn = redis.connect().await;
         let room = RoomName::parse("game:once").expect("room");
-        let first = publish(&mut conn, &room, "event", "1", 1, "00000000000000a1", false)
+        let first = publish(&mut conn, &room, "event", "1", 1, "00000000000000a1", None)
             .await
             .1;
-        let again = publish(&mut conn, &room, "event", "1", 1, "00000000000000a1", true)
+        let again = publish(&mut conn, &room, "event", "1", 1, "00000000000000a1", Some(("ep", 1)))
             .await
             .1;
-        let other = publish(&mut conn, &room, "event", "1", 1, "00000000000000b2", false)
+        let other = publish(&mut conn, &room, "event", "1", 1, "00000000000000b2", None)
             .await
             .1;
         let stored: u64 = redis::cmd("XLEN")
@@ -335,21 +356,27 @@ mod tests {
         let mut conn = redis.connect().await;
         let room = RoomName::parse("game:restore").expect("room");
         assert_eq!(
-            publish(&mut conn, &room, "state", "{\"s\":1}", 100, "", false).await.1,
+            publish(&mut conn, &room, "state", "{\"s\":1}", 100, "", None).await.1,
             1
         );
         assert_eq!(
-            publish(&mut conn, &room, "state", "{\"s\":1}", 100, "", true).await.1,
+            publish(&mut conn, &room, "state", "{\"s\":1}", 100, "", Some(("ep", 1)))
+                .await
+                .1,
             0,
             "the same state"
         );
         assert_eq!(
-            publish(&mut conn, &room, "state", "{\"s\":0}", 50, "", true).await.1,
+            publish(&mut conn, &room, "state", "{\"s\":0}", 50, "", Some(("ep", 1)))
+                .await
+                .1,
             0,
             "an older state"
         );
         assert_eq!(
-            publish(&mut conn, &room, "state", "{\"s\":2}", 200, "", true).await.1,
+            publish(&mut conn, &room, "state", "{\"s\":2}", 200, "", Some(("ep", 1)))
+                .await
+                .1,
             2,
             "a newer state"
         );
@@ -360,6 +387,40 @@ mod tests {
             .await
             .expect("hget");
         assert_eq!(state, "{\"s\":2}");
+    }
+
+    /// An event Redis lost with its data (its id unknown), sent again by its publisher: under its
+    /// own number, stored nowhere, when the holders put the room back at or past it; numbered
+    /// after them when they did not get that far; numbered anew under another epoch.
+    #[tokio::test]
+    async fn a_restored_event_keeps_its_number_when_the_holders_put_it_back() {
+        let redis = TestRedis::start();
+        let mut conn = redis.connect().await;
+        let room = RoomName::parse("game:restore").expect("room");
+        // The holders reseeded the emptied Redis: epoch "ep", seq 5.
+        let _: () = redis::cmd("HSET")
+            .arg(meta_key(&room))
+            .arg("epoch")
+            .arg("ep")
+            .arg("seq")
+            .arg(5)
+            .query_async(&mut conn)
+            .await
+            .expect("hset");
+        let put_back = publish(&mut conn, &room, "event", "4", 1, "00000000000000c4", Some(("ep", 4))).await;
+        assert_eq!(put_back, ("ep".to_string(), 4));
+        let again = publish(&mut conn, &room, "event", "4", 1, "00000000000000c4", Some(("ep", 4))).await;
+        assert_eq!(again.1, 4, "and only once");
+        let beyond = publish(&mut conn, &room, "event", "9", 1, "00000000000000c9", Some(("ep", 9))).await;
+        assert_eq!(beyond.1, 6, "the holders never got that far: the next number");
+        let other_epoch = publish(&mut conn, &room, "event", "3", 1, "00000000000000d3", Some(("old", 3))).await;
+        assert_eq!(other_epoch.1, 7);
+        let stored: u64 = redis::cmd("XLEN")
+            .arg(history_key(&room))
+            .query_async(&mut conn)
+            .await
+            .expect("xlen");
+        assert_eq!(stored, 2, "the event sent under its own number is not stored again");
     }
 
     /// Two holders reseed an emptied Redis: the newest version wins with its own state.

@@ -13,6 +13,8 @@ pub struct RedisSettings {
     pub heartbeat: Duration,
     pub outbox_messages: usize,
     pub outbox_bytes: usize,
+    /// How long publishes Redis numbered are kept to be sent again if Redis is lost (`outbox`).
+    pub resend_window: Duration,
     pub history_len: usize,
     pub history_ttl: Duration,
     pub state_ttl: Duration,
@@ -37,6 +39,7 @@ impl RedisSettings {
             heartbeat: config.cluster.node_heartbeat,
             outbox_messages: config.cluster.outbox_messages,
             outbox_bytes: config.cluster.outbox_bytes,
+            resend_window: config.cluster.resend_window,
             history_len: config.rooms.history_size,
             history_ttl: config.rooms.history_ttl,
             state_ttl: config.rooms.state_ttl,

@@ -1,0 +1,308 @@
+//! Nothing accepted is stranded (issue 21): a publish answered 202 while a node resyncs with an
+//! emptied Redis reaches Redis and every client; an event answered 200 but still in flight
+//! through pub/sub when Redis dies empty reaches its holders; a node that holds a room answers
+//! for it and comes back to `ok` without tripping on its pub/sub connection.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use crate::util::{eventually, Client, RedisServer, TcpGate, TestServer, TOKEN};
+
+fn node_on(url: &str, id: &str, extra: &[&str]) -> TestServer {
+    let mut args = vec!["--no-wt", "--redis", url, "--node-id", id, "--node-heartbeat", "200ms"];
+    args.extend_from_slice(extra);
+    TestServer::start(&args)
+}
+
+/// Publishes an event; its status and the id the answer gives it (200 or 202 both carry one).
+async fn publish_event(node: &TestServer, room: &str, n: u64) -> (u16, Option<String>) {
+    let (status, body) = node
+        .request(
+            "POST",
+            &format!("/v1/rooms/{room}/events"),
+            Some(TOKEN),
+            json!({"n": n}).to_string(),
+        )
+        .await;
+    (status, body["id"].as_str().map(str::to_string))
+}
+
+/// The registry's part of `/health`: (status, outbox).
+async fn registry_health(node: &TestServer) -> (String, u64) {
+    let (_, body) = node.get("/health").await;
+    (
+        body["registry"]["status"].as_str().unwrap_or_default().to_string(),
+        body["registry"]["outbox"].as_u64().unwrap_or(u64::MAX),
+    )
+}
+
+async fn await_registry(node: &TestServer, status: &str) {
+    eventually(&format!("registry {status}"), || async {
+        (registry_health(node).await.0 == status).then_some(())
+    })
+    .await;
+}
+
+/// A client that follows docs/PROTOCOL.md for one room: it takes an event whose `seq` is above the
+/// one it holds, follows notices, and counts how often each event id reached it.
+struct Counting {
+    ws: Client,
+    seq: u64,
+    ids: HashMap<String, usize>,
+    /// Every event and notice taken, for the failure message.
+    taken: Vec<String>,
+    state: Option<Value>,
+    version: u64,
+}
+
+impl Counting {
+    async fn join(node: &TestServer, room: &str) -> Self {
+        let mut ws = node.connect().await;
+        let reply = ws.subscribe(room).await;
+        Self {
+            ws,
+            seq: reply["seq"].as_u64().expect("seq"),
+            ids: HashMap::new(),
+            taken: Vec::new(),
+            state: None,
+            version: 0,
+        }
+    }
+
+    fn take(&mut self, frame: Value) {
+        match frame["type"].as_str() {
+            Some("event") => {
+                let seq = frame["seq"].as_u64().expect("seq");
+                if seq > self.seq {
+                    self.seq = seq;
+                    *self
+                        .ids
+                        .entry(frame["id"].as_str().expect("id").to_string())
+                        .or_default() += 1;
+                    self.taken
+                        .push(format!("{}@{seq}", frame["id"].as_str().unwrap_or_default()));
+                }
+            }
+            Some("state") => {
+                let version = frame["version"].as_u64().expect("version");
+                if version > self.version {
+                    self.version = version;
+                    self.state = Some(frame["data"].clone());
+                }
+            }
+            Some("subscribed") => {
+                self.taken.push(frame.to_string());
+                // A notice: the numbers the room goes on from (version 0 with recovered:false).
+                self.seq = frame["seq"].as_u64().expect("seq");
+                self.version = if frame["recovered"] == false {
+                    0
+                } else {
+                    frame["version"].as_u64().expect("version")
+                };
+            }
+            _ => {}
+        }
+    }
+
+    /// Reads until every id of `expected` arrived (the test fails after the usual bound).
+    async fn await_ids<'a>(&mut self, what: &str, expected: impl IntoIterator<Item = &'a String> + Clone) {
+        let deadline = tokio::time::Instant::now() + crate::util::HANG;
+        loop {
+            let missing: Vec<&String> = expected
+                .clone()
+                .into_iter()
+                .filter(|id| !self.ids.contains_key(*id))
+                .collect();
+            if missing.is_empty() {
+                return;
+            }
+            match tokio::time::timeout_at(deadline, self.ws.recv()).await {
+                Ok(frame) => self.take(frame),
+                Err(_) => panic!(
+                    "{what}: {} events never arrived (seq {}), first {:?}",
+                    missing.len(),
+                    self.seq,
+                    &missing[..missing.len().min(5)]
+                ),
+            }
+        }
+    }
+
+    /// Reads until the state is `want`.
+    async fn await_state(&mut self, want: &Value) {
+        while self.state.as_ref() != Some(want) {
+            let frame = self.ws.recv().await;
+            self.take(frame);
+        }
+    }
+}
+
+/// Fault 1: a publish that reaches a node while it resyncs with a Redis that came back empty is
+/// answered 202 and must reach Redis, in order, and every client; `/health` never says `ok`
+/// while the outbox holds anything. The node first queues many publishes, so that its flush
+/// takes a while, and publishes keep arriving during it.
+#[tokio::test]
+async fn publishes_accepted_during_a_resync_reach_redis_and_every_client() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    // Redis keeps every event of the test in the room's history, for the check at the end.
+    let keep = ["--history-size", "5000"];
+    let publisher = node_on(&url, "p", &keep);
+    let holder = node_on(&url, "h", &keep);
+    let idle = node_on(&url, "i", &keep);
+    let room = "bracket:3";
+    let mut on_publisher = Counting::join(&publisher, room).await;
+    let mut on_holder = Counting::join(&holder, room).await;
+    let (status, first) = publish_event(&publisher, room, 0).await;
+    assert_eq!(status, 200);
+    let mut accepted: Vec<String> = first.into_iter().collect();
+
+    redis.kill();
+    await_registry(&publisher, "degraded").await;
+    await_registry(&idle, "degraded").await;
+    for n in 1..=1500 {
+        let (status, id) = publish_event(&publisher, room, n).await;
+        assert_eq!(status, 202, "queued while Redis is away");
+        accepted.push(id.expect("a queued event has its id"));
+    }
+    redis.restart_empty();
+
+    // Publishes go on through the resync until the node says ok; each health sample is checked.
+    let mut n = 1500;
+    loop {
+        n += 1;
+        let (status, id) = publish_event(&publisher, room, n).await;
+        assert!(status == 200 || status == 202, "publish {n} answered {status}");
+        accepted.push(id.expect("id"));
+        let (health, outbox) = registry_health(&publisher).await;
+        assert!(
+            health != "ok" || outbox == 0,
+            "/health says ok with {outbox} publishes in the outbox"
+        );
+        if health == "ok" {
+            break;
+        }
+        assert!(n < 200_000, "the node never came back to ok");
+    }
+    for n in n + 1..=n + 5 {
+        let (status, id) = publish_event(&publisher, room, n).await;
+        assert_eq!(status, 200, "after the resync, publishes are numbered by Redis");
+        accepted.push(id.expect("id"));
+    }
+    eventually("the outbox empties", || async {
+        (registry_health(&publisher).await == ("ok".to_string(), 0)).then_some(())
+    })
+    .await;
+
+    // Every accepted event reached both clients, each once, and Redis numbered every one.
+    on_holder.await_ids("the holder's client", &accepted).await;
+    on_publisher.await_ids("the publisher's client", &accepted).await;
+    for (name, client) in [("holder", &on_holder), ("publisher", &on_publisher)] {
+        let twice: Vec<_> = client.ids.iter().filter(|(_, count)| **count > 1).collect();
+        if let Some((id, _)) = twice.first() {
+            let around: Vec<_> = client
+                .taken
+                .iter()
+                .filter(|t| t.starts_with(id.as_str()) || t.starts_with('{'))
+                .collect();
+            panic!("events delivered twice to the {name}'s client: {twice:?}; that id and the notices: {around:?}");
+        }
+    }
+    // Redis holds every event accepted after it died (the one before it was lost with its data
+    // and put back by the holders' numbers): read from the node without subscribers.
+    let mut in_redis = std::collections::HashSet::new();
+    let mut since = 1;
+    loop {
+        let (status, page) = idle.get(&format!("/v1/rooms/{room}/events?since={since}")).await;
+        assert_eq!(status, 200, "{page}");
+        for event in page["events"].as_array().expect("events") {
+            in_redis.insert(event["id"].as_str().expect("id").to_string());
+        }
+        if page["more"] != true {
+            break;
+        }
+        since = page["last_seq"].as_u64().expect("last_seq");
+    }
+    let missing: Vec<_> = accepted[1..].iter().filter(|id| !in_redis.contains(*id)).collect();
+    assert!(missing.is_empty(), "accepted but never numbered by Redis: {missing:?}");
+
+    // A node that followed no room during the outage subscribes and publishes as usual: its
+    // pub/sub connection does not trip on the error of its last failed reconnect.
+    await_registry(&idle, "ok").await;
+    let mut fresh = idle.connect().await;
+    fresh.subscribe("game:fresh").await;
+    let (status, _) = publish_event(&idle, "game:fresh", 1).await;
+    assert_eq!(status, 200, "published through Redis, not queued");
+    assert_eq!(registry_health(&idle).await, ("ok".to_string(), 0));
+}
+
+/// Fault 2: an event (and a state) answered 200 by a node that does not hold the room, which its
+/// holder never received (its path to Redis was cut), survives Redis dying and restarting empty:
+/// the publishing node sends it again with its id and the holder's client gets it once. The
+/// holder answers for its room throughout (never 404).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_in_flight_when_redis_dies_empty_reaches_its_holders() {
+    let mut redis = RedisServer::start();
+    let gate = TcpGate::start(redis.port).await;
+    let holder = node_on(&format!("redis://127.0.0.1:{}", gate.port), "h", &[]);
+    // A wide window, so that the test never depends on how fast the kill follows the publish.
+    let publisher = node_on(&redis.url(), "p", &["--resend-window", "10m"]);
+    let room = "game:flight";
+    let mut fan = Counting::join(&holder, room).await;
+    let (status, e1) = publish_event(&publisher, room, 1).await;
+    assert_eq!(status, 200);
+    let e1 = e1.expect("id");
+    fan.await_ids("the fan", [&e1]).await;
+
+    gate.close();
+    await_registry(&holder, "degraded").await;
+    let (status, e2) = publish_event(&publisher, room, 2).await;
+    assert_eq!(status, 200, "numbered by Redis; the holder has not received it");
+    let e2 = e2.expect("id");
+    let state = json!({"home": 7, "away": 3});
+    publisher.publish_state(room, &state.to_string()).await;
+
+    // The holder's room must be answered for, whatever Redis holds, from now on.
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (sampling, http) = (sampling.clone(), holder.http);
+        tokio::spawn(async move {
+            let mut answers = Vec::new();
+            while sampling.load(Ordering::Acquire) {
+                let (status, _, _) =
+                    crate::util::request(http, "GET", "/v1/rooms/game:flight", None, &[], Default::default()).await;
+                answers.push(status);
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            answers
+        })
+    };
+
+    redis.restart_empty();
+    gate.open();
+    fan.await_ids("the fan", [&e1, &e2]).await;
+    fan.await_state(&state).await;
+    let (status, e3) = publish_event(&publisher, room, 3).await;
+    assert_eq!(status, 200);
+    let e3 = e3.expect("id");
+    fan.await_ids("the fan", [&e1, &e2, &e3]).await;
+    assert!(
+        fan.ids.values().all(|count| *count == 1),
+        "an event reached the fan twice: {:?}",
+        fan.ids
+    );
+    sampling.store(false, Ordering::Release);
+    let answers = sampler.await.expect("sampler");
+    assert!(
+        !answers.is_empty() && answers.iter().all(|s| *s == 200),
+        "GET of a held room answered {answers:?}"
+    );
+    eventually("both nodes ok with empty outboxes", || async {
+        let both = (registry_health(&holder).await, registry_health(&publisher).await);
+        (both == (("ok".into(), 0), ("ok".into(), 0))).then_some(())
+    })
+    .await;
+}
