@@ -565,8 +565,9 @@ export class CourtsideClient {
           if (entry.epoch !== m.epoch) entry.version = 0; // the state that follows is newer
           entry.seq = m.seq;
         } else {
-          // A notice: a new epoch and the numbers the room goes on from.
-          entry.version = m.version;
+          // A notice: a new epoch and the numbers the room goes on from; after one with
+          // `recovered: false` the newest state follows, whatever its version.
+          entry.version = m.recovered === false ? 0 : m.version;
           entry.seq = m.seq;
         }
         entry.epoch = m.epoch;

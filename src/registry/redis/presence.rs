@@ -13,6 +13,9 @@ use super::{lock, run_per_room, RedisRegistry};
 use crate::core::RoomName;
 use crate::registry::NodeRecord;
 
+/// How often Redis is probed while it is away.
+const DOWN_PROBE: std::time::Duration = std::time::Duration::from_millis(500);
+
 impl RedisRegistry {
     /// Every heartbeat: refresh this node's record and its rooms' presence counts; while down,
     /// probe Redis and resync when it answers; resync each room in outage on its own.
@@ -21,9 +24,15 @@ impl RedisRegistry {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut beat_failing = false;
         loop {
+            if !self.is_up() {
+                // While Redis is away it is probed more often than the heartbeat, so that the node
+                // is back (and its recent publishes sent again) soon after Redis answers.
+                tokio::spawn(self.clone().resync(Scope::All));
+                tokio::time::sleep(self.settings.heartbeat.min(DOWN_PROBE)).await;
+                continue;
+            }
             tick.tick().await;
             if !self.is_up() {
-                tokio::spawn(self.clone().resync(Scope::All));
                 continue;
             }
             // Each room in outage on its own is resynced on its own, one attempt at a time.

@@ -49,8 +49,12 @@ impl RedisRegistry {
     /// Brings `scope` back to Redis; retried by the heartbeat (and soon after a failure once Redis
     /// answers) until it succeeds.
     pub(super) async fn resync(self: Arc<Self>, scope: Scope) {
+        // One whole-Redis resync at a time; a probe that finds one running leaves it to finish.
         let _one = match scope {
-            Scope::All => Some(self.resync.lock().await),
+            Scope::All => match self.resync.try_lock() {
+                Ok(one) => Some(one),
+                Err(_) => return,
+            },
             Scope::Room(_) => None,
         };
         if scope == Scope::All {
