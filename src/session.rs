@@ -86,10 +86,6 @@ impl Session {
         self.claims.as_ref().map(|c| c.exp.saturating_mul(1000))
     }
 
-    pub fn subscriber(&self) -> &Arc<Subscriber> {
-        &self.subscriber
-    }
-
     pub fn subscription_count(&self) -> usize {
         self.wanted().len()
     }

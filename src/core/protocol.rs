@@ -77,8 +77,6 @@ impl ErrorCode {
 
 /// WebSocket close codes the server sends (docs/PROTOCOL.md, "Close codes").
 pub mod close_code {
-    /// The client closed, or the server closed a finished connection.
-    pub const NORMAL: u16 = 1000;
     /// The client broke the WebSocket framing rules.
     pub const PROTOCOL_ERROR: u16 = 1002;
     /// A frame or message was larger than the limit (1 MiB by default).

@@ -1,5 +1,6 @@
-//! The node's local room registry and its fan-out: rooms in 64 shards, each room behind its own
-//! lock; each connection a `Subscriber` (its queue and wake-up, `subscriber`). No global lock.
+//! The node's rooms and their fan-out: rooms in 64 shards, each room behind its own lock; each
+//! connection a `Subscriber` (its queue and wake-up, `subscriber`). No global lock. (Sharing
+//! rooms between nodes is the `registry`'s; the hub is the local half either way.)
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

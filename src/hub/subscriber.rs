@@ -125,10 +125,6 @@ impl Subscriber {
         FanoutTally::default().count(pushed).flush(metrics, self.transport);
     }
 
-    pub fn is_closed(&self) -> bool {
-        self.queue().closed().is_some()
-    }
-
     /// Stops the queue for good; returns how many pending messages were dropped.
     pub fn close(&self, reason: QueueClosed) -> usize {
         let dropped = self.queue().close(reason);

@@ -56,7 +56,7 @@ pub struct WebTransportSettings {
     pub cert: Option<(PathBuf, PathBuf)>,
     pub cert_check_interval: Duration,
     /// QUIC keep-alives: the server's PING this often keeps NAT bindings and the QUIC idle
-    /// timer fresh (25 s, the WebSocket ping interval).
+    /// timer fresh (`--ping-interval`, at most a third of `--idle-timeout`: 20 s by default).
     pub keep_alive: Duration,
     pub idle_timeout: Duration,
     /// The QUIC and HTTP/3 handshakes, the control stream and its first message, together.
@@ -626,7 +626,7 @@ impl WebTransportWire {
     /// The client holds `version` of `room` (an ack, as a datagram or on the control stream).
     fn acked(&mut self, room: RoomId, version: u64) {
         self.metrics.repair_acks.inc();
-        self.repair.acked(room, version, std::time::Instant::now());
+        self.repair.acked(room, version, crate::clock::instant());
     }
 
     /// What the client acknowledged in one message: a room by name, or several by alias.
@@ -638,7 +638,7 @@ impl WebTransportWire {
                 }
             }
             ClientMessage::Acks(acks) => {
-                let now = std::time::Instant::now();
+                let now = crate::clock::instant();
                 self.metrics.repair_acks.inc_by(acks.len() as u64);
                 for ack in acks {
                     self.repair.acked(RoomId(ack.alias), ack.version, now);
@@ -892,7 +892,7 @@ impl Wire for WebTransportWire {
             .any(|item| matches!(item, Outgoing::Publication(p) if p.kind == Kind::State));
         if has_state && self.state_datagrams == StateDatagrams::AfterLoss {
             let lost = self.connection.stats().path.lost_packets;
-            match self.routing.path_lost(lost, std::time::Instant::now()) {
+            match self.routing.path_lost(lost, crate::clock::instant()) {
                 Some(Route::Datagram) => debug!(lost, "packet loss on this session: states go as datagrams"),
                 Some(Route::Stream) => debug!("no loss for a while: states go on the stream again"),
                 None => {}
@@ -908,7 +908,7 @@ impl Wire for WebTransportWire {
         } else {
             Duration::ZERO
         };
-        let now = Instant::now().into_std();
+        let now = crate::clock::instant();
         for item in batch {
             match item {
                 Outgoing::Control(control) => {
@@ -954,7 +954,7 @@ impl Wire for WebTransportWire {
 
     async fn on_timer(&mut self, write_timeout: Duration) -> Result<(), WireError> {
         let mut repairs = std::mem::take(&mut self.repairs);
-        self.repair.poll(Instant::now().into_std(), &mut repairs);
+        self.repair.poll(crate::clock::instant(), &mut repairs);
         self.out.clear();
         for action in repairs.drain(..) {
             match action {
