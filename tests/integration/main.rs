@@ -2,6 +2,8 @@
 
 mod util;
 
+/// A seeded fault campaign: nodes, Redis and their paths fail at random moments; a checker proves exactly once.
+mod campaign;
 /// Several nodes and a real Redis: shared rooms, presence, Redis failures.
 mod cluster;
 /// Subscribing, publishing and receiving: states, events, recovery, slow consumers.
