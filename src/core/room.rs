@@ -173,6 +173,17 @@ impl Room {
         ))
     }
 
+    /// Raises the sequence to the registry's last one when the registry no longer holds the events
+    /// up to it (its history expired or was trimmed), so that a room read then still knows how
+    /// far the numbering went: a later reseed puts that back, not 0, and `since` is judged
+    /// against it. Nothing is delivered; a room on a local epoch is left alone.
+    pub fn catch_up_seq(&mut self, seq: u64) {
+        if self.outage_of.is_none() && seq > self.last_seq {
+            self.last_seq = seq;
+            self.confirmed_seq = seq;
+        }
+    }
+
     /// Whether the history holds the event with this id.
     pub fn holds_event(&self, id: EventId) -> bool {
         self.history.iter().rev().any(|p| p.id == Some(id))
@@ -567,6 +578,23 @@ mod tests {
         assert_eq!((r.last_seq(), r.confirmed()), (5, (0, 5)));
         assert!(r.apply_event(6, EventId(106), 1, &data(6), at(3)).is_some());
         assert_eq!(seqs(&r.snapshot(Some(3), None, usize::MAX, 3).events), vec![4, 6]);
+    }
+
+    #[test]
+    fn a_room_catches_up_with_a_sequence_whose_events_it_never_read() {
+        let mut r = room(RetentionLimits::default());
+        r.catch_up_seq(3);
+        assert_eq!((r.last_seq(), r.confirmed()), (3, (0, 3)));
+        assert_eq!(
+            seqs(&r.snapshot(Some(3), None, usize::MAX, 1).events),
+            Vec::<u64>::new()
+        );
+        r.catch_up_seq(2);
+        assert_eq!(r.last_seq(), 3, "never back");
+        assert!(r.apply_event(4, EventId(104), 1, &data(4), at(2)).is_some());
+        assert!(r.enter_outage("local".into()));
+        r.catch_up_seq(9);
+        assert_eq!(r.last_seq(), 4, "a room on a local epoch is left alone");
     }
 
     #[test]

@@ -402,6 +402,16 @@ impl Hub {
         });
     }
 
+    /// After a read of the registry: the room's sequence goes up to the registry's last one (see
+    /// `Room::catch_up_seq`) if the room is still on that epoch.
+    pub fn catch_up_seq(&self, room: &RoomName, epoch: &str, seq: u64) {
+        let _ = self.with_room(room, None, 0, |entry| {
+            if entry.room.epoch() == epoch {
+                entry.room.catch_up_seq(seq);
+            }
+        });
+    }
+
     /// Creates the room (if needed) with the registry's epoch, so that what follows applies to it,
     /// and keeps it until `remove_if_unsubscribed`.
     pub fn ensure_room(&self, room: &RoomName, epoch: &str, now_ms: u64) -> Result<(), HubError> {

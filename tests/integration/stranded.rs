@@ -306,3 +306,50 @@ async fn an_event_in_flight_when_redis_dies_empty_reaches_its_holders() {
     })
     .await;
 }
+
+/// Fault 7's numbering that went back: a node that follows a room after its history expired in
+/// Redis still knows the room's last `seq`, so an empty restart that it reseeds alone goes on
+/// from there under the same epoch, not from 0 (a client holding seq 3 would drop 1, 2 and 3).
+#[tokio::test]
+async fn a_room_read_after_its_history_expired_keeps_its_numbering_across_an_empty_restart() {
+    let mut redis = RedisServer::start();
+    let node = node_on(&redis.url(), "n", &["--history-ttl", "1s"]);
+    let room = "game:expired";
+    for n in 1..=3 {
+        assert_eq!(publish_event(&node, room, n).await.0, 200);
+    }
+    let mut conn = redis.connection().await;
+    eventually("the room's history expired in Redis", || {
+        let mut conn = conn.clone();
+        async move {
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(format!("cs:{{{room}}}:hist"))
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            (!exists).then_some(())
+        }
+    })
+    .await;
+    let mut fan = node.connect().await;
+    let reply = fan.subscribe(room).await;
+    assert_eq!(
+        reply["seq"], 3,
+        "the subscribe reply says how far the numbering went: {reply}"
+    );
+    let epoch = reply["epoch"].clone();
+
+    redis.restart_empty();
+    await_registry(&node, "ok").await;
+    assert_eq!(publish_event(&node, room, 4).await.0, 200);
+    loop {
+        let frame = fan.recv().await;
+        if frame["type"] == "event" {
+            assert_eq!(frame["seq"], 4, "{frame}");
+            break;
+        }
+        if frame["type"] == "subscribed" {
+            assert_eq!(frame["epoch"], epoch, "the epoch goes on: {frame}");
+        }
+    }
+}

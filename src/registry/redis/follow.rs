@@ -101,10 +101,12 @@ impl OwnedEnvelope {
     }
 }
 
-/// A room as read from Redis: its epoch, state and retained events, as envelopes in order.
+/// A room as read from Redis: its epoch, state and retained events, as envelopes in order, and
+/// its last sequence (beyond the retained events when its history expired).
 pub(super) struct RoomSnapshot {
     pub epoch: String,
     pub envelopes: Vec<OwnedEnvelope>,
+    pub seq: u64,
 }
 
 impl RoomSnapshot {
@@ -219,6 +221,7 @@ impl RedisRegistry {
                 for envelope in &snapshot.envelopes {
                     self.apply(room, envelope, now);
                 }
+                self.hub.catch_up_seq(room, &snapshot.epoch, snapshot.seq);
             }
             Err(error) => {
                 if let Some(error) = error {
@@ -278,7 +281,8 @@ impl RedisRegistry {
                 deliver: !own,
             });
         }
-        Ok(RoomSnapshot { epoch, envelopes })
+        let seq = fields.get("seq").and_then(|s| s.parse().ok()).unwrap_or(0);
+        Ok(RoomSnapshot { epoch, envelopes, seq })
     }
 
     pub(super) fn apply(&self, room: &RoomName, envelope: &OwnedEnvelope, now: Now) {

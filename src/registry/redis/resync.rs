@@ -109,9 +109,11 @@ impl RedisRegistry {
         let now = crate::clock::now();
         for (room, follow) in rooms {
             match self.read_room(&room).await {
-                Ok(snapshot) => self
-                    .hub
-                    .resume_from(&room, &snapshot.epoch, &snapshot.publications(), now),
+                Ok(snapshot) => {
+                    self.hub
+                        .resume_from(&room, &snapshot.epoch, &snapshot.publications(), now);
+                    self.hub.catch_up_seq(&room, &snapshot.epoch, snapshot.seq);
+                }
                 Err(error) if scope != Scope::All => {
                     // Held messages stay held until the next attempt re-reads the room.
                     warn!(error = ?error, %room, "cannot re-read the room after its shard returned");
