@@ -271,10 +271,10 @@ async fn run_schedule(seed: u64, cluster: bool, faults: &[String]) -> Result<Str
     };
     let mut nodes = Vec::new();
     for i in 0..NODES {
-        let mut args = redis_args.clone();
-        if !cluster {
-            args = vec!["--redis".into(), format!("redis://127.0.0.1:{}", proxies[i].port)];
-        }
+        let args = match proxies.get(i) {
+            Some(proxy) => vec!["--redis".into(), format!("redis://127.0.0.1:{}", proxy.port)],
+            None => redis_args.clone(),
+        };
         let mut node = NodeProc::new(i, args, dir.clone());
         assert!(node.start().await, "node {i} starts (log in {})", dir.display());
         nodes.push(node);
