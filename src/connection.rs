@@ -196,7 +196,8 @@ pub async fn drive<W: Wire>(
         node.draining.clone(),
         crate::clock::unix_ms(),
     );
-    // Grows to the largest batch this connection has needed: idle fans never pay for MAX_BATCH.
+    // Grows to the largest batch this connection has needed: idle fans never pay for MAX_BATCH,
+    // and a small one is given back once written (`release_small`).
     let mut batch = Vec::new();
     // Only for wires that need it: a timer is memory held for as long as the connection lives.
     let mut keepalive = settings.keepalive.map(|k| {
@@ -219,7 +220,7 @@ pub async fn drive<W: Wire>(
             _ = shutdown_gate.future(shutdown_notice.as_mut()) => break Ending::Shutdown,
             _ = subscriber.wait() => {
                 match write_queue(&mut wire, &subscriber, &mut batch, &node, settings.write_timeout).await {
-                    Ok(None) => {}
+                    Ok(None) => release_small(&mut batch),
                     Ok(Some(QueueClosed::Slow)) => break Ending::Slow,
                     Ok(Some(QueueClosed::Gone)) => break Ending::Shutdown,
                     Err(_) => break Ending::WriteFailed,
@@ -363,6 +364,18 @@ async fn tick(keepalive: &mut Option<tokio::time::Interval>) {
             ticks.tick().await;
         }
         None => std::future::pending().await,
+    }
+}
+
+/// Batch storage of at most this many messages is given back once the batch is written: an
+/// idle connection (most of them, most of the time) then holds none, and the allocation it
+/// costs the next wake-up is small against the write.
+const SMALL_BATCH: usize = 16;
+
+/// Gives back `batch`'s storage when it is small (see `SMALL_BATCH`).
+fn release_small(batch: &mut Vec<Outgoing>) {
+    if batch.capacity() <= SMALL_BATCH {
+        *batch = Vec::new();
     }
 }
 

@@ -71,6 +71,10 @@ enum Entry {
     Recovery(VecDeque<Arc<Publication>>),
 }
 
+/// Entry storage an emptied queue gives back rather than keeps: what a few replies or
+/// messages at a time need, which is all an idle connection ever used.
+const IDLE_ENTRIES_KEPT: usize = 16;
+
 /// A connection's pending output, in the order it must be written.
 #[derive(Debug)]
 pub struct ConnectionQueue {
@@ -221,6 +225,11 @@ impl ConnectionQueue {
         let before = out.len();
         self.drain_some(out, max);
         self.in_flight = out.len() > before;
+        // An idle connection keeps no entry storage (a few hundred bytes per connection, from
+        // its `subscribed` reply on); a busy one keeps what it grew to.
+        if self.entries.is_empty() && self.entries.capacity() <= IDLE_ENTRIES_KEPT {
+            self.entries = VecDeque::new();
+        }
     }
 
     fn drain_some(&mut self, out: &mut Vec<Outgoing>, max: usize) {

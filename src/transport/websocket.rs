@@ -28,8 +28,10 @@ use crate::node::Node;
 use crate::shutdown::ShutdownListener;
 
 /// Bytes read from a socket at a time (tungstenite's default is 128 KiB). tungstenite zeroes
-/// this much on every read attempt, and a connection attempts a read on every wake-up.
-const READ_BUFFER: usize = 1024;
+/// this much on every read attempt, and a connection attempts a read on every wake-up; it is
+/// allocated for the connection's whole life. Clients send commands of 30 to 100 bytes (a
+/// token in `auth` takes a few reads; a frame larger than this grows the buffer as it arrives).
+const READ_BUFFER: usize = 256;
 
 /// tungstenite's own write buffer: it only writes control frames (pong, close) now, the
 /// connection's messages go through `SharedSocket`.
