@@ -31,8 +31,9 @@ pub struct DriverSettings {
     pub write_timeout: Duration,
     /// Longest wait for a client to close while the node drains.
     pub drain_timeout: Duration,
-    /// Pings and the idle timeout, when the transport keeps nothing alive itself (QUIC does).
-    pub keepalive: Option<Keepalive>,
+    /// Pings (a wire whose transport keeps itself alive, as QUIC does, sends none: `Wire::ping`)
+    /// and the idle timeout, the same for every wire.
+    pub keepalive: Keepalive,
     pub session: SessionLimits,
 }
 
@@ -43,10 +44,10 @@ impl DriverSettings {
         Self {
             write_timeout: config.websocket.write_timeout,
             drain_timeout: config.http.drain_timeout,
-            keepalive: Some(Keepalive {
+            keepalive: Keepalive {
                 interval: config.websocket.ping_interval,
                 idle_timeout: config.websocket.idle_timeout,
-            }),
+            },
             session: SessionLimits::from_config(config),
         }
     }
@@ -145,7 +146,7 @@ pub trait Wire: Send {
         std::future::ready(Ok(()))
     }
 
-    /// Sends a ping (only for wires run with a `Keepalive`).
+    /// Sends a ping every `Keepalive::interval` (by default nothing: the transport keeps itself alive).
     fn ping(&mut self, _write_timeout: Duration) -> impl Future<Output = Result<(), WireError>> + Send {
         std::future::ready(Ok(()))
     }
@@ -199,12 +200,9 @@ pub async fn drive<W: Wire>(
     // Grows to the largest batch this connection has needed: idle fans never pay for MAX_BATCH,
     // and a small one is given back once written (`release_small`).
     let mut batch = Vec::new();
-    // Only for wires that need it: a timer is memory held for as long as the connection lives.
-    let mut keepalive = settings.keepalive.map(|k| {
-        let mut ticks = tokio::time::interval_at(Instant::now() + k.interval, k.interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticks
-    });
+    let Keepalive { interval, idle_timeout } = settings.keepalive;
+    let mut keepalive = tokio::time::interval_at(Instant::now() + interval, interval);
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
     // While the connection holds a token: its expiry (boxed, for authenticated connections only).
     let mut token_expiry: Option<(u64, std::pin::Pin<Box<tokio::time::Sleep>>)> = None;
@@ -258,8 +256,8 @@ pub async fn drive<W: Wire>(
             _ = async { if let Some((_, sleep)) = token_expiry.as_mut() { sleep.as_mut().await } }, if token_expiry.is_some() => {
                 break Ending::TokenExpired;
             }
-            _ = tick(&mut keepalive), if keepalive.is_some() => {
-                if settings.keepalive.is_some_and(|k| last_heard.elapsed() >= k.idle_timeout) {
+            _ = keepalive.tick() => {
+                if last_heard.elapsed() >= idle_timeout {
                     break Ending::Idle;
                 }
                 // Boxed: its timer lives on the heap once every ping interval, not in the task.
@@ -354,16 +352,6 @@ async fn finish<W: Wire>(
             wire.close(close(close_code::PROTOCOL_ERROR, "protocol error", CLOSE_WAIT))
                 .await;
         }
-    }
-}
-
-/// The next keep-alive tick (never without keep-alive).
-async fn tick(keepalive: &mut Option<tokio::time::Interval>) {
-    match keepalive {
-        Some(ticks) => {
-            ticks.tick().await;
-        }
-        None => std::future::pending().await,
     }
 }
 
