@@ -174,7 +174,8 @@ impl System {
                 self.nodes[i].check_exited();
                 if !self.nodes[i].running() {
                     let started = self.nodes[i].start().await;
-                    self.note(format!("heal {kind:?}: node {i} restarted: {started}"));
+                    let why = self.nodes[i].last_log_line();
+                    self.note(format!("heal {kind:?}: node {i} restarted: {started} {why}"));
                 }
             }
             FaultKind::KillRedis { empty } => {
@@ -207,7 +208,8 @@ impl System {
                     break;
                 }
                 let started = self.nodes[i].start().await;
-                self.note(format!("heal all: node {i} restarted: {started}"));
+                let why = self.nodes[i].last_log_line();
+                self.note(format!("heal all: node {i} restarted: {started} {why}"));
             }
         }
     }

@@ -11,12 +11,28 @@ use tokio::time::Instant;
 
 use crate::util::TOKEN;
 
-/// A free loopback TCP port (bound and released).
+/// A free loopback TCP port below the kernel's ephemeral range, so that no outgoing connection
+/// (a client's, a proxy's) takes it while the node or Redis on it restarts.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let ephemeral_low: u64 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(32768);
+    let (low, span) = (10_000, ephemeral_low.saturating_sub(10_000).max(1000));
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0)
+        ^ u64::from(std::process::id());
+    for _ in 0..1000 {
+        let step = NEXT.fetch_add(7919, std::sync::atomic::Ordering::Relaxed);
+        let port = (low + (start + step) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below {ephemeral_low}");
 }
 
 /// How an incarnation of a node ended.
@@ -186,6 +202,18 @@ impl NodeProc {
             .filter_map(|v| v["unflushed"].as_u64())
             .sum();
         self.end(Ended::Termed { unflushed });
+    }
+
+    /// The last log line of an incarnation that did not start (why), else nothing.
+    pub fn last_log_line(&self) -> String {
+        if self.running() {
+            return String::new();
+        }
+        let log = self
+            .lives
+            .last()
+            .map(|l| std::fs::read_to_string(&l.log).unwrap_or_default());
+        log.unwrap_or_default().lines().last().unwrap_or_default().to_string()
     }
 
     /// Whether the process exited by itself; records it.
