@@ -35,6 +35,11 @@ impl Follow {
         lock(&self.buffer).get_or_insert_with(Vec::new);
     }
 
+    /// Holds live messages from now on, dropping any held before.
+    pub(super) fn hold_afresh(&self) {
+        *lock(&self.buffer) = Some(Vec::new());
+    }
+
     /// Ends the hold and returns what was held, in order.
     pub(super) fn take_held(&self) -> Vec<OwnedEnvelope> {
         lock(&self.buffer).take().unwrap_or_default()
@@ -50,8 +55,9 @@ impl Follow {
         let Some(buffer) = buffer.as_mut() else {
             return Some(envelope);
         };
-        // While Redis is down, what is held is also in Redis and the resync's re-read comes
-        // after it: past the history's length the oldest can go.
+        // While Redis is down, what is held is also in Redis (or, if Redis died empty, sent again
+        // by its publisher) and the resync's re-read comes after it: past the history's length
+        // the oldest can go.
         if hold_now && buffer.len() >= max {
             buffer.remove(0);
         }
@@ -159,13 +165,19 @@ impl RedisRegistry {
         follow
             .ready
             .get_or_init(|| async {
-                if self.is_room_up(room) {
+                let subscribed = self.is_room_up(room);
+                if subscribed {
                     let mut pubsub = self.pubsub.clone();
                     if let Err(error) = pubsub.subscribe(channel(room)).await {
                         self.mark_room_down(room, &error);
                     }
                 }
                 self.load(room, &follow).await;
+                if !subscribed && self.is_room_up(room) {
+                    // Redis came back while this room loaded, after the resync took its list of
+                    // rooms: subscribe and read it now.
+                    self.clone().subscribe_again(room.clone(), follow.clone()).await;
+                }
             })
             .await;
         FollowGuard(follow)
@@ -197,7 +209,7 @@ impl RedisRegistry {
     }
 
     /// Subscribes the room's channel again, holding live messages until it is re-read.
-    async fn subscribe_again(&self, room: RoomName, follow: Arc<Follow>) {
+    pub(super) async fn subscribe_again(self: Arc<Self>, room: RoomName, follow: Arc<Follow>) {
         follow.hold();
         let mut pubsub = self.pubsub.clone();
         if let Err(error) = pubsub.subscribe(channel(&room)).await {

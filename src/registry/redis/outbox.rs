@@ -136,13 +136,29 @@ impl RedisRegistry {
     /// Keeps a publish Redis just numbered, to send it again if Redis turns out to have lost it
     /// (`restore_recent`). If its room went down meanwhile, it goes to the outbox at once.
     pub(super) fn remember(&self, item: OutboxItem) {
-        let now = Instant::now();
         let mut outbox = lock(&self.outbox);
         if !self.is_room_up(&item.room) {
             outbox.insert(item);
             self.metrics.outbox.set(outbox.items.len() as i64);
             return;
         }
+        self.keep_recent(&mut outbox, item);
+    }
+
+    /// An outbox item a resync just had numbered: kept as recent like a fresh publish, so that a
+    /// Redis that dies empty again soon after does not lose it (the next resync restores it).
+    pub(super) fn remember_flushed(&self, item: &OutboxItem, epoch: String, number: u64) {
+        let item = OutboxItem {
+            numbered: Some((epoch, number)),
+            provisional: None,
+            ..item.clone()
+        };
+        self.keep_recent(&mut lock(&self.outbox), item);
+    }
+
+    /// Adds to the recent publishes, dropping those past the window and the bounds.
+    fn keep_recent(&self, outbox: &mut Outbox, item: OutboxItem) {
+        let now = Instant::now();
         outbox.recent_bytes += item.data.as_str().len();
         outbox.recent.push_back((now, item));
         while let Some((at, oldest)) = outbox.recent.front() {

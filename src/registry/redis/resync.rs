@@ -72,13 +72,20 @@ impl RedisRegistry {
                 return;
             }
         }
+        // What Redis numbered for this node lately goes (again) to the outbox: harmless if
+        // Redis kept it, and what a Redis that died empty lost (even during an earlier attempt)
+        // comes back.
+        self.restore_recent(&scope);
         let rooms: Vec<(RoomName, Arc<Follow>)> = self
             .followed()
             .into_iter()
             .filter(|(room, _)| scope.covers(room))
             .collect();
         for (_, follow) in &rooms {
-            follow.hold();
+            // Held from now on; what an earlier attempt held may come from a Redis that died
+            // since (its numbers are not this one's): the re-read below, or its publisher's
+            // restore, brings it back.
+            follow.hold_afresh();
         }
         match self.catch_up(&scope, &rooms).await {
             Ok(CaughtUp::Done) => {}
@@ -87,8 +94,8 @@ impl RedisRegistry {
                 return Arc::clone(&self).resync_later(&scope);
             }
             Err(error) => {
-                // The rooms stay held (their buffers kept): the next attempt re-reads them, and a
-                // live message applied meanwhile could skip what this one could not read.
+                // The rooms stay held: the next attempt re-reads them, and a live message applied
+                // meanwhile could skip what this one could not read.
                 warn!(%error, ?scope, "redis resync failed; retrying");
                 return Arc::clone(&self).resync_later(&scope);
             }
@@ -106,14 +113,26 @@ impl RedisRegistry {
             }
             Scope::Room(room) => info!(%room, "the room is back on redis: its outbox published, the room re-read"),
         }
+        if scope == Scope::All {
+            // Rooms first followed while this resync ran were not subscribed (Redis counted as
+            // down): subscribe and read them now.
+            let newcomers: Vec<_> = self
+                .followed()
+                .into_iter()
+                .filter(|(room, _)| !rooms.iter().any(|(known, _)| known == room))
+                .collect();
+            for (room, follow) in newcomers {
+                tokio::spawn(Arc::clone(&self).subscribe_again(room, follow));
+            }
+        }
         let now = crate::clock::now();
         for (room, follow) in rooms {
             match self.read_room(&room).await {
-                Ok(snapshot) => {
-                    self.hub
-                        .resume_from(&room, &snapshot.epoch, &snapshot.publications(), now);
-                    self.hub.catch_up_seq(&room, &snapshot.epoch, snapshot.seq);
-                }
+                // Not `catch_up_seq`: holders that missed events other holders put the numbering
+                // past must still take them when their publishers send them again.
+                Ok(snapshot) => self
+                    .hub
+                    .resume_from(&room, &snapshot.epoch, &snapshot.publications(), now),
                 Err(error) if scope != Scope::All => {
                     // Held messages stay held until the next attempt re-reads the room.
                     warn!(error = ?error, %room, "cannot re-read the room after its shard returned");
@@ -170,7 +189,11 @@ impl RedisRegistry {
                     Scope::All => self.wait_for_holders(&item.room),
                     Scope::Room(_) => return Ok(CaughtUp::WaitingForHolders),
                 },
-                Numbered::Number(..) | Numbered::Superseded => self.remove_from_outbox(&item),
+                Numbered::Number(epoch, number) => {
+                    self.remove_from_outbox(&item);
+                    self.remember_flushed(&item, epoch, number);
+                }
+                Numbered::Superseded => self.remove_from_outbox(&item),
             }
         }
         Ok(CaughtUp::Done)
