@@ -18,10 +18,10 @@ mod http_api;
 mod limits;
 /// The publish API's gate: credentials before the per-address rate, 413 before the body.
 mod publish_admission;
-/// Nothing accepted is stranded: publishes during a resync, events in flight when Redis dies empty.
-mod stranded;
 /// Graceful shutdown on SIGTERM.
 mod shutdown;
+/// Nothing accepted is stranded: publishes during a resync, events in flight when Redis dies empty.
+mod stranded;
 /// Subscriber tokens, private rooms and publish scopes.
 mod tokens;
 /// WebTransport: datagram states, the control stream, loss repair, certificates.
