@@ -318,7 +318,7 @@ async fn a_room_read_after_its_history_expired_keeps_its_numbering_across_an_emp
     for n in 1..=3 {
         assert_eq!(publish_event(&node, room, n).await.0, 200);
     }
-    let mut conn = redis.connection().await;
+    let conn = redis.connection().await;
     eventually("the room's history expired in Redis", || {
         let mut conn = conn.clone();
         async move {
