@@ -293,6 +293,13 @@ impl RedisRegistry {
                 deliver: !own,
             });
         }
+        // In sequence order: an event put back after Redis lost it stands after newer entries.
+        // (The state, first, keeps its place: the sort is stable and only among events.)
+        let events_from = envelopes
+            .iter()
+            .position(|e| e.kind == Kind::Event.to_byte())
+            .unwrap_or(envelopes.len());
+        envelopes[events_from..].sort_by_key(|e| e.number);
         let seq = fields.get("seq").and_then(|s| s.parse().ok()).unwrap_or(0);
         Ok(RoomSnapshot { epoch, envelopes, seq })
     }

@@ -14,6 +14,9 @@ use crate::registry::{HistoryPage, RoomEvents, RoomFigures, StoredEvent, StoredS
 /// Stream entries: id and fields.
 type StreamEntries = Vec<(String, HashMap<String, String>)>;
 
+/// Entries read beyond one per sequence, for events put back out of order (see `scripts`).
+const PUT_BACK_SLACK: u64 = 64;
+
 impl RedisRegistry {
     /// The room as Redis holds it, with the cluster-wide subscriber count.
     pub(super) async fn shared_room(&self, room: &RoomName) -> redis::RedisResult<Option<RoomFigures>> {
@@ -50,7 +53,8 @@ impl RedisRegistry {
 
     /// One page of the retained events after `since` from the Redis stream: `Err(last_seq)` when
     /// it no longer reaches back that far, `None` when Redis holds no such room. Reads only the
-    /// entries after `since` (sequences only grow, one per entry: the newest `last_seq - since`).
+    /// newest entries: one per sequence after `since`, and `PUT_BACK_SLACK` more for events put
+    /// back after Redis lost them (they stand after newer entries), ordered by sequence.
     pub(super) async fn shared_events(
         &self,
         room: &RoomName,
@@ -75,7 +79,7 @@ impl RedisRegistry {
                 more: false,
             }));
         }
-        let newest = (last_seq - since).min(self.settings.history_len.max(1) as u64);
+        let newest = (last_seq - since + PUT_BACK_SLACK).min(self.settings.history_len.max(1) as u64);
         let mut entries: StreamEntries = redis::cmd("XREVRANGE")
             .arg(history_key(room))
             .arg("+")
@@ -97,6 +101,7 @@ impl RedisRegistry {
             })
             .filter(|e| e.seq > since)
             .collect();
+        events.sort_by_key(|e| e.seq);
         let first = events.first().map_or(last_seq + 1, |e| e.seq);
         if since + 1 < first {
             return Ok(Some(RoomEvents {

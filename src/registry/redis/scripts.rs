@@ -50,9 +50,13 @@ if ARGV[16] == '1' and ARGV[1] == 'state' then
 end
 if ARGV[16] == '1' and ARGV[1] == 'event' and ARGV[17] == epoch then
   -- A restored event whose number the room's holders put back (they had it, or one after it):
-  -- sent again under its own number, for a holder that missed it; stored nowhere else.
+  -- sent again under its own number, for a holder that missed it, and put back in the history
+  -- (after newer entries: readers order the history by seq) for a holder that re-reads later.
   local original = tonumber(ARGV[18])
   if tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') >= original then
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], '*', 'seq', original, 'ts', ARGV[3], 'data', ARGV[2],
+      'origin', ARGV[11], 'prov', ARGV[12], 'id', ARGV[14])
+    redis.call('PEXPIRE', KEYS[2], ARGV[7])
     redis.call('ZADD', KEYS[3], original, ARGV[14])
     redis.call('PEXPIRE', KEYS[3], ARGV[7])
     send(epoch, original)
@@ -385,7 +389,7 @@ mod tests {
     }
 
     /// An event Redis lost with its data (its id unknown), sent again by its publisher: under its
-    /// own number, stored nowhere, when the holders put the room back at or past it; numbered
+    /// own number (and in the history) when the holders put the room back at or past it; numbered
     /// after them when they did not get that far; numbered anew under another epoch.
     #[tokio::test]
     async fn a_restored_event_keeps_its_number_when_the_holders_put_it_back() {
@@ -415,7 +419,7 @@ mod tests {
             .query_async(&mut conn)
             .await
             .expect("xlen");
-        assert_eq!(stored, 2, "the event sent under its own number is not stored again");
+        assert_eq!(stored, 3, "the event sent under its own number is in the history too");
     }
 
     /// Two holders reseed an emptied Redis: the newest version wins with its own state.
