@@ -491,6 +491,14 @@ impl Hub {
         self.0.metrics.rooms.set(left as i64);
     }
 
+    /// Whether the room holds the event with this id in its history.
+    pub fn holds_event(&self, room: &RoomName, id: EventId) -> bool {
+        self.with_room(room, None, 0, |entry| entry.room.holds_event(id))
+            .ok()
+            .flatten()
+            .unwrap_or(false)
+    }
+
     /// What this node knows of a room, to restore it in a registry that lost it.
     pub fn room_numbers(&self, room: &RoomName) -> Option<RoomNumbers> {
         self.with_room(room, None, 0, |entry| {

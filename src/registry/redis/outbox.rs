@@ -110,6 +110,21 @@ impl RedisRegistry {
         {
             return Some(Err(RegistryError::OutboxFull(outbox.items.len())));
         }
+        // This node's own events Redis numbered just before the outage whose message never came
+        // back to it (lost with the connection) go to its clients first, in order: they were
+        // accepted before this one. (Restores stand before queued items: older serials.)
+        let unseen: Vec<&OutboxItem> = outbox
+            .items
+            .iter()
+            .take_while(|item| item.numbered.is_some())
+            .filter(|item| &item.room == room && item.kind == Kind::Event)
+            .filter(|item| item.id.is_some_and(|id| !self.hub.holds_event(room, id)))
+            .collect();
+        for item in unseen {
+            let _ = self
+                .hub
+                .publish_provisional(room, Kind::Event, &item.data, now, self.new_epoch(), item.id);
+        }
         // Local clients get it now, numbered after what this node has seen, under a local epoch.
         let provisional = self
             .hub
