@@ -5,7 +5,7 @@
 //! accepted publish reached every client once, in order, and every client holds the newest state.
 //!
 //! `COURTSIDE_CAMPAIGN_SEED` replays one schedule (each prints its seed), `COURTSIDE_CAMPAIGN_SCHEDULES`
-//! sets how many run (default 3 on one Redis, 1 on the Cluster), `COURTSIDE_CAMPAIGN_FAULTS` lists
+//! sets how many run (default 2 on one Redis, 1 on the Cluster), `COURTSIDE_CAMPAIGN_FAULTS` lists
 //! the faults drawn (names in `schedule::FaultKind::name`; `all` for every kind, default
 //! `BOUNDED_FAULTS`), `COURTSIDE_CAMPAIGN_KEEP_GOING=1` runs
 //! every schedule and lists the failing seeds at the end.
@@ -81,7 +81,7 @@ const BOUNDED_FAULTS: [&str; 6] = [
 /// Three nodes on one Redis, each through its own proxy: every fault but slot moves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn campaign_one_redis() {
-    campaign(false, "campaign_one_redis", 3).await;
+    campaign(false, "campaign_one_redis", 2).await;
 }
 
 /// Three nodes on a Redis Cluster of three masters: node kills and stops, slot moves.
