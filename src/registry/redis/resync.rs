@@ -103,17 +103,11 @@ impl RedisRegistry {
         if self.is_up() && lock(&self.down_rooms).is_empty() {
             self.metrics.registry_up.set(1);
         }
-        match &scope {
-            Scope::All => {
-                info!(rooms = rooms.len(), "redis is back: outbox published, rooms re-read");
-                // Presence and the node record come back now, not a heartbeat later.
-                if let Err(error) = self.beat().await {
-                    debug!(%error, "heartbeat after the resync failed");
-                }
-            }
-            Scope::Room(room) => info!(%room, "the room is back on redis: its outbox published, the room re-read"),
-        }
         if scope == Scope::All {
+            // Presence and the node record come back now, not a heartbeat later.
+            if let Err(error) = self.beat().await {
+                debug!(%error, "heartbeat after the resync failed");
+            }
             // Rooms first followed while this resync ran were not subscribed (Redis counted as
             // down): subscribe and read them now.
             let newcomers: Vec<_> = self
@@ -126,24 +120,42 @@ impl RedisRegistry {
             }
         }
         let now = crate::clock::now();
+        let (mut reread, count) = (0, rooms.len());
         for (room, follow) in rooms {
             match self.read_room(&room).await {
                 // Not `catch_up_seq`: holders that missed events other holders put the numbering
                 // past must still take them when their publishers send them again.
-                Ok(snapshot) => self
-                    .hub
-                    .resume_from(&room, &snapshot.epoch, &snapshot.publications(), now),
-                Err(error) if scope != Scope::All => {
-                    // Held messages stay held until the next attempt re-reads the room.
-                    warn!(error = ?error, %room, "cannot re-read the room after its shard returned");
-                    self.mark_room_down(&room, &"re-read failed");
-                    return;
+                Ok(snapshot) if self.is_room_up(&room) => {
+                    self.hub
+                        .resume_from(&room, &snapshot.epoch, &snapshot.publications(), now);
+                    reread += 1;
                 }
-                Err(error) => warn!(error = ?error, %room, "cannot re-read room after reconnect"),
+                // Lost again while it was read: the room stays held, and the resync that follows
+                // the new outage re-reads it. (Applying what it held without the re-read would
+                // skip whatever other nodes published while this node was away.)
+                Ok(_) => {
+                    debug!(%room, "redis was lost again while the room was re-read: it stays held");
+                    continue;
+                }
+                Err(error) => {
+                    warn!(error = ?error, %room, "cannot re-read the room: it stays held until redis is back");
+                    let error = error.map_or_else(|| "re-read failed".to_string(), |e| e.to_string());
+                    // One Redis: the whole of it is down, and its resync re-reads every room; a
+                    // cluster: this room resyncs alone.
+                    self.mark_room_down(&room, &error);
+                    continue;
+                }
             }
             for envelope in follow.take_held() {
                 self.apply(&room, &envelope, now);
             }
+        }
+        match &scope {
+            Scope::All => info!(rooms = count, reread, "redis is back: outbox published, rooms re-read"),
+            Scope::Room(room) if reread == count => {
+                info!(%room, "the room is back on redis: its outbox published, the room re-read")
+            }
+            Scope::Room(_) => {}
         }
     }
 
