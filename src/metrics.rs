@@ -81,6 +81,9 @@ pub struct Metrics {
     pub registry_up: Gauge,
     /// Publishes waiting for Redis.
     pub outbox: Gauge,
+    /// Live events sent with a gap in their numbering: the events before them never arrived
+    /// within the wait (`registry::redis::gaps`).
+    pub registry_gaps: Counter,
     /// Datagrams the kernel dropped on the WebTransport UDP socket (read at scrape time).
     pub udp_receive_drops: Gauge,
     /// QUIC handshakes answered with a Retry (address validation under a handshake flood).
@@ -130,6 +133,7 @@ impl Metrics {
             repair_datagrams: Counter::default(),
             registry_up: Gauge::default(),
             outbox: Gauge::default(),
+            registry_gaps: Counter::default(),
             repair_stream: Counter::default(),
             repair_acks: Counter::default(),
             registry: Registry::default(),
@@ -183,6 +187,11 @@ impl Metrics {
             "outbox",
             "Publishes waiting for Redis to return",
             metrics.outbox.clone(),
+        );
+        registry.register(
+            "registry_gaps",
+            "Live events sent with a gap in their numbering after the events before them never arrived",
+            metrics.registry_gaps.clone(),
         );
         registry.register(
             "repair_datagrams",

@@ -110,6 +110,18 @@ pub struct RoomNumbers {
     pub state: Option<Arc<Publication>>,
 }
 
+/// What a live message of the shared registry did (`Hub::apply_live`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Live {
+    Applied,
+    /// This node does not hold the room.
+    NotHeld,
+    /// An event numbered past `after + 1`: nothing applied; the room is to be re-read first.
+    Gap {
+        after: u64,
+    },
+}
+
 /// A room's retained events after some sequence number.
 #[derive(Debug, Clone)]
 pub struct RoomHistory {
@@ -339,6 +351,33 @@ impl Hub {
             self.apply_in(entry, remote, remote.deliver, now);
         });
         matches!(held, Ok(Some(())))
+    }
+
+    /// Applies a live message of the registry's channel as `apply_remote` does, unless it is an
+    /// event that skips numbers the room has not seen (pub/sub is at most once: a message lost
+    /// around a reconnect): then nothing is applied and `Live::Gap` says the room must be re-read
+    /// from the registry's history first, so that subscribers get the skipped events in order.
+    pub fn apply_live(&self, room: &RoomName, remote: &RemotePublication<'_>, now: Now) -> Live {
+        let applied = self.with_room(room, None, now.unix_ms, |entry| {
+            let skips = remote.kind == Kind::Event
+                && entry.room.epoch() == remote.epoch
+                && !entry.room.in_outage()
+                && remote.number > entry.room.last_seq() + 1;
+            if skips {
+                return Live::Gap {
+                    after: entry.room.last_seq(),
+                };
+            }
+            if entry.room.epoch() != remote.epoch && entry.room.resume(remote.epoch) {
+                self.tell_subscribers(entry, room, Some(false));
+            }
+            self.apply_in(entry, remote, remote.deliver, now);
+            Live::Applied
+        });
+        match applied {
+            Ok(Some(live)) => live,
+            _ => Live::NotHeld,
+        }
     }
 
     /// Applies one registry publication to the room (its lock held), fanning it out if `deliver`.

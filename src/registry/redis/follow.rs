@@ -10,6 +10,7 @@ use redis::AsyncCommands;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use super::gaps::Waiting;
 use super::keys::{channel, history_key, meta_key, presence_key};
 use super::{lock, run_per_room, RedisRegistry};
 use crate::core::{EventId, JsonData, Kind, Now, RoomName};
@@ -27,22 +28,39 @@ pub(super) struct Follow {
     users: AtomicUsize,
     /// Envelopes that arrived while the room was loading or resyncing; `None` while they apply.
     buffer: Mutex<Option<Vec<OwnedEnvelope>>>,
+    /// Live events that skip numbers, waiting for the ones before them (`gaps`).
+    pub(super) waiting: Mutex<Waiting>,
 }
 
 impl Follow {
-    /// Holds live messages from now on, until `take_held`.
+    /// Holds live messages from now on, until `release_held`.
     pub(super) fn hold(&self) {
         lock(&self.buffer).get_or_insert_with(Vec::new);
     }
 
-    /// Holds live messages from now on, dropping any held before.
+    /// Holds live messages from now on, dropping any held before (and any waiting for a gap):
+    /// the room is about to be re-read.
     pub(super) fn hold_afresh(&self) {
         *lock(&self.buffer) = Some(Vec::new());
+        self.forget_waiting();
     }
 
-    /// Ends the hold and returns what was held, in order.
-    pub(super) fn take_held(&self) -> Vec<OwnedEnvelope> {
-        lock(&self.buffer).take().unwrap_or_default()
+    /// Ends the hold, giving `apply` what was held in order. What arrives while those apply is
+    /// held behind them and given next, so that a live message never overtakes a held one.
+    pub(super) fn release_held(&self, mut apply: impl FnMut(&OwnedEnvelope)) {
+        loop {
+            let batch = {
+                let mut buffer = lock(&self.buffer);
+                match buffer.as_mut() {
+                    Some(held) if !held.is_empty() => std::mem::take(held),
+                    _ => {
+                        *buffer = None;
+                        return;
+                    }
+                }
+            };
+            batch.iter().for_each(&mut apply);
+        }
     }
 
     /// Holds `envelope` if messages are held (or `hold_now`), keeping at most `max` of them;
@@ -220,7 +238,7 @@ impl RedisRegistry {
     }
 
     /// Reads the room from Redis into the hub, then applies what arrived meanwhile.
-    async fn load(&self, room: &RoomName, follow: &Follow) {
+    async fn load(self: &Arc<Self>, room: &RoomName, follow: &Arc<Follow>) {
         let now = crate::clock::now();
         let loaded = if self.is_room_up(room) {
             self.read_room(room).await
@@ -245,9 +263,7 @@ impl RedisRegistry {
                 return;
             }
         }
-        for envelope in follow.take_held() {
-            self.apply(room, &envelope, now);
-        }
+        follow.release_held(|envelope| self.apply_in_order(room, follow, envelope.clone(), now));
     }
 
     /// The room's epoch, state and retained events, as envelopes in order.

@@ -4,12 +4,13 @@
 //! going while Redis is away. Key layout and failure behaviour: docs/ARCHITECTURE.md, "Redis".
 //!
 //! One file per concept: `settings` and `conn` (connecting), `keys` and `scripts` (what lives in
-//! Redis), `follow` and `pubsub` (rooms this node follows, live messages), `outbox` and `resync`
+//! Redis), `follow`, `pubsub` and `gaps` (rooms this node follows, live messages in number order), `outbox` and `resync`
 //! (outages and the one way back), `presence` (the heartbeat), `reads` and `idempotency` (the
 //! HTTP side's questions).
 
 mod conn;
 mod follow;
+mod gaps;
 mod idempotency;
 mod keys;
 mod outbox;

@@ -72,18 +72,16 @@ impl RedisRegistry {
     /// Applies a live message, or holds it while its room loads or while the room cannot reach
     /// Redis: until the resync re-reads the room, a message applied now would move the room's
     /// confirmed sequence past what it has not read yet.
-    fn receive(&self, room: &RoomName, envelope: OwnedEnvelope) {
+    fn receive(self: &Arc<Self>, room: &RoomName, envelope: OwnedEnvelope) {
         let follow = lock(&self.follows).get(room).cloned();
-        let envelope = match follow {
-            Some(follow) => {
-                let held = !self.is_room_up(room);
-                match follow.hold_or_pass(envelope, held, self.settings.history_len.max(1)) {
-                    Some(envelope) => envelope,
-                    None => return,
-                }
-            }
-            None => envelope,
+        let max_held = self.settings.history_len.max(1);
+        let Some(follow) = follow else {
+            self.apply(room, &envelope, crate::clock::now());
+            return;
         };
-        self.apply(room, &envelope, crate::clock::now());
+        let Some(envelope) = follow.hold_or_pass(envelope, !self.is_room_up(room), max_held) else {
+            return;
+        };
+        self.apply_in_order(room, &follow, envelope, crate::clock::now());
     }
 }

@@ -146,9 +146,7 @@ impl RedisRegistry {
                     continue;
                 }
             }
-            for envelope in follow.take_held() {
-                self.apply(&room, &envelope, now);
-            }
+            follow.release_held(|envelope| self.apply_in_order(&room, &follow, envelope.clone(), now));
         }
         match &scope {
             Scope::All => info!(rooms = count, reread, "redis is back: outbox published, rooms re-read"),
