@@ -843,6 +843,59 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_live_event_that_skips_numbers_is_not_applied() {
+        let hub = hub(HubConfig::default());
+        let r = room("game:gap");
+        let s = hub.new_subscriber(Transport::WebSocket);
+        hub.ensure_room(&r, "E", 0).expect("room");
+        hub.subscribe(&r, &s, None, None, None, usize::MAX, 0)
+            .expect("subscribe");
+        drain(&s);
+        assert_eq!(
+            hub.apply_live(&r, &remote("E", Kind::Event, 1, 11, "1"), now()),
+            Live::Applied
+        );
+        assert_eq!(
+            hub.apply_live(&r, &remote("E", Kind::Event, 3, 33, "3"), now()),
+            Live::Gap { after: 1 },
+            "seq 2 is missing"
+        );
+        assert_eq!(
+            hub.apply_live(&r, &remote("E", Kind::State, 7, 0, "\"s\""), now()),
+            Live::Applied,
+            "states are latest-value: never held for a gap"
+        );
+        assert_eq!(
+            hub.apply_live(&r, &remote("E", Kind::Event, 2, 22, "2"), now()),
+            Live::Applied
+        );
+        assert_eq!(
+            hub.apply_live(&r, &remote("E", Kind::Event, 3, 33, "3"), now()),
+            Live::Applied
+        );
+        assert_eq!(
+            hub.apply_live(&r, &remote("F", Kind::Event, 9, 99, "9"), now()),
+            Live::Applied,
+            "another epoch restarts the room's numbering: no gap to wait for"
+        );
+        assert_eq!(
+            hub.apply_live(&room("game:other"), &remote("E", Kind::Event, 5, 5, "5"), now()),
+            Live::NotHeld
+        );
+        assert_eq!(
+            summary(&drain(&s)),
+            [
+                "event 1 1",
+                "Some(\"state\") \"s\"",
+                "event 2 2",
+                "event 3 3",
+                "subscribed \"F\" 0 false",
+                "event 9 9"
+            ]
+        );
+    }
+
     fn remote<'a>(epoch: &'a str, kind: Kind, number: u64, id: u64, text: &str) -> RemotePublication<'a> {
         RemotePublication {
             epoch,
