@@ -341,7 +341,9 @@ async fn a_room_read_after_its_history_expired_keeps_its_numbering_across_an_emp
 
     redis.restart_empty();
     await_registry(&node, "ok").await;
-    assert_eq!(publish_event(&node, room, 4).await.0, 200);
+    // 200, or 202 while the room Redis lost settles (docs/ARCHITECTURE.md, "Settling").
+    let status = publish_event(&node, room, 4).await.0;
+    assert!(status == 200 || status == 202, "answered {status}");
     loop {
         let frame = fan.recv().await;
         if frame["type"] == "event" {
@@ -349,9 +351,15 @@ async fn a_room_read_after_its_history_expired_keeps_its_numbering_across_an_emp
             break;
         }
         if frame["type"] == "subscribed" {
-            assert_eq!(frame["epoch"], epoch, "the epoch goes on: {frame}");
+            // A queued publish goes out under a local epoch first: nothing was missed.
+            assert_eq!(frame["recovered"], true, "{frame}");
         }
     }
+    eventually("the room is back on its epoch in Redis", || async {
+        let (_, info) = node.get(&format!("/v1/rooms/{room}")).await;
+        (info["epoch"] == epoch && info["last_seq"] == 4).then_some(())
+    })
+    .await;
 }
 
 /// Pub/sub is at most once: an event Redis numbered whose message never reached a holder (lost

@@ -36,7 +36,7 @@ use self::follow::Follow;
 pub use self::follow::FollowGuard;
 use self::outbox::{Outbox, OutboxItem, RoomOutage};
 use self::resync::Scope;
-use self::scripts::{Scripts, ToNumber};
+use self::scripts::{Numbered, Scripts, ToNumber};
 pub use self::settings::RedisSettings;
 use super::{
     EmbeddedRegistry, HistoryPage, NodeRecord, Published, Registry, RegistryError, RegistryStatus, RoomEvents,
@@ -212,8 +212,8 @@ impl RedisRegistry {
                 provisional: None,
                 restore: None,
             };
-            match self.run_publish(publish, floor).await {
-                Ok((epoch, number)) => {
+            match self.run_publish_script(publish, floor, false).await {
+                Ok(Numbered::Number(epoch, number)) => {
                     // Kept a few seconds, in case Redis dies before any holder received it.
                     self.remember(OutboxItem {
                         room: room.clone(),
@@ -230,6 +230,13 @@ impl RedisRegistry {
                         id,
                         ts_ms: now.unix_ms,
                     });
+                }
+                // Redis lost the room and its holders are putting their numbers back: queued,
+                // and sent by the room's own resync once it settled.
+                Ok(Numbered::Settling) => self.wait_for_holders(room),
+                // Neither happens without `wait_for_holders` or a restore.
+                Ok(Numbered::NoSuchRoom | Numbered::Superseded) => {
+                    return Err(RegistryError::Unavailable("redis published nothing".into()))
                 }
                 Err(error) => self.mark_room_down(room, &error),
             }

@@ -253,16 +253,18 @@ impl RedisRegistry {
         self.metrics.outbox.set(outbox.items.len() as i64);
     }
 
-    /// An outbox publish found Redis without the room (it came back empty) and this node does not
-    /// hold it: its publishes wait, in order, for two heartbeats, so that the nodes that hold the
-    /// room put its epoch and numbers back first (else this publish would start the room over
-    /// under a new epoch, and their clients would have to refetch). Then they go anyway.
+    /// A publish found that Redis lost the room (it came back empty): the nodes that hold it have
+    /// not put its epoch and numbers back yet (this node does not hold it; else this publish would
+    /// start the room over under a new epoch, and their clients would have to refetch), or they
+    /// are still settling it (a new number could repeat one a holder gave an event Redis lost).
+    /// The room's publishes wait, in order, in the outbox: for a room this node does not hold, two
+    /// heartbeats at most, then they go anyway; the room resyncs on its own.
     pub(super) fn wait_for_holders(&self, room: &RoomName) {
         let mut down = lock(&self.down_rooms);
         let outage = down.entry(room.clone()).or_default();
         if outage.wait_for_holders_until.is_none() {
-            outage.wait_for_holders_until = Some(Instant::now() + self.settings.heartbeat * 2);
-            info!(%room, "redis lost a room this node does not hold: its queued publishes wait for the nodes that hold it");
+            outage.wait_for_holders_until = Some(Instant::now() + self.settings.settle());
+            info!(%room, "redis lost the room: its publishes wait for the nodes that hold it to put its numbers back");
         }
     }
 

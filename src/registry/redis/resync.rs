@@ -194,8 +194,9 @@ impl RedisRegistry {
         while let Some(item) = self.next_to_flush(scope) {
             let wait = self.waits_for_holders(&item.room);
             match self.run_publish_script(item.to_number(), 0, wait).await? {
-                Numbered::NoSuchRoom => match scope {
-                    // The room's items stay; the room resyncs on its own when its wait ends.
+                // Redis lost the room: its holders have not put it back yet, or are still
+                // settling it. The room's items stay; the room resyncs on its own later.
+                Numbered::NoSuchRoom | Numbered::Settling => match scope {
                     Scope::All => self.wait_for_holders(&item.room),
                     Scope::Room(_) => return Ok(CaughtUp::WaitingForHolders),
                 },

@@ -17,6 +17,10 @@ const PUBLISH_LUA: &str = r#"
 -- room this node does not hold waits for the nodes that hold it to put its numbers back,
 -- '1' when a publish Redis numbered before is sent again after Redis was lost (a restore),
 -- the epoch and number Redis gave it then ('' and 0 when not a restore).
+-- While the room settles after an empty restart (its meta's `settle`, ms since the Unix epoch,
+-- set by the first reseed), nothing is numbered anew: the answer is {'', 1} and the publish waits,
+-- so that every holder puts back the numbers it knows before a new number can repeat one a
+-- holder gave to an event Redis lost.
 local function send(epoch, n)
   local x = n
   local number = ''
@@ -63,6 +67,12 @@ if ARGV[16] == '1' and ARGV[1] == 'event' and ARGV[17] == epoch then
     return {epoch, original}
   end
 end
+local settle = tonumber(redis.call('HGET', KEYS[1], 'settle') or '0')
+if settle > 0 then
+  local now = redis.call('TIME')
+  if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) < settle then return {'', 1} end
+  redis.call('HDEL', KEYS[1], 'settle')
+end
 local field = 'seq'
 if ARGV[1] == 'state' then field = 'version' end
 local n = redis.call('HINCRBY', KEYS[1], field, 1)
@@ -92,10 +102,14 @@ return {epoch, n}
 "#;
 
 const RESEED_LUA: &str = r#"
--- KEYS: meta. ARGV: epoch, version, seq, state, state ts, key ttl s.
+-- KEYS: meta. ARGV: epoch, version, seq, state, state ts, key ttl s, settle ms.
 local current = redis.call('HGET', KEYS[1], 'epoch')
 if not current then
-  redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'version', ARGV[2], 'seq', ARGV[3])
+  -- Redis lost the room: the first holder back puts its numbers back, and the room settles for
+  -- `settle ms` (no new numbers; see the publish script) while the other holders put theirs.
+  local now = redis.call('TIME')
+  local settle = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[7])
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'version', ARGV[2], 'seq', ARGV[3], 'settle', settle)
   if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'state', ARGV[4], 'state_ts', ARGV[5]) end
   redis.call('EXPIRE', KEYS[1], ARGV[6])
   return ARGV[1]
@@ -150,6 +164,9 @@ pub(super) enum Numbered {
     Number(String, u64),
     /// Published nothing: Redis holds no such room and the publish waits for its holders.
     NoSuchRoom,
+    /// Published nothing: Redis lost the room and its holders are still putting their numbers
+    /// back (`RedisSettings::settle`); the publish waits in the outbox.
+    Settling,
     /// Published nothing: a restored state that Redis holds, or a newer one.
     Superseded,
 }
@@ -157,13 +174,6 @@ pub(super) enum Numbered {
 impl RedisRegistry {
     /// Runs the publish script: numbers a fresh publish (above `floor`), stores and sends it;
     /// returns the room's epoch in Redis and the number.
-    pub(super) async fn run_publish(&self, publish: ToNumber<'_>, floor: u64) -> redis::RedisResult<(String, u64)> {
-        match self.run_publish_script(publish, floor, false).await? {
-            Numbered::Number(epoch, n) => Ok((epoch, n)),
-            // Neither can happen without `wait_for_holders` or `restore`.
-            Numbered::NoSuchRoom | Numbered::Superseded => Ok((String::new(), 0)),
-        }
-    }
 
     /// The publish script; with `wait_for_holders` it publishes nothing if Redis holds no such room.
     pub(super) async fn run_publish_script(
@@ -217,6 +227,7 @@ impl RedisRegistry {
             .invoke_async(&mut conn)
             .await?;
         Ok(match (epoch.is_empty(), number) {
+            (true, 1) => Numbered::Settling,
             (true, _) => Numbered::NoSuchRoom,
             (false, 0) => Numbered::Superseded,
             (false, n) => Numbered::Number(epoch, n),
@@ -238,6 +249,7 @@ impl RedisRegistry {
             .arg(data)
             .arg(ts)
             .arg(self.settings.state_ttl_s())
+            .arg(self.settings.settle().as_millis() as u64)
             .invoke_async::<String>(&mut self.commands.clone())
             .await
             .map(drop)

@@ -47,6 +47,13 @@ impl RedisSettings {
         }
     }
 
+    /// How long a room Redis lost settles after its first holder put it back, before anything is
+    /// numbered anew in it: two heartbeats, for every holder to resync and put back what it knows
+    /// (nodes probe Redis every 0.5 s at most while it is away).
+    pub(super) fn settle(&self) -> std::time::Duration {
+        self.heartbeat * 2
+    }
+
     /// The TTL of a room's meta hash, in whole seconds (at least 1).
     pub(super) fn state_ttl_s(&self) -> u64 {
         self.state_ttl.as_secs().max(1)
