@@ -172,10 +172,9 @@ pub(super) enum Numbered {
 }
 
 impl RedisRegistry {
-    /// Runs the publish script: numbers a fresh publish (above `floor`), stores and sends it;
-    /// returns the room's epoch in Redis and the number.
-
-    /// The publish script; with `wait_for_holders` it publishes nothing if Redis holds no such room.
+    /// Runs the publish script: numbers a publish (above `floor`), stores and sends it, and says
+    /// under which epoch and number; with `wait_for_holders` it publishes nothing if Redis holds
+    /// no such room.
     pub(super) async fn run_publish_script(
         &self,
         publish: ToNumber<'_>,
