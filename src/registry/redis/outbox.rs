@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use tracing::info;
+use tracing::{debug, info};
 
 use super::resync::Scope;
 use super::scripts::ToNumber;
@@ -264,8 +264,17 @@ impl RedisRegistry {
         let outage = down.entry(room.clone()).or_default();
         if outage.wait_for_holders_until.is_none() {
             outage.wait_for_holders_until = Some(Instant::now() + self.settings.settle());
-            info!(%room, "redis lost the room: its publishes wait for the nodes that hold it to put its numbers back");
+            debug!(%room, "redis lost the room: its publishes wait for the nodes that hold it to put its numbers back");
         }
+    }
+
+    /// Whether the room, which this node holds, still settles after Redis lost it (`reseed`).
+    pub(super) fn settling(&self, room: &RoomName) -> bool {
+        self.hub.room_numbers(room).is_some()
+            && lock(&self.down_rooms)
+                .get(room)
+                .and_then(|o| o.wait_for_holders_until)
+                .is_some_and(|until| Instant::now() < until)
     }
 
     /// Whether a publish of the room from the outbox should still wait for its holders.

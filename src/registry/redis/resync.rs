@@ -149,7 +149,14 @@ impl RedisRegistry {
             follow.release_held(|envelope| self.apply_in_order(&room, &follow, envelope.clone(), now));
         }
         match &scope {
-            Scope::All => info!(rooms = count, reread, "redis is back: outbox published, rooms re-read"),
+            Scope::All => {
+                // Rooms Redis lost settle before their publishes go (see `reseed`), on their own.
+                let settling = lock(&self.down_rooms).len();
+                info!(
+                    rooms = count,
+                    reread, settling, "redis is back: outbox published, rooms re-read"
+                )
+            }
             Scope::Room(room) if reread == count => {
                 info!(%room, "the room is back on redis: its outbox published, the room re-read")
             }
@@ -189,6 +196,11 @@ impl RedisRegistry {
                 if let Some(numbers) = self.hub.room_numbers(room) {
                     self.reseed(room, numbers).await?;
                 }
+            }
+        }
+        if let Scope::Room(room) = scope {
+            if self.settling(room) {
+                return Ok(CaughtUp::WaitingForHolders);
             }
         }
         while let Some(item) = self.next_to_flush(scope) {

@@ -112,7 +112,7 @@ if not current then
   redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'version', ARGV[2], 'seq', ARGV[3], 'settle', settle)
   if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'state', ARGV[4], 'state_ts', ARGV[5]) end
   redis.call('EXPIRE', KEYS[1], ARGV[6])
-  return ARGV[1]
+  return {ARGV[1], 1}
 end
 if current == ARGV[1] then
   -- Another holder reseeded first: the newest version wins, with its state.
@@ -124,7 +124,7 @@ if current == ARGV[1] then
     redis.call('HSET', KEYS[1], 'seq', ARGV[3])
   end
 end
-return current
+return {current, 0}
 "#;
 
 /// The scripts, loaded by `EVALSHA` (and again by the client after Redis restarts).
@@ -233,7 +233,9 @@ impl RedisRegistry {
         })
     }
 
-    /// Runs the reseed script with what this node holds of the room.
+    /// Runs the reseed script with what this node holds of the room. When Redis had lost the room,
+    /// it now settles (no new numbers for `RedisSettings::settle`): so does the room here, its
+    /// publishes waiting in the outbox, so that `/health` says `ok` only once they go to Redis.
     pub(super) async fn reseed(&self, room: &RoomName, numbers: RoomNumbers) -> redis::RedisResult<()> {
         let (data, ts) = numbers
             .state
@@ -249,9 +251,13 @@ impl RedisRegistry {
             .arg(ts)
             .arg(self.settings.state_ttl_s())
             .arg(self.settings.settle().as_millis() as u64)
-            .invoke_async::<String>(&mut self.commands.clone())
+            .invoke_async::<(String, u8)>(&mut self.commands.clone())
             .await
-            .map(drop)
+            .map(|(_, settling)| {
+                if settling == 1 {
+                    self.wait_for_holders(room);
+                }
+            })
     }
 }
 

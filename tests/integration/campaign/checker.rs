@@ -6,6 +6,8 @@
 use std::collections::HashMap;
 
 use serde_json::Value;
+use std::time::Duration;
+
 use tokio::time::Instant;
 
 use super::client::ClientView;
@@ -37,7 +39,18 @@ pub struct Inputs<'a> {
     /// Per room: the state every node answers for it (`GET /v1/rooms/{room}`'s `state.data`).
     pub room_state: Vec<Option<Value>>,
     pub start: Instant,
+    /// (node, from, until) of every cut or stalled path to Redis.
+    pub broken_paths: &'a [(usize, Instant, Option<Instant>)],
+    /// When Redis restarted empty.
+    pub empty_restarts: &'a [Instant],
 }
+
+/// A room's settle time after an empty restart (`RedisSettings::settle`: two `--node-heartbeat`s
+/// of 200 ms), and the 0.5 s a node may take to notice that Redis is back.
+const SETTLE_AND_PROBE: std::time::Duration = std::time::Duration::from_millis(900);
+
+/// `--resend-window`: how long a node keeps what Redis numbered, to send it again.
+const RESEND_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Why an accepted event may be missing at a client, per the docs; `None`: it must be there.
 fn excuse(inputs: &Inputs, publish: &Publish, view: &ClientView) -> Option<&'static str> {
@@ -54,6 +67,23 @@ fn excuse(inputs: &Inputs, publish: &Publish, view: &ClientView) -> Option<&'sta
         });
         if lost_with_node {
             return Some("202, and its node died with its outbox");
+        }
+    }
+    // ARCHITECTURE.md "Settling" and "What an empty restart can still lose": an event Redis
+    // numbered in the resend window before it died empty can be lost when a node's path to Redis
+    // is cut or stalled past the room's settle time after the restart (that node puts its numbers
+    // back, or sends its recent publishes again, after new numbers were handed out).
+    if status == 200 {
+        let late_node = inputs.empty_restarts.iter().any(|&restarted| {
+            let killed_after_publish =
+                at <= restarted && restarted.duration_since(at) <= RESEND_WINDOW + Duration::from_secs(3);
+            killed_after_publish
+                && inputs.broken_paths.iter().any(|&(_, from, until)| {
+                    from <= restarted + SETTLE_AND_PROBE && until.is_none_or(|until| until >= restarted)
+                })
+        });
+        if late_node {
+            return Some("200 before Redis died empty, and a node's path was cut or stalled past the settle time");
         }
     }
     // PROTOCOL.md "After each `subscribed`": `recovered:false` whose refetch finds the history
@@ -267,6 +297,8 @@ fn the_checker_finds_a_missing_a_repeated_and_a_reordered_event() {
             lives: vec![Vec::new()],
             room_state: vec![None],
             start,
+            broken_paths: &[],
+            empty_restarts: &[],
         };
         let mut kinds: Vec<String> = check(&inputs).failures.into_iter().map(|(k, _)| k).collect();
         kinds.sort();

@@ -143,6 +143,10 @@ struct System {
     rooms: Vec<String>,
     start: Instant,
     timeline: Vec<(u128, String)>,
+    /// When a node's path to Redis was cut or stalled: (node, from, until; `None` while it is).
+    broken_paths: Vec<(usize, Instant, Option<Instant>)>,
+    /// When Redis restarted empty.
+    empty_restarts: Vec<Instant>,
 }
 
 impl System {
@@ -160,8 +164,14 @@ impl System {
                     redis.kill();
                 }
             }
-            FaultKind::CutNode(i) => self.proxies[i].set(Path::Cut),
-            FaultKind::StallNode(i) => self.proxies[i].set(Path::Stalled),
+            FaultKind::CutNode(i) => {
+                self.proxies[i].set(Path::Cut);
+                self.broken_paths.push((i, Instant::now(), None));
+            }
+            FaultKind::StallNode(i) => {
+                self.proxies[i].set(Path::Stalled);
+                self.broken_paths.push((i, Instant::now(), None));
+            }
             FaultKind::MoveSlot(r) => {
                 let cluster = self.cluster.as_ref().expect("a cluster");
                 let mut conn = crate::util::cluster_node_connection(cluster.ports[0]).await;
@@ -174,6 +184,17 @@ impl System {
                 let (from, to) = crate::cluster::move_slot(cluster, slot).await;
                 self.note(format!("slot {slot} moved from {from} to {to}"));
             }
+        }
+    }
+
+    fn path_healed(&mut self, node: usize) {
+        let now = Instant::now();
+        for (_, _, until) in self
+            .broken_paths
+            .iter_mut()
+            .filter(|(n, _, until)| *n == node && until.is_none())
+        {
+            *until = Some(now);
         }
     }
 
@@ -191,11 +212,15 @@ impl System {
             FaultKind::KillRedis { empty } => {
                 if let Some(redis) = self.redis.as_mut().filter(|r| !r.running()) {
                     redis.restart(empty);
+                    if empty {
+                        self.empty_restarts.push(Instant::now());
+                    }
                     self.note(format!("heal {kind:?}: redis restarted"));
                 }
             }
             FaultKind::CutNode(i) | FaultKind::StallNode(i) => {
                 self.proxies[i].set(Path::Open);
+                self.path_healed(i);
                 self.note(format!("heal {kind:?}"));
             }
             FaultKind::MoveSlot(_) => {}
@@ -299,6 +324,8 @@ async fn run_schedule(seed: u64, cluster: bool, faults: &[String]) -> Result<Str
         rooms: plan.rooms.clone(),
         start: Instant::now(),
         timeline: Vec::new(),
+        broken_paths: Vec::new(),
+        empty_restarts: Vec::new(),
     };
     let addrs: Vec<_> = system.nodes.iter().map(|n| n.http).collect();
     let (bump_tx, mut bump) = watch::channel(0u64);
@@ -461,6 +488,8 @@ async fn run_schedule(seed: u64, cluster: bool, faults: &[String]) -> Result<Str
         lives: system.nodes.iter().map(|n| n.lives.clone()).collect(),
         room_state,
         start,
+        broken_paths: &system.broken_paths,
+        empty_restarts: &system.empty_restarts,
     };
     let mut verdict = checker::check(&inputs);
     verdict.failures.splice(0..0, verdict_pre);
