@@ -439,32 +439,40 @@ mod tests {
         assert_eq!(stored, 3, "the event sent under its own number is in the history too");
     }
 
-    /// Two holders reseed an emptied Redis: the newest version wins with its own state.
+    async fn reseed(
+        conn: &redis::aio::MultiplexedConnection,
+        room: &RoomName,
+        (version, seq): (u64, u64),
+        (state, ts): (&str, u64),
+        settle_ms: u64,
+    ) -> (String, u8) {
+        Script::new(RESEED_LUA)
+            .key(meta_key(room))
+            .arg("ep")
+            .arg(version)
+            .arg(seq)
+            .arg(state)
+            .arg(ts)
+            .arg(60)
+            .arg(settle_ms)
+            .invoke_async(&mut conn.clone())
+            .await
+            .expect("reseed")
+    }
+
+    /// Two holders reseed an emptied Redis: the newest version wins with its own state; the
+    /// first to put the room back says it settles.
     #[tokio::test]
     async fn the_newest_reseed_brings_its_state() {
         let redis = TestRedis::start();
-        let mut conn = redis.connect().await;
+        let conn = redis.connect().await;
         let room = RoomName::parse("game:reseed").expect("room");
-        let reseed = |version: u64, state: &'static str, ts: u64| {
-            let mut conn = conn.clone();
-            let room = room.clone();
-            async move {
-                Script::new(RESEED_LUA)
-                    .key(meta_key(&room))
-                    .arg("ep")
-                    .arg(version)
-                    .arg(0)
-                    .arg(state)
-                    .arg(ts)
-                    .arg(60)
-                    .invoke_async::<String>(&mut conn)
-                    .await
-                    .expect("reseed")
-            }
-        };
-        reseed(1, "{\"old\":1}", 10).await;
-        reseed(2, "{\"new\":2}", 20).await;
-        reseed(1, "{\"old\":1}", 10).await;
+        let first = reseed(&conn, &room, (1, 0), ("{\"old\":1}", 10), 0).await;
+        assert_eq!(first, ("ep".to_string(), 1), "the room was lost: it settles");
+        let second = reseed(&conn, &room, (2, 0), ("{\"new\":2}", 20), 0).await;
+        assert_eq!(second, ("ep".to_string(), 0));
+        reseed(&conn, &room, (1, 0), ("{\"old\":1}", 10), 0).await;
+        let mut conn = conn.clone();
         let (version, state, ts): (u64, String, u64) = redis::cmd("HMGET")
             .arg(meta_key(&room))
             .arg("version")
@@ -474,5 +482,36 @@ mod tests {
             .await
             .expect("hmget");
         assert_eq!((version, state.as_str(), ts), (2, "{\"new\":2}", 20));
+    }
+
+    /// While a room Redis lost settles, nothing is numbered anew in it (a lagging holder's numbers
+    /// could repeat one another holder gave a lost event); a restore under its own number goes.
+    #[tokio::test]
+    async fn a_room_put_back_settles_before_new_numbers() {
+        let redis = TestRedis::start();
+        let mut conn = redis.connect().await;
+        let room = RoomName::parse("game:settle").expect("room");
+        reseed(&conn, &room, (0, 5), ("", 0), 60_000).await;
+        // Another holder knew more: the highest seq wins.
+        reseed(&conn, &room, (0, 8), ("", 0), 60_000).await;
+        let fresh = publish(&mut conn, &room, "event", "1", 1, "00000000000000e1", None).await;
+        assert_eq!(fresh, (String::new(), 1), "settling: not numbered");
+        let state = publish(&mut conn, &room, "state", "{}", 1, "", None).await;
+        assert_eq!(state, (String::new(), 1), "nor is a state");
+        let restored = publish(&mut conn, &room, "event", "7", 1, "00000000000000e7", Some(("ep", 7))).await;
+        assert_eq!(restored, ("ep".to_string(), 7), "a restore under its own number goes");
+        let _: () = redis::cmd("HSET")
+            .arg(meta_key(&room))
+            .arg("settle")
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .expect("settled");
+        let after = publish(&mut conn, &room, "event", "1", 1, "00000000000000e1", None).await;
+        assert_eq!(
+            after,
+            ("ep".to_string(), 9),
+            "settled: numbered after what the holders put back"
+        );
     }
 }
