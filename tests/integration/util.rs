@@ -770,6 +770,9 @@ pub struct RedisServer {
     pub port: u16,
     /// TLS (rediss://) with this password, as ElastiCache's in-transit encryption with AUTH.
     tls: Option<(std::path::PathBuf, String)>,
+    /// An append-only file in this directory, fsynced on every write: a SIGKILL loses nothing
+    /// acknowledged (the fault campaign restarts Redis with its data).
+    aof_dir: Option<std::path::PathBuf>,
 }
 
 impl RedisServer {
@@ -782,9 +785,41 @@ impl RedisServer {
             child: None,
             port,
             tls: None,
+            aof_dir: None,
         };
         server.spawn();
         server
+    }
+
+    /// A server with an append-only file in `dir`, fsynced on every write.
+    pub fn start_persistent(dir: std::path::PathBuf) -> Self {
+        std::fs::create_dir_all(&dir).expect("redis dir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut server = Self {
+            child: None,
+            port,
+            tls: None,
+            aof_dir: Some(dir),
+        };
+        server.spawn();
+        server
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Starts again on the same port: with the data of its append-only file, or empty.
+    pub fn restart(&mut self, empty: bool) {
+        self.kill();
+        if let (true, Some(dir)) = (empty, &self.aof_dir) {
+            let _ = std::fs::remove_dir_all(dir);
+            std::fs::create_dir_all(dir).expect("redis dir");
+        }
+        self.spawn();
     }
 
     /// A TLS-only server with a password and a self-signed certificate.
@@ -810,6 +845,7 @@ impl RedisServer {
             child: None,
             port,
             tls: Some((dir, password.to_string())),
+            aof_dir: None,
         };
         server.spawn();
         server
@@ -825,7 +861,13 @@ impl RedisServer {
 
     fn spawn(&mut self) {
         let mut command = Command::new("redis-server");
-        command.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        command.args(["--bind", "127.0.0.1", "--save", ""]);
+        match &self.aof_dir {
+            Some(dir) => command
+                .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                .arg(dir),
+            None => command.args(["--appendonly", "no"]),
+        };
         match &self.tls {
             None => command.args(["--port", &self.port.to_string()]),
             Some((dir, password)) => command

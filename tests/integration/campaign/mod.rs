@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use client::ContractClient;
-use procs::{NodeProc, RedisProc};
+use procs::NodeProc;
 use proxy::{Path, RedisProxy};
 use publisher::{Fate, Publish, Publisher, MARKER};
 use schedule::{FaultKind, Plan, Rng, NODES};
@@ -137,7 +137,7 @@ async fn campaign(cluster: bool, test: &str, default_schedules: usize) {
 /// Everything a schedule runs, and the nemesis' hands on it.
 struct System {
     nodes: Vec<NodeProc>,
-    redis: Option<RedisProc>,
+    redis: Option<crate::util::RedisServer>,
     proxies: Vec<RedisProxy>,
     cluster: Option<crate::util::RedisCluster>,
     rooms: Vec<String>,
@@ -299,7 +299,7 @@ async fn run_schedule(seed: u64, cluster: bool, faults: &[String]) -> Result<Str
         let args = vec!["--redis".to_string(), c.url(), "--redis-cluster".to_string()];
         (None, Vec::new(), Some(c), args)
     } else {
-        let redis = RedisProc::start(dir.join("redis"));
+        let redis = crate::util::RedisServer::start_persistent(dir.join("redis"));
         let mut proxies = Vec::new();
         for _ in 0..NODES {
             proxies.push(RedisProxy::start(redis.port).await);

@@ -1,6 +1,6 @@
-//! The processes of a schedule: `courtside` nodes on fixed ports (restarted on the same ones,
-//! logs to a file each incarnation) and a `redis-server` with an append-only file that can be
-//! SIGKILLed and restarted empty or with its data. Every process is killed on drop.
+//! The nodes of a schedule: `courtside` processes on fixed ports (restarted on the same ones,
+//! logs to a file each incarnation), killed on drop. Redis is `util::RedisServer` with an
+//! append-only file (`start_persistent`), SIGKILLed and restarted empty or with its data.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -236,71 +236,5 @@ impl Drop for NodeProc {
             let _ = child.kill();
             let _ = child.wait();
         }
-    }
-}
-
-/// A `redis-server` on a fixed port with an append-only file fsynced on every write, so a
-/// SIGKILL loses nothing it acknowledged; restarting empty deletes the files first.
-pub struct RedisProc {
-    pub port: u16,
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl RedisProc {
-    pub fn start(dir: PathBuf) -> Self {
-        std::fs::create_dir_all(&dir).expect("redis dir");
-        let mut redis = Self {
-            port: free_port(),
-            dir,
-            child: None,
-        };
-        redis.spawn();
-        redis
-    }
-
-    pub fn running(&self) -> bool {
-        self.child.is_some()
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "yes", "--appendfsync", "always"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (apt-get install redis-server)");
-        self.child = Some(child);
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts again on the same port: with the data of its append-only file, or empty.
-    pub fn restart(&mut self, empty: bool) {
-        self.kill();
-        if empty {
-            let _ = std::fs::remove_dir_all(&self.dir);
-            std::fs::create_dir_all(&self.dir).expect("redis dir");
-        }
-        self.spawn();
-    }
-}
-
-impl Drop for RedisProc {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
