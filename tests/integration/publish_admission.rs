@@ -314,12 +314,7 @@ async fn a_client_that_writes_before_it_reads_gets_the_whole_413_and_then_a_clos
     let answer = read_answer(&mut stream, &mut buffer).await;
     assert_eq!(answer.status, 413, "{}", answer.head);
     assert!(answer.body.contains("body_too_large"), "{}", answer.body);
-    let mut rest = Vec::new();
-    tokio::time::timeout(HANG, stream.read_to_end(&mut rest))
-        .await
-        .expect("closed within LINGER_TIME")
-        .expect("an end of stream, not a reset");
-    assert!(rest.is_empty() && buffer.is_empty(), "nothing after the 413");
+    await_clean_close(&mut stream, &buffer).await;
 }
 
 /// `Expect: 100-continue` with an oversized `Content-Length`: the 413 comes instead of a
@@ -335,12 +330,7 @@ async fn an_oversized_body_that_waits_for_100_continue_gets_the_413_instead() {
     let mut buffer = Vec::new();
     let answer = read_answer(&mut stream, &mut buffer).await;
     assert_eq!(answer.status, 413, "no 100 Continue first: {}", answer.head);
-    let mut rest = Vec::new();
-    tokio::time::timeout(HANG, stream.read_to_end(&mut rest))
-        .await
-        .expect("closed")
-        .expect("an end of stream, not a reset");
-    assert!(rest.is_empty() && buffer.is_empty(), "nothing after the 413");
+    await_clean_close(&mut stream, &buffer).await;
 }
 
 /// A chunked body (no `Content-Length`) keeps the limit: under `--max-body` it is published, past
@@ -395,4 +385,15 @@ async fn a_refusal_before_the_body_lets_the_client_read_it_and_keeps_the_connect
     stream.write_all(next.as_bytes()).await.expect("next request");
     let answer = read_answer(&mut stream, &mut buffer).await;
     assert_eq!(answer.status, 200, "{}", answer.body);
+}
+
+/// The server closes the connection after its answer (`buffer`: what was read past it): an end of
+/// stream, not a reset, with nothing after the answer.
+async fn await_clean_close(stream: &mut TcpStream, buffer: &[u8]) {
+    let mut rest = Vec::new();
+    tokio::time::timeout(HANG, stream.read_to_end(&mut rest))
+        .await
+        .expect("closed within LINGER_TIME")
+        .expect("an end of stream, not a reset");
+    assert!(rest.is_empty() && buffer.is_empty(), "nothing after the answer");
 }
