@@ -110,6 +110,20 @@ pub struct RoomNumbers {
     pub state: Option<Arc<Publication>>,
 }
 
+/// The last `seq` of the run of events in `read` (in number order) that follows `from` without a
+/// gap.
+fn run_end(read: &[RemotePublication<'_>], from: u64) -> u64 {
+    let mut end = from;
+    for remote in read.iter().filter(|r| r.kind == Kind::Event) {
+        if remote.number == end + 1 {
+            end += 1;
+        } else if remote.number > end {
+            break;
+        }
+    }
+    end
+}
+
 /// What a live message of the shared registry did (`Hub::apply_live`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Live {
@@ -371,7 +385,14 @@ impl Hub {
             if entry.room.epoch() != remote.epoch && entry.room.resume(remote.epoch) {
                 self.tell_subscribers(entry, room, Some(false));
             }
+            let before = entry.room.last_seq();
             self.apply_in(entry, remote, remote.deliver, now);
+            if !remote.deliver && entry.room.last_seq() > before {
+                // This node's own event, which its subscribers took under a local epoch, applied
+                // after a hole filled (`resume_from` stopped before it): a notice moves their
+                // `seq` on, so that the next event does not look like a skip.
+                self.tell_subscribers(entry, room, Some(true));
+            }
             Live::Applied
         });
         match applied {
@@ -408,22 +429,31 @@ impl Hub {
     ///   it holds).
     ///
     /// Either way the newest state follows the notice, and live events continue at `seq + 1`.
-    pub fn resume_from(&self, room: &RoomName, epoch: &str, read: &[RemotePublication<'_>], now: Now) {
-        let _ = self.with_room(room, None, now.unix_ms, |entry| {
+    ///
+    /// Under the same numbering only the events that follow on without a gap are taken (after an
+    /// empty restart, publishers send what Redis lost again in no set order): returns the last
+    /// `seq` taken, and the caller applies the read events past it in order as they fill in
+    /// (`u64::MAX`: every event was taken).
+    pub fn resume_from(&self, room: &RoomName, epoch: &str, read: &[RemotePublication<'_>], now: Now) -> u64 {
+        let resumed = self.with_room(room, None, now.unix_ms, |entry| {
             if !entry.room.in_outage() && entry.room.epoch() == epoch {
-                for remote in read {
+                let end = run_end(read, entry.room.last_seq());
+                for remote in read.iter().filter(|r| r.kind == Kind::State || r.number <= end) {
                     self.apply_in(entry, remote, remote.deliver, now);
                 }
-                return;
+                return end;
             }
             let same_numbering = entry.room.registry_epoch() == epoch;
+            let mut end = u64::MAX;
             if same_numbering {
                 let (_, confirmed_seq) = entry.room.confirmed();
+                end = run_end(read, confirmed_seq);
                 for remote in read {
                     // Told apart by id: the room holds what it numbered itself during the outage
                     // and what it had before (sent again under a new number if Redis lost it).
                     let missed = remote.kind == Kind::Event
                         && remote.number > confirmed_seq
+                        && remote.number <= end
                         && !remote.id.is_some_and(|id| entry.room.holds_event(id));
                     if missed {
                         self.publish_in(entry, Kind::Event, remote.id, &remote.data, now);
@@ -431,14 +461,19 @@ impl Hub {
                 }
             }
             entry.room.resume(epoch);
-            for remote in read.iter().filter(|r| r.kind == Kind::Event) {
+            for remote in read.iter().filter(|r| r.kind == Kind::Event && r.number <= end) {
                 self.apply_in(entry, remote, false, now);
             }
             self.tell_subscribers(entry, room, Some(same_numbering));
             for remote in read.iter().filter(|r| r.kind == Kind::State) {
                 self.apply_in(entry, remote, true, now);
             }
+            end
         });
+        match resumed {
+            Ok(Some(end)) => end,
+            _ => u64::MAX,
+        }
     }
 
     /// After a read of the registry: the room's sequence goes up to the registry's last one (see
@@ -841,6 +876,51 @@ mod tests {
             ([Outgoing::Publication(pa)], [Outgoing::Publication(pb)]) => assert!(Arc::ptr_eq(pa, pb)),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    /// After an empty restart the history can have holes that publishers fill later: the resume
+    /// takes the events up to the first hole and says where it stopped.
+    #[test]
+    fn a_resume_stops_at_a_hole_in_the_history() {
+        let hub = hub(HubConfig::default());
+        let r = room("bracket:4");
+        hub.ensure_room(&r, "E", 0).expect("room");
+        let s = hub.new_subscriber(Transport::WebSocket);
+        hub.subscribe(&r, &s, None, None, Some(1), usize::MAX, 0)
+            .expect("subscribe");
+        hub.apply_remote(&r, &remote("E", Kind::Event, 1, 11, "1"), now());
+        hub.publish_provisional(&r, Kind::Event, &data("\"a\""), now(), "L".into(), Some(EventId(21)));
+        drain(&s);
+        let read = [
+            remote("E", Kind::Event, 2, 31, "\"b\""),
+            remote("E", Kind::Event, 4, 41, "\"d\""),
+            remote("E", Kind::Event, 5, 21, "\"a\""),
+        ];
+        assert_eq!(hub.resume_from(&r, "E", &read, now()), 2, "seq 3 is not there yet");
+        assert_eq!(summary(&drain(&s)), ["event \"b\" 3", "subscribed \"E\" 2 true"]);
+        assert_eq!(
+            hub.apply_live(&r, &remote("E", Kind::Event, 4, 41, "\"d\""), now()),
+            Live::Gap { after: 2 }
+        );
+        assert_eq!(
+            hub.apply_live(&r, &remote("E", Kind::Event, 3, 33, "\"c\""), now()),
+            Live::Applied
+        );
+        assert_eq!(
+            hub.apply_live(&r, &remote("E", Kind::Event, 4, 41, "\"d\""), now()),
+            Live::Applied
+        );
+        let own = RemotePublication {
+            deliver: false,
+            ..remote("E", Kind::Event, 5, 21, "\"a\"")
+        };
+        assert_eq!(hub.apply_live(&r, &own, now()), Live::Applied);
+        assert_eq!(
+            summary(&drain(&s)),
+            ["event \"c\" 3", "event \"d\" 4", "subscribed \"E\" 5 true"],
+            "in order; this node's own event, which its subscriber had, not again: a notice says \
+             where the numbering goes on"
+        );
     }
 
     #[test]

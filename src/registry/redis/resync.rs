@@ -13,7 +13,7 @@ use super::follow::Follow;
 use super::keys::channel;
 use super::scripts::Numbered;
 use super::{lock, run_per_room, RedisRegistry};
-use crate::core::RoomName;
+use crate::core::{Kind, RoomName};
 
 /// What a resync brings back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,8 +126,15 @@ impl RedisRegistry {
                 // Not `catch_up_seq`: holders that missed events other holders put the numbering
                 // past must still take them when their publishers send them again.
                 Ok(snapshot) if self.is_room_up(&room) => {
-                    self.hub
+                    let taken = self
+                        .hub
                         .resume_from(&room, &snapshot.epoch, &snapshot.publications(), now);
+                    // Past a gap: applied as the numbers before them arrive (`gaps`).
+                    for envelope in snapshot.envelopes {
+                        if envelope.kind == Kind::Event.to_byte() && envelope.number > taken {
+                            self.apply_in_order(&room, &follow, envelope, now);
+                        }
+                    }
                     reread += 1;
                 }
                 // Lost again while it was read: the room stays held, and the resync that follows
