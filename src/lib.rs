@@ -17,6 +17,7 @@ pub mod http;
 pub mod hub;
 pub mod idempotency;
 pub mod listener;
+pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod quic_lb;

@@ -1,5 +1,6 @@
 //! Runs a node: binds nothing itself (the caller passes the listener), accepts TCP connections
-//! that admission lets in, serves HTTP and upgrades, sweeps rooms, and drains on shutdown.
+//! that admission lets in, serves HTTP and upgrades, sweeps rooms, trims the heap after bursts
+//! (`memory`), and drains on shutdown.
 
 use std::future::Future;
 use std::time::Duration;
@@ -60,6 +61,8 @@ pub async fn serve(
             }
         })
     };
+    // Gives the heap a burst of connects or disconnects freed back to the OS.
+    let trimmer = tokio::spawn(crate::memory::run(node.metrics.clone(), node.shutdown_listener()));
 
     let accept_loop = async {
         loop {
@@ -131,6 +134,7 @@ pub async fn serve(
         }
     };
     sweeper.abort();
+    trimmer.abort();
     report
 }
 
