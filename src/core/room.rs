@@ -63,6 +63,10 @@ pub struct Room {
     confirmed_seq: u64,
     /// While the room runs on a local epoch during a registry outage: the registry's epoch.
     outage_of: Option<String>,
+    /// The ids of the events given out under the last local epoch, which `resume` took out of
+    /// the history: the registry may bring them back later (past a hole in its history, or sent
+    /// again by their publisher), and subscribers that had them must not get them twice.
+    resumed_ids: Vec<EventId>,
     limits: RetentionLimits,
 }
 
@@ -81,6 +85,7 @@ impl Room {
             confirmed_version: 0,
             confirmed_seq: 0,
             outage_of: None,
+            resumed_ids: Vec::new(),
             limits,
         }
     }
@@ -144,7 +149,8 @@ impl Room {
     /// Applies an event whose sequence was assigned elsewhere. Sequences may skip numbers (after a
     /// Redis outage, for example) but never go back: an old or repeated one returns `None`. An
     /// event whose id the history holds already (sent again under a new number after Redis lost
-    /// it) moves the numbering on but returns `None`: no subscriber gets it twice.
+    /// it) moves the numbering on but returns `None`: no subscriber gets it twice; so does one the
+    /// room gave out under its last local epoch, which it keeps in the history under this number.
     pub fn apply_event(
         &mut self,
         seq: u64,
@@ -158,19 +164,21 @@ impl Room {
         }
         self.last_seq = seq;
         self.confirmed_seq = seq;
-        if self.holds_event(id) {
+        if self.history.iter().rev().any(|p| p.id == Some(id)) {
             return None;
         }
-        Some(self.keep_event(
-            seq,
-            id,
-            data,
-            Now {
-                unix_ms: ts_ms,
-                instant: now.instant,
-            },
-            now,
-        ))
+        let ingest = Now {
+            unix_ms: ts_ms,
+            instant: now.instant,
+        };
+        if let Some(at) = self.resumed_ids.iter().position(|held| *held == id) {
+            // Given out under the local epoch before the room resumed: kept under the registry's
+            // number for recovery, not given out again.
+            self.resumed_ids.swap_remove(at);
+            self.keep_event(seq, id, data, ingest, now);
+            return None;
+        }
+        Some(self.keep_event(seq, id, data, ingest, now))
     }
 
     /// Raises the sequence to the registry's last one when the registry no longer holds the events
@@ -186,7 +194,7 @@ impl Room {
 
     /// Whether the history holds the event with this id.
     pub fn holds_event(&self, id: EventId) -> bool {
-        self.history.iter().rev().any(|p| p.id == Some(id))
+        self.history.iter().rev().any(|p| p.id == Some(id)) || self.resumed_ids.contains(&id)
     }
 
     /// Builds the state publication (ingested at `ingest`) and keeps it as the room's state.
@@ -279,9 +287,11 @@ impl Room {
         self.version = self.confirmed_version;
         self.last_seq = self.confirmed_seq;
         let keep = self.confirmed_seq;
+        self.resumed_ids.clear();
         while self.history.back().is_some_and(|p| p.number() > keep) {
             if let Some(p) = self.history.pop_back() {
                 self.history_bytes -= p.size();
+                self.resumed_ids.extend(p.id);
             }
         }
         true

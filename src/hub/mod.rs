@@ -386,11 +386,12 @@ impl Hub {
                 self.tell_subscribers(entry, room, Some(false));
             }
             let before = entry.room.last_seq();
-            self.apply_in(entry, remote, remote.deliver, now);
-            if !remote.deliver && entry.room.last_seq() > before {
-                // This node's own event, which its subscribers took under a local epoch, applied
-                // after a hole filled (`resume_from` stopped before it): a notice moves their
-                // `seq` on, so that the next event does not look like a skip.
+            let delivered = self.apply_in(entry, remote, remote.deliver, now);
+            if !delivered && entry.room.last_seq() > before {
+                // An event the subscribers took under a local epoch (this node's own, or one it
+                // gave out while it resumed), applied after a hole filled (`resume_from` stopped
+                // before it): a notice moves their `seq` on, so that the next event does not look
+                // like a skip.
                 self.tell_subscribers(entry, room, Some(true));
             }
             Live::Applied
@@ -402,7 +403,8 @@ impl Hub {
     }
 
     /// Applies one registry publication to the room (its lock held), fanning it out if `deliver`.
-    fn apply_in(&self, entry: &mut RoomEntry, remote: &RemotePublication<'_>, deliver: bool, now: Now) {
+    /// Returns whether it went out to the subscribers.
+    fn apply_in(&self, entry: &mut RoomEntry, remote: &RemotePublication<'_>, deliver: bool, now: Now) -> bool {
         let applied = match remote.kind {
             Kind::State => entry.room.apply_state(remote.number, remote.ts_ms, &remote.data, now),
             Kind::Event => {
@@ -412,8 +414,12 @@ impl Hub {
                     .apply_event(remote.number, id, remote.ts_ms, &remote.data, now)
             }
         };
-        if let (Some(publication), true) = (applied, deliver) {
-            self.fan_out(entry, &publication);
+        match (applied, deliver) {
+            (Some(publication), true) => {
+                self.fan_out(entry, &publication);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -921,6 +927,11 @@ mod tests {
             "in order; this node's own event, which its subscriber had, not again: a notice says \
              where the numbering goes on"
         );
+        // The same when it comes back as any other event (its publisher sent it again after Redis
+        // lost it): the subscriber had it under the local epoch, before the resume.
+        let again = remote("E", Kind::Event, 6, 21, "\"a\"");
+        assert_eq!(hub.apply_live(&r, &again, now()), Live::Applied);
+        assert_eq!(summary(&drain(&s)), ["subscribed \"E\" 6 true"], "never twice");
     }
 
     #[test]
