@@ -129,6 +129,7 @@ impl RedisRegistry {
                     let taken = self
                         .hub
                         .resume_from(&room, &snapshot.epoch, &snapshot.publications(), now);
+                    debug!(%room, taken, seq = snapshot.seq, "the room re-read");
                     // Past a gap: applied as the numbers before them arrive (`gaps`).
                     for envelope in snapshot.envelopes {
                         if envelope.kind == Kind::Event.to_byte() && envelope.number > taken {
