@@ -55,8 +55,9 @@ impl TrimPolicy {
         Self::new(TRIM_AFTER, CALM_PER_SECOND, open, now)
     }
 
-    /// Records the connections open at `now`; true when the heap should be trimmed now.
-    pub fn observe(&mut self, open: u64, now: Instant) -> bool {
+    /// Records the connections open at `now`. When the heap should be trimmed now, returns the
+    /// connections opened or closed since the last trim (and starts counting again).
+    pub fn observe(&mut self, open: u64, now: Instant) -> Option<u64> {
         let change = open.abs_diff(self.open);
         let elapsed = now.saturating_duration_since(self.at);
         self.open = open;
@@ -66,10 +67,9 @@ impl TrimPolicy {
         let calm =
             change == 0 || u128::from(change) * 1_000_000 < u128::from(self.calm_per_second) * elapsed.as_micros();
         if self.churn >= self.trim_after && calm {
-            self.churn = 0;
-            return true;
+            return Some(std::mem::take(&mut self.churn));
         }
-        false
+        None
     }
 
     /// Connections opened or closed since the last trim.
@@ -91,11 +91,10 @@ pub async fn run(metrics: Arc<Metrics>, mut stop: ShutdownListener) {
         tokio::select! {
             _ = stop.recv() => break,
             _ = tick.tick() => {
-                let churn = policy.churn();
                 let open = open_now();
-                if !policy.observe(open, crate::clock::instant()) {
+                let Some(churn) = policy.observe(open, crate::clock::instant()) else {
                     continue;
-                }
+                };
                 let trim = tokio::task::spawn_blocking(move || {
                     let log = tracing::enabled!(tracing::Level::DEBUG);
                     let before = if log { resident_bytes() } else { None };
@@ -151,7 +150,8 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
-    fn ticks(policy: &mut TrimPolicy, start: Instant, opens: &[u64]) -> Vec<bool> {
+    /// Observes `opens` one tick apart; what each tick answered.
+    fn ticks(policy: &mut TrimPolicy, start: Instant, opens: &[u64]) -> Vec<Option<u64>> {
         opens
             .iter()
             .enumerate()
@@ -165,7 +165,7 @@ mod tests {
         let mut policy = TrimPolicy::new(1_000, 400, 0, start);
         // 5,000 connect over three ticks, then nothing changes.
         let trims = ticks(&mut policy, start, &[1_500, 4_000, 5_000, 5_000, 5_000, 5_000]);
-        assert_eq!(trims, [false, false, false, true, false, false]);
+        assert_eq!(trims, [None, None, None, Some(5_000), None, None]);
         assert_eq!(policy.churn(), 0);
     }
 
@@ -174,7 +174,7 @@ mod tests {
         let start = Instant::now();
         let mut policy = TrimPolicy::new(1_000, 400, 5_000, start);
         let trims = ticks(&mut policy, start, &[5_000, 3_000, 2_990]);
-        assert_eq!(trims, [false, false, true]);
+        assert_eq!(trims, [None, None, Some(2_010)]);
     }
 
     #[test]
@@ -182,7 +182,7 @@ mod tests {
         let start = Instant::now();
         let mut policy = TrimPolicy::new(1_000, 400, 0, start);
         let trims = ticks(&mut policy, start, &[999, 999, 999, 999]);
-        assert_eq!(trims, [false; 4]);
+        assert_eq!(trims, [None; 4]);
         assert_eq!(policy.churn(), 999);
     }
 
@@ -193,29 +193,29 @@ mod tests {
         // 90 a tick (360 a second, calm): up 450, down 450, up 100 makes 1,000.
         let opens = [90, 180, 270, 360, 450, 360, 270, 180, 90, 0, 90, 100];
         let trims = ticks(&mut policy, start, &opens);
-        assert_eq!(trims.iter().filter(|&&t| t).count(), 1);
-        assert!(trims[11]);
+        assert_eq!(trims.iter().flatten().count(), 1);
+        assert_eq!(trims[11], Some(1_000));
     }
 
     #[test]
     fn calm_is_a_rate_so_a_late_tick_is_not_a_burst() {
         let start = Instant::now();
         let mut policy = TrimPolicy::new(1_000, 400, 0, start);
-        assert!(!policy.observe(2_000, start + TICK));
+        assert_eq!(policy.observe(2_000, start + TICK), None);
         // 300 more, but over two seconds: 150 a second.
-        assert!(policy.observe(2_300, start + TICK + 2_000 * MS));
+        assert_eq!(policy.observe(2_300, start + TICK + 2_000 * MS), Some(2_300));
         // The same 300 within one tick is 1,200 a second: not calm.
         let mut policy = TrimPolicy::new(1_000, 400, 0, start);
-        assert!(!policy.observe(2_000, start + TICK));
-        assert!(!policy.observe(2_300, start + TICK * 2));
+        assert_eq!(policy.observe(2_000, start + TICK), None);
+        assert_eq!(policy.observe(2_300, start + TICK * 2), None);
     }
 
     #[test]
     fn no_time_elapsed_is_calm_only_if_nothing_changed() {
         let start = Instant::now();
         let mut policy = TrimPolicy::new(10, 400, 0, start);
-        assert!(!policy.observe(20, start));
-        assert!(policy.observe(20, start));
+        assert_eq!(policy.observe(20, start), None);
+        assert_eq!(policy.observe(20, start), Some(20));
     }
 
     #[test]
