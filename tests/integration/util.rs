@@ -970,7 +970,7 @@ impl RedisCluster {
     pub async fn start_with_replicas(replicas: usize) -> Self {
         let dir = std::env::temp_dir().join(format!("courtside-cluster-{}-{}", std::process::id(), free_port()));
         std::fs::create_dir_all(&dir).expect("dir");
-        let ports: Vec<u16> = (0..3 * (1 + replicas)).map(|_| free_port()).collect();
+        let ports: Vec<u16> = (0..3 * (1 + replicas)).map(|_| free_cluster_port()).collect();
         let mut children = Vec::new();
         for port in &ports {
             let child = Command::new("redis-server")
@@ -1098,6 +1098,30 @@ impl RedisCluster {
 pub async fn cluster_node_connection(port: u16) -> redis::aio::MultiplexedConnection {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("client");
     client.get_multiplexed_async_connection().await.expect("connection")
+}
+
+/// A port for a cluster node, whose bus listens on the port + 10,000: both below the kernel's
+/// ephemeral range (32768 and up), so that the bus port is not taken by some connection's local
+/// port meanwhile, and both free now.
+fn free_cluster_port() -> u16 {
+    // Successive picks of this process never repeat (a cluster's nodes are all picked before any
+    // of them binds); another process starts elsewhere in the range.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        (nanos ^ u64::from(std::process::id())) % 10_000
+    });
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 12_000 + ((start + n * 7) % 10_000) as u16;
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
 }
 
 fn free_port() -> u16 {
