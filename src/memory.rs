@@ -15,8 +15,9 @@ use crate::shutdown::ShutdownListener;
 /// within about half a second (two ticks), and a tick reads only two atomics.
 pub const TICK: Duration = Duration::from_millis(250);
 
-/// Connections opened or closed since the last trim before another is worth it (measured in
-/// bench/README.md, "WebSocket memory after a burst": what a trim gives back, and its time).
+/// Connections opened or closed since the last trim before another is worth it. Measured
+/// (bench/README.md, "After a burst: the heap given back"): 1,000 connects 1,000 at a time leave
+/// about 4 MB to give back, in 3–5 ms; 5,000 at once about 20 MB, in 20–76 ms.
 pub const TRIM_AFTER: u64 = 1_000;
 
 /// Connections opened or closed per second below which a burst counts as over. A steadier
