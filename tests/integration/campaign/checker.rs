@@ -126,6 +126,21 @@ fn excuse(inputs: &Inputs, publish: &Publish, view: &ClientView) -> Option<&'sta
         if late_node {
             return Some("200 before Redis died empty, and a node's path was cut or stalled past the settle time");
         }
+        // "An event whose accepting node dies too before it resyncs (its recent publishes die
+        // with it)".
+        let life = inputs.lives[node].iter().rev().find(|l| l.started <= at);
+        let publisher_died = inputs.empty_restarts.iter().any(|&restarted| {
+            at <= restarted
+                && restarted.duration_since(at) <= RESEND_WINDOW + Duration::from_secs(3)
+                && life.is_some_and(|l| {
+                    l.ended
+                        .as_ref()
+                        .is_some_and(|(ended, _)| *ended <= restarted + SETTLE_AND_PROBE)
+                })
+        });
+        if publisher_died {
+            return Some("200 before Redis died empty, and its node died before it could send it again");
+        }
     }
     // PROTOCOL.md "After each `subscribed`": `recovered:false` whose refetch finds the history
     // gone (410, or emptied by an empty Redis restart): those events are gone for the client.
