@@ -1,0 +1,5 @@
+//! WebTransport as sans-IO state machines over quinn-proto: a session takes QUIC events, bytes
+//! and `now`, and returns what to send and what the application must know. No socket, task or
+//! clock: the endpoint loop that drives it is a thin adapter, and its tests run in virtual time.
+
+pub mod delivery;
