@@ -3,3 +3,11 @@
 //! clock: the endpoint loop that drives it is a thin adapter, and its tests run in virtual time.
 
 pub mod delivery;
+pub mod session;
+
+pub use session::{CloseRequest, SessionConfig, SessionEnd, SessionEvent, WtSession};
+
+#[cfg(test)]
+mod pair;
+#[cfg(test)]
+mod tests;
