@@ -353,7 +353,7 @@ impl From<ConnectionError> for HandshakeError {
 /// Whether a new QUIC connection is answered with a Retry: its address is not validated yet (a
 /// client echoing a Retry token is), a Retry is still possible, and the handshakes under way
 /// have reached the threshold (0: always).
-fn should_retry(validated: bool, may_retry: bool, under_way: usize, threshold: usize) -> bool {
+pub(crate) fn should_retry(validated: bool, may_retry: bool, under_way: usize, threshold: usize) -> bool {
     !validated && may_retry && under_way >= threshold
 }
 

@@ -3,7 +3,9 @@
 //! clock: the endpoint loop that drives it is a thin adapter, and its tests run in virtual time.
 
 pub mod delivery;
+pub mod endpoint;
 pub mod session;
+pub mod udp_loop;
 
 pub use session::{CloseRequest, SessionConfig, SessionEnd, SessionEvent, WtSession};
 

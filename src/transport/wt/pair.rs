@@ -614,8 +614,18 @@ impl Default for Setup {
 }
 
 /// The server's QUIC configuration, as the real server builds it (`webtransport::server_config`).
-fn server_config(setup: &Setup, identity: Identity) -> ServerConfig {
-    let settings = WebTransportSettings {
+pub fn server_config(setup: &Setup, identity: Identity) -> ServerConfig {
+    let settings = settings(setup);
+    let mut config = webtransport::server_config(&settings, identity).expect("server config");
+    let mut transport = webtransport::transport_config(&settings);
+    transport.keep_alive_interval(setup.keep_alive);
+    config.transport_config(Arc::new(transport));
+    config
+}
+
+/// The server's WebTransport settings for `setup`.
+fn settings(setup: &Setup) -> WebTransportSettings {
+    WebTransportSettings {
         udp: UdpSettings {
             bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             recv_buffer: 0,
@@ -639,12 +649,7 @@ fn server_config(setup: &Setup, identity: Identity) -> ServerConfig {
         state_datagrams: setup.session.state_datagrams,
         quic_server_id: None,
         retry_threshold: 200,
-    };
-    let mut config = webtransport::server_config(&settings, identity).expect("server config");
-    let mut transport = webtransport::transport_config(&settings);
-    transport.keep_alive_interval(setup.keep_alive);
-    config.transport_config(Arc::new(transport));
-    config
+    }
 }
 
 fn client_config(setup: &Setup, identity: &Identity) -> ClientConfig {
