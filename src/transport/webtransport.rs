@@ -175,7 +175,7 @@ pub(crate) fn server_config(
     Ok(config)
 }
 
-fn endpoint_config(settings: &WebTransportSettings) -> quinn::EndpointConfig {
+pub(crate) fn endpoint_config(settings: &WebTransportSettings) -> quinn::EndpointConfig {
     let mut config = quinn::EndpointConfig::default();
     if let Some(server) = settings.quic_server_id {
         config.cid_generator(move || Box::new(RoutableConnectionIds { server }));

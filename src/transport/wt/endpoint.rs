@@ -100,6 +100,26 @@ impl WtEndpoint {
         self.sessions.len()
     }
 
+    /// Every session's connection is closed (by either side) or gone.
+    pub fn all_closed(&self) -> bool {
+        self.sessions.values().all(|entry| entry.session.is_closed())
+    }
+
+    /// QUIC handshakes under way.
+    pub fn handshaking(&self) -> usize {
+        self.handshaking
+    }
+
+    /// The handles of every session.
+    pub fn handles(&self) -> Vec<ConnectionHandle> {
+        self.sessions.keys().copied().collect()
+    }
+
+    /// Replaces the server configuration (a reloaded certificate) for new connections.
+    pub fn set_server_config(&mut self, config: Arc<ServerConfig>) {
+        self.endpoint.set_server_config(Some(config));
+    }
+
     /// A session, for the application's answers (accept, refuse, deliver, close). Marks it
     /// touched: the next `flush` collects what the call made it send.
     pub fn session(&mut self, ch: ConnectionHandle) -> Option<&mut WtSession> {

@@ -425,6 +425,11 @@ impl WtSession {
         self.conn.is_drained()
     }
 
+    /// The connection is closed (by either side) or lost: only its draining is left.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
     /// The session takes deliveries.
     pub fn is_open(&self) -> bool {
         matches!(self.phase, Phase::Open)

@@ -1,7 +1,7 @@
-//! The I/O of a `WtEndpoint`: one task owns the UDP socket, receives in batches (quinn-udp's
-//! `recvmmsg`, GRO), feeds the endpoint with `now`, runs its timers, hands session events to
-//! the application and sends what the sessions produced (GSO within a connection's batch).
-//! Not the server's default path yet: nothing starts it but its test.
+//! The I/O of a `WtEndpoint`: the UDP socket, received in batches (quinn-udp's `recvmmsg`, GRO)
+//! into the endpoint with `now`, and what the sessions produced sent (GSO within a
+//! connection's batch). `run` is the plain loop (a session application as a callback);
+//! `wt::server` builds the server's loop on `UdpIo`.
 
 use std::future::Future;
 use std::io::{self, IoSliceMut};
@@ -24,6 +24,96 @@ fn udp_ecn(ecn: quinn_proto::EcnCodepoint) -> Option<quinn_udp::EcnCodepoint> {
     quinn_udp::EcnCodepoint::from_bits(ecn as u8)
 }
 
+/// A UDP socket read and written in batches.
+#[derive(Debug)]
+pub struct UdpIo {
+    socket: tokio::net::UdpSocket,
+    state: UdpSocketState,
+    /// `BATCH_SIZE` receive buffers of `chunk` bytes each.
+    recv_buf: Vec<u8>,
+    chunk: usize,
+}
+
+impl UdpIo {
+    /// Takes `socket` (bound); each receive buffer holds `max_udp_payload` bytes per GRO segment.
+    pub fn new(socket: std::net::UdpSocket, max_udp_payload: usize) -> io::Result<Self> {
+        socket.set_nonblocking(true)?;
+        let state = UdpSocketState::new((&socket).into())?;
+        let socket = tokio::net::UdpSocket::from_std(socket)?;
+        let chunk = max_udp_payload * state.gro_segments().max(1);
+        Ok(Self {
+            socket,
+            state,
+            recv_buf: vec![0u8; chunk * BATCH_SIZE],
+            chunk,
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Waits until the socket has datagrams.
+    pub async fn readable(&self) -> io::Result<()> {
+        self.socket.readable().await
+    }
+
+    /// Hands every datagram waiting on the socket to `endpoint`, a batch per system call.
+    pub fn receive(&mut self, endpoint: &mut WtEndpoint, now: Instant) -> io::Result<()> {
+        let mut metas = [RecvMeta::default(); BATCH_SIZE];
+        loop {
+            let mut iovs: [IoSliceMut; BATCH_SIZE] = {
+                let mut chunks = self.recv_buf.chunks_mut(self.chunk).map(IoSliceMut::new);
+                std::array::from_fn(|_| chunks.next().unwrap_or_else(|| IoSliceMut::new(&mut [])))
+            };
+            let (socket, state) = (&self.socket, &self.state);
+            match socket.try_io(Interest::READABLE, || state.recv(socket.into(), &mut iovs, &mut metas)) {
+                Ok(count) => {
+                    for (meta, iov) in metas.iter().zip(iovs.iter()).take(count) {
+                        let mut data = BytesMut::from(&iov[..meta.len]);
+                        while !data.is_empty() {
+                            let segment = data.split_to(meta.stride.min(data.len()));
+                            let ecn = meta.ecn.and_then(proto_ecn);
+                            endpoint.handle_datagram(now, meta.addr, meta.dst_ip, ecn, segment);
+                        }
+                    }
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                // Undefined in QUIC, and injectable by an attacker.
+                Err(error) if error.kind() == io::ErrorKind::ConnectionReset => continue,
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// Sends every packet the endpoint collected, waiting for room when the socket is full,
+    /// and forgets them.
+    pub async fn send(&self, endpoint: &mut WtEndpoint) -> io::Result<()> {
+        for (packet, contents) in endpoint.transmits() {
+            let transmit = Transmit {
+                destination: packet.destination,
+                ecn: packet.ecn.and_then(udp_ecn),
+                contents,
+                segment_size: packet.segment_size,
+                src_ip: packet.src_ip,
+            };
+            loop {
+                match self
+                    .socket
+                    .try_io(Interest::WRITABLE, || self.state.send((&self.socket).into(), &transmit))
+                {
+                    Ok(()) => break,
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => self.socket.writable().await?,
+                    // A packet the kernel refuses (a closed port, a route gone) is a lost packet.
+                    Err(_) => break,
+                }
+            }
+        }
+        endpoint.clear_transmits();
+        Ok(())
+    }
+}
+
 /// Serves `endpoint` on `socket` until `shutdown` completes; `on_event` answers the sessions'
 /// events (a request with `accept` or `refuse`, commands with deliveries) through the endpoint.
 pub async fn run(
@@ -32,12 +122,7 @@ pub async fn run(
     mut on_event: impl FnMut(&mut WtEndpoint, Instant, ConnectionHandle, SessionEvent),
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<WtEndpoint> {
-    socket.set_nonblocking(true)?;
-    let state = UdpSocketState::new((&socket).into())?;
-    let socket = tokio::net::UdpSocket::from_std(socket)?;
-    let chunk = endpoint.max_udp_payload() * state.gro_segments().max(1);
-    let mut recv_buf = vec![0u8; chunk * BATCH_SIZE];
-    let mut metas = [RecvMeta::default(); BATCH_SIZE];
+    let mut io = UdpIo::new(socket, endpoint.max_udp_payload())?;
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let deadline = endpoint.next_timeout();
@@ -49,31 +134,9 @@ pub async fn run(
         };
         tokio::select! {
             _ = &mut shutdown => return Ok(endpoint),
-            ready = socket.readable() => {
+            ready = io.readable() => {
                 ready?;
-                let now = crate::clock::instant();
-                loop {
-                    let mut iovs: [IoSliceMut; BATCH_SIZE] = {
-                        let mut chunks = recv_buf.chunks_mut(chunk).map(IoSliceMut::new);
-                        std::array::from_fn(|_| chunks.next().unwrap_or_else(|| IoSliceMut::new(&mut [])))
-                    };
-                    match socket.try_io(Interest::READABLE, || state.recv((&socket).into(), &mut iovs, &mut metas)) {
-                        Ok(count) => {
-                            for (meta, iov) in metas.iter().zip(iovs.iter()).take(count) {
-                                let mut data = BytesMut::from(&iov[..meta.len]);
-                                while !data.is_empty() {
-                                    let segment = data.split_to(meta.stride.min(data.len()));
-                                    let ecn = meta.ecn.and_then(proto_ecn);
-                                    endpoint.handle_datagram(now, meta.addr, meta.dst_ip, ecn, segment);
-                                }
-                            }
-                        }
-                        Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
-                        // Undefined in QUIC, and injectable by an attacker.
-                        Err(error) if error.kind() == io::ErrorKind::ConnectionReset => continue,
-                        Err(error) => return Err(error),
-                    }
-                }
+                io.receive(&mut endpoint, crate::clock::instant())?;
             }
             _ = timer => endpoint.handle_timeouts(crate::clock::instant()),
         }
@@ -83,32 +146,8 @@ pub async fn run(
             on_event(&mut endpoint, now, ch, event);
         }
         endpoint.flush(now);
-        send_all(&socket, &state, &endpoint).await?;
-        endpoint.clear_transmits();
+        io.send(&mut endpoint).await?;
     }
-}
-
-/// Sends every packet the endpoint collected, waiting for room when the socket is full.
-async fn send_all(socket: &tokio::net::UdpSocket, state: &UdpSocketState, endpoint: &WtEndpoint) -> io::Result<()> {
-    for (packet, contents) in endpoint.transmits() {
-        let transmit = Transmit {
-            destination: packet.destination,
-            ecn: packet.ecn.and_then(udp_ecn),
-            contents,
-            segment_size: packet.segment_size,
-            src_ip: packet.src_ip,
-        };
-        loop {
-            socket.writable().await?;
-            match socket.try_io(Interest::WRITABLE, || state.send(socket.into(), &transmit)) {
-                Ok(()) => break,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-                // A packet the kernel refuses (a closed port, a route gone) is a lost packet.
-                Err(_) => break,
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
