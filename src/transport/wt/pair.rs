@@ -478,6 +478,12 @@ impl Client {
         }
     }
 
+    /// Reads what waits on the control stream now (after `reads_control` was off).
+    pub fn read_control_now(&mut self) {
+        self.reads_control = true;
+        self.read_control();
+    }
+
     fn read_control(&mut self) {
         let Some(id) = self.control else { return };
         let (data, _) = self.read_all(id);

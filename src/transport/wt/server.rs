@@ -323,10 +323,10 @@ fn deliver(
     node: &Node,
     now: Instant,
 ) -> Option<QueueClosed> {
-    loop {
-        if !session.is_open() {
-            return None;
-        }
+    // Only while the control stream takes bytes: a client that reads slowly leaves its messages
+    // in its bounded queue (conflated, or closed as slow), not in the session's buffer. The
+    // session says `Writable` when it takes more.
+    while session.wants_more() {
         batch.clear();
         let closed = fan.subscriber.drain_into(batch, MAX_BATCH);
         if !batch.is_empty() {
@@ -339,6 +339,9 @@ fn deliver(
         if batch.is_empty() {
             break;
         }
+    }
+    if !session.is_open() {
+        return None;
     }
     // Registers the connection's waker; something queued meanwhile marks it ready at once.
     if fan
@@ -441,6 +444,7 @@ fn on_event(
                 })),
             );
         }
+        SessionEvent::Writable => list.ready.lock().unwrap_or_else(|p| p.into_inner()).push(ch),
         SessionEvent::Command(command) => {
             let Some(Joined::Open(fan)) = joined.get_mut(&ch) else {
                 return;

@@ -72,6 +72,9 @@ pub enum SessionEvent {
     Established,
     /// A client command, or why a message could not be read as one (answered with an error).
     Command(Result<ClientCommand, CommandError>),
+    /// The control stream took every byte that waited for the client's window: deliver more
+    /// (while `wants_more` is false the application leaves messages in its bounded queue).
+    Writable,
     /// The session is over: nothing more is delivered or read. The connection may still have
     /// packets to send (a close handshake's last steps): drive it until `is_drained`.
     Ended(SessionEnd),
@@ -824,7 +827,12 @@ impl WtSession {
 
     fn writable(&mut self, now: Instant, id: StreamId) {
         if self.control.as_ref().is_some_and(|c| c.id == id) {
-            return self.flush_control(now);
+            let blocked = !self.wants_more();
+            self.flush_control(now);
+            if blocked && self.wants_more() {
+                self.events.push_back(SessionEvent::Writable);
+            }
+            return;
         }
         for out in [self.h3_control.as_mut(), self.connect.as_mut().map(|c| &mut c.out)]
             .into_iter()

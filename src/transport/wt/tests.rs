@@ -502,3 +502,24 @@ fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
     assert_eq!(pair.server.ended(), Some(&SessionEnd::WriteStalled));
     assert_eq!(pair.client.closed_with(), Some((0, Vec::new())));
 }
+
+#[test]
+fn a_session_takes_more_deliveries_once_the_client_reads_again() {
+    let mut pair = Pair::new(Setup {
+        client_stream_window: 8 * 1024,
+        ..Setup::default()
+    });
+    pair.establish();
+    pair.client.reads_control = false;
+    let now = pair.now;
+    let error = Outgoing::Control(ServerControl::error(ErrorCode::BadRequest, "x".repeat(1000)));
+    pair.server.session().deliver(now, &vec![error; 12]);
+    pair.run_for(S);
+    assert!(!pair.server.session().wants_more());
+    assert!(!pair.server.events.iter().any(|e| matches!(e, SessionEvent::Writable)));
+    pair.client.read_control_now();
+    pair.run_for(S);
+    assert!(pair.server.session().wants_more());
+    assert!(pair.server.events.iter().any(|e| matches!(e, SessionEvent::Writable)));
+    assert_eq!(pair.client.messages.len(), 12, "every message arrived");
+}
