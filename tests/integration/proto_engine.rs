@@ -1,6 +1,7 @@
 //! The experimental WebTransport engine (`--wt-engine proto`: Courtside's own endpoint loop on
 //! quinn-proto) against the same clients and expectations as the default one. The whole
-//! WebTransport, limits, tokens and shutdown suites also pass with `COURTSIDE_WT_ENGINE=proto`.
+//! WebTransport, limits, tokens, shutdown and delivery suites, and the Chromium tests in
+//! tests/browser, also pass with `COURTSIDE_WT_ENGINE=proto`.
 
 use serde_json::json;
 
