@@ -523,6 +523,12 @@ mod tests {
             Ok(None),
             "a partial frame waits"
         );
+        // As the server's own: H3_DATAGRAM 1, ENABLE_WEBTRANSPORT and WEBTRANSPORT_MAX_SESSIONS
+        // (four- and eight-byte varints).
+        assert_eq!(
+            read_client_settings(&unhex("04103301ab60374201c0000000c671706a01")),
+            Ok(Some((ClientSettings { h3_datagram: true }, 18)))
+        );
         assert_eq!(
             read_client_settings(&unhex("0400")),
             Ok(Some((ClientSettings { h3_datagram: false }, 2)))
