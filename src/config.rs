@@ -268,6 +268,26 @@ pub struct WebTransportConfig {
         default_value_t = 200
     )]
     pub quic_retry_threshold: usize,
+    /// What runs WebTransport sessions. quinn (the default): quinn's endpoint, a task per
+    /// session. proto (experimental, issue 22): Courtside's own endpoint loop on quinn-proto,
+    /// every session in one task over a batched UDP socket.
+    #[arg(
+        long,
+        env = "COURTSIDE_WT_ENGINE",
+        value_name = "quinn|proto",
+        value_enum,
+        default_value_t = WtEngine::Quinn
+    )]
+    pub wt_engine: WtEngine,
+}
+
+/// What runs WebTransport sessions (`--wt-engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WtEngine {
+    /// quinn's endpoint and a task per session.
+    Quinn,
+    /// Courtside's own endpoint loop on quinn-proto (`transport::wt`).
+    Proto,
 }
 
 /// Sharing rooms with other nodes through Redis.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use courtside::admission::{Admission, AdmissionSettings};
-use courtside::config::{self, Command, LogFormat, ServeConfig};
+use courtside::config::{self, Command, LogFormat, ServeConfig, WtEngine};
 use courtside::hub::{Hub, HubConfig};
 use courtside::metrics::Metrics;
 use courtside::node::Node;
@@ -133,9 +133,18 @@ fn run(config: ServeConfig) -> anyhow::Result<()> {
                 courtside::transport::webtransport::resolve_server_id(config.webtransport.quic_server_id)
                     .await
                     .context("--quic-server-id ecs-task")?;
-            let wt = WebTransportServer::bind(settings, &node).await?;
-            info!(wt = %wt.local_addr(), "listening for WebTransport (/wt)");
-            tokio::spawn(wt.run(node.clone()));
+            match config.webtransport.wt_engine {
+                WtEngine::Quinn => {
+                    let wt = WebTransportServer::bind(settings, &node).await?;
+                    info!(wt = %wt.local_addr(), "listening for WebTransport (/wt)");
+                    tokio::spawn(wt.run(node.clone()));
+                }
+                WtEngine::Proto => {
+                    let wt = courtside::transport::wt::server::ProtoServer::bind(settings, &node).await?;
+                    info!(wt = %wt.local_addr(), "listening for WebTransport (/wt) on the proto engine (experimental)");
+                    tokio::spawn(wt.run(node.clone()));
+                }
+            }
         }
         if let Some(emf) = courtside::emf::EmfSettings::from_config(&config) {
             info!(interval = ?emf.interval, namespace = %emf.namespace, "CloudWatch EMF metrics on standard output");

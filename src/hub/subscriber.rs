@@ -29,18 +29,19 @@ impl Wake {
     }
 
     async fn wait(&self) {
-        std::future::poll_fn(|cx| {
-            if self.pending.swap(false, Ordering::Acquire) {
-                return Poll::Ready(());
-            }
-            self.waker.register(cx.waker());
-            if self.pending.swap(false, Ordering::Acquire) {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
-        .await;
+        std::future::poll_fn(|cx| self.poll_wait(cx)).await;
+    }
+
+    fn poll_wait(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        if self.pending.swap(false, Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        if self.pending.swap(false, Ordering::Acquire) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 }
 
@@ -110,6 +111,12 @@ impl Subscriber {
     /// Waits until there is something to write (or the queue closed).
     pub async fn wait(&self) {
         self.wake.wait().await;
+    }
+
+    /// `wait` as a poll, for a loop that serves many connections with one waker each: `Ready`
+    /// when something is to be written, else `cx`'s waker is woken when it is.
+    pub fn poll_wait(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        self.wake.poll_wait(cx)
     }
 
     /// Moves up to `max` pending messages into `out`; reports whether the queue has closed.

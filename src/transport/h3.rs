@@ -252,6 +252,87 @@ pub fn close_capsule(code: u32, reason: &str) -> Vec<u8> {
     out
 }
 
+/// An HTTP/3 error code as a QUIC application error code (for a connection or stream close).
+pub fn quic_code(code: H3ErrorCode) -> quinn_proto::VarInt {
+    quinn_proto::VarInt::from_u64(code.to_code().into_inner()).unwrap_or(quinn_proto::VarInt::from_u32(0x101))
+}
+
+/// A client's unidirectional stream, by its type (RFC 9114 §6.2, RFC 9204 §4.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UniStreamType {
+    /// Its HTTP/3 control stream: SETTINGS first.
+    Control,
+    /// A QPACK encoder or decoder stream: critical, but unused without a dynamic table.
+    Qpack,
+    /// Anything else (a push, a WebTransport or a reserved stream): read and discarded.
+    Other,
+}
+
+/// The type that opens a client's unidirectional stream.
+pub fn read_uni_stream_type(buf: &[u8]) -> Parsed<UniStreamType> {
+    let mut reader = BufferReader::new(buf);
+    let Some(kind) = reader.get_varint() else {
+        return Ok(None);
+    };
+    let kind = match kind.into_inner() {
+        0x00 => UniStreamType::Control,
+        0x02 | 0x03 => UniStreamType::Qpack,
+        _ => UniStreamType::Other,
+    };
+    Ok(Some((kind, reader.offset())))
+}
+
+/// What the server needs of the client's SETTINGS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClientSettings {
+    /// `SETTINGS_H3_DATAGRAM` = 1: the client takes HTTP/3 datagrams (RFC 9297), which
+    /// WebTransport needs.
+    pub h3_datagram: bool,
+}
+
+/// The client's SETTINGS, the first frame of its control stream after the stream type (RFC
+/// 9114 §6.2.1: any other frame first is `H3_MISSING_SETTINGS`; §7.2.4: a setting twice, or one
+/// of HTTP/2's, is `H3_SETTINGS_ERROR`). Settings the server does not know are ignored.
+pub fn read_client_settings(buf: &[u8]) -> Parsed<ClientSettings> {
+    const SETTINGS: u64 = 0x04;
+    let mut reader = BufferReader::new(buf);
+    let (Some(kind), Some(len)) = (reader.get_varint(), reader.get_varint()) else {
+        return Ok(None);
+    };
+    if kind.into_inner() != SETTINGS {
+        return Err(H3Error::new(
+            H3ErrorCode::MissingSettings,
+            "the control stream does not start with SETTINGS",
+        ));
+    }
+    let Ok(len) = usize::try_from(len.into_inner()) else {
+        return Err(H3Error::new(H3ErrorCode::ExcessiveLoad, "SETTINGS too large"));
+    };
+    let Some(payload) = reader.get_bytes(len) else {
+        return Ok(None);
+    };
+    let mut settings = ClientSettings::default();
+    let mut seen = Vec::new();
+    let mut fields = BufferReader::new(payload);
+    while fields.capacity() > 0 {
+        let (Some(id), Some(value)) = (fields.get_varint(), fields.get_varint()) else {
+            return Err(H3Error::new(H3ErrorCode::Frame, "a SETTINGS frame cut short"));
+        };
+        let (id, value) = (id.into_inner(), value.into_inner());
+        if matches!(id, 0x02..=0x05) || seen.contains(&id) {
+            return Err(H3Error::new(
+                H3ErrorCode::Settings,
+                "a setting repeated, or one of HTTP/2's",
+            ));
+        }
+        seen.push(id);
+        if id == u64::from(setting::H3_DATAGRAM) {
+            settings.h3_datagram = value == 1;
+        }
+    }
+    Ok(Some((settings, reader.offset())))
+}
+
 /// What the client sent on the CONNECT stream after the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnectStreamEvent {
@@ -428,6 +509,45 @@ mod tests {
             Ok(Some((ConnectStreamEvent::Other, other.len())))
         );
         assert_eq!(read_connect_stream(&other[..3]), Ok(None), "a partial frame waits");
+    }
+
+    #[test]
+    fn the_client_settings_come_first_on_its_control_stream() {
+        // SETTINGS (04) of 4 bytes: H3_DATAGRAM (33) = 1, and an unknown setting 0x21 = 0.
+        assert_eq!(
+            read_client_settings(&unhex("0404330121000102")),
+            Ok(Some((ClientSettings { h3_datagram: true }, 6)))
+        );
+        assert_eq!(
+            read_client_settings(&unhex("040433")),
+            Ok(None),
+            "a partial frame waits"
+        );
+        // As the server's own: H3_DATAGRAM 1, ENABLE_WEBTRANSPORT and WEBTRANSPORT_MAX_SESSIONS
+        // (four- and eight-byte varints).
+        assert_eq!(
+            read_client_settings(&unhex("04103301ab60374201c0000000c671706a01")),
+            Ok(Some((ClientSettings { h3_datagram: true }, 18)))
+        );
+        assert_eq!(
+            read_client_settings(&unhex("0400")),
+            Ok(Some((ClientSettings { h3_datagram: false }, 2)))
+        );
+        // A GOAWAY (07) first is H3_MISSING_SETTINGS; a setting twice is H3_SETTINGS_ERROR.
+        let missing = read_client_settings(&unhex("070100")).expect_err("refused");
+        assert_eq!(missing.code, H3ErrorCode::MissingSettings);
+        let twice = read_client_settings(&unhex("040433013300")).expect_err("refused");
+        assert_eq!(twice.code, H3ErrorCode::Settings);
+        assert_eq!(
+            read_uni_stream_type(&unhex("00")),
+            Ok(Some((UniStreamType::Control, 1)))
+        );
+        assert_eq!(read_uni_stream_type(&unhex("03")), Ok(Some((UniStreamType::Qpack, 1))));
+        assert_eq!(
+            read_uni_stream_type(&unhex("4054")),
+            Ok(Some((UniStreamType::Other, 2)))
+        );
+        assert_eq!(read_uni_stream_type(&[]), Ok(None));
     }
 
     #[test]

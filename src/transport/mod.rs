@@ -5,3 +5,4 @@
 pub mod h3;
 pub mod websocket;
 pub mod webtransport;
+pub mod wt;

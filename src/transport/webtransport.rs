@@ -19,17 +19,17 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn};
 
 use super::h3::{self, ConnectStreamEvent, H3Error, H3ErrorCode, Parsed};
+use super::wt::delivery::{FromClient, StateDelivery};
 use crate::admission::{ConnectionPermit, IpPermit};
 use crate::certs::{CertificateError, CertificateInfo, CertificateSource, Identity};
 use crate::config::ServeConfig;
 use crate::connection::{self, Close, DriverSettings, Ending, Inbound, Wire, WireError};
-use crate::core::publication::{Publication, RoomId};
-use crate::core::repair::{DatagramRepair, RepairAction, RepairPolicy};
-use crate::core::routing::{Route, StateDatagrams, StateRouting};
-use crate::core::wire::{self, ClientMessage, FrameDecoder, FrameError, MAX_CLIENT_MESSAGE};
-use crate::core::{close_code, ClientCommand, Kind, Outgoing, RoomName, ServerControl};
+use crate::core::repair::RepairPolicy;
+use crate::core::routing::StateDatagrams;
+use crate::core::wire::{self, FrameDecoder, FrameError, MAX_CLIENT_MESSAGE};
+use crate::core::{close_code, Outgoing, ServerControl};
 use crate::gate::WakeGate;
-use crate::metrics::{Metrics, Transport};
+use crate::metrics::Transport;
 use crate::node::Node;
 use crate::quic_lb::{QuicServerId, RoutableConnectionIds, ServerIdSource};
 use crate::shutdown::ShutdownListener;
@@ -134,7 +134,7 @@ impl std::fmt::Debug for WebTransportServer {
 
 /// quinn's transport settings for sessions that hold one control stream and receive small
 /// datagrams (README.md, "WebTransport tuning", has each one's measured effect).
-fn transport_config(settings: &WebTransportSettings) -> quinn::TransportConfig {
+pub(crate) fn transport_config(settings: &WebTransportSettings) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
     // The CONNECT stream and the control stream; the client's HTTP/3 control and two QPACK
     // streams. quinn keeps state for every stream a peer may open: more is memory per session.
@@ -156,7 +156,7 @@ fn transport_config(settings: &WebTransportSettings) -> quinn::TransportConfig {
     transport
 }
 
-fn server_config(
+pub(crate) fn server_config(
     settings: &WebTransportSettings,
     identity: Identity,
 ) -> Result<quinn::ServerConfig, WebTransportError> {
@@ -175,7 +175,7 @@ fn server_config(
     Ok(config)
 }
 
-fn endpoint_config(settings: &WebTransportSettings) -> quinn::EndpointConfig {
+pub(crate) fn endpoint_config(settings: &WebTransportSettings) -> quinn::EndpointConfig {
     let mut config = quinn::EndpointConfig::default();
     if let Some(server) = settings.quic_server_id {
         config.cid_generator(move || Box::new(RoutableConnectionIds { server }));
@@ -353,7 +353,7 @@ impl From<ConnectionError> for HandshakeError {
 /// Whether a new QUIC connection is answered with a Retry: its address is not validated yet (a
 /// client echoing a Retry token is), a Retry is still possible, and the handshakes under way
 /// have reached the threshold (0: always).
-fn should_retry(validated: bool, may_retry: bool, under_way: usize, threshold: usize) -> bool {
+pub(crate) fn should_retry(validated: bool, may_retry: bool, under_way: usize, threshold: usize) -> bool {
     !validated && may_retry && under_way >= threshold
 }
 
@@ -398,14 +398,14 @@ async fn accept_session(
         Ok(Ok(streams)) => streams,
         Ok(Err(HandshakeError::H3(error))) => {
             debug!(%error, "webtransport handshake refused");
-            connection.close(h3_code(error.code), error.message.as_bytes());
+            connection.close(h3::quic_code(error.code), error.message.as_bytes());
             return;
         }
         Ok(Err(HandshakeError::Refused(status))) => {
             debug!(status, "webtransport session refused");
             // The client closes on the refusal; one that does not is closed shortly after.
             let _ = timeout(Duration::from_secs(1), connection.closed()).await;
-            connection.close(h3_code(H3ErrorCode::RequestRejected), b"refused");
+            connection.close(h3::quic_code(H3ErrorCode::RequestRejected), b"refused");
             return;
         }
         Ok(Err(HandshakeError::Lost(error))) => return debug!(%error, "webtransport handshake failed"),
@@ -422,11 +422,6 @@ async fn accept_session(
     debug!(conn = subscriber.id(), remote = %connection.remote_address(), "webtransport session started");
     let wire = WebTransportWire::new(connection, streams, &node, &settings);
     connection::start(wire, subscriber, node, settings.driver.clone(), shutdown);
-}
-
-/// An HTTP/3 error code as quinn's application error code.
-fn h3_code(code: H3ErrorCode) -> VarInt {
-    VarInt::from_u64(code.to_code().into_inner()).unwrap_or(VarInt::from_u32(0x101))
 }
 
 /// Reads `stream` into `buf` until `parse` finds a value; the bytes after it stay in `buf`.
@@ -567,12 +562,8 @@ struct WebTransportWire {
     /// Held until the session ends: its count against the client address.
     _ip_permit: Option<IpPermit>,
     _connection_permit: Option<ConnectionPermit>,
-    prefix: Bytes,
-    metrics: Arc<Metrics>,
-    repair: DatagramRepair,
-    /// Which states go as datagrams and which on the stream (`core::routing`).
-    routing: StateRouting,
-    state_datagrams: StateDatagrams,
+    /// Aliases, the routing of states and their repair (shared with the sans-IO session).
+    states: StateDelivery,
     /// Grows to what this session has needed: idle fans never pay for a large buffer.
     out: BytesMut,
     decoder: FrameDecoder,
@@ -588,10 +579,6 @@ struct WebTransportWire {
     repair_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The deadline `repair_timer` is set to; `None` after it fired.
     repair_timer_at: Option<std::time::Instant>,
-    repairs: Vec<RepairAction>,
-    /// The rooms whose alias (their `RoomId`) this session announced: a datagram names its
-    /// room by alias only after the client was told it on the stream.
-    aliases: Vec<(RoomId, RoomName)>,
 }
 
 impl WebTransportWire {
@@ -607,67 +594,18 @@ impl WebTransportWire {
             h3_streams: streams.h3_streams,
             _ip_permit: streams.ip_permit,
             _connection_permit: streams.connection_permit,
-            prefix: streams.prefix,
-            metrics: node.metrics.clone(),
-            repair: DatagramRepair::new(settings.repair),
-            routing: StateRouting::new(settings.state_datagrams),
-            state_datagrams: settings.state_datagrams,
+            states: StateDelivery::new(
+                streams.prefix,
+                node.metrics.clone(),
+                settings.repair,
+                settings.state_datagrams,
+            ),
             out: BytesMut::new(),
             decoder: streams.decoder,
             connect_buf: Vec::new(),
             gates: Default::default(),
             repair_timer: None,
             repair_timer_at: None,
-            repairs: Vec::new(),
-            aliases: Vec::new(),
-        }
-    }
-
-    /// The client holds `version` of `room` (an ack, as a datagram or on the control stream).
-    fn acked(&mut self, room: RoomId, version: u64) {
-        self.metrics.repair_acks.inc();
-        self.repair.acked(room, version, crate::clock::instant());
-    }
-
-    /// What the client acknowledged in one message: a room by name, or several by alias.
-    fn on_ack(&mut self, message: ClientMessage) {
-        match message {
-            ClientMessage::Ack { room, version } => {
-                if let Some(id) = self.alias_of(&room) {
-                    self.acked(id, version);
-                }
-            }
-            ClientMessage::Acks(acks) => {
-                let now = crate::clock::instant();
-                self.metrics.repair_acks.inc_by(acks.len() as u64);
-                for ack in acks {
-                    self.repair.acked(RoomId(ack.alias), ack.version, now);
-                }
-            }
-            ClientMessage::Command(_) => {}
-        }
-    }
-
-    /// The alias announced for `room` in this session.
-    fn alias_of(&self, room: &RoomName) -> Option<RoomId> {
-        self.aliases.iter().find(|(_, name)| name == room).map(|(id, _)| *id)
-    }
-
-    /// Writes the `alias` notice of `room` (unless already given) for datagrams to use.
-    fn announce(&mut self, room: &RoomName, id: RoomId) {
-        if self.aliases.iter().any(|(other, name)| *other == id && name == room) {
-            return;
-        }
-        self.left(room);
-        self.aliases.push((id, room.clone()));
-        wire::put_frame(&mut self.out, &wire::encode_alias(room, id.0));
-    }
-
-    /// The client left `room`: no repair, and its alias is announced again if it comes back.
-    fn left(&mut self, room: &RoomName) {
-        if let Some(id) = self.alias_of(room) {
-            self.repair.forget(id);
-            self.aliases.retain(|(other, _)| *other != id);
         }
     }
 
@@ -682,30 +620,15 @@ impl WebTransportWire {
                 }))
             }
         };
-        Some(match wire::decode_client(&frame) {
-            Ok(ClientMessage::Command(command)) => {
-                if let ClientCommand::Unsubscribe { room } = &command {
-                    self.left(room);
-                }
-                Inbound::Command(Ok(command))
-            }
-            Ok(ack) => {
-                self.metrics.webtransport.client_messages.inc();
-                self.on_ack(ack);
-                Inbound::Heard
-            }
-            Err(error) => Inbound::Command(Err(error)),
+        Some(match self.states.on_frame(&frame, crate::clock::instant()) {
+            FromClient::Command(command) => Inbound::Command(command),
+            FromClient::Heard => Inbound::Heard,
         })
     }
 
     /// A datagram from the client: acknowledgements for the repair; anything else is ignored.
     fn on_datagram(&mut self, datagram: &[u8]) {
-        let Some(payload) = h3::datagram_payload(datagram, &self.prefix) else {
-            return;
-        };
-        if let Ok(ack) = wire::decode_client(payload) {
-            self.on_ack(ack);
-        }
+        self.states.on_datagram(datagram, crate::clock::instant());
     }
 
     /// What the client sent on the CONNECT stream: its close ends the session; other frames
@@ -731,7 +654,7 @@ impl WebTransportWire {
 
     /// Polls the repair timer, made, reset or dropped to match what the repair waits for.
     fn poll_repair_timer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        match self.repair.next_due() {
+        match self.states.next_due() {
             None => {
                 // Nothing waits for an ack: a timer left armed would wake the session for
                 // nothing (measured: +12 % server CPU per delivery, WebTransport-only Saturday).
@@ -764,19 +687,6 @@ impl WebTransportWire {
             return Ok(());
         }
         connection::with_deadline(write_timeout, self.send.write_all(&self.out)).await
-    }
-
-    /// A state's datagram: the session's prefix, then the state by its alias (one shared copy
-    /// for the usual session on the client's first stream).
-    fn datagram_of(&self, p: &Publication) -> Bytes {
-        if self.prefix[..] == [0x00] {
-            return p.session0_datagram().clone();
-        }
-        let message = p.aliased_message();
-        let mut datagram = BytesMut::with_capacity(self.prefix.len() + message.len());
-        datagram.extend_from_slice(&self.prefix);
-        datagram.extend_from_slice(&message);
-        datagram.freeze()
     }
 
     /// Waits (until `deadline`) for the client to close: the QUIC connection closes, or the
@@ -885,97 +795,22 @@ impl Wire for WebTransportWire {
     /// States as datagrams where `core::routing` says so and they fit, the rest on the stream.
     async fn write_batch(&mut self, batch: &[Outgoing], write_timeout: Duration) -> Result<(), WireError> {
         self.out.clear();
-        // What only states need: each read of quinn's state takes its connection lock, and a
-        // batch of events (most batches) needs none of it.
-        let has_state = batch
-            .iter()
-            .any(|item| matches!(item, Outgoing::Publication(p) if p.kind == Kind::State));
-        if has_state && self.state_datagrams == StateDatagrams::AfterLoss {
-            let lost = self.connection.stats().path.lost_packets;
-            match self.routing.path_lost(lost, crate::clock::instant()) {
-                Some(Route::Datagram) => debug!(lost, "packet loss on this session: states go as datagrams"),
-                Some(Route::Stream) => debug!("no loss for a while: states go on the stream again"),
-                None => {}
-            }
-        }
-        let max_datagram = if has_state && self.routing.datagrams_on() {
-            self.connection.max_datagram_size()
-        } else {
-            None
-        };
-        let rtt = if has_state {
-            self.connection.rtt()
-        } else {
-            Duration::ZERO
-        };
         let now = crate::clock::instant();
-        for item in batch {
-            match item {
-                Outgoing::Control(control) => {
-                    self.routing.control(control);
-                    wire::put_frame(&mut self.out, &wire::encode_control(control));
-                    match control {
-                        ServerControl::Unsubscribed { room } => self.left(room),
-                        // The alias follows the subscribed reply, before any datagram uses it.
-                        ServerControl::Subscribed { room, room_id, .. } => self.announce(room, *room_id),
-                        _ => {}
-                    }
-                }
-                Outgoing::Publication(p) => {
-                    let message = p.wire_message();
-                    if p.kind != Kind::State {
-                        wire::put_frame(&mut self.out, message);
-                        continue;
-                    }
-                    let datagram = max_datagram.map(|max| (max, self.datagram_of(p)));
-                    let fits = datagram.as_ref().is_some_and(|(max, d)| d.len() <= *max);
-                    if self.routing.route(&p.room, fits) == Route::Datagram {
-                        if !self.aliases.iter().any(|(id, _)| *id == p.room_id) {
-                            // The room has a new ID on this node since the subscribe: its new
-                            // alias goes out on the stream, and this state with it.
-                            self.announce(&p.room, p.room_id);
-                            wire::put_frame(&mut self.out, message);
-                            continue;
-                        }
-                        if let Some((_, datagram)) = datagram {
-                            if self.connection.send_datagram(datagram).is_ok() {
-                                self.repair.sent(p, p.number, now, rtt);
-                                continue;
-                            }
-                        }
-                    }
-                    self.repair.forget(p.room_id);
-                    wire::put_frame(&mut self.out, message);
-                }
-            }
-        }
+        self.states.write_batch(batch, &mut self.out, &mut self.connection, now);
         self.write_out(write_timeout).await
     }
 
     async fn on_timer(&mut self, write_timeout: Duration) -> Result<(), WireError> {
-        let mut repairs = std::mem::take(&mut self.repairs);
-        self.repair.poll(crate::clock::instant(), &mut repairs);
         self.out.clear();
-        for action in repairs.drain(..) {
-            match action {
-                RepairAction::Datagram(p) => {
-                    self.metrics.repair_datagrams.inc();
-                    let _ = self.connection.send_datagram(self.datagram_of(&p));
-                }
-                RepairAction::Stream(p) => {
-                    self.metrics.repair_stream.inc();
-                    wire::put_frame(&mut self.out, p.wire_message());
-                }
-            }
-        }
-        self.repairs = repairs;
+        let now = crate::clock::instant();
+        self.states.repair_due(now, &mut self.out, &mut self.connection);
         self.write_out(write_timeout).await
     }
 
     /// The client closed the session: close the QUIC connection (nothing more to say).
     async fn answer_close(&mut self) {
         let _ = self.connect_send.finish();
-        self.connection.close(h3_code(H3ErrorCode::NoError), b"");
+        self.connection.close(h3::quic_code(H3ErrorCode::NoError), b"");
     }
 
     /// Writes a close notice (after `reconnect`, when asked) on the control stream and a
@@ -1010,7 +845,7 @@ impl Wire for WebTransportWire {
             // as closed with the code (seen with a close 1 ms after its FIN; 500 ms was enough).
             let grace = deadline.min(Instant::now() + CLOSE_GRACE);
             let _ = timeout_at(grace, self.connection.closed()).await;
-            self.connection.close(h3_code(H3ErrorCode::NoError), b"");
+            self.connection.close(h3::quic_code(H3ErrorCode::NoError), b"");
         } else {
             self.connection
                 .close(VarInt::from_u32(close.code.into()), close.reason.as_bytes());

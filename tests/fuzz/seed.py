@@ -55,6 +55,8 @@ add("token", hs256({"sub": "55", "exp": 1}))
 # tests; a frame header and a stream-type prefix start the fuzzer off.
 add("h3_connect", bytes.fromhex("0104000050"))
 add("h3_connect", bytes.fromhex("4054000100"))
+# A client's SETTINGS (after its control stream's type byte): H3_DATAGRAM 1, WebTransport on.
+add("h3_connect", bytes.fromhex("04103301ab60374201c0000000c671706a01"))
 
 for target, items in corpus.items():
     directory = os.path.join(root, "corpus", target)

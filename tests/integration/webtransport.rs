@@ -215,7 +215,7 @@ async fn with_states_as_datagrams_after_loss_lossy_sessions_switch_to_datagrams_
 /// it holds the newest version (the test fails if one does not within `HANG`); returns how long
 /// after the last publish each did (for the log), how many states came as datagrams, and the
 /// server.
-async fn converge_under_30_percent_loss(server_args: &[&str]) -> (Vec<Duration>, u64, TestServer) {
+pub(crate) async fn converge_under_30_percent_loss(server_args: &[&str]) -> (Vec<Duration>, u64, TestServer) {
     const CLIENTS: u64 = 6;
     const PUBLISHES: u64 = 40;
     let server = TestServer::start(server_args);

@@ -1,0 +1,285 @@
+//! What a WebTransport session does with states and acks, whichever QUIC driver runs it (quinn's
+//! tasks or the sans-IO `WtSession`): room aliases, the route of each state (control stream or
+//! datagram, `core::routing`) and the repair of lost state datagrams (`core::repair`).
+//! It reaches the QUIC connection only through `DatagramPath` and takes `now` as an argument.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tracing::debug;
+
+use super::super::h3;
+use crate::core::publication::{Publication, RoomId};
+use crate::core::repair::{DatagramRepair, RepairAction, RepairPolicy};
+use crate::core::routing::{Route, StateDatagrams, StateRouting};
+use crate::core::wire::{self, ClientMessage};
+use crate::core::{ClientCommand, CommandError, Kind, Outgoing, RoomName, ServerControl};
+use crate::metrics::Metrics;
+
+/// What `StateDelivery` needs of a QUIC connection: its loss count, datagram size and RTT, and
+/// a way to send a datagram (quinn's `Connection` and quinn-proto's implement it).
+pub trait DatagramPath {
+    /// QUIC's count of packets lost on the path so far.
+    fn lost_packets(&mut self) -> u64;
+    /// The largest datagram the peer takes now, `None` when it takes none.
+    fn max_datagram_size(&mut self) -> Option<usize>;
+    fn rtt(&mut self) -> Duration;
+    /// Queues `datagram`; false when it could not be (too large, datagrams off).
+    fn send_datagram(&mut self, datagram: Bytes) -> bool;
+}
+
+impl DatagramPath for quinn::Connection {
+    fn lost_packets(&mut self) -> u64 {
+        self.stats().path.lost_packets
+    }
+
+    fn max_datagram_size(&mut self) -> Option<usize> {
+        quinn::Connection::max_datagram_size(self)
+    }
+
+    fn rtt(&mut self) -> Duration {
+        quinn::Connection::rtt(self)
+    }
+
+    fn send_datagram(&mut self, datagram: Bytes) -> bool {
+        quinn::Connection::send_datagram(self, datagram).is_ok()
+    }
+}
+
+impl DatagramPath for quinn_proto::Connection {
+    fn lost_packets(&mut self) -> u64 {
+        self.stats().path.lost_packets
+    }
+
+    fn max_datagram_size(&mut self) -> Option<usize> {
+        self.datagrams().max_size()
+    }
+
+    fn rtt(&mut self) -> Duration {
+        quinn_proto::Connection::rtt(self)
+    }
+
+    fn send_datagram(&mut self, datagram: Bytes) -> bool {
+        // A state is conflated upstream: when the send buffer is full, the oldest datagram
+        // (an older state, repaired anyway) gives way.
+        self.datagrams().send(datagram, true).is_ok()
+    }
+}
+
+/// What one message from the client's control stream was.
+#[derive(Debug)]
+pub enum FromClient {
+    /// A command, or why it could not be read as one (answered with an error).
+    Command(Result<ClientCommand, CommandError>),
+    /// An acknowledgement, taken here: the client was heard, nothing for the session.
+    Heard,
+}
+
+/// One session's aliases, routing and repair of states.
+#[derive(Debug)]
+pub struct StateDelivery {
+    /// The datagram prefix of this session (its quarter stream ID).
+    prefix: Bytes,
+    metrics: Arc<Metrics>,
+    repair: DatagramRepair,
+    /// Which states go as datagrams and which on the stream (`core::routing`).
+    routing: StateRouting,
+    state_datagrams: StateDatagrams,
+    repairs: Vec<RepairAction>,
+    /// The rooms whose alias (their `RoomId`) this session announced: a datagram names its
+    /// room by alias only after the client was told it on the stream.
+    aliases: Vec<(RoomId, RoomName)>,
+}
+
+impl StateDelivery {
+    pub fn new(prefix: Bytes, metrics: Arc<Metrics>, repair: RepairPolicy, state_datagrams: StateDatagrams) -> Self {
+        Self {
+            prefix,
+            metrics,
+            repair: DatagramRepair::new(repair),
+            routing: StateRouting::new(state_datagrams),
+            state_datagrams,
+            repairs: Vec::new(),
+            aliases: Vec::new(),
+        }
+    }
+
+    /// When a resend is next due, if any state waits for an ack.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.repair.next_due()
+    }
+
+    /// States sent as datagrams and not acknowledged yet.
+    pub fn unacknowledged(&self) -> usize {
+        self.repair.len()
+    }
+
+    /// One message read from the control stream.
+    pub fn on_frame(&mut self, frame: &[u8], now: Instant) -> FromClient {
+        match wire::decode_client(frame) {
+            Ok(ClientMessage::Command(command)) => {
+                if let ClientCommand::Unsubscribe { room } = &command {
+                    self.left(room);
+                }
+                FromClient::Command(Ok(command))
+            }
+            Ok(ack) => {
+                self.metrics.webtransport.client_messages.inc();
+                self.on_ack(ack, now);
+                FromClient::Heard
+            }
+            Err(error) => FromClient::Command(Err(error)),
+        }
+    }
+
+    /// A datagram from the client: acknowledgements for the repair; anything else (another
+    /// session's, undecodable, not an ack) is ignored. Returns whether it was this session's.
+    pub fn on_datagram(&mut self, datagram: &[u8], now: Instant) -> bool {
+        let Some(payload) = h3::datagram_payload(datagram, &self.prefix) else {
+            return false;
+        };
+        if let Ok(ack) = wire::decode_client(payload) {
+            self.on_ack(ack, now);
+        }
+        true
+    }
+
+    /// What the client acknowledged in one message: a room by name, or several by alias.
+    fn on_ack(&mut self, message: ClientMessage, now: Instant) {
+        match message {
+            ClientMessage::Ack { room, version } => {
+                if let Some(id) = self.alias_of(&room) {
+                    self.metrics.repair_acks.inc();
+                    self.repair.acked(id, version, now);
+                }
+            }
+            ClientMessage::Acks(acks) => {
+                self.metrics.repair_acks.inc_by(acks.len() as u64);
+                for ack in acks {
+                    self.repair.acked(RoomId(ack.alias), ack.version, now);
+                }
+            }
+            ClientMessage::Command(_) => {}
+        }
+    }
+
+    /// The alias announced for `room` in this session.
+    fn alias_of(&self, room: &RoomName) -> Option<RoomId> {
+        self.aliases.iter().find(|(_, name)| name == room).map(|(id, _)| *id)
+    }
+
+    /// Writes the `alias` notice of `room` (unless already given) for datagrams to use.
+    fn announce(&mut self, room: &RoomName, id: RoomId, out: &mut BytesMut) {
+        if self.aliases.iter().any(|(other, name)| *other == id && name == room) {
+            return;
+        }
+        self.left(room);
+        self.aliases.push((id, room.clone()));
+        wire::put_frame(out, &wire::encode_alias(room, id.0));
+    }
+
+    /// The client left `room`: no repair, and its alias is announced again if it comes back.
+    fn left(&mut self, room: &RoomName) {
+        if let Some(id) = self.alias_of(room) {
+            self.repair.forget(id);
+            self.aliases.retain(|(other, _)| *other != id);
+        }
+    }
+
+    /// A state's datagram: the session's prefix, then the state by its alias (one shared copy
+    /// for the usual session on the client's first stream).
+    fn datagram_of(&self, p: &Publication) -> Bytes {
+        if self.prefix[..] == [0x00] {
+            return p.session0_datagram().clone();
+        }
+        let message = p.aliased_message();
+        let mut datagram = BytesMut::with_capacity(self.prefix.len() + message.len());
+        datagram.extend_from_slice(&self.prefix);
+        datagram.extend_from_slice(&message);
+        datagram.freeze()
+    }
+
+    /// Writes a batch: states as datagrams where `core::routing` says so and they fit, the rest
+    /// framed into `out` for the control stream, in order.
+    pub fn write_batch(&mut self, batch: &[Outgoing], out: &mut BytesMut, path: &mut impl DatagramPath, now: Instant) {
+        // What only states need: each read of quinn's state takes its connection lock, and a
+        // batch of events (most batches) needs none of it.
+        let has_state = batch
+            .iter()
+            .any(|item| matches!(item, Outgoing::Publication(p) if p.kind == Kind::State));
+        if has_state && self.state_datagrams == StateDatagrams::AfterLoss {
+            let lost = path.lost_packets();
+            match self.routing.path_lost(lost, now) {
+                Some(Route::Datagram) => debug!(lost, "packet loss on this session: states go as datagrams"),
+                Some(Route::Stream) => debug!("no loss for a while: states go on the stream again"),
+                None => {}
+            }
+        }
+        let max_datagram = if has_state && self.routing.datagrams_on() {
+            path.max_datagram_size()
+        } else {
+            None
+        };
+        let rtt = if has_state { path.rtt() } else { Duration::ZERO };
+        for item in batch {
+            match item {
+                Outgoing::Control(control) => {
+                    self.routing.control(control);
+                    wire::put_frame(out, &wire::encode_control(control));
+                    match control {
+                        ServerControl::Unsubscribed { room } => self.left(room),
+                        // The alias follows the subscribed reply, before any datagram uses it.
+                        ServerControl::Subscribed { room, room_id, .. } => self.announce(room, *room_id, out),
+                        _ => {}
+                    }
+                }
+                Outgoing::Publication(p) => {
+                    let message = p.wire_message();
+                    if p.kind != Kind::State {
+                        wire::put_frame(out, message);
+                        continue;
+                    }
+                    let datagram = max_datagram.map(|max| (max, self.datagram_of(p)));
+                    let fits = datagram.as_ref().is_some_and(|(max, d)| d.len() <= *max);
+                    if self.routing.route(&p.room, fits) == Route::Datagram {
+                        if !self.aliases.iter().any(|(id, _)| *id == p.room_id) {
+                            // The room has a new ID on this node since the subscribe: its new
+                            // alias goes out on the stream, and this state with it.
+                            self.announce(&p.room, p.room_id, out);
+                            wire::put_frame(out, message);
+                            continue;
+                        }
+                        if let Some((_, datagram)) = datagram {
+                            if path.send_datagram(datagram) {
+                                self.repair.sent(p, p.number(), now, rtt);
+                                continue;
+                            }
+                        }
+                    }
+                    self.repair.forget(p.room_id);
+                    wire::put_frame(out, message);
+                }
+            }
+        }
+    }
+
+    /// Does the resends due at `now`: datagrams through `path`, stream copies framed into `out`.
+    pub fn repair_due(&mut self, now: Instant, out: &mut BytesMut, path: &mut impl DatagramPath) {
+        let mut repairs = std::mem::take(&mut self.repairs);
+        self.repair.poll(now, &mut repairs);
+        for action in repairs.drain(..) {
+            match action {
+                RepairAction::Datagram(p) => {
+                    self.metrics.repair_datagrams.inc();
+                    let _ = path.send_datagram(self.datagram_of(&p));
+                }
+                RepairAction::Stream(p) => {
+                    self.metrics.repair_stream.inc();
+                    wire::put_frame(out, p.wire_message());
+                }
+            }
+        }
+        self.repairs = repairs;
+    }
+}

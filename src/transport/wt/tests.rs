@@ -1,0 +1,525 @@
+//! The session's behaviour in virtual time (`pair`): handshake, refusals, repair under loss,
+//! idle, keep-alive and both close handshakes. Every deadline is checked on both sides of it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::pair::{ClientSettingsMode, Pair, Setup};
+use super::session::{CloseRequest, SessionEnd, SessionEvent};
+use crate::core::publication::{JsonData, Publication, RoomId};
+use crate::core::wire::{ClientMessage, ServerMessage};
+use crate::core::{close_code, ClientCommand, ErrorCode, Kind, Now, Outgoing, RoomName, ServerControl};
+use crate::transport::h3::{self, H3ErrorCode};
+
+const MS: Duration = Duration::from_millis(1);
+const S: Duration = Duration::from_secs(1);
+
+/// HTTP/3's codes as QUIC application errors.
+const H3_NO_ERROR: u64 = 0x100;
+const H3_REQUEST_REJECTED: u64 = 0x10b;
+const H3_MISSING_SETTINGS: u64 = 0x10a;
+const H3_MESSAGE_ERROR: u64 = 0x10e;
+
+fn room() -> RoomName {
+    RoomName::parse("game:1234").expect("room")
+}
+
+/// The alias (room ID) the tests' room has on the server.
+const ALIAS: u64 = 17;
+
+fn subscribed() -> Outgoing {
+    Outgoing::Control(ServerControl::Subscribed {
+        room: room(),
+        room_id: RoomId(ALIAS),
+        epoch: "3f9c0a51d2e4b771".into(),
+        version: 0,
+        seq: 0,
+        recovered: None,
+        request: None,
+    })
+}
+
+fn state(pair: &Pair, version: u64) -> Outgoing {
+    let data = JsonData::parse(format!("{{\"home\":{version}}}").as_bytes()).expect("json");
+    let now = Now {
+        unix_ms: 1_700_000_000_000,
+        instant: pair.now,
+    };
+    Outgoing::Publication(Arc::new(Publication::new(
+        RoomId(ALIAS),
+        room(),
+        Kind::State,
+        version,
+        None,
+        &data,
+        now,
+    )))
+}
+
+/// An open session whose client subscribed to `room()` (alias announced).
+fn subscribed_pair(setup: Setup) -> Pair {
+    let mut pair = Pair::new(setup);
+    pair.establish();
+    let now = pair.now;
+    assert!(pair.server.session().deliver(now, &[subscribed()]));
+    pair.run_for(50 * MS);
+    assert!(
+        matches!(pair.client.decoded()[..], [ServerMessage::Subscribed(_), ServerMessage::Alias(ref a)] if a.alias == ALIAS),
+        "{:?}",
+        pair.client.decoded()
+    );
+    pair
+}
+
+#[test]
+fn the_handshake_opens_a_session_whose_first_message_is_its_first_command() {
+    let mut pair = Pair::new(Setup::default());
+    pair.establish();
+    assert_eq!(pair.client.status, Some(200));
+    assert_eq!(
+        pair.client.server_uni,
+        h3::server_control_stream(),
+        "the documented SETTINGS, whole"
+    );
+    let request = &pair.server.requests[0];
+    assert_eq!(request.path, "/wt");
+    assert_eq!(request.origin.as_deref(), Some("https://scores.example"));
+    assert!(matches!(
+        pair.server.events[..],
+        [
+            SessionEvent::Request(_),
+            SessionEvent::Established,
+            SessionEvent::Command(Ok(ClientCommand::Ping))
+        ]
+    ));
+    // Commands flow in order; replies come back on the control stream.
+    pair.client
+        .send(&ClientMessage::Command(ClientCommand::Unsubscribe { room: room() }));
+    pair.run_for(10 * MS);
+    assert_eq!(
+        pair.server.commands(),
+        vec![ClientCommand::Ping, ClientCommand::Unsubscribe { room: room() }]
+    );
+    let now = pair.now;
+    pair.server
+        .session()
+        .deliver(now, &[Outgoing::Control(ServerControl::Pong)]);
+    pair.run_for(10 * MS);
+    assert!(matches!(pair.client.decoded()[..], [ServerMessage::Pong]));
+    assert!(pair.client.stopped.is_empty(), "no stream of the client was stopped");
+}
+
+#[test]
+fn a_connect_to_another_path_is_answered_404_the_client_can_read() {
+    let mut pair = Pair::new(Setup {
+        path: "/elsewhere",
+        ..Setup::default()
+    });
+    assert!(pair.run_until_true(S, |p| p.client.status.is_some()));
+    let refused_at = pair.now;
+    assert_eq!(pair.client.status, Some(404));
+    assert!(pair.server.requests.is_empty(), "the application is not asked");
+    assert_eq!(pair.server.ended(), Some(&SessionEnd::Refused(404)));
+    pair.run_for(10 * MS);
+    assert!(pair.client.connect_finished, "the response ends the CONNECT stream");
+    // RFC 9114 §6.2.1: the client's control and QPACK streams are never stopped.
+    assert!(pair.client.stopped.is_empty(), "{:?}", pair.client.stopped);
+    // A client that does not close is closed after a second, not before.
+    pair.run_until(refused_at + 990 * MS);
+    assert!(pair.client.lost.is_none());
+    pair.run_until(refused_at + 1100 * MS);
+    assert_eq!(
+        pair.client.closed_with(),
+        Some((H3_REQUEST_REJECTED, b"refused".to_vec()))
+    );
+}
+
+#[test]
+fn an_admission_refusal_reaches_the_client_as_its_status() {
+    for status in [403, 429, 503] {
+        let mut pair = Pair::new(Setup {
+            admit: status,
+            ..Setup::default()
+        });
+        assert!(pair.run_until_true(S, |p| p.client.status.is_some()));
+        assert_eq!(pair.client.status, Some(status));
+        assert_eq!(pair.server.requests.len(), 1, "the application decided");
+        assert_eq!(pair.server.ended(), Some(&SessionEnd::Refused(status)));
+        assert!(!pair.server.established());
+        assert!(pair.client.stopped.is_empty());
+    }
+}
+
+#[test]
+fn a_client_control_stream_without_settings_first_is_h3_missing_settings() {
+    let mut pair = Pair::new(Setup {
+        settings: ClientSettingsMode::GoawayFirst,
+        ..Setup::default()
+    });
+    assert!(pair.run_until_true(S, |p| p.client.lost.is_some()));
+    assert_eq!(
+        pair.client.closed_with().map(|(code, _)| code),
+        Some(H3_MISSING_SETTINGS)
+    );
+    assert!(matches!(
+        pair.server.ended(),
+        Some(SessionEnd::H3(error)) if error.code == H3ErrorCode::MissingSettings
+    ));
+    assert_eq!(pair.client.status, None, "the CONNECT was never processed");
+}
+
+#[test]
+fn a_connect_waits_for_the_client_settings_and_the_handshake_times_out_without_them() {
+    let mut pair = Pair::new(Setup {
+        settings: ClientSettingsMode::None,
+        ..Setup::default()
+    });
+    let start = pair.now;
+    pair.run_until(start + 9900 * MS);
+    assert!(
+        pair.server.requests.is_empty(),
+        "not processed before the client's SETTINGS"
+    );
+    assert_eq!(pair.client.status, None);
+    assert!(pair.client.lost.is_none());
+    pair.run_until(start + 10_100 * MS);
+    assert_eq!(
+        pair.client.closed_with().map(|(code, _)| code),
+        Some(u64::from(close_code::IDLE_TIMEOUT))
+    );
+    assert_eq!(pair.server.ended(), Some(&SessionEnd::HandshakeTimeout));
+}
+
+#[test]
+fn a_connect_from_a_client_without_http3_datagrams_is_malformed() {
+    let mut pair = Pair::new(Setup {
+        settings: ClientSettingsMode::NoDatagrams,
+        ..Setup::default()
+    });
+    assert!(pair.run_until_true(S, |p| p.client.connect_reset.is_some()));
+    assert_eq!(pair.client.connect_reset, Some(H3_MESSAGE_ERROR));
+    assert_eq!(pair.server.ended(), Some(&SessionEnd::Malformed));
+    assert!(pair.server.requests.is_empty());
+}
+
+#[test]
+fn a_session_without_a_first_message_in_time_is_closed_with_4002() {
+    let mut pair = Pair::new(Setup::default());
+    pair.client.first_message = None;
+    let start = pair.now;
+    pair.run_until(start + 9900 * MS);
+    assert_eq!(pair.client.status, Some(200));
+    assert!(!pair.server.established());
+    assert!(pair.client.lost.is_none());
+    pair.run_until(start + 10_100 * MS);
+    assert_eq!(
+        pair.client.closed_with().map(|(code, _)| code),
+        Some(u64::from(close_code::IDLE_TIMEOUT))
+    );
+    assert_eq!(pair.server.ended(), Some(&SessionEnd::HandshakeTimeout));
+}
+
+#[test]
+fn a_lost_state_datagram_is_resent_and_sent_once_on_the_stream() {
+    let mut pair = subscribed_pair(Setup::default());
+    let metrics = pair.server.metrics.clone();
+    // Without loss: a datagram, acknowledged, never resent.
+    let now = pair.now;
+    let v1 = state(&pair, 1);
+    pair.server.session().deliver(now, &[v1]);
+    pair.run_for(100 * MS);
+    assert_eq!(pair.client.datagrams.len(), 1);
+    assert_eq!(pair.client.newest_state("game:1234", ALIAS), Some(1));
+    assert_eq!(pair.server.session().unacknowledged_states(), 0);
+    assert_eq!(metrics.repair_datagrams.get(), 0);
+    // The packet carrying the next state's datagram is lost.
+    pair.to_client.drop_next = 1;
+    let now = pair.now;
+    let v2 = state(&pair, 2);
+    pair.server.session().deliver(now, &[v2]);
+    pair.settle();
+    assert_eq!(pair.to_client.dropped, 1);
+    assert_eq!(pair.server.session().unacknowledged_states(), 1);
+    pair.run_for(15 * MS);
+    assert_eq!(
+        pair.client.newest_state("game:1234", ALIAS),
+        Some(1),
+        "not before the first gap"
+    );
+    pair.run_for(200 * MS);
+    assert_eq!(pair.client.newest_state("game:1234", ALIAS), Some(2));
+    assert_eq!(metrics.repair_datagrams.get(), 1, "one resend was enough");
+    assert_eq!(metrics.repair_stream.get(), 1, "and one copy on the stream");
+    assert!(pair
+        .client
+        .decoded()
+        .iter()
+        .any(|m| matches!(m, ServerMessage::State(s) if s.version == 2)));
+    assert_eq!(pair.server.session().unacknowledged_states(), 0);
+}
+
+#[test]
+fn under_loss_and_reordering_the_client_ends_on_the_newest_state() {
+    let mut pair = subscribed_pair(Setup::default());
+    for link in [&mut pair.to_client, &mut pair.to_server] {
+        link.loss = 0.3;
+        link.latency = 10 * MS;
+        link.jitter = 20 * MS;
+    }
+    for version in 1..=40 {
+        let now = pair.now;
+        let update = state(&pair, version);
+        pair.server.session().deliver(now, &[update]);
+        pair.run_for(25 * MS);
+    }
+    let converged = pair.run_until_true(S, |p| p.client.newest_state("game:1234", ALIAS) == Some(40));
+    assert!(
+        converged,
+        "newest seen: {:?}",
+        pair.client.newest_state("game:1234", ALIAS)
+    );
+    assert!(
+        pair.to_client.dropped > 0 && pair.to_server.dropped > 0,
+        "the links lost packets"
+    );
+    assert!(pair.server.metrics.repair_datagrams.get() > 0);
+    assert!(pair.server.session().is_open());
+}
+
+#[test]
+fn a_silent_client_is_closed_with_4002_and_the_close_handshake() {
+    let mut pair = Pair::new(Setup::default());
+    pair.establish();
+    let heard = pair.now;
+    pair.run_until(heard + 59_900 * MS);
+    assert!(
+        pair.server.session().is_open(),
+        "QUIC keep-alives do not count, but 60 s have not passed"
+    );
+    assert_eq!(pair.client.capsule, None);
+    pair.run_until(heard + 60_100 * MS);
+    assert_eq!(pair.client.capsule, Some((4002, "idle timeout".into())));
+    assert!(matches!(
+        pair.client.decoded()[..],
+        [ServerMessage::Close(ref c)] if c.code == 4002
+    ));
+    assert!(pair.client.connect_finished);
+    // The client ended its side: a clean close, the connection closed with H3_NO_ERROR.
+    assert_eq!(
+        pair.server.ended(),
+        Some(&SessionEnd::Closed {
+            code: 4002,
+            answered: true
+        })
+    );
+    pair.run_for(2 * S);
+    assert_eq!(pair.client.closed_with().map(|(code, _)| code), Some(H3_NO_ERROR));
+}
+
+#[test]
+fn messages_from_the_client_keep_the_session_open_past_the_idle_timeout() {
+    let mut pair = Pair::new(Setup::default());
+    pair.establish();
+    for _ in 0..6 {
+        pair.run_for(25 * S);
+        pair.client.send(&ClientMessage::Command(ClientCommand::Ping));
+    }
+    pair.run_for(S);
+    assert!(pair.server.session().is_open(), "{:?}", pair.server.ended());
+    assert_eq!(pair.server.commands().len(), 7);
+}
+
+/// A client whose QUIC idle timeout (30 s) is shorter than the gaps between its messages
+/// (50 s, inside the session's 60 s): only the server's QUIC keep-alives hold the connection.
+fn sparse_client(keep_alive: Option<Duration>) -> Pair {
+    let mut pair = Pair::new(Setup {
+        keep_alive,
+        client_quic_idle: 30 * S,
+        ..Setup::default()
+    });
+    pair.establish();
+    for _ in 0..6 {
+        pair.run_for(50 * S);
+        if pair.client.is_closed() {
+            break;
+        }
+        pair.client.send(&ClientMessage::Command(ClientCommand::Ping));
+    }
+    pair.run_for(S);
+    pair
+}
+
+#[test]
+fn quic_keep_alives_hold_an_idle_but_alive_session() {
+    let mut pair = sparse_client(Some(20 * S));
+    assert!(pair.server.session().is_open(), "{:?}", pair.server.ended());
+    assert!(pair.client.lost.is_none());
+    assert_eq!(pair.server.commands().len(), 7, "the first ping and six more");
+    let pings = pair.server.session().connection().stats().frame_tx.ping;
+    assert!(pings >= 5, "the server sent {pings} PINGs");
+}
+
+#[test]
+fn without_keep_alives_the_same_session_times_out() {
+    let pair = sparse_client(None);
+    assert!(matches!(pair.client.lost, Some(quinn_proto::ConnectionError::TimedOut)));
+    assert!(matches!(
+        pair.server.ended(),
+        Some(SessionEnd::Lost(quinn_proto::ConnectionError::TimedOut))
+    ));
+}
+
+#[test]
+fn the_server_closes_with_its_capsule_and_the_client_answers() {
+    let mut pair = Pair::new(Setup::default());
+    pair.establish();
+    let now = pair.now;
+    pair.server.session().close(
+        now,
+        CloseRequest {
+            code: close_code::SERVICE_RESTART,
+            reason: "server shutting down; reconnect",
+            limit: 10 * S,
+            reconnect: true,
+        },
+    );
+    assert!(!pair
+        .server
+        .session()
+        .deliver(now, &[Outgoing::Control(ServerControl::Pong)]));
+    pair.run_for(50 * MS);
+    assert!(matches!(
+        pair.client.decoded()[..],
+        [ServerMessage::Reconnect(_), ServerMessage::Close(ref c)] if c.code == 1012
+    ));
+    assert_eq!(
+        pair.client.capsule,
+        Some((1012, "server shutting down; reconnect".into()))
+    );
+    assert!(pair.client.connect_finished);
+    let answered_at = pair.now;
+    assert_eq!(
+        pair.server.ended(),
+        Some(&SessionEnd::Closed {
+            code: 1012,
+            answered: true
+        })
+    );
+    // The client had a second to close the connection itself; then the server does.
+    pair.run_until(answered_at + 900 * MS);
+    assert!(pair.client.lost.is_none());
+    pair.run_until(answered_at + 1100 * MS);
+    assert_eq!(pair.client.closed_with().map(|(code, _)| code), Some(H3_NO_ERROR));
+}
+
+#[test]
+fn a_client_that_does_not_answer_the_close_is_closed_with_the_code_at_the_limit() {
+    let mut pair = Pair::new(Setup::default());
+    pair.establish();
+    pair.client.answer_close = false;
+    let start = pair.now;
+    pair.server.session().close(
+        start,
+        CloseRequest {
+            code: close_code::SLOW,
+            reason: "slow consumer; reconnect with since",
+            limit: 2 * S,
+            reconnect: false,
+        },
+    );
+    pair.run_until(start + 1900 * MS);
+    assert_eq!(pair.client.capsule.as_ref().map(|(code, _)| *code), Some(4001));
+    assert!(pair.client.lost.is_none());
+    assert_eq!(pair.server.ended(), None);
+    pair.run_until(start + 2100 * MS);
+    assert_eq!(
+        pair.client.closed_with(),
+        Some((4001, b"slow consumer; reconnect with since".to_vec()))
+    );
+    assert_eq!(
+        pair.server.ended(),
+        Some(&SessionEnd::Closed {
+            code: 4001,
+            answered: false
+        })
+    );
+}
+
+#[test]
+fn the_client_closes_with_its_capsule_and_the_server_closes_the_connection() {
+    let mut pair = Pair::new(Setup::default());
+    pair.establish();
+    pair.client.close_session(1000, "bye");
+    pair.run_for(50 * MS);
+    assert_eq!(
+        pair.server.ended(),
+        Some(&SessionEnd::PeerClosed {
+            code: Some(1000),
+            reason: "bye".into()
+        })
+    );
+    assert_eq!(pair.client.closed_with().map(|(code, _)| code), Some(H3_NO_ERROR));
+    pair.run_for(5 * S);
+    assert!(
+        pair.server.session.is_none(),
+        "the connection drained and was forgotten"
+    );
+}
+
+#[test]
+fn an_oversized_control_message_closes_the_session_with_1009() {
+    let mut pair = Pair::new(Setup::default());
+    pair.establish();
+    // A length prefix of 65,537 (LEB128 81 80 04): one byte over the limit.
+    pair.client.send_raw(&[0x81, 0x80, 0x04]);
+    pair.run_for(50 * MS);
+    assert_eq!(pair.client.capsule.as_ref().map(|(code, _)| *code), Some(1009));
+    assert!(matches!(
+        pair.server.ended(),
+        Some(SessionEnd::Closed { code: 1009, .. })
+    ));
+}
+
+#[test]
+fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
+    let mut pair = Pair::new(Setup {
+        client_stream_window: 8 * 1024,
+        ..Setup::default()
+    });
+    pair.establish();
+    pair.client.reads_control = false;
+    let start = pair.now;
+    let error = Outgoing::Control(ServerControl::error(ErrorCode::BadRequest, "x".repeat(1000)));
+    assert!(pair.server.session().wants_more());
+    pair.server.session().deliver(start, &vec![error; 20]);
+    pair.run_until(start + 14_900 * MS);
+    assert!(pair.server.session().is_open());
+    assert!(
+        !pair.server.session().wants_more(),
+        "bytes wait for the client's window"
+    );
+    pair.run_until(start + 15_100 * MS);
+    assert_eq!(pair.server.ended(), Some(&SessionEnd::WriteStalled));
+    assert_eq!(pair.client.closed_with(), Some((0, Vec::new())));
+}
+
+#[test]
+fn a_session_takes_more_deliveries_once_the_client_reads_again() {
+    let mut pair = Pair::new(Setup {
+        client_stream_window: 8 * 1024,
+        ..Setup::default()
+    });
+    pair.establish();
+    pair.client.reads_control = false;
+    let now = pair.now;
+    let error = Outgoing::Control(ServerControl::error(ErrorCode::BadRequest, "x".repeat(1000)));
+    pair.server.session().deliver(now, &vec![error; 12]);
+    pair.run_for(S);
+    assert!(!pair.server.session().wants_more());
+    assert!(!pair.server.events.iter().any(|e| matches!(e, SessionEvent::Writable)));
+    pair.client.read_control_now();
+    pair.run_for(S);
+    assert!(pair.server.session().wants_more());
+    assert!(pair.server.events.iter().any(|e| matches!(e, SessionEvent::Writable)));
+    assert_eq!(pair.client.messages.len(), 12, "every message arrived");
+}

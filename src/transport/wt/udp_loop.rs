@@ -1,0 +1,247 @@
+//! The I/O of a `WtEndpoint`: the UDP socket, received in batches (quinn-udp's `recvmmsg`, GRO)
+//! into the endpoint with `now`, and what the sessions produced sent (GSO within a
+//! connection's batch). `run` is the plain loop (a session application as a callback);
+//! `wt::server` builds the server's loop on `UdpIo`.
+
+use std::future::Future;
+use std::io::{self, IoSliceMut};
+use std::time::Instant;
+
+use bytes::BytesMut;
+use quinn_proto::ConnectionHandle;
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState, BATCH_SIZE};
+use tokio::io::Interest;
+
+use super::endpoint::WtEndpoint;
+use super::session::SessionEvent;
+
+/// quinn-udp's ECN codepoint as quinn-proto's (the same bits).
+fn proto_ecn(ecn: quinn_udp::EcnCodepoint) -> Option<quinn_proto::EcnCodepoint> {
+    quinn_proto::EcnCodepoint::from_bits(ecn as u8)
+}
+
+fn udp_ecn(ecn: quinn_proto::EcnCodepoint) -> Option<quinn_udp::EcnCodepoint> {
+    quinn_udp::EcnCodepoint::from_bits(ecn as u8)
+}
+
+/// A UDP socket read and written in batches.
+#[derive(Debug)]
+pub struct UdpIo {
+    socket: tokio::net::UdpSocket,
+    state: UdpSocketState,
+    /// `BATCH_SIZE` receive buffers of `chunk` bytes each.
+    recv_buf: Vec<u8>,
+    chunk: usize,
+}
+
+impl UdpIo {
+    /// Takes `socket` (bound); each receive buffer holds `max_udp_payload` bytes per GRO segment.
+    pub fn new(socket: std::net::UdpSocket, max_udp_payload: usize) -> io::Result<Self> {
+        socket.set_nonblocking(true)?;
+        let state = UdpSocketState::new((&socket).into())?;
+        let socket = tokio::net::UdpSocket::from_std(socket)?;
+        let chunk = max_udp_payload * state.gro_segments().max(1);
+        Ok(Self {
+            socket,
+            state,
+            recv_buf: vec![0u8; chunk * BATCH_SIZE],
+            chunk,
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Waits until the socket has datagrams.
+    pub async fn readable(&self) -> io::Result<()> {
+        self.socket.readable().await
+    }
+
+    /// Hands every datagram waiting on the socket to `endpoint`, a batch per system call.
+    pub fn receive(&mut self, endpoint: &mut WtEndpoint, now: Instant) -> io::Result<()> {
+        let mut metas = [RecvMeta::default(); BATCH_SIZE];
+        loop {
+            let mut iovs: [IoSliceMut; BATCH_SIZE] = {
+                let mut chunks = self.recv_buf.chunks_mut(self.chunk).map(IoSliceMut::new);
+                std::array::from_fn(|_| chunks.next().unwrap_or_else(|| IoSliceMut::new(&mut [])))
+            };
+            let (socket, state) = (&self.socket, &self.state);
+            match socket.try_io(Interest::READABLE, || state.recv(socket.into(), &mut iovs, &mut metas)) {
+                Ok(count) => {
+                    for (meta, iov) in metas.iter().zip(iovs.iter()).take(count) {
+                        let mut data = BytesMut::from(&iov[..meta.len]);
+                        while !data.is_empty() {
+                            let segment = data.split_to(meta.stride.min(data.len()));
+                            let ecn = meta.ecn.and_then(proto_ecn);
+                            endpoint.handle_datagram(now, meta.addr, meta.dst_ip, ecn, segment);
+                        }
+                    }
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                // Undefined in QUIC, and injectable by an attacker.
+                Err(error) if error.kind() == io::ErrorKind::ConnectionReset => continue,
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// Sends every packet the endpoint collected, waiting for room when the socket is full,
+    /// and forgets them.
+    pub async fn send(&self, endpoint: &mut WtEndpoint) -> io::Result<()> {
+        for (packet, contents) in endpoint.transmits() {
+            let transmit = Transmit {
+                destination: packet.destination,
+                ecn: packet.ecn.and_then(udp_ecn),
+                contents,
+                segment_size: packet.segment_size,
+                src_ip: packet.src_ip,
+            };
+            loop {
+                match self
+                    .socket
+                    .try_io(Interest::WRITABLE, || self.state.send((&self.socket).into(), &transmit))
+                {
+                    Ok(()) => break,
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => self.socket.writable().await?,
+                    // A packet the kernel refuses (a closed port, a route gone) is a lost packet.
+                    Err(_) => break,
+                }
+            }
+        }
+        endpoint.clear_transmits();
+        Ok(())
+    }
+}
+
+/// Serves `endpoint` on `socket` until `shutdown` completes; `on_event` answers the sessions'
+/// events (a request with `accept` or `refuse`, commands with deliveries) through the endpoint.
+pub async fn run(
+    socket: std::net::UdpSocket,
+    mut endpoint: WtEndpoint,
+    mut on_event: impl FnMut(&mut WtEndpoint, Instant, ConnectionHandle, SessionEvent),
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<WtEndpoint> {
+    let mut io = UdpIo::new(socket, endpoint.max_udp_payload())?;
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let deadline = endpoint.next_timeout();
+        let timer = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = &mut shutdown => return Ok(endpoint),
+            ready = io.readable() => {
+                ready?;
+                io.receive(&mut endpoint, crate::clock::instant())?;
+            }
+            _ = timer => endpoint.handle_timeouts(crate::clock::instant()),
+        }
+        let now = crate::clock::instant();
+        endpoint.flush(now);
+        while let Some((ch, event)) = endpoint.poll_event() {
+            on_event(&mut endpoint, now, ch, event);
+        }
+        endpoint.flush(now);
+        io.send(&mut endpoint).await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::certs::Identity;
+    use crate::core::{ClientCommand, Outgoing, ServerControl};
+    use crate::metrics::Metrics;
+    use crate::transport::wt::pair::{self, Setup};
+
+    const HANG: Duration = Duration::from_secs(10);
+
+    #[tokio::test]
+    async fn a_webtransport_client_gets_its_session_and_replies_over_a_real_udp_socket() {
+        let setup = Setup::default();
+        let identity = Identity::self_signed(&["localhost"]).expect("certificate");
+        let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, identity.chain[0].as_ref())
+            .as_ref()
+            .try_into()
+            .expect("32 bytes");
+        let server_config = pair::server_config(&setup, identity);
+        let endpoint = WtEndpoint::new(
+            Arc::new(quinn_proto::EndpointConfig::default()),
+            Arc::new(server_config),
+            setup.session,
+            200,
+            Arc::new(Metrics::new()),
+        );
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let addr = socket.local_addr().expect("address");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(run(
+            socket,
+            endpoint,
+            move |endpoint, now, ch, event| {
+                let Some(session) = endpoint.session(ch) else { return };
+                match &event {
+                    SessionEvent::Request(_) => session.accept(now),
+                    SessionEvent::Command(Ok(ClientCommand::Ping)) => {
+                        session.deliver(now, &[Outgoing::Control(ServerControl::Pong)]);
+                    }
+                    _ => {}
+                }
+                log.lock().expect("log").push(format!("{event:?}"));
+            },
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+
+        let config = wtransport::ClientConfig::builder()
+            .with_bind_default()
+            .with_server_certificate_hashes([wtransport::tls::Sha256Digest::new(digest)])
+            .build();
+        let client = wtransport::Endpoint::client(config).expect("client endpoint");
+        let connection = tokio::time::timeout(HANG, client.connect(format!("https://{addr}/wt")))
+            .await
+            .expect("connect in time")
+            .expect("a session");
+        let (mut send, mut recv) = tokio::time::timeout(HANG, async {
+            connection.open_bi().await.expect("open").await.expect("control stream")
+        })
+        .await
+        .expect("a control stream in time");
+        // Two pings (framed: length 1, type 0x03), two pongs (0x12) back, in order.
+        for _ in 0..2 {
+            send.write_all(&[0x01, 0x03]).await.expect("ping");
+            let mut pong = [0u8; 2];
+            tokio::time::timeout(HANG, recv.read_exact(&mut pong))
+                .await
+                .expect("a pong in time")
+                .expect("read");
+            assert_eq!(pong, [0x01, 0x12]);
+        }
+        connection.close(wtransport::VarInt::from_u32(0), b"done");
+        let ended = tokio::time::timeout(HANG, async {
+            while !seen.lock().expect("log").iter().any(|e| e.starts_with("Ended")) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "{:?}", seen.lock().expect("log"));
+        let _ = stop.send(());
+        let endpoint = server.await.expect("the loop").expect("no I/O error");
+        let seen = seen.lock().expect("log").clone();
+        assert!(seen[0].starts_with("Request"), "{seen:?}");
+        assert_eq!(seen[1], "Established");
+        assert_eq!(seen.iter().filter(|e| e.contains("Ping")).count(), 2, "{seen:?}");
+        assert!(seen.last().is_some_and(|e| e.starts_with("Ended(Lost")), "{seen:?}");
+        drop(endpoint);
+    }
+}

@@ -1,0 +1,110 @@
+"""An HTTP/3 client that follows RFC 9114 (aioquic) against Courtside's WebTransport: what a
+session, a wrong path (404) and a refused Origin (403) look like to it, on each engine.
+
+    pip install aioquic==1.7.2
+    cargo build && python3 tests/h3client/refusals.py quinn proto
+
+Prints one line per attempt: the status read, the control stream's reply to a ping, the
+STOP_SENDING frames the client got and how the connection closed. (aioquic's H3 layer does not
+report data on a WebTransport stream the client opened, so the reply is read from QUIC.)"""
+import asyncio, os, re, ssl, subprocess, sys
+
+from aioquic.asyncio.client import connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.h3.events import HeadersReceived
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import ConnectionTerminated, StopSendingReceived, StreamDataReceived
+
+BIN = os.environ.get("COURTSIDE_BIN", "target/debug/courtside")
+
+
+class Client(QuicConnectionProtocol):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.h3 = H3Connection(self._quic, enable_webtransport=True)
+        self.seen = []
+        self.raw = {}
+        self.changed = asyncio.Event()
+
+    def quic_event_received(self, event):
+        if isinstance(event, (ConnectionTerminated, StopSendingReceived)):
+            self.seen.append(event)
+        if isinstance(event, StreamDataReceived):
+            self.raw[event.stream_id] = self.raw.get(event.stream_id, b"") + event.data
+        for e in self.h3.handle_event(event):
+            self.seen.append(e)
+        self.changed.set()
+
+    async def wait_for(self, pred, timeout=3.0):
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while True:
+            for e in self.seen:
+                if pred(e):
+                    return e
+            self.changed.clear()
+            left = end - loop.time()
+            if left <= 0:
+                return None
+            try:
+                await asyncio.wait_for(self.changed.wait(), left)
+            except asyncio.TimeoutError:
+                return None
+
+
+def start(engine, extra=()):
+    env = dict(os.environ, COURTSIDE_WT_ENGINE=engine, NO_COLOR="1")
+    p = subprocess.Popen([BIN, "serve", "--http", "127.0.0.1:0", "--wt", "127.0.0.1:0",
+                          "--publish-token", "x", "--log-format", "json", *extra],
+                         env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for line in p.stderr:
+        m = re.search(r'"wt":"([0-9.]+):(\d+)"', line)
+        if m:
+            return p, m.group(1), int(m.group(2))
+    raise SystemExit("no wt address")
+
+
+async def attempt(host, port, path, origin=b"https://scores.example"):
+    config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, verify_mode=ssl.CERT_NONE,
+                               max_datagram_frame_size=65536)
+    async with connect(host, port, configuration=config, create_protocol=Client) as client:
+        sid = client._quic.get_next_available_stream_id()
+        client.h3.send_headers(sid, [(b":method", b"CONNECT"), (b":scheme", b"https"),
+                                     (b":authority", b"localhost"), (b":path", path),
+                                     (b":protocol", b"webtransport"), (b"origin", origin)])
+        client.transmit()
+        e = await client.wait_for(lambda e: isinstance(e, (HeadersReceived, ConnectionTerminated)))
+        result = {"path": path.decode()}
+        if isinstance(e, HeadersReceived):
+            result["status"] = dict(e.headers).get(b":status", b"?").decode()
+        if result.get("status") == "200":
+            ws = client.h3.create_webtransport_stream(sid, is_unidirectional=False)
+            client._quic.send_stream_data(ws, b"\x01\x03")
+            client.transmit()
+            # A ping (length 1, type 0x03); the pong is 01 12.
+            await asyncio.sleep(0.5)
+            result["reply"] = client.raw.get(ws, b"").hex()
+        await asyncio.sleep(1.5)
+        result["stop_sending"] = [(s.stream_id, hex(s.error_code)) for s in client.seen if isinstance(s, StopSendingReceived)]
+        t = [s for s in client.seen if isinstance(s, ConnectionTerminated)]
+        result["closed"] = (hex(t[0].error_code), t[0].reason_phrase) if t else None
+        return result
+
+
+async def main():
+    for engine in sys.argv[1:]:
+        p, host, port = start(engine, ["--allowed-origins", "https://scores.example"])
+        try:
+            for path, origin in [(b"/wt", b"https://scores.example"), (b"/nope", b"https://scores.example"),
+                                 (b"/wt", b"https://evil.example")]:
+                r = await attempt(host, port, path, origin)
+                r["origin"] = origin.decode()
+                print(engine, r, flush=True)
+        finally:
+            p.terminate()
+            p.wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,69 @@
+//! The experimental WebTransport engine (`--wt-engine proto`: Courtside's own endpoint loop on
+//! quinn-proto) against the same clients and expectations as the default one. The whole
+//! WebTransport, limits, tokens, shutdown and delivery suites, and the Chromium tests in
+//! tests/browser, also pass with `COURTSIDE_WT_ENGINE=proto`.
+
+use serde_json::json;
+
+use crate::util::{TestServer, WtClient, WtSeen};
+use crate::webtransport::converge_under_30_percent_loss;
+
+const PROTO: [&str; 2] = ["--wt-engine", "proto"];
+
+#[tokio::test]
+async fn commands_replies_and_state_datagrams_flow_on_the_proto_engine() {
+    let server = TestServer::start(&[&PROTO[..], &["--wt-state-datagrams", "always"]].concat());
+    let mut client = WtClient::connect(&server).await;
+    client.send(json!({"type": "ping"})).await;
+    assert_eq!(client.recv_stream().await, json!({"type": "pong"}));
+    client.subscribe("game:1234").await;
+    server.publish_state("game:1234", r#"{"home":42}"#).await;
+    match client.next().await {
+        WtSeen::Datagram(state) => assert_eq!(
+            (state["type"].as_str(), state["version"].as_u64()),
+            (Some("state"), Some(1))
+        ),
+        other => panic!("expected a datagram, got {other:?}"),
+    }
+    server
+        .await_metric("courtside_connections{transport=\"webtransport\"}", "= 1", |v| v == 1.0)
+        .await;
+}
+
+#[tokio::test]
+async fn a_silent_session_on_the_proto_engine_is_closed_with_4002() {
+    let server = TestServer::start(&[&PROTO[..], &["--idle-timeout", "3s", "--ping-interval", "1s"]].concat());
+    let mut client = WtClient::connect(&server).await;
+    client.subscribe("game:quiet").await;
+    assert_eq!(
+        client.recv_stream().await,
+        json!({"type": "close", "code": 4002, "reason": "idle timeout"})
+    );
+}
+
+#[tokio::test]
+async fn the_proto_engine_drains_on_shutdown() {
+    let mut server = TestServer::start(&[&PROTO[..], &["--drain-timeout", "20s"]].concat());
+    let mut client = WtClient::connect(&server).await;
+    client.subscribe("game:1").await;
+    server.sigterm();
+    assert_eq!(
+        client.recv_stream().await,
+        json!({"type": "reconnect", "reason": "shutdown"})
+    );
+    assert_eq!(client.recv_stream().await["code"], 1012);
+    client.connection.close(wtransport::VarInt::from_u32(0), b"bye");
+    assert_eq!(server.wait_exit().await.code(), Some(0));
+    assert_eq!(server.logs_with("drained; every connection closed").len(), 1);
+}
+
+#[tokio::test]
+async fn under_30_percent_loss_clients_of_the_proto_engine_end_on_the_newest_state() {
+    let (times, datagrams, server) =
+        converge_under_30_percent_loss(&[&PROTO[..], &["--wt-state-datagrams", "always"]].concat()).await;
+    eprintln!("proto engine, convergence after the last publish under 30% loss: {times:?}");
+    assert!(datagrams > 0, "no state came as a datagram");
+    server
+        .await_metric("courtside_repair_datagrams_total", ">= 1", |v| v >= 1.0)
+        .await;
+}
