@@ -43,6 +43,27 @@ pub struct Inputs<'a> {
     pub broken_paths: &'a [(usize, Instant, Option<Instant>)],
     /// When Redis restarted empty.
     pub empty_restarts: &'a [Instant],
+    /// When Redis was killed, and when it came back.
+    pub redis_outages: &'a [(Instant, Option<Instant>)],
+}
+
+/// When the nodes were surely back on a Redis that restarted empty at `restarted`: the settle
+/// time after it, or, if Redis went away again before that, after it came back from that too.
+fn settled_after(inputs: &Inputs, restarted: Instant) -> Instant {
+    let mut back = restarted;
+    while let Some((_, again)) = inputs
+        .redis_outages
+        .iter()
+        .find(|(killed, _)| *killed >= back && *killed <= back + SETTLE_AND_PROBE)
+    {
+        match again {
+            Some(again) if *again > back => back = *again,
+            // Still away when the run ended, or already counted.
+            Some(_) => break,
+            None => return back + Duration::from_secs(3600),
+        }
+    }
+    back + SETTLE_AND_PROBE
 }
 
 /// A room's settle time after an empty restart (`RedisSettings::settle`: two `--node-heartbeat`s
@@ -61,14 +82,16 @@ fn empty_restart_lost_events(inputs: &Inputs) -> bool {
         let from = restarted
             .checked_sub(RESEND_WINDOW + Duration::from_secs(3))
             .unwrap_or(inputs.start);
+        let settled = settled_after(inputs, restarted);
         let node_died = inputs.lives.iter().flatten().any(|life| {
-            life.ended.as_ref().is_some_and(|(at, how)| {
-                *at >= from && *at <= restarted + SETTLE_AND_PROBE && !matches!(how, Ended::NoStart)
-            })
+            life.ended
+                .as_ref()
+                .is_some_and(|(at, how)| *at >= from && *at <= settled && !matches!(how, Ended::NoStart))
         });
-        let path_broken = inputs.broken_paths.iter().any(|&(_, broken, until)| {
-            broken <= restarted + SETTLE_AND_PROBE && until.is_none_or(|until| until >= restarted)
-        });
+        let path_broken = inputs
+            .broken_paths
+            .iter()
+            .any(|&(_, broken, until)| broken <= settled && until.is_none_or(|until| until >= restarted));
         node_died || path_broken
     })
 }
@@ -120,7 +143,7 @@ fn excuse(inputs: &Inputs, publish: &Publish, view: &ClientView) -> Option<&'sta
                 at <= restarted && restarted.duration_since(at) <= RESEND_WINDOW + Duration::from_secs(3);
             killed_after_publish
                 && inputs.broken_paths.iter().any(|&(_, from, until)| {
-                    from <= restarted + SETTLE_AND_PROBE && until.is_none_or(|until| until >= restarted)
+                    from <= settled_after(inputs, restarted) && until.is_none_or(|until| until >= restarted)
                 })
         });
         if late_node {
@@ -135,7 +158,7 @@ fn excuse(inputs: &Inputs, publish: &Publish, view: &ClientView) -> Option<&'sta
                 && life.is_some_and(|l| {
                     l.ended
                         .as_ref()
-                        .is_some_and(|(ended, _)| *ended <= restarted + SETTLE_AND_PROBE)
+                        .is_some_and(|(ended, _)| *ended <= settled_after(inputs, restarted))
                 })
         });
         if publisher_died {
@@ -369,6 +392,7 @@ fn the_checker_finds_a_missing_a_repeated_and_a_reordered_event() {
             start,
             broken_paths: &[],
             empty_restarts: &[],
+            redis_outages: &[],
         };
         let mut kinds: Vec<String> = check(&inputs).failures.into_iter().map(|(k, _)| k).collect();
         kinds.sort();

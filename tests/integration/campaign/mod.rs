@@ -139,6 +139,8 @@ struct System {
     broken_paths: Vec<(usize, Instant, Option<Instant>)>,
     /// When Redis restarted empty.
     empty_restarts: Vec<Instant>,
+    /// When Redis was killed, and when it came back (`None` while it is away).
+    redis_outages: Vec<(Instant, Option<Instant>)>,
 }
 
 impl System {
@@ -153,6 +155,9 @@ impl System {
             FaultKind::TermNode(i) => self.nodes[i].term(),
             FaultKind::KillRedis { .. } => {
                 if let Some(redis) = self.redis.as_mut() {
+                    if redis.running() {
+                        self.redis_outages.push((Instant::now(), None));
+                    }
                     redis.kill();
                 }
             }
@@ -176,6 +181,13 @@ impl System {
                 let (from, to) = crate::cluster::move_slot(cluster, slot).await;
                 self.note(format!("slot {slot} moved from {from} to {to}"));
             }
+        }
+    }
+
+    fn redis_back(&mut self) {
+        let now = Instant::now();
+        for (_, back) in self.redis_outages.iter_mut().filter(|(_, back)| back.is_none()) {
+            *back = Some(now);
         }
     }
 
@@ -207,6 +219,7 @@ impl System {
                     if empty {
                         self.empty_restarts.push(Instant::now());
                     }
+                    self.redis_back();
                     self.note(format!("heal {kind:?}: redis restarted"));
                 }
             }
@@ -223,6 +236,7 @@ impl System {
     async fn heal_all(&mut self) {
         if let Some(redis) = self.redis.as_mut().filter(|r| !r.running()) {
             redis.restart(false);
+            self.redis_back();
         }
         for proxy in &self.proxies {
             proxy.set(Path::Open);
@@ -318,6 +332,7 @@ async fn run_schedule(seed: u64, cluster: bool, faults: &[String]) -> Result<Str
         timeline: Vec::new(),
         broken_paths: Vec::new(),
         empty_restarts: Vec::new(),
+        redis_outages: Vec::new(),
     };
     let addrs: Vec<_> = system.nodes.iter().map(|n| n.http).collect();
     let (bump_tx, mut bump) = watch::channel(0u64);
@@ -482,6 +497,7 @@ async fn run_schedule(seed: u64, cluster: bool, faults: &[String]) -> Result<Str
         start,
         broken_paths: &system.broken_paths,
         empty_restarts: &system.empty_restarts,
+        redis_outages: &system.redis_outages,
     };
     let mut verdict = checker::check(&inputs);
     verdict.failures.splice(0..0, verdict_pre);
