@@ -362,9 +362,20 @@ impl Hub {
             if entry.room.epoch() != remote.epoch && entry.room.resume(remote.epoch) {
                 self.tell_subscribers(entry, room, Some(false));
             }
-            self.apply_in(entry, remote, remote.deliver, now);
+            self.apply_telling(entry, room, remote, now);
         });
         matches!(held, Ok(Some(())))
+    }
+
+    /// Applies a registry publication outside a resume. An event that moves the room's `seq` on
+    /// without going out (the subscribers took it under a local epoch, or hold its id) gets them
+    /// a `recovered: true` notice with that `seq` instead, so the next event is not a skip.
+    fn apply_telling(&self, entry: &mut RoomEntry, room: &RoomName, remote: &RemotePublication<'_>, now: Now) {
+        let before = entry.room.last_seq();
+        let delivered = self.apply_in(entry, remote, remote.deliver, now);
+        if !delivered && entry.room.last_seq() > before && !entry.room.in_outage() {
+            self.tell_subscribers(entry, room, Some(true));
+        }
     }
 
     /// Applies a live message of the registry's channel as `apply_remote` does, unless it is an
@@ -385,15 +396,9 @@ impl Hub {
             if entry.room.epoch() != remote.epoch && entry.room.resume(remote.epoch) {
                 self.tell_subscribers(entry, room, Some(false));
             }
-            let before = entry.room.last_seq();
-            let delivered = self.apply_in(entry, remote, remote.deliver, now);
-            if !delivered && entry.room.last_seq() > before {
-                // An event the subscribers took under a local epoch (this node's own, or one it
-                // gave out while it resumed), applied after a hole filled (`resume_from` stopped
-                // before it): a notice moves their `seq` on, so that the next event does not look
-                // like a skip.
-                self.tell_subscribers(entry, room, Some(true));
-            }
+            // An event the subscribers took under a local epoch (this node's own, or one it gave
+            // out while it resumed), applied after a hole filled, gets them a notice instead.
+            self.apply_telling(entry, room, remote, now);
             Live::Applied
         });
         match applied {
@@ -445,7 +450,7 @@ impl Hub {
             if !entry.room.in_outage() && entry.room.epoch() == epoch {
                 let end = run_end(read, entry.room.last_seq());
                 for remote in read.iter().filter(|r| r.kind == Kind::State || r.number <= end) {
-                    self.apply_in(entry, remote, remote.deliver, now);
+                    self.apply_telling(entry, room, remote, now);
                 }
                 return end;
             }
@@ -932,6 +937,31 @@ mod tests {
         let again = remote("E", Kind::Event, 6, 21, "\"a\"");
         assert_eq!(hub.apply_live(&r, &again, now()), Live::Applied);
         assert_eq!(summary(&drain(&s)), ["subscribed \"E\" 6 true"], "never twice");
+    }
+
+    /// An event the subscribers already took (this node's own, delivered under a local epoch)
+    /// moves their `seq` on with a notice, on every path that applies one outside a resume.
+    #[test]
+    fn an_event_applied_without_going_out_moves_the_seq_on_with_a_notice() {
+        let hub = hub(HubConfig::default());
+        let r = room("game:own");
+        let s = hub.new_subscriber(Transport::WebSocket);
+        hub.ensure_room(&r, "E", 0).expect("room");
+        hub.subscribe(&r, &s, None, None, None, usize::MAX, 0)
+            .expect("subscribe");
+        drain(&s);
+        hub.apply_remote(&r, &remote("E", Kind::Event, 1, 11, "1"), now());
+        let own = RemotePublication {
+            deliver: false,
+            ..remote("E", Kind::Event, 2, 22, "2")
+        };
+        hub.apply_remote(&r, &own, now());
+        hub.apply_remote(&r, &remote("E", Kind::Event, 3, 33, "3"), now());
+        assert_eq!(
+            summary(&drain(&s)),
+            ["event 1 1", "subscribed \"E\" 2 true", "event 3 3"],
+            "no skip from 1 to 3"
+        );
     }
 
     #[test]
