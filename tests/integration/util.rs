@@ -777,10 +777,7 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = free_port();
         let mut server = Self {
             child: None,
             port,
@@ -794,10 +791,7 @@ impl RedisServer {
     /// A server with an append-only file in `dir`, fsynced on every write.
     pub fn start_persistent(dir: std::path::PathBuf) -> Self {
         std::fs::create_dir_all(&dir).expect("redis dir");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = free_port();
         let mut server = Self {
             child: None,
             port,
@@ -824,10 +818,7 @@ impl RedisServer {
 
     /// A TLS-only server with a password and a self-signed certificate.
     pub async fn start_tls(password: &str) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = free_port();
         let dir = std::env::temp_dir().join(format!("courtside-redis-tls-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let identity = wtransport::Identity::self_signed(["localhost", "127.0.0.1"]).expect("identity");
