@@ -168,12 +168,7 @@ impl ProtoServer {
         cert_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = endpoint.next_timeout();
-            let timer = async {
-                match deadline {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let timer = super::udp_loop::sleep_until(deadline);
             let notice = async {
                 match stop.as_mut() {
                     Some(stop) if drain_deadline.is_none() => stop.recv().await,

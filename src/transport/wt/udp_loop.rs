@@ -126,12 +126,7 @@ pub async fn run(
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let deadline = endpoint.next_timeout();
-        let timer = async {
-            match deadline {
-                Some(at) => tokio::time::sleep_until(at.into()).await,
-                None => std::future::pending().await,
-            }
-        };
+        let timer = sleep_until(deadline);
         tokio::select! {
             _ = &mut shutdown => return Ok(endpoint),
             ready = io.readable() => {
@@ -147,6 +142,14 @@ pub async fn run(
         }
         endpoint.flush(now);
         io.send(&mut endpoint).await?;
+    }
+}
+
+/// Sleeps until the endpoint's next timer (`WtEndpoint::next_timeout`), or for ever without one.
+pub(super) async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
