@@ -56,8 +56,12 @@ if ARGV[16] == '1' and ARGV[1] == 'event' and ARGV[17] == epoch then
   -- A restored event whose number the room's holders put back (they had it, or one after it):
   -- sent again under its own number, for a holder that missed it, and put back in the history
   -- (after newer entries: readers order the history by seq) for a holder that re-reads later.
+  -- Unless this Redis already gave that number to another event (the room settled before the
+  -- restore came, and a fresh publish took it): a holder would drop one of the two as a
+  -- duplicate, so it is numbered anew below.
   local original = tonumber(ARGV[18])
-  if tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') >= original then
+  if tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') >= original
+    and #redis.call('ZRANGEBYSCORE', KEYS[3], original, original, 'LIMIT', 0, 1) == 0 then
     redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], '*', 'seq', original, 'ts', ARGV[3], 'data', ARGV[2],
       'origin', ARGV[11], 'prov', ARGV[12], 'id', ARGV[14])
     redis.call('PEXPIRE', KEYS[2], ARGV[7])
@@ -437,6 +441,38 @@ mod tests {
             .await
             .expect("xlen");
         assert_eq!(stored, 3, "the event sent under its own number is in the history too");
+    }
+
+    /// A restore that comes after the room settled, its number already given to a fresh publish
+    /// by this Redis (the campaign's seeds 4140744046560954069 and 8085167026760167933): numbered
+    /// anew, never under the number another event holds (a holder would drop one of the two).
+    #[tokio::test]
+    async fn a_restored_event_never_takes_a_number_another_event_holds() {
+        let redis = TestRedis::start();
+        let mut conn = redis.connect().await;
+        let room = RoomName::parse("game:taken").expect("room");
+        // A lagging holder reseeded seq 5 and the room settled; a fresh publish took 6.
+        reseed(&conn, &room, (0, 5), ("", 0), 0).await;
+        let fresh = publish(&mut conn, &room, "event", "f", 1, "00000000000000f6", None).await;
+        assert_eq!(fresh, ("ep".to_string(), 6));
+        // The old Redis had given 6 to another event, whose publisher now sends it again.
+        let restored = publish(&mut conn, &room, "event", "r", 1, "00000000000000a6", Some(("ep", 6))).await;
+        assert_eq!(restored, ("ep".to_string(), 7), "numbered anew, after the fresh one");
+        let seqs: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(history_key(&room))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .expect("xrange");
+        let seqs: Vec<String> = seqs
+            .iter()
+            .filter_map(|(_, fields)| fields.iter().find(|(k, _)| k == "seq").map(|(_, v)| v.clone()))
+            .collect();
+        assert_eq!(seqs, ["6", "7"], "one event per number in the history");
+        // A restore whose number nobody took still goes under it.
+        let free = publish(&mut conn, &room, "event", "r", 1, "00000000000000a5", Some(("ep", 5))).await;
+        assert_eq!(free, ("ep".to_string(), 5));
     }
 
     async fn reseed(
