@@ -392,3 +392,44 @@ test('the demo page shows live games of a simulated Saturday', async () => {
   assert.ok(cards.length >= 3, `${cards.length} games shown`);
   if (process.env.SCREENSHOT) await page.screenshot({ path: process.env.SCREENSHOT });
 });
+
+test('the operations page shows the node as /metrics does, and nothing without credentials', async () => {
+  const server = await startServer(['--demo', '--demo-speed', '20']);
+  const browser = await launch();
+  // Without credentials: 401 with the challenge that makes a browser ask, and no page (a
+  // headless browser with nothing to answer it with fails the navigation instead).
+  const refused = await fetch(`http://${server.http}/ops`);
+  assert.equal(refused.status, 401);
+  assert.match(refused.headers.get('www-authenticate') ?? '', /^Basic realm=/);
+  assert.ok(!(await refused.text()).includes('Courtside operations'));
+  const anonymous = await (await browser.newContext()).newPage();
+  await assert.rejects(anonymous.goto(`http://${server.http}/ops`), /ERR_INVALID_AUTH_CREDENTIALS/);
+  // A fan on the demo page beside it, and the operator answering the login prompt with the token.
+  const fan = await browser.newPage();
+  await fan.goto(`http://${server.http}/?league=3`);
+  await fan.waitForFunction(() => window.courtside?.client, null, { timeout: HANG });
+  const operator = await browser.newContext({
+    httpCredentials: { username: 'ops', password: TOKEN },
+    viewport: { width: 1280, height: 1100 },
+  });
+  const page = await operator.newPage();
+  const response = await page.goto(`http://${server.http}/ops`);
+  assert.equal(response.status(), 200);
+  const shown = (id) => page.textContent(`#${id}`).then((t) => Number(t.replace(/,/g, '')));
+  // The page's figures and the exposition's agree (read until both hold still the same value).
+  await eventually('the page shows the connections and rooms /metrics counts', async () => {
+    const onPage = [await shown('connections-websocket'), await shown('connections-webtransport'), await shown('rooms')];
+    const exposed = [
+      await metric(server, 'courtside_connections{transport="websocket"}'),
+      await metric(server, 'courtside_connections{transport="webtransport"}'),
+      await metric(server, 'courtside_rooms'),
+    ];
+    return onPage[1] === 1 && JSON.stringify(onPage) === JSON.stringify(exposed) ? true : undefined;
+  });
+  await page.waitForFunction(() => Number(document.getElementById('publishes-per-s').textContent) > 0, null, { timeout: HANG });
+  await page.waitForSelector('#busiest tbody tr', { timeout: HANG });
+  await page.waitForSelector('#nodes tbody tr[data-id="local"]', { timeout: HANG });
+  assert.equal(await page.textContent('#registry-status'), 'ok');
+  assert.equal(await page.textContent('#error'), '');
+  if (process.env.OPS_SCREENSHOT) await page.screenshot({ path: process.env.OPS_SCREENSHOT, fullPage: true });
+});
