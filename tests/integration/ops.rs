@@ -113,7 +113,8 @@ async fn the_figures_are_the_nodes_own() {
     assert_eq!(figures["kpi_ms"], json!({"p50": 100, "p95": 500, "p99": 1000}));
 }
 
-/// With Redis, each node's page lists every node with the summary its heartbeat shared.
+/// With Redis, each node's page lists every node (three here) with the summary its heartbeat
+/// shared.
 #[tokio::test]
 async fn every_node_of_the_cluster_is_on_the_page() {
     let redis = RedisServer::start();
@@ -128,19 +129,21 @@ async fn every_node_of_the_cluster_is_on_the_page() {
             "200ms",
         ])
     };
-    let (a, b) = (start("ops-a"), start("ops-b"));
+    let (a, b, _c) = (start("ops-a"), start("ops-b"), start("ops-c"));
     let mut client = b.connect().await;
     client.subscribe("game:seen").await;
     let bearer = format!("Bearer {TOKEN}");
-    let nodes = eventually("both nodes with their summaries, b with its client", || async {
+    let nodes = eventually("the three nodes with their summaries, b with its client", || async {
         let (_, _, body) = ops(&a, "/v1/ops", &[("authorization", &bearer)]).await;
         let body: Value = serde_json::from_slice(&body).ok()?;
         let nodes = body["nodes"].as_array()?.clone();
         let b_seen = nodes
             .iter()
             .any(|n| n["id"] == "ops-b" && n["ops"]["connections"]["websocket"] == 1);
-        let a_seen = nodes.iter().any(|n| n["id"] == "ops-a" && n["ops"]["node"] == "ops-a");
-        (nodes.len() == 2 && a_seen && b_seen).then_some(nodes)
+        let all_seen = ["ops-a", "ops-b", "ops-c"]
+            .iter()
+            .all(|id| nodes.iter().any(|n| n["id"] == *id && n["ops"]["node"] == *id));
+        (nodes.len() == 3 && all_seen && b_seen).then_some(nodes)
     })
     .await;
     let b_summary = &nodes.iter().find(|n| n["id"] == "ops-b").expect("b")["ops"];
