@@ -393,6 +393,26 @@ test('the demo page shows live games of a simulated Saturday', async () => {
   if (process.env.SCREENSHOT) await page.screenshot({ path: process.env.SCREENSHOT });
 });
 
+test('the demo page shows its league\'s bracket live: a result moves the winner on', async () => {
+  // Two hundred times real time: a bracket game (32 minutes of play) ends within seconds.
+  const server = await startServer(['--demo', '--demo-speed', '200']);
+  const browser = await launch();
+  const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  await page.goto(`http://${server.http}/?league=3`);
+  await page.waitForFunction(() => document.querySelectorAll('#bracket .match').length === 15, null, { timeout: HANG });
+  assert.match(await page.textContent('#bracket-title'), /League 3 playoffs/);
+  const initiallyCompleted = await page.$$eval('#bracket .match.completed', (m) => m.length);
+  // A result arrives as a new bracket state; the page re-renders it: one more match is
+  // completed, its winner shows in the next round, and the notification names the round.
+  await page.waitForFunction((before) => document.querySelectorAll('#bracket .match.completed').length > before,
+    initiallyCompleted, { timeout: HANG });
+  const winners = await page.$$eval('#bracket .match.completed .side.win span:first-child', (s) => s.map((e) => e.textContent.replace(/^\d+\. /, '')));
+  const laterRounds = await page.$$eval('#bracket .round:not(:first-child) .side.known span:first-child', (s) => s.map((e) => e.textContent));
+  assert.ok(winners.some((w) => laterRounds.includes(w)), `a winner (${winners}) in a later round (${laterRounds})`);
+  await page.waitForFunction(() => [...document.querySelectorAll('#events li')].some((li) => / beat .* on to the | win the League /.test(li.textContent)), null, { timeout: HANG });
+  if (process.env.BRACKET_SCREENSHOT) await page.screenshot({ path: process.env.BRACKET_SCREENSHOT });
+});
+
 test('the operations page shows the node as /metrics does, and nothing without credentials', async () => {
   const server = await startServer(['--demo', '--demo-speed', '20']);
   const browser = await launch();
