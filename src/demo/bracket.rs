@@ -164,8 +164,9 @@ impl Bracket {
     }
 
     /// The bracket as its room's state: brackets-model's shape (stage, group, rounds, matches,
-    /// participants) with the league and the edition, team names from `name`.
-    pub fn to_json(&self, name: impl Fn(u32) -> String) -> Value {
+    /// participants) with the league and the edition, the stage named after `league_name`, team
+    /// names from `name`.
+    pub fn to_json(&self, league_name: &str, name: impl Fn(u32) -> String) -> Value {
         let stage = self.edition;
         let opponent = |m: &Match, slot: usize| -> Value {
             let Some(team) = m.opponents[slot] else {
@@ -226,7 +227,7 @@ impl Bracket {
             "stage": {
                 "id": stage,
                 "tournament_id": self.league,
-                "name": format!("League {} playoffs #{}", self.league, self.edition),
+                "name": format!("{league_name} playoffs #{}", self.edition),
                 "type": "single_elimination",
                 "number": self.edition,
                 "settings": {"size": SIZE},
@@ -291,7 +292,8 @@ mod tests {
         b.schedule(0, 7);
         b.start(0);
         b.finish(0, [61, 55]);
-        let state = b.to_json(|t| format!("team {t}"));
+        let state = b.to_json("Mesa 10U Boys", |t| format!("team {t}"));
+        assert_eq!(state["stage"]["name"], "Mesa 10U Boys playoffs #1");
         assert_eq!(state["stage"]["type"], "single_elimination");
         assert_eq!(state["participants"].as_array().map(Vec::len), Some(16));
         assert_eq!(state["rounds"][3]["name"], "Final");

@@ -91,12 +91,16 @@ struct Game {
     final_: bool,
     /// The bracket match this game plays (its winner advances).
     bracket_match: Option<usize>,
+    /// Who led last (`true`: home), ties aside: a lead changes hands when the other team leads.
+    last_leader: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
 struct League {
     id: u32,
     teams: Vec<u32>,
+    /// Its finished games, newest first (`RESULTS_KEPT`), for its `results:{id}` room.
+    results: Vec<serde_json::Value>,
     /// The league's playoffs, played on its first `BRACKET_COURTS` courts; a new one of the
     /// next sixteen teams starts when a champion is crowned.
     bracket: Bracket,
@@ -105,6 +109,8 @@ struct League {
 /// Courts of each league that play its bracket's matches (the others play league games between
 /// teams outside the bracket).
 const BRACKET_COURTS: u32 = 2;
+/// Finished games a league's results room lists.
+const RESULTS_KEPT: usize = 12;
 
 /// The simulated Saturday.
 #[derive(Debug, Clone)]
@@ -129,6 +135,7 @@ impl SaturdayModel {
                 League {
                     id: l + 1,
                     teams,
+                    results: Vec::new(),
                     bracket,
                 }
             })
@@ -152,6 +159,8 @@ impl SaturdayModel {
                 let played = elapsed as f64 / MEAN_MS_BETWEEN_SCORES;
                 model.games[g].home_score = (played * 1.1) as u32;
                 model.games[g].away_score = (played * 0.9) as u32;
+                let (home, away) = (model.games[g].home_score, model.games[g].away_score);
+                model.games[g].last_leader = (home != away).then_some(home > away);
             }
         }
         model.rng = rng;
@@ -170,6 +179,36 @@ impl SaturdayModel {
     /// Rooms of the games being played (or about to start).
     pub fn game_rooms(&self) -> Vec<String> {
         self.games.iter().map(|g| format!("game:{}", g.id)).collect()
+    }
+
+    /// A league's display name: an age group, a division and a city, distinct for each of the
+    /// 80 leagues ("Mesa 12U Girls").
+    pub fn league_name(id: u32) -> String {
+        const AGES: [&str; 8] = ["10U", "11U", "12U", "13U", "14U", "15U", "16U", "17U"];
+        const CITIES: [&str; 5] = ["Phoenix", "Mesa", "Chandler", "Scottsdale", "Glendale"];
+        let k = id.saturating_sub(1) as usize;
+        let division = if k % 2 == 0 { "Boys" } else { "Girls" };
+        format!(
+            "{} {} {division}",
+            CITIES[(k / 2) % CITIES.len()],
+            AGES[(k / 10) % AGES.len()]
+        )
+    }
+
+    /// The `demo:leagues` state: every league's id and name, for a page's league picker.
+    fn publish_leagues(&self, out: &mut Vec<SimPublish>) {
+        let leagues: Vec<serde_json::Value> = self
+            .leagues
+            .iter()
+            .map(|l| json!({"league": l.id, "name": Self::league_name(l.id)}))
+            .collect();
+        if let Ok(room) = RoomName::parse("demo:leagues") {
+            out.push(SimPublish {
+                room,
+                kind: Kind::State,
+                data: json!({ "leagues": leagues }).to_string(),
+            });
+        }
     }
 
     /// Bracket rooms, one per league.
@@ -244,6 +283,7 @@ impl SaturdayModel {
             starts_in_ms,
             final_: false,
             bracket_match,
+            last_leader: None,
         }
     }
 
@@ -276,9 +316,11 @@ impl SaturdayModel {
             self.publish_game(g, out);
             by_league[game.league as usize].push(self.game_json(game));
         }
+        self.publish_leagues(out);
         for (league, games) in by_league.into_iter().enumerate() {
             self.publish_league(league, games, out);
             self.publish_bracket(league, out);
+            self.publish_results(league, out);
         }
     }
 
@@ -323,6 +365,21 @@ impl SaturdayModel {
                     self.games[g].away_score += points;
                 }
                 changed = true;
+                // The lead changes hands (through a tie or not; not the first basket): worth a
+                // notification.
+                let game = &mut self.games[g];
+                let leader = match game.home_score.cmp(&game.away_score) {
+                    std::cmp::Ordering::Greater => Some(true),
+                    std::cmp::Ordering::Less => Some(false),
+                    std::cmp::Ordering::Equal => None,
+                };
+                if let Some(now) = leader {
+                    let changed_hands = game.last_leader.is_some_and(|before| before != now);
+                    game.last_leader = Some(now);
+                    if changed_hands {
+                        self.notify(g, "lead", out);
+                    }
+                }
             }
             let game = &mut self.games[g];
             if dt >= game.left_ms {
@@ -410,7 +467,7 @@ impl SaturdayModel {
             "live"
         };
         let secs = g.left_ms / 1000;
-        json!({
+        let mut game = json!({
             "game": g.id,
             "league": self.leagues[g.league as usize].id,
             "court": g.court + 1,
@@ -419,7 +476,12 @@ impl SaturdayModel {
             "clock": format!("{}:{:02}", secs / 60, secs % 60),
             "home": {"team": g.home, "name": Self::team_name(g.home), "score": g.home_score},
             "away": {"team": g.away, "name": Self::team_name(g.away), "score": g.away_score},
-        })
+        });
+        if g.starts_in_ms > 0 {
+            // Game time until tip-off, for a schedule.
+            game["starts_in_s"] = json!(g.starts_in_ms.div_ceil(1000));
+        }
+        game
     }
 
     fn publish_game(&self, g: usize, out: &mut Vec<SimPublish>) {
@@ -435,7 +497,7 @@ impl SaturdayModel {
 
     fn publish_league(&self, league: usize, games: Vec<serde_json::Value>, out: &mut Vec<SimPublish>) {
         let l = &self.leagues[league];
-        let data = json!({"league": l.id, "name": format!("League {}", l.id), "games": games});
+        let data = json!({"league": l.id, "name": Self::league_name(l.id), "games": games});
         if let Ok(room) = RoomName::parse(&format!("league:{}", l.id)) {
             out.push(SimPublish {
                 room,
@@ -448,12 +510,27 @@ impl SaturdayModel {
     fn notify(&self, g: usize, what: &str, out: &mut Vec<SimPublish>) {
         let game = &self.games[g];
         let league = self.leagues[game.league as usize].id;
+        let (home, away) = (Self::team_name(game.home), Self::team_name(game.away));
         let text = match what {
-            "tipoff" => format!(
-                "Tip-off: {} vs {}",
-                Self::team_name(game.home),
-                Self::team_name(game.away)
-            ),
+            "tipoff" => format!("Tip-off on court {}: {home} vs {away}", game.court + 1),
+            "lead" => {
+                let secs = game.left_ms / 1000;
+                let period = if game.quarter > 4 {
+                    format!("OT{}", game.quarter - 4)
+                } else {
+                    format!("Q{}", game.quarter)
+                };
+                let (leader, trailer, high, low) = if game.home_score > game.away_score {
+                    (&home, &away, game.home_score, game.away_score)
+                } else {
+                    (&away, &home, game.away_score, game.home_score)
+                };
+                format!(
+                    "{period} {}:{:02}: {leader} take the lead {high}–{low} over {trailer}",
+                    secs / 60,
+                    secs % 60
+                )
+            }
             _ => format!(
                 "Final: {} {} – {} {}",
                 Self::team_name(game.home),
@@ -462,7 +539,7 @@ impl SaturdayModel {
                 game.away_score
             ),
         };
-        let data = json!({"kind": what, "game": game.id, "text": text}).to_string();
+        let data = json!({"kind": what, "game": game.id, "teams": [game.home, game.away], "text": text}).to_string();
         for room in [
             format!("league:{league}"),
             format!("team:{}", game.home),
@@ -484,7 +561,19 @@ impl SaturdayModel {
             out.push(SimPublish {
                 room,
                 kind: Kind::State,
-                data: l.bracket.to_json(Self::team_name).to_string(),
+                data: l.bracket.to_json(&Self::league_name(l.id), Self::team_name).to_string(),
+            });
+        }
+    }
+
+    /// The `results:{league}` state: the league's finished games, newest first.
+    fn publish_results(&self, league: usize, out: &mut Vec<SimPublish>) {
+        let l = &self.leagues[league];
+        if let Ok(room) = RoomName::parse(&format!("results:{}", l.id)) {
+            out.push(SimPublish {
+                room,
+                kind: Kind::State,
+                data: json!({"league": l.id, "results": l.results}).to_string(),
             });
         }
     }
@@ -493,6 +582,11 @@ impl SaturdayModel {
         self.notify(g, "final", out);
         let game = self.games[g].clone();
         let league = game.league as usize;
+        let result = self.game_json(&game);
+        let results = &mut self.leagues[league].results;
+        results.insert(0, result);
+        results.truncate(RESULTS_KEPT);
+        self.publish_results(league, out);
         if let Some(m) = game.bracket_match {
             let l = &mut self.leagues[league];
             let round = l.bracket.matches[m].round;
@@ -503,10 +597,10 @@ impl SaturdayModel {
                 );
                 let text = match l.bracket.champion() {
                     Some(champion) => format!(
-                        "{} beat {} {high}–{low} and win the League {} playoffs",
+                        "{} beat {} {high}–{low} and win the {} playoffs",
                         Self::team_name(champion),
                         Self::team_name(loser),
-                        l.id
+                        Self::league_name(l.id)
                     ),
                     None => format!(
                         "{} beat {} {high}–{low}: on to the {}",
@@ -565,6 +659,10 @@ mod tests {
             model.league_of_game(&model.game_rooms()[0]).as_deref(),
             Some("league:1")
         );
+        let mut names: Vec<String> = (1..=80).map(SaturdayModel::league_name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), 80, "every league has its own name");
     }
 
     #[test]
@@ -584,6 +682,20 @@ mod tests {
         assert!((6_000..20_000).contains(&game_states), "{game_states}");
         assert!(count("league:", Kind::Event) > 100, "finals and tip-offs are announced");
         assert!(count("bracket:", Kind::Event) > 10, "bracket games advance winners");
+        let kinds = |kind: &str| {
+            out.iter()
+                .filter(|p| p.room.as_str().starts_with("league:") && p.data.contains(&format!("\"kind\":\"{kind}\"")))
+                .count()
+        };
+        // Tip-offs, lead changes and finals, all of them: a fan of a league reads a few a minute.
+        assert!(
+            kinds("tipoff") > 50 && kinds("final") > 50,
+            "{} {}",
+            kinds("tipoff"),
+            kinds("final")
+        );
+        assert!(kinds("lead") > 200, "lead changes: {}", kinds("lead"));
+        assert!(count("results:", Kind::State) > 50, "finished games are listed");
         for p in out.iter().step_by(97) {
             assert!(serde_json::from_str::<serde_json::Value>(&p.data).is_ok());
         }

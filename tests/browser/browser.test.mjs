@@ -393,14 +393,14 @@ test('the demo page shows live games of a simulated Saturday', async () => {
   if (process.env.SCREENSHOT) await page.screenshot({ path: process.env.SCREENSHOT });
 });
 
-test('the demo page shows its league\'s bracket live: a result moves the winner on', async () => {
+test('the demo page shows its league\'s bracket live, results, named leagues and a followed team first', async () => {
   // Two hundred times real time: a bracket game (32 minutes of play) ends within seconds.
   const server = await startServer(['--demo', '--demo-speed', '200']);
   const browser = await launch();
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
   await page.goto(`http://${server.http}/?league=3`);
   await page.waitForFunction(() => document.querySelectorAll('#bracket .match').length === 15, null, { timeout: HANG });
-  assert.match(await page.textContent('#bracket-title'), /League 3 playoffs/);
+  assert.match(await page.textContent('#bracket-title'), /Mesa 10U Boys playoffs #1/);
   const initiallyCompleted = await page.$$eval('#bracket .match.completed', (m) => m.length);
   // A result arrives as a new bracket state; the page re-renders it: one more match is
   // completed, its winner shows in the next round, and the notification names the round.
@@ -409,7 +409,17 @@ test('the demo page shows its league\'s bracket live: a result moves the winner 
   const winners = await page.$$eval('#bracket .match.completed .side.win span:first-child', (s) => s.map((e) => e.textContent.replace(/^\d+\. /, '')));
   const laterRounds = await page.$$eval('#bracket .round:not(:first-child) .side.known span:first-child', (s) => s.map((e) => e.textContent));
   assert.ok(winners.some((w) => laterRounds.includes(w)), `a winner (${winners}) in a later round (${laterRounds})`);
-  await page.waitForFunction(() => [...document.querySelectorAll('#events li')].some((li) => / beat .* on to the | win the League /.test(li.textContent)), null, { timeout: HANG });
+  await page.waitForFunction(() => [...document.querySelectorAll('#events li')].some((li) => / beat .* (on to the | win the .* playoffs)/.test(li.textContent)), null, { timeout: HANG });
+  // A Saturday a fan recognises: leagues by name, finished games listed, notifications with
+  // their time, and a team to follow (its game first, starred).
+  await page.waitForFunction(() => document.querySelector('#league option[value="3"]').textContent === 'Mesa 10U Boys', null, { timeout: HANG });
+  await page.waitForSelector('#results li', { timeout: HANG });
+  assert.match(await page.textContent('#events li time'), /\d\d:\d\d:\d\d/);
+  const lastCard = page.locator('#games .game').last();
+  const team = await lastCard.locator('.team .name').first().textContent();
+  await lastCard.locator('.team .name').first().click();
+  await page.waitForFunction((name) => document.getElementById('following').textContent.includes(name), team, { timeout: HANG });
+  assert.equal(await page.locator('#games .game').first().locator('.team.followed .name').textContent(), team);
   if (process.env.BRACKET_SCREENSHOT) await page.screenshot({ path: process.env.BRACKET_SCREENSHOT });
 });
 
