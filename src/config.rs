@@ -173,8 +173,10 @@ pub struct HttpConfig {
     /// Time a new connection has to send its request headers, the WebSocket upgrade included.
     #[arg(long, env = "COURTSIDE_UPGRADE_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     pub upgrade_timeout: Duration,
-    /// Browser origins allowed to open a WebSocket, comma-separated (e.g. https://scores.example.com).
-    /// Empty: any origin. Requests without an Origin header (non-browser clients) are always allowed.
+    /// Browser origins allowed to open a WebSocket or WebTransport session, and to read the client
+    /// module, the certificate hash and the room reads from another origin (CORS),
+    /// comma-separated (e.g. https://scores.example.com). Empty: any origin. Requests without an
+    /// Origin header (non-browser clients) are always allowed.
     #[arg(
         long,
         env = "COURTSIDE_ALLOWED_ORIGINS",

@@ -1,6 +1,7 @@
 //! The HTTP side: health, metrics, the publish API for the platform's backend, room queries,
 //! and the WebSocket upgrade route. Every error answers JSON `{"error": code, "message": text}`.
 
+pub mod cors;
 pub mod error;
 pub mod upgrade;
 
@@ -42,6 +43,8 @@ pub struct HttpSettings {
     pub idempotency_window: Duration,
     /// What the WebSocket connections it upgrades are given.
     pub websocket: WebSocketSettings,
+    /// Which origins may read the client module, the certificate hash and the room reads.
+    pub cors: cors::CorsPolicy,
 }
 
 impl HttpSettings {
@@ -51,6 +54,7 @@ impl HttpSettings {
             max_batch: config.http.max_batch,
             idempotency_window: config.http.idempotency_window,
             websocket: WebSocketSettings::from_config(config),
+            cors: cors::CorsPolicy::new(&config.http.allowed_origins),
         }
     }
 }
@@ -79,19 +83,31 @@ pub fn router(node: Node, settings: HttpSettings) -> Router {
         history_reads: Arc::new(tokio::sync::Semaphore::new(HISTORY_READS_AT_ONCE)),
     };
     let gate = || middleware::from_fn_with_state(state.clone(), publish_gate);
+    // What a page on another origin reads: the module, the certificate hash, the room reads.
+    let policy = Arc::new(state.settings.cors.clone());
+    let cors = || middleware::from_fn_with_state(policy.clone(), cors::cors);
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/ws", get(upgrade::websocket))
-        .route("/v1/cert-hash", get(cert_hash))
+        .route("/v1/cert-hash", get(cert_hash).options(cors::preflight).layer(cors()))
         .route("/v1/nodes", get(nodes))
         .route("/", get(demo_page))
-        .route("/courtside.js", get(client_module))
-        .route("/v1/rooms/{room}", get(room_info))
+        .route(
+            "/courtside.js",
+            get(client_module).options(cors::preflight).layer(cors()),
+        )
+        .route(
+            "/v1/rooms/{room}",
+            get(room_info).options(cors::preflight).layer(cors()),
+        )
         .route("/v1/rooms/{room}/state", post(publish_state.layer(gate())))
         .route(
             "/v1/rooms/{room}/events",
-            post(publish_event.layer(gate())).get(room_events),
+            get(room_events)
+                .options(cors::preflight)
+                .layer(cors())
+                .post(publish_event.layer(gate())),
         )
         .route("/v1/publish", post(publish_batch.layer(gate())))
         .fallback(not_found)
