@@ -60,13 +60,13 @@ impl CorsPolicy {
     }
 }
 
-/// The CORS routes' `OPTIONS` handler: what a preflight that the middleware let through gets,
-/// before the middleware adds its CORS headers.
-pub async fn preflight() -> Response {
+/// What a CORS route's `OPTIONS` answers once the middleware let it through (the middleware
+/// then adds the CORS headers): 204 with the path's methods in `Allow`.
+pub fn preflight(allow: &'static str) -> Response {
     let mut response = StatusCode::NO_CONTENT.into_response();
     response
         .headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, OPTIONS"));
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
     response
 }
 

@@ -90,22 +90,19 @@ pub fn router(node: Node, settings: HttpSettings) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/ws", get(upgrade::websocket))
-        .route("/v1/cert-hash", get(cert_hash).options(cors::preflight).layer(cors()))
+        .route("/v1/cert-hash", get(cert_hash).options(read_preflight).layer(cors()))
         .route("/v1/nodes", get(nodes))
         .route("/", get(demo_page))
         .route(
             "/courtside.js",
-            get(client_module).options(cors::preflight).layer(cors()),
+            get(client_module).options(read_preflight).layer(cors()),
         )
-        .route(
-            "/v1/rooms/{room}",
-            get(room_info).options(cors::preflight).layer(cors()),
-        )
+        .route("/v1/rooms/{room}", get(room_info).options(room_preflight).layer(cors()))
         .route("/v1/rooms/{room}/state", post(publish_state.layer(gate())))
         .route(
             "/v1/rooms/{room}/events",
             get(room_events)
-                .options(cors::preflight)
+                .options(events_preflight)
                 .layer(cors())
                 .post(publish_event.layer(gate())),
         )
@@ -114,6 +111,23 @@ pub fn router(node: Node, settings: HttpSettings) -> Router {
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn(error::json_errors))
         .with_state(state)
+}
+
+/// `OPTIONS` of a read-only CORS route.
+async fn read_preflight() -> Response {
+    cors::preflight("GET, HEAD, OPTIONS")
+}
+
+/// `OPTIONS /v1/rooms/{room}`: its room name is checked as `GET`'s is.
+async fn room_preflight(Path(room): Path<String>) -> Result<Response, ApiError> {
+    parse_room(&room)?;
+    Ok(cors::preflight("GET, HEAD, OPTIONS"))
+}
+
+/// `OPTIONS /v1/rooms/{room}/events`: `Allow` names the publish too (CORS still allows reads only).
+async fn events_preflight(Path(room): Path<String>) -> Result<Response, ApiError> {
+    parse_room(&room)?;
+    Ok(cors::preflight("GET, HEAD, POST, OPTIONS"))
 }
 
 async fn not_found() -> ApiError {

@@ -55,6 +55,16 @@ async fn without_allowed_origins_any_origin_may_read_the_module_the_hash_and_the
     assert_eq!(headers["access-control-allow-methods"], "GET, HEAD");
     assert_eq!(headers["access-control-allow-headers"], "authorization");
     assert_eq!(headers["access-control-max-age"], "600");
+    // Allow lists the path's methods, the backend's publish included; CORS allows reads only.
+    assert_eq!(headers["allow"], "GET, HEAD, POST, OPTIONS");
+    let (status, headers, _) = preflight(&server, "/v1/rooms/game:1", "https://a.example").await;
+    assert_eq!(status, 204);
+    assert_eq!(headers["allow"], "GET, HEAD, OPTIONS");
+    // A room name that breaks the rules is refused as GET refuses it.
+    let (status, _, body) = preflight(&server, "/v1/rooms/bad%20room", "https://a.example").await;
+    assert_eq!(status, 400);
+    let body: Value = serde_json::from_slice(&body).expect("JSON error body");
+    assert_eq!(body["error"], "bad_room");
 
     // The publish API is not opened to pages: its answers carry no CORS header.
     let (status, headers, _) = request(
