@@ -135,6 +135,20 @@ impl Sources {
     pub fn name(&self, long: &str) -> String {
         name_of(&self.of(long), long)
     }
+
+    /// The option and the value as the user wrote them: `--max-body "1MB"`,
+    /// `COURTSIDE_MAX_BODY="1MB"`, or `max_body = "1MB" in FILE`.
+    pub fn written(&self, long: &str, value: &str) -> String {
+        written(&self.of(long), long, value)
+    }
+}
+
+fn written(source: &Source, long: &str, value: &str) -> String {
+    match source {
+        Source::Env(var) => format!("{var}={value:?}"),
+        Source::File { path, key } => format!("{key} = {value:?} in {path}"),
+        Source::Flag | Source::Default => format!("--{long} {value:?}"),
+    }
 }
 
 fn name_of(source: &Source, long: &str) -> String {
@@ -835,11 +849,7 @@ fn named_error(error: clap::Error, args: &[OsString], file: Option<FileKeys<'_>>
         (Source::Flag, Some(var)) if !flag_given(&long, args) && std::env::var_os(&var).is_some() => Source::Env(var),
         (source, _) => source,
     };
-    let what = match &source {
-        Source::Env(var) => format!("{var}={value:?}"),
-        Source::File { path, key } => format!("{key} = {value:?} in {path}"),
-        Source::Flag | Source::Default => format!("--{long} {value:?}"),
-    };
+    let what = written(&source, &long, &value);
     let cause = std::error::Error::source(&error).map(|e| e.to_string());
     let message = match error.kind() {
         ErrorKind::InvalidValue => {

@@ -47,7 +47,12 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(config: &ServeConfig) -> anyhow::Result<()> {
-    let filter: Targets = config.log.log_level.parse().context("--log-level")?;
+    let filter: Targets = config.log.log_level.parse().map_err(|error| {
+        anyhow::anyhow!(
+            "{}: takes a level (info) or directives (info,courtside=debug): {error}",
+            config.sources.written("log-level", &config.log.log_level)
+        )
+    })?;
     let registry = tracing_subscriber::registry().with(filter);
     match config.log.log_format {
         LogFormat::Text => {

@@ -91,3 +91,16 @@ fn a_redis_url_of_another_scheme_is_refused_before_anything_listens() {
     );
     assert!(stderr.contains("redis://") && stderr.contains("rediss://"), "{stderr}");
 }
+
+#[test]
+fn a_bad_log_filter_is_named_as_given() {
+    let (code, stderr) = refused(
+        &["--http", "127.0.0.1:0", "--no-wt"],
+        &[("COURTSIDE_LOG", "info,x=lots")],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with("courtside: COURTSIDE_LOG=\"info,x=lots\": takes a level (info) or directives"),
+        "{stderr}"
+    );
+}
