@@ -3,6 +3,7 @@
 
 pub mod cors;
 pub mod error;
+pub mod ops;
 pub mod upgrade;
 
 use std::sync::Arc;
@@ -86,6 +87,7 @@ pub fn router(node: Node, settings: HttpSettings) -> Router {
     // What a page on another origin reads: the module, the certificate hash, the room reads.
     let policy = Arc::new(state.settings.cors.clone());
     let cors = || middleware::from_fn_with_state(policy.clone(), cors::cors);
+    let operators = || middleware::from_fn_with_state(state.clone(), ops::gate);
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -97,6 +99,8 @@ pub fn router(node: Node, settings: HttpSettings) -> Router {
             "/courtside.js",
             get(client_module).options(read_preflight).layer(cors()),
         )
+        .route("/ops", get(ops::page.layer(operators())))
+        .route("/v1/ops", get(ops::figures.layer(operators())))
         .route("/v1/rooms/{room}", get(room_info).options(room_preflight).layer(cors()))
         .route("/v1/rooms/{room}/state", post(publish_state.layer(gate())))
         .route(
