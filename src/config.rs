@@ -607,8 +607,11 @@ impl ServeConfig {
             }
         }
         if self.webtransport.disabled {
-            for long in ["cert", "key"] {
-                if self.sources.of(long) != Source::Default {
+            for (long, given) in [
+                ("cert", self.webtransport.cert.is_some()),
+                ("key", self.webtransport.key.is_some()),
+            ] {
+                if given {
                     invalid!(
                         "{} is given, but {} turns WebTransport off and the certificate would not be used: drop one of them",
                         name(long),
