@@ -464,3 +464,59 @@ test('the operations page shows the node as /metrics does, and nothing without c
   assert.equal(await page.textContent('#error'), '');
   if (process.env.OPS_SCREENSHOT) await page.screenshot({ path: process.env.OPS_SCREENSHOT, fullPage: true });
 });
+
+/** The platform's own page, on its own origin: it imports the client from the edge and fetches
+ *  the certificate hash there, as fallback/README.md shows ("A page on another origin"). */
+const PLATFORM_PAGE = `<!doctype html>
+<meta charset="utf-8">
+<title>platform page</title>
+<script type="module">
+  const edge = new URLSearchParams(location.search).get('edge');
+  window.outcome = (async () => {
+    const { connect } = await import(\`\${edge}/courtside.js\`);
+    const hash = await (await fetch(\`\${edge}/v1/cert-hash\`)).json();
+    const client = await connect(edge, { certHash: hash.sha256, webtransportPort: hash.port });
+    window.received = [];
+    window.subscribed = false;
+    client.subscribe('game:cross', {
+      onSubscribed: () => { window.subscribed = true; },
+      onState: (data, meta) => window.received.push({ data, transport: meta.transport }),
+    });
+    return { transport: client.transport };
+  })().catch((e) => ({ error: String(e) }));
+</script>`;
+
+/** A static server on a loopback port of its own, serving PLATFORM_PAGE for any path. */
+async function startPlatformSite() {
+  const http = await import('node:http');
+  const site = http.createServer((req, res) => {
+    res.writeHead(200, { 'content-type': 'text/html; charset=utf-8' });
+    res.end(PLATFORM_PAGE);
+  });
+  await new Promise((resolve) => site.listen(0, '127.0.0.1', resolve));
+  after(() => site.close());
+  return site.address().port;
+}
+
+test('a page on another origin imports the client from the edge and reaches WebTransport; an origin outside --allowed-origins cannot', async () => {
+  const port = await startPlatformSite();
+  // Two origins on loopback: the page at http://localhost:PORT, the edge at http://127.0.0.1:EDGE.
+  const server = await startServer(['--allowed-origins', `http://localhost:${port}`]);
+  const edge = `http://${server.http}`;
+  const browser = await launch(['--host-resolver-rules=MAP localhost 127.0.0.1']);
+  const page = await browser.newPage();
+  await page.goto(`http://localhost:${port}/?edge=${encodeURIComponent(edge)}`);
+  const outcome = await page.evaluate(() => window.outcome);
+  assert.deepEqual(outcome, { transport: 'webtransport' });
+  await page.waitForFunction(() => window.subscribed, null, { timeout: HANG });
+  await publish(server, 'game:cross', 'state', { home: 7, away: 3 });
+  await page.waitForFunction(() => window.received.length >= 1, null, { timeout: HANG });
+  assert.deepEqual(await page.evaluate(() => window.received), [{ data: { home: 7, away: 3 }, transport: 'webtransport' }]);
+
+  // The same page from http://127.0.0.1:PORT, an origin the edge does not list: the browser
+  // withholds the module (no Access-Control-Allow-Origin), so the import itself fails.
+  const refused = await browser.newPage();
+  await refused.goto(`http://127.0.0.1:${port}/?edge=${encodeURIComponent(edge)}`);
+  const refusedOutcome = await refused.evaluate(() => window.outcome);
+  assert.match(refusedOutcome.error ?? '', /TypeError/, JSON.stringify(refusedOutcome));
+});

@@ -6,6 +6,10 @@ mod util;
 mod campaign;
 /// Several nodes and a real Redis: shared rooms, presence, Redis failures.
 mod cluster;
+/// Configuration errors: each names its source (flag, variable, file key) and what is accepted, before anything listens.
+mod config_errors;
+/// CORS: which origins may read the client module, the certificate hash and the room reads.
+mod cors;
 /// Subscribing, publishing and receiving: states, events, recovery, slow consumers.
 mod delivery;
 /// CloudWatch Embedded Metric Format documents on standard output.
