@@ -6,6 +6,8 @@ mod util;
 mod campaign;
 /// Several nodes and a real Redis: shared rooms, presence, Redis failures.
 mod cluster;
+/// permessage-deflate on WebSocket: negotiation, compressed states, compressed commands, bombs.
+mod compression;
 /// Subscribing, publishing and receiving: states, events, recovery, slow consumers.
 mod delivery;
 /// CloudWatch Embedded Metric Format documents on standard output.
