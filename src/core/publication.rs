@@ -277,7 +277,6 @@ mod tests {
         let mut frame = vec![0xc1, compressed.len() as u8];
         frame.extend_from_slice(compressed);
         let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
-        println!("{hex}");
         let protocol = include_str!("../../docs/PROTOCOL.md");
         assert!(
             protocol.contains(&hex),

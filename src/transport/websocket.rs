@@ -281,7 +281,8 @@ impl AsyncWrite for SocketHandle {
 #[derive(Debug)]
 struct ClientBytes {
     socket: SocketHandle,
-    inflate: Option<Inflating>,
+    /// Boxed: a connection without deflate holds a pointer's worth, not the filter.
+    inflate: Option<Box<Inflating>>,
 }
 
 /// The read side of a connection that negotiated permessage-deflate.
@@ -408,10 +409,12 @@ pub async fn serve(
     }));
     let mut io = ClientBytes {
         socket: socket.clone(),
-        inflate: deflate_from.map(|_| Inflating {
-            frames: CompressedFrames::new(settings.max_message),
-            ready: VecDeque::new(),
-            refused: None,
+        inflate: deflate_from.map(|_| {
+            Box::new(Inflating {
+                frames: CompressedFrames::new(settings.max_message),
+                ready: VecDeque::new(),
+                refused: None,
+            })
         }),
     };
     // Bytes read past the handshake go through the filter too; a refusal among them is

@@ -88,7 +88,7 @@ impl CompressedFrames {
         Self {
             limit,
             position: Position::Header,
-            header: Vec::with_capacity(MAX_HEADER),
+            header: Vec::new(),
             message: None,
             plain_fragmented: false,
         }
