@@ -309,6 +309,10 @@ impl AsyncRead for ClientBytes {
                 return Poll::Ready(Err(io::Error::other(refusal.clone())));
             }
             if let Some(front) = inflating.ready.front_mut() {
+                if front.is_empty() {
+                    inflating.ready.pop_front();
+                    continue;
+                }
                 let n = front.len().min(buf.remaining());
                 buf.put_slice(&front[..n]);
                 front.advance(n);

@@ -246,7 +246,10 @@ impl CompressedFrames {
             .format(payload.len() as u64, &mut head)
             .map_err(|_| InflateRefusal::Protocol("frame header"))?;
         out.push_back(Bytes::from(head));
-        out.push_back(Bytes::from(payload));
+        // An empty chunk would read as the end of the stream.
+        if !payload.is_empty() {
+            out.push_back(Bytes::from(payload));
+        }
         Ok(())
     }
 }
@@ -318,6 +321,18 @@ mod tests {
                 Ok(expected_two.clone())
             );
         }
+    }
+
+    #[test]
+    fn an_empty_compressed_message_is_an_empty_frame_and_no_empty_chunk() {
+        let empty = compress_message(b"").expect("compress");
+        let mut out = VecDeque::new();
+        CompressedFrames::new(1000)
+            .feed(&frame(true, true, 1, &empty, MASK), &mut out)
+            .expect("feed");
+        assert!(out.iter().all(|chunk| !chunk.is_empty()));
+        let bytes: Vec<u8> = out.iter().flat_map(|b| b.iter().copied()).collect();
+        assert_eq!(bytes, [0x81, 0x80, 0, 0, 0, 0]);
     }
 
     #[test]
