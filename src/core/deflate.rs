@@ -165,7 +165,7 @@ impl MessageInflater {
                     return Err(InflateError::TooBig(self.limit));
                 }
                 // Grow by doubling, from 4 KiB, up to one byte past the limit.
-                let room = (self.limit + 1 - self.out.len()).min(self.out.len().max(4096));
+                let room = (self.limit.saturating_add(1) - self.out.len()).min(self.out.len().max(4096));
                 self.out.reserve_exact(room);
             }
             let (in_before, out_before) = (self.inflate.total_in(), self.out.len());
