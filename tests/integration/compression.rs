@@ -32,6 +32,12 @@ struct RawClient {
 
 impl RawClient {
     async fn connect(server: &TestServer, offer: Option<&str>) -> Self {
+        Self::connect_sending(server, offer, &[]).await
+    }
+
+    /// `connect`, with `early` written in the same write as the handshake (bytes the server
+    /// reads past it).
+    async fn connect_sending(server: &TestServer, offer: Option<&str>, early: &[u8]) -> Self {
         let mut tcp = TcpStream::connect(server.http).await.expect("connect");
         let offer = offer
             .map(|o| format!("Sec-WebSocket-Extensions: {o}\r\n"))
@@ -41,7 +47,9 @@ impl RawClient {
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n",
             server.http
         );
-        tcp.write_all(request.as_bytes()).await.expect("handshake");
+        let mut first = request.into_bytes();
+        first.extend_from_slice(early);
+        tcp.write_all(&first).await.expect("handshake");
         let mut client = Self {
             tcp,
             buf: Vec::new(),
@@ -378,6 +386,13 @@ async fn compressed_client_messages_are_accepted() {
     assert_eq!(client.recv().await["type"], "pong");
     server.publish_state("game:7", "7").await;
     assert_eq!(client.recv().await["version"], 1);
+
+    // A compressed command in the handshake's own packet (read past the handshake) too.
+    let mut early = vec![0xc1, 0x80 | subscribe.len() as u8, 0, 0, 0, 0];
+    early.extend_from_slice(&subscribe);
+    let mut eager = RawClient::connect_sending(&server, Some(BROWSER_OFFER), &early).await;
+    assert_eq!(eager.extensions.as_deref(), Some(ANSWER));
+    assert_eq!(eager.recv().await["id"], 3);
 }
 
 /// A small compressed frame that inflates past the message limit (a decompression bomb) closes
