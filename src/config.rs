@@ -275,6 +275,34 @@ pub struct WebSocketConfig {
     /// A write that cannot complete for this long (the client stopped reading) drops the connection.
     #[arg(long, env = "COURTSIDE_WRITE_TIMEOUT", value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
     pub write_timeout: Duration,
+    /// permessage-deflate (RFC 7692) for clients that offer it, as browsers do: on (the
+    /// default) or off (never negotiated; every frame goes uncompressed).
+    #[arg(
+        long,
+        env = "COURTSIDE_WS_COMPRESSION",
+        value_name = "on|off",
+        value_enum,
+        default_value_t = WsCompression::On
+    )]
+    pub ws_compression: WsCompression,
+    /// Messages to a client that negotiated permessage-deflate go compressed from this many
+    /// bytes on (their JSON frame); smaller ones go as they are, with no compression work.
+    #[arg(
+        long,
+        env = "COURTSIDE_WS_COMPRESS_THRESHOLD",
+        value_name = "BYTES",
+        default_value_t = 1024
+    )]
+    pub ws_compress_threshold: usize,
+}
+
+/// Whether WebSocket connections may negotiate permessage-deflate (`--ws-compression`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WsCompression {
+    /// Negotiated when the client offers it.
+    On,
+    /// Never negotiated.
+    Off,
 }
 
 /// WebTransport (HTTP/3 over QUIC, UDP).
@@ -904,6 +932,8 @@ mod tests {
         assert_eq!(c.connection.max_subscriptions, 256);
         assert_eq!(c.rooms.history_size, 1000);
         assert_eq!(c.rooms.history_ttl, Duration::from_secs(600));
+        assert_eq!(c.websocket.ws_compression, WsCompression::On);
+        assert_eq!(c.websocket.ws_compress_threshold, 1024);
         assert!(c.http.publish_token.is_none());
         c.validate().expect("defaults are valid");
     }
@@ -913,7 +943,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("courtside-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let file = dir.join("c.toml");
-        std::fs::write(&file, "http = \"127.0.0.1:4000\"\nping_interval = \"5s\"\nhistory-size = 10\nallowed-origins = [\"https://a\", \"https://b\"]\n").expect("write");
+        std::fs::write(&file, "http = \"127.0.0.1:4000\"\nping_interval = \"5s\"\nhistory-size = 10\nallowed-origins = [\"https://a\", \"https://b\"]\nws-compression = \"off\"\nws_compress_threshold = 256\n").expect("write");
         let c = serve(&[
             "serve",
             "--config",
@@ -924,6 +954,8 @@ mod tests {
         assert_eq!(c.http.addr.to_string(), "127.0.0.1:4000");
         assert_eq!(c.websocket.ping_interval, Duration::from_secs(5));
         assert_eq!(c.rooms.history_size, 20, "the flag wins over the file");
+        assert_eq!(c.websocket.ws_compression, WsCompression::Off);
+        assert_eq!(c.websocket.ws_compress_threshold, 256);
         assert_eq!(
             c.http.allowed_origins,
             vec!["https://a".to_string(), "https://b".to_string()]

@@ -167,6 +167,60 @@ test('state datagrams name their room by alias, and Chromium acknowledges them i
   assert.equal(received.at(-1), 6);
 });
 
+test('Chromium negotiates permessage-deflate: a large state arrives compressed and intact, its large command goes compressed', async () => {
+  const server = await startServer(['--no-wt']);
+  // A TCP relay between the page's WebSocket and the server that counts the bytes each way.
+  const counted = { fromServer: 0, fromPage: 0 };
+  const relay = net.createServer((page) => {
+    const upstream = net.connect(Number(server.http.split(':').pop()), '127.0.0.1');
+    page.on('data', (chunk) => { counted.fromPage += chunk.length; });
+    upstream.on('data', (chunk) => { counted.fromServer += chunk.length; });
+    page.pipe(upstream);
+    upstream.pipe(page);
+    page.on('error', () => upstream.destroy());
+    upstream.on('error', () => page.destroy());
+  });
+  await new Promise((resolve) => relay.listen(0, '127.0.0.1', resolve));
+  try {
+    const browser = await launch();
+    const page = await browser.newPage();
+    await page.goto(`http://${server.http}/`);
+    const extensions = await page.evaluate(async (port) => {
+      const ws = new WebSocket(`ws://127.0.0.1:${port}/ws`);
+      window.deflateMessages = [];
+      ws.onmessage = (m) => window.deflateMessages.push(m.data);
+      await new Promise((resolve, reject) => { ws.onopen = resolve; ws.onerror = reject; });
+      ws.send(JSON.stringify({ type: 'subscribe', room: 'bracket:deflate' }));
+      window.deflateWs = ws;
+      return ws.extensions;
+    }, relay.address().port);
+    assert.equal(extensions, 'permessage-deflate; server_no_context_takeover; client_no_context_takeover');
+    await page.waitForFunction(() => window.deflateMessages.some((m) => JSON.parse(m).type === 'subscribed'), null, { timeout: HANG });
+
+    const matches = Array.from({ length: 64 }, (_, m) => ({
+      id: m, round: 1 + Math.floor(m / 32), status: m < 5 ? 4 : 2,
+      opponent1: { id: 2 * m, score: m % 7, result: 'win' }, opponent2: { id: 2 * m + 1, score: m % 5, result: 'loss' },
+    }));
+    const bracket = { stage: 'Phoenix U12 Gold', matches };
+    const before = counted.fromServer;
+    await publish(server, 'bracket:deflate', 'state', bracket);
+    await page.waitForFunction(() => window.deflateMessages.some((m) => JSON.parse(m).type === 'state'), null, { timeout: HANG });
+    const text = (await page.evaluate(() => window.deflateMessages)).find((m) => JSON.parse(m).type === 'state');
+    assert.deepEqual(JSON.parse(text).data, bracket);
+    const wire = counted.fromServer - before;
+    assert.ok(wire * 3 < text.length, `the ${text.length}-byte state took ${wire} bytes on the wire`);
+
+    // The page's own large command: Chromium compresses it, the server inflates it.
+    const sentBefore = counted.fromPage;
+    await page.evaluate(() => window.deflateWs.send(JSON.stringify({ type: 'ping', pad: 'a'.repeat(20000) })));
+    await page.waitForFunction(() => window.deflateMessages.some((m) => JSON.parse(m).type === 'pong'), null, { timeout: HANG });
+    const sent = counted.fromPage - sentBefore;
+    assert.ok(sent < 2000, `a 20 KB command took ${sent} bytes on the wire`);
+  } finally {
+    relay.close();
+  }
+});
+
 test('a silent WebTransport page is closed with 4002, and reads the code from the session close', async () => {
   const server = await startServer(['--idle-timeout', '3s', '--ping-interval', '1s']);
   const browser = await launch();
