@@ -32,6 +32,12 @@ use crate::shutdown::ShutdownListener;
 
 pub mod inflate;
 
+/// The most a client's compressed message may inflate to (and its compressed frames may hold):
+/// 64 KiB, as a WebTransport control-stream message, or `--ws-max-message` when smaller.
+/// Commands are small (a JWT is at most 8 KiB); with the full message limit, a kilobyte of
+/// compressed bytes would cost the server a mebibyte of inflating and parsing.
+pub const MAX_INFLATED_MESSAGE: usize = 64 << 10;
+
 use inflate::{CompressedFrames, InflateRefusal};
 
 /// Bytes read from a socket at a time (tungstenite's default is 128 KiB). tungstenite zeroes
@@ -415,7 +421,7 @@ pub async fn serve(
         socket: socket.clone(),
         inflate: deflate_from.map(|_| {
             Box::new(Inflating {
-                frames: CompressedFrames::new(settings.max_message),
+                frames: CompressedFrames::new(settings.max_message.min(MAX_INFLATED_MESSAGE)),
                 ready: VecDeque::new(),
                 refused: None,
             })

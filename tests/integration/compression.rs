@@ -426,3 +426,19 @@ async fn a_decompression_bomb_closes_with_1009() {
     assert_eq!(deflating.recv().await["version"], 1);
     assert_eq!(plain.recv().await["version"], 1);
 }
+
+/// With the default message limit (1 MiB), a compressed message may inflate to 64 KiB at most
+/// (`MAX_INFLATED_MESSAGE`): one that inflates past it closes with 1009, while the same bytes
+/// sent uncompressed are a message like any other.
+#[tokio::test]
+async fn a_compressed_message_inflates_to_64_kib_at_most() {
+    let server = TestServer::start(&[]);
+    let pad = 65536 + 1 - r#"{"type":"ping","pad":""}"#.len();
+    let text = format!(r#"{{"type":"ping","pad":"{}"}}"#, "z".repeat(pad));
+    let mut plain = RawClient::connect(&server, Some(BROWSER_OFFER)).await;
+    plain.send_frame(true, false, 1, text.as_bytes()).await;
+    assert_eq!(plain.recv().await["type"], "pong", "uncompressed: within 1 MiB");
+    let mut compressed = RawClient::connect(&server, Some(BROWSER_OFFER)).await;
+    compressed.send_frame(true, true, 1, &deflate(text.as_bytes())).await;
+    assert_eq!(compressed.close_code().await, 1009);
+}
