@@ -8,6 +8,10 @@ mod campaign;
 mod cluster;
 /// permessage-deflate on WebSocket: negotiation, compressed states, compressed commands, bombs.
 mod compression;
+/// Configuration errors: each names its source (flag, variable, file key) and what is accepted, before anything listens.
+mod config_errors;
+/// CORS: which origins may read the client module, the certificate hash and the room reads.
+mod cors;
 /// Subscribing, publishing and receiving: states, events, recovery, slow consumers.
 mod delivery;
 /// CloudWatch Embedded Metric Format documents on standard output.
@@ -18,6 +22,8 @@ mod exactly_once;
 mod http_api;
 /// Bad input and limits: each gets its documented error or close code.
 mod limits;
+/// The operations page and its figures, on one node and through Redis.
+mod ops;
 /// The experimental WebTransport engine (`--wt-engine proto`) against the default one's expectations.
 mod proto_engine;
 /// The publish API's gate: credentials before the per-address rate, 413 before the body.
