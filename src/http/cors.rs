@@ -24,7 +24,7 @@ pub struct CorsPolicy {
 /// What the policy says about one request's `Origin`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CorsDecision {
-    /// No `Origin` (not a cross-origin browser request): no CORS headers.
+    /// No `Origin` with a list of origins (not a cross-origin browser request): no CORS headers.
     NoOrigin,
     /// Allowed: `Access-Control-Allow-Origin` carries this value (`*` or the origin itself).
     Allow(HeaderValue),
@@ -41,12 +41,14 @@ impl CorsPolicy {
 
     /// The decision for a request carrying `origin`.
     pub fn decide(&self, origin: Option<&HeaderValue>) -> CorsDecision {
-        let Some(origin) = origin else {
-            return CorsDecision::NoOrigin;
-        };
+        // Any origin: `*` on every answer, with an `Origin` or without, so that a cache that
+        // kept an answer to a request without one serves it to a page of another origin intact.
         if self.allowed.is_empty() {
             return CorsDecision::Allow(HeaderValue::from_static("*"));
         }
+        let Some(origin) = origin else {
+            return CorsDecision::NoOrigin;
+        };
         if self.allowed.iter().any(|a| a.as_bytes() == origin.as_bytes()) {
             CorsDecision::Allow(origin.clone())
         } else {
@@ -128,7 +130,11 @@ mod tests {
             policy.decide(Some(&origin("https://scores.example.org"))),
             CorsDecision::Allow(origin("*"))
         );
-        assert_eq!(policy.decide(None), CorsDecision::NoOrigin);
+        assert_eq!(
+            policy.decide(None),
+            CorsDecision::Allow(origin("*")),
+            "without an Origin too: the answer never varies"
+        );
         assert!(!policy.varies());
     }
 
