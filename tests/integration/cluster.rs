@@ -724,3 +724,45 @@ async fn the_history_is_read_in_bounded_pages_from_redis() {
     let server = node(&redis, "n1");
     crate::http_api::check_history_paging(&server, "bracket:pages").await;
 }
+
+/// A hole in a room's history on Redis (an event lost with its node when Redis lost its data;
+/// here deleted by hand) ends the page before it (`more`), and the next page answers 410: a
+/// reader refetches the state instead of skipping the event without knowing it.
+#[tokio::test]
+async fn a_hole_in_the_history_ends_the_page_and_the_next_one_is_gone() {
+    let redis = RedisServer::start();
+    let server = node(&redis, "n1");
+    for n in 1..=3 {
+        server.publish_event("game:hole", &n.to_string()).await;
+    }
+    let mut conn = redis.connection().await;
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg("cs:{game:hole}:hist")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .expect("xrange");
+    let second = entries
+        .iter()
+        .find(|(_, fields)| fields.iter().any(|(k, v)| k == "seq" && v == "2"))
+        .map(|(id, _)| id.clone())
+        .expect("seq 2 in the history");
+    let _: u64 = redis::cmd("XDEL")
+        .arg("cs:{game:hole}:hist")
+        .arg(&second)
+        .query_async(&mut conn)
+        .await
+        .expect("xdel");
+    let (status, page) = server.get("/v1/rooms/game:hole/events?since=0").await;
+    assert_eq!(status, 200, "{page}");
+    let seqs: Vec<u64> = page["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["seq"].as_u64())
+        .collect();
+    assert_eq!((seqs, page["more"].as_bool()), (vec![1], Some(true)), "{page}");
+    let (status, gone) = server.get("/v1/rooms/game:hole/events?since=1").await;
+    assert_eq!((status, gone["error"].as_str()), (410, Some("history_gone")), "{gone}");
+}

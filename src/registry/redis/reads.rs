@@ -110,12 +110,25 @@ impl RedisRegistry {
                 more: false,
             }));
         }
+        // The page ends at a hole in the numbers: an event whose accepting node died with it
+        // before Redis had it, or a range trimmed behind a restored entry (restores are added
+        // after newer entries, and trimming takes the oldest added). The next page, from the last
+        // seq here, then answers 410 like a history that starts too late: the reader refetches
+        // the state instead of skipping events without knowing it.
+        events.dedup_by_key(|e| e.seq);
+        let contiguous = events
+            .iter()
+            .zip(since + 1..)
+            .take_while(|(e, expected)| e.seq == *expected)
+            .count();
+        let hole = contiguous < events.len();
+        events.truncate(contiguous);
         let (count, more) = page.fit(events.iter().map(|e| e.data.len()));
         events.truncate(count);
         Ok(Some(RoomEvents {
             epoch,
             events: Ok(events),
-            more,
+            more: more || hole,
         }))
     }
 }
