@@ -2,6 +2,7 @@
 //! once, per-connection queues with conflation, the client protocol and its codecs, loss repair.
 //! A package of its own so the compiler keeps it pure: no runtime, no sockets, no clock.
 
+pub mod delta;
 pub mod kind;
 pub mod protocol;
 pub mod publication;
