@@ -2,7 +2,7 @@
 //! Every subscriber receives a clone of the same `Arc<Publication>`; nothing is re-encoded per delivery.
 
 use std::ops::Range;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -100,6 +100,53 @@ pub struct Publication {
     wire: OnceLock<Bytes>,
     /// A state's whole QUIC datagram payload for a session on the client's first stream.
     datagram: OnceLock<Bytes>,
+    /// The version of the room's previous state, when this state may go as a delta against it
+    /// (a state of at least `delta::MIN_STATE_BYTES` that followed another).
+    delta_base: Option<u64>,
+    /// That previous state, kept only until this state's delta is made or the next state
+    /// replaces this one: a room holds at most two states' data, never a chain.
+    base: Mutex<Option<Arc<Publication>>>,
+    /// The delta against `delta_base`, made once, by the first subscriber that needs it, and
+    /// shared by all (`None`: not smaller than the state, or the base was let go first).
+    delta: OnceLock<Option<StateDelta>>,
+}
+
+/// A state as the change from the room's previous state (docs/PROTOCOL.md, "Delta states"), in
+/// the forms each transport sends, encoded once per publish.
+#[derive(Debug)]
+pub struct StateDelta {
+    /// The version the delta applies to.
+    pub base: u64,
+    /// The WebSocket text frame `{"type":"delta",...}`.
+    json: Box<str>,
+    /// The WebTransport stream message (`0x23`).
+    wire: Bytes,
+    /// The WebTransport datagram message (`0x24`, the room by alias).
+    aliased: Bytes,
+    /// `aliased` as a whole datagram of a session on the client's first stream.
+    session0: Bytes,
+}
+
+impl StateDelta {
+    /// The WebSocket text frame, shared by every subscriber at the base version.
+    pub fn json_frame(&self) -> &str {
+        &self.json
+    }
+
+    /// The WebTransport stream message.
+    pub fn wire_message(&self) -> &Bytes {
+        &self.wire
+    }
+
+    /// The WebTransport datagram message (without the session prefix).
+    pub fn aliased_message(&self) -> &Bytes {
+        &self.aliased
+    }
+
+    /// The whole datagram for a session on the client's first stream (prefix `00`).
+    pub fn session0_datagram(&self) -> &Bytes {
+        &self.session0
+    }
 }
 
 impl Publication {
@@ -126,12 +173,97 @@ impl Publication {
             data: data_range,
             wire: OnceLock::new(),
             datagram: OnceLock::new(),
+            delta_base: None,
+            base: Mutex::new(None),
+            delta: OnceLock::new(),
+        }
+    }
+
+    /// Lets this state go as a delta against `previous`, the room's state before it, when this
+    /// one is at least `delta::MIN_STATE_BYTES` long (a smaller one costs what it did before:
+    /// nothing is kept and no delta is ever made).
+    pub fn with_delta_base(mut self, previous: Option<&Arc<Publication>>) -> Self {
+        let previous = previous.filter(|p| {
+            self.kind == Kind::State
+                && p.kind == Kind::State
+                && p.number < self.number
+                && self.data.len() >= super::delta::MIN_STATE_BYTES
+        });
+        if let Some(previous) = previous {
+            self.delta_base = Some(previous.number);
+            *self.base.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(previous.clone());
+        }
+        self
+    }
+
+    /// The version this state's delta would apply to, if it may go as one.
+    pub fn delta_base(&self) -> Option<u64> {
+        self.delta_base
+    }
+
+    /// Lets the previous state go (a newer state replaced this one): if this state's delta was
+    /// not made by now, it will not be, and the state goes whole.
+    pub fn release_delta_base(&self) {
+        self.base.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// This state as a delta against `delta_base`, made on the first call and shared; `None`
+    /// when there is no base (any more), or the delta is not shorter than the data, or it is
+    /// not UTF-8 (a copy boundary inside a multi-byte character: it must travel as text).
+    pub fn delta(&self) -> Option<&StateDelta> {
+        self.delta
+            .get_or_init(|| {
+                let base = self.base.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+                let bytes = super::delta::create(base.data().as_bytes(), self.data().as_bytes());
+                drop(base);
+                let text = String::from_utf8(bytes).ok()?;
+                if text.len() >= self.data.len() {
+                    return None;
+                }
+                Some(self.encode_delta(self.delta_base.unwrap_or_default(), &text))
+            })
+            .as_ref()
+    }
+
+    fn encode_delta(&self, base: u64, delta: &str) -> StateDelta {
+        let mut json = String::with_capacity(96 + self.room.as_str().len() + delta.len());
+        json.push_str("{\"type\":\"delta\",\"room\":\"");
+        json.push_str(self.room.as_str());
+        json.push_str("\",\"version\":");
+        push_u64(&mut json, self.number);
+        json.push_str(",\"base\":");
+        push_u64(&mut json, base);
+        json.push_str(",\"ts\":");
+        push_u64(&mut json, self.ts_ms);
+        json.push_str(",\"delta\":");
+        // Serialising a string cannot fail.
+        json.push_str(&serde_json::to_string(delta).unwrap_or_default());
+        json.push('}');
+        let aliased = super::wire::encode_aliased_delta(self.room_id.0, self.number, base, self.ts_ms, delta);
+        let mut session0 = Vec::with_capacity(1 + aliased.len());
+        session0.push(0x00);
+        session0.extend_from_slice(&aliased);
+        StateDelta {
+            base,
+            json: json.into_boxed_str(),
+            wire: super::wire::encode_delta(&self.room, self.number, base, self.ts_ms, delta),
+            aliased,
+            session0: Bytes::from(session0),
         }
     }
 
     /// The WebSocket text frame, shared by every subscriber.
     pub fn json_frame(&self) -> &str {
         &self.json
+    }
+
+    /// The WebSocket text frame to write: the delta's when `as_delta` and there is one (the
+    /// queue said the connection holds its base), else the whole state's.
+    pub fn json_frame_or_delta(&self, as_delta: bool) -> &str {
+        match as_delta.then(|| self.delta()).flatten() {
+            Some(delta) => delta.json_frame(),
+            None => &self.json,
+        }
     }
 
     /// The binary WebTransport message (docs/PROTOCOL.md), encoded once and shared.

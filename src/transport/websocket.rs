@@ -229,7 +229,7 @@ impl AsyncWrite for SocketHandle {
 }
 
 impl DirectWrite for SocketHandle {
-    fn write_now(&self, publication: &Publication) -> Direct {
+    fn write_now(&self, publication: &Publication, as_delta: bool) -> Direct {
         let shared = &self.0;
         let Ok(mut pending) = shared.pending.try_lock() else {
             return Direct::NotNow;
@@ -237,7 +237,7 @@ impl DirectWrite for SocketHandle {
         if !pending.is_empty() {
             return Direct::NotNow;
         }
-        match shared.writev_frames::<1>(&mut pending, &[publication.json_frame().as_bytes()]) {
+        match shared.writev_frames::<1>(&mut pending, &[publication.json_frame_or_delta(as_delta).as_bytes()]) {
             Ok(1) if pending.is_empty() => Direct::Written,
             Ok(1) => Direct::Partly,
             Ok(_) | Err(_) => Direct::NotNow,
@@ -335,7 +335,7 @@ impl Wire for WebSocketWire {
             .iter()
             .filter_map(|item| match item {
                 Outgoing::Control(c) => Some(c.to_json()),
-                Outgoing::Publication(_) => None,
+                Outgoing::Publication(_) | Outgoing::Delta(_) => None,
             })
             .collect();
         let mut control_texts = controls.iter();
@@ -343,6 +343,7 @@ impl Wire for WebSocketWire {
             .iter()
             .filter_map(|item| match item {
                 Outgoing::Publication(p) => Some(p.json_frame().as_bytes()),
+                Outgoing::Delta(p) => Some(p.json_frame_or_delta(true).as_bytes()),
                 Outgoing::Control(_) => control_texts.next().map(|t| t.as_bytes()),
             })
             .collect();
