@@ -8,6 +8,8 @@ mod campaign;
 mod cluster;
 /// Subscribing, publishing and receiving: states, events, recovery, slow consumers.
 mod delivery;
+/// Delta states: a bracket's changes as fossil deltas over both transports, under loss and across nodes.
+mod deltas;
 /// CloudWatch Embedded Metric Format documents on standard output.
 mod emf;
 /// Every accepted event exactly once across Redis and node failures, for a client that follows the docs.
