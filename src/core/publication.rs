@@ -100,15 +100,23 @@ pub struct Publication {
     wire: OnceLock<Bytes>,
     /// A state's whole QUIC datagram payload for a session on the client's first stream.
     datagram: OnceLock<Bytes>,
-    /// The version of the room's previous state, when this state may go as a delta against it
-    /// (a state of at least `delta::MIN_STATE_BYTES` that followed another).
-    delta_base: Option<u64>,
-    /// That previous state, kept only until this state's delta is made or the next state
-    /// replaces this one: a room holds at most two states' data, never a chain.
+    /// What a state that may go as a delta needs (a state of at least
+    /// `delta::MIN_STATE_BYTES` that followed another); boxed, so that events and small states
+    /// pay one pointer for it.
+    delta: Option<Box<DeltaSlot>>,
+}
+
+/// A state's delta against the room's previous state, made on first need.
+#[derive(Debug)]
+struct DeltaSlot {
+    /// The previous state's version.
+    base_version: u64,
+    /// The previous state, kept only until the delta is made or the next state replaces this
+    /// one: a room holds at most two states' data, never a chain.
     base: Mutex<Option<Arc<Publication>>>,
-    /// The delta against `delta_base`, made once, by the first subscriber that needs it, and
-    /// shared by all (`None`: not smaller than the state, or the base was let go first).
-    delta: OnceLock<Option<StateDelta>>,
+    /// The delta, made once by the first subscriber that needs it and shared by all (`None`:
+    /// not smaller than the state, or the base was let go first).
+    made: OnceLock<Option<StateDelta>>,
 }
 
 /// A state as the change from the room's previous state (docs/PROTOCOL.md, "Delta states"), in
@@ -173,9 +181,7 @@ impl Publication {
             data: data_range,
             wire: OnceLock::new(),
             datagram: OnceLock::new(),
-            delta_base: None,
-            base: Mutex::new(None),
-            delta: OnceLock::new(),
+            delta: None,
         }
     }
 
@@ -190,37 +196,43 @@ impl Publication {
                 && self.data.len() >= super::delta::MIN_STATE_BYTES
         });
         if let Some(previous) = previous {
-            self.delta_base = Some(previous.number);
-            *self.base.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(previous.clone());
+            self.delta = Some(Box::new(DeltaSlot {
+                base_version: previous.number,
+                base: Mutex::new(Some(previous.clone())),
+                made: OnceLock::new(),
+            }));
         }
         self
     }
 
     /// The version this state's delta would apply to, if it may go as one.
     pub fn delta_base(&self) -> Option<u64> {
-        self.delta_base
+        self.delta.as_ref().map(|slot| slot.base_version)
     }
 
     /// Lets the previous state go (a newer state replaced this one): if this state's delta was
     /// not made by now, it will not be, and the state goes whole.
     pub fn release_delta_base(&self) {
-        self.base.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(slot) = &self.delta {
+            slot.base.lock().unwrap_or_else(|p| p.into_inner()).take();
+        }
     }
 
     /// This state as a delta against `delta_base`, made on the first call and shared; `None`
     /// when there is no base (any more), or the delta is not shorter than the data, or it is
     /// not UTF-8 (a copy boundary inside a multi-byte character: it must travel as text).
     pub fn delta(&self) -> Option<&StateDelta> {
-        self.delta
+        let slot = self.delta.as_ref()?;
+        slot.made
             .get_or_init(|| {
-                let base = self.base.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+                let base = slot.base.lock().unwrap_or_else(|p| p.into_inner()).take()?;
                 let bytes = super::delta::create(base.data().as_bytes(), self.data().as_bytes());
                 drop(base);
                 let text = String::from_utf8(bytes).ok()?;
                 if text.len() >= self.data.len() {
                     return None;
                 }
-                Some(self.encode_delta(self.delta_base.unwrap_or_default(), &text))
+                Some(self.encode_delta(slot.base_version, &text))
             })
             .as_ref()
     }
@@ -421,6 +433,58 @@ mod tests {
         ] {
             assert_eq!(EventId::parse(bad), None, "{bad}");
         }
+    }
+
+    fn bracket_state(version: u64, score: u64, previous: Option<&Arc<Publication>>) -> Arc<Publication> {
+        let matches: Vec<String> = (0..60)
+            .map(|i| format!(r#"{{"id":{i},"score":{}}}"#, if i == 3 { score } else { i }))
+            .collect();
+        let data = JsonData::parse(format!("[{}]", matches.join(",")).as_bytes()).expect("json");
+        let room = RoomName::parse("bracket:1").expect("room");
+        Arc::new(Publication::new(RoomId(1), room, Kind::State, version, None, &data, now(1)).with_delta_base(previous))
+    }
+
+    #[test]
+    fn a_large_state_has_one_delta_against_the_previous_state_until_it_lets_the_base_go() {
+        let v1 = bracket_state(1, 0, None);
+        let v2 = bracket_state(2, 78, Some(&v1));
+        assert!(v1.data().len() >= crate::delta::MIN_STATE_BYTES);
+        assert_eq!((v1.delta_base(), v2.delta_base()), (None, Some(1)));
+        let delta = v2.delta().expect("a delta");
+        assert!(std::ptr::eq(delta, v2.delta().expect("the same delta")), "made once");
+        assert_eq!(delta.base, 1);
+        let applied = crate::delta::apply(
+            v1.data().as_bytes(),
+            extract_delta(delta.json_frame()).as_bytes(),
+            1 << 20,
+        );
+        assert_eq!(applied.as_deref(), Ok(v2.data().as_bytes()));
+        assert_eq!(v2.json_frame_or_delta(true), delta.json_frame());
+        assert_eq!(v2.json_frame_or_delta(false), v2.json_frame());
+        // A newer state replaced v3 before anyone needed its delta: v3 goes whole.
+        let v3 = bracket_state(3, 80, Some(&v2));
+        v3.release_delta_base();
+        assert!(v3.delta().is_none());
+        assert_eq!(v3.json_frame_or_delta(true), v3.json_frame());
+        // Small states keep no base at all.
+        let data = JsonData::parse(br#"{"home":1}"#).expect("json");
+        let small = Publication::new(
+            RoomId(2),
+            RoomName::parse("game:1").expect("room"),
+            Kind::State,
+            2,
+            None,
+            &data,
+            now(1),
+        )
+        .with_delta_base(Some(&v1));
+        assert_eq!(small.delta_base(), None);
+    }
+
+    fn extract_delta(frame: &str) -> String {
+        let v: serde_json::Value = serde_json::from_str(frame).expect("json");
+        assert_eq!(v["type"], "delta");
+        v["delta"].as_str().expect("delta").to_string()
     }
 
     #[test]
