@@ -9,8 +9,10 @@ mod bracket;
 use std::collections::HashMap;
 use std::time::Instant;
 
+use std::sync::Arc;
+
 use courtside::demo::simulator::{SaturdayConfig, SaturdayModel};
-use courtside_core::delta;
+use courtside_core::{delta, JsonData, Kind, Now, Publication, RoomId, RoomName};
 use serde_json::Value;
 
 /// RFC 7396's patch from `a` to `b`: changed members, `null` for removed ones; anything that
@@ -104,6 +106,71 @@ impl Tally {
     }
 }
 
+/// The messages as Courtside sends them for the same bracket series: the whole state and the
+/// delta, as a WebSocket frame's payload and as a WebTransport stream message and datagram.
+fn messages() {
+    let room = RoomName::parse("bracket:12").expect("room");
+    let now = Now {
+        unix_ms: 1_700_000_000_000,
+        instant: Instant::now(),
+    };
+    let mut b = bracket::Bracket::new(64);
+    let state = |version: u64, text: &str, previous: Option<&Arc<Publication>>| {
+        let data = JsonData::parse(text.as_bytes()).expect("json");
+        Arc::new(
+            Publication::new(RoomId(12), room.clone(), Kind::State, version, None, &data, now)
+                .with_delta_base(previous),
+        )
+    };
+    let mut previous = state(1, &b.to_json(), None);
+    let (mut n, mut sums) = (0u64, [0u64; 6]);
+    for m in 0..b.match_count() {
+        for live in [true, false] {
+            if live {
+                b.score_next(30 + m as u32 % 20, 28 + m as u32 % 17);
+            } else {
+                b.advance(m % 5 == 0);
+            }
+            let next = state(previous.number() + 1, &b.to_json(), Some(&previous));
+            let d = next.delta().expect("a delta");
+            for (i, size) in [
+                next.json_frame().len(),
+                d.json_frame().len(),
+                next.wire_message().len(),
+                d.wire_message().len(),
+                next.session0_datagram().len(),
+                d.session0_datagram().len(),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                sums[i] += size as u64;
+            }
+            n += 1;
+            previous = next;
+        }
+    }
+    println!();
+    println!("The 64-team bracket's changes as Courtside sends them:");
+    println!();
+    println!("| as sent, mean of {n} changes | whole state | delta | delta / whole |");
+    println!("|---|---|---|---|");
+    for (i, what) in [
+        "WebSocket frame payload",
+        "WebTransport stream message",
+        "WebTransport datagram (whole: too large for one)",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (whole, delta) = (sums[2 * i] / n, sums[2 * i + 1] / n);
+        println!(
+            "| {what} | {whole} B | {delta} B | {:.1} % |",
+            100.0 * delta as f64 / whole as f64
+        );
+    }
+}
+
 fn main() {
     let reps = 20;
     println!("| states | changes | mean full state, bytes |");
@@ -144,4 +211,5 @@ fn main() {
     }
     games.print("demo game score (`game:*`)");
     leagues.print("demo league (`league:*`)");
+    messages();
 }
