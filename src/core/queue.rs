@@ -128,7 +128,8 @@ impl ConnectionQueue {
 
     /// Notes that `state` was handed to the connection (by the drain, or a direct write).
     pub fn handed(&mut self, state: &Publication) {
-        if state.kind != Kind::State {
+        // A connection without delta subscriptions (most) pays one length check per state.
+        if self.deltas.is_empty() || state.kind != Kind::State {
             return;
         }
         if let Some(held) = self.deltas.get_mut(&state.room_id) {
@@ -291,7 +292,7 @@ impl ConnectionQueue {
                 Entry::Control(c) => {
                     self.ordered_messages -= 1;
                     self.ordered_bytes -= c.size_hint();
-                    if let ServerControl::Subscribed { room_id, .. } = &c {
+                    if let (false, ServerControl::Subscribed { room_id, .. }) = (self.deltas.is_empty(), &c) {
                         // The client starts the room afresh: the next state goes whole.
                         if let Some(held) = self.deltas.get_mut(room_id) {
                             *held = None;
