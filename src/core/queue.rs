@@ -123,7 +123,9 @@ impl ConnectionQueue {
     /// Whether `state`, written now, goes as a delta: the subscription asked for deltas and the
     /// last state this connection was handed of the room is the delta's base.
     pub fn sends_as_delta(&self, state: &Publication) -> bool {
-        state.delta_base().is_some() && self.deltas.get(&state.room_id) == Some(&state.delta_base())
+        !self.deltas.is_empty()
+            && state.delta_base().is_some()
+            && self.deltas.get(&state.room_id) == Some(&state.delta_base())
     }
 
     /// Notes that `state` was handed to the connection (by the drain, or a direct write).
