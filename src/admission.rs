@@ -375,6 +375,30 @@ impl Admission {
         })
     }
 
+    /// Whether a request may read the operations page (`GET /ops`, `GET /v1/ops`): with the
+    /// publish token, or a JWT whose `ops` claim is true, sent as `Authorization: Bearer` or as
+    /// the password of `Authorization: Basic` (what a browser sends after its login prompt; the
+    /// user name is ignored). 403 `forbidden` for another valid JWT; anything else counts against
+    /// the address's `--publish-rate-per-ip`, as a publish without credentials does (401, 429).
+    pub fn admit_operator(&self, ip: Option<std::net::IpAddr>, authorization: Option<&[u8]>) -> Result<(), IpRefusal> {
+        let token = authorization
+            .and_then(|value| std::str::from_utf8(value).ok())
+            .and_then(operator_token);
+        let outcome = match token.as_deref().and_then(|token| self.token_credentials(token)) {
+            Some(Credentials::PublishToken) => return Ok(()),
+            Some(Credentials::Jwt(claims)) if claims.ops => return Ok(()),
+            Some(Credentials::Jwt(_)) => Err(Refusal::Forbidden),
+            None => Err(Refusal::Unauthorized),
+        };
+        if let Some(ip) = ip {
+            self.within_rate(&self.0.publish_rates, ip)?;
+        }
+        outcome.map_err(|refusal| IpRefusal {
+            refusal: self.refuse(refusal),
+            retry_after_s: None,
+        })
+    }
+
     /// Whether a request holding `authorization` may read private `room` over HTTP: the publish
     /// token, or a JWT that may listen to it.
     pub fn may_read(&self, room: &str, authorization: Option<&[u8]>) -> Result<(), Refusal> {
@@ -400,7 +424,11 @@ impl Admission {
     /// refused before any signature check; what remains costs one signature check (an HMAC with
     /// the secret, one public-key verification with a key of the token's `alg` and `kid`).
     fn credentials(&self, authorization: Option<&[u8]>) -> Option<Credentials> {
-        let token = bearer_token(std::str::from_utf8(authorization?).ok()?)?;
+        self.token_credentials(bearer_token(std::str::from_utf8(authorization?).ok()?)?)
+    }
+
+    /// What a token is: the publish token, a JWT that verifies, or nothing valid.
+    fn token_credentials(&self, token: &str) -> Option<Credentials> {
         if constant_time_eq(token.as_bytes(), self.0.settings.publish_token.as_bytes()) {
             return Some(Credentials::PublishToken);
         }
@@ -431,6 +459,22 @@ fn bearer_token(value: &str) -> Option<&str> {
     let (scheme, rest) = value.split_once(' ')?;
     let token = rest.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The token of an operator's `Authorization`: `Bearer TOKEN`, or `Basic` with the token as the
+/// password (`base64(user:TOKEN)`, any user name).
+fn operator_token(value: &str) -> Option<String> {
+    if let Some(token) = bearer_token(value) {
+        return Some(token.to_string());
+    }
+    let (scheme, rest) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") || rest.trim().len() > MAX_TOKEN_BYTES * 2 {
+        return None;
+    }
+    use base64::Engine as _;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok()?;
+    let (_, password) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+    (!password.is_empty()).then(|| password.to_string())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 
 use crate::config::ServeConfig;
-use crate::metrics::{Metrics, Transport};
+use crate::metrics::{interval_histogram, quantile, Metrics, Sample, Transport};
 use crate::shutdown::ShutdownListener;
 
 /// Where the documents go and what they are filed under.
@@ -32,59 +32,6 @@ impl EmfSettings {
             service: emf.emf_service.clone(),
             environment: emf.emf_environment.clone(),
         })
-    }
-}
-
-/// One transport's counters at an instant.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct TransportSample {
-    pub connections: i64,
-    pub messages_in: u64,
-    pub messages_out: u64,
-    pub slow_disconnects: u64,
-}
-
-/// Every counter and gauge a document reports, at an instant.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Sample {
-    pub websocket: TransportSample,
-    pub webtransport: TransportSample,
-    pub published_states: u64,
-    pub published_events: u64,
-    pub errors: u64,
-    pub rooms: i64,
-    pub subscriptions: i64,
-    pub registry_up: i64,
-    pub outbox: i64,
-    pub draining: i64,
-    /// The delivery latency histogram, cumulative: (upper bound in seconds, count).
-    pub latency: Vec<(f64, u64)>,
-}
-
-impl Sample {
-    pub fn of(metrics: &Metrics) -> Self {
-        let transport = |t: Transport| {
-            let m = metrics.transport(t);
-            TransportSample {
-                connections: m.connections.get(),
-                messages_in: m.client_messages.get(),
-                messages_out: m.deliveries.get(),
-                slow_disconnects: m.slow_disconnects.get(),
-            }
-        };
-        Self {
-            websocket: transport(Transport::WebSocket),
-            webtransport: transport(Transport::WebTransport),
-            published_states: metrics.published_states.get(),
-            published_events: metrics.published_events.get(),
-            errors: metrics.errors_sum.get(),
-            rooms: metrics.rooms.get(),
-            subscriptions: metrics.subscriptions.get(),
-            registry_up: metrics.registry_up.get(),
-            outbox: metrics.outbox.get(),
-            draining: metrics.draining.get(),
-            latency: metrics.latency_buckets(),
-        }
     }
 }
 
@@ -232,44 +179,6 @@ fn document(
     Value::Object(root).to_string()
 }
 
-/// Per-bucket counts of the deliveries between two cumulative histograms (same bounds).
-fn interval_histogram(before: &[(f64, u64)], now: &[(f64, u64)]) -> Vec<(f64, u64)> {
-    now.iter()
-        .enumerate()
-        .map(|(i, &(bound, count))| {
-            let earlier = before.get(i).map_or(0, |&(_, c)| c);
-            (bound, count.saturating_sub(earlier))
-        })
-        .collect()
-}
-
-/// The `q` quantile of a cumulative histogram, interpolated linearly inside its bucket (the
-/// bucket above the last finite bound reports that bound); `None` without observations.
-fn quantile(cumulative: &[(f64, u64)], q: f64) -> Option<f64> {
-    let total = cumulative.last()?.1;
-    if total == 0 {
-        return None;
-    }
-    let rank = q * total as f64;
-    let (mut lower_bound, mut lower_count) = (0.0, 0u64);
-    for &(bound, count) in cumulative {
-        if count as f64 >= rank {
-            if bound.is_infinite() {
-                return Some(lower_bound);
-            }
-            let inside = (count - lower_count) as f64;
-            let fraction = if inside > 0.0 {
-                (rank - lower_count as f64) / inside
-            } else {
-                1.0
-            };
-            return Some(lower_bound + (bound - lower_bound) * fraction.clamp(0.0, 1.0));
-        }
-        (lower_bound, lower_count) = (bound, count);
-    }
-    Some(lower_bound)
-}
-
 /// Writes the documents every interval until the shutdown, and once more at its end.
 pub async fn run(metrics: Arc<Metrics>, settings: EmfSettings, mut shutdown: ShutdownListener) {
     let mut before = Sample::of(&metrics);
@@ -300,6 +209,7 @@ pub async fn run(metrics: Arc<Metrics>, settings: EmfSettings, mut shutdown: Shu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::TransportSample;
 
     fn settings() -> EmfSettings {
         EmfSettings {

@@ -20,6 +20,7 @@ pub mod listener;
 pub mod memory;
 pub mod metrics;
 pub mod node;
+pub mod ops;
 pub mod quic_lb;
 pub mod random;
 pub mod rates;

@@ -98,14 +98,16 @@ fn run(config: ServeConfig) -> anyhow::Result<()> {
             Arc::new(Metrics::new()),
             random::random_u64(),
         );
-        let registry: Arc<dyn Registry> = match &config.cluster.redis {
-            None => Arc::new(EmbeddedRegistry::new(hub.clone())),
+        // The node's id as the registry knows it (`GET /v1/nodes`, the operations page).
+        let (registry, node_id): (Arc<dyn Registry>, String) = match &config.cluster.redis {
+            None => (Arc::new(EmbeddedRegistry::new(hub.clone())), "local".to_string()),
             Some(url) => {
                 let settings = RedisSettings::from_config(&config, url, http);
+                let node_id = settings.node_id.clone();
                 let redis = RedisRegistry::connect(settings, hub.clone(), hub.metrics().clone())
                     .await
                     .context("connecting to redis")?;
-                Arc::new(redis)
+                (Arc::new(redis), node_id)
             }
         };
         let admission = Admission::new(AdmissionSettings::from_config(&config, token), hub.metrics().clone())
@@ -151,6 +153,14 @@ fn run(config: ServeConfig) -> anyhow::Result<()> {
             let listener = node.shutdown_listener();
             tokio::spawn(courtside::emf::run(node.metrics.clone(), emf, listener));
         }
+        tokio::spawn(courtside::ops::run(
+            node_id,
+            node.metrics.clone(),
+            node.hub.clone(),
+            node.registry.clone(),
+            node.ops.clone(),
+            node.shutdown_listener(),
+        ));
         if config.demo {
             let listener = node.shutdown_listener();
             tokio::spawn(courtside::demo::run(

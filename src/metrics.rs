@@ -293,6 +293,26 @@ impl Metrics {
             .collect()
     }
 
+    /// Error replies and closes so far, by code: (code, name, count), lowest code first. Read
+    /// through the exposition, as `latency_buckets` is (a family lists no members otherwise).
+    pub fn error_counts(&self) -> Vec<(u16, String, u64)> {
+        let mut registry = Registry::default();
+        registry.register("errors", "", self.errors.clone());
+        let mut text = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+        let mut counts: Vec<(u16, String, u64)> = text
+            .lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix("errors_total{code=\"")?;
+                let (code, rest) = rest.split_once("\",name=\"")?;
+                let (name, count) = rest.split_once("\"} ")?;
+                Some((code.parse().ok()?, name.to_string(), count.trim().parse().ok()?))
+            })
+            .collect();
+        counts.sort();
+        counts
+    }
+
     /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -300,4 +320,95 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// One transport's counters at an instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TransportSample {
+    pub connections: i64,
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub slow_disconnects: u64,
+}
+
+/// Every counter and gauge the EMF documents and the operations page report, at an instant.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sample {
+    pub websocket: TransportSample,
+    pub webtransport: TransportSample,
+    pub published_states: u64,
+    pub published_events: u64,
+    pub errors: u64,
+    pub rooms: i64,
+    pub subscriptions: i64,
+    pub registry_up: i64,
+    pub outbox: i64,
+    pub draining: i64,
+    /// The delivery latency histogram, cumulative: (upper bound in seconds, count).
+    pub latency: Vec<(f64, u64)>,
+}
+
+impl Sample {
+    pub fn of(metrics: &Metrics) -> Self {
+        let transport = |t: Transport| {
+            let m = metrics.transport(t);
+            TransportSample {
+                connections: m.connections.get(),
+                messages_in: m.client_messages.get(),
+                messages_out: m.deliveries.get(),
+                slow_disconnects: m.slow_disconnects.get(),
+            }
+        };
+        Self {
+            websocket: transport(Transport::WebSocket),
+            webtransport: transport(Transport::WebTransport),
+            published_states: metrics.published_states.get(),
+            published_events: metrics.published_events.get(),
+            errors: metrics.errors_sum.get(),
+            rooms: metrics.rooms.get(),
+            subscriptions: metrics.subscriptions.get(),
+            registry_up: metrics.registry_up.get(),
+            outbox: metrics.outbox.get(),
+            draining: metrics.draining.get(),
+            latency: metrics.latency_buckets(),
+        }
+    }
+}
+
+/// Per-bucket counts of the deliveries between two cumulative histograms (same bounds).
+pub fn interval_histogram(before: &[(f64, u64)], now: &[(f64, u64)]) -> Vec<(f64, u64)> {
+    now.iter()
+        .enumerate()
+        .map(|(i, &(bound, count))| {
+            let earlier = before.get(i).map_or(0, |&(_, c)| c);
+            (bound, count.saturating_sub(earlier))
+        })
+        .collect()
+}
+
+/// The `q` quantile of a cumulative histogram, interpolated linearly inside its bucket (the
+/// bucket above the last finite bound reports that bound); `None` without observations.
+pub fn quantile(cumulative: &[(f64, u64)], q: f64) -> Option<f64> {
+    let total = cumulative.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let (mut lower_bound, mut lower_count) = (0.0, 0u64);
+    for &(bound, count) in cumulative {
+        if count as f64 >= rank {
+            if bound.is_infinite() {
+                return Some(lower_bound);
+            }
+            let inside = (count - lower_count) as f64;
+            let fraction = if inside > 0.0 {
+                (rank - lower_count as f64) / inside
+            } else {
+                1.0
+            };
+            return Some(lower_bound + (bound - lower_bound) * fraction.clamp(0.0, 1.0));
+        }
+        (lower_bound, lower_count) = (bound, count);
+    }
+    Some(lower_bound)
 }

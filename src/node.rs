@@ -8,6 +8,7 @@ use crate::admission::Admission;
 use crate::certs::CertificateSlot;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::ops::OpsBoard;
 use crate::registry::Registry;
 use crate::shutdown::{Shutdown, ShutdownListener};
 use crate::udp::UdpDrops;
@@ -33,6 +34,8 @@ pub struct NodeInner {
     pub certificate: CertificateSlot,
     /// The WebTransport UDP socket's kernel drop count, once it is bound.
     pub udp_drops: OnceLock<UdpDrops>,
+    /// The newest figures of the operations page (`ops::run` keeps it current).
+    pub ops: Arc<OpsBoard>,
 }
 
 impl Node {
@@ -47,6 +50,7 @@ impl Node {
             shutdown: Shutdown::new(),
             certificate: CertificateSlot::default(),
             udp_drops: OnceLock::new(),
+            ops: Arc::default(),
         }))
     }
 

@@ -44,6 +44,8 @@ pub struct Claims {
     pub rooms: Vec<RoomPattern>,
     /// Rooms it may publish to.
     pub publish: Vec<RoomPattern>,
+    /// It may read the operations page (`GET /ops`, `GET /v1/ops`): claim `"ops": true`.
+    pub ops: bool,
 }
 
 impl Claims {
@@ -65,6 +67,8 @@ struct RawClaims {
     rooms: Vec<String>,
     #[serde(default)]
     publish: Vec<String>,
+    #[serde(default)]
+    ops: bool,
 }
 
 /// Why a token was refused (the message of error `bad_token`).
@@ -200,6 +204,7 @@ impl TokenVerifier {
             exp: raw.exp,
             rooms: raw.rooms.iter().map(|r| RoomPattern::new(r)).collect(),
             publish: raw.publish.iter().map(|r| RoomPattern::new(r)).collect(),
+            ops: raw.ops,
         })
     }
 

@@ -2,6 +2,7 @@
 //! also loads) in real time or faster, and publishes what it produces through the registry,
 //! exactly as HTTP publishes are.
 
+pub mod bracket;
 pub mod simulator;
 
 use std::time::Duration;

@@ -2,6 +2,7 @@
 //! and the WebSocket upgrade route. Every error answers JSON `{"error": code, "message": text}`.
 
 pub mod error;
+pub mod ops;
 pub mod upgrade;
 
 use std::sync::Arc;
@@ -79,6 +80,7 @@ pub fn router(node: Node, settings: HttpSettings) -> Router {
         history_reads: Arc::new(tokio::sync::Semaphore::new(HISTORY_READS_AT_ONCE)),
     };
     let gate = || middleware::from_fn_with_state(state.clone(), publish_gate);
+    let operators = || middleware::from_fn_with_state(state.clone(), ops::gate);
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -87,6 +89,8 @@ pub fn router(node: Node, settings: HttpSettings) -> Router {
         .route("/v1/nodes", get(nodes))
         .route("/", get(demo_page))
         .route("/courtside.js", get(client_module))
+        .route("/ops", get(ops::page.layer(operators())))
+        .route("/v1/ops", get(ops::figures.layer(operators())))
         .route("/v1/rooms/{room}", get(room_info))
         .route("/v1/rooms/{room}/state", post(publish_state.layer(gate())))
         .route(

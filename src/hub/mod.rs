@@ -85,6 +85,15 @@ pub struct RoomInfo {
     pub subscribers: usize,
 }
 
+/// A room's load, for the operations page (`Hub::busiest_rooms`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomLoad {
+    pub room: RoomName,
+    pub subscribers: usize,
+    pub version: u64,
+    pub seq: u64,
+}
+
 /// A publication that arrived through the shared registry, already numbered.
 #[derive(Debug, Clone)]
 pub struct RemotePublication<'a> {
@@ -608,6 +617,42 @@ impl Hub {
         names
     }
 
+    /// The `n` rooms with the most local subscribers, most first (ties: the most publishes, as
+    /// version + seq, then by name), with their numbers: the operations page's busiest rooms.
+    /// Locks each room briefly, one at a time.
+    pub fn busiest_rooms(&self, n: usize) -> Vec<RoomLoad> {
+        let mut top: Vec<RoomLoad> = Vec::with_capacity(n + 1);
+        for shard in self.0.shards.iter() {
+            let slots: Vec<(RoomName, Arc<RoomSlot>)> = shard
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(name, slot)| (name.clone(), slot.clone()))
+                .collect();
+            for (room, slot) in slots {
+                let (subscribers, (version, seq)) = {
+                    let entry = slot.lock();
+                    (entry.subscribers.len(), (entry.room.version(), entry.room.last_seq()))
+                };
+                let load = RoomLoad {
+                    room,
+                    subscribers,
+                    version,
+                    seq,
+                };
+                let rank = |l: &RoomLoad| (l.subscribers, l.version + l.seq);
+                let at = top.partition_point(|held| {
+                    (rank(held), std::cmp::Reverse(&held.room)) >= (rank(&load), std::cmp::Reverse(&load.room))
+                });
+                if at < n {
+                    top.insert(at, load);
+                    top.truncate(n);
+                }
+            }
+        }
+        top
+    }
+
     /// Adds `subscriber` to the room and queues, in order: `subscribed` (with the request's
     /// `id`), the current state (whole: `delta` says whether the states after it may go as
     /// deltas), and
@@ -840,6 +885,42 @@ mod tests {
                 Outgoing::Control(c) => c.to_json().to_string(),
             })
             .collect()
+    }
+
+    /// The busiest rooms: by subscribers, then by publishes (version + seq), then by name; at
+    /// most `n`.
+    #[test]
+    fn the_busiest_rooms_come_first() {
+        let hub = hub(HubConfig::default());
+        let subscribers: Vec<_> = (0..5).map(|_| hub.new_subscriber(Transport::WebSocket)).collect();
+        let join = |name: &str, who: &[usize]| {
+            for &i in who {
+                hub.subscribe(&room(name), &subscribers[i], None, None, None, false, usize::MAX, 0)
+                    .expect("subscribe");
+            }
+        };
+        join("game:two", &[0, 1]);
+        join("game:three", &[2, 3, 4]);
+        join("game:one-quiet", &[0]);
+        join("game:one-busy", &[1]);
+        hub.publish(&room("game:one-busy"), Kind::Event, &data("1"), now())
+            .expect("publish");
+        hub.publish(&room("game:one-busy"), Kind::State, &data("{}"), now())
+            .expect("publish");
+        let top: Vec<(String, usize, u64, u64)> = hub
+            .busiest_rooms(3)
+            .into_iter()
+            .map(|l| (l.room.as_str().to_string(), l.subscribers, l.version, l.seq))
+            .collect();
+        assert_eq!(
+            top,
+            [
+                ("game:three".to_string(), 3, 0, 0),
+                ("game:two".to_string(), 2, 0, 0),
+                ("game:one-busy".to_string(), 1, 1, 1),
+            ]
+        );
+        assert_eq!(hub.busiest_rooms(0), []);
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub struct EmbeddedRegistry {
     hub: Hub,
     /// Publishers' idempotency keys, on this node alone.
     keys: Arc<LocalKeys>,
+    /// The node's latest operations summary (`share_summary`).
+    summary: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl EmbeddedRegistry {
@@ -27,6 +29,7 @@ impl EmbeddedRegistry {
         Self {
             hub,
             keys: Arc::default(),
+            summary: Arc::default(),
         }
     }
 
@@ -116,6 +119,7 @@ impl Registry for EmbeddedRegistry {
             connections: metrics.websocket.connections.get() + metrics.webtransport.connections.get(),
             subscriptions: metrics.subscriptions.get(),
             rooms: self.hub.room_count() as i64,
+            ops: self.summary.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         };
         future::ready(Ok(vec![me])).boxed()
     }
@@ -125,7 +129,12 @@ impl Registry for EmbeddedRegistry {
             kind: "embedded",
             status: "ok",
             outbox: 0,
+            rooms_down: 0,
         }
+    }
+
+    fn share_summary(&self, summary: String) {
+        *self.summary.lock().unwrap_or_else(|p| p.into_inner()) = Some(summary);
     }
 
     fn claim_key<'a>(

@@ -56,6 +56,9 @@ pub struct RegistryStatus {
     pub status: &'static str,
     /// Publishes waiting for Redis.
     pub outbox: usize,
+    /// Rooms in outage on their own while the rest go on: on a Redis Cluster, rooms whose shard
+    /// failed; on either, rooms settling after Redis came back empty (0 when embedded).
+    pub rooms_down: usize,
 }
 
 /// A room's current figures, across every node the registry knows of.
@@ -130,6 +133,10 @@ pub struct NodeRecord {
     pub connections: i64,
     pub subscriptions: i64,
     pub rooms: i64,
+    /// The node's latest operations summary (JSON, `ops::NodeSummary`), as its heartbeat shared
+    /// it; not part of `GET /v1/nodes`, which needs no credentials.
+    #[serde(skip)]
+    pub ops: Option<String>,
 }
 
 /// Runs once the room's messages reach this node's hub, with the time then (unix ms).
@@ -183,6 +190,11 @@ pub trait Registry: Send + Sync + std::fmt::Debug {
 
     /// Forgets a claimed key whose publish failed, so that a retry may publish.
     fn release_key<'a>(&'a self, key: &'a IdempotencyKey) -> BoxFuture<'a, ()>;
+
+    /// Hands the registry this node's latest operations summary (JSON) to share with the other
+    /// nodes (the Redis registry writes it with its heartbeat). The embedded registry keeps it
+    /// for `nodes`.
+    fn share_summary(&self, summary: String);
 
     fn status(&self) -> RegistryStatus;
 }

@@ -393,6 +393,76 @@ test('the demo page shows live games of a simulated Saturday', async () => {
   if (process.env.SCREENSHOT) await page.screenshot({ path: process.env.SCREENSHOT });
 });
 
+test('the demo page shows its league\'s bracket live, results, named leagues and a followed team first', async () => {
+  // Two hundred times real time: a bracket game (32 minutes of play) ends within seconds.
+  const server = await startServer(['--demo', '--demo-speed', '200']);
+  const browser = await launch();
+  const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  await page.goto(`http://${server.http}/?league=3`);
+  await page.waitForFunction(() => document.querySelectorAll('#bracket .match').length === 15, null, { timeout: HANG });
+  assert.match(await page.textContent('#bracket-title'), /Mesa 10U Boys playoffs #1/);
+  const initiallyCompleted = await page.$$eval('#bracket .match.completed', (m) => m.length);
+  // A result arrives as a new bracket state; the page re-renders it: one more match is
+  // completed, its winner shows in the next round, and the notification names the round.
+  await page.waitForFunction((before) => document.querySelectorAll('#bracket .match.completed').length > before,
+    initiallyCompleted, { timeout: HANG });
+  const winners = await page.$$eval('#bracket .match.completed .side.win span:first-child', (s) => s.map((e) => e.textContent.replace(/^\d+\. /, '')));
+  const laterRounds = await page.$$eval('#bracket .round:not(:first-child) .side.known span:first-child', (s) => s.map((e) => e.textContent));
+  assert.ok(winners.some((w) => laterRounds.includes(w)), `a winner (${winners}) in a later round (${laterRounds})`);
+  await page.waitForFunction(() => [...document.querySelectorAll('#events li')].some((li) => / beat .* (on to the | win the .* playoffs)/.test(li.textContent)), null, { timeout: HANG });
+  // A Saturday a fan recognises: leagues by name, finished games listed, notifications with
+  // their time, and a team to follow (its game first, starred).
+  await page.waitForFunction(() => document.querySelector('#league option[value="3"]').textContent === 'Mesa 10U Boys', null, { timeout: HANG });
+  await page.waitForSelector('#results li', { timeout: HANG });
+  assert.match(await page.textContent('#events li time'), /\d\d:\d\d:\d\d/);
+  const lastCard = page.locator('#games .game').last();
+  const team = await lastCard.locator('.team .name').first().textContent();
+  await lastCard.locator('.team .name').first().click();
+  await page.waitForFunction((name) => document.getElementById('following').textContent.includes(name), team, { timeout: HANG });
+  assert.equal(await page.locator('#games .game').first().locator('.team.followed .name').textContent(), team);
+  if (process.env.BRACKET_SCREENSHOT) await page.screenshot({ path: process.env.BRACKET_SCREENSHOT });
+});
+
+test('the operations page shows the node as /metrics does, and nothing without credentials', async () => {
+  const server = await startServer(['--demo', '--demo-speed', '20']);
+  const browser = await launch();
+  // Without credentials: 401 with the challenge that makes a browser ask, and no page (a
+  // headless browser with nothing to answer it with fails the navigation instead).
+  const refused = await fetch(`http://${server.http}/ops`);
+  assert.equal(refused.status, 401);
+  assert.match(refused.headers.get('www-authenticate') ?? '', /^Basic realm=/);
+  assert.ok(!(await refused.text()).includes('Courtside operations'));
+  const anonymous = await (await browser.newContext()).newPage();
+  await assert.rejects(anonymous.goto(`http://${server.http}/ops`), /ERR_INVALID_AUTH_CREDENTIALS/);
+  // A fan on the demo page beside it, and the operator answering the login prompt with the token.
+  const fan = await browser.newPage();
+  await fan.goto(`http://${server.http}/?league=3`);
+  await fan.waitForFunction(() => window.courtside?.client, null, { timeout: HANG });
+  const operator = await browser.newContext({
+    httpCredentials: { username: 'ops', password: TOKEN },
+    viewport: { width: 1280, height: 1100 },
+  });
+  const page = await operator.newPage();
+  const response = await page.goto(`http://${server.http}/ops`);
+  assert.equal(response.status(), 200);
+  const shown = (id) => page.textContent(`#${id}`).then((t) => Number(t.replace(/,/g, '')));
+  // The page's figures and the exposition's agree (read until both hold still the same value).
+  await eventually('the page shows the connections and rooms /metrics counts', async () => {
+    const onPage = [await shown('connections-websocket'), await shown('connections-webtransport'), await shown('rooms')];
+    const exposed = [
+      await metric(server, 'courtside_connections{transport="websocket"}'),
+      await metric(server, 'courtside_connections{transport="webtransport"}'),
+      await metric(server, 'courtside_rooms'),
+    ];
+    return onPage[1] === 1 && JSON.stringify(onPage) === JSON.stringify(exposed) ? true : undefined;
+  });
+  await page.waitForFunction(() => Number(document.getElementById('publishes-per-s').textContent) > 0, null, { timeout: HANG });
+  await page.waitForSelector('#busiest tbody tr', { timeout: HANG });
+  await page.waitForSelector('#nodes tbody tr[data-id="local"]', { timeout: HANG });
+  assert.equal(await page.textContent('#registry-status'), 'ok');
+  assert.equal(await page.textContent('#error'), '');
+  if (process.env.OPS_SCREENSHOT) await page.screenshot({ path: process.env.OPS_SCREENSHOT, fullPage: true });
+});
 /** A bracket-sized state (over the 1,024-byte delta threshold) whose match `step % 40` changed. */
 function bracketState(step) {
   const match = Array.from({ length: 40 }, (_, id) => ({

@@ -18,6 +18,8 @@ mod exactly_once;
 mod http_api;
 /// Bad input and limits: each gets its documented error or close code.
 mod limits;
+/// The operations page and its figures, on one node and through Redis.
+mod ops;
 /// The experimental WebTransport engine (`--wt-engine proto`) against the default one's expectations.
 mod proto_engine;
 /// The publish API's gate: credentials before the per-address rate, 413 before the body.

@@ -90,6 +90,8 @@ pub struct RedisRegistry {
     resync: tokio::sync::Mutex<()>,
     /// A whole-Redis resync is due soon (`resync_later`).
     retry_soon: AtomicBool,
+    /// This node's latest operations summary, written with each heartbeat (`share_summary`).
+    summary: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for RedisRegistry {
@@ -119,6 +121,7 @@ impl RedisRegistry {
             scripts: Scripts::default(),
             resync: tokio::sync::Mutex::new(()),
             retry_soon: AtomicBool::new(false),
+            summary: Mutex::new(None),
         });
         registry.metrics.registry_up.set(1);
         let (emptied_tx, emptied_rx) = mpsc::unbounded_channel();
@@ -143,11 +146,13 @@ impl RedisRegistry {
     /// `ok` only when Redis is up, no room is in outage and nothing waits in the outbox.
     pub fn status(&self) -> RegistryStatus {
         let outbox = lock(&self.outbox).len();
-        let healthy = self.is_up() && lock(&self.down_rooms).is_empty() && outbox == 0;
+        let rooms_down = lock(&self.down_rooms).len();
+        let healthy = self.is_up() && rooms_down == 0 && outbox == 0;
         RegistryStatus {
             kind: "redis",
             status: if healthy { "ok" } else { "degraded" },
             outbox,
+            rooms_down,
         }
     }
 
@@ -313,6 +318,10 @@ impl Registry for Arc<RedisRegistry> {
 
     fn status(&self) -> RegistryStatus {
         RedisRegistry::status(self)
+    }
+
+    fn share_summary(&self, summary: String) {
+        *lock(&self.summary) = Some(summary);
     }
 
     fn claim_key<'a>(

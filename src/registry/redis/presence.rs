@@ -67,23 +67,24 @@ impl RedisRegistry {
         let now_ms = crate::clock::unix_ms();
         let id = &self.settings.node_id;
         let connections = self.metrics.websocket.connections.get() + self.metrics.webtransport.connections.get();
+        let mut fields = vec![
+            ("connections", connections.to_string()),
+            ("subscriptions", self.metrics.subscriptions.get().to_string()),
+            ("rooms", self.hub.room_count().to_string()),
+            ("http", self.settings.http.clone()),
+        ];
+        if let Some(summary) = lock(&self.summary).clone() {
+            fields.push(("ops", summary));
+        }
         let mut pipe = redis::pipe();
-        pipe.hset_multiple(
-            node_key(id),
-            &[
-                ("connections", connections.to_string()),
-                ("subscriptions", self.metrics.subscriptions.get().to_string()),
-                ("rooms", self.hub.room_count().to_string()),
-                ("http", self.settings.http.clone()),
-            ],
-        )
-        .ignore()
-        .pexpire(node_key(id), ttl_ms as i64)
-        .ignore()
-        .zadd(NODES_KEY, id, now_ms + ttl_ms)
-        .ignore()
-        .zrembyscore(NODES_KEY, 0, now_ms)
-        .ignore();
+        pipe.hset_multiple(node_key(id), &fields)
+            .ignore()
+            .pexpire(node_key(id), ttl_ms as i64)
+            .ignore()
+            .zadd(NODES_KEY, id, now_ms + ttl_ms)
+            .ignore()
+            .zrembyscore(NODES_KEY, 0, now_ms)
+            .ignore();
         let mut conn = self.commands.clone();
         pipe.query_async::<()>(&mut conn).await?;
         let rooms: Vec<RoomName> = lock(&self.follows).keys().cloned().collect();
@@ -134,6 +135,7 @@ impl RedisRegistry {
                 subscriptions: number("subscriptions"),
                 rooms: number("rooms"),
                 http: fields.get("http").cloned().unwrap_or_default(),
+                ops: fields.get("ops").cloned(),
                 id,
             });
         }

@@ -53,15 +53,19 @@ if ARGV[16] == '1' and ARGV[1] == 'state' then
   end
 end
 if ARGV[16] == '1' and ARGV[1] == 'event' and ARGV[17] == epoch then
-  -- A restored event whose number the room's holders put back (they had it, or one after it):
-  -- sent again under its own number, for a holder that missed it, and put back in the history
-  -- (after newer entries: readers order the history by seq) for a holder that re-reads later.
-  -- Unless this Redis already gave that number to another event (the room settled before the
-  -- restore came, and a fresh publish took it): a holder would drop one of the two as a
-  -- duplicate, so it is numbered anew below.
+  -- A restored event of the room's epoch goes under its own number, which Redis gave it before
+  -- it lost its data: sent again for a holder that missed it, and put back in the history (after
+  -- newer entries: readers order the history by seq) for a holder that re-reads later. When no
+  -- holder put the room's seq that far, the seq moves up to it: numbered anew, it would leave a
+  -- hole that the holders who had put the seq past it could never fill. Unless this Redis
+  -- already gave that number to another event (the room settled before the restore came, and a
+  -- fresh publish took it): a holder would drop one of the two as a duplicate, so it is
+  -- numbered anew below.
   local original = tonumber(ARGV[18])
-  if tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') >= original
-    and #redis.call('ZRANGEBYSCORE', KEYS[3], original, original, 'LIMIT', 0, 1) == 0 then
+  if #redis.call('ZRANGEBYSCORE', KEYS[3], original, original, 'LIMIT', 0, 1) == 0 then
+    if tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') < original then
+      redis.call('HSET', KEYS[1], 'seq', original)
+    end
     redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], '*', 'seq', original, 'ts', ARGV[3], 'data', ARGV[2],
       'origin', ARGV[11], 'prov', ARGV[12], 'id', ARGV[14])
     redis.call('PEXPIRE', KEYS[2], ARGV[7])
@@ -410,8 +414,10 @@ mod tests {
     }
 
     /// An event Redis lost with its data (its id unknown), sent again by its publisher: under its
-    /// own number (and in the history) when the holders put the room back at or past it; numbered
-    /// after them when they did not get that far; numbered anew under another epoch.
+    /// own number (and in the history), whether the holders put the room back at or past it or
+    /// not (then the seq moves up to it: the campaign's seed 8547977274803114219, where a lagging
+    /// holder's reseed and the restore's fresh number left a hole another holder's reseed had
+    /// put the seq past); numbered anew under another epoch.
     #[tokio::test]
     async fn a_restored_event_keeps_its_number_when_the_holders_put_it_back() {
         let redis = TestRedis::start();
@@ -432,9 +438,12 @@ mod tests {
         let again = publish(&mut conn, &room, "event", "4", 1, "00000000000000c4", Some(("ep", 4))).await;
         assert_eq!(again.1, 4, "and only once");
         let beyond = publish(&mut conn, &room, "event", "9", 1, "00000000000000c9", Some(("ep", 9))).await;
-        assert_eq!(beyond.1, 6, "the holders never got that far: the next number");
+        assert_eq!(
+            beyond.1, 9,
+            "the holders never got that far: its own number all the same, the seq moved up to it"
+        );
         let other_epoch = publish(&mut conn, &room, "event", "3", 1, "00000000000000d3", Some(("old", 3))).await;
-        assert_eq!(other_epoch.1, 7);
+        assert_eq!(other_epoch.1, 10, "another epoch: numbered after");
         let stored: u64 = redis::cmd("XLEN")
             .arg(history_key(&room))
             .query_async(&mut conn)
