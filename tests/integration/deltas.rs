@@ -1,6 +1,6 @@
 //! Delta states (docs/PROTOCOL.md, "Delta states"): a 16-team bracket changed one match at a
 //! time reaches delta subscribers over WebSocket and WebTransport (datagrams, with and without
-//! loss) and across two nodes on Redis (and an empty Redis restart); each ends byte for byte on
+//! loss) and across two nodes on Redis (an empty Redis restart, a node killed); each ends byte for byte on
 //! `GET /v1/rooms/{room}`.
 
 use serde::Deserialize;
@@ -396,4 +396,55 @@ async fn across_an_empty_redis_restart_delta_subscribers_end_on_the_room_state()
         }
         assert!(held.deltas > 0, "{held:?}");
     }
+}
+
+/// A delta subscriber whose node is SIGKILLed subscribes again through another node: its
+/// first state there is whole, the changes after it deltas, and it ends on the room's state.
+#[tokio::test]
+async fn after_its_node_is_killed_a_delta_subscriber_starts_whole_on_another_node() {
+    let redis = RedisServer::start();
+    let doomed = node_with(&redis, "k1", &[]);
+    let survivor = node_with(&redis, "k2", &[]);
+    let room = "bracket:kill";
+    let mut b = Bracket::new(16);
+    survivor.publish_state(room, &b.to_json()).await;
+    let mut fan = doomed.connect().await;
+    subscribe_with_deltas(&mut fan, room).await;
+    let mut held = Held::default();
+    ws_until(&mut fan, &mut held, 1).await;
+    let mut step = 0;
+    let mut publish = |b: &mut Bracket| {
+        change(b, step);
+        step += 1;
+        b.to_json()
+    };
+    for _ in 0..5 {
+        let data = publish(&mut b);
+        let version = survivor.publish_state(room, &data).await["version"]
+            .as_u64()
+            .expect("version");
+        ws_until(&mut fan, &mut held, version).await;
+    }
+    assert_eq!((held.wholes, held.deltas), (1, 5));
+    drop(doomed);
+    while let crate::util::Seen::Json(_) = fan.next_seen().await {}
+    for _ in 0..5 {
+        let data = publish(&mut b);
+        survivor.publish_state(room, &data).await;
+    }
+    let mut fan = survivor.connect().await;
+    subscribe_with_deltas(&mut fan, room).await;
+    let (version, _) = room_state_text(&survivor, room).await;
+    ws_until(&mut fan, &mut held, version).await;
+    assert_eq!((held.wholes, held.deltas), (2, 5), "the state on the new node is whole");
+    for _ in 0..5 {
+        let data = publish(&mut b);
+        let version = survivor.publish_state(room, &data).await["version"]
+            .as_u64()
+            .expect("version");
+        ws_until(&mut fan, &mut held, version).await;
+    }
+    assert_eq!((held.wholes, held.deltas), (2, 10));
+    let (version, text) = room_state_text(&survivor, room).await;
+    assert_eq!((held.version, held.text.as_deref()), (version, Some(text.as_str())));
 }
