@@ -1,7 +1,7 @@
 //! Delta states (docs/PROTOCOL.md, "Delta states"): a 16-team bracket changed one match at a
 //! time reaches delta subscribers over WebSocket and WebTransport (datagrams, with and without
-//! loss) and across two nodes on Redis (an empty Redis restart, a node killed); each ends byte for byte on
-//! `GET /v1/rooms/{room}`.
+//! loss) and across two nodes on Redis (an empty Redis restart, a node killed); each ends byte
+//! for byte on `GET /v1/rooms/{room}`.
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
