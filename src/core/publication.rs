@@ -186,14 +186,14 @@ impl Publication {
     }
 
     /// Lets this state go as a delta against `previous`, the room's state before it, when this
-    /// one is at least `delta::MIN_STATE_BYTES` long (a smaller one costs what it did before:
-    /// nothing is kept and no delta is ever made).
+    /// one is `delta::MIN_STATE_BYTES` to `delta::MAX_STATE_BYTES` long (any other costs what it
+    /// did before: nothing is kept and no delta is ever made).
     pub fn with_delta_base(mut self, previous: Option<&Arc<Publication>>) -> Self {
         let previous = previous.filter(|p| {
             self.kind == Kind::State
                 && p.kind == Kind::State
                 && p.number < self.number
-                && self.data.len() >= super::delta::MIN_STATE_BYTES
+                && (super::delta::MIN_STATE_BYTES..=super::delta::MAX_STATE_BYTES).contains(&self.data.len())
         });
         if let Some(previous) = previous {
             self.delta = Some(Box::new(DeltaSlot {
@@ -219,14 +219,16 @@ impl Publication {
     }
 
     /// This state as a delta against `delta_base`, made on the first call and shared; `None`
-    /// when there is no base (any more), or the delta is not shorter than the data, or it is
-    /// not UTF-8 (a copy boundary inside a multi-byte character: it must travel as text).
+    /// when there is no base (any more), the search ran out of its budget (`delta::budget`),
+    /// the delta is not shorter than the data, or it is not UTF-8 (a copy boundary inside a
+    /// multi-byte character: it must travel as text).
     pub fn delta(&self) -> Option<&StateDelta> {
         let slot = self.delta.as_ref()?;
         slot.made
             .get_or_init(|| {
                 let base = slot.base.lock().unwrap_or_else(|p| p.into_inner()).take()?;
-                let bytes = super::delta::create(base.data().as_bytes(), self.data().as_bytes());
+                let (from, to) = (base.data().as_bytes(), self.data().as_bytes());
+                let bytes = super::delta::create_within(from, to, super::delta::budget(from, to))?;
                 drop(base);
                 let text = String::from_utf8(bytes).ok()?;
                 if text.len() >= self.data.len() {
