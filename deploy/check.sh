@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The checks of deploy/: cfn-lint and checkov on the templates, hadolint on the Dockerfile, and
-# the QUIC target registration function's tests (botocore's Stubber, no AWS). Installs what is
+# The checks of deploy/: cfn-lint and checkov on the templates, the template's wiring
+# (test_template.py: scaling, cost options, tokens), hadolint on the Dockerfile, and the QUIC
+# target registration function's tests (botocore's Stubber, no AWS). Installs what is
 # missing from PyPI into target/deploy-venv (two environments). Run from anywhere; .ci/run runs it.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -39,6 +40,8 @@ body = template["Resources"]["Dashboard"]["Properties"]["DashboardBody"][0]
 widgets = json.loads(re.sub(r"\$\{[^}]+\}", "x", body))["widgets"]
 print(f"{len(widgets)} widgets")
 PY
+echo "== the template's wiring against the design's table (deploy/test_template.py; tests/run.sh runs it too)"
+"$venv/lint/bin/python" -m unittest test_template
 echo "== hadolint"
 hadolint Dockerfile
 echo "== quic-register tests"

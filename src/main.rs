@@ -47,7 +47,12 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(config: &ServeConfig) -> anyhow::Result<()> {
-    let filter: Targets = config.log.log_level.parse().context("--log-level")?;
+    let filter: Targets = config.log.log_level.parse().map_err(|error| {
+        anyhow::anyhow!(
+            "{}: takes a level (info) or directives (info,courtside=debug): {error}",
+            config.sources.written("log-level", &config.log.log_level)
+        )
+    })?;
     let registry = tracing_subscriber::registry().with(filter);
     match config.log.log_format {
         LogFormat::Text => {
@@ -90,14 +95,29 @@ fn run(config: ServeConfig) -> anyhow::Result<()> {
                 token
             }
         };
-        let listener = listener::bind(config.http.addr)
-            .with_context(|| format!("binding HTTP/WebSocket listener on {}", config.http.addr))?;
+        // Every setting that reads a file or the task's metadata is checked before anything
+        // listens: a node that cannot serve fails before it logs that it listens.
+        let metrics = Arc::new(Metrics::new());
+        let admission = Admission::new(AdmissionSettings::from_config(&config, token), metrics.clone())
+            // The keys file's errors name it as a flag; say where it really came from.
+            .map_err(|e| anyhow::anyhow!(e.replacen("--jwt-keys", &config.sources.name("jwt-keys"), 1)))?;
+        let quic_server_id = if config.webtransport.disabled {
+            None
+        } else {
+            check_certificate(&config).await?;
+            courtside::transport::webtransport::resolve_server_id(config.webtransport.quic_server_id)
+                .await
+                .with_context(|| format!("{} ecs-task", config.sources.name("quic-server-id")))?
+        };
+        let listener = listener::bind(config.http.addr).with_context(|| {
+            format!(
+                "binding the HTTP/WebSocket listener on {} ({})",
+                config.http.addr,
+                config.sources.name("http")
+            )
+        })?;
         let http = listener.local_addr()?;
-        let hub = Hub::new(
-            HubConfig::from_config(&config),
-            Arc::new(Metrics::new()),
-            random::random_u64(),
-        );
+        let hub = Hub::new(HubConfig::from_config(&config), metrics, random::random_u64());
         // The node's id as the registry knows it (`GET /v1/nodes`, the operations page).
         let (registry, node_id): (Arc<dyn Registry>, String) = match &config.cluster.redis {
             None => (Arc::new(EmbeddedRegistry::new(hub.clone())), "local".to_string()),
@@ -110,8 +130,6 @@ fn run(config: ServeConfig) -> anyhow::Result<()> {
                 (Arc::new(redis), node_id)
             }
         };
-        let admission = Admission::new(AdmissionSettings::from_config(&config, token), hub.metrics().clone())
-            .map_err(|e| anyhow::anyhow!(e))?;
         {
             // Keys rotate by replacing the file: it is re-read when it changes.
             let admission = admission.clone();
@@ -131,10 +149,7 @@ fn run(config: ServeConfig) -> anyhow::Result<()> {
         info!(%http, version = env!("CARGO_PKG_VERSION"), "listening for HTTP and WebSocket (/ws)");
         if !config.webtransport.disabled {
             let mut settings = WebTransportSettings::from_config(&config);
-            settings.quic_server_id =
-                courtside::transport::webtransport::resolve_server_id(config.webtransport.quic_server_id)
-                    .await
-                    .context("--quic-server-id ecs-task")?;
+            settings.quic_server_id = quic_server_id;
             match config.webtransport.wt_engine {
                 WtEngine::Quinn => {
                     let wt = WebTransportServer::bind(settings, &node).await?;
@@ -188,6 +203,30 @@ fn run(config: ServeConfig) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// Loads `--cert` and `--key` once before anything listens, so that a missing or unreadable
+/// certificate fails the start instead of a node that serves HTTP without WebTransport; the
+/// WebTransport server loads them again when it binds (and whenever they change).
+async fn check_certificate(config: &ServeConfig) -> anyhow::Result<()> {
+    let (Some(cert), Some(key)) = (&config.webtransport.cert, &config.webtransport.key) else {
+        return Ok(());
+    };
+    let files = (cert.clone(), key.clone());
+    if let Err(error) = courtside::certs::CertificateSource::load(Some(&files)).await {
+        let error = match error {
+            courtside::certs::CertificateError::Load { message, .. } => message,
+            other => other.to_string(),
+        };
+        anyhow::bail!(
+            "{} {} and {} {}: cannot load the WebTransport certificate and key (PEM files): {error}",
+            config.sources.name("cert"),
+            cert.display(),
+            config.sources.name("key"),
+            key.display()
+        );
+    }
+    Ok(())
 }
 
 /// The address to show for the demo page: loopback when listening on every interface.

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The test command (README.md): installs what the tests need when it is missing, then runs the
-# Rust suites (cargo test, which starts real redis-server processes), the JavaScript client's unit
-# tests and the headless-Chromium tests.
+# template test of deploy/, the Rust suites (cargo test, which starts real redis-server
+# processes), the JavaScript client's unit tests and the headless-Chromium tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests need: Chromium (browser tests), redis-server and redis-cli (cluster tests).
+# Debian packages the tests need: Chromium (browser tests), redis-server and redis-cli (cluster tests),
+# PyYAML and zip (docs/openapi.yaml; deploy/'s template test and its runbook's step 2).
 missing=()
 if ! command -v chromium >/dev/null 2>&1 && [ -z "${CHROMIUM:-}" ]; then missing+=(chromium); fi
 if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then missing+=(redis-server); fi
+if ! python3 -c 'import yaml' >/dev/null 2>&1; then missing+=(python3-yaml); fi
+if ! command -v zip >/dev/null 2>&1; then missing+=(zip); fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "== installing ${missing[*]} (Debian packages, about a minute)"
@@ -23,17 +26,17 @@ if ! command -v node >/dev/null 2>&1; then
   echo "tests/run.sh: the JavaScript tests need Node.js 18 or later" >&2
   exit 1
 fi
-if [ ! -d tests/browser/node_modules/playwright-core ] || [ ! -d tests/browser/node_modules/fossil-delta ]; then
-  echo "== installing playwright-core and fossil-delta (npm)"
+if [ ! -d tests/browser/node_modules/playwright-core ] || [ ! -d tests/browser/node_modules/typescript ] \
+  || [ ! -d tests/browser/node_modules/fossil-delta ]; then
+  echo "== installing playwright-core, typescript and fossil-delta (npm)"
   npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
 fi
 
 echo "== docs/openapi.yaml parses"
-if python3 -c 'import yaml' 2>/dev/null; then
-  python3 -c 'import sys, yaml; yaml.safe_load(open("docs/openapi.yaml"))' || { echo "docs/openapi.yaml is not valid YAML" >&2; exit 1; }
-else
-  echo "(no PyYAML here: skipped)"
-fi
+python3 -c 'import sys, yaml; yaml.safe_load(open("docs/openapi.yaml"))' || { echo "docs/openapi.yaml is not valid YAML" >&2; exit 1; }
+
+echo "== deploy/: the template's scaling policies, alarms, scheduled actions and options (no AWS account)"
+(cd deploy && python3 -m unittest test_template)
 
 echo "== cargo test"
 cargo test --workspace "$@"

@@ -10,6 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -179,6 +180,21 @@ impl Conn {
     }
 }
 
+/// Courtside's WebSocket clients offer permessage-deflate as browsers do (`--ws-offer-deflate`).
+static OFFER_DEFLATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A server did not answer the offer (a build without permessage-deflate, or
+/// `--ws-compression off`): reported with the run.
+pub static DEFLATE_DECLINED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes every Courtside WebSocket client offer permessage-deflate. tungstenite cannot read a
+/// compressed frame (its error ends the client, and the run's accounting fails), so this is for
+/// messages under the server's `--ws-compress-threshold`: the path a negotiated connection
+/// takes for small messages.
+pub fn set_offer_deflate(offer: bool) {
+    OFFER_DEFLATE.store(offer, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Connects a WebSocket and joins `rooms`; returns when the server confirmed every join.
 pub async fn connect_websocket(protocol: Protocol, addr: SocketAddr, rooms: &[&str]) -> anyhow::Result<Ws> {
     let url = match protocol {
@@ -186,9 +202,22 @@ pub async fn connect_websocket(protocol: Protocol, addr: SocketAddr, rooms: &[&s
         Protocol::SocketIo => format!("ws://{addr}/socket.io/?EIO=4&transport=websocket"),
     };
     let stream = connect_tcp(addr).await?;
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(websocket_config()))
+    let mut request = url.into_client_request()?;
+    if protocol == Protocol::Courtside && OFFER_DEFLATE.load(std::sync::atomic::Ordering::Relaxed) {
+        request.headers_mut().insert(
+            "sec-websocket-extensions",
+            "permessage-deflate; client_max_window_bits".parse()?,
+        );
+    }
+    let (mut ws, response) = tokio_tungstenite::client_async_with_config(request, stream, Some(websocket_config()))
         .await
         .context("websocket handshake")?;
+    if OFFER_DEFLATE.load(std::sync::atomic::Ordering::Relaxed)
+        && protocol == Protocol::Courtside
+        && !response.headers().contains_key("sec-websocket-extensions")
+    {
+        DEFLATE_DECLINED.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     match protocol {
         Protocol::Courtside => {
             for room in rooms {

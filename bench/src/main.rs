@@ -2,6 +2,7 @@
 //! side by side in the same run, and writes the figures to bench/results/. See bench/README.md.
 
 mod clients;
+mod deflate;
 mod floor;
 mod load;
 mod plot;
@@ -48,6 +49,10 @@ struct Cli {
     /// without loss: the same path's clean figures.
     #[arg(long, global = true)]
     wt_loss: Option<f64>,
+    /// Courtside's WebSocket clients offer permessage-deflate, as browsers do (they cannot read
+    /// compressed frames: for payloads under the server's --ws-compress-threshold only).
+    #[arg(long, global = true)]
+    ws_offer_deflate: bool,
     /// Where to write the JSON results (default: bench/results/SCENARIO-UNIXTIME.json); the CDF
     /// plot goes beside it with the extension .svg.
     #[arg(long, global = true)]
@@ -64,6 +69,13 @@ enum Scenario {
         sockets: usize,
         #[arg(long, default_value_t = 20)]
         rounds: usize,
+    },
+    /// Bytes on the wire per delivery with and without permessage-deflate: a 64-team bracket
+    /// changing one match per publish, and a score, to one client of each kind.
+    WsDeflate {
+        /// Bracket changes (and as many score states) to publish, at most 63.
+        #[arg(long, default_value_t = 63)]
+        publishes: usize,
     },
     /// One room to N subscribers, sweeping N and the publish rate: latency, delivery, CPU per
     /// delivery, and the highest rate that keeps p99 under 50 ms.
@@ -165,6 +177,7 @@ async fn main() -> anyhow::Result<()> {
     let command: Vec<String> = std::env::args().collect();
     let wt_share = cli.wt_share.clamp(0.0, 1.0);
     webtransport::set_path_loss(cli.wt_loss.map(|l| l.clamp(0.0, 0.9)));
+    clients::set_offer_deflate(cli.ws_offer_deflate);
     let (name, params, runs, extra) = match &cli.scenario {
         Scenario::Plot { results } => return replot(results),
         Scenario::Floor { sockets, rounds } => {
@@ -211,6 +224,11 @@ async fn main() -> anyhow::Result<()> {
                 Vec::new(),
                 serde_json::to_value(&floor)?,
             )
+        }
+        Scenario::WsDeflate { publishes } => {
+            let binary = servers::courtside_binary(cli.courtside_bin.as_deref())?;
+            let figures = deflate::run(&binary, *publishes).await?;
+            ("ws-deflate", json!({"publishes": publishes}), Vec::new(), figures)
         }
         Scenario::Fanout {
             clients,
@@ -418,6 +436,17 @@ async fn main() -> anyhow::Result<()> {
     if !runs.is_empty() {
         print_report(name, &runs, &extra);
     }
+    if cli.ws_offer_deflate {
+        let declined = clients::DEFLATE_DECLINED.load(std::sync::atomic::Ordering::Relaxed);
+        println!(
+            "WebSocket clients offered permessage-deflate; Courtside {}",
+            if declined {
+                "declined it"
+            } else {
+                "negotiated it with every one"
+            }
+        );
+    }
     let record = json!({
         "scenario": name,
         "machine": procstat::machine(),
@@ -427,6 +456,9 @@ async fn main() -> anyhow::Result<()> {
         "courtside_environment": courtside_environment(),
         "git_commit": git_commit(),
         "params": params,
+        "ws_offer_deflate": cli.ws_offer_deflate.then(|| json!({
+            "declined_by_server": clients::DEFLATE_DECLINED.load(std::sync::atomic::Ordering::Relaxed),
+        })),
         "runs": runs.iter().map(|r| json!({"label": r.label, "rate": r.rate, "result": r.result})).collect::<Vec<_>>(),
         "verdicts": verdicts,
         "summary": extra,

@@ -1,7 +1,9 @@
 //! The sans-IO broadcast core: room names, rooms with versions and history, publications encoded
-//! once, per-connection queues with conflation, the client protocol and its codecs, loss repair.
+//! once, per-connection queues with conflation, the client protocol and its codecs (permessage-deflate
+//! included), loss repair.
 //! A package of its own so the compiler keeps it pure: no runtime, no sockets, no clock.
 
+pub mod deflate;
 pub mod delta;
 pub mod kind;
 pub mod protocol;

@@ -100,6 +100,9 @@ pub struct Publication {
     wire: OnceLock<Bytes>,
     /// A state's whole QUIC datagram payload for a session on the client's first stream.
     datagram: OnceLock<Bytes>,
+    /// `json` as a permessage-deflate payload (`None`: compressing did not make it smaller),
+    /// built the first time a WebSocket subscriber that negotiated deflate needs it.
+    deflated: OnceLock<Option<Bytes>>,
     /// What a state that may go as a delta needs (a state of at least
     /// `delta::MIN_STATE_BYTES` that followed another); boxed, so that events and small states
     /// pay one pointer for it.
@@ -133,6 +136,9 @@ pub struct StateDelta {
     aliased: Bytes,
     /// `aliased` as a whole datagram of a session on the client's first stream.
     session0: Bytes,
+    /// `json` compressed for permessage-deflate, as `Publication::deflated_frame` (a delta is
+    /// usually far below the threshold, and then costs one comparison).
+    deflated: OnceLock<Option<Bytes>>,
 }
 
 impl StateDelta {
@@ -144,6 +150,20 @@ impl StateDelta {
     /// The WebTransport stream message.
     pub fn wire_message(&self) -> &Bytes {
         &self.wire
+    }
+
+    /// `json_frame` compressed for permessage-deflate, as `Publication::deflated_frame` does it.
+    pub fn deflated_frame(&self, threshold: usize) -> Option<&[u8]> {
+        if self.json.len() < threshold {
+            return None;
+        }
+        self.deflated
+            .get_or_init(|| {
+                super::deflate::compress_message(self.json.as_bytes())
+                    .filter(|compressed| compressed.len() < self.json.len())
+                    .map(Bytes::from)
+            })
+            .as_deref()
     }
 
     /// The WebTransport datagram message (without the session prefix).
@@ -181,6 +201,7 @@ impl Publication {
             data: data_range,
             wire: OnceLock::new(),
             datagram: OnceLock::new(),
+            deflated: OnceLock::new(),
             delta: None,
         }
     }
@@ -263,6 +284,7 @@ impl Publication {
             wire: super::wire::encode_delta(&self.room, self.number, base, self.ts_ms, delta),
             aliased,
             session0: Bytes::from(session0),
+            deflated: OnceLock::new(),
         }
     }
 
@@ -278,6 +300,24 @@ impl Publication {
             Some(delta) => delta.json_frame(),
             None => &self.json,
         }
+    }
+
+    /// The WebSocket text frame's payload compressed for permessage-deflate (RFC 7692, no
+    /// context takeover), when the frame holds at least `threshold` bytes and compressing makes
+    /// it smaller: compressed once, the first time a subscriber asks, and shared by every
+    /// subscriber. A frame under `threshold` costs one comparison. (`threshold` is the node's one
+    /// `--ws-compress-threshold`, the same on every call.)
+    pub fn deflated_frame(&self, threshold: usize) -> Option<&[u8]> {
+        if self.json.len() < threshold {
+            return None;
+        }
+        self.deflated
+            .get_or_init(|| {
+                super::deflate::compress_message(self.json.as_bytes())
+                    .filter(|compressed| compressed.len() < self.json.len())
+                    .map(Bytes::from)
+            })
+            .as_deref()
     }
 
     /// The binary WebTransport message (docs/PROTOCOL.md), encoded once and shared.
@@ -384,6 +424,35 @@ mod tests {
         assert_eq!(p.data(), r#"{"home":42,"away":40}"#);
         let parsed: serde_json::Value = serde_json::from_str(p.json_frame()).expect("valid json");
         assert_eq!(parsed["data"]["home"], 42);
+    }
+
+    #[test]
+    fn the_deflated_frame_matches_protocol_vector_and_is_made_once() {
+        let room = RoomName::parse("game:1234").expect("room");
+        let data = JsonData::parse(br#"{"home":42,"away":40}"#).expect("json");
+        let p = Publication::new(RoomId(1), room, Kind::State, 7, None, &data, now(1_700_000_000_000));
+        assert_eq!(
+            p.deflated_frame(p.size() + 1),
+            None,
+            "under the threshold: not compressed"
+        );
+        let compressed = p.deflated_frame(0).expect("compressed");
+        // The whole frame: FIN, RSV1 and text (0xc1), the length, the payload.
+        let mut frame = vec![0xc1, compressed.len() as u8];
+        frame.extend_from_slice(compressed);
+        let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
+        let protocol = include_str!("../../docs/PROTOCOL.md");
+        assert!(
+            protocol.contains(&hex),
+            "PROTOCOL.md's permessage-deflate vector: {hex}"
+        );
+        assert!(
+            std::ptr::eq(compressed, p.deflated_frame(0).expect("again")),
+            "compressed once"
+        );
+        let mut inflater = crate::deflate::MessageInflater::new(1000);
+        inflater.push(compressed).expect("inflate");
+        assert_eq!(inflater.finish().expect("finish"), p.json_frame().as_bytes());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The HTTP side: health, metrics, the publish API for the platform's backend, room queries,
 //! and the WebSocket upgrade route. Every error answers JSON `{"error": code, "message": text}`.
 
+pub mod cors;
 pub mod error;
 pub mod ops;
 pub mod upgrade;
@@ -43,6 +44,8 @@ pub struct HttpSettings {
     pub idempotency_window: Duration,
     /// What the WebSocket connections it upgrades are given.
     pub websocket: WebSocketSettings,
+    /// Which origins may read the client module, the certificate hash and the room reads.
+    pub cors: cors::CorsPolicy,
 }
 
 impl HttpSettings {
@@ -52,6 +55,7 @@ impl HttpSettings {
             max_batch: config.http.max_batch,
             idempotency_window: config.http.idempotency_window,
             websocket: WebSocketSettings::from_config(config),
+            cors: cors::CorsPolicy::new(&config.http.allowed_origins),
         }
     }
 }
@@ -80,28 +84,54 @@ pub fn router(node: Node, settings: HttpSettings) -> Router {
         history_reads: Arc::new(tokio::sync::Semaphore::new(HISTORY_READS_AT_ONCE)),
     };
     let gate = || middleware::from_fn_with_state(state.clone(), publish_gate);
+    // What a page on another origin reads: the module, the certificate hash, the room reads.
+    let policy = Arc::new(state.settings.cors.clone());
+    let cors = || middleware::from_fn_with_state(policy.clone(), cors::cors);
     let operators = || middleware::from_fn_with_state(state.clone(), ops::gate);
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/ws", get(upgrade::websocket))
-        .route("/v1/cert-hash", get(cert_hash))
+        .route("/v1/cert-hash", get(cert_hash).options(read_preflight).layer(cors()))
         .route("/v1/nodes", get(nodes))
         .route("/", get(demo_page))
-        .route("/courtside.js", get(client_module))
+        .route(
+            "/courtside.js",
+            get(client_module).options(read_preflight).layer(cors()),
+        )
         .route("/ops", get(ops::page.layer(operators())))
         .route("/v1/ops", get(ops::figures.layer(operators())))
-        .route("/v1/rooms/{room}", get(room_info))
+        .route("/v1/rooms/{room}", get(room_info).options(room_preflight).layer(cors()))
         .route("/v1/rooms/{room}/state", post(publish_state.layer(gate())))
         .route(
             "/v1/rooms/{room}/events",
-            post(publish_event.layer(gate())).get(room_events),
+            get(room_events)
+                .options(events_preflight)
+                .layer(cors())
+                .post(publish_event.layer(gate())),
         )
         .route("/v1/publish", post(publish_batch.layer(gate())))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn(error::json_errors))
         .with_state(state)
+}
+
+/// `OPTIONS` of a read-only CORS route.
+async fn read_preflight() -> Response {
+    cors::preflight("GET, HEAD, OPTIONS")
+}
+
+/// `OPTIONS /v1/rooms/{room}`: its room name is checked as `GET`'s is.
+async fn room_preflight(Path(room): Path<String>) -> Result<Response, ApiError> {
+    parse_room(&room)?;
+    Ok(cors::preflight("GET, HEAD, OPTIONS"))
+}
+
+/// `OPTIONS /v1/rooms/{room}/events`: `Allow` names the publish too (CORS still allows reads only).
+async fn events_preflight(Path(room): Path<String>) -> Result<Response, ApiError> {
+    parse_room(&room)?;
+    Ok(cors::preflight("GET, HEAD, POST, OPTIONS"))
 }
 
 async fn not_found() -> ApiError {

@@ -1,5 +1,6 @@
-//! The WebSocket handshake at `/ws` (RFC 6455 §4.2): HTTP owns it, admission is asked, and the
-//! upgraded socket is handed to the WebSocket transport, which owns it from then on.
+//! The WebSocket handshake at `/ws` (RFC 6455 §4.2): HTTP owns it, admission is asked,
+//! permessage-deflate is negotiated (RFC 7692, `core::deflate`), and the upgraded socket is
+//! handed to the WebSocket transport, which owns it from then on.
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -10,6 +11,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tracing::{debug, warn};
 
 use super::{ApiError, ApiErrorCode, HttpState};
+use crate::core::deflate;
 use crate::listener::LimitedStream;
 use crate::transport::websocket;
 
@@ -52,6 +54,22 @@ pub async fn websocket(State(state): State<HttpState>, mut request: Request) -> 
         None => None,
     };
     let accept = derive_accept_key(key.as_bytes());
+    // permessage-deflate when the client offers it (browsers do) and the node allows it.
+    let deflate = state
+        .settings
+        .websocket
+        .compress_threshold
+        .and_then(|_| {
+            deflate::negotiate(
+                request
+                    .headers()
+                    .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok()),
+            )
+        })
+        .and_then(|answer| HeaderValue::from_str(&answer).ok());
+    let deflated = deflate.is_some();
     let on_upgrade = hyper::upgrade::on(&mut request);
     // Counted by the drain from here on, so a shutdown waits for the upgrade in flight.
     let shutdown = node.shutdown_listener();
@@ -71,16 +89,20 @@ pub async fn websocket(State(state): State<HttpState>, mut request: Request) -> 
                 if let Some(permit) = ip_permit {
                     stream.hold(permit);
                 }
-                websocket::serve(stream, early, node, &state.settings.websocket, shutdown).await;
+                websocket::serve(stream, early, deflated, node, &state.settings.websocket, shutdown).await;
             }
             Err(error) => debug!(%error, "websocket upgrade failed"),
         }
     });
-    Response::builder()
+    let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
         .header(header::UPGRADE, "websocket")
-        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept);
+    if let Some(answer) = deflate {
+        response = response.header(header::SEC_WEBSOCKET_EXTENSIONS, answer);
+    }
+    response
         .body(Body::empty())
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }

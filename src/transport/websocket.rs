@@ -1,7 +1,10 @@
 //! The WebSocket wire: HTTP hands it the upgraded socket (`/ws`); it reads JSON text frames and
 //! writes many frames per `writev` (the fan-out writes into idle sockets directly). The
-//! connection itself is run by `connection::drive`.
+//! connection itself is run by `connection::drive`. With permessage-deflate negotiated, it
+//! writes a publication's one shared compressed payload (`Publication::deflated_frame`) and
+//! reads the client's compressed messages through `inflate`.
 
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,7 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::config::ServeConfig;
+use crate::config::{ServeConfig, WsCompression};
 use crate::connection::{self, with_deadline, Close, DriverSettings, Ending, Inbound, Wire, WireError, CLOSE_WAIT};
 use crate::core::{parse_command, ErrorCode, Outgoing, Publication, ServerControl};
 use crate::gate::WakeGate;
@@ -26,6 +29,16 @@ use crate::listener::LimitedStream;
 use crate::metrics::Transport;
 use crate::node::Node;
 use crate::shutdown::ShutdownListener;
+
+pub mod inflate;
+
+/// The most a client's compressed message may inflate to (and its compressed frames may hold):
+/// 64 KiB, as a WebTransport control-stream message, or `--ws-max-message` when smaller.
+/// Commands are small (a JWT is at most 8 KiB); with the full message limit, a kilobyte of
+/// compressed bytes would cost the server a mebibyte of inflating and parsing.
+pub const MAX_INFLATED_MESSAGE: usize = 64 << 10;
+
+use inflate::{CompressedFrames, InflateRefusal};
 
 /// Bytes read from a socket at a time (tungstenite's default is 128 KiB). tungstenite zeroes
 /// this much on every read attempt, and a connection attempts a read on every wake-up; it is
@@ -40,8 +53,12 @@ const WRITE_BUFFER: usize = 64 * 1024;
 /// WebSocket settings, built from the configuration.
 #[derive(Debug, Clone)]
 pub struct WebSocketSettings {
-    /// Largest client frame or message; larger closes with 1009.
+    /// Largest client frame or message; larger closes with 1009. With permessage-deflate, the
+    /// limit of a compressed message's frames and of what they inflate to.
     pub max_message: usize,
+    /// permessage-deflate is negotiated with clients that offer it, and messages of at least
+    /// this many bytes go compressed to them (`None`: `--ws-compression off`).
+    pub compress_threshold: Option<usize>,
     /// What the driver runs each connection with (ping, idle and write timeouts, the drain,
     /// session limits), shared by every connection rather than copied into each.
     pub driver: Arc<DriverSettings>,
@@ -51,12 +68,14 @@ impl WebSocketSettings {
     pub fn from_config(config: &ServeConfig) -> Self {
         Self {
             max_message: config.websocket.ws_max_message,
+            compress_threshold: (config.websocket.ws_compression == WsCompression::On)
+                .then_some(config.websocket.ws_compress_threshold),
             driver: Arc::new(DriverSettings::from_config(config)),
         }
     }
 }
 
-type Stream = WebSocketStream<SocketHandle>;
+type Stream = WebSocketStream<ClientBytes>;
 
 /// Bytes a connection may hold unwritten in its own buffer before writes wait for the socket.
 const PENDING_LIMIT: usize = 64 * 1024;
@@ -73,9 +92,54 @@ const MAX_FRAMES_PER_WRITEV: usize = 64;
 struct SharedSocket {
     conn: LimitedStream,
     pending: std::sync::Mutex<BytesMut>,
+    /// This connection negotiated permessage-deflate: publications of at least this many bytes
+    /// go as their shared compressed payload.
+    deflate_from: Option<usize>,
+}
+
+/// One text frame to write: its payload, and whether that is compressed (RSV1).
+#[derive(Debug, Clone, Copy)]
+struct TextFrame<'a> {
+    payload: &'a [u8],
+    deflated: bool,
+}
+
+impl<'a> TextFrame<'a> {
+    fn plain(payload: &'a [u8]) -> Self {
+        Self {
+            payload,
+            deflated: false,
+        }
+    }
 }
 
 impl SharedSocket {
+    /// The frame `publication` goes as on this connection: its delta's when `as_delta` and it
+    /// has one (docs/PROTOCOL.md, "Delta states"); its compressed payload if deflate was
+    /// negotiated and the frame is at least the threshold (compressed once per publication, or
+    /// per delta, for every subscriber), else its JSON.
+    fn frame_of<'a>(&self, publication: &'a Publication, as_delta: bool) -> TextFrame<'a> {
+        if let Some(delta) = as_delta.then(|| publication.delta()).flatten() {
+            return match self.deflate_from.and_then(|threshold| delta.deflated_frame(threshold)) {
+                Some(payload) => TextFrame {
+                    payload,
+                    deflated: true,
+                },
+                None => TextFrame::plain(delta.json_frame().as_bytes()),
+            };
+        }
+        match self
+            .deflate_from
+            .and_then(|threshold| publication.deflated_frame(threshold))
+        {
+            Some(payload) => TextFrame {
+                payload,
+                deflated: true,
+            },
+            None => TextFrame::plain(publication.json_frame().as_bytes()),
+        }
+    }
+
     fn tcp(&self) -> &tokio::net::TcpStream {
         self.conn.tcp()
     }
@@ -87,7 +151,7 @@ impl SharedSocket {
     /// Writes text frames of `payloads`, in order, behind whatever is pending: the socket takes
     /// what it can of them in one `writev`, the rest waits in `pending`. Stops taking frames once
     /// `pending` holds `PENDING_LIMIT` bytes; returns how many frames it took.
-    fn write_text_frames(&self, payloads: &[&[u8]]) -> io::Result<usize> {
+    fn write_text_frames(&self, payloads: &[TextFrame<'_>]) -> io::Result<usize> {
         let mut pending = self.lock_pending();
         let mut taken = 0;
         while pending.is_empty() && taken < payloads.len() {
@@ -101,9 +165,9 @@ impl SharedSocket {
                 break;
             }
             let mut header = [0u8; 10];
-            let len = text_frame_header(payload.len(), &mut header);
+            let len = text_frame_header(payload.payload.len(), payload.deflated, &mut header);
             pending.extend_from_slice(&header[..len]);
-            pending.extend_from_slice(payload);
+            pending.extend_from_slice(payload.payload);
             taken += 1;
         }
         Ok(taken)
@@ -115,17 +179,17 @@ impl SharedSocket {
     /// one). Returns how many frames it took, that one included; frames it did not touch are left.
     /// `N` sizes the arrays on the stack: 1 for the fan-out's single frame, which then sets up
     /// no more than it writes.
-    fn writev_frames<const N: usize>(&self, pending: &mut BytesMut, payloads: &[&[u8]]) -> io::Result<usize> {
+    fn writev_frames<const N: usize>(&self, pending: &mut BytesMut, payloads: &[TextFrame<'_>]) -> io::Result<usize> {
         debug_assert!(pending.is_empty());
         let frames = payloads.len().min(N);
         let payloads = &payloads[..frames];
         let mut headers = [([0u8; 10], 0usize); N];
-        for ((header, len), payload) in headers.iter_mut().zip(payloads) {
-            *len = text_frame_header(payload.len(), header);
+        for ((header, len), frame) in headers.iter_mut().zip(payloads) {
+            *len = text_frame_header(frame.payload.len(), frame.deflated, header);
         }
         let mut iov = [[io::IoSlice::new(&[]); 2]; N];
-        for (slots, ((header, len), payload)) in iov.iter_mut().zip(headers.iter().zip(payloads)) {
-            *slots = [io::IoSlice::new(&header[..*len]), io::IoSlice::new(payload)];
+        for (slots, ((header, len), frame)) in iov.iter_mut().zip(headers.iter().zip(payloads)) {
+            *slots = [io::IoSlice::new(&header[..*len]), io::IoSlice::new(frame.payload)];
         }
         let mut written = match self.tcp().try_write_vectored(iov[..frames].as_flattened()) {
             Ok(n) => n,
@@ -133,11 +197,11 @@ impl SharedSocket {
             Err(e) => return Err(e),
         };
         let mut taken = 0;
-        for ((header, len), payload) in headers.iter().zip(payloads) {
+        for ((header, len), frame) in headers.iter().zip(payloads) {
             if written == 0 {
                 break;
             }
-            let header = &header[..*len];
+            let (header, payload) = (&header[..*len], frame.payload);
             taken += 1;
             if written >= header.len() + payload.len() {
                 written -= header.len() + payload.len();
@@ -228,6 +292,81 @@ impl AsyncWrite for SocketHandle {
     }
 }
 
+/// What tungstenite reads from and writes to: the shared socket, read through the inflating
+/// filter when the connection negotiated permessage-deflate.
+#[derive(Debug)]
+struct ClientBytes {
+    socket: SocketHandle,
+    /// Boxed: a connection without deflate holds a pointer's worth, not the filter.
+    inflate: Option<Box<Inflating>>,
+}
+
+/// The read side of a connection that negotiated permessage-deflate.
+#[derive(Debug)]
+struct Inflating {
+    frames: CompressedFrames,
+    /// Bytes the filter produced that tungstenite has not read yet.
+    ready: VecDeque<Bytes>,
+    /// The filter refused the client's bytes: every read fails with this.
+    refused: Option<InflateRefusal>,
+}
+
+/// Bytes read from the socket at a time through the filter.
+const FILTER_READ: usize = 4096;
+
+impl AsyncRead for ClientBytes {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let Some(inflating) = this.inflate.as_mut() else {
+            return Pin::new(&mut this.socket).poll_read(cx, buf);
+        };
+        loop {
+            if let Some(refusal) = &inflating.refused {
+                return Poll::Ready(Err(io::Error::other(refusal.clone())));
+            }
+            if let Some(front) = inflating.ready.front_mut() {
+                if front.is_empty() {
+                    inflating.ready.pop_front();
+                    continue;
+                }
+                let n = front.len().min(buf.remaining());
+                buf.put_slice(&front[..n]);
+                front.advance(n);
+                if front.is_empty() {
+                    inflating.ready.pop_front();
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let mut raw = [0u8; FILTER_READ];
+            let mut raw_buf = ReadBuf::new(&mut raw);
+            std::task::ready!(Pin::new(&mut this.socket).poll_read(cx, &mut raw_buf))?;
+            if raw_buf.filled().is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            inflating.refused = inflating.frames.feed(raw_buf.filled(), &mut inflating.ready).err();
+        }
+    }
+}
+
+impl AsyncWrite for ClientBytes {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.socket).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.socket).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.socket).poll_shutdown(cx)
+    }
+}
+
+/// The connection must end because of what `inflate` refused, if that is why a read failed.
+fn inflate_refusal(error: &io::Error) -> Option<&InflateRefusal> {
+    error.get_ref()?.downcast_ref::<InflateRefusal>()
+}
+
 impl DirectWrite for SocketHandle {
     fn write_now(&self, publication: &Publication, as_delta: bool) -> Direct {
         let shared = &self.0;
@@ -237,7 +376,7 @@ impl DirectWrite for SocketHandle {
         if !pending.is_empty() {
             return Direct::NotNow;
         }
-        match shared.writev_frames::<1>(&mut pending, &[publication.json_frame_or_delta(as_delta).as_bytes()]) {
+        match shared.writev_frames::<1>(&mut pending, &[shared.frame_of(publication, as_delta)]) {
             Ok(1) if pending.is_empty() => Direct::Written,
             Ok(1) => Direct::Partly,
             Ok(_) | Err(_) => Direct::NotNow,
@@ -246,9 +385,9 @@ impl DirectWrite for SocketHandle {
 }
 
 /// Writes the header of an unmasked, final text frame (RFC 6455 §5.2) of `len` payload bytes
-/// into `out`; returns its length.
-fn text_frame_header(len: usize, out: &mut [u8; 10]) -> usize {
-    out[0] = 0x81;
+/// into `out`, with RSV1 set if the payload is compressed (RFC 7692 §6); returns its length.
+fn text_frame_header(len: usize, deflated: bool, out: &mut [u8; 10]) -> usize {
+    out[0] = if deflated { 0xc1 } else { 0x81 };
     if len < 126 {
         out[1] = len as u8;
         2
@@ -263,11 +402,13 @@ fn text_frame_header(len: usize, out: &mut [u8; 10]) -> usize {
     }
 }
 
-/// Starts a WebSocket connection that HTTP upgraded (`early`: bytes read past the handshake),
-/// counted by `shutdown` from the upgrade on; its own task runs it to its end.
+/// Starts a WebSocket connection that HTTP upgraded (`early`: bytes read past the handshake;
+/// `deflate`: the handshake agreed on permessage-deflate), counted by `shutdown` from the
+/// upgrade on; its own task runs it to its end.
 pub async fn serve(
     conn: LimitedStream,
     early: Vec<u8>,
+    deflate: bool,
     node: Node,
     settings: &WebSocketSettings,
     shutdown: ShutdownListener,
@@ -280,14 +421,34 @@ pub async fn serve(
         .write_buffer_size(WRITE_BUFFER)
         .max_message_size(Some(settings.max_message))
         .max_frame_size(Some(settings.max_message));
+    let deflate_from = settings.compress_threshold.filter(|_| deflate);
     let socket = SocketHandle(Arc::new(SharedSocket {
         conn,
         pending: std::sync::Mutex::new(BytesMut::new()),
+        deflate_from,
     }));
+    let mut io = ClientBytes {
+        socket: socket.clone(),
+        inflate: deflate_from.map(|_| {
+            Box::new(Inflating {
+                frames: CompressedFrames::new(settings.max_message.min(MAX_INFLATED_MESSAGE)),
+                ready: VecDeque::new(),
+                refused: None,
+            })
+        }),
+    };
+    // Bytes read past the handshake go through the filter too; a refusal among them is
+    // reported by the first read.
+    let mut early = early;
+    if let Some(inflating) = io.inflate.as_mut() {
+        let mut ready = VecDeque::new();
+        inflating.refused = inflating.frames.feed(&early, &mut ready).err();
+        early = ready.iter().flat_map(|b| b.iter().copied()).collect();
+    }
     let ws = if early.is_empty() {
-        WebSocketStream::from_raw_socket(socket.clone(), Role::Server, Some(config)).await
+        WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await
     } else {
-        WebSocketStream::from_partially_read(socket.clone(), early, Role::Server, Some(config)).await
+        WebSocketStream::from_partially_read(io, early, Role::Server, Some(config)).await
     };
     start(ws, socket, node, settings, shutdown);
 }
@@ -320,6 +481,10 @@ impl Wire for WebSocketWire {
             Some(Err(WsError::Capacity(_))) => Inbound::End(Ending::TooBig {
                 limit: self.max_message,
             }),
+            Some(Err(WsError::Io(error))) if inflate_refusal(&error).is_some() => match inflate_refusal(&error) {
+                Some(InflateRefusal::TooBig(limit)) => Inbound::End(Ending::TooBig { limit: *limit }),
+                _ => Inbound::End(Ending::Protocol(error.to_string())),
+            },
             Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_))) => {
                 Inbound::End(Ending::PeerGone)
             }
@@ -339,12 +504,14 @@ impl Wire for WebSocketWire {
             })
             .collect();
         let mut control_texts = controls.iter();
-        let payloads: Vec<&[u8]> = batch
+        // Replies go plain: they are far below any useful threshold.
+        let socket = &self.socket.0;
+        let payloads: Vec<TextFrame<'_>> = batch
             .iter()
             .filter_map(|item| match item {
-                Outgoing::Publication(p) => Some(p.json_frame().as_bytes()),
-                Outgoing::Delta(p) => Some(p.json_frame_or_delta(true).as_bytes()),
-                Outgoing::Control(_) => control_texts.next().map(|t| t.as_bytes()),
+                Outgoing::Publication(p) => Some(socket.frame_of(p, false)),
+                Outgoing::Delta(p) => Some(socket.frame_of(p, true)),
+                Outgoing::Control(_) => control_texts.next().map(|t| TextFrame::plain(t.as_bytes())),
             })
             .collect();
         let mut done = 0;
@@ -390,7 +557,7 @@ impl Wire for WebSocketWire {
             let frame = close_frame(close.code, close.reason);
             let sent = timeout(close.limit, self.ws.close(Some(frame))).await;
             if matches!(sent, Ok(Ok(()))) {
-                discard_input(self.ws.get_mut(), 2 * self.max_message + 4096, close.limit).await;
+                discard_input(&mut self.ws.get_mut().socket, 2 * self.max_message + 4096, close.limit).await;
             }
             return false;
         }
@@ -460,7 +627,7 @@ mod tests {
     fn text_frame_headers_follow_rfc_6455() {
         let header = |len: usize| {
             let mut h = [0u8; 10];
-            let n = text_frame_header(len, &mut h);
+            let n = text_frame_header(len, false, &mut h);
             h[..n].to_vec()
         };
         assert_eq!(header(5), [0x81, 0x05]);
@@ -469,5 +636,12 @@ mod tests {
         assert_eq!(header(256), [0x81, 126, 0x01, 0x00]);
         assert_eq!(header(65535), [0x81, 126, 0xff, 0xff]);
         assert_eq!(header(65536), [0x81, 127, 0, 0, 0, 0, 0, 0x01, 0x00, 0x00]);
+        let mut h = [0u8; 10];
+        assert_eq!(text_frame_header(82, true, &mut h), 2);
+        assert_eq!(
+            h[..2],
+            [0xc1, 82],
+            "RSV1 for a compressed payload (PROTOCOL.md's vector)"
+        );
     }
 }

@@ -167,6 +167,60 @@ test('state datagrams name their room by alias, and Chromium acknowledges them i
   assert.equal(received.at(-1), 6);
 });
 
+test('Chromium negotiates permessage-deflate: a large state arrives compressed and intact, its large command goes compressed', async () => {
+  const server = await startServer(['--no-wt']);
+  // A TCP relay between the page's WebSocket and the server that counts the bytes each way.
+  const counted = { fromServer: 0, fromPage: 0 };
+  const relay = net.createServer((page) => {
+    const upstream = net.connect(Number(server.http.split(':').pop()), '127.0.0.1');
+    page.on('data', (chunk) => { counted.fromPage += chunk.length; });
+    upstream.on('data', (chunk) => { counted.fromServer += chunk.length; });
+    page.pipe(upstream);
+    upstream.pipe(page);
+    page.on('error', () => upstream.destroy());
+    upstream.on('error', () => page.destroy());
+  });
+  await new Promise((resolve) => relay.listen(0, '127.0.0.1', resolve));
+  try {
+    const browser = await launch();
+    const page = await browser.newPage();
+    await page.goto(`http://${server.http}/`);
+    const extensions = await page.evaluate(async (port) => {
+      const ws = new WebSocket(`ws://127.0.0.1:${port}/ws`);
+      window.deflateMessages = [];
+      ws.onmessage = (m) => window.deflateMessages.push(m.data);
+      await new Promise((resolve, reject) => { ws.onopen = resolve; ws.onerror = reject; });
+      ws.send(JSON.stringify({ type: 'subscribe', room: 'bracket:deflate' }));
+      window.deflateWs = ws;
+      return ws.extensions;
+    }, relay.address().port);
+    assert.equal(extensions, 'permessage-deflate; server_no_context_takeover; client_no_context_takeover');
+    await page.waitForFunction(() => window.deflateMessages.some((m) => JSON.parse(m).type === 'subscribed'), null, { timeout: HANG });
+
+    const matches = Array.from({ length: 64 }, (_, m) => ({
+      id: m, round: 1 + Math.floor(m / 32), status: m < 5 ? 4 : 2,
+      opponent1: { id: 2 * m, score: m % 7, result: 'win' }, opponent2: { id: 2 * m + 1, score: m % 5, result: 'loss' },
+    }));
+    const bracket = { stage: 'Phoenix U12 Gold', matches };
+    const before = counted.fromServer;
+    await publish(server, 'bracket:deflate', 'state', bracket);
+    await page.waitForFunction(() => window.deflateMessages.some((m) => JSON.parse(m).type === 'state'), null, { timeout: HANG });
+    const text = (await page.evaluate(() => window.deflateMessages)).find((m) => JSON.parse(m).type === 'state');
+    assert.deepEqual(JSON.parse(text).data, bracket);
+    const wire = counted.fromServer - before;
+    assert.ok(wire * 3 < text.length, `the ${text.length}-byte state took ${wire} bytes on the wire`);
+
+    // The page's own large command: Chromium compresses it, the server inflates it.
+    const sentBefore = counted.fromPage;
+    await page.evaluate(() => window.deflateWs.send(JSON.stringify({ type: 'ping', pad: 'a'.repeat(20000) })));
+    await page.waitForFunction(() => window.deflateMessages.some((m) => JSON.parse(m).type === 'pong'), null, { timeout: HANG });
+    const sent = counted.fromPage - sentBefore;
+    assert.ok(sent < 2000, `a 20 KB command took ${sent} bytes on the wire`);
+  } finally {
+    relay.close();
+  }
+});
+
 test('a silent WebTransport page is closed with 4002, and reads the code from the session close', async () => {
   const server = await startServer(['--idle-timeout', '3s', '--ping-interval', '1s']);
   const browser = await launch();
@@ -446,15 +500,17 @@ test('the operations page shows the node as /metrics does, and nothing without c
   const response = await page.goto(`http://${server.http}/ops`);
   assert.equal(response.status(), 200);
   const shown = (id) => page.textContent(`#${id}`).then((t) => Number(t.replace(/,/g, '')));
-  // The page's figures and the exposition's agree (read until both hold still the same value).
-  await eventually('the page shows the connections and rooms /metrics counts', async () => {
-    const onPage = [await shown('connections-websocket'), await shown('connections-webtransport'), await shown('rooms')];
+  // The page's figures and the exposition's agree (read until both hold still the same value;
+  // not the room count, which the demo moves every second as games end and new ones begin).
+  await eventually('the page shows the connections and subscriptions /metrics counts', async () => {
+    const onPage = [await shown('connections-websocket'), await shown('connections-webtransport'), await shown('subscriptions')];
     const exposed = [
       await metric(server, 'courtside_connections{transport="websocket"}'),
       await metric(server, 'courtside_connections{transport="webtransport"}'),
-      await metric(server, 'courtside_rooms'),
+      await metric(server, 'courtside_subscriptions'),
     ];
-    return onPage[1] === 1 && JSON.stringify(onPage) === JSON.stringify(exposed) ? true : undefined;
+    // The fan's one connection (WebTransport, or WebSocket if it fell back on a loaded machine).
+    return onPage[0] + onPage[1] === 1 && JSON.stringify(onPage) === JSON.stringify(exposed) ? true : undefined;
   });
   await page.waitForFunction(() => Number(document.getElementById('publishes-per-s').textContent) > 0, null, { timeout: HANG });
   await page.waitForSelector('#busiest tbody tr', { timeout: HANG });
@@ -463,6 +519,63 @@ test('the operations page shows the node as /metrics does, and nothing without c
   assert.equal(await page.textContent('#error'), '');
   if (process.env.OPS_SCREENSHOT) await page.screenshot({ path: process.env.OPS_SCREENSHOT, fullPage: true });
 });
+
+/** The platform's own page, on its own origin: it imports the client from the edge and fetches
+ *  the certificate hash there, as fallback/README.md shows ("A page on another origin"). */
+const PLATFORM_PAGE = `<!doctype html>
+<meta charset="utf-8">
+<title>platform page</title>
+<script type="module">
+  const edge = new URLSearchParams(location.search).get('edge');
+  window.outcome = (async () => {
+    const { connect } = await import(\`\${edge}/courtside.js\`);
+    const hash = await (await fetch(\`\${edge}/v1/cert-hash\`)).json();
+    const client = await connect(edge, { certHash: hash.sha256, webtransportPort: hash.port });
+    window.received = [];
+    window.subscribed = false;
+    client.subscribe('game:cross', {
+      onSubscribed: () => { window.subscribed = true; },
+      onState: (data, meta) => window.received.push({ data, transport: meta.transport }),
+    });
+    return { transport: client.transport };
+  })().catch((e) => ({ error: String(e) }));
+</script>`;
+
+/** A static server on a loopback port of its own, serving PLATFORM_PAGE for any path. */
+async function startPlatformSite() {
+  const http = await import('node:http');
+  const site = http.createServer((req, res) => {
+    res.writeHead(200, { 'content-type': 'text/html; charset=utf-8' });
+    res.end(PLATFORM_PAGE);
+  });
+  await new Promise((resolve) => site.listen(0, '127.0.0.1', resolve));
+  after(() => site.close());
+  return site.address().port;
+}
+
+test('a page on another origin imports the client from the edge and reaches WebTransport; an origin outside --allowed-origins cannot', async () => {
+  const port = await startPlatformSite();
+  // Two origins on loopback: the page at http://localhost:PORT, the edge at http://127.0.0.1:EDGE.
+  const server = await startServer(['--allowed-origins', `http://localhost:${port}`]);
+  const edge = `http://${server.http}`;
+  const browser = await launch(['--host-resolver-rules=MAP localhost 127.0.0.1']);
+  const page = await browser.newPage();
+  await page.goto(`http://localhost:${port}/?edge=${encodeURIComponent(edge)}`);
+  const outcome = await page.evaluate(() => window.outcome);
+  assert.deepEqual(outcome, { transport: 'webtransport' });
+  await page.waitForFunction(() => window.subscribed, null, { timeout: HANG });
+  await publish(server, 'game:cross', 'state', { home: 7, away: 3 });
+  await page.waitForFunction(() => window.received.length >= 1, null, { timeout: HANG });
+  assert.deepEqual(await page.evaluate(() => window.received), [{ data: { home: 7, away: 3 }, transport: 'webtransport' }]);
+
+  // The same page from http://127.0.0.1:PORT, an origin the edge does not list: the browser
+  // withholds the module (no Access-Control-Allow-Origin), so the import itself fails.
+  const refused = await browser.newPage();
+  await refused.goto(`http://127.0.0.1:${port}/?edge=${encodeURIComponent(edge)}`);
+  const refusedOutcome = await refused.evaluate(() => window.outcome);
+  assert.match(refusedOutcome.error ?? '', /TypeError/, JSON.stringify(refusedOutcome));
+});
+
 /** A bracket-sized state (over the 1,024-byte delta threshold) whose match `step % 40` changed. */
 function bracketState(step) {
   const match = Array.from({ length: 40 }, (_, id) => ({

@@ -64,6 +64,13 @@ add("h3_connect", bytes.fromhex("4054000100"))
 # A client's SETTINGS (after its control stream's type byte): H3_DATAGRAM 1, WebTransport on.
 add("h3_connect", bytes.fromhex("04103301ab60374201c0000000c671706a01"))
 
+# permessage-deflate: a browser's offer, and a compressed subscribe in one masked frame (split
+# byte 7 first): "Hello" of RFC 7692 §7.2.3.1 as a text frame, masked with 37 fa 21 3d.
+add("websocket_deflate", "permessage-deflate; client_max_window_bits")
+hello = bytes.fromhex("f248cdc9c90700")
+mask = bytes.fromhex("37fa213d")
+add("websocket_deflate", bytes([7, 0xc1, 0x80 | len(hello)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(hello)))
+
 for target, items in corpus.items():
     directory = os.path.join(root, "corpus", target)
     os.makedirs(directory, exist_ok=True)

@@ -6,6 +6,12 @@ mod util;
 mod campaign;
 /// Several nodes and a real Redis: shared rooms, presence, Redis failures.
 mod cluster;
+/// permessage-deflate on WebSocket: negotiation, compressed states, compressed commands, bombs.
+mod compression;
+/// Configuration errors: each names its source (flag, variable, file key) and what is accepted, before anything listens.
+mod config_errors;
+/// CORS: which origins may read the client module, the certificate hash and the room reads.
+mod cors;
 /// Subscribing, publishing and receiving: states, events, recovery, slow consumers.
 mod delivery;
 /// Delta states: a bracket's changes as fossil deltas over both transports, under loss and across nodes.
