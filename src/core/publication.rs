@@ -154,16 +154,7 @@ impl StateDelta {
 
     /// `json_frame` compressed for permessage-deflate, as `Publication::deflated_frame` does it.
     pub fn deflated_frame(&self, threshold: usize) -> Option<&[u8]> {
-        if self.json.len() < threshold {
-            return None;
-        }
-        self.deflated
-            .get_or_init(|| {
-                super::deflate::compress_message(self.json.as_bytes())
-                    .filter(|compressed| compressed.len() < self.json.len())
-                    .map(Bytes::from)
-            })
-            .as_deref()
+        deflated_once(&self.deflated, &self.json, threshold)
     }
 
     /// The WebTransport datagram message (without the session prefix).
@@ -308,16 +299,7 @@ impl Publication {
     /// subscriber. A frame under `threshold` costs one comparison. (`threshold` is the node's one
     /// `--ws-compress-threshold`, the same on every call.)
     pub fn deflated_frame(&self, threshold: usize) -> Option<&[u8]> {
-        if self.json.len() < threshold {
-            return None;
-        }
-        self.deflated
-            .get_or_init(|| {
-                super::deflate::compress_message(self.json.as_bytes())
-                    .filter(|compressed| compressed.len() < self.json.len())
-                    .map(Bytes::from)
-            })
-            .as_deref()
+        deflated_once(&self.deflated, &self.json, threshold)
     }
 
     /// The binary WebTransport message (docs/PROTOCOL.md), encoded once and shared.
@@ -359,6 +341,20 @@ impl Publication {
     pub fn size(&self) -> usize {
         self.json.len()
     }
+}
+
+/// `json` compressed for permessage-deflate, made once into `cell` and shared, when it holds at
+/// least `threshold` bytes and compressing makes it smaller.
+fn deflated_once<'a>(cell: &'a OnceLock<Option<Bytes>>, json: &str, threshold: usize) -> Option<&'a [u8]> {
+    if json.len() < threshold {
+        return None;
+    }
+    cell.get_or_init(|| {
+        super::deflate::compress_message(json.as_bytes())
+            .filter(|compressed| compressed.len() < json.len())
+            .map(Bytes::from)
+    })
+    .as_deref()
 }
 
 /// Builds `{"type":"state","room":R,"version":V,"ts":T,"data":D}` (or the event form, with

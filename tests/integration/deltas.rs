@@ -8,6 +8,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::cluster::node_with;
+use crate::exactly_once::healthy;
 use crate::util::{request, wt_codec, Client, LossyRelay, RedisServer, TestServer, WtClient, WtSeen};
 
 #[path = "../../bench/src/bracket.rs"]
@@ -335,14 +336,6 @@ async fn publish_state_during_fault(server: &TestServer, room: &str, data: &str)
         .await;
     let refused = status == 503 && body["error"] == "registry_unavailable";
     assert!(status == 200 || status == 202 || refused, "{status}: {body}");
-}
-
-async fn healthy(server: &TestServer) {
-    crate::util::eventually("the node is on redis with an empty outbox", || async {
-        let (_, health) = server.get("/health").await;
-        (health["registry"]["status"] == "ok" && health["registry"]["outbox"] == 0).then_some(())
-    })
-    .await;
 }
 
 /// Redis is killed and restarted empty while both nodes keep publishing: the notices start each
