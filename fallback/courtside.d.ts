@@ -83,6 +83,9 @@ export interface RoomHandlers<S = unknown, E = unknown> {
   since?: number;
   /** The epoch `since` belongs to. */
   epoch?: string;
+  /** Take the room's large states as fossil deltas, applied by the client: `onState` still
+   *  receives every state whole (docs/PROTOCOL.md, "Delta states"). */
+  delta?: boolean;
 }
 
 export interface ConnectOptions {
@@ -155,10 +158,12 @@ export declare const MessageType: Readonly<{
   STATE: 0x20;
   EVENT: 0x21;
   STATE_BY_ALIAS: 0x22;
+  DELTA: 0x23;
+  DELTA_BY_ALIAS: 0x24;
 }>;
 
 export type ClientMessage =
-  | { type: 'subscribe'; room: string; since?: number; epoch?: string; id?: number | null }
+  | { type: 'subscribe'; room: string; since?: number; epoch?: string; id?: number | null; delta?: 'fossil' }
   | { type: 'unsubscribe'; room: string }
   | { type: 'ping' }
   | { type: 'auth'; token: string }
@@ -177,12 +182,19 @@ export type ServerMessage =
   | { type: 'state'; alias: number; version: number; ts: number; data: string }
   | { type: 'event'; room: string; seq: number; ts: number; data: string; id: string }
   | { type: 'alias'; room: string; alias: number }
+  | { type: 'delta'; room: string; version: number; base: number; ts: number; delta: string }
+  | { type: 'delta'; alias: number; version: number; base: number; ts: number; delta: string }
   | Authed;
 
 export declare function encodeClientMessage(message: ClientMessage): Uint8Array;
 export declare function decodeServerMessage(bytes: Uint8Array): ServerMessage;
 /** Prefixes a message with its length (LEB128), as on the control stream. */
 export declare function encodeFrame(message: Uint8Array): Uint8Array;
+/** Applies a fossil delta to `base` (docs/PROTOCOL.md, "Delta states"); throws a `RangeError`
+ *  on a malformed delta or a wrong base (its checksum). At most `maxLength` bytes of output. */
+export declare function applyDelta(base: Uint8Array, delta: Uint8Array, maxLength?: number): Uint8Array;
+/** A state's JSON text after the delta (text) is applied to `base` (text). */
+export declare function applyTextDelta(base: string, delta: string): string;
 
 /** Splits a byte stream into length-prefixed frames. */
 export declare class FrameDecoder {

@@ -32,7 +32,7 @@ export const MessageType = Object.freeze({
   SUBSCRIBE: 0x01, UNSUBSCRIBE: 0x02, PING: 0x03, ACK: 0x04, ACKS: 0x05, AUTH: 0x06,
   SUBSCRIBED: 0x10, UNSUBSCRIBED: 0x11, PONG: 0x12, ERROR: 0x13, RECONNECT: 0x14, CLOSE: 0x15, ALIAS: 0x16,
   AUTHED: 0x17,
-  STATE: 0x20, EVENT: 0x21, STATE_BY_ALIAS: 0x22,
+  STATE: 0x20, EVENT: 0x21, STATE_BY_ALIAS: 0x22, DELTA: 0x23, DELTA_BY_ALIAS: 0x24,
 });
 
 const utf8Encoder = new TextEncoder();
@@ -105,8 +105,10 @@ export function encodeClientMessage(m) {
   switch (m.type) {
     case 'subscribe':
       w.u8(MessageType.SUBSCRIBE).string(m.room).option(m.since, w.varint).option(m.epoch, w.string);
-      // `id` is a trailing optional field: absent, the message ends before it.
-      if (m.id !== undefined && m.id !== null) w.option(m.id, w.varint);
+      // `id` and then `delta` are trailing optional fields: absent, the message ends before
+      // them; with `delta`, `id` is written too (`00` when absent).
+      if (m.delta !== undefined && m.delta !== null) w.option(m.id, w.varint).option(m.delta, w.string);
+      else if (m.id !== undefined && m.id !== null) w.option(m.id, w.varint);
       return w.finish();
     case 'unsubscribe':
       return w.u8(MessageType.UNSUBSCRIBE).string(m.room).finish();
@@ -163,11 +165,94 @@ export function decodeServerMessage(bytes) {
     case MessageType.STATE_BY_ALIAS:
       m = { type: 'state', alias: r.varint(), version: r.varint(), ts: r.varint(), data: r.string() };
       break;
+    case MessageType.DELTA:
+      m = { type: 'delta', room: r.string(), version: r.varint(), base: r.varint(), ts: r.varint(), delta: r.string() };
+      break;
+    case MessageType.DELTA_BY_ALIAS:
+      m = { type: 'delta', alias: r.varint(), version: r.varint(), base: r.varint(), ts: r.varint(), delta: r.string() };
+      break;
     default:
       throw new RangeError(`unknown server message type 0x${type.toString(16)}`);
   }
   r.end();
   return m;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fossil deltas (PROTOCOL.md, "Delta states"): the format of Fossil's delta.c, as npm
+// `fossil-delta` and the server make it. Applying only; every step is checked.
+
+const FOSSIL_DIGITS = '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz~';
+const FOSSIL_VALUE = new Int8Array(128).fill(-1);
+for (let i = 0; i < 64; i++) FOSSIL_VALUE[FOSSIL_DIGITS.charCodeAt(i)] = i;
+
+function fossilChecksum(bytes) {
+  let sum = 0;
+  const whole = bytes.length - (bytes.length % 4);
+  for (let i = 0; i < whole; i += 4) {
+    sum = (sum + ((bytes[i] << 24) | (bytes[i + 1] << 16) | (bytes[i + 2] << 8) | bytes[i + 3])) >>> 0;
+  }
+  let tail = 0;
+  for (let i = whole, shift = 24; i < bytes.length; i++, shift -= 8) tail |= bytes[i] << shift;
+  return (sum + (tail >>> 0)) >>> 0;
+}
+
+/** Applies a fossil delta (bytes) to `base` (bytes); throws on any malformed or mismatched
+ *  delta (a wrong base fails the checksum). At most `maxLength` bytes of output. */
+export function applyDelta(base, delta, maxLength = 16 * 1024 * 1024) {
+  let pos = 0;
+  const int = () => {
+    let v = 0;
+    const start = pos;
+    while (pos < delta.length && delta[pos] < 128 && FOSSIL_VALUE[delta[pos]] >= 0) {
+      v = v * 64 + FOSSIL_VALUE[delta[pos++]];
+      if (v > Number.MAX_SAFE_INTEGER / 64) throw new RangeError('delta number too large');
+    }
+    if (pos === start && pos >= delta.length) throw new RangeError('delta ends too early');
+    return v;
+  };
+  const byte = () => {
+    if (pos >= delta.length) throw new RangeError('delta ends too early');
+    return delta[pos++];
+  };
+  const limit = int();
+  if (byte() !== 0x0a) throw new RangeError('delta size not ended by a newline');
+  if (limit > maxLength) throw new RangeError('delta output too large');
+  const out = new Uint8Array(limit);
+  let total = 0;
+  for (;;) {
+    const cnt = int();
+    switch (byte()) {
+      case 0x40: { // '@': copy from the base
+        const offset = int();
+        if (byte() !== 0x2c) throw new RangeError('copy not ended by a comma');
+        if (total + cnt > limit) throw new RangeError('delta writes more than its size');
+        if (offset + cnt > base.length) throw new RangeError('delta copies past the end of its base');
+        out.set(base.subarray(offset, offset + cnt), total);
+        total += cnt;
+        break;
+      }
+      case 0x3a: { // ':': literal bytes
+        if (total + cnt > limit) throw new RangeError('delta writes more than its size');
+        if (pos + cnt > delta.length) throw new RangeError('delta ends too early');
+        out.set(delta.subarray(pos, pos + cnt), total);
+        pos += cnt;
+        total += cnt;
+        break;
+      }
+      case 0x3b: // ';': the checksum of the output
+        if (total !== limit) throw new RangeError('delta output does not match its size');
+        if (cnt !== fossilChecksum(out)) throw new RangeError("delta's checksum does not match: wrong base");
+        return out;
+      default:
+        throw new RangeError('unknown delta operator');
+    }
+  }
+}
+
+/** A state's JSON text after `delta` (text) is applied to `base` (text). */
+export function applyTextDelta(base, delta) {
+  return utf8Decoder.decode(applyDelta(utf8Encoder.encode(base), utf8Encoder.encode(delta)));
 }
 
 /** Prefixes a message with its length (LEB128), as on the control stream. */
@@ -348,6 +433,14 @@ class WebTransportConnection {
   }
 }
 
+/** The text of a state frame's `data`, byte for byte: the server writes it last
+ *  (`...,"data":DATA}`), so it runs from the first `,"data":` to the closing brace. */
+function stateDataText(frame) {
+  const at = frame.indexOf(',"data":');
+  if (at < 0 || !frame.endsWith('}')) return undefined;
+  return frame.slice(at + 8, -1);
+}
+
 class WebSocketConnection {
   constructor(url, handlers) {
     this.name = 'websocket';
@@ -366,8 +459,10 @@ class WebSocketConnection {
       this.ws.onmessage = (e) => {
         let m;
         try { m = JSON.parse(e.data); } catch { return; }
-        // Keep `data` as JSON text, as over WebTransport.
-        if ((m.type === 'state' || m.type === 'event') && 'data' in m) m.data = JSON.stringify(m.data);
+        // Keep `data` as JSON text, as over WebTransport: for a state, the publisher's bytes,
+        // which the server writes last in the frame (a delta applies to exactly those).
+        if (m.type === 'state' && 'data' in m) m.data = stateDataText(e.data) ?? JSON.stringify(m.data);
+        else if (m.type === 'event' && 'data' in m) m.data = JSON.stringify(m.data);
         this.handlers.onMessage(m, false);
       };
     });
@@ -511,11 +606,15 @@ export class CourtsideClient {
   }
 
   /** Subscribes to `room`. Handlers: onState(data, meta), onEvent(data, meta), onSubscribed(info),
-   *  onRecoveryFailed(info), onError(error). `since`: recover events after this sequence. */
+   *  onRecoveryFailed(info), onError(error). `since`: recover events after this sequence.
+   *  `delta: true`: the server may send states as deltas, which this client applies: onState
+   *  still receives every state whole (PROTOCOL.md, "Delta states"). */
   subscribe(room, handlers = {}) {
     const entry = {
       handlers, epoch: handlers.epoch, version: 0, seq: handlers.since ?? 0, since: handlers.since, confirmed: false,
-      ids: new RecentIds(this.options.eventIdMemory),
+      ids: new RecentIds(this.options.eventIdMemory), delta: handlers.delta === true,
+      /** The held state's JSON text, byte for byte: the base of the next delta. */
+      text: undefined,
     };
     this.rooms.set(room, entry);
     this.sendSubscribe(room, entry);
@@ -540,6 +639,7 @@ export class CourtsideClient {
     this.nextRequestId = (this.nextRequestId ?? 0) + 1;
     entry.requestId = this.nextRequestId;
     const m = { type: 'subscribe', room, id: entry.requestId };
+    if (entry.delta) m.delta = 'fossil';
     entry.sentSince = undefined;
     if (entry.seq > 0 || entry.since !== undefined) {
       m.since = entry.seq;
@@ -572,6 +672,8 @@ export class CourtsideClient {
         }
         entry.epoch = m.epoch;
         entry.confirmed = true;
+        // The server starts the room afresh too: its next state comes whole.
+        entry.text = undefined;
         entry.handlers.onSubscribed?.(m);
         if (m.recovered === false) {
           entry.handlers.onRecoveryFailed?.(m);
@@ -584,11 +686,36 @@ export class CourtsideClient {
         // Datagrams for a room not yet confirmed on this connection are ignored; the server
         // repairs them (PROTOCOL.md, "Loss repair").
         if (!entry || (viaDatagram && !entry.confirmed)) return;
+        if (m.version > entry.version || (m.version === entry.version && entry.text === undefined)) {
+          // The held text is the next delta's base (also a repeat of the version held, after a
+          // `subscribed` let the text go).
+          entry.text = m.data;
+          entry.awaitingWhole = false;
+        }
         if (m.version > entry.version) {
           entry.version = m.version;
           entry.handlers.onState?.(JSON.parse(m.data), { room: m.room, version: m.version, ts: m.ts, transport: this.transport });
         }
         if (viaDatagram) this.connection?.ack(m.room, entry.version);
+        return;
+      }
+      case 'delta': {
+        if (!entry || (viaDatagram && !entry.confirmed)) return;
+        if (m.version <= entry.version) {
+          if (viaDatagram) this.connection?.ack(m.room, entry.version);
+          return;
+        }
+        let text;
+        if (entry.text !== undefined && m.base === entry.version) {
+          try { text = applyTextDelta(entry.text, m.delta); } catch (e) { this.log(`delta for ${m.room} failed: ${e.message}`); }
+        }
+        if (text === undefined) {
+          // A datagram may overtake the stream message that brings its base: drop it, the
+          // server repairs it. On the stream it cannot be applied at all: ask for the whole state.
+          if (!viaDatagram) this.requestWholeState(m.room, entry);
+          return;
+        }
+        this.dispatch({ type: 'state', room: m.room, version: m.version, ts: m.ts, data: text }, viaDatagram);
         return;
       }
       case 'event': {
@@ -626,6 +753,17 @@ export class CourtsideClient {
       default:
         return;
     }
+  }
+
+  /** A delta could not be applied (PROTOCOL.md, "Delta states"): subscribes again, with the
+   *  `since` and epoch held, so no event is missed; the reply's `subscribed` is followed by the
+   *  room's state, whole. Deltas are ignored until it arrives. */
+  requestWholeState(room, entry) {
+    if (entry.awaitingWhole) return;
+    entry.awaitingWhole = true;
+    entry.text = undefined;
+    this.log(`asking for the whole state of ${room}`);
+    this.sendSubscribe(room, entry);
   }
 
   /** Hands an event to the room's handler unless its id is held already (PROTOCOL.md, "Event

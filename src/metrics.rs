@@ -239,7 +239,7 @@ impl Metrics {
         self.transport(transport).deliveries.inc_by(batch.len() as u64);
         let now = std::time::Instant::now();
         for item in batch {
-            if let Outgoing::Publication(p) = item {
+            if let Outgoing::Publication(p) | Outgoing::Delta(p) = item {
                 self.delivery_latency
                     .observe(now.saturating_duration_since(p.published_at).as_secs_f64());
             }

@@ -109,7 +109,16 @@ impl Session {
                 since,
                 epoch,
                 request,
-            } => self.subscribe(room, Recovery { since, epoch, request }),
+                delta,
+            } => self.subscribe(
+                room,
+                Recovery {
+                    since,
+                    epoch,
+                    request,
+                    delta,
+                },
+            ),
             ClientCommand::Unsubscribe { room } => {
                 let mut wanted = self.wanted();
                 if wanted.remove(&room) {
@@ -205,11 +214,12 @@ impl Session {
 }
 
 /// What a subscribe asked for besides the room: recovery after `since` in `epoch`, and the
-/// request's `id` to echo in `subscribed`.
+/// request's `id` to echo in `subscribed`, and whether it takes states as deltas.
 struct Recovery {
     since: Option<u64>,
     epoch: Option<String>,
     request: Option<u64>,
+    delta: bool,
 }
 
 /// What a subscribe joins the room with, once the registry follows it.
@@ -234,10 +244,24 @@ impl Joining<'_> {
         if !wanted.contains(&room) {
             return;
         }
-        let Recovery { since, epoch, request } = recovery;
+        let Recovery {
+            since,
+            epoch,
+            request,
+            delta,
+        } = recovery;
         let mut allowance = allowance.lock().unwrap_or_else(|p| p.into_inner());
         let available = allowance.available(now_ms);
-        match hub.subscribe(&room, subscriber, since, epoch.as_deref(), request, available, now_ms) {
+        match hub.subscribe(
+            &room,
+            subscriber,
+            since,
+            epoch.as_deref(),
+            request,
+            delta,
+            available,
+            now_ms,
+        ) {
             Ok(recovered) => allowance.spend(recovered),
             Err(error @ HubError::RoomLimit(_)) => {
                 wanted.remove(&room);
@@ -371,6 +395,7 @@ mod tests {
             .map(|o| match o {
                 Outgoing::Control(c) => c.to_json().to_string(),
                 Outgoing::Publication(p) => p.json_frame().to_string(),
+                Outgoing::Delta(p) => p.json_frame_or_delta(true).to_string(),
             })
             .collect()
     }
@@ -441,6 +466,7 @@ mod tests {
                     since: None,
                     epoch: None,
                     request: None,
+                    delta: false,
                 }),
                 0,
             );

@@ -26,8 +26,9 @@ if ! command -v node >/dev/null 2>&1; then
   echo "tests/run.sh: the JavaScript tests need Node.js 18 or later" >&2
   exit 1
 fi
-if [ ! -d tests/browser/node_modules/playwright-core ] || [ ! -d tests/browser/node_modules/typescript ]; then
-  echo "== installing playwright-core and typescript (npm)"
+if [ ! -d tests/browser/node_modules/playwright-core ] || [ ! -d tests/browser/node_modules/typescript ] \
+  || [ ! -d tests/browser/node_modules/fossil-delta ]; then
+  echo "== installing playwright-core, typescript and fossil-delta (npm)"
   npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
 fi
 

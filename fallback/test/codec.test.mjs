@@ -110,6 +110,14 @@ test('every WebSocket vector, received on a WebSocket, reaches the application w
             { epoch: expected.epoch, version: expected.version, seq: expected.seq }, v.name);
           break;
         }
+        case 'delta': {
+          // No base held on this fresh subscription: nothing reaches the application, and the
+          // client asks for the whole state by subscribing again (PROTOCOL.md, "Delta states").
+          assert.deepEqual(seen, [], v.name);
+          const resubscribes = socket.sent.filter((m) => m.type === 'subscribe' && m.room === expected.room);
+          assert.equal(resubscribes.length, 2, v.name);
+          break;
+        }
         case 'reconnect':
           assert.deepEqual(seen, [], v.name);
           assert.ok(logs.some((l) => l.includes(`(${expected.reason})`)), `${v.name}: ${logs}`);
@@ -128,5 +136,5 @@ test('every WebSocket vector, received on a WebSocket, reaches the application w
   } finally {
     globalThis.WebSocket = saved;
   }
-  assert.deepEqual([...types].sort(), ['authed', 'error', 'event', 'reconnect', 'state', 'subscribed']);
+  assert.deepEqual([...types].sort(), ['authed', 'delta', 'error', 'event', 'reconnect', 'state', 'subscribed']);
 });

@@ -4,6 +4,7 @@
 //! A package of its own so the compiler keeps it pure: no runtime, no sockets, no clock.
 
 pub mod deflate;
+pub mod delta;
 pub mod kind;
 pub mod protocol;
 pub mod publication;

@@ -18,6 +18,9 @@ pub enum ClientCommand {
         /// The client's number for this request, echoed in the `subscribed` reply, so that a
         /// reply is told apart from an unrequested notice.
         request: Option<u64>,
+        /// The subscriber takes states as fossil deltas against the version it holds
+        /// (`"delta":"fossil"`; docs/PROTOCOL.md, "Delta states").
+        delta: bool,
     },
     Unsubscribe {
         room: RoomName,
@@ -253,6 +256,21 @@ struct RawCommand<'a> {
     epoch: Option<String>,
     id: Option<u64>,
     token: Option<String>,
+    #[serde(borrow)]
+    delta: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// Reads a subscribe's `delta` field: absent (whole states), or the one format there is.
+pub fn delta_format(format: Option<&str>) -> Result<bool, CommandError> {
+    match format {
+        None => Ok(false),
+        Some(super::delta::FORMAT) => Ok(true),
+        Some(other) => Err(CommandError::Malformed(format!(
+            "unknown delta format {:?} (\"{}\" is the one there is)",
+            truncate(other, 32),
+            super::delta::FORMAT
+        ))),
+    }
 }
 
 /// Parses one client text frame. Unknown fields are ignored, so clients may add their own.
@@ -269,6 +287,7 @@ pub fn parse_command(text: &str) -> Result<ClientCommand, CommandError> {
             since: raw.since,
             epoch: raw.epoch.clone(),
             request: raw.id,
+            delta: delta_format(raw.delta.as_deref())?,
         }),
         "unsubscribe" => Ok(ClientCommand::Unsubscribe { room: room()? }),
         "ping" => Ok(ClientCommand::Ping),
@@ -297,6 +316,25 @@ mod tests {
     }
 
     #[test]
+    fn a_subscribe_asks_for_fossil_deltas_or_none() {
+        let delta = |text: &str| match parse_command(text) {
+            Ok(ClientCommand::Subscribe { delta, .. }) => Ok(delta),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e.code()),
+        };
+        assert_eq!(delta(r#"{"type":"subscribe","room":"b:1"}"#), Ok(false));
+        assert_eq!(delta(r#"{"type":"subscribe","room":"b:1","delta":"fossil"}"#), Ok(true));
+        assert_eq!(
+            delta(r#"{"type":"subscribe","room":"b:1","delta":"json-patch"}"#),
+            Err(ErrorCode::BadRequest)
+        );
+        assert_eq!(
+            delta(r#"{"type":"subscribe","room":"b:1","delta":true}"#),
+            Err(ErrorCode::BadRequest)
+        );
+    }
+
+    #[test]
     fn parses_the_fixed_vocabulary() {
         assert_eq!(
             parse_command(r#"{"type":"subscribe","room":"game:1"}"#),
@@ -304,7 +342,8 @@ mod tests {
                 room: room("game:1"),
                 since: None,
                 epoch: None,
-                request: None
+                request: None,
+                delta: false,
             })
         );
         assert_eq!(
@@ -313,7 +352,8 @@ mod tests {
                 room: room("game:1"),
                 since: Some(41),
                 epoch: Some("ab".into()),
-                request: None
+                request: None,
+                delta: false,
             })
         );
         assert_eq!(
@@ -406,7 +446,8 @@ mod tests {
                 room: room("game:1"),
                 since: None,
                 epoch: None,
-                request: Some(7)
+                request: Some(7),
+                delta: false,
             })
         );
         assert_eq!(

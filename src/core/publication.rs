@@ -2,7 +2,7 @@
 //! Every subscriber receives a clone of the same `Arc<Publication>`; nothing is re-encoded per delivery.
 
 use std::ops::Range;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -103,6 +103,69 @@ pub struct Publication {
     /// `json` as a permessage-deflate payload (`None`: compressing did not make it smaller),
     /// built the first time a WebSocket subscriber that negotiated deflate needs it.
     deflated: OnceLock<Option<Bytes>>,
+    /// What a state that may go as a delta needs (a state of at least
+    /// `delta::MIN_STATE_BYTES` that followed another); boxed, so that events and small states
+    /// pay one pointer for it.
+    delta: Option<Box<DeltaSlot>>,
+}
+
+/// A state's delta against the room's previous state, made on first need.
+#[derive(Debug)]
+struct DeltaSlot {
+    /// The previous state's version.
+    base_version: u64,
+    /// The previous state, kept only until the delta is made or the next state replaces this
+    /// one: a room holds at most two states' data, never a chain.
+    base: Mutex<Option<Arc<Publication>>>,
+    /// The delta, made once by the first subscriber that needs it and shared by all (`None`:
+    /// not smaller than the state, or the base was let go first).
+    made: OnceLock<Option<StateDelta>>,
+}
+
+/// A state as the change from the room's previous state (docs/PROTOCOL.md, "Delta states"), in
+/// the forms each transport sends, encoded once per publish.
+#[derive(Debug)]
+pub struct StateDelta {
+    /// The version the delta applies to.
+    pub base: u64,
+    /// The WebSocket text frame `{"type":"delta",...}`.
+    json: Box<str>,
+    /// The WebTransport stream message (`0x23`).
+    wire: Bytes,
+    /// The WebTransport datagram message (`0x24`, the room by alias).
+    aliased: Bytes,
+    /// `aliased` as a whole datagram of a session on the client's first stream.
+    session0: Bytes,
+    /// `json` compressed for permessage-deflate, as `Publication::deflated_frame` (a delta is
+    /// usually far below the threshold, and then costs one comparison).
+    deflated: OnceLock<Option<Bytes>>,
+}
+
+impl StateDelta {
+    /// The WebSocket text frame, shared by every subscriber at the base version.
+    pub fn json_frame(&self) -> &str {
+        &self.json
+    }
+
+    /// The WebTransport stream message.
+    pub fn wire_message(&self) -> &Bytes {
+        &self.wire
+    }
+
+    /// `json_frame` compressed for permessage-deflate, as `Publication::deflated_frame` does it.
+    pub fn deflated_frame(&self, threshold: usize) -> Option<&[u8]> {
+        deflated_once(&self.deflated, &self.json, threshold)
+    }
+
+    /// The WebTransport datagram message (without the session prefix).
+    pub fn aliased_message(&self) -> &Bytes {
+        &self.aliased
+    }
+
+    /// The whole datagram for a session on the client's first stream (prefix `00`).
+    pub fn session0_datagram(&self) -> &Bytes {
+        &self.session0
+    }
 }
 
 impl Publication {
@@ -130,6 +193,89 @@ impl Publication {
             wire: OnceLock::new(),
             datagram: OnceLock::new(),
             deflated: OnceLock::new(),
+            delta: None,
+        }
+    }
+
+    /// Lets this state go as a delta against `previous`, the room's state before it, when this
+    /// one is `delta::MIN_STATE_BYTES` to `delta::MAX_STATE_BYTES` long (any other costs what it
+    /// did before: nothing is kept and no delta is ever made).
+    pub fn with_delta_base(mut self, previous: Option<&Arc<Publication>>) -> Self {
+        let previous = previous.filter(|p| {
+            self.kind == Kind::State
+                && p.kind == Kind::State
+                && p.number < self.number
+                && (super::delta::MIN_STATE_BYTES..=super::delta::MAX_STATE_BYTES).contains(&self.data.len())
+        });
+        if let Some(previous) = previous {
+            self.delta = Some(Box::new(DeltaSlot {
+                base_version: previous.number,
+                base: Mutex::new(Some(previous.clone())),
+                made: OnceLock::new(),
+            }));
+        }
+        self
+    }
+
+    /// The version this state's delta would apply to, if it may go as one.
+    pub fn delta_base(&self) -> Option<u64> {
+        self.delta.as_ref().map(|slot| slot.base_version)
+    }
+
+    /// Lets the previous state go (a newer state replaced this one): if this state's delta was
+    /// not made by now, it will not be, and the state goes whole.
+    pub fn release_delta_base(&self) {
+        if let Some(slot) = &self.delta {
+            slot.base.lock().unwrap_or_else(|p| p.into_inner()).take();
+        }
+    }
+
+    /// This state as a delta against `delta_base`, made on the first call and shared; `None`
+    /// when there is no base (any more), the search ran out of its budget (`delta::budget`),
+    /// the delta is not shorter than the data, or it is not UTF-8 (a copy boundary inside a
+    /// multi-byte character: it must travel as text).
+    pub fn delta(&self) -> Option<&StateDelta> {
+        let slot = self.delta.as_ref()?;
+        slot.made
+            .get_or_init(|| {
+                let base = slot.base.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+                let (from, to) = (base.data().as_bytes(), self.data().as_bytes());
+                let bytes = super::delta::create_within(from, to, super::delta::budget(from, to))?;
+                drop(base);
+                let text = String::from_utf8(bytes).ok()?;
+                if text.len() >= self.data.len() {
+                    return None;
+                }
+                Some(self.encode_delta(slot.base_version, &text))
+            })
+            .as_ref()
+    }
+
+    fn encode_delta(&self, base: u64, delta: &str) -> StateDelta {
+        let mut json = String::with_capacity(96 + self.room.as_str().len() + delta.len());
+        json.push_str("{\"type\":\"delta\",\"room\":\"");
+        json.push_str(self.room.as_str());
+        json.push_str("\",\"version\":");
+        push_u64(&mut json, self.number);
+        json.push_str(",\"base\":");
+        push_u64(&mut json, base);
+        json.push_str(",\"ts\":");
+        push_u64(&mut json, self.ts_ms);
+        json.push_str(",\"delta\":");
+        // Serialising a string cannot fail.
+        json.push_str(&serde_json::to_string(delta).unwrap_or_default());
+        json.push('}');
+        let aliased = super::wire::encode_aliased_delta(self.room_id.0, self.number, base, self.ts_ms, delta);
+        let mut session0 = Vec::with_capacity(1 + aliased.len());
+        session0.push(0x00);
+        session0.extend_from_slice(&aliased);
+        StateDelta {
+            base,
+            json: json.into_boxed_str(),
+            wire: super::wire::encode_delta(&self.room, self.number, base, self.ts_ms, delta),
+            aliased,
+            session0: Bytes::from(session0),
+            deflated: OnceLock::new(),
         }
     }
 
@@ -138,22 +284,22 @@ impl Publication {
         &self.json
     }
 
+    /// The WebSocket text frame to write: the delta's when `as_delta` and there is one (the
+    /// queue said the connection holds its base), else the whole state's.
+    pub fn json_frame_or_delta(&self, as_delta: bool) -> &str {
+        match as_delta.then(|| self.delta()).flatten() {
+            Some(delta) => delta.json_frame(),
+            None => &self.json,
+        }
+    }
+
     /// The WebSocket text frame's payload compressed for permessage-deflate (RFC 7692, no
     /// context takeover), when the frame holds at least `threshold` bytes and compressing makes
     /// it smaller: compressed once, the first time a subscriber asks, and shared by every
     /// subscriber. A frame under `threshold` costs one comparison. (`threshold` is the node's one
     /// `--ws-compress-threshold`, the same on every call.)
     pub fn deflated_frame(&self, threshold: usize) -> Option<&[u8]> {
-        if self.json.len() < threshold {
-            return None;
-        }
-        self.deflated
-            .get_or_init(|| {
-                super::deflate::compress_message(self.json.as_bytes())
-                    .filter(|compressed| compressed.len() < self.json.len())
-                    .map(Bytes::from)
-            })
-            .as_deref()
+        deflated_once(&self.deflated, &self.json, threshold)
     }
 
     /// The binary WebTransport message (docs/PROTOCOL.md), encoded once and shared.
@@ -195,6 +341,20 @@ impl Publication {
     pub fn size(&self) -> usize {
         self.json.len()
     }
+}
+
+/// `json` compressed for permessage-deflate, made once into `cell` and shared, when it holds at
+/// least `threshold` bytes and compressing makes it smaller.
+fn deflated_once<'a>(cell: &'a OnceLock<Option<Bytes>>, json: &str, threshold: usize) -> Option<&'a [u8]> {
+    if json.len() < threshold {
+        return None;
+    }
+    cell.get_or_init(|| {
+        super::deflate::compress_message(json.as_bytes())
+            .filter(|compressed| compressed.len() < json.len())
+            .map(Bytes::from)
+    })
+    .as_deref()
 }
 
 /// Builds `{"type":"state","room":R,"version":V,"ts":T,"data":D}` (or the event form, with
@@ -340,6 +500,58 @@ mod tests {
         ] {
             assert_eq!(EventId::parse(bad), None, "{bad}");
         }
+    }
+
+    fn bracket_state(version: u64, score: u64, previous: Option<&Arc<Publication>>) -> Arc<Publication> {
+        let matches: Vec<String> = (0..60)
+            .map(|i| format!(r#"{{"id":{i},"score":{}}}"#, if i == 3 { score } else { i }))
+            .collect();
+        let data = JsonData::parse(format!("[{}]", matches.join(",")).as_bytes()).expect("json");
+        let room = RoomName::parse("bracket:1").expect("room");
+        Arc::new(Publication::new(RoomId(1), room, Kind::State, version, None, &data, now(1)).with_delta_base(previous))
+    }
+
+    #[test]
+    fn a_large_state_has_one_delta_against_the_previous_state_until_it_lets_the_base_go() {
+        let v1 = bracket_state(1, 0, None);
+        let v2 = bracket_state(2, 78, Some(&v1));
+        assert!(v1.data().len() >= crate::delta::MIN_STATE_BYTES);
+        assert_eq!((v1.delta_base(), v2.delta_base()), (None, Some(1)));
+        let delta = v2.delta().expect("a delta");
+        assert!(std::ptr::eq(delta, v2.delta().expect("the same delta")), "made once");
+        assert_eq!(delta.base, 1);
+        let applied = crate::delta::apply(
+            v1.data().as_bytes(),
+            extract_delta(delta.json_frame()).as_bytes(),
+            1 << 20,
+        );
+        assert_eq!(applied.as_deref(), Ok(v2.data().as_bytes()));
+        assert_eq!(v2.json_frame_or_delta(true), delta.json_frame());
+        assert_eq!(v2.json_frame_or_delta(false), v2.json_frame());
+        // A newer state replaced v3 before anyone needed its delta: v3 goes whole.
+        let v3 = bracket_state(3, 80, Some(&v2));
+        v3.release_delta_base();
+        assert!(v3.delta().is_none());
+        assert_eq!(v3.json_frame_or_delta(true), v3.json_frame());
+        // Small states keep no base at all.
+        let data = JsonData::parse(br#"{"home":1}"#).expect("json");
+        let small = Publication::new(
+            RoomId(2),
+            RoomName::parse("game:1").expect("room"),
+            Kind::State,
+            2,
+            None,
+            &data,
+            now(1),
+        )
+        .with_delta_base(Some(&v1));
+        assert_eq!(small.delta_base(), None);
+    }
+
+    fn extract_delta(frame: &str) -> String {
+        let v: serde_json::Value = serde_json::from_str(frame).expect("json");
+        assert_eq!(v["type"], "delta");
+        v["delta"].as_str().expect("delta").to_string()
     }
 
     #[test]

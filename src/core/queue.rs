@@ -29,6 +29,10 @@ impl Default for QueueLimits {
 #[derive(Debug, Clone)]
 pub enum Outgoing {
     Publication(Arc<Publication>),
+    /// A state for a subscriber that asked for deltas and was last given the state's
+    /// `delta_base()` version: the transport writes `Publication::delta()`, or the whole state
+    /// when there is none (docs/PROTOCOL.md, "Delta states").
+    Delta(Arc<Publication>),
     Control(ServerControl),
 }
 
@@ -87,6 +91,10 @@ pub struct ConnectionQueue {
     closed: Option<QueueClosed>,
     /// The writer took messages out that it may not have written yet.
     in_flight: bool,
+    /// The rooms whose subscription asked for deltas, each with the state version this
+    /// connection was last handed (`None`: none since its last `subscribed`, which resets the
+    /// client's base too). Only a state whose delta base is that version goes as a delta.
+    deltas: HashMap<RoomId, Option<u64>>,
 }
 
 impl ConnectionQueue {
@@ -99,6 +107,35 @@ impl ConnectionQueue {
             limits,
             closed: None,
             in_flight: false,
+            deltas: HashMap::new(),
+        }
+    }
+
+    /// Whether the room's states may go to this connection as deltas (set on each subscribe).
+    pub fn want_deltas(&mut self, room: RoomId, on: bool) {
+        if !on {
+            self.deltas.remove(&room);
+        } else {
+            self.deltas.entry(room).or_insert(None);
+        }
+    }
+
+    /// Whether `state`, written now, goes as a delta: the subscription asked for deltas and the
+    /// last state this connection was handed of the room is the delta's base.
+    pub fn sends_as_delta(&self, state: &Publication) -> bool {
+        !self.deltas.is_empty()
+            && state.delta_base().is_some()
+            && self.deltas.get(&state.room_id) == Some(&state.delta_base())
+    }
+
+    /// Notes that `state` was handed to the connection (by the drain, or a direct write).
+    pub fn handed(&mut self, state: &Publication) {
+        // A connection without delta subscriptions (most) pays one length check per state.
+        if self.deltas.is_empty() || state.kind != Kind::State {
+            return;
+        }
+        if let Some(held) = self.deltas.get_mut(&state.room_id) {
+            *held = Some(state.number);
         }
     }
 
@@ -193,6 +230,7 @@ impl ConnectionQueue {
         let dropped = self.entries.len();
         self.entries.clear();
         self.states.clear();
+        self.deltas.clear();
         self.ordered_messages = 0;
         self.ordered_bytes = 0;
         dropped
@@ -201,6 +239,7 @@ impl ConnectionQueue {
     /// Forgets pending messages of a room the client unsubscribed from.
     pub fn purge_room(&mut self, room: RoomId) {
         self.states.remove(&room);
+        self.deltas.remove(&room);
         let (mut messages, mut bytes) = (0, 0);
         self.entries.retain(|entry| match entry {
             Entry::State(id) => *id != room,
@@ -238,7 +277,13 @@ impl ConnectionQueue {
             match entry {
                 Entry::State(room) => {
                     if let Some(p) = self.states.remove(&room) {
-                        out.push(Outgoing::Publication(p));
+                        let delta = self.sends_as_delta(&p);
+                        self.handed(&p);
+                        out.push(if delta {
+                            Outgoing::Delta(p)
+                        } else {
+                            Outgoing::Publication(p)
+                        });
                     }
                 }
                 Entry::Event(p) => {
@@ -249,6 +294,12 @@ impl ConnectionQueue {
                 Entry::Control(c) => {
                     self.ordered_messages -= 1;
                     self.ordered_bytes -= c.size_hint();
+                    if let (false, ServerControl::Subscribed { room_id, .. }) = (self.deltas.is_empty(), &c) {
+                        // The client starts the room afresh: the next state goes whole.
+                        if let Some(held) = self.deltas.get_mut(room_id) {
+                            *held = None;
+                        }
+                    }
                     out.push(Outgoing::Control(c));
                 }
                 Entry::Recovery(mut events) => {
@@ -321,7 +372,7 @@ mod tests {
             out.clear();
             q.drain_into(&mut out, 4);
             seen.extend(out.iter().map(|o| match o {
-                Outgoing::Publication(p) => (p.room_id.0, p.number),
+                Outgoing::Publication(p) | Outgoing::Delta(p) => (p.room_id.0, p.number),
                 Outgoing::Control(_) => (0, 0),
             }));
         }
@@ -346,10 +397,76 @@ mod tests {
         q.drain_into(&mut out, usize::MAX);
         out.into_iter()
             .filter_map(|o| match o {
-                Outgoing::Publication(p) => Some((p.room_id.0, p.kind, p.number)),
+                Outgoing::Publication(p) | Outgoing::Delta(p) => Some((p.room_id.0, p.kind, p.number)),
                 Outgoing::Control(_) => None,
             })
             .collect()
+    }
+
+    /// Two consecutive states big enough for deltas, the second based on the first.
+    fn big_states(room: u64, from: u64, to: u64) -> Vec<Arc<Publication>> {
+        let mut out: Vec<Arc<Publication>> = Vec::new();
+        for v in from..=to {
+            let data = JsonData::parse(format!("[{}]", vec![v.to_string(); 600].join(",")).as_bytes()).expect("json");
+            let name = RoomName::parse(&format!("r{room}")).expect("room");
+            let now = Now {
+                unix_ms: 0,
+                instant: Instant::now(),
+            };
+            let p = Publication::new(RoomId(room), name, Kind::State, v, None, &data, now).with_delta_base(out.last());
+            out.push(Arc::new(p));
+        }
+        out
+    }
+
+    fn kinds(q: &mut ConnectionQueue) -> Vec<(&'static str, u64)> {
+        let mut out = Vec::new();
+        q.drain_into(&mut out, usize::MAX);
+        out.into_iter()
+            .map(|o| match o {
+                Outgoing::Publication(p) => ("whole", p.number),
+                Outgoing::Delta(p) => ("delta", p.number),
+                Outgoing::Control(_) => ("control", 0),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn states_go_as_deltas_only_against_the_version_last_handed_since_subscribed() {
+        let states = big_states(1, 1, 5);
+        let subscribed = || ServerControl::Subscribed {
+            room: RoomName::parse("r1").expect("room"),
+            room_id: RoomId(1),
+            epoch: "e".into(),
+            version: 0,
+            seq: 0,
+            recovered: None,
+            request: None,
+        };
+        let mut q = ConnectionQueue::new(QueueLimits::default());
+        q.want_deltas(RoomId(1), true);
+        q.push_control(subscribed());
+        q.push_state(&states[0]);
+        assert_eq!(kinds(&mut q), [("control", 0), ("whole", 1)]);
+        q.push_state(&states[1]);
+        assert_eq!(kinds(&mut q), [("delta", 2)]);
+        // Conflated: 3 replaced by 4, whose base (3) the connection never had.
+        q.push_state(&states[2]);
+        q.push_state(&states[3]);
+        assert_eq!(kinds(&mut q), [("whole", 4)]);
+        // A `subscribed` (a notice, or a resubscribe) resets the base on both sides.
+        q.push_control(subscribed());
+        q.push_state(&states[4]);
+        assert_eq!(kinds(&mut q), [("control", 0), ("whole", 5)]);
+        // Without deltas, or after the room was left, states go whole.
+        let mut plain = ConnectionQueue::new(QueueLimits::default());
+        plain.push_state(&states[0]);
+        plain.push_state(&states[1]);
+        plain.drain_into(&mut Vec::new(), 1);
+        plain.push_state(&states[2]);
+        assert!(kinds(&mut plain).iter().all(|(k, _)| *k != "delta"));
+        q.purge_room(RoomId(1));
+        assert!(!q.sends_as_delta(&states[4]));
     }
 
     #[test]

@@ -137,6 +137,11 @@ impl DatagramRepair {
         }
     }
 
+    /// Whether a state of `room` went as a datagram that the client has not acknowledged yet.
+    pub fn is_pending(&self, room: RoomId) -> bool {
+        self.pending.contains_key(&room)
+    }
+
     /// The client left the room, or got its state reliably: stop repairing it.
     pub fn forget(&mut self, room: RoomId) {
         self.pending.remove(&room);

@@ -198,16 +198,17 @@ impl Room {
     }
 
     /// Builds the state publication (ingested at `ingest`) and keeps it as the room's state.
+    /// The state it replaces becomes its delta base (when it is large enough to have one), and
+    /// lets its own base go: the room holds at most two states.
     fn keep_state(&mut self, version: u64, data: &JsonData, ingest: Now, now: Now) -> Arc<Publication> {
-        let publication = Arc::new(Publication::new(
-            self.id,
-            self.name.clone(),
-            Kind::State,
-            version,
-            None,
-            data,
-            ingest,
-        ));
+        let previous = self.state.take();
+        if let Some(previous) = &previous {
+            previous.release_delta_base();
+        }
+        let publication = Arc::new(
+            Publication::new(self.id, self.name.clone(), Kind::State, version, None, data, ingest)
+                .with_delta_base(previous.as_ref()),
+        );
         self.state = Some(publication.clone());
         self.last_publish_ms = now.unix_ms;
         publication

@@ -28,6 +28,8 @@ pub mod message_type {
     pub const STATE: u8 = 0x20;
     pub const EVENT: u8 = 0x21;
     pub const ALIASED_STATE: u8 = 0x22;
+    pub const DELTA: u8 = 0x23;
+    pub const ALIASED_DELTA: u8 = 0x24;
 }
 
 /// Most acknowledgements one `acks` message may carry (a session holds at most 256 rooms).
@@ -44,6 +46,10 @@ pub struct SubscribeBody<'a> {
     /// A trailing optional field (added later; a message may end before it): not serde's.
     #[serde(skip)]
     pub id: Option<u64>,
+    /// A second trailing optional field, after `id`: the delta format the client takes
+    /// (`"fossil"`). A message with it carries `id` too (`00` when absent).
+    #[serde(skip)]
+    pub delta: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +84,27 @@ pub struct AliasedStateBody<'a> {
     pub version: u64,
     pub ts: u64,
     pub data: &'a str,
+}
+
+/// A state as a fossil delta against the version `base` (`0x23`, on the stream).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaBody<'a> {
+    pub room: &'a str,
+    pub version: u64,
+    pub base: u64,
+    pub ts: u64,
+    /// The fossil delta, as text.
+    pub delta: &'a str,
+}
+
+/// A delta datagram naming its room by alias (`0x24`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AliasedDeltaBody<'a> {
+    pub alias: u64,
+    pub version: u64,
+    pub base: u64,
+    pub ts: u64,
+    pub delta: &'a str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,6 +184,8 @@ pub enum ServerMessage<'a> {
     Alias(AliasBody<'a>),
     AliasedState(AliasedStateBody<'a>),
     Authed(AuthedBody<'a>),
+    Delta(DeltaBody<'a>),
+    AliasedDelta(AliasedDeltaBody<'a>),
 }
 
 /// `0x06 auth`: the token.
@@ -210,6 +239,12 @@ impl ServerMessage<'_> {
             Self::Alias(b) => json!({"type": "alias", "room": b.room, "alias": b.alias}),
             Self::AliasedState(b) => {
                 json!({"type": "state", "alias": b.alias, "version": b.version, "ts": b.ts, "data": b.data})
+            }
+            Self::Delta(b) => {
+                json!({"type": "delta", "room": b.room, "version": b.version, "base": b.base, "ts": b.ts, "delta": b.delta})
+            }
+            Self::AliasedDelta(b) => {
+                json!({"type": "delta", "alias": b.alias, "version": b.version, "base": b.base, "ts": b.ts, "delta": b.delta})
             }
         }
     }
@@ -289,6 +324,34 @@ pub fn encode_aliased_state(alias: u64, version: u64, ts: u64, data: &str) -> By
     )
 }
 
+/// Encodes a state as a delta against version `base` (`0x23`, for the control stream).
+pub fn encode_delta(room: &RoomName, version: u64, base: u64, ts: u64, delta: &str) -> Bytes {
+    encode(
+        message_type::DELTA,
+        &DeltaBody {
+            room: room.as_str(),
+            version,
+            base,
+            ts,
+            delta,
+        },
+    )
+}
+
+/// Encodes a delta as a datagram names it (`0x24`): the room's alias, version, base, ts, delta.
+pub fn encode_aliased_delta(alias: u64, version: u64, base: u64, ts: u64, delta: &str) -> Bytes {
+    encode(
+        message_type::ALIASED_DELTA,
+        &AliasedDeltaBody {
+            alias,
+            version,
+            base,
+            ts,
+            delta,
+        },
+    )
+}
+
 /// Encodes the `alias` notice: from now on, `alias` in this session's datagrams means `room`.
 pub fn encode_alias(room: &RoomName, alias: u64) -> Bytes {
     encode(
@@ -351,12 +414,25 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMessage, CommandError> {
     };
     match kind {
         message_type::SUBSCRIBE => {
-            let (b, request): (SubscribeBody<'_>, _) = decode_with_id(body)?;
+            let (b, rest): (SubscribeBody<'_>, _) =
+                postcard::take_from_bytes(body).map_err(|e| CommandError::Malformed(e.to_string()))?;
+            let (request, delta) = match rest {
+                [] => (None, None),
+                _ => {
+                    let (request, rest): (Option<u64>, _) =
+                        postcard::take_from_bytes(rest).map_err(|e| CommandError::Malformed(e.to_string()))?;
+                    match rest {
+                        [] => (request, None),
+                        _ => (request, decode::<Option<&str>>(rest)?),
+                    }
+                }
+            };
             Ok(ClientMessage::Command(ClientCommand::Subscribe {
                 room: RoomName::parse(b.room)?,
                 since: b.since,
                 epoch: b.epoch.map(str::to_string),
                 request,
+                delta: super::protocol::delta_format(delta)?,
             }))
         }
         message_type::UNSUBSCRIBE => {
@@ -403,16 +479,23 @@ pub fn encode_client(message: &ClientMessage) -> Bytes {
             since,
             epoch,
             request,
-        }) => encode_with_id(
-            message_type::SUBSCRIBE,
-            &SubscribeBody {
+            delta,
+        }) => {
+            let body = SubscribeBody {
                 room: room.as_str(),
                 since: *since,
                 epoch: epoch.as_deref(),
                 id: None,
-            },
-            *request,
-        ),
+                delta: None,
+            };
+            if !*delta {
+                return encode_with_id(message_type::SUBSCRIBE, &body, *request);
+            }
+            let mut out = encode(message_type::SUBSCRIBE, &body).to_vec();
+            postcard::to_io(request, &mut out).ok();
+            postcard::to_io(&Some(super::delta::FORMAT), &mut out).ok();
+            Bytes::from(out)
+        }
         ClientMessage::Command(ClientCommand::Unsubscribe { room }) => {
             encode(message_type::UNSUBSCRIBE, &RoomBody { room: room.as_str() })
         }
@@ -453,6 +536,8 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMessage<'_>, CommandError> {
         message_type::ALIAS => ServerMessage::Alias(decode(body)?),
         message_type::ALIASED_STATE => ServerMessage::AliasedState(decode(body)?),
         message_type::AUTHED => ServerMessage::Authed(decode(body)?),
+        message_type::DELTA => ServerMessage::Delta(decode(body)?),
+        message_type::ALIASED_DELTA => ServerMessage::AliasedDelta(decode(body)?),
         other => return Err(CommandError::UnknownType(format!("0x{other:02x}"))),
     })
 }
@@ -543,6 +628,7 @@ mod tests {
     use crate::time::Now;
     use crate::ErrorCode;
     use serde_json::Value;
+    use std::sync::Arc;
     use std::time::Instant;
 
     fn hex(bytes: &[u8]) -> String {
@@ -578,6 +664,7 @@ mod tests {
                 since: opt_u("since"),
                 epoch: opt_s("epoch").map(str::to_string),
                 request: opt_u("id"),
+                delta: opt_s("delta") == Some("fossil"),
             })),
             "unsubscribe" => encode_client(&ClientMessage::Command(ClientCommand::Unsubscribe {
                 room: room(s(m, "room")),
@@ -637,6 +724,24 @@ mod tests {
             }
             "close" => encode_close(u(m, "code") as u16, s(m, "reason")),
             "alias" => encode_alias(&room(s(m, "room")), u(m, "alias")),
+            "delta" => {
+                let (base, target) = fossil_pair_of(s(m, "delta"));
+                let (base, target) = delta_pair(&base, &target, u(m, "base"), u(m, "version"), u(m, "ts"));
+                let delta = target.delta().expect("the vector's state goes as a delta");
+                assert_eq!(delta.base, base.number());
+                assert_eq!(
+                    delta.wire_message(),
+                    &encode_delta(&target.room, target.number(), delta.base, target.ts_ms, s(m, "delta"))
+                );
+                match m.get("alias") {
+                    Some(alias) => {
+                        assert_eq!(alias.as_u64(), Some(target.room_id.0));
+                        assert_eq!(delta.session0_datagram()[1..], delta.aliased_message()[..]);
+                        delta.aliased_message().clone()
+                    }
+                    None => delta.wire_message().clone(),
+                }
+            }
             "state" if m.get("alias").is_some() => {
                 encode_aliased_state(u(m, "alias"), u(m, "version"), u(m, "ts"), s(m, "data"))
             }
@@ -673,8 +778,12 @@ mod tests {
                     since,
                     epoch,
                     request,
+                    delta,
                 }) => {
                     let mut v = json!({"type": "subscribe", "room": room.as_str()});
+                    if delta {
+                        v["delta"] = "fossil".into();
+                    }
                     if let Some(since) = since {
                         v["since"] = since.into();
                     }
@@ -757,10 +866,97 @@ mod tests {
         }
     }
 
+    /// The base and target texts of the vector in `fossil` named `name`.
+    fn fossil_pair(name: &str) -> (String, String) {
+        fossil_where("name", name)
+    }
+
+    /// The base and target texts of the vector in `fossil` whose delta is `delta`.
+    fn fossil_pair_of(delta: &str) -> (String, String) {
+        fossil_where("delta", delta)
+    }
+
+    fn fossil_where(key: &str, value: &str) -> (String, String) {
+        let vectors = vectors();
+        let v = vectors["fossil"]
+            .as_array()
+            .expect("fossil vectors")
+            .iter()
+            .find(|v| v[key] == value)
+            .unwrap_or_else(|| panic!("no fossil vector with {key} {value}"));
+        (s(v, "base").to_string(), s(v, "target").to_string())
+    }
+
+    /// Two consecutive states of the room `bracket:77` (alias 17), the second with the first as
+    /// its delta base, as a room makes them.
+    fn delta_pair(
+        base: &str,
+        target: &str,
+        base_version: u64,
+        version: u64,
+        ts: u64,
+    ) -> (Arc<Publication>, Publication) {
+        let now = |ms| Now {
+            unix_ms: ms,
+            instant: Instant::now(),
+        };
+        let data = |text: &str| JsonData::parse(text.as_bytes()).expect("json");
+        let name = room("bracket:77");
+        let first = Arc::new(Publication::new(
+            RoomId(17),
+            name.clone(),
+            Kind::State,
+            base_version,
+            None,
+            &data(base),
+            now(ts),
+        ));
+        let second = Publication::new(RoomId(17), name, Kind::State, version, None, &data(target), now(ts))
+            .with_delta_base(Some(&first));
+        (first, second)
+    }
+
+    #[test]
+    fn fossil_deltas_match_the_shared_test_vectors() {
+        let vectors = vectors();
+        for v in vectors["fossil"].as_array().expect("fossil vectors") {
+            let (base, target, delta) = (s(v, "base"), s(v, "target"), s(v, "delta"));
+            assert_eq!(
+                String::from_utf8(crate::delta::create(base.as_bytes(), target.as_bytes())).expect("utf-8"),
+                delta,
+                "{}",
+                s(v, "name")
+            );
+            let applied = crate::delta::apply(base.as_bytes(), delta.as_bytes(), 1 << 20).expect("applies");
+            assert_eq!(applied, target.as_bytes(), "{}", s(v, "name"));
+        }
+        for v in vectors["fossil_bad"].as_array().expect("bad fossil vectors") {
+            let applied = crate::delta::apply(s(v, "base").as_bytes(), s(v, "delta").as_bytes(), 1 << 20);
+            assert_eq!(
+                applied.map_err(|e| e.to_string()),
+                Err(s(v, "error").to_string()),
+                "{}",
+                s(v, "name")
+            );
+        }
+    }
+
     /// Builds the server's WebSocket frame for a vector's fields (the parsed `text`).
     fn websocket_frame(text: &str, parsed: &Value) -> String {
         let opt_room = |key: &str| parsed[key].as_str().map(room);
         match s(parsed, "type") {
+            "delta" => {
+                let vector = vectors()["websocket"]
+                    .as_array()
+                    .expect("websocket vectors")
+                    .iter()
+                    .find(|v| v["text"] == text)
+                    .cloned()
+                    .expect("the vector");
+                let (base, target) = fossil_pair(s(&vector, "fossil"));
+                let (_, target) = delta_pair(&base, &target, u(parsed, "base"), u(parsed, "version"), u(parsed, "ts"));
+                target.delta().expect("a delta").json_frame().to_string()
+            }
             kind @ ("state" | "event") => {
                 let (kind, number) = if kind == "state" {
                     (Kind::State, u(parsed, "version"))
@@ -884,12 +1080,45 @@ mod tests {
                 since: None,
                 epoch: None,
                 id: None,
+                delta: None,
             },
         );
-        // A subscribe whose trailing id is cut short, or followed by more bytes, is malformed.
+        // A subscribe whose trailing id is cut short, or whose delta format (after the id) is
+        // cut short, unknown or followed by more bytes, is malformed.
         let cut = [message_type::SUBSCRIBE, 0x01, b'a', 0x00, 0x00, 0x01];
         assert_eq!(decode_client(&cut).map_err(|e| e.code()), Err(ErrorCode::BadRequest));
-        let trailing = [message_type::SUBSCRIBE, 0x01, b'a', 0x00, 0x00, 0x01, 0x07, 0x00];
+        let no_delta = [message_type::SUBSCRIBE, 0x01, b'a', 0x00, 0x00, 0x01, 0x07, 0x00];
+        assert!(matches!(
+            decode_client(&no_delta),
+            Ok(ClientMessage::Command(ClientCommand::Subscribe {
+                delta: false,
+                request: Some(7),
+                ..
+            }))
+        ));
+        let cut_delta = [message_type::SUBSCRIBE, 0x01, b'a', 0x00, 0x00, 0x00, 0x01, 0x06, b'f'];
+        assert_eq!(
+            decode_client(&cut_delta).map_err(|e| e.code()),
+            Err(ErrorCode::BadRequest)
+        );
+        let other_format = [
+            message_type::SUBSCRIBE,
+            0x01,
+            b'a',
+            0x00,
+            0x00,
+            0x00,
+            0x01,
+            0x03,
+            b'z',
+            b'i',
+            b'p',
+        ];
+        assert_eq!(
+            decode_client(&other_format).map_err(|e| e.code()),
+            Err(ErrorCode::BadRequest)
+        );
+        let trailing = [message_type::SUBSCRIBE, 0x01, b'a', 0x00, 0x00, 0x01, 0x07, 0x00, 0x00];
         assert_eq!(
             decode_client(&trailing).map_err(|e| e.code()),
             Err(ErrorCode::BadRequest)

@@ -654,7 +654,8 @@ impl Hub {
     }
 
     /// Adds `subscriber` to the room and queues, in order: `subscribed` (with the request's
-    /// `id`), the current state, and
+    /// `id`), the current state (whole: `delta` says whether the states after it may go as
+    /// deltas), and
     /// the events recovered after `since` (one queue entry, handed out in pieces: however much
     /// history the room keeps, it is delivered), if they fit `max_recovery_bytes`. Subscribing
     /// again re-sends all of it. Returns the bytes of events recovered.
@@ -666,6 +667,7 @@ impl Hub {
         since: Option<u64>,
         epoch: Option<&str>,
         request: Option<u64>,
+        delta: bool,
         max_recovery_bytes: usize,
         now_ms: u64,
     ) -> Result<usize, HubError> {
@@ -681,6 +683,7 @@ impl Hub {
             let mut tally = FanoutTally::default();
             let mut queue = subscriber.queue();
             let was_empty = queue.is_empty();
+            queue.want_deltas(entry.room.id(), delta);
             tally.add(queue.push_control(snapshot.subscribed));
             if let Some(state) = &snapshot.state {
                 tally.add(queue.push_state(state));
@@ -878,6 +881,7 @@ mod tests {
         out.into_iter()
             .map(|o| match o {
                 Outgoing::Publication(p) => p.json_frame().to_string(),
+                Outgoing::Delta(p) => p.json_frame_or_delta(true).to_string(),
                 Outgoing::Control(c) => c.to_json().to_string(),
             })
             .collect()
@@ -891,7 +895,7 @@ mod tests {
         let subscribers: Vec<_> = (0..5).map(|_| hub.new_subscriber(Transport::WebSocket)).collect();
         let join = |name: &str, who: &[usize]| {
             for &i in who {
-                hub.subscribe(&room(name), &subscribers[i], None, None, None, usize::MAX, 0)
+                hub.subscribe(&room(name), &subscribers[i], None, None, None, false, usize::MAX, 0)
                     .expect("subscribe");
             }
         };
@@ -924,7 +928,7 @@ mod tests {
         let hub = hub(HubConfig::default());
         let subscribers: Vec<_> = (0..2055).map(|_| hub.new_subscriber(Transport::WebSocket)).collect();
         for s in &subscribers {
-            hub.subscribe(&room("game:big"), s, None, None, None, usize::MAX, 0)
+            hub.subscribe(&room("game:big"), s, None, None, None, false, usize::MAX, 0)
                 .expect("subscribe");
             drain(s);
         }
@@ -951,9 +955,9 @@ mod tests {
             hub.new_subscriber(Transport::WebSocket),
             hub.new_subscriber(Transport::WebTransport),
         );
-        hub.subscribe(&room("game:1"), &a, None, None, None, usize::MAX, 0)
+        hub.subscribe(&room("game:1"), &a, None, None, None, false, usize::MAX, 0)
             .expect("subscribe");
-        hub.subscribe(&room("game:1"), &b, None, None, None, usize::MAX, 0)
+        hub.subscribe(&room("game:1"), &b, None, None, None, false, usize::MAX, 0)
             .expect("subscribe");
         drain(&a);
         drain(&b);
@@ -970,6 +974,107 @@ mod tests {
         }
     }
 
+    /// A bracket-sized JSON state whose one match's score is `score`.
+    fn bracket(score: u32) -> String {
+        let matches: Vec<String> = (0..40)
+            .map(|i| {
+                let s = if i == 7 { score } else { i };
+                format!(
+                    r#"{{"id":{i},"opponent1":{{"id":{i},"score":{s}}},"opponent2":{{"id":{},"score":0}},"status":2}}"#,
+                    i + 40
+                )
+            })
+            .collect();
+        format!(r#"{{"match":[{}]}}"#, matches.join(","))
+    }
+
+    /// Every delta subscriber at the previous version gets the same delta, made once for the
+    /// publish; a subscriber that asked for none, one that joined just now, and one whose queue
+    /// conflated two versions get the whole state; a state below the threshold never has one.
+    #[test]
+    fn a_delta_is_made_once_per_publish_and_goes_only_to_subscribers_at_its_base() {
+        let hub = hub(HubConfig::default());
+        let r = room("bracket:1");
+        hub.publish(&r, Kind::State, &data(&bracket(1)), now())
+            .expect("publish");
+        let delta_subscribers: Vec<_> = (0..3).map(|_| hub.new_subscriber(Transport::WebSocket)).collect();
+        let plain = hub.new_subscriber(Transport::WebSocket);
+        for s in &delta_subscribers {
+            hub.subscribe(&r, s, None, None, None, true, usize::MAX, 0)
+                .expect("subscribe");
+        }
+        hub.subscribe(&r, &plain, None, None, None, false, usize::MAX, 0)
+            .expect("subscribe");
+        for s in delta_subscribers.iter().chain([&plain]) {
+            let frames = drain(s);
+            assert!(frames[1].starts_with(r#"{"type":"state""#), "the join state is whole");
+        }
+        hub.publish(&r, Kind::State, &data(&bracket(2)), now())
+            .expect("publish");
+        let mut deltas = Vec::new();
+        for s in &delta_subscribers {
+            let mut out = Vec::new();
+            s.drain_into(&mut out, 10);
+            match &out[..] {
+                [Outgoing::Delta(p)] => deltas.push(p.clone()),
+                other => panic!("expected a delta, got {other:?}"),
+            }
+        }
+        let made = deltas[0].delta().expect("smaller than the state") as *const _;
+        for p in &deltas {
+            assert!(Arc::ptr_eq(p, &deltas[0]), "one publication");
+            assert_eq!(p.delta().expect("delta") as *const _, made, "one delta, made once");
+        }
+        let frame = deltas[0].json_frame_or_delta(true);
+        assert!(
+            frame.starts_with(r#"{"type":"delta","room":"bracket:1","version":2,"base":1,"#),
+            "{frame}"
+        );
+        assert!(frame.len() < bracket(2).len() / 4);
+        assert!(drain(&plain)[0].starts_with(r#"{"type":"state""#));
+        // A late joiner gets the whole state, then deltas.
+        let late = hub.new_subscriber(Transport::WebSocket);
+        hub.subscribe(&r, &late, None, None, None, true, usize::MAX, 0)
+            .expect("subscribe");
+        assert!(drain(&late)[1].starts_with(r#"{"type":"state","room":"bracket:1","version":2"#));
+        // A slow reader whose queue conflated 3 into 4 holds 2: it gets 4 whole.
+        let slow = &delta_subscribers[0];
+        hub.publish(&r, Kind::State, &data(&bracket(3)), now())
+            .expect("publish");
+        drain(&delta_subscribers[1]);
+        hub.publish(&r, Kind::State, &data(&bracket(4)), now())
+            .expect("publish");
+        let frames = drain(slow);
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].starts_with(r#"{"type":"state","room":"bracket:1","version":4"#));
+        assert!(
+            drain(&delta_subscribers[1])[0].starts_with(r#"{"type":"delta","room":"bracket:1","version":4,"base":3,"#)
+        );
+        assert!(drain(&late)[0].starts_with(r#"{"type":"state","room":"bracket:1","version":4"#));
+        // A notice (`subscribed`) starts the room afresh: the next state is whole.
+        hub.subscribe(&r, slow, None, None, None, true, usize::MAX, 0)
+            .expect("subscribe");
+        drain(slow);
+        hub.publish(&r, Kind::State, &data(&bracket(5)), now())
+            .expect("publish");
+        assert!(drain(slow)[0].starts_with(r#"{"type":"delta","room":"bracket:1","version":5,"base":4,"#));
+        // Small states: no base kept, no delta.
+        let small = room("game:1");
+        hub.publish(&small, Kind::State, &data(r#"{"home":1}"#), now())
+            .expect("publish");
+        hub.subscribe(&small, slow, None, None, None, true, usize::MAX, 0)
+            .expect("subscribe");
+        drain(slow);
+        hub.publish(&small, Kind::State, &data(r#"{"home":2}"#), now())
+            .expect("publish");
+        let mut out = Vec::new();
+        slow.drain_into(&mut out, 10);
+        match &out[..] {
+            [Outgoing::Publication(p)] => assert_eq!(p.delta_base(), None),
+            other => panic!("expected a whole state, got {other:?}"),
+        }
+    }
+
     /// After an empty restart the history can have holes that publishers fill later: the resume
     /// takes the events up to the first hole and says where it stopped.
     #[test]
@@ -978,7 +1083,7 @@ mod tests {
         let r = room("bracket:4");
         hub.ensure_room(&r, "E", 0).expect("room");
         let s = hub.new_subscriber(Transport::WebSocket);
-        hub.subscribe(&r, &s, None, None, Some(1), usize::MAX, 0)
+        hub.subscribe(&r, &s, None, None, Some(1), false, usize::MAX, 0)
             .expect("subscribe");
         hub.apply_remote(&r, &remote("E", Kind::Event, 1, 11, "1"), now());
         hub.publish_provisional(&r, Kind::Event, &data("\"a\""), now(), "L".into(), Some(EventId(21)));
@@ -1028,7 +1133,7 @@ mod tests {
         let r = room("game:own");
         let s = hub.new_subscriber(Transport::WebSocket);
         hub.ensure_room(&r, "E", 0).expect("room");
-        hub.subscribe(&r, &s, None, None, None, usize::MAX, 0)
+        hub.subscribe(&r, &s, None, None, None, false, usize::MAX, 0)
             .expect("subscribe");
         drain(&s);
         hub.apply_remote(&r, &remote("E", Kind::Event, 1, 11, "1"), now());
@@ -1051,7 +1156,7 @@ mod tests {
         let r = room("game:gap");
         let s = hub.new_subscriber(Transport::WebSocket);
         hub.ensure_room(&r, "E", 0).expect("room");
-        hub.subscribe(&r, &s, None, None, None, usize::MAX, 0)
+        hub.subscribe(&r, &s, None, None, None, false, usize::MAX, 0)
             .expect("subscribe");
         drain(&s);
         assert_eq!(
@@ -1131,7 +1236,7 @@ mod tests {
         let r = room("bracket:3");
         hub.ensure_room(&r, "E", 0).expect("room");
         let s = hub.new_subscriber(Transport::WebSocket);
-        hub.subscribe(&r, &s, None, None, Some(1), usize::MAX, 0)
+        hub.subscribe(&r, &s, None, None, Some(1), false, usize::MAX, 0)
             .expect("subscribe");
         hub.apply_remote(&r, &remote("E", Kind::Event, 1, 11, "1"), now());
         drain(&s);
@@ -1162,7 +1267,7 @@ mod tests {
         hub.apply_remote(&r, &remote("E", Kind::Event, 5, 51, "\"d\""), now());
         assert_eq!(summary(&drain(&s)), ["event \"d\" 5"]);
         let late = hub.new_subscriber(Transport::WebSocket);
-        hub.subscribe(&r, &late, Some(1), Some("E"), None, usize::MAX, 0)
+        hub.subscribe(&r, &late, Some(1), Some("E"), None, false, usize::MAX, 0)
             .expect("subscribe");
         let recovered = summary(&drain(&late));
         assert_eq!(
@@ -1186,7 +1291,7 @@ mod tests {
         hub.publish(&r, Kind::Event, &data("\"a\""), now()).expect("publish");
         hub.publish(&r, Kind::Event, &data("\"b\""), now()).expect("publish");
         let s = hub.new_subscriber(Transport::WebSocket);
-        hub.subscribe(&r, &s, Some(1), None, None, usize::MAX, 1_000)
+        hub.subscribe(&r, &s, Some(1), None, None, false, usize::MAX, 1_000)
             .expect("subscribe");
         let frames = drain(&s);
         assert_eq!(frames.len(), 3);
@@ -1202,7 +1307,7 @@ mod tests {
     fn rooms_live_while_they_have_subscribers_or_data() {
         let hub = hub(HubConfig::default());
         let s = hub.new_subscriber(Transport::WebSocket);
-        hub.subscribe(&room("a"), &s, None, None, None, usize::MAX, 0)
+        hub.subscribe(&room("a"), &s, None, None, None, false, usize::MAX, 0)
             .expect("subscribe");
         assert_eq!(hub.room_count(), 1);
         hub.unsubscribe(&room("a"), &s);
@@ -1222,11 +1327,11 @@ mod tests {
     fn a_recreated_room_has_a_new_epoch() {
         let hub = hub(HubConfig::default());
         let s = hub.new_subscriber(Transport::WebSocket);
-        hub.subscribe(&room("a"), &s, None, None, None, usize::MAX, 0)
+        hub.subscribe(&room("a"), &s, None, None, None, false, usize::MAX, 0)
             .expect("subscribe");
         let first = hub.room_info(&room("a")).map(|i| i.epoch);
         hub.unsubscribe(&room("a"), &s);
-        hub.subscribe(&room("a"), &s, None, None, None, usize::MAX, 0)
+        hub.subscribe(&room("a"), &s, None, None, None, false, usize::MAX, 0)
             .expect("subscribe");
         let second = hub.room_info(&room("a")).map(|i| i.epoch);
         assert!(first.is_some() && second.is_some() && first != second);
@@ -1247,10 +1352,10 @@ mod tests {
         assert!(hub.publish(&room("a"), Kind::State, &data("2"), now()).is_ok());
         // Subscribers fill their own budget: a new invented name is refused to them.
         let s = hub.new_subscriber(Transport::WebSocket);
-        hub.subscribe(&room("x"), &s, None, None, None, usize::MAX, 0)
+        hub.subscribe(&room("x"), &s, None, None, None, false, usize::MAX, 0)
             .expect("subscribe");
         assert_eq!(
-            hub.subscribe(&room("y"), &s, None, None, None, usize::MAX, 0),
+            hub.subscribe(&room("y"), &s, None, None, None, false, usize::MAX, 0),
             Err(HubError::RoomLimit(1))
         );
     }
@@ -1263,7 +1368,7 @@ mod tests {
         });
         let s = other.new_subscriber(Transport::WebSocket);
         other
-            .subscribe(&room("invented"), &s, None, None, None, usize::MAX, 0)
+            .subscribe(&room("invented"), &s, None, None, None, false, usize::MAX, 0)
             .expect("subscribe");
         assert!(other.publish(&room("b"), Kind::State, &data("1"), now()).is_ok());
         assert!(other.publish(&room("invented"), Kind::Event, &data("1"), now()).is_ok());
@@ -1271,7 +1376,7 @@ mod tests {
         // A room keeps its budget while it retains data, subscribers or not.
         other.unsubscribe(&room("invented"), &s);
         assert_eq!(
-            other.subscribe(&room("z"), &s, None, None, None, usize::MAX, 0),
+            other.subscribe(&room("z"), &s, None, None, None, false, usize::MAX, 0),
             Err(HubError::RoomLimit(1))
         );
     }
@@ -1291,9 +1396,9 @@ mod tests {
             hub.new_subscriber(Transport::WebSocket),
             hub.new_subscriber(Transport::WebSocket),
         );
-        hub.subscribe(&r, &slow, None, None, None, usize::MAX, 0)
+        hub.subscribe(&r, &slow, None, None, None, false, usize::MAX, 0)
             .expect("subscribe");
-        hub.subscribe(&r, &fast, None, None, None, usize::MAX, 0)
+        hub.subscribe(&r, &fast, None, None, None, false, usize::MAX, 0)
             .expect("subscribe");
         drain(&slow);
         drain(&fast);

@@ -49,8 +49,9 @@ impl Wake {
 /// waking the connection's task (set by the WebSocket transport). Only tried when the queue
 /// is idle, so it never overtakes a queued message.
 pub trait DirectWrite: Send + Sync + std::fmt::Debug {
-    /// Writes `publication` now if the socket takes it without waiting.
-    fn write_now(&self, publication: &Publication) -> Direct;
+    /// Writes `publication` now if the socket takes it without waiting: as its delta
+    /// (`Publication::delta`, or whole when it has none) when `as_delta`.
+    fn write_now(&self, publication: &Publication, as_delta: bool) -> Direct;
 }
 
 /// What a direct write did.
@@ -168,7 +169,12 @@ impl Subscriber {
             .filter(|_| allow_direct && self.direct_on.load(Ordering::Acquire));
         if let Some(direct) = direct {
             if queue.is_idle() {
-                match direct.write_now(publication) {
+                let as_delta = queue.sends_as_delta(publication);
+                let written = direct.write_now(publication, as_delta);
+                if written != Direct::NotNow {
+                    queue.handed(publication);
+                }
+                match written {
                     Direct::Written => return Offered::Written,
                     Direct::Partly => {
                         drop(queue);

@@ -114,10 +114,20 @@ impl<'a> TextFrame<'a> {
 }
 
 impl SharedSocket {
-    /// The frame `publication` goes as on this connection: its compressed payload if deflate
-    /// was negotiated and the frame is at least the threshold (compressed once per publication,
-    /// for every subscriber), else its JSON.
-    fn frame_of<'a>(&self, publication: &'a Publication) -> TextFrame<'a> {
+    /// The frame `publication` goes as on this connection: its delta's when `as_delta` and it
+    /// has one (docs/PROTOCOL.md, "Delta states"); its compressed payload if deflate was
+    /// negotiated and the frame is at least the threshold (compressed once per publication, or
+    /// per delta, for every subscriber), else its JSON.
+    fn frame_of<'a>(&self, publication: &'a Publication, as_delta: bool) -> TextFrame<'a> {
+        if let Some(delta) = as_delta.then(|| publication.delta()).flatten() {
+            return match self.deflate_from.and_then(|threshold| delta.deflated_frame(threshold)) {
+                Some(payload) => TextFrame {
+                    payload,
+                    deflated: true,
+                },
+                None => TextFrame::plain(delta.json_frame().as_bytes()),
+            };
+        }
         match self
             .deflate_from
             .and_then(|threshold| publication.deflated_frame(threshold))
@@ -358,7 +368,7 @@ fn inflate_refusal(error: &io::Error) -> Option<&InflateRefusal> {
 }
 
 impl DirectWrite for SocketHandle {
-    fn write_now(&self, publication: &Publication) -> Direct {
+    fn write_now(&self, publication: &Publication, as_delta: bool) -> Direct {
         let shared = &self.0;
         let Ok(mut pending) = shared.pending.try_lock() else {
             return Direct::NotNow;
@@ -366,7 +376,7 @@ impl DirectWrite for SocketHandle {
         if !pending.is_empty() {
             return Direct::NotNow;
         }
-        match shared.writev_frames::<1>(&mut pending, &[shared.frame_of(publication)]) {
+        match shared.writev_frames::<1>(&mut pending, &[shared.frame_of(publication, as_delta)]) {
             Ok(1) if pending.is_empty() => Direct::Written,
             Ok(1) => Direct::Partly,
             Ok(_) | Err(_) => Direct::NotNow,
@@ -490,7 +500,7 @@ impl Wire for WebSocketWire {
             .iter()
             .filter_map(|item| match item {
                 Outgoing::Control(c) => Some(c.to_json()),
-                Outgoing::Publication(_) => None,
+                Outgoing::Publication(_) | Outgoing::Delta(_) => None,
             })
             .collect();
         let mut control_texts = controls.iter();
@@ -499,7 +509,8 @@ impl Wire for WebSocketWire {
         let payloads: Vec<TextFrame<'_>> = batch
             .iter()
             .filter_map(|item| match item {
-                Outgoing::Publication(p) => Some(socket.frame_of(p)),
+                Outgoing::Publication(p) => Some(socket.frame_of(p, false)),
+                Outgoing::Delta(p) => Some(socket.frame_of(p, true)),
                 Outgoing::Control(_) => control_texts.next().map(|t| TextFrame::plain(t.as_bytes())),
             })
             .collect();

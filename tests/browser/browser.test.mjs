@@ -575,3 +575,58 @@ test('a page on another origin imports the client from the edge and reaches WebT
   const refusedOutcome = await refused.evaluate(() => window.outcome);
   assert.match(refusedOutcome.error ?? '', /TypeError/, JSON.stringify(refusedOutcome));
 });
+
+/** A bracket-sized state (over the 1,024-byte delta threshold) whose match `step % 40` changed. */
+function bracketState(step) {
+  const match = Array.from({ length: 40 }, (_, id) => ({
+    id, round_id: id >> 3, status: id === step % 40 ? 4 : 2,
+    opponent1: { id: id * 2, score: id === step % 40 ? 60 + step : null },
+    opponent2: { id: id * 2 + 1, score: id === step % 40 ? 50 + step : null },
+  }));
+  return { stage: [{ id: 0, name: 'Saturday Playoffs', type: 'single_elimination' }], match };
+}
+
+/** The room's state `data` as the server holds it, byte for byte (written before `last_seq`). */
+async function stateText(server, room) {
+  const body = await (await fetch(`http://${server.http}/v1/rooms/${room}`)).text();
+  return body.slice(body.indexOf('"data":') + 7, body.indexOf('},"last_seq"'));
+}
+
+for (const [transport, serverArgs, clientOptions] of [
+  ['webtransport', ['--wt-state-datagrams', 'always'], {}],
+  ['websocket', [], { transports: ['websocket'] }],
+]) {
+  test(`a delta subscriber in Chromium over ${transport} gets every state whole and ends on the room's state byte for byte`, async () => {
+    const server = await startServer(serverArgs);
+    const room = `bracket:${transport}`;
+    await publish(server, room, 'state', bracketState(0));
+    const browser = await launch();
+    const page = await browser.newPage();
+    await page.goto(`http://${server.http}/`);
+    await page.waitForFunction(() => window.courtside?.client, null, { timeout: HANG });
+    const used = await page.evaluate(async ({ room, options }) => {
+      const { connect, certHash, webtransportPort } = window.courtside;
+      window.states = [];
+      window.deltas = 0;
+      const client = await connect(location.origin, { certHash, webtransportPort, ...options });
+      const dispatch = client.dispatch.bind(client);
+      client.dispatch = (m, viaDatagram) => { if (m.type === 'delta') window.deltas += 1; dispatch(m, viaDatagram); };
+      client.subscribe(room, { delta: true, onState: (data, meta) => window.states.push({ version: meta.version, data }) });
+      window.deltaClient = client;
+      return client.transport;
+    }, { room, options: clientOptions });
+    assert.equal(used, transport);
+    for (let step = 1; step <= 15; step++) {
+      await page.waitForFunction((v) => window.states.at(-1)?.version >= v, step, { timeout: HANG });
+      await publish(server, room, 'state', bracketState(step));
+    }
+    await page.waitForFunction(() => window.states.at(-1)?.version >= 16, null, { timeout: HANG });
+    const { last, text, deltas } = await page.evaluate((room) => ({
+      last: window.states.at(-1), text: window.deltaClient.rooms.get(room).text, deltas: window.deltas,
+    }), room);
+    assert.deepEqual(last.data, bracketState(15));
+    assert.equal(text, await stateText(server, room));
+    assert.ok(deltas > 0, `deltas: ${deltas}`);
+    await page.evaluate(() => window.deltaClient.close());
+  });
+}

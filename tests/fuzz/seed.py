@@ -32,6 +32,12 @@ for vector in vectors["webtransport"]["framing"]:
     for split in (1, 3, 7, 255):
         add("webtransport_framing", bytes([split]) + stream)
 
+for vector in vectors["fossil"]:
+    base, target = vector["base"].encode(), vector["target"].encode()
+    add("fossil_delta", bytes([len(base) * 255 // max(1, len(base) + len(target))]) + base + target)
+for vector in vectors["fossil_bad"]:
+    add("fossil_delta", bytes([128]) + vector["base"].encode() + vector["delta"].encode())
+
 for body in [
     '{"home":42,"away":40}',
     '"semifinal"',

@@ -442,3 +442,35 @@ async fn a_compressed_message_inflates_to_64_kib_at_most() {
     compressed.send_frame(true, true, 1, &deflate(text.as_bytes())).await;
     assert_eq!(compressed.close_code().await, 1009);
 }
+
+/// Delta states on compressing connections (docs/PROTOCOL.md, "Delta states"): the join state
+/// goes compressed, a bracket's delta plain under the default threshold, and compressed (once,
+/// the same bytes for every deflate subscriber) when it reaches a lower one.
+#[tokio::test]
+async fn deltas_follow_the_compression_threshold_like_any_message() {
+    for (threshold, compressed) in [("1024", false), ("100", true)] {
+        let server = TestServer::start(&["--ws-compress-threshold", threshold]);
+        let mut a = RawClient::connect(&server, Some(BROWSER_OFFER)).await;
+        let mut b = RawClient::connect(&server, Some(BROWSER_OFFER)).await;
+        let mut plain = RawClient::connect(&server, None).await;
+        server.publish_state("bracket:9", &bracket(3)).await;
+        for client in [&mut a, &mut b, &mut plain] {
+            let command = json!({"type": "subscribe", "room": "bracket:9", "delta": "fossil"}).to_string();
+            client.send_frame(true, false, 1, command.as_bytes()).await;
+            assert_eq!(client.recv().await["type"], "subscribed");
+            assert_eq!(client.recv().await["type"], "state", "the join state is whole");
+        }
+        server.publish_state("bracket:9", &bracket(4)).await;
+        let (fa, fb, fp) = (a.text_frame().await, b.text_frame().await, plain.text_frame().await);
+        assert!(!fp.rsv1);
+        let delta: Value = serde_json::from_slice(&fp.payload).expect("JSON");
+        assert_eq!(
+            (delta["type"].as_str(), delta["base"].as_u64()),
+            (Some("delta"), Some(1))
+        );
+        assert_eq!((fa.rsv1, fb.rsv1), (compressed, compressed), "threshold {threshold}");
+        assert_eq!(fa.payload, fb.payload, "one payload for every deflate subscriber");
+        let text = if compressed { inflate(&fa.payload) } else { fa.payload };
+        assert_eq!(text, fp.payload, "the same delta frame");
+    }
+}

@@ -240,7 +240,8 @@ async fn publish_answer(server: &TestServer, room: &str, n: u64) -> (u16, Value)
         .await
 }
 
-async fn healthy(server: &TestServer) {
+/// Waits until the node is on Redis again with an empty outbox (its /health says so).
+pub(crate) async fn healthy(server: &TestServer) {
     eventually("the node is on redis with an empty outbox", || async {
         let (_, health) = server.get("/health").await;
         (health["registry"]["status"] == "ok" && health["registry"]["outbox"] == 0).then_some(())

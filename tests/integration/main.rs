@@ -14,6 +14,8 @@ mod config_errors;
 mod cors;
 /// Subscribing, publishing and receiving: states, events, recovery, slow consumers.
 mod delivery;
+/// Delta states: a bracket's changes as fossil deltas over both transports, under loss and across nodes.
+mod deltas;
 /// CloudWatch Embedded Metric Format documents on standard output.
 mod emf;
 /// Every accepted event exactly once across Redis and node failures, for a client that follows the docs.

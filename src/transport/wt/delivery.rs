@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use tracing::debug;
 
 use super::super::h3;
-use crate::core::publication::{Publication, RoomId};
+use crate::core::publication::{Publication, RoomId, StateDelta};
 use crate::core::repair::{DatagramRepair, RepairAction, RepairPolicy};
 use crate::core::routing::{Route, StateDatagrams, StateRouting};
 use crate::core::wire::{self, ClientMessage};
@@ -90,6 +90,9 @@ pub struct StateDelivery {
     /// The rooms whose alias (their `RoomId`) this session announced: a datagram names its
     /// room by alias only after the client was told it on the stream.
     aliases: Vec<(RoomId, RoomName)>,
+    /// The version of each room whose state went as a delta datagram last, so that its
+    /// repair resends the delta (the whole state may not fit a datagram).
+    delta_datagrams: std::collections::HashMap<RoomId, u64>,
 }
 
 impl StateDelivery {
@@ -102,6 +105,7 @@ impl StateDelivery {
             state_datagrams,
             repairs: Vec::new(),
             aliases: Vec::new(),
+            delta_datagrams: std::collections::HashMap::new(),
         }
     }
 
@@ -183,6 +187,7 @@ impl StateDelivery {
     fn left(&mut self, room: &RoomName) {
         if let Some(id) = self.alias_of(room) {
             self.repair.forget(id);
+            self.delta_datagrams.remove(&id);
             self.aliases.retain(|(other, _)| *other != id);
         }
     }
@@ -200,14 +205,33 @@ impl StateDelivery {
         datagram.freeze()
     }
 
+    /// A delta's datagram, as `datagram_of` makes a state's.
+    fn delta_datagram_of(&self, delta: &StateDelta) -> Bytes {
+        if self.prefix[..] == [0x00] {
+            return delta.session0_datagram().clone();
+        }
+        let message = delta.aliased_message();
+        let mut datagram = BytesMut::with_capacity(self.prefix.len() + message.len());
+        datagram.extend_from_slice(&self.prefix);
+        datagram.extend_from_slice(message);
+        datagram.freeze()
+    }
+
+    /// The delta that `p`'s repair resends, if it went as one.
+    fn repaired_delta<'p>(&self, p: &'p Publication) -> Option<&'p StateDelta> {
+        (self.delta_datagrams.get(&p.room_id) == Some(&p.number()))
+            .then(|| p.delta())
+            .flatten()
+    }
+
     /// Writes a batch: states as datagrams where `core::routing` says so and they fit, the rest
     /// framed into `out` for the control stream, in order.
     pub fn write_batch(&mut self, batch: &[Outgoing], out: &mut BytesMut, path: &mut impl DatagramPath, now: Instant) {
         // What only states need: each read of quinn's state takes its connection lock, and a
         // batch of events (most batches) needs none of it.
-        let has_state = batch
-            .iter()
-            .any(|item| matches!(item, Outgoing::Publication(p) if p.kind == Kind::State));
+        let has_state = batch.iter().any(|item| {
+            matches!(item, Outgoing::Publication(p) if p.kind == Kind::State) || matches!(item, Outgoing::Delta(_))
+        });
         if has_state && self.state_datagrams == StateDatagrams::AfterLoss {
             let lost = path.lost_packets();
             match self.routing.path_lost(lost, now) {
@@ -234,34 +258,67 @@ impl StateDelivery {
                         _ => {}
                     }
                 }
-                Outgoing::Publication(p) => {
-                    let message = p.wire_message();
-                    if p.kind != Kind::State {
-                        wire::put_frame(out, message);
-                        continue;
-                    }
-                    let datagram = max_datagram.map(|max| (max, self.datagram_of(p)));
-                    let fits = datagram.as_ref().is_some_and(|(max, d)| d.len() <= *max);
-                    if self.routing.route(&p.room, fits) == Route::Datagram {
-                        if !self.aliases.iter().any(|(id, _)| *id == p.room_id) {
-                            // The room has a new ID on this node since the subscribe: its new
-                            // alias goes out on the stream, and this state with it.
-                            self.announce(&p.room, p.room_id, out);
-                            wire::put_frame(out, message);
-                            continue;
-                        }
-                        if let Some((_, datagram)) = datagram {
-                            if path.send_datagram(datagram) {
-                                self.repair.sent(p, p.number(), now, rtt);
-                                continue;
-                            }
-                        }
-                    }
-                    self.repair.forget(p.room_id);
-                    wire::put_frame(out, message);
+                Outgoing::Publication(p) if p.kind != Kind::State => wire::put_frame(out, p.wire_message()),
+                Outgoing::Publication(p) => self.write_state(p, None, max_datagram, rtt, out, path, now),
+                Outgoing::Delta(p) => {
+                    // Only against a base the client surely holds: the queue handed this session
+                    // the base last, and it went on the stream or its datagram was acknowledged
+                    // (docs/PROTOCOL.md, "Delta states"). Otherwise the whole state.
+                    let delta = if self.repair.is_pending(p.room_id) {
+                        None
+                    } else {
+                        p.delta()
+                    };
+                    self.write_state(p, delta, max_datagram, rtt, out, path, now);
                 }
             }
         }
+    }
+
+    /// Writes one state, whole or as `delta`: as a datagram where `core::routing` says so and
+    /// it fits (then repaired until acknowledged), else framed into `out` for the stream.
+    #[allow(clippy::too_many_arguments)]
+    fn write_state(
+        &mut self,
+        p: &Arc<Publication>,
+        delta: Option<&StateDelta>,
+        max_datagram: Option<usize>,
+        rtt: Duration,
+        out: &mut BytesMut,
+        path: &mut impl DatagramPath,
+        now: Instant,
+    ) {
+        let message = delta.map_or_else(|| p.wire_message(), StateDelta::wire_message);
+        let datagram = max_datagram.map(|max| {
+            let datagram = match delta {
+                Some(d) => self.delta_datagram_of(d),
+                None => self.datagram_of(p),
+            };
+            (max, datagram)
+        });
+        let fits = datagram.as_ref().is_some_and(|(max, d)| d.len() <= *max);
+        if self.routing.route(&p.room, fits) == Route::Datagram {
+            if !self.aliases.iter().any(|(id, _)| *id == p.room_id) {
+                // The room has a new ID on this node since the subscribe: its new
+                // alias goes out on the stream, and this state with it.
+                self.announce(&p.room, p.room_id, out);
+                wire::put_frame(out, message);
+                return;
+            }
+            if let Some((_, datagram)) = datagram {
+                if path.send_datagram(datagram) {
+                    self.repair.sent(p, p.number(), now, rtt);
+                    if delta.is_some() {
+                        self.delta_datagrams.insert(p.room_id, p.number());
+                    } else {
+                        self.delta_datagrams.remove(&p.room_id);
+                    }
+                    return;
+                }
+            }
+        }
+        self.repair.forget(p.room_id);
+        wire::put_frame(out, message);
     }
 
     /// Does the resends due at `now`: datagrams through `path`, stream copies framed into `out`.
@@ -272,11 +329,18 @@ impl StateDelivery {
             match action {
                 RepairAction::Datagram(p) => {
                     self.metrics.repair_datagrams.inc();
-                    let _ = path.send_datagram(self.datagram_of(&p));
+                    let datagram = match self.repaired_delta(&p) {
+                        Some(delta) => self.delta_datagram_of(delta),
+                        None => self.datagram_of(&p),
+                    };
+                    let _ = path.send_datagram(datagram);
                 }
                 RepairAction::Stream(p) => {
                     self.metrics.repair_stream.inc();
-                    wire::put_frame(out, p.wire_message());
+                    let message = self
+                        .repaired_delta(&p)
+                        .map_or_else(|| p.wire_message(), StateDelta::wire_message);
+                    wire::put_frame(out, message);
                 }
             }
         }

@@ -271,6 +271,17 @@ pub struct Client {
     pub lost: Option<ConnectionError>,
     /// The client's streams the server asked it to stop sending on, with the codes.
     pub stopped: Vec<(StreamId, u64)>,
+    /// Per room, the state it holds (version and data), kept by applying states and deltas
+    /// in the order they arrive, as a client of docs/PROTOCOL.md's "Delta states" does.
+    pub held: std::collections::HashMap<String, (u64, String)>,
+    /// Room names by alias, from `alias` messages.
+    aliases: std::collections::HashMap<u64, String>,
+    /// Deltas applied, from the stream and as datagrams.
+    pub deltas_applied: u64,
+    /// Delta datagrams dropped because the client did not hold their base (repaired later).
+    pub delta_datagrams_dropped: u64,
+    /// Deltas on the stream the client could not apply: never, by the protocol.
+    pub stream_delta_failures: u64,
 }
 
 impl Client {
@@ -489,17 +500,77 @@ impl Client {
         let (data, _) = self.read_all(id);
         self.decoder.extend(&data);
         while let Ok(Some(message)) = self.decoder.next_frame(1 << 20) {
+            self.hold(&message, false);
             self.messages.push(message);
         }
     }
 
+    /// Keeps the state a message brings (whole or as a delta); returns the room's version held
+    /// after a datagram state or delta it took, to acknowledge.
+    fn hold(&mut self, message: &[u8], datagram: bool) -> Option<u64> {
+        let (room, version, base, ts_data) = match wire::decode_server(message).ok()? {
+            ServerMessage::Subscribed(s) => {
+                self.held.remove(s.room);
+                return None;
+            }
+            ServerMessage::Alias(a) => {
+                self.aliases.insert(a.alias, a.room.to_string());
+                return None;
+            }
+            ServerMessage::State(s) => (s.room.to_string(), s.version, None, s.data.to_string()),
+            ServerMessage::AliasedState(s) => {
+                (self.aliases.get(&s.alias)?.clone(), s.version, None, s.data.to_string())
+            }
+            ServerMessage::Delta(d) => (d.room.to_string(), d.version, Some(d.base), d.delta.to_string()),
+            ServerMessage::AliasedDelta(d) => (
+                self.aliases.get(&d.alias)?.clone(),
+                d.version,
+                Some(d.base),
+                d.delta.to_string(),
+            ),
+            _ => return None,
+        };
+        let held = self.held.get(&room);
+        if held.is_some_and(|(v, _)| *v >= version) {
+            return held.map(|(v, _)| *v);
+        }
+        let data = match base {
+            None => ts_data,
+            Some(base) => {
+                let applied = held
+                    .filter(|(v, _)| *v == base)
+                    .and_then(|(_, data)| crate::core::delta::apply(data.as_bytes(), ts_data.as_bytes(), 1 << 20).ok())
+                    .and_then(|bytes| String::from_utf8(bytes).ok());
+                match applied {
+                    Some(data) => {
+                        self.deltas_applied += 1;
+                        data
+                    }
+                    None if datagram => {
+                        self.delta_datagrams_dropped += 1;
+                        return None;
+                    }
+                    None => {
+                        self.stream_delta_failures += 1;
+                        return None;
+                    }
+                }
+            }
+        };
+        self.held.insert(room, (version, data));
+        Some(version)
+    }
+
     fn on_datagram(&mut self, datagram: Bytes) {
+        let held = self.hold(&datagram[1..], true);
         if self.auto_ack {
-            if let Ok(ServerMessage::AliasedState(state)) = wire::decode_server(&datagram[1..]) {
-                let ack = ClientMessage::Acks(vec![AliasAck {
-                    alias: state.alias,
-                    version: state.version,
-                }]);
+            let alias = match wire::decode_server(&datagram[1..]) {
+                Ok(ServerMessage::AliasedState(state)) => Some((state.alias, state.version)),
+                Ok(ServerMessage::AliasedDelta(delta)) => held.map(|v| (delta.alias, v)),
+                _ => None,
+            };
+            if let Some((alias, version)) = alias {
+                let ack = ClientMessage::Acks(vec![AliasAck { alias, version }]);
                 self.send_datagram(&wire::encode_client(&ack));
             }
         }
@@ -736,6 +807,11 @@ impl Pair {
             decoder: FrameDecoder::default(),
             messages: Vec::new(),
             datagrams: Vec::new(),
+            held: Default::default(),
+            aliases: Default::default(),
+            deltas_applied: 0,
+            delta_datagrams_dropped: 0,
+            stream_delta_failures: 0,
             capsule: None,
             lost: None,
             stopped: Vec::new(),

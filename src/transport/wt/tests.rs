@@ -258,6 +258,80 @@ fn a_lost_state_datagram_is_resent_and_sent_once_on_the_stream() {
     assert_eq!(pair.server.session().unacknowledged_states(), 0);
 }
 
+/// A bracket-sized state (over `delta::MIN_STATE_BYTES`, too large for a datagram) whose match
+/// `version % 40` has the score `version`.
+fn bracket_state(pair: &Pair, version: u64, previous: Option<&Arc<Publication>>) -> Arc<Publication> {
+    let matches: Vec<String> = (0..40)
+        .map(|i| {
+            let score = if i == version % 40 { version } else { i };
+            format!(r#"{{"id":{i},"opponent1":{{"id":{i},"score":{score}}},"status":2}}"#)
+        })
+        .collect();
+    let data = JsonData::parse(format!(r#"{{"match":[{}]}}"#, matches.join(",")).as_bytes()).expect("json");
+    let now = Now {
+        unix_ms: 1_700_000_000_000,
+        instant: pair.now,
+    };
+    Arc::new(Publication::new(RoomId(ALIAS), room(), Kind::State, version, None, &data, now).with_delta_base(previous))
+}
+
+/// Over datagrams a delta is only made against a version the client acknowledged (or got on
+/// the stream): under loss both ways the client drops deltas it cannot apply, never fails one
+/// on the stream, and ends on the newest state byte for byte.
+#[test]
+fn under_loss_delta_datagrams_never_break_the_chain() {
+    let mut pair = subscribed_pair(Setup::default());
+    for link in [&mut pair.to_client, &mut pair.to_server] {
+        link.loss = 0.3;
+        link.latency = 10 * MS;
+        link.jitter = 20 * MS;
+    }
+    let mut previous = bracket_state(&pair, 1, None);
+    let now = pair.now;
+    pair.server
+        .session()
+        .deliver(now, &[Outgoing::Publication(previous.clone())]);
+    // Further apart than an ack takes, so most go as deltas (a state published while the
+    // previous delta datagram waits for its ack goes whole).
+    for version in 2..=60 {
+        pair.run_for(80 * MS);
+        // As the queue hands them: each state as a delta against the one before it.
+        let next = bracket_state(&pair, version, Some(&previous));
+        let now = pair.now;
+        pair.server.session().deliver(now, &[Outgoing::Delta(next.clone())]);
+        previous = next;
+    }
+    let newest = previous.data().to_string();
+    let converged = pair.run_until_true(5 * S, |p| p.client.held.get("game:1234").is_some_and(|(v, _)| *v == 60));
+    assert!(
+        converged,
+        "held: {:?}, stream failures {}, dropped {}, applied {}",
+        pair.client.held.get("game:1234").map(|(v, _)| v),
+        pair.client.stream_delta_failures,
+        pair.client.delta_datagrams_dropped,
+        pair.client.deltas_applied
+    );
+    assert_eq!(pair.client.held["game:1234"].1, newest, "byte for byte");
+    assert_eq!(pair.client.stream_delta_failures, 0);
+    assert!(pair.client.deltas_applied > 0, "deltas were applied");
+    assert!(
+        pair.to_client.dropped > 0 && pair.to_server.dropped > 0,
+        "the links lost packets"
+    );
+    let delta_datagrams = pair
+        .client
+        .datagrams
+        .iter()
+        .filter(|d| {
+            matches!(
+                crate::core::wire::decode_server(&d[1..]),
+                Ok(ServerMessage::AliasedDelta(_))
+            )
+        })
+        .count();
+    assert!(delta_datagrams > 0, "deltas went as datagrams");
+}
+
 #[test]
 fn under_loss_and_reordering_the_client_ends_on_the_newest_state() {
     let mut pair = subscribed_pair(Setup::default());

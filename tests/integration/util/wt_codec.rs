@@ -144,6 +144,14 @@ pub fn decode_server(bytes: &[u8]) -> Result<Value, DecodeError> {
             let (alias, version, ts, data) = (r.varint()?, r.varint()?, r.varint()?, r.string()?);
             json!({"type": "state", "alias": alias, "version": version, "ts": ts, "data": data})
         }
+        0x23 => {
+            let (room, version, base, ts, delta) = (r.string()?, r.varint()?, r.varint()?, r.varint()?, r.string()?);
+            json!({"type": "delta", "room": room, "version": version, "base": base, "ts": ts, "delta": delta})
+        }
+        0x24 => {
+            let (alias, version, base, ts, delta) = (r.varint()?, r.varint()?, r.varint()?, r.varint()?, r.string()?);
+            json!({"type": "delta", "alias": alias, "version": version, "base": base, "ts": ts, "delta": delta})
+        }
         other => return fail(format!("unknown server message type {other:#04x}")),
     };
     r.end()?;
@@ -189,10 +197,19 @@ pub fn encode_client(m: &Value) -> Vec<u8> {
                 }
                 None => out.push(0),
             }
-            // Trailing: a subscribe without an id ends before it.
-            if let Some(id) = m.get("id") {
+            // Trailing: a subscribe without an id ends before it; with a delta format the id
+            // is written (absent: 00), then the format.
+            match (m.get("id"), m.get("delta")) {
+                (Some(id), _) => {
+                    out.push(1);
+                    put_varint(&mut out, id.as_u64().expect("id: a u64"));
+                }
+                (None, Some(_)) => out.push(0),
+                (None, None) => {}
+            }
+            if let Some(delta) = m.get("delta") {
                 out.push(1);
-                put_varint(&mut out, id.as_u64().expect("id: a u64"));
+                put_string(&mut out, delta.as_str().expect("delta: a string"));
             }
         }
         "unsubscribe" => {
