@@ -254,7 +254,13 @@ impl StateDelivery {
                     match control {
                         ServerControl::Unsubscribed { room } => self.left(room),
                         // The alias follows the subscribed reply, before any datagram uses it.
-                        ServerControl::Subscribed { room, room_id, .. } => self.announce(room, *room_id, out),
+                        // The client forgets its base on every `subscribed` (docs/PROTOCOL.md,
+                        // "Delta states"): a delta datagram still waiting for its ack is repaired
+                        // with the whole state, not as a delta.
+                        ServerControl::Subscribed { room, room_id, .. } => {
+                            self.delta_datagrams.remove(room_id);
+                            self.announce(room, *room_id, out)
+                        }
                         _ => {}
                     }
                 }

@@ -332,6 +332,53 @@ fn under_loss_delta_datagrams_never_break_the_chain() {
     assert!(delta_datagrams > 0, "deltas went as datagrams");
 }
 
+/// A `subscribed` notice tells the client to forget its base (docs/PROTOCOL.md, "Delta
+/// states"): a delta datagram lost before it is repaired with the whole state on the stream,
+/// never as a stream delta against the forgotten base.
+#[test]
+fn after_a_notice_a_lost_delta_datagram_is_repaired_whole() {
+    let mut pair = subscribed_pair(Setup::default());
+    let first = bracket_state(&pair, 1, None);
+    let now = pair.now;
+    // Too large for a datagram: on the stream, so the client holds it as the base.
+    pair.server
+        .session()
+        .deliver(now, &[Outgoing::Publication(first.clone())]);
+    pair.run_for(50 * MS);
+    pair.to_client.loss = 1.0;
+    let second = bracket_state(&pair, 2, Some(&first));
+    let now = pair.now;
+    pair.server.session().deliver(now, &[Outgoing::Delta(second.clone())]);
+    pair.run_for(5 * MS);
+    let now = pair.now;
+    pair.server.session().deliver(now, &[subscribed()]);
+    let seen_before = pair.client.decoded().len();
+    pair.to_client.loss = 0.0;
+    let newest = second.data().to_string();
+    let converged = pair.run_until_true(5 * S, |p| p.client.held.get("game:1234").is_some_and(|(v, _)| *v == 2));
+    assert!(
+        converged,
+        "the repair delivered version 2: held {:?}, datagrams {}, after the notice {:?}",
+        pair.client.held.get("game:1234").map(|(v, _)| v),
+        pair.client.datagrams.len(),
+        pair.client.decoded()[seen_before..]
+            .iter()
+            .map(|m| format!("{m:?}"))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(pair.client.held["game:1234"].1, newest);
+    let after_notice: Vec<String> = pair.client.decoded()[seen_before..]
+        .iter()
+        .map(|m| format!("{m:?}"))
+        .collect();
+    assert!(
+        !pair.client.decoded()[seen_before..]
+            .iter()
+            .any(|m| matches!(m, ServerMessage::Delta(_))),
+        "a stream delta after the notice: {after_notice:?}"
+    );
+}
+
 #[test]
 fn under_loss_and_reordering_the_client_ends_on_the_newest_state() {
     let mut pair = subscribed_pair(Setup::default());
