@@ -183,9 +183,12 @@ async fn under_30_percent_loss_every_client_ends_on_the_newest_state() {
     let (times, datagrams, server) = converge_under_30_percent_loss(&STATES_AS_DATAGRAMS).await;
     eprintln!("convergence after the last publish under 30% loss: {times:?}");
     assert!(datagrams > 0, "no state came as a datagram");
-    // With 30 % loss some datagram or its ack was lost, and the repair resent it.
+    // The clients acknowledged datagram states. (Whether a repair had to resend one depends on
+    // which packets the relays dropped: a lost state superseded by the next publish 5 ms later
+    // needs none, and in about one run in fifty every last state got through; the resend itself
+    // is asserted deterministically in virtual time, `transport::wt::tests`.)
     server
-        .await_metric("courtside_repair_datagrams_total", ">= 1", |v| v >= 1.0)
+        .await_metric("courtside_repair_acks_total", ">= 1", |v| v >= 1.0)
         .await;
 }
 
