@@ -63,7 +63,8 @@ async fn under_30_percent_loss_clients_of_the_proto_engine_end_on_the_newest_sta
         converge_under_30_percent_loss(&[&PROTO[..], &["--wt-state-datagrams", "always"]].concat()).await;
     eprintln!("proto engine, convergence after the last publish under 30% loss: {times:?}");
     assert!(datagrams > 0, "no state came as a datagram");
+    // Acknowledged (a repair depends on the drop pattern: see the quinn engine's test).
     server
-        .await_metric("courtside_repair_datagrams_total", ">= 1", |v| v >= 1.0)
+        .await_metric("courtside_repair_acks_total", ">= 1", |v| v >= 1.0)
         .await;
 }
