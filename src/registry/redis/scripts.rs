@@ -60,9 +60,14 @@ if ARGV[16] == '1' and ARGV[1] == 'event' and ARGV[17] == epoch then
   -- hole that the holders who had put the seq past it could never fill. Unless this Redis
   -- already gave that number to another event (the room settled before the restore came, and a
   -- fresh publish took it): a holder would drop one of the two as a duplicate, so it is
-  -- numbered anew below.
+  -- numbered anew below. `fresh` in the meta hash is the first number this Redis gave a fresh
+  -- event (every fresh number is at or above it; the event ids' set only keeps the last
+  -- history-length of them, so it cannot tell alone).
   local original = tonumber(ARGV[18])
-  if #redis.call('ZRANGEBYSCORE', KEYS[3], original, original, 'LIMIT', 0, 1) == 0 then
+  local fresh = tonumber(redis.call('HGET', KEYS[1], 'fresh') or '0')
+  local taken = (fresh > 0 and original >= fresh)
+    or #redis.call('ZRANGEBYSCORE', KEYS[3], original, original, 'LIMIT', 0, 1) > 0
+  if not taken then
     if tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') < original then
       redis.call('HSET', KEYS[1], 'seq', original)
     end
@@ -89,6 +94,7 @@ if n <= floor then
   n = floor + 1
   redis.call('HSET', KEYS[1], field, n)
 end
+if ARGV[1] == 'event' then redis.call('HSETNX', KEYS[1], 'fresh', n) end
 if ARGV[1] == 'state' then
   redis.call('HSET', KEYS[1], 'state', ARGV[2], 'state_ts', ARGV[3])
 else
@@ -482,6 +488,17 @@ mod tests {
         // A restore whose number nobody took still goes under it.
         let free = publish(&mut conn, &room, "event", "r", 1, "00000000000000a5", Some(("ep", 5))).await;
         assert_eq!(free, ("ep".to_string(), 5));
+        // Taken long ago: the ids' set no longer holds the number (trimmed to the history's
+        // length), and the restore is numbered anew all the same.
+        let _: () = redis::cmd("ZREMRANGEBYSCORE")
+            .arg(ids_key(&room))
+            .arg(6)
+            .arg(6)
+            .query_async(&mut conn)
+            .await
+            .expect("trim");
+        let late = publish(&mut conn, &room, "event", "l", 1, "00000000000000b6", Some(("ep", 6))).await;
+        assert_eq!(late, ("ep".to_string(), 8), "a fresh event took 6 in this Redis");
     }
 
     async fn reseed(
