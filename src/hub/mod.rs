@@ -530,12 +530,17 @@ impl Hub {
         id: Option<EventId>,
     ) -> Option<PublishReceipt> {
         let receipt = self.with_room(room, None, now.unix_ms, |entry| {
+            // An event this room already holds (its live message was applied between the
+            // caller's look and this lock: the registry's "unseen" restores) goes out once.
+            if id.is_some_and(|id| entry.room.holds_event(id)) {
+                return None;
+            }
             if entry.room.enter_outage(local_epoch) {
                 self.tell_subscribers(entry, room, Some(true));
             }
-            self.publish_in(entry, kind, id, data, now)
+            Some(self.publish_in(entry, kind, id, data, now))
         });
-        receipt.ok().flatten()
+        receipt.ok().flatten().flatten()
     }
 
     fn tell_subscribers(&self, entry: &RoomEntry, room: &RoomName, recovered: Option<bool>) {
@@ -1200,6 +1205,29 @@ mod tests {
                 "subscribed \"F\" 0 false",
                 "event 9 9"
             ]
+        );
+    }
+
+    /// A provisional publish of an event the room already holds (applied live meanwhile) goes
+    /// out once: checked under the room's lock, not by the caller's look before it.
+    #[test]
+    fn a_provisional_publish_of_an_event_the_room_holds_goes_out_once() {
+        let hub = hub(HubConfig::default());
+        let r = room("game:once");
+        let s = hub.new_subscriber(Transport::WebSocket);
+        hub.ensure_room(&r, "E", 0).expect("room");
+        hub.subscribe(&r, &s, None, None, None, false, usize::MAX, 0)
+            .expect("subscribe");
+        drain(&s);
+        hub.apply_remote(&r, &remote("E", Kind::Event, 1, 11, "1"), now());
+        let again = hub.publish_provisional(&r, Kind::Event, &data("1"), now(), "L".into(), Some(EventId(11)));
+        assert!(again.is_none());
+        let fresh = hub.publish_provisional(&r, Kind::Event, &data("2"), now(), "L".into(), Some(EventId(12)));
+        assert!(fresh.is_some());
+        assert_eq!(
+            summary(&drain(&s)),
+            ["event 1 1", "subscribed \"L\" 1 true", "event 2 2"],
+            "event 11 once, then the local epoch's first"
         );
     }
 
