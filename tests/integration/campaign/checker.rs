@@ -149,8 +149,11 @@ fn excuse(inputs: &Inputs, publish: &Publish, view: &ClientView) -> Option<&'sta
         if late_node {
             return Some("200 before Redis died empty, and a node's path was cut or stalled past the settle time");
         }
-        // "An event whose accepting node dies too before it resyncs (its recent publishes die
-        // with it)".
+    }
+    // "An event whose accepting node dies too before it resyncs (its recent publishes die with
+    // it)": a 200, or a 202 that its node flushed to a Redis that then died empty (its drain
+    // flushed it in a moment Redis was back, so it reports nothing unflushed).
+    if status == 200 || status == 202 {
         let life = inputs.lives[node].iter().rev().find(|l| l.started <= at);
         let publisher_died = inputs.empty_restarts.iter().any(|&restarted| {
             at <= restarted
@@ -162,7 +165,7 @@ fn excuse(inputs: &Inputs, publish: &Publish, view: &ClientView) -> Option<&'sta
                 })
         });
         if publisher_died {
-            return Some("200 before Redis died empty, and its node died before it could send it again");
+            return Some("accepted before Redis died empty, and its node died before it could send it again");
         }
     }
     // PROTOCOL.md "After each `subscribed`": `recovered:false` whose refetch finds the history
