@@ -366,13 +366,7 @@ impl Admission {
             Some(Credentials::Jwt(_)) => Ok(PublishScope::Rooms(Vec::new())),
             None => Err(Refusal::Unauthorized),
         };
-        if let Some(ip) = ip {
-            self.within_rate(&self.0.publish_rates, ip)?;
-        }
-        outcome.map_err(|refusal| IpRefusal {
-            refusal: self.refuse(refusal),
-            retry_after_s: None,
-        })
+        self.counted_without_credentials(ip, outcome)
     }
 
     /// Whether a request may read the operations page (`GET /ops`, `GET /v1/ops`): with the
@@ -390,6 +384,17 @@ impl Admission {
             Some(Credentials::Jwt(_)) => Err(Refusal::Forbidden),
             None => Err(Refusal::Unauthorized),
         };
+        self.counted_without_credentials(ip, outcome)
+    }
+
+    /// A request without valid credentials for what it asks (a publish, the operations page):
+    /// it counts against its address's `--publish-rate-per-ip` (429 beyond), then `outcome`'s
+    /// refusal, if any, is counted and answered.
+    fn counted_without_credentials<T>(
+        &self,
+        ip: Option<std::net::IpAddr>,
+        outcome: Result<T, Refusal>,
+    ) -> Result<T, IpRefusal> {
         if let Some(ip) = ip {
             self.within_rate(&self.0.publish_rates, ip)?;
         }

@@ -1134,13 +1134,7 @@ mod tests {
     /// moves their `seq` on with a notice, on every path that applies one outside a resume.
     #[test]
     fn an_event_applied_without_going_out_moves_the_seq_on_with_a_notice() {
-        let hub = hub(HubConfig::default());
-        let r = room("game:own");
-        let s = hub.new_subscriber(Transport::WebSocket);
-        hub.ensure_room(&r, "E", 0).expect("room");
-        hub.subscribe(&r, &s, None, None, None, false, usize::MAX, 0)
-            .expect("subscribe");
-        drain(&s);
+        let (hub, r, s) = subscribed_room("game:own");
         hub.apply_remote(&r, &remote("E", Kind::Event, 1, 11, "1"), now());
         let own = RemotePublication {
             deliver: false,
@@ -1157,13 +1151,7 @@ mod tests {
 
     #[test]
     fn a_live_event_that_skips_numbers_is_not_applied() {
-        let hub = hub(HubConfig::default());
-        let r = room("game:gap");
-        let s = hub.new_subscriber(Transport::WebSocket);
-        hub.ensure_room(&r, "E", 0).expect("room");
-        hub.subscribe(&r, &s, None, None, None, false, usize::MAX, 0)
-            .expect("subscribe");
-        drain(&s);
+        let (hub, r, s) = subscribed_room("game:gap");
         assert_eq!(
             hub.apply_live(&r, &remote("E", Kind::Event, 1, 11, "1"), now()),
             Live::Applied
@@ -1212,13 +1200,7 @@ mod tests {
     /// out once: checked under the room's lock, not by the caller's look before it.
     #[test]
     fn a_provisional_publish_of_an_event_the_room_holds_goes_out_once() {
-        let hub = hub(HubConfig::default());
-        let r = room("game:once");
-        let s = hub.new_subscriber(Transport::WebSocket);
-        hub.ensure_room(&r, "E", 0).expect("room");
-        hub.subscribe(&r, &s, None, None, None, false, usize::MAX, 0)
-            .expect("subscribe");
-        drain(&s);
+        let (hub, r, s) = subscribed_room("game:once");
         hub.apply_remote(&r, &remote("E", Kind::Event, 1, 11, "1"), now());
         let again = hub.publish_provisional(&r, Kind::Event, &data("1"), now(), "L".into(), Some(EventId(11)));
         assert!(again.is_none());
@@ -1229,6 +1211,18 @@ mod tests {
             ["event 1 1", "subscribed \"L\" 1 true", "event 2 2"],
             "event 11 once, then the local epoch's first"
         );
+    }
+
+    /// A hub with room `name` under epoch `E` and one WebSocket subscriber whose queue is empty.
+    fn subscribed_room(name: &str) -> (Hub, RoomName, Arc<Subscriber>) {
+        let hub = hub(HubConfig::default());
+        let r = room(name);
+        let s = hub.new_subscriber(Transport::WebSocket);
+        hub.ensure_room(&r, "E", 0).expect("room");
+        hub.subscribe(&r, &s, None, None, None, false, usize::MAX, 0)
+            .expect("subscribe");
+        drain(&s);
+        (hub, r, s)
     }
 
     fn remote<'a>(epoch: &'a str, kind: Kind, number: u64, id: u64, text: &str) -> RemotePublication<'a> {
