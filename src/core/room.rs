@@ -63,9 +63,10 @@ pub struct Room {
     confirmed_seq: u64,
     /// While the room runs on a local epoch during a registry outage: the registry's epoch.
     outage_of: Option<String>,
-    /// The ids of the events given out under the last local epoch, which `resume` took out of
-    /// the history: the registry may bring them back later (past a hole in its history, or sent
-    /// again by their publisher), and subscribers that had them must not get them twice.
+    /// The ids of the events given out under local epochs, which `resume` took out of the
+    /// history: the registry may bring them back later (past a hole in its history, or sent
+    /// again by their publisher), and subscribers that had them must not get them twice. Oldest
+    /// first, at most the history's length.
     resumed_ids: Vec<EventId>,
     limits: RetentionLimits,
 }
@@ -174,7 +175,7 @@ impl Room {
         if let Some(at) = self.resumed_ids.iter().position(|held| *held == id) {
             // Given out under the local epoch before the room resumed: kept under the registry's
             // number for recovery, not given out again.
-            self.resumed_ids.swap_remove(at);
+            self.resumed_ids.remove(at);
             self.keep_event(seq, id, data, ingest, now);
             return None;
         }
@@ -288,13 +289,19 @@ impl Room {
         self.version = self.confirmed_version;
         self.last_seq = self.confirmed_seq;
         let keep = self.confirmed_seq;
-        self.resumed_ids.clear();
+        // Ids of earlier outages stay: the registry may not have brought them back yet when the
+        // room lost it again (a stall, then a cut), and their subscribers hold them all the same.
+        let mut given_out = Vec::new();
         while self.history.back().is_some_and(|p| p.number() > keep) {
             if let Some(p) = self.history.pop_back() {
                 self.history_bytes -= p.size();
-                self.resumed_ids.extend(p.id);
+                given_out.extend(p.id);
             }
         }
+        given_out.reverse();
+        self.resumed_ids.extend(given_out);
+        let over = self.resumed_ids.len().saturating_sub(self.limits.history_len);
+        self.resumed_ids.drain(..over);
         true
     }
 
@@ -627,6 +634,42 @@ mod tests {
         assert!(!r.resume("ep"));
         assert!(r.resume("other"));
         assert_eq!((r.version(), r.last_seq()), (0, 0));
+    }
+
+    #[test]
+    fn an_event_given_out_before_two_outages_is_not_given_out_again() {
+        let mut r = room(RetentionLimits::default());
+        r.apply_event(1, EventId(101), 1, &data(1), at(1));
+        assert!(r.enter_outage("local-1".into()));
+        r.publish_event(EventId(2), &data(2), at(2));
+        assert!(r.resume("ep"));
+        // The registry has not brought event 2 back yet when the room loses it again.
+        assert!(r.enter_outage("local-2".into()));
+        r.publish_event(EventId(3), &data(3), at(3));
+        assert!(r.resume("ep"));
+        assert!(r.holds_event(EventId(2)) && r.holds_event(EventId(3)));
+        assert!(
+            r.apply_event(2, EventId(2), 2, &data(2), at(4)).is_none(),
+            "given out under the first local epoch"
+        );
+        assert!(r.apply_event(3, EventId(3), 3, &data(3), at(4)).is_none());
+        assert!(r.apply_event(4, EventId(4), 4, &data(4), at(4)).is_some());
+    }
+
+    #[test]
+    fn the_ids_given_out_in_outages_are_bounded_by_the_history_length() {
+        let limits = RetentionLimits {
+            history_len: 3,
+            ..RetentionLimits::default()
+        };
+        let mut r = room(limits);
+        for n in 0..10 {
+            assert!(r.enter_outage(format!("local-{n}")));
+            r.publish_event(EventId(100 + n), &data(n), at(n));
+            assert!(r.resume("ep"));
+        }
+        assert!(!r.holds_event(EventId(100)), "the oldest went");
+        assert!(r.holds_event(EventId(109)) && r.holds_event(EventId(107)));
     }
 
     #[test]
