@@ -24,3 +24,6 @@ run soak soak --fans 2000 --seconds 120
 # Past the rooms' 10-minute event history, so the RSS trend can level off; Courtside alone.
 run soak-12min soak --fans 2000 --seconds 720 --no-peer
 run cluster cluster --clients 3000 --rate 5 --seconds 10
+# A bracket update's cost: full states, deltas, permessage-deflate and both, on both transports,
+# beside Socket.IO plain and with perMessageDeflate at 1,024 (issue 23).
+run bracket bracket --clients 1000 --publishes 63 --rate 5

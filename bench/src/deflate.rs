@@ -20,31 +20,42 @@ use crate::servers::{start_courtside, CourtsideOptions};
 const OFFER: &str = "permessage-deflate; client_max_window_bits";
 const HANG: Duration = Duration::from_secs(30);
 
-/// A WebSocket client on a bare socket that reads frames without decoding them.
-struct WireClient {
+/// A WebSocket client on a bare socket that reads frames as they come, so that their size on
+/// the wire is counted (also the `bracket` scenario's, for Courtside and Socket.IO).
+pub struct WireClient {
     tcp: TcpStream,
     buf: Vec<u8>,
-    deflate: bool,
+    /// permessage-deflate was negotiated.
+    pub deflate: bool,
+    /// The server keeps its compression context from message to message (it did not answer
+    /// `server_no_context_takeover`), so an inflater must keep its window too.
+    pub context_takeover: bool,
 }
 
-/// One frame as it came: its size on the wire and whether RSV1 was set.
-struct WireFrame {
-    opcode: u8,
-    compressed: bool,
-    wire_bytes: usize,
+/// One frame as it came: its size on the wire, whether RSV1 was set, and its payload.
+pub struct WireFrame {
+    pub opcode: u8,
+    pub compressed: bool,
+    pub wire_bytes: usize,
+    pub payload: Vec<u8>,
 }
 
 impl WireClient {
+    /// Connects to Courtside's `/ws`, offering permessage-deflate as Chromium does if `offer`.
     async fn connect(addr: SocketAddr, offer: bool) -> anyhow::Result<Self> {
-        let mut tcp = TcpStream::connect(addr).await?;
-        tcp.set_nodelay(true)?;
+        Self::connect_to(addr, "/ws", offer).await
+    }
+
+    /// Connects to `path` (Courtside's `/ws`, or Socket.IO's `/socket.io/?EIO=4&transport=websocket`).
+    pub async fn connect_to(addr: SocketAddr, path: &str, offer: bool) -> anyhow::Result<Self> {
+        let mut tcp = crate::clients::connect_tcp(addr).await?;
         let extensions = if offer {
             format!("Sec-WebSocket-Extensions: {OFFER}\r\n")
         } else {
             String::new()
         };
         let request = format!(
-            "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extensions}\r\n"
         );
         tcp.write_all(request.as_bytes()).await?;
@@ -52,6 +63,7 @@ impl WireClient {
             tcp,
             buf: Vec::new(),
             deflate: false,
+            context_takeover: false,
         };
         let end = loop {
             if let Some(end) = client.buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -65,6 +77,7 @@ impl WireClient {
             bail!("upgrade refused: {head}");
         }
         client.deflate = head.contains("sec-websocket-extensions: permessage-deflate");
+        client.context_takeover = client.deflate && !head.contains("server_no_context_takeover");
         Ok(client)
     }
 
@@ -80,7 +93,7 @@ impl WireClient {
         Ok(())
     }
 
-    async fn frame(&mut self) -> anyhow::Result<WireFrame> {
+    pub async fn frame(&mut self) -> anyhow::Result<WireFrame> {
         while self.buf.len() < 2 {
             self.fill().await?;
         }
@@ -108,13 +121,14 @@ impl WireClient {
             opcode: self.buf[0] & 0x0f,
             compressed: self.buf[0] & 0x40 != 0,
             wire_bytes: at + len,
+            payload: self.buf[at..at + len].to_vec(),
         };
         self.buf.drain(..at + len);
         Ok(frame)
     }
 
     /// The next text frame, skipping pings.
-    async fn text_frame(&mut self) -> anyhow::Result<WireFrame> {
+    pub async fn text_frame(&mut self) -> anyhow::Result<WireFrame> {
         loop {
             let frame = self.frame().await?;
             if frame.opcode == 1 {
@@ -124,26 +138,36 @@ impl WireClient {
     }
 
     async fn subscribe(&mut self, room: &str) -> anyhow::Result<()> {
-        let command = json!({"type": "subscribe", "room": room}).to_string();
-        let mask = [1u8, 2, 3, 4];
-        let mut out = vec![0x81, 0x80 | u8::try_from(command.len())?];
-        out.extend_from_slice(&mask);
-        out.extend(command.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        self.tcp.write_all(&out).await?;
+        self.send_text(&json!({"type": "subscribe", "room": room}).to_string())
+            .await?;
         self.text_frame().await?;
+        Ok(())
+    }
+
+    /// Sends one masked text frame (under 126 bytes, as every command of the bench is).
+    pub async fn send_text(&mut self, text: &str) -> anyhow::Result<()> {
+        let mask = [1u8, 2, 3, 4];
+        let len = u8::try_from(text.len())
+            .ok()
+            .filter(|n| *n < 126)
+            .context("a command of 126 bytes or more")?;
+        let mut out = vec![0x81, 0x80 | len];
+        out.extend_from_slice(&mask);
+        out.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.tcp.write_all(&out).await?;
         Ok(())
     }
 }
 
 /// A 64-team single-elimination bracket in brackets-model's shape: participants, one stage, six
 /// rounds, 63 matches with `opponent1`/`opponent2` `{id, position, score, result}` and a status.
-struct Bracket {
+pub struct Bracket {
     matches: Vec<Value>,
     participants: Vec<Value>,
 }
 
 impl Bracket {
-    fn new() -> Self {
+    pub fn new() -> Self {
         let participants = (0..64)
             .map(|i| json!({"id": i, "tournament_id": 7, "name": format!("Phoenix Team {} U12", 1000 + i * 37)}))
             .collect();
@@ -171,7 +195,7 @@ impl Bracket {
     }
 
     /// Finishes match `m` (its two opponents known): scores, results, and the winner moved on.
-    fn finish(&mut self, m: usize, seed: u64) {
+    pub fn finish(&mut self, m: usize, seed: u64) {
         let home = 40 + seed % 30;
         let away = 35 + (seed * 7) % 30;
         let (winner, loser) = if home > away {
@@ -202,7 +226,7 @@ impl Bracket {
         }
     }
 
-    fn to_json(&self) -> String {
+    pub fn to_json(&self) -> String {
         json!({
             "stage": {"id": 0, "tournament_id": 7, "name": "Phoenix Saturday U12 Gold", "type": "single_elimination", "number": 1,
                       "settings": {"size": 64, "seedOrdering": ["natural"], "grandFinal": "none"}},
@@ -211,6 +235,12 @@ impl Bracket {
         })
         .to_string()
     }
+}
+
+/// A game's score state (about 60 bytes of JSON), the `i`-th of a quarter's last minutes.
+pub fn score_state(i: usize) -> String {
+    json!({"home": 40 + i, "away": 38 + i / 2, "clock": format!("Q4 {}:{:02}", 7 - i / 10, 59 - i % 60), "period": 4})
+        .to_string()
 }
 
 /// Sums of what one client received of one kind of message.
@@ -258,7 +288,7 @@ pub async fn run(binary: &Path, publishes: usize) -> anyhow::Result<Value> {
             .await?;
         bracket_deflate.add(&deflating.text_frame().await?);
         bracket_plain.add(&plain.text_frame().await?);
-        let score = json!({"home": 40 + i, "away": 38 + i / 2, "clock": format!("Q4 {}:{:02}", 7 - i / 10, 59 - i), "period": 4}).to_string();
+        let score = score_state(i);
         publisher
             .publish("game:bench", Kind::State, i as u64, 0, &score)
             .await?;

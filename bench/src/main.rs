@@ -1,6 +1,7 @@
 //! courtside-bench: measures Courtside on this machine, with the original design (Socket.IO)
 //! side by side in the same run, and writes the figures to bench/results/. See bench/README.md.
 
+mod bracket_load;
 mod clients;
 mod deflate;
 mod floor;
@@ -76,6 +77,20 @@ enum Scenario {
         /// Bracket changes (and as many score states) to publish, at most 63.
         #[arg(long, default_value_t = 63)]
         publishes: usize,
+    },
+    /// What a bracket update costs per delivery, on the wire and in server CPU: full states,
+    /// deltas, permessage-deflate and both (WebSocket), full and deltas (WebTransport), beside
+    /// Socket.IO plain and with perMessageDeflate at 1,024; N clients follow a 64-team bracket
+    /// changing one match per publish, then a score. Each setup on a fresh server.
+    Bracket {
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// Bracket changes (and as many score states) to publish, at most 63.
+        #[arg(long, default_value_t = 63)]
+        publishes: usize,
+        /// Publishes per second.
+        #[arg(long, default_value_t = 5.0)]
+        rate: f64,
     },
     /// One room to N subscribers, sweeping N and the publish rate: latency, delivery, CPU per
     /// delivery, and the highest rate that keeps p99 under 50 ms.
@@ -229,6 +244,26 @@ async fn main() -> anyhow::Result<()> {
             let binary = servers::courtside_binary(cli.courtside_bin.as_deref())?;
             let figures = deflate::run(&binary, *publishes).await?;
             ("ws-deflate", json!({"publishes": publishes}), Vec::new(), figures)
+        }
+        Scenario::Bracket {
+            clients,
+            publishes,
+            rate,
+        } => {
+            let binary = servers::courtside_binary(cli.courtside_bin.as_deref())?;
+            let params = bracket_load::Params {
+                clients: *clients,
+                publishes: *publishes,
+                rate: *rate,
+                peer: !cli.no_peer,
+            };
+            let figures = bracket_load::run(&binary, params).await?;
+            (
+                "bracket",
+                json!({"clients": clients, "publishes": publishes, "rate": rate}),
+                Vec::new(),
+                figures,
+            )
         }
         Scenario::Fanout {
             clients,

@@ -179,6 +179,15 @@ pub async fn start_redis() -> anyhow::Result<RedisProcess> {
 /// Starts the Socket.IO peer (bench/peers/socketio), installing its npm packages if needed;
 /// with `redis`, rooms are shared through the Redis adapter.
 pub async fn start_socketio(redis: Option<&str>) -> anyhow::Result<ServerProcess> {
+    start_socketio_with(redis, None).await
+}
+
+/// Starts the Socket.IO peer, with permessage-deflate for messages of at least
+/// `deflate_threshold` bytes when given (the original design's `perMessageDeflate`, 1,024).
+pub async fn start_socketio_with(
+    redis: Option<&str>,
+    deflate_threshold: Option<usize>,
+) -> anyhow::Result<ServerProcess> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers").join("socketio");
     if !dir.join("node_modules").join("socket.io").exists() {
         let status = Command::new("npm")
@@ -194,6 +203,9 @@ pub async fn start_socketio(redis: Option<&str>) -> anyhow::Result<ServerProcess
     let mut command = Command::new("node");
     if let Some(url) = redis {
         command.env("REDIS_URL", url);
+    }
+    if let Some(threshold) = deflate_threshold {
+        command.env("PER_MESSAGE_DEFLATE_THRESHOLD", threshold.to_string());
     }
     let mut child = command
         .arg(dir.join("server.js"))

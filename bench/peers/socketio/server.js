@@ -2,6 +2,7 @@
 // room; states and events broadcast to it), WebSocket transport only, the old options.
 // POST /publish {"room","event":"state"|"event","data"} broadcasts; prints {"port":N} when ready.
 // With REDIS_URL, rooms are shared through @socket.io/redis-adapter (the old design's cluster).
+// With PER_MESSAGE_DEFLATE_THRESHOLD, permessage-deflate as the old design configured it.
 import { createServer } from 'node:http';
 import { Server } from 'socket.io';
 
@@ -29,6 +30,11 @@ const io = new Server(http, {
   pingTimeout: 60000,
   maxHttpBufferSize: 1e6,
   serveClient: false,
+  // The original design's compression (ADR-022): permessage-deflate for messages of at least
+  // PER_MESSAGE_DEFLATE_THRESHOLD bytes (1024 there) when the client offers it; off without it.
+  perMessageDeflate: process.env.PER_MESSAGE_DEFLATE_THRESHOLD
+    ? { threshold: Number(process.env.PER_MESSAGE_DEFLATE_THRESHOLD) }
+    : false,
 });
 if (process.env.REDIS_URL) {
   const { createAdapter } = await import('@socket.io/redis-adapter');
