@@ -44,7 +44,7 @@ const SOCKETIO_THRESHOLD: usize = 1024;
 const MAX_STATE: usize = 1 << 20;
 
 /// What the scenario runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Params {
     pub clients: usize,
     /// Bracket changes (and as many score states), at most 63.
@@ -53,6 +53,8 @@ pub struct Params {
     pub rate: f64,
     /// Run the Socket.IO setups too.
     pub peer: bool,
+    /// Only the setups whose label contains this (`--only "deltas + deflate"`).
+    pub only: Option<String>,
 }
 
 /// One server set-up and what its clients ask for.
@@ -135,6 +137,8 @@ struct Tallies {
     phase: AtomicUsize,
     joined: AtomicUsize,
     failed: AtomicUsize,
+    /// WebTransport handshakes that failed once and were tried again.
+    retried: AtomicUsize,
     /// State and delta messages received.
     deliveries: [AtomicUsize; 4],
     /// Their bytes: the whole WebSocket frame, or the WebTransport message.
@@ -278,7 +282,13 @@ async fn next_text(ws: &mut WireClient, inflater: &mut Inflater) -> anyhow::Resu
 }
 
 /// One WebSocket client of Courtside or Socket.IO, until the connection ends.
-async fn websocket_client(addr: SocketAddr, setup: Setup, tallies: Arc<Tallies>) -> anyhow::Result<()> {
+/// (`connecting` is the client's place among those connecting at once, given up once joined.)
+async fn websocket_client(
+    addr: SocketAddr,
+    setup: Setup,
+    tallies: Arc<Tallies>,
+    connecting: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> anyhow::Result<()> {
     let (protocol, delta, offer) = match setup {
         Setup::WebSocket { delta, deflate } => (Protocol::Courtside, delta, deflate),
         Setup::SocketIo { deflate } => (Protocol::SocketIo, false, deflate),
@@ -324,6 +334,7 @@ async fn websocket_client(addr: SocketAddr, setup: Setup, tallies: Arc<Tallies>)
         }
     }
     tallies.joined.fetch_add(1, Relaxed);
+    drop(connecting);
     let mut held = Held::default();
     loop {
         let (frame, payload) = next_text(&mut ws, &mut inflater).await?;
@@ -373,12 +384,24 @@ async fn webtransport_client(
     server: (SocketAddr, String),
     delta: bool,
     tallies: Arc<Tallies>,
+    mut connecting: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> anyhow::Result<()> {
     let (endpoint, target) = endpoints.pick(&server.1, server.0).await?;
-    let connection = endpoint
-        .connect(format!("https://{target}/wt"))
-        .await
-        .context("webtransport connect")?;
+    let url = format!("https://{target}/wt");
+    // A handshake that fails is tried once more, as courtside.js reconnects (and the other
+    // scenarios do: `load::CONNECT_RETRY_PAUSE`).
+    let connection = match endpoint.connect(&url).await {
+        Ok(connection) => connection,
+        Err(error) => {
+            eprintln!("bracket: a WebTransport handshake failed ({error}); trying again");
+            tallies.retried.fetch_add(1, Relaxed);
+            tokio::time::sleep(crate::load::CONNECT_RETRY_PAUSE).await;
+            endpoint
+                .connect(&url)
+                .await
+                .context("webtransport connect, second try")?
+        }
+    };
     let (mut send, mut recv) = connection.open_bi().await?.await?;
     let mut frames = bytes::BytesMut::new();
     for room in ROOMS {
@@ -408,6 +431,7 @@ async fn webtransport_client(
                             subscribed += 1;
                             if subscribed == ROOMS.len() {
                                 tallies.joined.fetch_add(1, Relaxed);
+                                connecting.take();
                             }
                         }
                         ServerMessage::Alias(a) => {
@@ -464,7 +488,7 @@ async fn wait_for(within: Duration, done: impl Fn() -> bool) -> bool {
 }
 
 /// One setup on a fresh server: connect, then each phase's publishes, with its figures.
-async fn run_setup(binary: &Path, setup: Setup, params: Params) -> anyhow::Result<Value> {
+async fn run_setup(binary: &Path, setup: Setup, params: &Params) -> anyhow::Result<Value> {
     let server: ServerProcess = match setup {
         Setup::SocketIo { deflate } => start_socketio_with(None, deflate.then_some(SOCKETIO_THRESHOLD)).await?,
         Setup::WebTransport { .. } => {
@@ -491,15 +515,14 @@ async fn run_setup(binary: &Path, setup: Setup, params: Params) -> anyhow::Resul
         let (tallies, endpoints, connecting) = (tallies.clone(), endpoints.clone(), connecting.clone());
         let (http, wt) = (server.http, server.wt.clone());
         clients.spawn(async move {
-            let permit = connecting.acquire_owned().await;
+            let permit = connecting.acquire_owned().await.ok();
             let ended = match (setup, wt) {
                 (Setup::WebTransport { delta }, Some(wt)) => {
-                    webtransport_client(endpoints, wt, delta, tallies.clone()).await
+                    webtransport_client(endpoints, wt, delta, tallies.clone(), permit).await
                 }
                 (Setup::WebTransport { .. }, None) => Err(anyhow::anyhow!("no WebTransport endpoint")),
-                _ => websocket_client(http, setup, tallies.clone()).await,
+                _ => websocket_client(http, setup, tallies.clone(), permit).await,
             };
-            drop(permit);
             // A client that ends while the run goes on fails it (the run aborts them at its end).
             if let Err(error) = ended {
                 if tallies.phase.load(Relaxed) < PHASES.len() {
@@ -605,7 +628,9 @@ async fn run_setup(binary: &Path, setup: Setup, params: Params) -> anyhow::Resul
     tallies.phase.store(PHASES.len(), Relaxed);
     clients.abort_all();
     drop(server);
-    Ok(json!({"setup": setup.label(), "clients": params.clients, "phases": phases}))
+    Ok(
+        json!({"setup": setup.label(), "clients": params.clients, "connects_retried": tallies.retried.load(Relaxed), "phases": phases}),
+    )
 }
 
 /// Runs every setup in turn and prints the table; returns the figures for the JSON.
@@ -617,9 +642,10 @@ pub async fn run(binary: &Path, params: Params) -> anyhow::Result<Value> {
     // Every WebTransport client goes through a relay without loss, which counts the bytes.
     crate::webtransport::set_path_loss(Some(0.0));
     let mut results: Vec<(Setup, Value)> = Vec::new();
-    for setup in Setup::all(params.peer) {
+    let chosen = |s: &Setup| params.only.as_ref().is_none_or(|only| s.label().contains(only.as_str()));
+    for setup in Setup::all(params.peer).into_iter().filter(chosen) {
         eprintln!("bracket: {} ({} clients)", setup.label(), params.clients);
-        let figures = run_setup(binary, setup, params).await?;
+        let figures = run_setup(binary, setup, &params).await?;
         results.push((setup, figures));
     }
     let figure = |v: &Value, phase: usize, key: &str| v["phases"][phase][key].as_f64().unwrap_or(0.0);

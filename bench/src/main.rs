@@ -91,6 +91,9 @@ enum Scenario {
         /// Publishes per second.
         #[arg(long, default_value_t = 5.0)]
         rate: f64,
+        /// Only the setups whose label contains this text (for example "websocket, deltas").
+        #[arg(long)]
+        only: Option<String>,
     },
     /// One room to N subscribers, sweeping N and the publish rate: latency, delivery, CPU per
     /// delivery, and the highest rate that keeps p99 under 50 ms.
@@ -249,6 +252,7 @@ async fn main() -> anyhow::Result<()> {
             clients,
             publishes,
             rate,
+            only,
         } => {
             let binary = servers::courtside_binary(cli.courtside_bin.as_deref())?;
             let params = bracket_load::Params {
@@ -256,11 +260,12 @@ async fn main() -> anyhow::Result<()> {
                 publishes: *publishes,
                 rate: *rate,
                 peer: !cli.no_peer,
+                only: only.clone(),
             };
             let figures = bracket_load::run(&binary, params).await?;
             (
                 "bracket",
-                json!({"clients": clients, "publishes": publishes, "rate": rate}),
+                json!({"clients": clients, "publishes": publishes, "rate": rate, "only": only}),
                 Vec::new(),
                 figures,
             )

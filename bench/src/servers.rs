@@ -247,6 +247,12 @@ async fn first_line_where<T>(
     })
     .await
     .with_context(|| format!("{what} was not ready in 30 s"))??;
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    tokio::spawn(async move {
+        while let Ok(Some(l)) = lines.next_line().await {
+            if std::env::var_os("BENCH_SERVER_LOG").is_some() {
+                eprintln!("server: {l}");
+            }
+        }
+    });
     Ok(value)
 }
