@@ -642,7 +642,12 @@ pub async fn run(binary: &Path, params: Params) -> anyhow::Result<Value> {
     // Every WebTransport client goes through a relay without loss, which counts the bytes.
     crate::webtransport::set_path_loss(Some(0.0));
     let mut results: Vec<(Setup, Value)> = Vec::new();
-    let chosen = |s: &Setup| params.only.as_ref().is_none_or(|only| s.label().contains(only.as_str()));
+    let chosen = |s: &Setup| {
+        params
+            .only
+            .as_ref()
+            .is_none_or(|only| s.label().contains(only.as_str()))
+    };
     for setup in Setup::all(params.peer).into_iter().filter(chosen) {
         eprintln!("bracket: {} ({} clients)", setup.label(), params.clients);
         let figures = run_setup(binary, setup, &params).await?;

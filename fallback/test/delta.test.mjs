@@ -7,16 +7,17 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { applyDelta, applyTextDelta, connect } from '../courtside.js';
-import { createDelta, applyDelta as npmApplyDelta } from '../../tests/browser/node_modules/fossil-delta/fossil-delta.js';
+import { applyDelta as npmApplyDelta } from '../../tests/browser/node_modules/fossil-delta/fossil-delta.js';
 
 const vectors = JSON.parse(readFileSync(fileURLToPath(new URL('../../docs/test-vectors.json', import.meta.url)), 'utf8'));
 const utf8 = (s) => new TextEncoder().encode(s);
 const text = (b) => new TextDecoder().decode(b);
 
-test('fossil vectors: npm fossil-delta makes the same deltas, and both apply them', () => {
+// The server's deltas are fossil deltas from a search that looks further for long matches than
+// fossil's delta_create (npm createDelta), so their bytes may differ: what both must do is apply.
+test('fossil vectors: courtside.js and npm fossil-delta both apply them', () => {
   assert.ok(vectors.fossil.length >= 3);
   for (const v of vectors.fossil) {
-    assert.equal(text(createDelta(utf8(v.base), utf8(v.target))), v.delta, v.name);
     assert.equal(text(applyDelta(utf8(v.base), utf8(v.delta))), v.target, v.name);
     assert.equal(text(npmApplyDelta(utf8(v.base), utf8(v.delta))), v.target, v.name);
     assert.equal(applyTextDelta(v.base, v.delta), v.target, v.name);
