@@ -15,7 +15,7 @@ use crate::core::repair::{DatagramRepair, RepairAction, RepairPolicy};
 use crate::core::routing::{Route, StateDatagrams, StateRouting};
 use crate::core::wire::{self, ClientMessage};
 use crate::core::{ClientCommand, CommandError, Kind, Outgoing, RoomName, ServerControl};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Transport};
 
 /// What `StateDelivery` needs of a QUIC connection: its loss count, datagram size and RTT, and
 /// a way to send a datagram (quinn's `Connection` and quinn-proto's implement it).
@@ -142,7 +142,7 @@ impl StateDelivery {
                 FromClient::Command(Ok(ClientCommand::Ping))
             }
             Ok(ack) => {
-                self.metrics.webtransport.client_messages.inc();
+                self.metrics.transport(Transport::WebTransport).client_messages.inc();
                 self.on_ack(ack, now);
                 FromClient::Heard
             }
