@@ -260,9 +260,10 @@ impl StateDelivery {
             }
             route_changed = change.is_some();
         }
-        // A client that said `hello` hears of a new route before the first state that takes it
-        // (its datagrams may still overtake this stream message).
-        if route_changed && self.hello && !welcome_now {
+        // The answer to `hello` (before its `pong`, in this batch), and the news of a new route
+        // to a client that said `hello`, go first: before any state that takes the route (its
+        // datagrams may still overtake this stream message).
+        if welcome_now || (route_changed && self.hello) {
             self.welcome(out, path);
         }
         let max_datagram = if has_state && self.routing.datagrams_on() {
@@ -274,9 +275,6 @@ impl StateDelivery {
         for item in batch {
             match item {
                 Outgoing::Control(control) => {
-                    if self.welcome_owed && matches!(control, ServerControl::Pong) {
-                        self.welcome(out, path);
-                    }
                     self.routing.control(control);
                     wire::put_frame(out, &wire::encode_control(control));
                     match control {
@@ -509,6 +507,24 @@ mod tests {
         let later = t0 + crate::core::routing::CLEAN_PERIOD;
         states.write_batch(&[state(3, later)], &mut out, &mut path, later);
         assert_eq!(stream(&mut out), [welcome, "state".into()]);
+    }
+
+    #[test]
+    fn the_welcome_comes_first_in_its_batch_before_any_state_on_a_new_route() {
+        let t0 = Instant::now();
+        let mut states = delivery(StateDatagrams::AfterLoss);
+        let mut path = FakePath::default();
+        let mut out = BytesMut::new();
+        states.write_batch(&[subscribed(1, None), state(1, t0)], &mut out, &mut path, t0);
+        assert_eq!(stream(&mut out), ["subscribed", "alias", "state"]);
+        let hello = wire::encode_client(&ClientMessage::Hello);
+        states.on_frame(&hello, t0);
+        path.lost = 1;
+        let pong = Outgoing::Control(ServerControl::Pong);
+        states.write_batch(&[state(2, t0), pong], &mut out, &mut path, t0);
+        let welcome = serde_json::json!({"type": "welcome", "state_datagrams": "after-loss", "datagrams": true, "max_datagram": 1162});
+        assert_eq!(stream(&mut out), [welcome, "pong".into()]);
+        assert_eq!(path.sent.len(), 1, "version 2 went as a datagram, after the welcome");
     }
 
     #[test]
