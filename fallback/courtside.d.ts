@@ -147,6 +147,7 @@ export declare const MessageType: Readonly<{
   ACK: 0x04;
   ACKS: 0x05;
   AUTH: 0x06;
+  HELLO: 0x07;
   SUBSCRIBED: 0x10;
   UNSUBSCRIBED: 0x11;
   PONG: 0x12;
@@ -155,6 +156,7 @@ export declare const MessageType: Readonly<{
   CLOSE: 0x15;
   ALIAS: 0x16;
   AUTHED: 0x17;
+  WELCOME: 0x18;
   STATE: 0x20;
   EVENT: 0x21;
   STATE_BY_ALIAS: 0x22;
@@ -166,6 +168,7 @@ export type ClientMessage =
   | { type: 'subscribe'; room: string; since?: number; epoch?: string; id?: number | null; delta?: 'fossil' }
   | { type: 'unsubscribe'; room: string }
   | { type: 'ping' }
+  | { type: 'hello' }
   | { type: 'auth'; token: string }
   | { type: 'ack'; room: string; version: number }
   | { type: 'acks'; acks: { alias: number; version: number }[] };
@@ -184,6 +187,7 @@ export type ServerMessage =
   | { type: 'alias'; room: string; alias: number }
   | { type: 'delta'; room: string; version: number; base: number; ts: number; delta: string }
   | { type: 'delta'; alias: number; version: number; base: number; ts: number; delta: string }
+  | { type: 'welcome'; state_datagrams: 'always' | 'after-loss'; datagrams: boolean; max_datagram: number }
   | Authed;
 
 export declare function encodeClientMessage(message: ClientMessage): Uint8Array;

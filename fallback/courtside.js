@@ -29,9 +29,9 @@ const ACKS_PER_DATAGRAM = 64;
 // Binary protocol (WebTransport): type byte, then fields in postcard's format.
 
 export const MessageType = Object.freeze({
-  SUBSCRIBE: 0x01, UNSUBSCRIBE: 0x02, PING: 0x03, ACK: 0x04, ACKS: 0x05, AUTH: 0x06,
+  SUBSCRIBE: 0x01, UNSUBSCRIBE: 0x02, PING: 0x03, ACK: 0x04, ACKS: 0x05, AUTH: 0x06, HELLO: 0x07,
   SUBSCRIBED: 0x10, UNSUBSCRIBED: 0x11, PONG: 0x12, ERROR: 0x13, RECONNECT: 0x14, CLOSE: 0x15, ALIAS: 0x16,
-  AUTHED: 0x17,
+  AUTHED: 0x17, WELCOME: 0x18,
   STATE: 0x20, EVENT: 0x21, STATE_BY_ALIAS: 0x22, DELTA: 0x23, DELTA_BY_ALIAS: 0x24,
 });
 
@@ -99,7 +99,7 @@ class Reader {
   end() { if (this.pos !== this.bytes.length) throw new RangeError('trailing bytes'); }
 }
 
-/** Encodes a client message ({type: 'subscribe'|'unsubscribe'|'ping'|'ack'|'acks', ...}). */
+/** Encodes a client message ({type: 'subscribe'|'unsubscribe'|'ping'|'hello'|'auth'|'ack'|'acks', ...}). */
 export function encodeClientMessage(m) {
   const w = new Writer();
   switch (m.type) {
@@ -114,6 +114,8 @@ export function encodeClientMessage(m) {
       return w.u8(MessageType.UNSUBSCRIBE).string(m.room).finish();
     case 'ping':
       return w.u8(MessageType.PING).finish();
+    case 'hello':
+      return w.u8(MessageType.HELLO).finish();
     case 'auth':
       return w.u8(MessageType.AUTH).string(m.token).finish();
     case 'ack':
@@ -162,6 +164,9 @@ export function decodeServerMessage(bytes) {
       break;
     case MessageType.ALIAS: m = { type: 'alias', room: r.string(), alias: r.varint() }; break;
     case MessageType.AUTHED: m = { type: 'authed', sub: r.string(), exp: r.varint() }; break;
+    case MessageType.WELCOME:
+      m = { type: 'welcome', state_datagrams: r.string(), datagrams: r.bool(), max_datagram: r.varint() };
+      break;
     case MessageType.STATE_BY_ALIAS:
       m = { type: 'state', alias: r.varint(), version: r.varint(), ts: r.varint(), data: r.string() };
       break;

@@ -266,15 +266,6 @@ pub struct WebSocketConfig {
     /// Largest frame or message a client may send, in bytes; larger ones close with 1009.
     #[arg(long, env = "COURTSIDE_WS_MAX_MESSAGE", value_name = "BYTES", default_value_t = 1 << 20)]
     pub ws_max_message: usize,
-    /// Interval between the server's WebSocket pings.
-    #[arg(long, env = "COURTSIDE_PING_INTERVAL", value_name = "DURATION", default_value = "25s", value_parser = parse_duration)]
-    pub ping_interval: Duration,
-    /// A client silent for this long (no frame, no pong) is closed with 4002.
-    #[arg(long, env = "COURTSIDE_IDLE_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
-    pub idle_timeout: Duration,
-    /// A write that cannot complete for this long (the client stopped reading) drops the connection.
-    #[arg(long, env = "COURTSIDE_WRITE_TIMEOUT", value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
-    pub write_timeout: Duration,
     /// permessage-deflate (RFC 7692) for clients that offer it, as browsers do: on (the
     /// default) or off (never negotiated; every frame goes uncompressed).
     #[arg(
@@ -421,10 +412,22 @@ pub struct ClusterConfig {
     pub resend_window: Duration,
 }
 
-/// Per-connection limits, shared by every transport.
+/// Per-connection liveness and limits, the same for every transport (`connection::drive` and
+/// each transport's settings read them here).
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Connections")]
 pub struct ConnectionConfig {
+    /// Interval between the server's pings: WebSocket ping frames; over WebTransport, QUIC
+    /// keep-alives (at most a third of --idle-timeout).
+    #[arg(long, env = "COURTSIDE_PING_INTERVAL", value_name = "DURATION", default_value = "25s", value_parser = parse_duration)]
+    pub ping_interval: Duration,
+    /// A client silent for this long (no frame, no pong; over WebTransport no message: QUIC
+    /// keep-alives do not count) is closed with 4002.
+    #[arg(long, env = "COURTSIDE_IDLE_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// A write that cannot complete for this long (the client stopped reading) drops the connection.
+    #[arg(long, env = "COURTSIDE_WRITE_TIMEOUT", value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub write_timeout: Duration,
     /// Rooms one connection may subscribe to.
     #[arg(long, env = "COURTSIDE_MAX_SUBSCRIPTIONS", value_name = "N", default_value_t = 256)]
     pub max_subscriptions: usize,
@@ -575,9 +578,9 @@ impl ServeConfig {
             ("node-heartbeat", self.cluster.node_heartbeat),
             ("cert-check-interval", self.webtransport.cert_check_interval),
             ("idempotency-window", self.http.idempotency_window),
-            ("ping-interval", self.websocket.ping_interval),
-            ("idle-timeout", self.websocket.idle_timeout),
-            ("write-timeout", self.websocket.write_timeout),
+            ("ping-interval", self.connection.ping_interval),
+            ("idle-timeout", self.connection.idle_timeout),
+            ("write-timeout", self.connection.write_timeout),
             ("upgrade-timeout", self.http.upgrade_timeout),
         ];
         for (long, value) in durations {
@@ -925,8 +928,8 @@ mod tests {
         let c = serve(&["serve"]);
         assert_eq!(c.http.addr.to_string(), "0.0.0.0:3000");
         assert_eq!(c.http.max_body, 1 << 20);
-        assert_eq!(c.websocket.ping_interval, Duration::from_secs(25));
-        assert_eq!(c.websocket.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.connection.ping_interval, Duration::from_secs(25));
+        assert_eq!(c.connection.idle_timeout, Duration::from_secs(60));
         assert_eq!(c.http.upgrade_timeout, Duration::from_secs(10));
         assert_eq!(c.http.drain_timeout, Duration::from_secs(10));
         assert_eq!(c.connection.max_subscriptions, 256);
@@ -952,7 +955,7 @@ mod tests {
             "20",
         ]);
         assert_eq!(c.http.addr.to_string(), "127.0.0.1:4000");
-        assert_eq!(c.websocket.ping_interval, Duration::from_secs(5));
+        assert_eq!(c.connection.ping_interval, Duration::from_secs(5));
         assert_eq!(c.rooms.history_size, 20, "the flag wins over the file");
         assert_eq!(c.websocket.ws_compression, WsCompression::Off);
         assert_eq!(c.websocket.ws_compress_threshold, 256);

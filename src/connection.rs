@@ -42,11 +42,11 @@ impl DriverSettings {
     /// underneath) every `--ping-interval`, and 4002 after `--idle-timeout` of client silence.
     pub fn from_config(config: &crate::config::ServeConfig) -> Self {
         Self {
-            write_timeout: config.websocket.write_timeout,
+            write_timeout: config.connection.write_timeout,
             drain_timeout: config.http.drain_timeout,
             keepalive: Keepalive {
-                interval: config.websocket.ping_interval,
-                idle_timeout: config.websocket.idle_timeout,
+                interval: config.connection.ping_interval,
+                idle_timeout: config.connection.idle_timeout,
             },
             session: SessionLimits::from_config(config),
         }
@@ -187,7 +187,7 @@ pub async fn drive<W: Wire>(
     let transport = metrics.transport(W::TRANSPORT);
     transport.connections.inc();
     let conn = subscriber.id();
-    debug!(conn, transport = W::TRANSPORT.as_str(), "connected");
+    debug!(conn, transport = W::TRANSPORT.name(), "connected");
     let mut session = Session::new(
         node.hub.clone(),
         node.registry.clone(),
@@ -322,7 +322,7 @@ async fn finish<W: Wire>(
             }
         }
         Ending::Slow => {
-            info!(conn, transport = W::TRANSPORT.as_str(), "closing slow client (4001)");
+            info!(conn, transport = W::TRANSPORT.name(), "closing slow client (4001)");
             let reason = "slow consumer; reconnect with since";
             wire.close(close(close_code::SLOW, reason, settings.write_timeout))
                 .await;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 
 use crate::config::ServeConfig;
-use crate::metrics::{interval_histogram, quantile, Metrics, Sample, Transport};
+use crate::metrics::{interval_histogram, quantile, Metrics, Sample, Transport, TransportSample};
 use crate::shutdown::ShutdownListener;
 
 /// Where the documents go and what they are filed under.
@@ -67,25 +67,17 @@ pub const TRANSPORT_METRICS: &[(&str, &str)] = &[
 /// (dimensions Service, Environment) and one per transport (plus Transport).
 pub fn documents(settings: &EmfSettings, before: &Sample, now: &Sample, timestamp_ms: u64) -> Vec<String> {
     let delta = |a: u64, b: u64| b.saturating_sub(a);
+    // A counter's interval over every transport: each transport's own, summed.
+    let interval = |counter: fn(&TransportSample) -> u64| {
+        Transport::ALL
+            .into_iter()
+            .map(|t| delta(counter(&before.transports[t]), counter(&now.transports[t])))
+            .sum::<u64>()
+    };
     let mut values: Vec<(&str, Value)> = vec![
-        (
-            "Connections",
-            json!(now.websocket.connections + now.webtransport.connections),
-        ),
-        (
-            "MessagesIn",
-            json!(
-                delta(before.websocket.messages_in, now.websocket.messages_in)
-                    + delta(before.webtransport.messages_in, now.webtransport.messages_in)
-            ),
-        ),
-        (
-            "MessagesOut",
-            json!(
-                delta(before.websocket.messages_out, now.websocket.messages_out)
-                    + delta(before.webtransport.messages_out, now.webtransport.messages_out)
-            ),
-        ),
+        ("Connections", json!(now.transports.sum_by(|t| t.connections))),
+        ("MessagesIn", json!(interval(|t| t.messages_in))),
+        ("MessagesOut", json!(interval(|t| t.messages_out))),
         (
             "Publishes",
             json!(
@@ -94,13 +86,7 @@ pub fn documents(settings: &EmfSettings, before: &Sample, now: &Sample, timestam
             ),
         ),
         ("Errors", json!(delta(before.errors, now.errors))),
-        (
-            "SlowDisconnects",
-            json!(
-                delta(before.websocket.slow_disconnects, now.websocket.slow_disconnects)
-                    + delta(before.webtransport.slow_disconnects, now.webtransport.slow_disconnects)
-            ),
-        ),
+        ("SlowDisconnects", json!(interval(|t| t.slow_disconnects))),
         ("Rooms", json!(now.rooms)),
         ("Subscriptions", json!(now.subscriptions)),
         ("RegistryUp", json!(now.registry_up)),
@@ -119,10 +105,8 @@ pub fn documents(settings: &EmfSettings, before: &Sample, now: &Sample, timestam
     }
     let main = document(settings, None, METRICS, &values, timestamp_ms);
     let mut out = vec![main];
-    for (transport, b, n) in [
-        (Transport::WebSocket, &before.websocket, &now.websocket),
-        (Transport::WebTransport, &before.webtransport, &now.webtransport),
-    ] {
+    for transport in Transport::ALL {
+        let (b, n) = (&before.transports[transport], &now.transports[transport]);
         let values = [
             ("Connections", json!(n.connections)),
             ("MessagesIn", json!(delta(b.messages_in, n.messages_in))),
@@ -131,7 +115,7 @@ pub fn documents(settings: &EmfSettings, before: &Sample, now: &Sample, timestam
         ];
         out.push(document(
             settings,
-            Some(transport.as_str()),
+            Some(transport.name()),
             TRANSPORT_METRICS,
             &values,
             timestamp_ms,
@@ -209,7 +193,6 @@ pub async fn run(metrics: Arc<Metrics>, settings: EmfSettings, mut shutdown: Shu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::TransportSample;
 
     fn settings() -> EmfSettings {
         EmfSettings {
@@ -228,28 +211,18 @@ mod tests {
 
     #[test]
     fn counters_report_the_interval_and_gauges_the_present() {
-        let before = Sample {
-            websocket: TransportSample {
-                connections: 5,
-                messages_in: 10,
-                messages_out: 100,
-                slow_disconnects: 1,
-            },
+        let mut before = Sample {
             published_states: 7,
             latency: buckets(&[0, 0, 0]),
             ..Sample::default()
         };
-        let now = Sample {
-            websocket: TransportSample {
-                connections: 8,
-                messages_in: 15,
-                messages_out: 400,
-                slow_disconnects: 1,
-            },
-            webtransport: TransportSample {
-                connections: 2,
-                ..TransportSample::default()
-            },
+        before.transports[Transport::WebSocket] = TransportSample {
+            connections: 5,
+            messages_in: 10,
+            messages_out: 100,
+            slow_disconnects: 1,
+        };
+        let mut now = Sample {
             published_states: 9,
             published_events: 1,
             errors: 4,
@@ -257,6 +230,13 @@ mod tests {
             latency: buckets(&[0, 0, 0]),
             ..Sample::default()
         };
+        now.transports[Transport::WebSocket] = TransportSample {
+            connections: 8,
+            messages_in: 15,
+            messages_out: 400,
+            slow_disconnects: 1,
+        };
+        now.transports[Transport::WebTransport].connections = 2;
         let docs: Vec<Value> = documents(&settings(), &before, &now, 1_700_000_000_000)
             .iter()
             .map(|d| serde_json::from_str(d).expect("json"))

@@ -82,7 +82,7 @@ impl TrimPolicy {
 /// Samples the connection gauges every `TICK` and trims after a burst, until the shutdown.
 pub async fn run(metrics: Arc<Metrics>, mut stop: ShutdownListener) {
     let open_now = || {
-        let open = metrics.websocket.connections.get() + metrics.webtransport.connections.get();
+        let open = metrics.connections();
         u64::try_from(open).unwrap_or(0)
     };
     let mut policy = TrimPolicy::standard(open_now(), crate::clock::instant());

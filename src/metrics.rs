@@ -10,7 +10,10 @@ use prometheus_client::registry::Registry;
 
 use crate::core::{ErrorCode, Outgoing, Publication};
 
-/// A transport a client connects with; a label on per-transport metrics.
+/// A transport a client connects with: the one list of them. Its `name` labels the
+/// per-transport metrics (`transport="..."`, EMF's `Transport`, the operations page's keys), and
+/// every per-transport figure is a `PerTransport`, so a new transport is a new variant here and
+/// its `Wire`, nothing else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Transport {
     WebSocket,
@@ -18,11 +21,68 @@ pub enum Transport {
 }
 
 impl Transport {
-    pub fn as_str(self) -> &'static str {
+    /// Every transport, in the order its figures are listed.
+    pub const ALL: [Transport; 2] = [Self::WebSocket, Self::WebTransport];
+    pub const COUNT: usize = Self::ALL.len();
+
+    /// The label value of its metrics.
+    pub fn name(self) -> &'static str {
         match self {
             Self::WebSocket => "websocket",
             Self::WebTransport => "webtransport",
         }
+    }
+
+    /// Its slot in a `PerTransport`.
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One value per transport, indexed by `Transport`; serialised as an object keyed by the
+/// transports' names (`{"websocket": .., "webtransport": ..}`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PerTransport<T>([T; Transport::COUNT]);
+
+impl<T> PerTransport<T> {
+    /// The value of each transport, made by `f`.
+    pub fn from_fn(f: impl FnMut(Transport) -> T) -> Self {
+        Self(Transport::ALL.map(f))
+    }
+
+    /// Each transport with its value.
+    pub fn iter(&self) -> impl Iterator<Item = (Transport, &T)> {
+        Transport::ALL.into_iter().zip(&self.0)
+    }
+
+    /// The sum over every transport of what `f` reads from each: the one place a total is made.
+    pub fn sum_by<N: std::iter::Sum<N>>(&self, f: impl FnMut(&T) -> N) -> N {
+        self.0.iter().map(f).sum()
+    }
+}
+
+impl<T> std::ops::Index<Transport> for PerTransport<T> {
+    type Output = T;
+
+    fn index(&self, transport: Transport) -> &T {
+        &self.0[transport.index()]
+    }
+}
+
+impl<T> std::ops::IndexMut<Transport> for PerTransport<T> {
+    fn index_mut(&mut self, transport: Transport) -> &mut T {
+        &mut self.0[transport.index()]
+    }
+}
+
+impl<T: serde::Serialize> serde::Serialize for PerTransport<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(Transport::COUNT))?;
+        for (transport, value) in self.iter() {
+            map.serialize_entry(transport.name(), value)?;
+        }
+        map.end()
     }
 }
 
@@ -55,8 +115,8 @@ pub struct TransportMetrics {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    pub websocket: TransportMetrics,
-    pub webtransport: TransportMetrics,
+    /// Each transport's counters and gauges, labelled with its name.
+    pub transports: PerTransport<TransportMetrics>,
     pub subscriptions: Gauge,
     pub rooms: Gauge,
     pub published_states: Counter,
@@ -106,17 +166,14 @@ impl Metrics {
         let deliveries = Family::<TransportLabel, Counter>::default();
         let slow = Family::<TransportLabel, Counter>::default();
         let published = Family::<KindLabel, Counter>::default();
-        let transport = |t: Transport| TransportMetrics {
-            connections: connections.get_or_create_owned(&TransportLabel { transport: t.as_str() }),
-            client_messages: client_messages.get_or_create_owned(&TransportLabel { transport: t.as_str() }),
-            deliveries: deliveries.get_or_create_owned(&TransportLabel { transport: t.as_str() }),
-            slow_disconnects: slow.get_or_create_owned(&TransportLabel { transport: t.as_str() }),
-        };
-        let websocket = transport(Transport::WebSocket);
-        let webtransport = transport(Transport::WebTransport);
+        let transports = PerTransport::from_fn(|t| TransportMetrics {
+            connections: connections.get_or_create_owned(&TransportLabel { transport: t.name() }),
+            client_messages: client_messages.get_or_create_owned(&TransportLabel { transport: t.name() }),
+            deliveries: deliveries.get_or_create_owned(&TransportLabel { transport: t.name() }),
+            slow_disconnects: slow.get_or_create_owned(&TransportLabel { transport: t.name() }),
+        });
         let metrics = Self {
-            websocket,
-            webtransport,
+            transports,
             subscriptions: Gauge::default(),
             rooms: Gauge::default(),
             published_states: published.get_or_create_owned(&KindLabel { kind: "state" }),
@@ -227,10 +284,12 @@ impl Metrics {
     }
 
     pub fn transport(&self, transport: Transport) -> &TransportMetrics {
-        match transport {
-            Transport::WebSocket => &self.websocket,
-            Transport::WebTransport => &self.webtransport,
-        }
+        &self.transports[transport]
+    }
+
+    /// Open connections of every transport together.
+    pub fn connections(&self) -> i64 {
+        self.transports.sum_by(|t| t.connections.get())
     }
 
     /// Counts a batch written to one connection, and each publication's publish-to-send latency
@@ -334,8 +393,7 @@ pub struct TransportSample {
 /// Every counter and gauge the EMF documents and the operations page report, at an instant.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Sample {
-    pub websocket: TransportSample,
-    pub webtransport: TransportSample,
+    pub transports: PerTransport<TransportSample>,
     pub published_states: u64,
     pub published_events: u64,
     pub errors: u64,
@@ -350,18 +408,16 @@ pub struct Sample {
 
 impl Sample {
     pub fn of(metrics: &Metrics) -> Self {
-        let transport = |t: Transport| {
-            let m = metrics.transport(t);
-            TransportSample {
-                connections: m.connections.get(),
-                messages_in: m.client_messages.get(),
-                messages_out: m.deliveries.get(),
-                slow_disconnects: m.slow_disconnects.get(),
-            }
-        };
         Self {
-            websocket: transport(Transport::WebSocket),
-            webtransport: transport(Transport::WebTransport),
+            transports: PerTransport::from_fn(|t| {
+                let m = metrics.transport(t);
+                TransportSample {
+                    connections: m.connections.get(),
+                    messages_in: m.client_messages.get(),
+                    messages_out: m.deliveries.get(),
+                    slow_disconnects: m.slow_disconnects.get(),
+                }
+            }),
             published_states: metrics.published_states.get(),
             published_events: metrics.published_events.get(),
             errors: metrics.errors_sum.get(),
@@ -411,4 +467,43 @@ pub fn quantile(cumulative: &[(f64, u64)], q: f64) -> Option<f64> {
         (lower_bound, lower_count) = (bound, count);
     }
     Some(lower_bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The exposition's per-transport series keep their names and labels (dashboards read
+    /// them): one series per transport, labelled with its name.
+    #[test]
+    fn per_transport_series_are_labelled_with_each_transports_name() {
+        let metrics = Metrics::new();
+        metrics.transport(Transport::WebSocket).connections.inc();
+        metrics.transport(Transport::WebTransport).connections.set(2);
+        metrics.transport(Transport::WebTransport).deliveries.inc_by(5);
+        let text = metrics.render();
+        for line in [
+            "courtside_connections{transport=\"websocket\"} 1",
+            "courtside_connections{transport=\"webtransport\"} 2",
+            "courtside_messages_out_total{transport=\"webtransport\"} 5",
+            "courtside_messages_in_total{transport=\"websocket\"} 0",
+            "courtside_slow_disconnects_total{transport=\"webtransport\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        assert_eq!(metrics.connections(), 3, "the sum of every transport");
+        assert_eq!(Sample::of(&metrics).transports.sum_by(|t| t.messages_out), 5);
+    }
+
+    #[test]
+    fn a_per_transport_value_serialises_as_an_object_keyed_by_names() {
+        let mut counts = PerTransport::<u64>::default();
+        counts[Transport::WebTransport] = 7;
+        assert_eq!(
+            serde_json::to_string(&counts).expect("json"),
+            r#"{"websocket":0,"webtransport":7}"#
+        );
+        let names: Vec<&str> = counts.iter().map(|(t, _)| t.name()).collect();
+        assert_eq!(names, ["websocket", "webtransport"]);
+    }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::hub::{Hub, RoomLoad};
-use crate::metrics::{interval_histogram, quantile, Metrics, Sample};
+use crate::metrics::{interval_histogram, quantile, Metrics, PerTransport, Sample};
 use crate::registry::{Registry, RegistryStatus};
 use crate::shutdown::ShutdownListener;
 
@@ -17,13 +17,6 @@ use crate::shutdown::ShutdownListener;
 pub const INTERVAL: Duration = Duration::from_secs(1);
 /// Rooms listed as the busiest.
 pub const BUSIEST: usize = 10;
-
-/// A value per transport.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct PerTransport<T> {
-    pub websocket: T,
-    pub webtransport: T,
-}
 
 /// Publish-to-socket latency over the interval's deliveries, in milliseconds (`None` without
 /// deliveries in the interval).
@@ -148,18 +141,12 @@ pub fn summarize(node: &str, before: &Reading, now: Reading, elapsed: Duration) 
         ts: now.unix_ms,
         interval_ms: elapsed.as_millis() as u64,
         draining: n.draining != 0,
-        connections: PerTransport {
-            websocket: n.websocket.connections,
-            webtransport: n.webtransport.connections,
-        },
+        connections: PerTransport::from_fn(|t| n.transports[t].connections),
         publishes_per_s: rate(
             b.published_states + b.published_events,
             n.published_states + n.published_events,
         ),
-        deliveries_per_s: PerTransport {
-            websocket: rate(b.websocket.messages_out, n.websocket.messages_out),
-            webtransport: rate(b.webtransport.messages_out, n.webtransport.messages_out),
-        },
+        deliveries_per_s: PerTransport::from_fn(|t| rate(b.transports[t].messages_out, n.transports[t].messages_out)),
         latency_ms: Latency {
             p50: ms(0.50),
             p95: ms(0.95),
@@ -167,24 +154,17 @@ pub fn summarize(node: &str, before: &Reading, now: Reading, elapsed: Duration) 
         },
         errors_per_s: rate(b.errors, n.errors),
         errors,
-        slow_disconnects_per_s: PerTransport {
-            websocket: rate(b.websocket.slow_disconnects, n.websocket.slow_disconnects),
-            webtransport: rate(b.webtransport.slow_disconnects, n.webtransport.slow_disconnects),
-        },
+        slow_disconnects_per_s: PerTransport::from_fn(|t| {
+            rate(b.transports[t].slow_disconnects, n.transports[t].slow_disconnects)
+        }),
         rooms: n.rooms,
         subscriptions: n.subscriptions,
         registry: now.registry,
         busiest_rooms: now.busiest.into_iter().map(BusyRoom::from).collect(),
         totals: Totals {
             publishes: n.published_states + n.published_events,
-            deliveries: PerTransport {
-                websocket: n.websocket.messages_out,
-                webtransport: n.webtransport.messages_out,
-            },
-            slow_disconnects: PerTransport {
-                websocket: n.websocket.slow_disconnects,
-                webtransport: n.webtransport.slow_disconnects,
-            },
+            deliveries: PerTransport::from_fn(|t| n.transports[t].messages_out),
+            slow_disconnects: PerTransport::from_fn(|t| n.transports[t].slow_disconnects),
             errors: n.errors,
         },
     }
@@ -247,7 +227,15 @@ pub async fn run(
 mod tests {
     use super::*;
     use crate::core::RoomName;
-    use crate::metrics::TransportSample;
+    use crate::metrics::{Transport, TransportSample};
+
+    /// A sample of the two transports' figures (the rest default).
+    fn per_transport(websocket: TransportSample, webtransport: TransportSample) -> PerTransport<TransportSample> {
+        let mut samples = PerTransport::default();
+        samples[Transport::WebSocket] = websocket;
+        samples[Transport::WebTransport] = webtransport;
+        samples
+    }
 
     fn reading(sample: Sample, errors: Vec<(u16, String, u64)>) -> Reading {
         Reading {
@@ -282,11 +270,14 @@ mod tests {
     fn a_summary_reports_the_interval() {
         let before = reading(
             Sample {
-                websocket: TransportSample {
-                    connections: 10,
-                    messages_out: 100,
-                    ..TransportSample::default()
-                },
+                transports: per_transport(
+                    TransportSample {
+                        connections: 10,
+                        messages_out: 100,
+                        ..TransportSample::default()
+                    },
+                    TransportSample::default(),
+                ),
                 published_events: 5,
                 errors: 1,
                 latency: buckets(&[1000, 1000, 1000]),
@@ -296,17 +287,19 @@ mod tests {
         );
         let now = reading(
             Sample {
-                websocket: TransportSample {
-                    connections: 12,
-                    messages_out: 300,
-                    slow_disconnects: 2,
-                    ..TransportSample::default()
-                },
-                webtransport: TransportSample {
-                    connections: 4,
-                    messages_out: 50,
-                    ..TransportSample::default()
-                },
+                transports: per_transport(
+                    TransportSample {
+                        connections: 12,
+                        messages_out: 300,
+                        slow_disconnects: 2,
+                        ..TransportSample::default()
+                    },
+                    TransportSample {
+                        connections: 4,
+                        messages_out: 50,
+                        ..TransportSample::default()
+                    },
+                ),
                 published_events: 7,
                 published_states: 2,
                 errors: 4,
@@ -319,22 +312,18 @@ mod tests {
             vec![(1009, "message_too_big".into(), 2), (4001, "slow_consumer".into(), 2)],
         );
         let summary = summarize("n0", &before, now, Duration::from_secs(2));
+        // The JSON of `GET /v1/ops` (docs/openapi.yaml): an object keyed by transport names.
+        let json = serde_json::to_value(&summary).expect("json");
         assert_eq!(
-            summary.connections,
-            PerTransport {
-                websocket: 12,
-                webtransport: 4
-            }
+            json["connections"],
+            serde_json::json!({"websocket": 12, "webtransport": 4})
         );
         assert_eq!(summary.publishes_per_s, 2.0);
         assert_eq!(
-            summary.deliveries_per_s,
-            PerTransport {
-                websocket: 100.0,
-                webtransport: 25.0
-            }
+            json["deliveries_per_s"],
+            serde_json::json!({"websocket": 100.0, "webtransport": 25.0})
         );
-        assert_eq!(summary.slow_disconnects_per_s.websocket, 1.0);
+        assert_eq!(summary.slow_disconnects_per_s[Transport::WebSocket], 1.0);
         assert_eq!(summary.errors_per_s, 1.5);
         assert_eq!(
             summary
@@ -349,7 +338,7 @@ mod tests {
         assert!((1.0..=2.0).contains(&p50) && (1.0..=2.0).contains(&p99), "{p50} {p99}");
         assert_eq!((summary.rooms, summary.subscriptions), (3, 9));
         assert_eq!(summary.totals.publishes, 9);
-        assert_eq!(summary.totals.deliveries.websocket, 300);
+        assert_eq!(summary.totals.deliveries[Transport::WebSocket], 300);
         assert_eq!(summary.busiest_rooms[0].room, "game:1");
         assert_eq!(summary.interval_ms, 2000);
     }

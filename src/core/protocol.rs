@@ -392,6 +392,11 @@ mod tests {
         assert_eq!(code(r#"{"type":7}"#), Err(ErrorCode::BadRequest));
         assert_eq!(code(r#"{"type":"publish","room":"g"}"#), Err(ErrorCode::UnknownType));
         assert_eq!(code(r#"{"room":"g"}"#), Err(ErrorCode::UnknownType));
+        // docs/PROTOCOL.md, "Error codes": `auth` is a type; a `type` that is not a string and
+        // an `auth` without its token are bad requests.
+        assert_eq!(code(r#"{"type":"auth"}"#), Err(ErrorCode::BadRequest));
+        assert_eq!(code(r#"{"type":7}"#), Err(ErrorCode::BadRequest));
+        assert_eq!(code(r#"{"type":"hello"}"#), Err(ErrorCode::UnknownType));
         assert_eq!(
             code(r#"{"type":"subscribe","room":"bad room"}"#),
             Err(ErrorCode::BadRoom)

@@ -1,5 +1,5 @@
 //! Which WebTransport states go as datagrams and which on the reliable control stream. Pure, so
-//! the rule is tested here: the first state after `subscribed` never depends on a datagram.
+//! the rule is tested here: the state that follows a `subscribed` never depends on a datagram.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -115,11 +115,20 @@ impl StateRouting {
         None
     }
 
-    /// Notes a control reply on its way out: after `subscribed` with a state, that state (next
-    /// in the queue) goes reliably; after `unsubscribed` nothing is owed for the room.
+    /// Notes a control reply on its way out. After a `subscribed` with a state (`version` > 0:
+    /// the current state follows) or with `recovered` (every notice, and a reply to a subscribe
+    /// with `since`), the room's next state goes reliably: it never overtakes the `subscribed`
+    /// whose numbers it follows (after a notice a client would judge it by the room's previous
+    /// numbers, drop it as stale and acknowledge the version it held, ending the repair). After
+    /// `unsubscribed` nothing is owed.
     pub fn control(&mut self, control: &ServerControl) {
         match control {
-            ServerControl::Subscribed { room, version, .. } if *version > 0 => {
+            ServerControl::Subscribed {
+                room,
+                version,
+                recovered,
+                ..
+            } if *version > 0 || recovered.is_some() => {
                 self.reliable_next.insert(room.clone());
             }
             ServerControl::Unsubscribed { room } => {
@@ -167,9 +176,20 @@ mod tests {
         routing.control(&subscribed("game:1", 3));
         assert_eq!(routing.route(&room("game:1"), true), Route::Stream);
         assert_eq!(routing.route(&room("game:1"), true), Route::Datagram);
-        // A room without a state yet owes nothing reliable.
+        // A reply without a state owes nothing reliable.
         routing.control(&subscribed("game:2", 0));
         assert_eq!(routing.route(&room("game:2"), true), Route::Datagram);
+        // A notice does, whatever its version (`recovered: false` carries 0): the newest state
+        // follows it, and must not overtake it.
+        for recovered in [false, true] {
+            let mut notice = subscribed("game:3", 0);
+            if let ServerControl::Subscribed { recovered: r, .. } = &mut notice {
+                *r = Some(recovered);
+            }
+            routing.control(&notice);
+            assert_eq!(routing.route(&room("game:3"), true), Route::Stream);
+            assert_eq!(routing.route(&room("game:3"), true), Route::Datagram);
+        }
     }
 
     #[test]

@@ -139,7 +139,7 @@ async fn not_found() -> ApiError {
 }
 
 async fn health(State(node): State<Node>) -> Response {
-    let connections = node.metrics.websocket.connections.get() + node.metrics.webtransport.connections.get();
+    let connections = node.metrics.connections();
     let body = serde_json::json!({
         "status": if node.is_draining() { "draining" } else { "ok" },
         "connections": connections,

@@ -11,7 +11,7 @@ use crate::core::{
     ConnectionQueue, EventId, EventIds, JsonData, Kind, Now, Publication, Pushed, QueueLimits, RetentionLimits, Room,
     RoomId, RoomName, ServerControl,
 };
-use crate::metrics::{Metrics, Transport};
+use crate::metrics::{Metrics, PerTransport, Transport};
 
 const SHARDS: usize = 64;
 
@@ -156,16 +156,16 @@ pub struct RoomHistory {
 /// What one fan-out did, per transport.
 #[derive(Debug, Default)]
 struct FanoutOutcome {
-    pushed: [FanoutTally; 2],
-    written: [u64; 2],
+    pushed: PerTransport<FanoutTally>,
+    written: PerTransport<u64>,
 }
 
 impl FanoutOutcome {
     fn flush(&mut self, metrics: &Metrics, publication: &Publication) {
-        for (t, transport) in [Transport::WebSocket, Transport::WebTransport].into_iter().enumerate() {
-            self.pushed[t].flush(metrics, transport);
-            if self.written[t] > 0 {
-                metrics.record_direct_deliveries(transport, self.written[t], publication);
+        for transport in Transport::ALL {
+            self.pushed[transport].flush(metrics, transport);
+            if self.written[transport] > 0 {
+                metrics.record_direct_deliveries(transport, self.written[transport], publication);
             }
         }
     }
@@ -349,7 +349,7 @@ impl Hub {
         let direct = entry.pace.allows_direct(started, subscribers);
         let mut outcome = FanoutOutcome::default();
         for subscriber in entry.subscribers.values() {
-            let t = subscriber.transport() as usize;
+            let t = subscriber.transport();
             match subscriber.offer_publication(publication, offer, direct) {
                 Offered::Written => outcome.written[t] += 1,
                 Offered::Pushed(pushed) => outcome.pushed[t].add(pushed),
@@ -1437,7 +1437,7 @@ mod tests {
         }
         assert_eq!(fast_seqs, (1..=10).collect::<Vec<_>>());
         assert_eq!(slow.drain_into(&mut Vec::new(), 100), Some(QueueClosed::Slow));
-        assert_eq!(hub.metrics().websocket.slow_disconnects.get(), 1);
+        assert_eq!(hub.metrics().transport(Transport::WebSocket).slow_disconnects.get(), 1);
     }
 
     #[test]

@@ -116,7 +116,7 @@ impl Registry for EmbeddedRegistry {
         let me = NodeRecord {
             id: "local".into(),
             http: String::new(),
-            connections: metrics.websocket.connections.get() + metrics.webtransport.connections.get(),
+            connections: metrics.connections(),
             subscriptions: metrics.subscriptions.get(),
             rooms: self.hub.room_count() as i64,
             ops: self.summary.lock().unwrap_or_else(|p| p.into_inner()).clone(),

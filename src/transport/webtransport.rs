@@ -84,8 +84,8 @@ impl WebTransportSettings {
             cert_check_interval: wt.cert_check_interval,
             // Chromium gives up on a QUIC connection about a second before the idle timeout
             // it agreed to (seen: 2 s agreed, lost after 1 s): keep-alives well inside it.
-            keep_alive: config.websocket.ping_interval.min(config.websocket.idle_timeout / 3),
-            idle_timeout: config.websocket.idle_timeout,
+            keep_alive: config.connection.ping_interval.min(config.connection.idle_timeout / 3),
+            idle_timeout: config.connection.idle_timeout,
             handshake_timeout: config.http.upgrade_timeout,
             // The client's silence is timed as on WebSocket (4002): QUIC's own keep-alives
             // would hold a silent session forever.

@@ -23,7 +23,7 @@ for text in [
 for vector in vectors["websocket"]:
     add("websocket_command", vector["text"])
 
-for vector in vectors["webtransport"]["messages"]:
+for vector in vectors["webtransport"]["messages"] + vectors["webtransport"].get("accepted", []):
     message = bytes.fromhex(vector["hex"])
     add("webtransport_message", message)
     add("redis_envelope", message)

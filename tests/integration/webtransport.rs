@@ -25,6 +25,40 @@ async fn the_cert_hash_is_lowercase_hex_and_lets_a_client_connect() {
     assert_eq!(client.recv_stream().await, json!({"type": "pong"}));
 }
 
+/// PROTOCOL.md, "Which data uses which path": `hello` is answered with `welcome` (the setting,
+/// the route now, the largest datagram), then `pong`; a `ping` gets no `welcome`.
+#[tokio::test]
+async fn hello_is_answered_with_welcome_then_pong() {
+    let server = TestServer::start(&[]);
+    let mut client = WtClient::connect(&server).await;
+    client.send(json!({"type": "hello"})).await;
+    let welcome = client.recv_stream().await;
+    assert_eq!(
+        (
+            welcome["type"].as_str(),
+            welcome["state_datagrams"].as_str(),
+            welcome["datagrams"].as_bool()
+        ),
+        (Some("welcome"), Some("after-loss"), Some(false)),
+        "{welcome}"
+    );
+    let max = welcome["max_datagram"].as_u64().expect("max_datagram");
+    assert!((1_150..=1_170).contains(&max), "{welcome}");
+    assert_eq!(client.recv_stream().await, json!({"type": "pong"}));
+    client.send(json!({"type": "ping"})).await;
+    assert_eq!(client.recv_stream().await, json!({"type": "pong"}));
+
+    let server = TestServer::start(&STATES_AS_DATAGRAMS);
+    let mut client = WtClient::connect(&server).await;
+    client.send(json!({"type": "hello"})).await;
+    let welcome = client.recv_stream().await;
+    assert_eq!(
+        (welcome["state_datagrams"].as_str(), welcome["datagrams"].as_bool()),
+        (Some("always"), Some(true)),
+        "{welcome}"
+    );
+}
+
 #[tokio::test]
 async fn a_state_update_arrives_as_a_datagram_after_an_http_publish() {
     let server = TestServer::start(&STATES_AS_DATAGRAMS);

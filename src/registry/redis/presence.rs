@@ -66,7 +66,7 @@ impl RedisRegistry {
         let ttl_ms = (self.settings.heartbeat * 3).as_millis() as u64;
         let now_ms = crate::clock::unix_ms();
         let id = &self.settings.node_id;
-        let connections = self.metrics.websocket.connections.get() + self.metrics.webtransport.connections.get();
+        let connections = self.metrics.connections();
         let mut fields = vec![
             ("connections", connections.to_string()),
             ("subscriptions", self.metrics.subscriptions.get().to_string()),

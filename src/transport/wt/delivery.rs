@@ -15,7 +15,7 @@ use crate::core::repair::{DatagramRepair, RepairAction, RepairPolicy};
 use crate::core::routing::{Route, StateDatagrams, StateRouting};
 use crate::core::wire::{self, ClientMessage};
 use crate::core::{ClientCommand, CommandError, Kind, Outgoing, RoomName, ServerControl};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Transport};
 
 /// What `StateDelivery` needs of a QUIC connection: its loss count, datagram size and RTT, and
 /// a way to send a datagram (quinn's `Connection` and quinn-proto's implement it).
@@ -93,6 +93,11 @@ pub struct StateDelivery {
     /// The version of each room whose state went as a delta datagram last, so that its
     /// repair resends the delta (the whole state may not fit a datagram).
     delta_datagrams: std::collections::HashMap<RoomId, u64>,
+    /// The client sent `hello`: it is told how states travel (`welcome`), now and whenever
+    /// the route changes.
+    hello: bool,
+    /// A `welcome` goes out before the next `pong` (the answer to `hello`).
+    welcome_owed: bool,
 }
 
 impl StateDelivery {
@@ -106,6 +111,8 @@ impl StateDelivery {
             repairs: Vec::new(),
             aliases: Vec::new(),
             delta_datagrams: std::collections::HashMap::new(),
+            hello: false,
+            welcome_owed: false,
         }
     }
 
@@ -128,8 +135,14 @@ impl StateDelivery {
                 }
                 FromClient::Command(Ok(command))
             }
+            // Answered as a ping is, with a `welcome` before its `pong` (`write_batch`).
+            Ok(ClientMessage::Hello) => {
+                self.hello = true;
+                self.welcome_owed = true;
+                FromClient::Command(Ok(ClientCommand::Ping))
+            }
             Ok(ack) => {
-                self.metrics.webtransport.client_messages.inc();
+                self.metrics.transport(Transport::WebTransport).client_messages.inc();
                 self.on_ack(ack, now);
                 FromClient::Heard
             }
@@ -164,7 +177,7 @@ impl StateDelivery {
                     self.repair.acked(RoomId(ack.alias), ack.version, now);
                 }
             }
-            ClientMessage::Command(_) => {}
+            ClientMessage::Command(_) | ClientMessage::Hello => {}
         }
     }
 
@@ -232,13 +245,26 @@ impl StateDelivery {
         let has_state = batch.iter().any(|item| {
             matches!(item, Outgoing::Publication(p) if p.kind == Kind::State) || matches!(item, Outgoing::Delta(_))
         });
-        if has_state && self.state_datagrams == StateDatagrams::AfterLoss {
+        let welcome_now = self.welcome_owed
+            && batch
+                .iter()
+                .any(|item| matches!(item, Outgoing::Control(ServerControl::Pong)));
+        let mut route_changed = false;
+        if (has_state || welcome_now) && self.state_datagrams == StateDatagrams::AfterLoss {
             let lost = path.lost_packets();
-            match self.routing.path_lost(lost, now) {
+            let change = self.routing.path_lost(lost, now);
+            match change {
                 Some(Route::Datagram) => debug!(lost, "packet loss on this session: states go as datagrams"),
                 Some(Route::Stream) => debug!("no loss for a while: states go on the stream again"),
                 None => {}
             }
+            route_changed = change.is_some();
+        }
+        // The answer to `hello` (before its `pong`, in this batch), and the news of a new route
+        // to a client that said `hello`, go first: before any state that takes the route (its
+        // datagrams may still overtake this stream message).
+        if welcome_now || (route_changed && self.hello) {
+            self.welcome(out, path);
         }
         let max_datagram = if has_state && self.routing.datagrams_on() {
             path.max_datagram_size()
@@ -279,6 +305,16 @@ impl StateDelivery {
                 }
             }
         }
+    }
+
+    /// Writes `welcome`: how this session's states travel now (docs/PROTOCOL.md, "Which data
+    /// uses which path").
+    fn welcome(&mut self, out: &mut BytesMut, path: &mut impl DatagramPath) {
+        self.welcome_owed = false;
+        let max = path.max_datagram_size().unwrap_or(0);
+        let datagrams = self.routing.datagrams_on() && max > 0;
+        let message = wire::encode_welcome(self.state_datagrams.as_str(), datagrams, max as u64);
+        wire::put_frame(out, &message);
     }
 
     /// Writes one state, whole or as `delta`: as a datagram where `core::routing` says so and
@@ -351,5 +387,181 @@ impl StateDelivery {
             }
         }
         self.repairs = repairs;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::publication::JsonData;
+    use crate::core::wire::{FrameDecoder, ServerMessage};
+    use crate::core::Now;
+
+    /// A path that counts its losses as told and keeps the datagrams sent.
+    #[derive(Default)]
+    struct FakePath {
+        lost: u64,
+        sent: Vec<Bytes>,
+    }
+
+    impl DatagramPath for FakePath {
+        fn lost_packets(&mut self) -> u64 {
+            self.lost
+        }
+        fn max_datagram_size(&mut self) -> Option<usize> {
+            Some(1162)
+        }
+        fn rtt(&mut self) -> Duration {
+            Duration::from_millis(1)
+        }
+        fn send_datagram(&mut self, datagram: Bytes) -> bool {
+            self.sent.push(datagram);
+            true
+        }
+    }
+
+    fn room() -> RoomName {
+        RoomName::parse("game:1").expect("room")
+    }
+
+    fn subscribed(version: u64, recovered: Option<bool>) -> Outgoing {
+        Outgoing::Control(ServerControl::Subscribed {
+            room: room(),
+            room_id: RoomId(17),
+            epoch: "e".into(),
+            version,
+            seq: 0,
+            recovered,
+            request: None,
+        })
+    }
+
+    fn state(version: u64, now: Instant) -> Outgoing {
+        let data = JsonData::parse(b"1").expect("json");
+        let now = Now {
+            unix_ms: 1,
+            instant: now,
+        };
+        Outgoing::Publication(Arc::new(Publication::new(
+            RoomId(17),
+            room(),
+            Kind::State,
+            version,
+            None,
+            &data,
+            now,
+        )))
+    }
+
+    fn delivery(mode: StateDatagrams) -> StateDelivery {
+        StateDelivery::new(
+            Bytes::from_static(&[0]),
+            Arc::new(Metrics::new()),
+            RepairPolicy::default(),
+            mode,
+        )
+    }
+
+    /// The types of the stream messages in `out`, and the welcomes' bodies as JSON.
+    fn stream(out: &mut BytesMut) -> Vec<serde_json::Value> {
+        let mut decoder = FrameDecoder::default();
+        decoder.extend(&out.split());
+        let mut messages = Vec::new();
+        while let Some(frame) = decoder.next_frame(1 << 20).expect("frame") {
+            let message = wire::decode_server(&frame).expect("decode");
+            messages.push(match message {
+                ServerMessage::Welcome(_) => message.to_json(),
+                other => other.to_json()["type"].clone(),
+            });
+        }
+        messages
+    }
+
+    #[test]
+    fn hello_is_answered_by_a_welcome_before_the_pong_and_again_when_the_route_changes() {
+        let t0 = Instant::now();
+        let mut states = delivery(StateDatagrams::AfterLoss);
+        let mut path = FakePath::default();
+        let mut out = BytesMut::new();
+        let hello = wire::encode_client(&ClientMessage::Hello);
+        assert!(matches!(
+            states.on_frame(&hello, t0),
+            FromClient::Command(Ok(ClientCommand::Ping))
+        ));
+        states.write_batch(&[Outgoing::Control(ServerControl::Pong)], &mut out, &mut path, t0);
+        let welcome = serde_json::json!({"type": "welcome", "state_datagrams": "after-loss", "datagrams": false, "max_datagram": 1162});
+        assert_eq!(stream(&mut out), [welcome.clone(), "pong".into()]);
+        // Once only: the next pong comes alone.
+        states.write_batch(&[Outgoing::Control(ServerControl::Pong)], &mut out, &mut path, t0);
+        assert_eq!(stream(&mut out), ["pong"]);
+        // A loss: the welcome says so before the first state sent as a datagram.
+        states.write_batch(&[subscribed(1, None), state(1, t0)], &mut out, &mut path, t0);
+        assert_eq!(stream(&mut out), ["subscribed", "alias", "state"]);
+        path.lost = 1;
+        states.write_batch(&[state(2, t0)], &mut out, &mut path, t0);
+        let mut datagrams_on = welcome.clone();
+        datagrams_on["datagrams"] = true.into();
+        assert_eq!(stream(&mut out), [datagrams_on]);
+        assert_eq!(path.sent.len(), 1, "version 2 went as a datagram");
+        // Clean for the clean period: back on the stream, said first.
+        let later = t0 + crate::core::routing::CLEAN_PERIOD;
+        states.write_batch(&[state(3, later)], &mut out, &mut path, later);
+        assert_eq!(stream(&mut out), [welcome, "state".into()]);
+    }
+
+    #[test]
+    fn the_welcome_comes_first_in_its_batch_before_any_state_on_a_new_route() {
+        let t0 = Instant::now();
+        let mut states = delivery(StateDatagrams::AfterLoss);
+        let mut path = FakePath::default();
+        let mut out = BytesMut::new();
+        states.write_batch(&[subscribed(1, None), state(1, t0)], &mut out, &mut path, t0);
+        assert_eq!(stream(&mut out), ["subscribed", "alias", "state"]);
+        let hello = wire::encode_client(&ClientMessage::Hello);
+        states.on_frame(&hello, t0);
+        path.lost = 1;
+        let pong = Outgoing::Control(ServerControl::Pong);
+        states.write_batch(&[state(2, t0), pong], &mut out, &mut path, t0);
+        let welcome = serde_json::json!({"type": "welcome", "state_datagrams": "after-loss", "datagrams": true, "max_datagram": 1162});
+        assert_eq!(stream(&mut out), [welcome, "pong".into()]);
+        assert_eq!(path.sent.len(), 1, "version 2 went as a datagram, after the welcome");
+    }
+
+    #[test]
+    fn without_hello_no_welcome() {
+        let t0 = Instant::now();
+        let mut states = delivery(StateDatagrams::Always);
+        let mut path = FakePath::default();
+        let mut out = BytesMut::new();
+        let ping = wire::encode_client(&ClientMessage::Command(ClientCommand::Ping));
+        assert!(matches!(
+            states.on_frame(&ping, t0),
+            FromClient::Command(Ok(ClientCommand::Ping))
+        ));
+        states.write_batch(&[Outgoing::Control(ServerControl::Pong)], &mut out, &mut path, t0);
+        assert_eq!(stream(&mut out), ["pong"]);
+    }
+
+    #[test]
+    fn the_state_after_a_subscribed_with_a_state_or_a_notice_goes_on_the_stream() {
+        let t0 = Instant::now();
+        let mut states = delivery(StateDatagrams::Always);
+        let mut path = FakePath::default();
+        let mut out = BytesMut::new();
+        states.write_batch(
+            &[subscribed(4, None), state(4, t0), state(5, t0)],
+            &mut out,
+            &mut path,
+            t0,
+        );
+        assert_eq!(stream(&mut out), ["subscribed", "alias", "state"]);
+        assert_eq!(path.sent.len(), 1, "version 5 as a datagram");
+        // A notice with `recovered: false` carries version 0; the newest state follows it, on
+        // the stream, so it cannot overtake the notice. The alias is not announced again.
+        states.write_batch(&[subscribed(0, Some(false)), state(2, t0)], &mut out, &mut path, t0);
+        assert_eq!(stream(&mut out), ["subscribed", "state"]);
+        assert_eq!(path.sent.len(), 1);
+        states.write_batch(&[state(3, t0)], &mut out, &mut path, t0);
+        assert_eq!(path.sent.len(), 2);
     }
 }

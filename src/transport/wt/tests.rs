@@ -644,3 +644,59 @@ fn a_session_takes_more_deliveries_once_the_client_reads_again() {
     assert!(pair.server.events.iter().any(|e| matches!(e, SessionEvent::Writable)));
     assert_eq!(pair.client.messages.len(), 12, "every message arrived");
 }
+
+/// A state of the tests' room whose datagram (quarter stream ID included) is `len` bytes.
+fn state_of_datagram_len(pair: &Pair, version: u64, len: usize) -> Outgoing {
+    let now = Now {
+        unix_ms: 1_700_000_000_000,
+        instant: pair.now,
+    };
+    let make = |pad: usize| {
+        let data = JsonData::parse(format!("\"{}\"", "a".repeat(pad)).as_bytes()).expect("json");
+        Arc::new(Publication::new(
+            RoomId(ALIAS),
+            room(),
+            Kind::State,
+            version,
+            None,
+            &data,
+            now,
+        ))
+    };
+    let guess = make(len);
+    let p = make(len - (guess.session0_datagram().len() - len));
+    assert_eq!(p.session0_datagram().len(), len);
+    Outgoing::Publication(p)
+}
+
+/// docs/PROTOCOL.md, "The HTTP/3 layer": 1,200-byte packets, so with the client's 8-byte
+/// connection ID the largest datagram the server sends is 1,162 bytes; `welcome` says so.
+#[test]
+fn the_largest_datagram_is_1162_bytes_and_welcome_says_so() {
+    let mut pair = subscribed_pair(Setup::default());
+    pair.client.send(&ClientMessage::Hello);
+    pair.run_for(10 * MS);
+    let now = pair.now;
+    pair.server
+        .session()
+        .deliver(now, &[Outgoing::Control(ServerControl::Pong)]);
+    pair.run_for(10 * MS);
+    assert!(
+        matches!(
+            pair.client.decoded()[2..],
+            [ServerMessage::Welcome(ref w), ServerMessage::Pong]
+                if w.state_datagrams == "always" && w.datagrams && w.max_datagram == 1162
+        ),
+        "{:?}",
+        pair.client.decoded()
+    );
+    for (version, len) in [(1, 100), (2, 1162), (3, 1163)] {
+        let now = pair.now;
+        let state = state_of_datagram_len(&pair, version, len);
+        pair.server.session().deliver(now, &[state]);
+        pair.run_for(50 * MS);
+    }
+    let datagrams: Vec<usize> = pair.client.datagrams.iter().map(|d| d.len()).collect();
+    assert_eq!(datagrams, [100, 1162], "1,163 bytes went on the stream");
+    assert_eq!(pair.client.newest_state("game:1234", ALIAS), Some(3));
+}
