@@ -134,6 +134,8 @@ impl Default for CommandRate {
 pub enum Refusal {
     #[error("the node holds its maximum number of connections")]
     ConnectionLimit,
+    #[error("the server is shutting down; connect to another node")]
+    Draining,
     #[error("this origin may not connect here")]
     OriginNotAllowed,
     #[error("a valid publish token is required: Authorization: Bearer <token>")]
@@ -150,7 +152,7 @@ impl Refusal {
     /// The HTTP status that answers it.
     pub fn status(self) -> u16 {
         match self {
-            Self::ConnectionLimit => 503,
+            Self::ConnectionLimit | Self::Draining => 503,
             Self::OriginNotAllowed | Self::Forbidden => 403,
             Self::IpConnectionLimit | Self::IpRateLimited => 429,
             Self::Unauthorized => 401,
@@ -161,6 +163,7 @@ impl Refusal {
     pub fn name(self) -> &'static str {
         match self {
             Self::ConnectionLimit => "connection_limit",
+            Self::Draining => "draining",
             Self::OriginNotAllowed => "origin_not_allowed",
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",
@@ -331,6 +334,26 @@ impl Admission {
             Ok(permit) => Ok(ConnectionPermit { _permit: permit }),
             Err(_) => Err(self.refuse(Refusal::ConnectionLimit)),
         }
+    }
+
+    /// The first checks of a new session, the same on every transport (WebSocket's upgrade,
+    /// WebTransport's CONNECT on either engine), each with its one answer: an `Origin` outside
+    /// `--allowed-origins` (403 `origin_not_allowed`), then a draining node (503 `draining`).
+    /// WebTransport then takes its address's and the node's places (`admit_session`); a
+    /// WebSocket takes its node place on accept and its address's in the upgrade.
+    pub fn check_session(&self, origin: Option<&[u8]>, draining: bool) -> Result<(), Refusal> {
+        self.check_origin(origin)?;
+        if draining {
+            return Err(self.refuse(Refusal::Draining));
+        }
+        Ok(())
+    }
+
+    /// A WebTransport session's places: under its address's limits (429) and the node's
+    /// `--max-connections` (503), as a TCP connection takes them on accept.
+    pub fn admit_session(&self, ip: std::net::IpAddr) -> Result<(IpPermit, ConnectionPermit), Refusal> {
+        let ip_permit = self.admit_ip(ip).map_err(|refused| refused.refusal)?;
+        Ok((ip_permit, self.admit_connection()?))
     }
 
     /// A browser's `Origin` (absent for non-browser clients, which are allowed).
@@ -588,6 +611,40 @@ mod tests {
             metrics,
         )
         .expect("admission")
+    }
+
+    #[test]
+    fn a_new_session_gets_one_answer_from_one_table_whatever_its_transport() {
+        let metrics = Arc::new(Metrics::new());
+        let a = admission_with(1, &["https://scores.example"], metrics.clone());
+        let ours = Some(&b"https://scores.example"[..]);
+        assert_eq!(a.check_session(ours, false), Ok(()));
+        assert_eq!(
+            a.check_session(Some(b"https://evil.example"), false),
+            Err(Refusal::OriginNotAllowed)
+        );
+        assert_eq!(
+            a.check_session(Some(b"https://evil.example"), true),
+            Err(Refusal::OriginNotAllowed)
+        );
+        assert_eq!(a.check_session(ours, true), Err(Refusal::Draining));
+        let statuses: Vec<u16> = [
+            Refusal::OriginNotAllowed,
+            Refusal::Draining,
+            Refusal::IpConnectionLimit,
+            Refusal::ConnectionLimit,
+        ]
+        .map(Refusal::status)
+        .to_vec();
+        assert_eq!(statuses, [403, 503, 429, 503]);
+        let ip = std::net::IpAddr::from([192, 0, 2, 7]);
+        let (_ip_permit, _place) = a.admit_session(ip).expect("the first session");
+        assert_eq!(a.admit_session(ip).err(), Some(Refusal::ConnectionLimit));
+        let text = metrics.render();
+        assert!(
+            text.contains(r#"courtside_errors_total{code="503",name="draining"} 1"#),
+            "{text}"
+        );
     }
 
     #[test]

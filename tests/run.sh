@@ -32,6 +32,13 @@ if [ ! -d tests/browser/node_modules/playwright-core ] || [ ! -d tests/browser/n
   npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
 fi
 
+# aioquic: an HTTP/3 client that follows RFC 9114, for the WebTransport refusals (PyPI).
+if ! python3 -c 'import aioquic' >/dev/null 2>&1; then
+  echo "== installing aioquic (pip)"
+  python3 -m pip install --quiet --disable-pip-version-check aioquic==1.7.2 \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages aioquic==1.7.2
+fi
+
 echo "== docs/openapi.yaml parses"
 python3 -c 'import sys, yaml; yaml.safe_load(open("docs/openapi.yaml"))' || { echo "docs/openapi.yaml is not valid YAML" >&2; exit 1; }
 
@@ -44,3 +51,6 @@ cargo test --workspace "$@"
 echo "== JavaScript: client codec and headless Chromium"
 cargo build --quiet
 node --test fallback/test/ tests/browser/
+
+echo "== HTTP/3 (aioquic, RFC 9114): a session and the WebTransport refusals on both engines"
+python3 tests/h3client/refusals.py quinn proto

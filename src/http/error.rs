@@ -260,6 +260,7 @@ impl ApiErrorCode {
     pub fn from_refusal(refusal: Refusal) -> Self {
         match refusal {
             Refusal::ConnectionLimit => Self::ConnectionLimit,
+            Refusal::Draining => Self::Draining,
             Refusal::OriginNotAllowed => Self::OriginNotAllowed,
             Refusal::Unauthorized => Self::Unauthorized,
             Refusal::Forbidden => Self::Forbidden,

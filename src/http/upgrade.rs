@@ -18,21 +18,11 @@ use crate::transport::websocket;
 /// `GET /ws`: checks the upgrade request, answers 101 and hands the socket to the transport.
 pub async fn websocket(State(state): State<HttpState>, mut request: Request) -> Response {
     let node = state.node;
-    if node.is_draining() {
-        return ApiError::new(
-            ApiErrorCode::Draining,
-            "the server is shutting down; connect to another node",
-        )
-        .into_response();
-    }
     let headers = request.headers();
     let origin = headers.get(header::ORIGIN).map(HeaderValue::as_bytes);
-    if let Err(refusal) = node.admission.check_origin(origin) {
-        return ApiError::new(
-            ApiErrorCode::from_refusal(refusal),
-            "this origin may not open a WebSocket here",
-        )
-        .into_response();
+    // The same checks and answers as a WebTransport CONNECT (`Admission::check_session`).
+    if let Err(refusal) = node.admission.check_session(origin, node.is_draining()) {
+        return ApiError::new(ApiErrorCode::from_refusal(refusal), refusal.to_string()).into_response();
     }
     let key = match check_upgrade_headers(headers) {
         Ok(key) => key,

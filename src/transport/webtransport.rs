@@ -337,9 +337,10 @@ struct Handshaken {
 enum HandshakeError {
     #[error(transparent)]
     H3(#[from] H3Error),
-    /// Answered with this HTTP status; the client closes.
+    /// Answered with this HTTP status; the client closes. The server's HTTP/3 control stream
+    /// and the client's streams, held open until then.
     #[error("refused with {0}")]
-    Refused(u16),
+    Refused(u16, SendStream, Vec<RecvStream>),
     #[error("connection lost: {0}")]
     Lost(String),
 }
@@ -401,10 +402,11 @@ async fn accept_session(
             connection.close(h3::quic_code(error.code), error.message.as_bytes());
             return;
         }
-        Ok(Err(HandshakeError::Refused(status))) => {
+        Ok(Err(HandshakeError::Refused(status, control, streams))) => {
             debug!(status, "webtransport session refused");
             // The client closes on the refusal; one that does not is closed shortly after.
             let _ = timeout(Duration::from_secs(1), connection.closed()).await;
+            drop((control, streams));
             connection.close(h3::quic_code(H3ErrorCode::RequestRejected), b"refused");
             return;
         }
@@ -475,30 +477,30 @@ async fn handshake(connection: &quinn::Connection, node: &Node) -> Result<Handsh
                 match connect {
                     None => {
                         let request = read_until(&mut recv, &mut buf, h3::read_connect).await?;
+                        let origin = request.origin.as_deref().map(str::as_bytes);
                         // WebTransport sees the client's own address (the NLB keeps it).
-                        let status = if request.path != PATH {
-                            404
-                        } else if node.admission.check_origin(request.origin.as_deref().map(str::as_bytes)).is_err() {
-                            403
-                        } else if node.is_draining() {
-                            429
-                        } else {
-                            match node.admission.admit_ip(connection.remote_address().ip()) {
-                                Ok(permit) => match node.admission.admit_connection() {
-                                    Ok(place) => {
-                                        ip_permit = Some(permit);
-                                        connection_permit = Some(place);
-                                        200
-                                    }
-                                    Err(_) => 503,
-                                },
-                                Err(_) => 429,
+                        let admitted = node
+                            .admission
+                            .check_session(origin, node.is_draining())
+                            .and_then(|()| node.admission.admit_session(connection.remote_address().ip()));
+                        let status = match (request.path == PATH, admitted) {
+                            (false, _) => 404,
+                            (true, Err(refusal)) => refusal.status(),
+                            (true, Ok((ip, place))) => {
+                                ip_permit = Some(ip);
+                                connection_permit = Some(place);
+                                200
                             }
                         };
                         send.write_all(&h3::response(status)).await.map_err(|e| HandshakeError::Lost(e.to_string()))?;
                         if status != 200 {
                             let _ = send.finish();
-                            return Err(HandshakeError::Refused(status));
+                            // The server's HTTP/3 control stream, the client's control and QPACK
+                            // streams and the CONNECT's stay open until the connection closes:
+                            // closing or stopping a critical stream is a connection error for the
+                            // client (RFC 9114 §6.2.1), which would close before it read the status.
+                            held.push(recv);
+                            return Err(HandshakeError::Refused(status, control, held));
                         }
                         let session = VarInt::from(recv.id()).into_inner();
                         connect = Some((send, recv, session));

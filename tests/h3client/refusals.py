@@ -1,12 +1,15 @@
 """An HTTP/3 client that follows RFC 9114 (aioquic) against Courtside's WebTransport: what a
-session, a wrong path (404) and a refused Origin (403) look like to it, on each engine.
+session, a wrong path (404) and a refused Origin (403) look like to it, on each engine. Part of
+tests/run.sh, which installs aioquic when it is missing.
 
     pip install aioquic==1.7.2
     cargo build && python3 tests/h3client/refusals.py quinn proto
 
 Prints one line per attempt: the status read, the control stream's reply to a ping, the
 STOP_SENDING frames the client got and how the connection closed. (aioquic's H3 layer does not
-report data on a WebTransport stream the client opened, so the reply is read from QUIC.)"""
+report data on a WebTransport stream the client opened, so the reply is read from QUIC.) Exits 1
+unless every attempt got its status (200 with a pong, 404, 403) and no STOP_SENDING on the
+client's HTTP/3 control and QPACK streams, which RFC 9114 §6.2.1 makes a connection error."""
 import asyncio, os, re, ssl, subprocess, sys
 
 from aioquic.asyncio.client import connect
@@ -92,18 +95,35 @@ async def attempt(host, port, path, origin=b"https://scores.example"):
         return result
 
 
+# aioquic's client opens its HTTP/3 control stream and its QPACK encoder and decoder streams as
+# its first three unidirectional streams: ids 2, 6 and 10.
+CRITICAL_STREAMS = {2, 6, 10}
+
+
 async def main():
+    failures = []
     for engine in sys.argv[1:]:
         p, host, port = start(engine, ["--allowed-origins", "https://scores.example"])
         try:
-            for path, origin in [(b"/wt", b"https://scores.example"), (b"/nope", b"https://scores.example"),
-                                 (b"/wt", b"https://evil.example")]:
+            for path, origin, status in [(b"/wt", b"https://scores.example", "200"),
+                                         (b"/nope", b"https://scores.example", "404"),
+                                         (b"/wt", b"https://evil.example", "403")]:
                 r = await attempt(host, port, path, origin)
                 r["origin"] = origin.decode()
                 print(engine, r, flush=True)
+                if r.get("status") != status:
+                    failures.append(f"{engine} {path.decode()} from {origin.decode()}: status {r.get('status')}, expected {status}")
+                if status == "200" and r.get("reply") != "0112":
+                    failures.append(f"{engine}: no pong on the session's control stream: {r.get('reply')}")
+                stopped = [s for s, _ in r["stop_sending"] if s in CRITICAL_STREAMS]
+                if stopped:
+                    failures.append(f"{engine} {path.decode()}: STOP_SENDING on critical streams {stopped}")
         finally:
             p.terminate()
             p.wait()
+    for failure in failures:
+        print("FAILED:", failure, flush=True)
+    sys.exit(1 if failures else 0)
 
 
 if __name__ == "__main__":

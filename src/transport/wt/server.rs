@@ -369,31 +369,24 @@ fn on_event(
             let Some(session) = endpoint.session(ch) else { return };
             // WebTransport sees the client's own address (the NLB keeps it).
             let remote = session.connection().remote_address().ip();
-            let status = if node
+            // The same checks and answers as every transport's (`Admission::check_session`).
+            let origin = request.origin.as_deref().map(str::as_bytes);
+            let admitted = node
                 .admission
-                .check_origin(request.origin.as_deref().map(str::as_bytes))
-                .is_err()
-            {
-                403
-            } else if draining || node.is_draining() {
-                429
-            } else {
-                match node.admission.admit_ip(remote) {
-                    Ok(ip_permit) => match node.admission.admit_connection() {
-                        Ok(connection_permit) => {
-                            joined.insert(
-                                ch,
-                                Joined::Admitted {
-                                    ip_permit: Some(ip_permit),
-                                    connection_permit: Some(connection_permit),
-                                },
-                            );
-                            200
-                        }
-                        Err(_) => 503,
-                    },
-                    Err(_) => 429,
+                .check_session(origin, draining || node.is_draining())
+                .and_then(|()| node.admission.admit_session(remote));
+            let status = match admitted {
+                Ok((ip_permit, connection_permit)) => {
+                    joined.insert(
+                        ch,
+                        Joined::Admitted {
+                            ip_permit: Some(ip_permit),
+                            connection_permit: Some(connection_permit),
+                        },
+                    );
+                    200
                 }
+                Err(refusal) => refusal.status(),
             };
             if status == 200 {
                 session.accept(now);
