@@ -39,7 +39,7 @@ class Client(QuicConnectionProtocol):
             self.seen.append(e)
         self.changed.set()
 
-    async def wait_for(self, pred, timeout=3.0):
+    async def wait_for(self, pred, timeout=10.0):
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         while True:
@@ -86,9 +86,12 @@ async def attempt(host, port, path, origin=b"https://scores.example"):
             client._quic.send_stream_data(ws, b"\x01\x03")
             client.transmit()
             # A ping (length 1, type 0x03); the pong is 01 12.
-            await asyncio.sleep(0.5)
+            await client.wait_for(lambda _: len(client.raw.get(ws, b"")) >= 2)
             result["reply"] = client.raw.get(ws, b"").hex()
-        await asyncio.sleep(1.5)
+        else:
+            # The server closes a refused connection about a second after its answer: anything it
+            # sent before that (a STOP_SENDING included) has arrived by then.
+            await client.wait_for(lambda e: isinstance(e, ConnectionTerminated))
         result["stop_sending"] = [(s.stream_id, hex(s.error_code)) for s in client.seen if isinstance(s, StopSendingReceived)]
         t = [s for s in client.seen if isinstance(s, ConnectionTerminated)]
         result["closed"] = (hex(t[0].error_code), t[0].reason_phrase) if t else None
