@@ -6,12 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests need: Chromium (browser tests), redis-server and redis-cli (cluster tests),
-# PyYAML and zip (docs/openapi.yaml; deploy/'s template test and its runbook's step 2).
+# PyYAML and zip (docs/openapi.yaml; deploy/'s template test and its runbook's step 2), and pip for aioquic.
 missing=()
 if ! command -v chromium >/dev/null 2>&1 && [ -z "${CHROMIUM:-}" ]; then missing+=(chromium); fi
 if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then missing+=(redis-server); fi
 if ! python3 -c 'import yaml' >/dev/null 2>&1; then missing+=(python3-yaml); fi
 if ! command -v zip >/dev/null 2>&1; then missing+=(zip); fi
+if ! python3 -c 'import aioquic' >/dev/null 2>&1 && ! python3 -m pip --version >/dev/null 2>&1; then missing+=(python3-pip); fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "== installing ${missing[*]} (Debian packages, about a minute)"

@@ -239,15 +239,37 @@ impl Held {
             .with_context(|| format!("a message for another room: {room}"))
     }
 
+    /// A whole state (PROTOCOL.md's client rules): an older one than held is dropped (a late
+    /// datagram), the same version replaces the text (the state after a `subscribed`).
     fn set(&mut self, tallies: &Tallies, room: usize, version: u64, text: String) {
+        if self.states[room].as_ref().is_some_and(|(held, _)| *held > version) {
+            return;
+        }
         tallies.check(&mut self.at_last, &text, true);
         self.states[room] = Some((version, text));
     }
 
-    fn apply(&mut self, tallies: &Tallies, room: usize, version: u64, base: u64, delta: &str) -> anyhow::Result<()> {
+    /// A delta (PROTOCOL.md, "Delta states", rules 3–5): not newer than held, dropped; against
+    /// another base, dropped if it came as a datagram (the repair brings it again), a failure of
+    /// the server's if on the stream (the rules say it never happens).
+    fn apply(
+        &mut self,
+        tallies: &Tallies,
+        room: usize,
+        version: u64,
+        base: u64,
+        delta: &str,
+        datagram: bool,
+    ) -> anyhow::Result<()> {
         let Some((held, text)) = &self.states[room] else {
+            if datagram {
+                return Ok(());
+            }
             bail!("a delta for a room without a state")
         };
+        if version <= *held || (datagram && *held != base) {
+            return Ok(());
+        }
         if *held != base {
             bail!("a delta against version {base} while holding {held}");
         }
@@ -359,6 +381,7 @@ async fn websocket_client(
                             message.version.unwrap_or(0),
                             message.base.unwrap_or(0),
                             message.delta.as_deref().unwrap_or(""),
+                            false,
                         )?;
                     }
                     _ => {}
@@ -443,7 +466,7 @@ async fn webtransport_client(
                         }
                         ServerMessage::Delta(d) => {
                             tallies.count(frame.len(), false, true);
-                            held.apply(&tallies, Held::room(d.room)?, d.version, d.base, d.delta)?;
+                            held.apply(&tallies, Held::room(d.room)?, d.version, d.base, d.delta, false)?;
                         }
                         ServerMessage::Error(e) => bail!("refused: {}", e.message),
                         _ => {}
@@ -463,7 +486,7 @@ async fn webtransport_client(
                     Ok(ServerMessage::AliasedDelta(d)) => {
                         let Some(&room) = aliases.get(&d.alias) else { continue };
                         tallies.count(payload.len(), false, true);
-                        held.apply(&tallies, room, d.version, d.base, d.delta)?;
+                        held.apply(&tallies, room, d.version, d.base, d.delta, true)?;
                         (d.alias, d.version)
                     }
                     _ => continue,

@@ -1,7 +1,7 @@
 //! Fossil deltas (the format of the Fossil VCS's `delta.c`, which Centrifugo and the npm package
 //! `fossil-delta` speak): a state sent as the bytes that changed since the version a subscriber
-//! holds. Hand-written (about 200 lines) because the one crate does not agree with the npm codec
-//! byte for byte and its `apply` panics on bad input; this one is checked against it (docs/PROTOCOL.md).
+//! holds. Hand-written (about 200 lines) because the one crate's `apply` panics on bad input;
+//! its deltas apply with npm's `applyDelta` and courtside.js (docs/PROTOCOL.md, test vectors).
 
 /// States shorter than this are always sent whole, and no delta work is done for them: a
 /// score's 100–300 bytes gain little and would cost a delta computation per publish.

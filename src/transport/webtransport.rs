@@ -406,8 +406,10 @@ async fn accept_session(
             debug!(status, "webtransport session refused");
             // The client closes on the refusal; one that does not is closed shortly after.
             let _ = timeout(Duration::from_secs(1), connection.closed()).await;
-            drop((control, streams));
+            // Closed first: dropping the streams of a live connection would stop and finish
+            // them (STOP_SENDING, FIN), which could still go out before the close.
             connection.close(h3::quic_code(H3ErrorCode::RequestRejected), b"refused");
+            drop((control, streams));
             return;
         }
         Ok(Err(HandshakeError::Lost(error))) => return debug!(%error, "webtransport handshake failed"),
@@ -478,18 +480,23 @@ async fn handshake(connection: &quinn::Connection, node: &Node) -> Result<Handsh
                     None => {
                         let request = read_until(&mut recv, &mut buf, h3::read_connect).await?;
                         let origin = request.origin.as_deref().map(str::as_bytes);
-                        // WebTransport sees the client's own address (the NLB keeps it).
-                        let admitted = node
-                            .admission
-                            .check_session(origin, node.is_draining())
-                            .and_then(|()| node.admission.admit_session(connection.remote_address().ip()));
-                        let status = match (request.path == PATH, admitted) {
-                            (false, _) => 404,
-                            (true, Err(refusal)) => refusal.status(),
-                            (true, Ok((ip, place))) => {
-                                ip_permit = Some(ip);
-                                connection_permit = Some(place);
-                                200
+                        // A wrong path is 404 before admission counts or holds anything; then
+                        // the table every transport shares. WebTransport sees the client's own
+                        // address (the NLB keeps it).
+                        let status = if request.path != PATH {
+                            404
+                        } else {
+                            let admitted = node
+                                .admission
+                                .check_session(origin, node.is_draining())
+                                .and_then(|()| node.admission.admit_session(connection.remote_address().ip()));
+                            match admitted {
+                                Err(refusal) => refusal.status(),
+                                Ok((ip, place)) => {
+                                    ip_permit = Some(ip);
+                                    connection_permit = Some(place);
+                                    200
+                                }
                             }
                         };
                         send.write_all(&h3::response(status)).await.map_err(|e| HandshakeError::Lost(e.to_string()))?;

@@ -10,7 +10,7 @@ STOP_SENDING frames the client got and how the connection closed. (aioquic's H3 
 report data on a WebTransport stream the client opened, so the reply is read from QUIC.) Exits 1
 unless every attempt got its status (200 with a pong, 404, 403) and no STOP_SENDING on the
 client's HTTP/3 control and QPACK streams, which RFC 9114 §6.2.1 makes a connection error."""
-import asyncio, os, re, ssl, subprocess, sys
+import asyncio, os, queue, re, ssl, subprocess, sys, threading
 
 from aioquic.asyncio.client import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
@@ -61,11 +61,25 @@ def start(engine, extra=()):
     p = subprocess.Popen([BIN, "serve", "--http", "127.0.0.1:0", "--wt", "127.0.0.1:0",
                           "--publish-token", "x", "--log-format", "json", *extra],
                          env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    for line in p.stderr:
-        m = re.search(r'"wt":"([0-9.]+):(\d+)"', line)
-        if m:
-            return p, m.group(1), int(m.group(2))
-    raise SystemExit("no wt address")
+    found = queue.Queue()
+
+    def read():
+        # Reads the log to its end, so the server never blocks on a full pipe.
+        for line in p.stderr:
+            m = re.search(r'"wt":"([0-9.]+):(\d+)"', line)
+            if m:
+                found.put((m.group(1), int(m.group(2))))
+        found.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        address = found.get(timeout=30)
+    except queue.Empty:
+        address = None
+    if address is None:
+        p.kill()
+        raise SystemExit(f"{engine}: the server printed no WebTransport address in 30 s")
+    return p, *address
 
 
 async def attempt(host, port, path, origin=b"https://scores.example"):
@@ -118,6 +132,8 @@ async def main():
                     failures.append(f"{engine} {path.decode()} from {origin.decode()}: status {r.get('status')}, expected {status}")
                 if status == "200" and r.get("reply") != "0112":
                     failures.append(f"{engine}: no pong on the session's control stream: {r.get('reply')}")
+                if status != "200" and (r["closed"] or ("?",))[0] != "0x10b":
+                    failures.append(f"{engine} {path.decode()}: closed {r['closed']}, expected H3_REQUEST_REJECTED (0x10b)")
                 stopped = [s for s, _ in r["stop_sending"] if s in CRITICAL_STREAMS]
                 if stopped:
                     failures.append(f"{engine} {path.decode()}: STOP_SENDING on critical streams {stopped}")
