@@ -2,7 +2,7 @@
 //! owns the UDP socket and every session (`WtEndpoint` over `UdpIo`) and joins each open
 //! session to the hub (its `Subscriber` queue, on the loop's `ReadyList`: a fan-out marks every
 //! session it reached and wakes the loop once, which then delivers the whole publish in one turn
-//! and one batched send; and its command `Session`). Admission, the drain, certificate
+//! and one send; and its command `Session`). Admission, the drain, certificate
 //! reload and the metrics follow the quinn path (`transport::webtransport`).
 
 use std::collections::HashMap;
@@ -26,11 +26,6 @@ use crate::node::Node;
 use crate::session::{Session, SessionLimits};
 use crate::transport::webtransport::{self, WebTransportError, WebTransportSettings};
 use crate::udp;
-
-/// Sessions delivered to between two sends of one loop turn: a publish to many sessions goes
-/// out in slices of this many packets (two `sendmmsg` calls each), so the first are on their
-/// way while the rest are encrypted, instead of all waiting for the last.
-const SEND_SLICE: usize = 64;
 
 /// What the node holds for one connection beside its `WtSession`.
 enum Joined {
@@ -208,15 +203,7 @@ impl ProtoServer {
                 list.take(&mut ready);
                 ready.sort_unstable();
                 ready.dedup();
-                for (i, ch) in ready.drain(..).map(ConnectionHandle).enumerate() {
-                    if i > 0 && i % SEND_SLICE == 0 {
-                        // A large publish leaves in slices: the first sessions' packets are on
-                        // their way while the rest are built.
-                        endpoint.flush(now);
-                        if let Err(error) = io.send(&mut endpoint).await {
-                            warn!(%error, "webtransport socket");
-                        }
-                    }
+                for ch in ready.drain(..).map(ConnectionHandle) {
                     let (Some(Joined::Open(fan)), Some(session)) = (joined.get(&ch), endpoint.session(ch)) else {
                         continue;
                     };
