@@ -17,8 +17,8 @@ const SHARDS: usize = 64;
 
 pub mod subscriber;
 
-pub use subscriber::{ConnId, Direct, DirectWrite, ReadyList, Subscriber};
-use subscriber::{FanoutTally, LoopWakes, Offered};
+pub use subscriber::{ConnId, Direct, DirectWrite, Subscriber};
+use subscriber::{FanoutTally, Offered};
 
 /// What the hub needs to know, built by the caller (the hub reads no environment).
 #[derive(Debug, Clone, Copy)]
@@ -348,16 +348,13 @@ impl Hub {
         let subscribers = entry.subscribers.len();
         let direct = entry.pace.allows_direct(started, subscribers);
         let mut outcome = FanoutOutcome::default();
-        let mut wakes = LoopWakes::default();
         for subscriber in entry.subscribers.values() {
             let t = subscriber.transport() as usize;
-            match subscriber.offer_publication(publication, offer, direct, &mut wakes) {
+            match subscriber.offer_publication(publication, offer, direct) {
                 Offered::Written => outcome.written[t] += 1,
                 Offered::Pushed(pushed) => outcome.pushed[t].add(pushed),
             }
         }
-        // One notice per loop for the whole publish, once every queue holds it.
-        wakes.wake_all();
         entry.pace.last = Some(started);
         if direct && subscribers > 0 {
             entry.pace.cost_per_subscriber_ns = (started.elapsed().as_nanos() / subscribers as u128) as u64;
@@ -954,99 +951,6 @@ mod tests {
                 .collect();
             assert_eq!(seqs, [1, 2, 3, 4, 5]);
         }
-    }
-
-    /// A loop's waker that, woken, takes what its ready list holds at that moment: one batch
-    /// per wake-up.
-    #[derive(Debug)]
-    struct TakingWaker {
-        list: Arc<ReadyList>,
-        batches: Mutex<Vec<Vec<usize>>>,
-    }
-
-    impl std::task::Wake for TakingWaker {
-        fn wake(self: Arc<Self>) {
-            self.wake_by_ref();
-        }
-
-        fn wake_by_ref(self: &Arc<Self>) {
-            let mut keys = Vec::new();
-            self.list.take(&mut keys);
-            keys.sort_unstable();
-            self.batches.lock().expect("batches").push(keys);
-        }
-    }
-
-    impl TakingWaker {
-        /// The loop goes to sleep: registers this waker with the list.
-        fn sleep(self: &Arc<Self>) {
-            let waker = std::task::Waker::from(self.clone());
-            assert!(self.list.poll(&mut std::task::Context::from_waker(&waker)).is_pending());
-        }
-
-        fn batches(&self) -> Vec<Vec<usize>> {
-            self.batches.lock().expect("batches").clone()
-        }
-    }
-
-    #[test]
-    fn a_publish_wakes_a_loop_once_with_every_session_it_reached_marked() {
-        let hub = hub(HubConfig::default());
-        let list = Arc::new(ReadyList::default());
-        let r = room("game:1");
-        let subscribers: Vec<_> = (0..5)
-            .map(|key| {
-                let s = hub.new_subscriber(Transport::WebTransport);
-                s.join_ready_list(list.clone(), key);
-                hub.subscribe(&r, &s, None, None, None, false, usize::MAX, 0)
-                    .expect("subscribe");
-                s
-            })
-            .collect();
-        // Joining marked each once (the subscribe replies found them marked); the loop serves
-        // them: clears each mark, drains each queue.
-        let mut joined = Vec::new();
-        list.take(&mut joined);
-        assert_eq!(joined, [0, 1, 2, 3, 4]);
-        for s in &subscribers {
-            assert!(s.take_ready());
-            drain(s);
-        }
-        let the_loop = Arc::new(TakingWaker {
-            list: list.clone(),
-            batches: Mutex::new(Vec::new()),
-        });
-        the_loop.sleep();
-
-        // One wake-up, when every queue holds the publish: the loop sees all five at once.
-        hub.publish(&r, Kind::Event, &data("{\"n\":1}"), now())
-            .expect("publish");
-        assert_eq!(the_loop.batches(), [vec![0, 1, 2, 3, 4]]);
-
-        // Before the loop served them: a second publish marks nobody again and wakes no one.
-        the_loop.sleep();
-        hub.publish(&r, Kind::Event, &data("{\"n\":2}"), now())
-            .expect("publish");
-        assert_eq!(the_loop.batches().len(), 1);
-
-        // The loop serves 0 to 2; the next publish marks those again (3 and 4 still hold their
-        // mark and their queue), in one wake-up.
-        for s in &subscribers[..3] {
-            assert!(s.take_ready());
-            assert_eq!(drain(s).len(), 2);
-        }
-        hub.publish(&r, Kind::Event, &data("{\"n\":3}"), now())
-            .expect("publish");
-        assert_eq!(the_loop.batches()[1..], [vec![0, 1, 2]]);
-        for s in &subscribers[3..] {
-            assert!(s.take_ready());
-            assert_eq!(drain(s).len(), 3);
-        }
-
-        // Outside a fan-out (a close), a session is marked on its own.
-        the_loop.sleep();
-        subscribers[4].close(QueueClosed::Gone);
-        assert_eq!(the_loop.batches()[2..], [vec![4]]);
     }
 
     #[test]

@@ -1,6 +1,5 @@
 //! One connection as the hub sees it: its bounded queue, the lock-free wake-up of its writer,
-//! the direct write that lets the fan-out put a frame into an idle socket itself, and the ready
-//! list through which one loop serving many connections is woken once per fan-out.
+//! and the direct write that lets the fan-out put a frame into an idle socket itself.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -46,80 +45,6 @@ impl Wake {
     }
 }
 
-/// The connections of one loop that serves many (the WebTransport proto engine's) with
-/// something to write, and that loop's waker. A fan-out marks every subscriber of the loop it
-/// made ready under one lock and wakes the loop once, at its end: the loop then takes the whole
-/// publish in one turn, instead of a wake-up (and a turn) per connection.
-#[derive(Debug, Default)]
-pub struct ReadyList {
-    ready: Mutex<Vec<usize>>,
-    waker: AtomicWaker,
-}
-
-impl ReadyList {
-    fn lock(&self) -> MutexGuard<'_, Vec<usize>> {
-        self.ready.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Moves the keys marked so far into `into`.
-    pub fn take(&self, into: &mut Vec<usize>) {
-        into.append(&mut self.lock());
-    }
-
-    /// `Ready` when some connection is marked, else the loop's waker is woken when one is.
-    pub fn poll(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
-        self.waker.register(cx.waker());
-        if self.lock().is_empty() {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
-    }
-
-    /// Marks one connection and wakes the loop.
-    pub fn mark(&self, key: usize) {
-        self.lock().push(key);
-        self.waker.wake();
-    }
-
-    /// Marks one connection from the loop itself: no wake-up (the loop polls the list before it
-    /// sleeps).
-    pub fn mark_quietly(&self, key: usize) {
-        self.lock().push(key);
-    }
-
-    /// Marks every key of `keys` (emptied) under one lock, and wakes the loop once.
-    fn mark_all(&self, keys: &mut Vec<usize>) {
-        if keys.is_empty() {
-            return;
-        }
-        self.lock().append(keys);
-        self.waker.wake();
-    }
-}
-
-/// The ready lists one fan-out marked, woken once each at its end (`wake_all`).
-#[derive(Debug, Default)]
-pub(super) struct LoopWakes {
-    lists: Vec<(Arc<ReadyList>, Vec<usize>)>,
-}
-
-impl LoopWakes {
-    fn defer(&mut self, list: &Arc<ReadyList>, key: usize) {
-        match self.lists.iter_mut().find(|(other, _)| Arc::ptr_eq(other, list)) {
-            Some((_, keys)) => keys.push(key),
-            None => self.lists.push((list.clone(), vec![key])),
-        }
-    }
-
-    /// Marks what the fan-out deferred and wakes each loop once.
-    pub(super) fn wake_all(&mut self) {
-        for (list, keys) in &mut self.lists {
-            list.mark_all(keys);
-        }
-    }
-}
-
 /// A way to put a publication into a connection's socket from the fan-out itself, without
 /// waking the connection's task (set by the WebSocket transport). Only tried when the queue
 /// is idle, so it never overtakes a queued message.
@@ -152,10 +77,6 @@ pub struct Subscriber {
     direct: std::sync::OnceLock<Box<dyn DirectWrite>>,
     /// Direct writes are allowed (cleared, under the queue lock, before the connection closes).
     direct_on: AtomicBool,
-    /// The ready list of the loop that serves this connection, and its key there: set, a wake
-    /// marks the key (once, until the loop takes it: `take_ready`) instead of waking `wake`'s
-    /// waker.
-    ready_list: std::sync::OnceLock<(Arc<ReadyList>, usize)>,
 }
 
 impl Subscriber {
@@ -167,47 +88,12 @@ impl Subscriber {
             wake: Wake::default(),
             direct: std::sync::OnceLock::new(),
             direct_on: AtomicBool::new(false),
-            ready_list: std::sync::OnceLock::new(),
         }
     }
 
     /// Wakes the connection's writer.
     pub(super) fn wake(&self) {
-        match self.ready_list.get() {
-            Some((list, key)) => {
-                if !self.wake.pending.swap(true, Ordering::AcqRel) {
-                    list.mark(*key);
-                }
-            }
-            None => self.wake.wake(),
-        }
-    }
-
-    /// `wake` within a fan-out: a loop's ready list is marked at the fan-out's end, once.
-    fn wake_deferred(&self, wakes: &mut LoopWakes) {
-        match self.ready_list.get() {
-            Some((list, key)) => {
-                if !self.wake.pending.swap(true, Ordering::AcqRel) {
-                    wakes.defer(list, *key);
-                }
-            }
-            None => self.wake.wake(),
-        }
-    }
-
-    /// Serves this connection from a loop's ready list from now on (under `key`), instead of
-    /// `wait`/`poll_wait`; marks it ready once, for what its queue already holds.
-    pub fn join_ready_list(&self, list: Arc<ReadyList>, key: usize) {
-        if self.ready_list.set((list, key)).is_ok() {
-            self.wake.pending.store(false, Ordering::Release);
-            self.wake();
-        }
-    }
-
-    /// For a loop's ready list: whether this connection was marked since the last call, and
-    /// clears the mark. Call before draining the queue, so a push after the drain marks it again.
-    pub fn take_ready(&self) -> bool {
-        self.wake.pending.swap(false, Ordering::AcqRel)
+        self.wake.wake();
     }
 
     pub fn id(&self) -> ConnId {
@@ -250,7 +136,7 @@ impl Subscriber {
     /// Stops the queue for good; returns how many pending messages were dropped.
     pub fn close(&self, reason: QueueClosed) -> usize {
         let dropped = self.queue().close(reason);
-        self.wake();
+        self.wake.wake();
         dropped
     }
 
@@ -275,7 +161,6 @@ impl Subscriber {
         publication: &Arc<Publication>,
         push: fn(&mut ConnectionQueue, &Arc<Publication>) -> Pushed,
         allow_direct: bool,
-        wakes: &mut LoopWakes,
     ) -> Offered {
         let mut queue = self.queue();
         let direct = self
@@ -293,7 +178,7 @@ impl Subscriber {
                     Direct::Written => return Offered::Written,
                     Direct::Partly => {
                         drop(queue);
-                        self.wake();
+                        self.wake.wake();
                         return Offered::Written;
                     }
                     Direct::NotNow => {}
@@ -302,10 +187,7 @@ impl Subscriber {
         }
         let pushed = push(&mut queue, publication);
         drop(queue);
-        if wakes_writer(pushed) {
-            self.wake_deferred(wakes);
-        }
-        Offered::Pushed(pushed)
+        Offered::Pushed(self.wake_if_needed(pushed))
     }
 
     fn offer(&self, push: impl FnOnce(&mut ConnectionQueue) -> Pushed) -> Pushed {
@@ -315,16 +197,11 @@ impl Subscriber {
 
     /// Wakes the writer when a push made its queue non-empty or closed it as slow.
     fn wake_if_needed(&self, pushed: Pushed) -> Pushed {
-        if wakes_writer(pushed) {
-            self.wake();
+        if matches!(pushed, Pushed::Queued { wake: true } | Pushed::Overflowed { .. }) {
+            self.wake.wake();
         }
         pushed
     }
-}
-
-/// A push that made the queue non-empty or closed it as slow: its writer must look.
-fn wakes_writer(pushed: Pushed) -> bool {
-    matches!(pushed, Pushed::Queued { wake: true } | Pushed::Overflowed { .. })
 }
 
 /// What became of a publication offered to one subscriber.

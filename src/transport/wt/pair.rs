@@ -16,7 +16,6 @@ use wtransport_proto::headers::Headers;
 
 use super::super::h3::{self, ConnectRequest, ConnectStreamEvent};
 use super::super::webtransport::{self, WebTransportSettings};
-use super::endpoint::WtEndpoint;
 use super::session::{SessionConfig, SessionEnd, SessionEvent, WtSession};
 use crate::certs::Identity;
 use crate::connection::{DriverSettings, Keepalive};
@@ -286,50 +285,6 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client at `addr` starting its connection to `server` (nothing moves until the clock runs).
-    fn connect(
-        setup: &Setup,
-        endpoint_config: Arc<EndpointConfig>,
-        client_config: ClientConfig,
-        server: SocketAddr,
-        addr: SocketAddr,
-        now: Instant,
-    ) -> Self {
-        let mut endpoint = Endpoint::new(endpoint_config, None, false, None);
-        let (ch, conn) = endpoint
-            .connect(now, client_config, server, "localhost")
-            .expect("connect");
-        Self {
-            endpoint,
-            addr,
-            conn: Some((ch, conn)),
-            settings: setup.settings,
-            path: setup.path,
-            auto_ack: true,
-            answer_close: true,
-            first_message: Some(framed(&ClientMessage::Command(ClientCommand::Ping))),
-            reads_control: true,
-            connect: None,
-            connect_buf: Vec::new(),
-            server_uni: Vec::new(),
-            status: None,
-            connect_reset: None,
-            connect_finished: false,
-            control: None,
-            decoder: FrameDecoder::default(),
-            messages: Vec::new(),
-            datagrams: Vec::new(),
-            held: Default::default(),
-            aliases: Default::default(),
-            deltas_applied: 0,
-            delta_datagrams_dropped: 0,
-            stream_delta_failures: 0,
-            capsule: None,
-            lost: None,
-            stopped: Vec::new(),
-        }
-    }
-
     fn handle(&mut self, now: Instant, from: SocketAddr, packet: BytesMut) {
         let mut buf = Vec::new();
         if let Some(DatagramEvent::ConnectionEvent(ch, event)) =
@@ -828,7 +783,39 @@ impl Pair {
             events: Vec::new(),
             requests: Vec::new(),
         };
-        let client = Client::connect(&setup, endpoint_config, client_config, server_addr, client_addr, now);
+        let mut endpoint = Endpoint::new(endpoint_config, None, false, None);
+        let (ch, conn) = endpoint
+            .connect(now, client_config, server_addr, "localhost")
+            .expect("connect");
+        let client = Client {
+            endpoint,
+            addr: client_addr,
+            conn: Some((ch, conn)),
+            settings: setup.settings,
+            path: setup.path,
+            auto_ack: true,
+            answer_close: true,
+            first_message: Some(framed(&ClientMessage::Command(ClientCommand::Ping))),
+            reads_control: true,
+            connect: None,
+            connect_buf: Vec::new(),
+            server_uni: Vec::new(),
+            status: None,
+            connect_reset: None,
+            connect_finished: false,
+            control: None,
+            decoder: FrameDecoder::default(),
+            messages: Vec::new(),
+            datagrams: Vec::new(),
+            held: Default::default(),
+            aliases: Default::default(),
+            deltas_applied: 0,
+            delta_datagrams_dropped: 0,
+            stream_delta_failures: 0,
+            capsule: None,
+            lost: None,
+            stopped: Vec::new(),
+        };
         Self {
             now,
             server,
@@ -951,172 +938,4 @@ pub fn framed(message: &ClientMessage) -> Bytes {
     let mut out = BytesMut::new();
     wire::put_frame(&mut out, &wire::encode_client(message));
     out.freeze()
-}
-
-/// Several clients of one `WtEndpoint` (the endpoint loop's sans-IO half: every session of one
-/// socket), each with its own address and links, on one virtual clock: what one turn of the
-/// loop sends to many sessions, and in how many sends.
-pub struct Fleet {
-    pub now: Instant,
-    pub endpoint: WtEndpoint,
-    pub clients: Vec<Client>,
-    to_server: Vec<Link>,
-    to_client: Vec<Link>,
-    /// Every event the endpoint gave, with its connection, in order.
-    pub events: Vec<(ConnectionHandle, SessionEvent)>,
-}
-
-impl Fleet {
-    /// `count` clients starting their connections to one endpoint.
-    pub fn new(setup: Setup, count: usize) -> Self {
-        let identity = Identity::self_signed(&["localhost"]).expect("certificate");
-        let server_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 4433));
-        let mut endpoint_config = EndpointConfig::default();
-        endpoint_config.rng_seed(Some([setup.seed as u8; 32]));
-        let endpoint_config = Arc::new(endpoint_config);
-        let now = Instant::now();
-        let client_config = client_config(&setup, &identity);
-        let endpoint = WtEndpoint::new(
-            endpoint_config.clone(),
-            Arc::new(server_config(&setup, identity)),
-            setup.session,
-            200,
-            Arc::new(Metrics::new()),
-        );
-        let clients = (0..count)
-            .map(|i| {
-                let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 50_000 + i as u16));
-                Client::connect(
-                    &setup,
-                    endpoint_config.clone(),
-                    client_config.clone(),
-                    server_addr,
-                    addr,
-                    now,
-                )
-            })
-            .collect();
-        let seeds = (0..count as u64).map(|i| setup.seed.wrapping_add(i * 101));
-        Self {
-            now,
-            endpoint,
-            clients,
-            to_server: seeds.clone().map(Link::seeded).collect(),
-            to_client: seeds.map(|s| Link::seeded(s.wrapping_mul(31))).collect(),
-            events: Vec::new(),
-        }
-    }
-
-    /// One turn of the endpoint: what arrived, the timers due, the events answered (every
-    /// CONNECT accepted), then everything collected handed to the links. Returns the
-    /// destinations of the packets sent, one entry per packet.
-    pub fn turn(&mut self) -> Vec<SocketAddr> {
-        for (i, link) in self.to_server.iter_mut().enumerate() {
-            for packet in link.arrived(self.now) {
-                let from = self.clients[i].addr;
-                self.endpoint.handle_datagram(self.now, from, None, None, packet);
-            }
-        }
-        self.endpoint.handle_timeouts(self.now);
-        self.endpoint.flush(self.now);
-        while let Some((ch, event)) = self.endpoint.poll_event() {
-            if matches!(event, SessionEvent::Request(_)) {
-                if let Some(session) = self.endpoint.session(ch) {
-                    session.accept(self.now);
-                }
-            }
-            self.events.push((ch, event));
-        }
-        self.endpoint.flush(self.now);
-        self.send()
-    }
-
-    /// Hands every packet the endpoint collected to the links; their destinations, one a packet.
-    pub fn send(&mut self) -> Vec<SocketAddr> {
-        let mut sent = Vec::new();
-        for (packet, bytes) in self.endpoint.transmits() {
-            let Some(i) = self.clients.iter().position(|c| c.addr == packet.destination) else {
-                continue;
-            };
-            let size = packet.segment_size.unwrap_or(bytes.len());
-            for segment in bytes.chunks(size) {
-                self.to_client[i].send(self.now, BytesMut::from(segment));
-                sent.push(packet.destination);
-            }
-        }
-        self.endpoint.clear_transmits();
-        sent
-    }
-
-    /// Moves every packet due by `now` and drives every side until nothing moves.
-    pub fn settle(&mut self) {
-        for _ in 0..10_000 {
-            let mut moved = !self.turn().is_empty();
-            for (i, client) in self.clients.iter_mut().enumerate() {
-                for packet in self.to_client[i].arrived(self.now) {
-                    client.handle(self.now, SocketAddr::from((Ipv4Addr::LOCALHOST, 4433)), packet);
-                }
-                let mut out = Vec::new();
-                client.drive(self.now, &mut out);
-                moved |= !out.is_empty();
-                for packet in out {
-                    self.to_server[i].send(self.now, packet);
-                }
-            }
-            let due = self
-                .to_server
-                .iter()
-                .chain(&self.to_client)
-                .filter_map(Link::next_arrival)
-                .any(|at| at <= self.now);
-            if !moved && !due {
-                return;
-            }
-        }
-        panic!("the fleet never settled");
-    }
-
-    fn next_wakeup(&mut self) -> Option<Instant> {
-        let clients = self
-            .clients
-            .iter_mut()
-            .filter_map(|c| c.conn.as_mut().and_then(|(_, conn)| conn.poll_timeout()));
-        let links = self
-            .to_server
-            .iter()
-            .chain(&self.to_client)
-            .filter_map(Link::next_arrival);
-        [self.endpoint.next_timeout()]
-            .into_iter()
-            .flatten()
-            .chain(clients)
-            .chain(links)
-            .min()
-    }
-
-    /// Runs the clock for `duration`, jumping from one deadline or arrival to the next.
-    pub fn run_for(&mut self, duration: Duration) {
-        let until = self.now + duration;
-        let mut spins = Spins::default();
-        loop {
-            self.settle();
-            match self.next_wakeup() {
-                Some(at) if at <= until => self.now = spins.advance(self.now, at),
-                _ => {
-                    self.now = until;
-                    self.settle();
-                    return;
-                }
-            }
-        }
-    }
-
-    /// The connections whose session is established, in order.
-    pub fn established(&self) -> Vec<ConnectionHandle> {
-        self.events
-            .iter()
-            .filter(|(_, e)| matches!(e, SessionEvent::Established))
-            .map(|(ch, _)| *ch)
-            .collect()
-    }
 }

@@ -1,15 +1,16 @@
 //! WebTransport on Courtside's own endpoint loop (`--wt-engine proto`, experimental): one task
 //! owns the UDP socket and every session (`WtEndpoint` over `UdpIo`) and joins each open
-//! session to the hub (its `Subscriber` queue, on the loop's `ReadyList`: a fan-out marks every
-//! session it reached and wakes the loop once, which then delivers the whole publish in one turn
-//! and one send; and its command `Session`). Admission, the drain, certificate
+//! session to the hub (its `Subscriber` queue, woken through a per-connection waker that only
+//! marks the connection ready, and its command `Session`). Admission, the drain, certificate
 //! reload and the metrics follow the quinn path (`transport::webtransport`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
+use futures_util::task::AtomicWaker;
 use quinn_proto::ConnectionHandle;
 use tracing::{debug, info, warn};
 
@@ -20,12 +21,54 @@ use crate::admission::{ConnectionPermit, IpPermit};
 use crate::certs::{CertificateInfo, CertificateSource};
 use crate::connection::{CLOSE_WAIT, MAX_BATCH};
 use crate::core::{close_code, Outgoing, QueueClosed};
-use crate::hub::{ReadyList, Subscriber};
-use crate::metrics::{Metrics, Transport};
+use crate::hub::Subscriber;
+use crate::metrics::Transport;
 use crate::node::Node;
 use crate::session::{Session, SessionLimits};
 use crate::transport::webtransport::{self, WebTransportError, WebTransportSettings};
 use crate::udp;
+
+/// Connections whose queue has something to write, and the loop's own waker.
+#[derive(Debug, Default)]
+struct ReadyList {
+    ready: Mutex<Vec<ConnectionHandle>>,
+    waker: AtomicWaker,
+}
+
+impl ReadyList {
+    fn take(&self, into: &mut Vec<ConnectionHandle>) {
+        let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        into.append(&mut ready);
+    }
+
+    /// Ready when some connection was marked.
+    fn poll(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.waker.register(cx.waker());
+        if self.ready.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    }
+}
+
+/// The waker of one connection's queue: marks the connection ready and wakes the loop.
+#[derive(Debug)]
+struct ConnWaker {
+    ch: ConnectionHandle,
+    list: Arc<ReadyList>,
+}
+
+impl Wake for ConnWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.list.ready.lock().unwrap_or_else(|p| p.into_inner()).push(self.ch);
+        self.list.waker.wake();
+    }
+}
 
 /// What the node holds for one connection beside its `WtSession`.
 enum Joined {
@@ -41,6 +84,7 @@ enum Joined {
 struct Fan {
     subscriber: Arc<Subscriber>,
     session: Session,
+    waker: Waker,
     /// When the connection's token expires (ms since the Unix epoch).
     token_expires_ms: Option<u64>,
     _ip_permit: Option<IpPermit>,
@@ -140,7 +184,7 @@ impl ProtoServer {
                     for ch in endpoint.handles() {
                         let Some(session) = endpoint.session(ch) else { continue };
                         if let Some(Joined::Open(fan)) = joined.get(&ch) {
-                            deliver(session, &fan.subscriber, &mut batch, &node.metrics, now);
+                            deliver(session, fan, &mut batch, &node, now);
                         }
                         session.close(now, CloseRequest {
                             code: close_code::SERVICE_RESTART,
@@ -201,13 +245,13 @@ impl ProtoServer {
             for _ in 0..2 {
                 // Queues that woke: their messages into the sessions.
                 list.take(&mut ready);
-                ready.sort_unstable();
+                ready.sort_unstable_by_key(|ch| ch.0);
                 ready.dedup();
-                for ch in ready.drain(..).map(ConnectionHandle) {
+                for ch in ready.drain(..) {
                     let (Some(Joined::Open(fan)), Some(session)) = (joined.get(&ch), endpoint.session(ch)) else {
                         continue;
                     };
-                    let close = match deliver(session, &fan.subscriber, &mut batch, &node.metrics, now) {
+                    let close = match deliver(session, fan, &mut batch, &node, now) {
                         None => continue,
                         Some(QueueClosed::Slow) => {
                             info!(
@@ -265,26 +309,24 @@ impl ProtoServer {
     }
 }
 
-/// Moves what `fan`'s queue holds into its session, up to what the control stream takes now
-/// (clearing its ready mark first: a push after the drain marks it again). Returns how the
-/// queue closed, if it did.
-pub(super) fn deliver(
+/// Moves what `fan`'s queue holds into its session, up to what the control stream takes now;
+/// re-arms the queue's waker. Returns how the queue closed, if it did.
+fn deliver(
     session: &mut super::WtSession,
-    subscriber: &Subscriber,
+    fan: &Fan,
     batch: &mut Vec<Outgoing>,
-    metrics: &Metrics,
+    node: &Node,
     now: Instant,
 ) -> Option<QueueClosed> {
     // Only while the control stream takes bytes: a client that reads slowly leaves its messages
     // in its bounded queue (conflated, or closed as slow), not in the session's buffer. The
     // session says `Writable` when it takes more.
-    subscriber.take_ready();
     while session.wants_more() {
         batch.clear();
-        let closed = subscriber.drain_into(batch, MAX_BATCH);
+        let closed = fan.subscriber.drain_into(batch, MAX_BATCH);
         if !batch.is_empty() {
             session.deliver(now, batch);
-            metrics.record_deliveries(Transport::WebTransport, batch);
+            node.metrics.record_deliveries(Transport::WebTransport, batch);
         }
         if closed.is_some() {
             return closed;
@@ -292,6 +334,17 @@ pub(super) fn deliver(
         if batch.is_empty() {
             break;
         }
+    }
+    if !session.is_open() {
+        return None;
+    }
+    // Registers the connection's waker; something queued meanwhile marks it ready at once.
+    if fan
+        .subscriber
+        .poll_wait(&mut Context::from_waker(&fan.waker))
+        .is_ready()
+    {
+        fan.waker.wake_by_ref();
     }
     None
 }
@@ -369,19 +422,24 @@ fn on_event(
             );
             transport.connections.inc();
             debug!(conn = subscriber.id(), "webtransport session started (proto engine)");
-            subscriber.join_ready_list(list.clone(), ch.0);
+            let waker = Waker::from(Arc::new(ConnWaker { ch, list: list.clone() }));
+            // The first poll registers the waker.
+            if subscriber.poll_wait(&mut Context::from_waker(&waker)).is_ready() {
+                waker.wake_by_ref();
+            }
             joined.insert(
                 ch,
                 Joined::Open(Box::new(Fan {
                     subscriber,
                     session,
+                    waker,
                     token_expires_ms: None,
                     _ip_permit: ip_permit,
                     _connection_permit: connection_permit,
                 })),
             );
         }
-        SessionEvent::Writable => list.mark_quietly(ch.0),
+        SessionEvent::Writable => list.ready.lock().unwrap_or_else(|p| p.into_inner()).push(ch),
         SessionEvent::Command(command) => {
             let Some(Joined::Open(fan)) = joined.get_mut(&ch) else {
                 return;

@@ -1,21 +1,14 @@
 //! The session's behaviour in virtual time (`pair`): handshake, refusals, repair under loss,
 //! idle, keep-alive and both close handshakes. Every deadline is checked on both sides of it.
-//! And one endpoint's many sessions (`pair::Fleet`): a publish served in one turn and one send.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use quinn_proto::ConnectionHandle;
-
-use super::pair::{ClientSettingsMode, Fleet, Pair, Setup};
-use super::server;
+use super::pair::{ClientSettingsMode, Pair, Setup};
 use super::session::{CloseRequest, SessionEnd, SessionEvent};
 use crate::core::publication::{JsonData, Publication, RoomId};
 use crate::core::wire::{ClientMessage, ServerMessage};
 use crate::core::{close_code, ClientCommand, ErrorCode, Kind, Now, Outgoing, RoomName, ServerControl};
-use crate::hub::{Hub, HubConfig, ReadyList, Subscriber};
-use crate::metrics::Metrics;
 use crate::transport::h3::{self, H3ErrorCode};
 
 const MS: Duration = Duration::from_millis(1);
@@ -650,79 +643,4 @@ fn a_session_takes_more_deliveries_once_the_client_reads_again() {
     assert!(pair.server.session().wants_more());
     assert!(pair.server.events.iter().any(|e| matches!(e, SessionEvent::Writable)));
     assert_eq!(pair.client.messages.len(), 12, "every message arrived");
-}
-
-/// The endpoint loop's turn for a ready list: every session marked, its queue into its session
-/// (`server::deliver`, as the loop does); returns how many sessions it served.
-fn serve_ready(
-    fleet: &mut Fleet,
-    list: &ReadyList,
-    subscribers: &HashMap<usize, Arc<Subscriber>>,
-    metrics: &Metrics,
-) -> usize {
-    let mut keys = Vec::new();
-    list.take(&mut keys);
-    keys.sort_unstable();
-    keys.dedup();
-    let mut batch = Vec::new();
-    for key in &keys {
-        let session = fleet.endpoint.session(ConnectionHandle(*key)).expect("a session");
-        assert!(server::deliver(session, &subscribers[key], &mut batch, metrics, fleet.now).is_none());
-    }
-    keys.len()
-}
-
-#[test]
-fn one_publish_reaches_every_session_of_an_endpoint_from_one_notice_in_one_send() {
-    const SESSIONS: usize = 6;
-    let mut fleet = Fleet::new(Setup::default(), SESSIONS);
-    fleet.run_for(S);
-    let sessions = fleet.established();
-    assert_eq!(sessions.len(), SESSIONS, "{:?}", fleet.events);
-    // The loop's side: each session's queue in the hub, on the loop's ready list.
-    let metrics = Metrics::new();
-    let hub = Hub::new(HubConfig::default(), Arc::new(Metrics::new()), 7);
-    let list = Arc::new(ReadyList::default());
-    let mut subscribers = HashMap::new();
-    for ch in &sessions {
-        let subscriber = hub.new_subscriber(crate::metrics::Transport::WebTransport);
-        subscriber.join_ready_list(list.clone(), ch.0);
-        hub.subscribe(&room(), &subscriber, None, None, None, false, usize::MAX, 0)
-            .expect("subscribe");
-        subscribers.insert(ch.0, subscriber);
-    }
-    assert_eq!(serve_ready(&mut fleet, &list, &subscribers, &metrics), SESSIONS);
-    fleet.run_for(50 * MS);
-
-    let now = Now {
-        unix_ms: 1_700_000_000_000,
-        instant: fleet.now,
-    };
-    let data = JsonData::parse(b"{\"points\":2}").expect("json");
-    hub.publish(&room(), Kind::Event, &data, now).expect("publish");
-    // One turn serves every session the publish reached, and its one send has one packet for
-    // each of them, each to its own client.
-    assert_eq!(serve_ready(&mut fleet, &list, &subscribers, &metrics), SESSIONS);
-    fleet.endpoint.flush(fleet.now);
-    let sent = fleet.send();
-    assert_eq!(sent.len(), SESSIONS, "{sent:?}");
-    let mut destinations = sent.clone();
-    destinations.sort();
-    destinations.dedup();
-    assert_eq!(destinations.len(), SESSIONS, "{sent:?}");
-    // Nothing is left for a later turn.
-    assert_eq!(serve_ready(&mut fleet, &list, &subscribers, &metrics), 0);
-
-    fleet.run_for(50 * MS);
-    for client in &fleet.clients {
-        let events: Vec<u64> = client
-            .decoded()
-            .into_iter()
-            .filter_map(|m| match m {
-                ServerMessage::Event(e) => Some(e.seq),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(events, [1], "{:?}", client.decoded());
-    }
 }
