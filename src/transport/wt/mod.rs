@@ -4,6 +4,7 @@
 
 pub mod delivery;
 pub mod endpoint;
+pub mod sendmmsg;
 pub mod server;
 pub mod session;
 pub mod udp_loop;

@@ -1,6 +1,6 @@
 //! The I/O of a `WtEndpoint`: the UDP socket, received in batches (quinn-udp's `recvmmsg`, GRO)
-//! into the endpoint with `now`, and what the sessions produced sent (GSO within a
-//! connection's batch). `run` is the plain loop (a session application as a callback);
+//! into the endpoint with `now`, and what the sessions produced sent (`sendmmsg` across
+//! connections, GSO within a connection's batch). `run` is the plain loop (a session application as a callback);
 //! `wt::server` builds the server's loop on `UdpIo`.
 
 use std::future::Future;
@@ -13,6 +13,7 @@ use quinn_udp::{RecvMeta, Transmit, UdpSocketState, BATCH_SIZE};
 use tokio::io::Interest;
 
 use super::endpoint::WtEndpoint;
+use super::sendmmsg;
 use super::session::SessionEvent;
 
 /// quinn-udp's ECN codepoint as quinn-proto's (the same bits).
@@ -87,30 +88,86 @@ impl UdpIo {
     }
 
     /// Sends every packet the endpoint collected, waiting for room when the socket is full,
-    /// and forgets them.
+    /// and forgets them: single packets in `sendmmsg` batches across connections, GSO batches
+    /// (one connection's packets to one destination) through quinn-udp.
     pub async fn send(&self, endpoint: &mut WtEndpoint) -> io::Result<()> {
+        let mut batch: Vec<sendmmsg::Datagram<'_>> = Vec::new();
         for (packet, contents) in endpoint.transmits() {
-            let transmit = Transmit {
+            if packet.segment_size.is_some_and(|size| size < contents.len()) {
+                self.send_batch(&mut batch).await?;
+                self.send_one(packet, contents).await?;
+                continue;
+            }
+            batch.push(sendmmsg::Datagram {
                 destination: packet.destination,
-                ecn: packet.ecn.and_then(udp_ecn),
-                contents,
-                segment_size: packet.segment_size,
+                ecn: packet.ecn.map_or(0, |ecn| ecn as u8),
                 src_ip: packet.src_ip,
-            };
-            loop {
-                match self
-                    .socket
-                    .try_io(Interest::WRITABLE, || self.state.send((&self.socket).into(), &transmit))
-                {
-                    Ok(()) => break,
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => self.socket.writable().await?,
-                    // A packet the kernel refuses (a closed port, a route gone) is a lost packet.
-                    Err(_) => break,
+                contents,
+            });
+            if batch.len() == sendmmsg::BATCH {
+                self.send_batch(&mut batch).await?;
+            }
+        }
+        self.send_batch(&mut batch).await?;
+        endpoint.clear_transmits();
+        Ok(())
+    }
+
+    /// Sends `batch` (emptied), a `sendmmsg` call per `sendmmsg::BATCH` datagrams.
+    async fn send_batch(&self, batch: &mut Vec<sendmmsg::Datagram<'_>>) -> io::Result<()> {
+        let mut at = 0;
+        while at < batch.len() {
+            match self
+                .socket
+                .try_io(Interest::WRITABLE, || sendmmsg::send(&self.socket, &batch[at..]))
+            {
+                Ok(sent) => at += sent.max(1),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => self.socket.writable().await?,
+                // A datagram the call refused: quinn-udp's own send (its fallbacks for old
+                // kernels, its log), then the rest. One the kernel refuses for good (a closed
+                // port, a route gone, an MTU probe too large) is a lost packet.
+                Err(_) => {
+                    let datagram = batch[at];
+                    let transmit = Transmit {
+                        destination: datagram.destination,
+                        ecn: quinn_udp::EcnCodepoint::from_bits(datagram.ecn),
+                        contents: datagram.contents,
+                        segment_size: None,
+                        src_ip: datagram.src_ip,
+                    };
+                    self.send_transmit(&transmit).await?;
+                    at += 1;
                 }
             }
         }
-        endpoint.clear_transmits();
+        batch.clear();
         Ok(())
+    }
+
+    /// Sends one packet or GSO batch through quinn-udp.
+    async fn send_one(&self, packet: &super::endpoint::OutPacket, contents: &[u8]) -> io::Result<()> {
+        let transmit = Transmit {
+            destination: packet.destination,
+            ecn: packet.ecn.and_then(udp_ecn),
+            contents,
+            segment_size: packet.segment_size,
+            src_ip: packet.src_ip,
+        };
+        self.send_transmit(&transmit).await
+    }
+
+    async fn send_transmit(&self, transmit: &Transmit<'_>) -> io::Result<()> {
+        loop {
+            match self
+                .socket
+                .try_io(Interest::WRITABLE, || self.state.send((&self.socket).into(), transmit))
+            {
+                Ok(()) => return Ok(()),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => self.socket.writable().await?,
+                // A packet the kernel refuses (a closed port, a route gone) is a lost packet.
+                Err(_) => return Ok(()),
+            }
+        }
     }
 }
 
