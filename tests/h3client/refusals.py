@@ -1,5 +1,5 @@
 """An HTTP/3 client that follows RFC 9114 (aioquic) against Courtside's WebTransport: what a
-session, a wrong path (404) and a refused Origin (403) look like to it, on each engine. Part of
+session and every refusal (404, 403, 503, 429) look like to it, on each engine. Part of
 tests/run.sh, which installs aioquic when it is missing.
 
     pip install aioquic==1.7.2
@@ -8,8 +8,10 @@ tests/run.sh, which installs aioquic when it is missing.
 Prints one line per attempt: the status read, the control stream's reply to a ping, the
 STOP_SENDING frames the client got and how the connection closed. (aioquic's H3 layer does not
 report data on a WebTransport stream the client opened, so the reply is read from QUIC.) Exits 1
-unless every attempt got its status (200 with a pong, 404, 403) and no STOP_SENDING on the
-client's HTTP/3 control and QPACK streams, which RFC 9114 §6.2.1 makes a connection error."""
+unless every attempt got its status (200 with a pong, 404, 403, and 503 and 429 for a second
+session under `--max-connections 1` and `--max-connections-per-ip 1`), refusals closed with
+H3_REQUEST_REJECTED, and no STOP_SENDING on the client's HTTP/3 control and QPACK streams, which
+RFC 9114 §6.2.1 makes a connection error."""
 import asyncio, os, queue, re, ssl, subprocess, sys, threading
 
 from aioquic.asyncio.client import connect
@@ -82,7 +84,8 @@ def start(engine, extra=()):
     return p, *address
 
 
-async def attempt(host, port, path, origin=b"https://scores.example"):
+async def attempt(host, port, path, origin=b"https://scores.example", meanwhile=None):
+    """One CONNECT; with `meanwhile`, an attempt made while this session (answered 200) is held."""
     config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, verify_mode=ssl.CERT_NONE,
                                max_datagram_frame_size=65536)
     async with connect(host, port, configuration=config, create_protocol=Client) as client:
@@ -102,6 +105,8 @@ async def attempt(host, port, path, origin=b"https://scores.example"):
             # A ping (length 1, type 0x03); the pong is 01 12.
             await client.wait_for(lambda _: len(client.raw.get(ws, b"")) >= 2)
             result["reply"] = client.raw.get(ws, b"").hex()
+            if meanwhile is not None:
+                result["meanwhile"] = await meanwhile()
         else:
             # The server closes a refused connection about a second after its answer: anything it
             # sent before that (a STOP_SENDING included) has arrived by then.
@@ -117,29 +122,47 @@ async def attempt(host, port, path, origin=b"https://scores.example"):
 CRITICAL_STREAMS = {2, 6, 10}
 
 
+def check(engine, what, r, status, failures):
+    print(engine, what, r, flush=True)
+    if r.get("status") != status:
+        failures.append(f"{engine} {what}: status {r.get('status')}, expected {status}")
+    if status == "200" and r.get("reply") != "0112":
+        failures.append(f"{engine} {what}: no pong on the session's control stream: {r.get('reply')}")
+    if status != "200" and (r["closed"] or ("?",))[0] != "0x10b":
+        failures.append(f"{engine} {what}: closed {r['closed']}, expected H3_REQUEST_REJECTED (0x10b)")
+    stopped = [s for s, _ in r["stop_sending"] if s in CRITICAL_STREAMS]
+    if stopped:
+        failures.append(f"{engine} {what}: STOP_SENDING on critical streams {stopped}")
+
+
 async def main():
     failures = []
+    ours, evil = b"https://scores.example", b"https://evil.example"
     for engine in sys.argv[1:]:
+        # A session, a wrong path (404), a refused Origin (403).
         p, host, port = start(engine, ["--allowed-origins", "https://scores.example"])
         try:
-            for path, origin, status in [(b"/wt", b"https://scores.example", "200"),
-                                         (b"/nope", b"https://scores.example", "404"),
-                                         (b"/wt", b"https://evil.example", "403")]:
-                r = await attempt(host, port, path, origin)
-                r["origin"] = origin.decode()
-                print(engine, r, flush=True)
-                if r.get("status") != status:
-                    failures.append(f"{engine} {path.decode()} from {origin.decode()}: status {r.get('status')}, expected {status}")
-                if status == "200" and r.get("reply") != "0112":
-                    failures.append(f"{engine}: no pong on the session's control stream: {r.get('reply')}")
-                if status != "200" and (r["closed"] or ("?",))[0] != "0x10b":
-                    failures.append(f"{engine} {path.decode()}: closed {r['closed']}, expected H3_REQUEST_REJECTED (0x10b)")
-                stopped = [s for s, _ in r["stop_sending"] if s in CRITICAL_STREAMS]
-                if stopped:
-                    failures.append(f"{engine} {path.decode()}: STOP_SENDING on critical streams {stopped}")
+            check(engine, "session", await attempt(host, port, b"/wt", ours), "200", failures)
+            check(engine, "wrong path", await attempt(host, port, b"/nope", ours), "404", failures)
+            check(engine, "refused origin", await attempt(host, port, b"/wt", evil), "403", failures)
         finally:
             p.terminate()
             p.wait()
+        # A second session while the first is held: the node's limit (503), the address's (429).
+        for flag, status in [("--max-connections", "503"), ("--max-connections-per-ip", "429")]:
+            p, host, port = start(engine, [flag, "1"])
+            try:
+                held = await attempt(host, port, b"/wt", ours,
+                                     meanwhile=lambda: attempt(host, port, b"/wt", ours))
+                second = held.pop("meanwhile", None)
+                check(engine, f"held under {flag} 1", held, "200", failures)
+                if second is None:
+                    failures.append(f"{engine} {flag} 1: the held session was refused, no second attempt")
+                else:
+                    check(engine, f"second under {flag} 1", second, status, failures)
+            finally:
+                p.terminate()
+                p.wait()
     for failure in failures:
         print("FAILED:", failure, flush=True)
     sys.exit(1 if failures else 0)
