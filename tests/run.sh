@@ -6,13 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests need: Chromium (browser tests), redis-server and redis-cli (cluster tests),
-# PyYAML and zip (docs/openapi.yaml; deploy/'s template test and its runbook's step 2), and pip for aioquic.
+# PyYAML and zip (docs/openapi.yaml; deploy/'s template test and its runbook's step 2), and venv
+# (aioquic's environment, below).
 missing=()
 if ! command -v chromium >/dev/null 2>&1 && [ -z "${CHROMIUM:-}" ]; then missing+=(chromium); fi
 if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then missing+=(redis-server); fi
 if ! python3 -c 'import yaml' >/dev/null 2>&1; then missing+=(python3-yaml); fi
 if ! command -v zip >/dev/null 2>&1; then missing+=(zip); fi
-if ! python3 -c 'import aioquic' >/dev/null 2>&1 && ! python3 -m pip --version >/dev/null 2>&1; then missing+=(python3-pip); fi
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then missing+=(python3-venv); fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "== installing ${missing[*]} (Debian packages, about a minute)"
@@ -33,11 +34,13 @@ if [ ! -d tests/browser/node_modules/playwright-core ] || [ ! -d tests/browser/n
   npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
 fi
 
-# aioquic: an HTTP/3 client that follows RFC 9114, for the WebTransport refusals (PyPI).
-if ! python3 -c 'import aioquic' >/dev/null 2>&1; then
-  echo "== installing aioquic (pip)"
-  python3 -m pip install --quiet --disable-pip-version-check aioquic==1.7.2 \
-    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages aioquic==1.7.2
+# aioquic: an HTTP/3 client that follows RFC 9114, for the WebTransport refusals (PyPI), in a
+# virtual environment of its own under target/ (as deploy/check.sh installs its tools).
+h3venv=target/h3client-venv
+if ! "$h3venv/bin/python" -c 'import aioquic' >/dev/null 2>&1; then
+  echo "== installing aioquic (PyPI) into $h3venv"
+  python3 -m venv "$h3venv"
+  "$h3venv/bin/pip" install --quiet --disable-pip-version-check aioquic==1.7.2
 fi
 
 echo "== docs/openapi.yaml parses"
@@ -54,4 +57,4 @@ cargo build --quiet
 node --test fallback/test/ tests/browser/
 
 echo "== HTTP/3 (aioquic, RFC 9114): a session and the WebTransport refusals on both engines"
-python3 tests/h3client/refusals.py quinn proto
+"$h3venv/bin/python" tests/h3client/refusals.py quinn proto
