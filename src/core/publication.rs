@@ -136,8 +136,10 @@ pub struct StateDelta {
     aliased: Bytes,
     /// `aliased` as a whole datagram of a session on the client's first stream.
     session0: Bytes,
-    /// `json` compressed for permessage-deflate, as `Publication::deflated_frame` (a delta is
-    /// usually far below the threshold, and then costs one comparison).
+    /// The length of the whole state's JSON frame, which the compression threshold is taken
+    /// against (a delta stands for that state).
+    state_len: usize,
+    /// `json` compressed for permessage-deflate, made once per publish and shared.
     deflated: OnceLock<Option<Box<[u8]>>>,
 }
 
@@ -152,9 +154,15 @@ impl StateDelta {
         &self.wire
     }
 
-    /// `json_frame` compressed for permessage-deflate, as `Publication::deflated_frame` does it.
+    /// `json_frame` compressed for permessage-deflate when the state it stands for holds at
+    /// least `threshold` bytes (a small state, a game's score, gets no compression work; a delta
+    /// of a large one, a bracket's, is compressed however short it is), once and shared, and
+    /// only if compressing makes it smaller.
     pub fn deflated_frame(&self, threshold: usize) -> Option<&[u8]> {
-        deflated_once(&self.deflated, &self.json, threshold)
+        if self.state_len < threshold {
+            return None;
+        }
+        deflated_once(&self.deflated, &self.json, 0)
     }
 
     /// The WebTransport datagram message (without the session prefix).
@@ -275,6 +283,7 @@ impl Publication {
             wire: super::wire::encode_delta(&self.room, self.number, base, self.ts_ms, delta),
             aliased,
             session0: Bytes::from(session0),
+            state_len: self.json.len(),
             deflated: OnceLock::new(),
         }
     }
@@ -548,6 +557,30 @@ mod tests {
         )
         .with_delta_base(Some(&v1));
         assert_eq!(small.delta_base(), None);
+    }
+
+    #[test]
+    fn a_delta_is_compressed_by_the_size_of_the_state_it_stands_for() {
+        let v1 = bracket_state(1, 0, None);
+        let v2 = bracket_state(2, 78, Some(&v1));
+        let delta = v2.delta().expect("a delta");
+        let state_len = v2.json_frame().len();
+        assert!(delta.json_frame().len() < state_len);
+        // A threshold between the delta's length and the state's: the delta goes compressed,
+        // although it is shorter than the threshold.
+        let threshold = state_len;
+        assert!(delta.json_frame().len() < threshold);
+        let compressed = delta.deflated_frame(threshold).expect("compressed");
+        assert!(compressed.len() < delta.json_frame().len());
+        assert!(
+            std::ptr::eq(compressed, delta.deflated_frame(threshold).expect("again")),
+            "compressed once"
+        );
+        let mut inflater = crate::deflate::MessageInflater::new(1 << 16);
+        inflater.push(compressed).expect("inflate");
+        assert_eq!(inflater.finish().expect("finish"), delta.json_frame().as_bytes());
+        // A state under the threshold: its delta is not compressed either.
+        assert_eq!(delta.deflated_frame(state_len + 1), None);
     }
 
     fn extract_delta(frame: &str) -> String {

@@ -444,11 +444,17 @@ async fn a_compressed_message_inflates_to_64_kib_at_most() {
 }
 
 /// Delta states on compressing connections (docs/PROTOCOL.md, "Delta states"): the join state
-/// goes compressed, a bracket's delta plain under the default threshold, and compressed (once,
-/// the same bytes for every deflate subscriber) when it reaches a lower one.
+/// goes compressed; a bracket's delta, far shorter than the threshold, goes compressed too (once,
+/// the same bytes for every deflate subscriber) because the state it stands for reaches the
+/// threshold, and plain when the state does not.
 #[tokio::test]
-async fn deltas_follow_the_compression_threshold_like_any_message() {
-    for (threshold, compressed) in [("1024", false), ("100", true)] {
+async fn a_delta_is_compressed_when_its_state_reaches_the_threshold() {
+    let state_frame_len = |round: u32| 64 + "bracket:9".len() + bracket(round).len();
+    assert!(
+        state_frame_len(4) > 1024,
+        "the bracket's state is over the default threshold"
+    );
+    for (threshold, compressed) in [("1024", true), ("1000000", false)] {
         let server = TestServer::start(&["--ws-compress-threshold", threshold]);
         let mut a = RawClient::connect(&server, Some(BROWSER_OFFER)).await;
         let mut b = RawClient::connect(&server, Some(BROWSER_OFFER)).await;
@@ -468,8 +474,15 @@ async fn deltas_follow_the_compression_threshold_like_any_message() {
             (delta["type"].as_str(), delta["base"].as_u64()),
             (Some("delta"), Some(1))
         );
+        assert!(
+            fp.payload.len() < 1024,
+            "the delta frame is under the default threshold"
+        );
         assert_eq!((fa.rsv1, fb.rsv1), (compressed, compressed), "threshold {threshold}");
         assert_eq!(fa.payload, fb.payload, "one payload for every deflate subscriber");
+        if compressed {
+            assert!(fa.payload.len() < fp.payload.len(), "compressed only when smaller");
+        }
         let text = if compressed { inflate(&fa.payload) } else { fa.payload };
         assert_eq!(text, fp.payload, "the same delta frame");
     }
