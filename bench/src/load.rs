@@ -17,8 +17,17 @@ use crate::servers::ServerProcess;
 use crate::stats::{self, Accounting, LatencySummary};
 use crate::webtransport::WtEndpoints;
 
-/// Clients connecting at once, at most, when connects are not paced.
+/// Clients connecting at once, at most, when connects are not paced (`BENCH_CONNECTS_IN_FLIGHT`
+/// sets another number: the server's RSS after a burst depends on it).
 const CONNECTS_IN_FLIGHT: usize = 256;
+
+fn connects_in_flight() -> usize {
+    std::env::var("BENCH_CONNECTS_IN_FLIGHT")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(CONNECTS_IN_FLIGHT)
+}
 
 /// What one client does: which rooms it joins, how, and on which node.
 #[derive(Debug, Clone)]
@@ -153,7 +162,7 @@ pub async fn run(
     let reporter = spawn_progress(label.to_string(), progress.clone(), workload.clients.len(), total);
 
     let connect_started = Instant::now();
-    let limit = Arc::new(tokio::sync::Semaphore::new(CONNECTS_IN_FLIGHT));
+    let limit = Arc::new(tokio::sync::Semaphore::new(connects_in_flight()));
     let rooms: Arc<Vec<String>> = Arc::new(workload.rooms.clone());
     let gap = workload
         .connect_over
