@@ -227,11 +227,33 @@ pub async fn run(
             record.connected = true;
             record.connect_us = started.elapsed().as_micros() as u64;
             progress.connected.fetch_add(1, Ordering::Relaxed);
-            let _ = go.wait_for(|go| *go).await;
-            loop {
-                let received = tokio::select! {
-                    received = conn.next() => received,
-                    _ = stop.wait_for(|stop| *stop) => break,
+            // Until the others have connected, the connection is driven too (a WebTransport
+            // client pings, and a long connect phase must not idle it out); what arrives
+            // meanwhile is counted once the run starts.
+            let mut early = std::collections::VecDeque::new();
+            {
+                let go_now = go.wait_for(|go| *go);
+                tokio::pin!(go_now);
+                loop {
+                    tokio::select! {
+                        _ = &mut go_now => break,
+                        received = conn.next() => match received {
+                            Some(m) => early.push_back(m),
+                            None => {
+                                record.disconnected = true;
+                                break;
+                            }
+                        },
+                    }
+                }
+            }
+            while !record.disconnected {
+                let received = match early.pop_front() {
+                    Some(m) => Some(m),
+                    None => tokio::select! {
+                        received = conn.next() => received,
+                        _ = stop.wait_for(|stop| *stop) => break,
+                    },
                 };
                 let Some(m) = received else {
                     record.disconnected = true;
