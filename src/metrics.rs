@@ -148,6 +148,9 @@ pub struct Metrics {
     pub udp_receive_drops: Gauge,
     /// QUIC handshakes answered with a Retry (address validation under a handshake flood).
     pub quic_retries: Counter,
+    /// WebTransport sessions closed because the QUIC handshake, the CONNECT and the first
+    /// control message did not all complete within `--upgrade-timeout`.
+    pub wt_handshake_timeouts: Counter,
     /// QUIC handshakes under way (Initial received, handshake not yet complete).
     pub quic_handshakes: Gauge,
 }
@@ -186,6 +189,7 @@ impl Metrics {
             draining: Gauge::default(),
             udp_receive_drops: Gauge::default(),
             quic_retries: Counter::default(),
+            wt_handshake_timeouts: Counter::default(),
             quic_handshakes: Gauge::default(),
             repair_datagrams: Counter::default(),
             registry_up: Gauge::default(),
@@ -274,6 +278,11 @@ impl Metrics {
             "quic_retries",
             "QUIC handshakes answered with a Retry to validate the client address (--quic-retry-threshold)",
             metrics.quic_retries.clone(),
+        );
+        registry.register(
+            "webtransport_handshake_timeouts",
+            "WebTransport sessions closed because the handshake, CONNECT and first control message took longer than --upgrade-timeout",
+            metrics.wt_handshake_timeouts.clone(),
         );
         registry.register(
             "quic_handshakes",

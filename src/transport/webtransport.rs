@@ -393,7 +393,10 @@ async fn accept_session(
     let connection = match connected {
         Ok(Ok(connection)) => connection,
         Ok(Err(error)) => return debug!(%error, "webtransport handshake failed"),
-        Err(_) => return debug!("webtransport handshake timed out"),
+        Err(_) => {
+            node.metrics.wt_handshake_timeouts.inc();
+            return debug!("webtransport handshake timed out");
+        }
     };
     let streams = match timeout_at(deadline, handshake(&connection, &node)).await {
         Ok(Ok(streams)) => streams,
@@ -414,6 +417,7 @@ async fn accept_session(
         }
         Ok(Err(HandshakeError::Lost(error))) => return debug!(%error, "webtransport handshake failed"),
         Err(_) => {
+            node.metrics.wt_handshake_timeouts.inc();
             debug!("webtransport session without a control stream or first message in time");
             connection.close(
                 VarInt::from_u32(close_code::IDLE_TIMEOUT.into()),

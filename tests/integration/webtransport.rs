@@ -568,6 +568,9 @@ async fn a_control_stream_without_a_first_message_is_closed() {
     server
         .await_metric("courtside_connections{transport=\"webtransport\"}", "= 0", |v| v == 0.0)
         .await;
+    server
+        .await_metric("courtside_webtransport_handshake_timeouts_total", "= 1", |v| v == 1.0)
+        .await;
 }
 
 /// `--quic-retry-threshold 0`: every new QUIC connection is first answered with a Retry; a

@@ -118,6 +118,12 @@ pub struct Server {
     /// Every event the session gave, in order.
     pub events: Vec<SessionEvent>,
     pub requests: Vec<ConnectRequest>,
+    /// Answers a client whose address is not validated with a Retry (as the real endpoint does
+    /// past `--quic-retry-threshold`).
+    pub retry: bool,
+    /// Retries sent and connections accepted.
+    pub retries: u32,
+    pub accepted: u32,
 }
 
 impl Server {
@@ -126,8 +132,16 @@ impl Server {
         match self.endpoint.handle(now, from, None, None, packet, &mut buf) {
             Some(DatagramEvent::NewConnection(incoming)) => {
                 let mut buf = Vec::new();
+                if self.retry && !incoming.remote_address_validated() && incoming.may_retry() {
+                    if let Ok(transmit) = self.endpoint.retry(incoming, &mut buf) {
+                        self.retries += 1;
+                        out.extend(packets(&transmit, &buf));
+                    }
+                    return;
+                }
                 match self.endpoint.accept(incoming, now, &mut buf, None) {
                     Ok((ch, conn)) => {
+                        self.accepted += 1;
                         self.session = Some((ch, WtSession::new(conn, self.config, self.metrics.clone(), now)));
                     }
                     Err(error) => {
@@ -663,6 +677,8 @@ pub struct Setup {
     pub path: &'static str,
     pub admit: u16,
     pub seed: u64,
+    /// The server answers the first Initial with a Retry.
+    pub retry: bool,
 }
 
 impl Default for Setup {
@@ -686,6 +702,7 @@ impl Default for Setup {
             path: webtransport::PATH,
             admit: 200,
             seed: 7,
+            retry: false,
         }
     }
 }
@@ -782,6 +799,9 @@ impl Pair {
             admit: setup.admit,
             events: Vec::new(),
             requests: Vec::new(),
+            retry: setup.retry,
+            retries: 0,
+            accepted: 0,
         };
         let mut endpoint = Endpoint::new(endpoint_config, None, false, None);
         let (ch, conn) = endpoint

@@ -330,6 +330,7 @@ impl WtSession {
                     VarInt::from_u32(close_code::IDLE_TIMEOUT.into()),
                     Bytes::from_static(b"no first message on a control stream in time"),
                 );
+                self.metrics.wt_handshake_timeouts.inc();
                 self.end(SessionEnd::HandshakeTimeout);
             }
             Phase::Open => {

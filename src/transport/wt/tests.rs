@@ -700,3 +700,66 @@ fn the_largest_datagram_is_1162_bytes_and_welcome_says_so() {
     assert_eq!(datagrams, [100, 1162], "1,163 bytes went on the stream");
     assert_eq!(pair.client.newest_state("game:1234", ALIAS), Some(3));
 }
+
+/// A handshake answered with a Retry (as the endpoint answers past `--quic-retry-threshold`)
+/// completes through a slow and reordering path, for every one of 200 seeds: slow enough that
+/// the client sends its Initial again before the Retry arrives, so the server retries both.
+#[test]
+fn a_retried_handshake_completes_through_delay_and_reordering() {
+    for (latency, jitter) in [(300, 300), (20, 1200)] {
+        for seed in 1..=200u64 {
+            let mut pair = Pair::new(Setup {
+                retry: true,
+                seed,
+                ..Setup::default()
+            });
+            for link in [&mut pair.to_server, &mut pair.to_client] {
+                link.latency = Duration::from_millis(latency);
+                link.jitter = Duration::from_millis(jitter);
+            }
+            let open = pair.run_until_true(Duration::from_secs(10), |p| p.server.established());
+            assert!(
+                open,
+                "latency {latency} ms, jitter {jitter} ms, seed {seed}: {:?}",
+                pair.server.events
+            );
+            assert!(pair.server.retries >= 1, "the server answered with a Retry");
+            assert_eq!(pair.server.accepted, 1, "one connection for the client's attempt");
+        }
+    }
+}
+
+/// Under loss, a retried handshake can take longer than the session's deadline (the client's
+/// probe timeouts back off with every loss, and a Retry adds a round trip): seed 44 loses the
+/// server's first flight and then the client's Finished, and the client probes again only
+/// after about 8 s. The server then gives up at `--upgrade-timeout` and the client is told with
+/// a CONNECTION_CLOSE, not left waiting for its idle timeout.
+#[test]
+fn a_retried_handshake_that_outlasts_the_deadline_is_closed_and_the_client_told() {
+    let mut pair = Pair::new(Setup {
+        retry: true,
+        seed: 44,
+        ..Setup::default()
+    });
+    for link in [&mut pair.to_server, &mut pair.to_client] {
+        link.latency = Duration::from_millis(50);
+        link.jitter = Duration::from_millis(400);
+        link.loss = 0.05;
+    }
+    let start = pair.now;
+    let told = pair.run_until_true(Duration::from_secs(30), |p| p.client.lost.is_some());
+    assert!(told, "the client learns the session is gone");
+    assert_eq!(pair.server.ended(), Some(&SessionEnd::HandshakeTimeout));
+    assert_eq!(pair.server.retries, 1);
+    assert!(
+        matches!(
+            pair.client.lost,
+            Some(quinn_proto::ConnectionError::ConnectionClosed(_))
+        ),
+        "closed by the server: {:?}",
+        pair.client.lost
+    );
+    let deadline = Setup::default().session.handshake_timeout;
+    assert!(pair.now - start >= deadline, "not before the deadline");
+    assert_eq!(pair.server.metrics.wt_handshake_timeouts.get(), 1, "counted");
+}
