@@ -22,11 +22,16 @@ use crate::webtransport::WtEndpoints;
 const CONNECTS_IN_FLIGHT: usize = 256;
 
 fn connects_in_flight() -> usize {
-    std::env::var("BENCH_CONNECTS_IN_FLIGHT")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(CONNECTS_IN_FLIGHT)
+    let Ok(value) = std::env::var("BENCH_CONNECTS_IN_FLIGHT") else {
+        return CONNECTS_IN_FLIGHT;
+    };
+    match value.parse::<usize>() {
+        Ok(n) if n > 0 => n.min(tokio::sync::Semaphore::MAX_PERMITS),
+        _ => {
+            eprintln!("BENCH_CONNECTS_IN_FLIGHT must be a positive integer (digits only), not {value:?}");
+            std::process::exit(2);
+        }
+    }
 }
 
 /// What one client does: which rooms it joins, how, and on which node.
@@ -247,9 +252,10 @@ pub async fn run(
                     }
                 }
             }
-            while !record.disconnected {
+            loop {
                 let received = match early.pop_front() {
                     Some(m) => Some(m),
+                    None if record.disconnected => break,
                     None => tokio::select! {
                         received = conn.next() => received,
                         _ = stop.wait_for(|stop| *stop) => break,

@@ -116,8 +116,8 @@ impl<'a> TextFrame<'a> {
 impl SharedSocket {
     /// The frame `publication` goes as on this connection: its delta's when `as_delta` and it
     /// has one (docs/PROTOCOL.md, "Delta states"); its compressed payload if deflate was
-    /// negotiated and the frame is at least the threshold (compressed once per publication, or
-    /// per delta, for every subscriber), else its JSON.
+    /// negotiated and the frame (for a delta: the whole state's frame) is at least the threshold
+    /// (compressed once per publication, or per delta, for every subscriber), else its JSON.
     fn frame_of<'a>(&self, publication: &'a Publication, as_delta: bool) -> TextFrame<'a> {
         if let Some(delta) = as_delta.then(|| publication.delta()).flatten() {
             return match self.deflate_from.and_then(|threshold| delta.deflated_frame(threshold)) {

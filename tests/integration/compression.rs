@@ -443,8 +443,7 @@ async fn a_compressed_message_inflates_to_64_kib_at_most() {
     assert_eq!(compressed.close_code().await, 1009);
 }
 
-/// Delta states on compressing connections (docs/PROTOCOL.md, "Delta states"): the join state
-/// goes compressed; a bracket's delta, far shorter than the threshold, goes compressed too (once,
+/// Delta states on compressing connections (docs/PROTOCOL.md, "Delta states"): a bracket's delta, far shorter than the threshold, goes compressed too (once,
 /// the same bytes for every deflate subscriber) because the state it stands for reaches the
 /// threshold, and plain when the state does not.
 #[tokio::test]

@@ -152,9 +152,14 @@ impl WtEndpoint {
                     self.handshaking,
                     self.retry_threshold,
                 ) {
-                    if let Ok(transmit) = self.endpoint.retry(incoming, &mut response) {
-                        self.metrics.quic_retries.inc();
-                        self.push_out(&transmit, &response);
+                    // `should_retry` checked `may_retry`; were a Retry refused anyway, the
+                    // Incoming is given back to the endpoint (a dropped one would hold its slot).
+                    match self.endpoint.retry(incoming, &mut response) {
+                        Ok(transmit) => {
+                            self.metrics.quic_retries.inc();
+                            self.push_out(&transmit, &response);
+                        }
+                        Err(refused) => self.endpoint.ignore(refused.into_incoming()),
                     }
                 } else {
                     match self.endpoint.accept(incoming, now, &mut response, None) {

@@ -133,9 +133,12 @@ impl Server {
             Some(DatagramEvent::NewConnection(incoming)) => {
                 let mut buf = Vec::new();
                 if self.retry && !incoming.remote_address_validated() && incoming.may_retry() {
-                    if let Ok(transmit) = self.endpoint.retry(incoming, &mut buf) {
-                        self.retries += 1;
-                        out.extend(packets(&transmit, &buf));
+                    match self.endpoint.retry(incoming, &mut buf) {
+                        Ok(transmit) => {
+                            self.retries += 1;
+                            out.extend(packets(&transmit, &buf));
+                        }
+                        Err(refused) => self.endpoint.ignore(refused.into_incoming()),
                     }
                     return;
                 }
@@ -677,7 +680,7 @@ pub struct Setup {
     pub path: &'static str,
     pub admit: u16,
     pub seed: u64,
-    /// The server answers the first Initial with a Retry.
+    /// The server answers every Initial from an address it has not validated with a Retry.
     pub retry: bool,
 }
 

@@ -702,11 +702,13 @@ fn the_largest_datagram_is_1162_bytes_and_welcome_says_so() {
 }
 
 /// A handshake answered with a Retry (as the endpoint answers past `--quic-retry-threshold`)
-/// completes through a slow and reordering path, for every one of 200 seeds: slow enough that
-/// the client sends its Initial again before the Retry arrives, so the server retries both.
+/// completes through a slow and reordering path, for every one of 200 seeds per path; on the
+/// slow one the client sends its Initial again before the Retry arrives and the server retries
+/// that one too.
 #[test]
 fn a_retried_handshake_completes_through_delay_and_reordering() {
     for (latency, jitter) in [(300, 300), (20, 1200)] {
+        let mut retried_twice = 0;
         for seed in 1..=200u64 {
             let mut pair = Pair::new(Setup {
                 retry: true,
@@ -725,41 +727,65 @@ fn a_retried_handshake_completes_through_delay_and_reordering() {
             );
             assert!(pair.server.retries >= 1, "the server answered with a Retry");
             assert_eq!(pair.server.accepted, 1, "one connection for the client's attempt");
+            if pair.server.retries >= 2 {
+                retried_twice += 1;
+            }
+        }
+        if latency == 300 {
+            assert!(retried_twice > 0, "the slow path had the server retry a resent Initial");
         }
     }
 }
 
-/// Under loss, a retried handshake can take longer than the session's deadline (the client's
-/// probe timeouts back off with every loss, and a Retry adds a round trip): seed 44 loses the
-/// server's first flight and then the client's Finished, and the client probes again only
-/// after about 8 s. The server then gives up at `--upgrade-timeout` and the client is told with
-/// a CONNECTION_CLOSE, not left waiting for its idle timeout.
+/// Under loss a retried handshake can take longer than the session's deadline (the client's
+/// probe timer backs off with every loss, and a Retry adds a round trip): in one run of 200
+/// seeds, each handshake either opens its session or is closed by the server at
+/// `--upgrade-timeout` with the client told (a CONNECTION_CLOSE, not its idle timeout) and the
+/// timeout counted; and some do time out.
 #[test]
-fn a_retried_handshake_that_outlasts_the_deadline_is_closed_and_the_client_told() {
-    let mut pair = Pair::new(Setup {
-        retry: true,
-        seed: 44,
-        ..Setup::default()
-    });
-    for link in [&mut pair.to_server, &mut pair.to_client] {
-        link.latency = Duration::from_millis(50);
-        link.jitter = Duration::from_millis(400);
-        link.loss = 0.05;
-    }
-    let start = pair.now;
-    let told = pair.run_until_true(Duration::from_secs(30), |p| p.client.lost.is_some());
-    assert!(told, "the client learns the session is gone");
-    assert_eq!(pair.server.ended(), Some(&SessionEnd::HandshakeTimeout));
-    assert_eq!(pair.server.retries, 1);
-    assert!(
-        matches!(
-            pair.client.lost,
-            Some(quinn_proto::ConnectionError::ConnectionClosed(_))
-        ),
-        "closed by the server: {:?}",
-        pair.client.lost
-    );
+fn a_retried_handshake_either_opens_or_is_closed_at_the_deadline_with_the_client_told() {
     let deadline = Setup::default().session.handshake_timeout;
-    assert!(pair.now - start >= deadline, "not before the deadline");
-    assert_eq!(pair.server.metrics.wt_handshake_timeouts.get(), 1, "counted");
+    let mut timed_out = Vec::new();
+    for seed in 1..=200u64 {
+        let mut pair = Pair::new(Setup {
+            retry: true,
+            seed,
+            ..Setup::default()
+        });
+        for link in [&mut pair.to_server, &mut pair.to_client] {
+            link.latency = Duration::from_millis(50);
+            link.jitter = Duration::from_millis(400);
+            link.loss = 0.05;
+        }
+        let start = pair.now;
+        let settled = pair.run_until_true(Duration::from_secs(30), |p| {
+            p.server.established() || p.client.lost.is_some()
+        });
+        assert!(settled, "seed {seed}: neither open nor closed after 30 s");
+        if pair.server.established() {
+            assert_eq!(pair.server.metrics.wt_handshake_timeouts.get(), 0, "seed {seed}");
+            continue;
+        }
+        assert_eq!(pair.server.ended(), Some(&SessionEnd::HandshakeTimeout), "seed {seed}");
+        // Before the QUIC handshake is done the close is a transport one; after it, 4002.
+        let told = match &pair.client.lost {
+            Some(quinn_proto::ConnectionError::ConnectionClosed(_)) => true,
+            Some(quinn_proto::ConnectionError::ApplicationClosed(close)) => {
+                close.error_code == quinn_proto::VarInt::from_u32(4002)
+            }
+            _ => false,
+        };
+        assert!(told, "seed {seed}: closed by the server: {:?}", pair.client.lost);
+        assert!(pair.now - start >= deadline, "seed {seed}: not before the deadline");
+        assert_eq!(
+            pair.server.metrics.wt_handshake_timeouts.get(),
+            1,
+            "seed {seed}: counted"
+        );
+        timed_out.push(seed);
+    }
+    assert!(
+        !timed_out.is_empty(),
+        "some retried handshakes outlast the deadline under this loss"
+    );
 }
