@@ -40,12 +40,17 @@ fn subscribed() -> Outgoing {
 }
 
 fn state(pair: &Pair, version: u64) -> Outgoing {
-    let data = JsonData::parse(format!("{{\"home\":{version}}}").as_bytes()).expect("json");
+    Outgoing::Publication(state_publication(pair, version, &format!("{{\"home\":{version}}}")))
+}
+
+/// A state of `room()` (by its alias) with body `data`, published at the pair's time.
+fn state_publication(pair: &Pair, version: u64, data: &str) -> Arc<Publication> {
+    let data = JsonData::parse(data.as_bytes()).expect("json");
     let now = Now {
         unix_ms: 1_700_000_000_000,
         instant: pair.now,
     };
-    Outgoing::Publication(Arc::new(Publication::new(
+    Arc::new(Publication::new(
         RoomId(ALIAS),
         room(),
         Kind::State,
@@ -53,7 +58,7 @@ fn state(pair: &Pair, version: u64) -> Outgoing {
         None,
         &data,
         now,
-    )))
+    ))
 }
 
 /// An open session whose client subscribed to `room()` (alias announced).
@@ -647,22 +652,7 @@ fn a_session_takes_more_deliveries_once_the_client_reads_again() {
 
 /// A state of the tests' room whose datagram (quarter stream ID included) is `len` bytes.
 fn state_of_datagram_len(pair: &Pair, version: u64, len: usize) -> Outgoing {
-    let now = Now {
-        unix_ms: 1_700_000_000_000,
-        instant: pair.now,
-    };
-    let make = |pad: usize| {
-        let data = JsonData::parse(format!("\"{}\"", "a".repeat(pad)).as_bytes()).expect("json");
-        Arc::new(Publication::new(
-            RoomId(ALIAS),
-            room(),
-            Kind::State,
-            version,
-            None,
-            &data,
-            now,
-        ))
-    };
+    let make = |pad: usize| state_publication(pair, version, &format!("\"{}\"", "a".repeat(pad)));
     let guess = make(len);
     let p = make(len - (guess.session0_datagram().len() - len));
     assert_eq!(p.session0_datagram().len(), len);
