@@ -31,7 +31,7 @@ use crate::core::{close_code, Outgoing, ServerControl};
 use crate::gate::WakeGate;
 use crate::metrics::Transport;
 use crate::node::Node;
-use crate::quic_lb::{QuicServerId, RoutableConnectionIds, ServerIdSource};
+use crate::quic_lb::{QuicServerId, RoutableConnectionIds, ServerIdSource, SignedRandomIds};
 use crate::shutdown::ShutdownListener;
 use crate::udp::{self, UdpSettings};
 
@@ -177,9 +177,10 @@ pub(crate) fn server_config(
 
 pub(crate) fn endpoint_config(settings: &WebTransportSettings) -> quinn::EndpointConfig {
     let mut config = quinn::EndpointConfig::default();
-    if let Some(server) = settings.quic_server_id {
-        config.cid_generator(move || Box::new(RoutableConnectionIds { server }));
-    }
+    match settings.quic_server_id {
+        Some(server) => config.cid_generator(move || Box::new(RoutableConnectionIds { server })),
+        None => config.cid_generator(|| Box::new(SignedRandomIds::default())),
+    };
     config
 }
 
