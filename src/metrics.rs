@@ -1,6 +1,8 @@
 //! Prometheus metrics: one registry, and handles resolved once so the hot path never looks up labels.
 //! Served as OpenMetrics text at `GET /metrics` (names in README.md, "Metrics").
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -153,6 +155,9 @@ pub struct Metrics {
     pub wt_handshake_timeouts: Counter,
     /// QUIC handshakes under way (Initial received, handshake not yet complete).
     pub quic_handshakes: Gauge,
+    /// Seconds the proto engine's endpoint loop spent working, not waiting: its rate is the
+    /// share of one core the loop takes (1.0: saturated, whatever the other cores do).
+    pub wt_loop_busy_seconds: Counter<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -191,6 +196,7 @@ impl Metrics {
             quic_retries: Counter::default(),
             wt_handshake_timeouts: Counter::default(),
             quic_handshakes: Gauge::default(),
+            wt_loop_busy_seconds: Counter::default(),
             repair_datagrams: Counter::default(),
             registry_up: Gauge::default(),
             outbox: Gauge::default(),
@@ -288,6 +294,11 @@ impl Metrics {
             "quic_handshakes",
             "QUIC handshakes under way",
             metrics.quic_handshakes.clone(),
+        );
+        registry.register(
+            "webtransport_loop_busy_seconds",
+            "Seconds the WebTransport endpoint loop (--wt-engine proto) spent working rather than waiting; its rate is the share of one core it takes",
+            metrics.wt_loop_busy_seconds.clone(),
         );
         Self { registry, ..metrics }
     }

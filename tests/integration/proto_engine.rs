@@ -28,6 +28,13 @@ async fn commands_replies_and_state_datagrams_flow_on_the_proto_engine() {
     server
         .await_metric("courtside_connections{transport=\"webtransport\"}", "= 1", |v| v == 1.0)
         .await;
+    // The loop counts the time it worked (the handshake, the ping, the delivery): more than none,
+    // less than the test has run.
+    server
+        .await_metric("courtside_webtransport_loop_busy_seconds_total", "> 0", |v| {
+            v > 0.0 && v < 60.0
+        })
+        .await;
 }
 
 #[tokio::test]

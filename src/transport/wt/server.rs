@@ -28,6 +28,23 @@ use crate::session::{Session, SessionLimits};
 use crate::transport::webtransport::{self, WebTransportError, WebTransportSettings};
 use crate::udp;
 
+/// What woke the endpoint loop.
+enum LoopWake {
+    /// The node began to drain.
+    Drain,
+    Readable(std::io::Result<()>),
+    /// Some connection's queue has something to write.
+    QueuesReady,
+    /// A session's deadline passed.
+    Timer,
+    /// The quarter-second check of expired tokens.
+    Tick,
+    /// Time to check the certificate files (`forced`: SIGHUP, reload even if unchanged).
+    Reload {
+        forced: bool,
+    },
+}
+
 /// Connections whose queue has something to write, and the loop's own waker.
 #[derive(Debug, Default)]
 struct ReadyList {
@@ -175,9 +192,23 @@ impl ProtoServer {
                     _ => std::future::pending().await,
                 }
             };
+            // What woke the loop; from then to the loop's end it works (the busy-time metric).
+            let wake = tokio::select! {
+                _ = notice => LoopWake::Drain,
+                received = io.readable() => LoopWake::Readable(received),
+                _ = std::future::poll_fn(|cx| list.poll(cx)) => LoopWake::QueuesReady,
+                _ = timer => LoopWake::Timer,
+                _ = tick.tick() => LoopWake::Tick,
+                _ = cert_check.tick() => LoopWake::Reload { forced: false },
+                _ = hangup.recv() => {
+                    info!("SIGHUP received: reloading the WebTransport certificate");
+                    LoopWake::Reload { forced: true }
+                }
+            };
+            let woke = Instant::now();
             let mut reload = None;
-            tokio::select! {
-                _ = notice => {
+            match wake {
+                LoopWake::Drain => {
                     let now = crate::clock::instant();
                     drain_deadline = Some(now + settings.driver.drain_timeout);
                     endpoint.set_refusing(true);
@@ -186,22 +217,25 @@ impl ProtoServer {
                         if let Some(Joined::Open(fan)) = joined.get(&ch) {
                             deliver(session, fan, &mut batch, &node, now);
                         }
-                        session.close(now, CloseRequest {
-                            code: close_code::SERVICE_RESTART,
-                            reason: "server shutting down; reconnect",
-                            limit: settings.driver.drain_timeout,
-                            reconnect: true,
-                        });
+                        session.close(
+                            now,
+                            CloseRequest {
+                                code: close_code::SERVICE_RESTART,
+                                reason: "server shutting down; reconnect",
+                                limit: settings.driver.drain_timeout,
+                                reconnect: true,
+                            },
+                        );
                     }
                 }
-                received = io.readable() => {
+                LoopWake::Readable(received) => {
                     if let Err(error) = received.and_then(|()| io.receive(&mut endpoint, crate::clock::instant())) {
                         warn!(%error, "webtransport socket");
                     }
                 }
-                _ = std::future::poll_fn(|cx| list.poll(cx)) => {}
-                _ = timer => endpoint.handle_timeouts(crate::clock::instant()),
-                _ = tick.tick() => {
+                LoopWake::QueuesReady => {}
+                LoopWake::Timer => endpoint.handle_timeouts(crate::clock::instant()),
+                LoopWake::Tick => {
                     // Tokens that expired close their connection with 4003.
                     let now_ms = crate::clock::unix_ms();
                     let now = crate::clock::instant();
@@ -211,22 +245,21 @@ impl ProtoServer {
                             if let Some(session) = endpoint.session(*ch) {
                                 if session.is_open() {
                                     node.metrics.close_error(close_code::TOKEN_EXPIRED, "token_expired");
-                                    session.close(now, CloseRequest {
-                                        code: close_code::TOKEN_EXPIRED,
-                                        reason: "token expired; reconnect with a fresh one",
-                                        limit: CLOSE_WAIT,
-                                        reconnect: false,
-                                    });
+                                    session.close(
+                                        now,
+                                        CloseRequest {
+                                            code: close_code::TOKEN_EXPIRED,
+                                            reason: "token expired; reconnect with a fresh one",
+                                            limit: CLOSE_WAIT,
+                                            reconnect: false,
+                                        },
+                                    );
                                 }
                             }
                         }
                     }
                 }
-                _ = cert_check.tick() => reload = Some(false),
-                _ = hangup.recv() => {
-                    info!("SIGHUP received: reloading the WebTransport certificate");
-                    reload = Some(true);
-                }
+                LoopWake::Reload { forced } => reload = Some(forced),
             }
             if let Some(forced) = reload {
                 if let Some(identity) = source.reload_if_changed(forced).await {
@@ -305,6 +338,7 @@ impl ProtoServer {
                     stop = None;
                 }
             }
+            node.metrics.wt_loop_busy_seconds.inc_by(woke.elapsed().as_secs_f64());
         }
     }
 }
