@@ -359,15 +359,15 @@ pub struct WebTransportConfig {
         default_value_t = 200
     )]
     pub quic_retry_threshold: usize,
-    /// What runs WebTransport sessions. quinn (the default): quinn's endpoint, a task per
-    /// session. proto (experimental, issue 22): Courtside's own endpoint loop on quinn-proto,
-    /// every session in one task over a batched UDP socket.
+    /// What runs WebTransport sessions. proto (the default, issue 22): Courtside's own endpoint
+    /// loop on quinn-proto, every session in one task over a batched UDP socket. quinn: quinn's
+    /// endpoint, a task per session (the engine before; kept as a fallback).
     #[arg(
         long,
         env = "COURTSIDE_WT_ENGINE",
         value_name = "quinn|proto",
         value_enum,
-        default_value_t = WtEngine::Quinn
+        default_value_t = WtEngine::Proto
     )]
     pub wt_engine: WtEngine,
 }

@@ -153,12 +153,12 @@ fn run(config: ServeConfig) -> anyhow::Result<()> {
             match config.webtransport.wt_engine {
                 WtEngine::Quinn => {
                     let wt = WebTransportServer::bind(settings, &node).await?;
-                    info!(wt = %wt.local_addr(), "listening for WebTransport (/wt)");
+                    info!(wt = %wt.local_addr(), "listening for WebTransport (/wt) on the quinn engine");
                     tokio::spawn(wt.run(node.clone()));
                 }
                 WtEngine::Proto => {
                     let wt = courtside::transport::wt::server::ProtoServer::bind(settings, &node).await?;
-                    info!(wt = %wt.local_addr(), "listening for WebTransport (/wt) on the proto engine (experimental)");
+                    info!(wt = %wt.local_addr(), "listening for WebTransport (/wt)");
                     tokio::spawn(wt.run(node.clone()));
                 }
             }

@@ -258,13 +258,13 @@ async fn a_webtransport_delta_subscriber_takes_deltas_as_datagrams_and_ends_on_t
 }
 
 #[tokio::test]
-async fn the_experimental_webtransport_engine_sends_the_same_deltas() {
-    let server = TestServer::start(&["--wt-state-datagrams", "always", "--wt-engine", "proto"]);
+async fn the_quinn_webtransport_engine_sends_the_same_deltas() {
+    let server = TestServer::start(&["--wt-state-datagrams", "always", "--wt-engine", "quinn"]);
     let hash = server.cert_hash().await;
     let mut client = WtClient::connect_to(server.wt.expect("wt"), &hash, false).await;
-    let held = wt_series(&server, &mut client, "bracket:proto", 10, true).await;
+    let held = wt_series(&server, &mut client, "bracket:quinn", 10, true).await;
     assert_eq!((held.wholes, held.deltas, held.dropped), (1, 10, 0), "{held:?}");
-    let (version, text) = room_state_text(&server, "bracket:proto").await;
+    let (version, text) = room_state_text(&server, "bracket:quinn").await;
     assert_eq!((held.version, held.text.as_deref()), (version, Some(text.as_str())));
 }
 

@@ -26,10 +26,10 @@ mod http_api;
 mod limits;
 /// The operations page and its figures, on one node and through Redis.
 mod ops;
-/// The experimental WebTransport engine (`--wt-engine proto`) against the default one's expectations.
-mod proto_engine;
 /// The publish API's gate: credentials before the per-address rate, 413 before the body.
 mod publish_admission;
+/// The quinn engine (`--wt-engine quinn`, the fallback) against the default engine's expectations.
+mod quinn_engine;
 /// Graceful shutdown on SIGTERM.
 mod shutdown;
 /// Nothing accepted is stranded: publishes during a resync, events in flight when Redis dies empty.

@@ -227,6 +227,20 @@ async fn under_30_percent_loss_every_client_ends_on_the_newest_state() {
 }
 
 #[tokio::test]
+async fn the_endpoint_loop_counts_the_time_it_works() {
+    let server = TestServer::start(&[]);
+    let mut client = WtClient::connect(&server).await;
+    client.send(json!({"type": "ping"})).await;
+    assert_eq!(client.recv_stream().await, json!({"type": "pong"}));
+    // The handshake, the ping and its reply were work: more than none, less than the test ran.
+    server
+        .await_metric("courtside_webtransport_loop_busy_seconds_total", "> 0", |v| {
+            v > 0.0 && v < 60.0
+        })
+        .await;
+}
+
+#[tokio::test]
 async fn with_states_as_datagrams_after_loss_a_clean_session_gets_states_over_the_stream() {
     let server = TestServer::start(&["--wt-state-datagrams", "after-loss"]);
     let mut client = WtClient::connect(&server).await;

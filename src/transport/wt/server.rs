@@ -1,4 +1,4 @@
-//! WebTransport on Courtside's own endpoint loop (`--wt-engine proto`, experimental): one task
+//! WebTransport on Courtside's own endpoint loop (`--wt-engine proto`, the default): one task
 //! owns the UDP socket and every session (`WtEndpoint` over `UdpIo`) and joins each open
 //! session to the hub (its `Subscriber` queue, woken through a per-connection waker that only
 //! marks the connection ready, and its command `Session`). Admission, the drain, certificate
