@@ -365,7 +365,7 @@ pub struct WebTransportConfig {
     #[arg(
         long,
         env = "COURTSIDE_WT_ENGINE",
-        value_name = "quinn|proto",
+        value_name = "proto|quinn",
         value_enum,
         default_value_t = WtEngine::Proto
     )]

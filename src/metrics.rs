@@ -155,8 +155,9 @@ pub struct Metrics {
     pub wt_handshake_timeouts: Counter,
     /// QUIC handshakes under way (Initial received, handshake not yet complete).
     pub quic_handshakes: Gauge,
-    /// Seconds the proto engine's endpoint loop spent working, not waiting: its rate is the
-    /// share of one core the loop takes (1.0: saturated, whatever the other cores do).
+    /// Seconds (wall clock) the proto engine's endpoint loop spent working, not waiting: a rate
+    /// near 1.0 means it has no idle time left (its work fills a core, or the machine keeps it
+    /// from one).
     pub wt_loop_busy_seconds: Counter<f64, AtomicU64>,
 }
 
@@ -297,7 +298,7 @@ impl Metrics {
         );
         registry.register(
             "webtransport_loop_busy_seconds",
-            "Seconds the WebTransport endpoint loop (--wt-engine proto) spent working rather than waiting; its rate is the share of one core it takes",
+            "Seconds (wall clock) the WebTransport endpoint loop (--wt-engine proto) spent working rather than waiting; a rate near 1 means it has no idle time left",
             metrics.wt_loop_busy_seconds.clone(),
         );
         Self { registry, ..metrics }

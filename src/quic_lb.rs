@@ -109,8 +109,8 @@ pub fn server_id_of(cid: &[u8]) -> Option<QuicServerId> {
     Some(QuicServerId(id))
 }
 
-/// quinn's generator of routable connection IDs (fresh random nonces; quinn draws again when
-/// an ID is already in use).
+/// quinn's generator of routable connection IDs (fresh random nonces; for a connection's IDs
+/// quinn draws again when one is already in use, for a Retry's it does not check).
 #[derive(Debug, Clone, Copy)]
 pub struct RoutableConnectionIds {
     pub server: QuicServerId,
@@ -140,9 +140,10 @@ const SIGNED_NONCE_LEN: usize = 6;
 /// Length of a default connection ID: the nonce, then two bytes of keyed signature.
 pub const SIGNED_CID_LEN: usize = SIGNED_NONCE_LEN + 2;
 
-/// The default connection IDs: a 48-bit random nonce and a 16-bit signature keyed per process,
-/// so the endpoint drops a short-header packet with a forged ID instead of answering it with a
-/// stateless reset. Not quinn's default (`HashedConnectionIdGenerator`), whose nonce is 24 bits:
+/// The default connection IDs: a 48-bit random nonce and a 16-bit signature keyed per endpoint
+/// (quinn asks the factory once per endpoint; each engine has one), so the endpoint drops a
+/// short-header packet with a forged ID instead of answering it with a stateless reset (all but
+/// one in 65,536; quinn's default signs with 40 bits). Not quinn's default (`HashedConnectionIdGenerator`), whose nonce is 24 bits:
 /// quinn-proto draws a Retry packet's connection ID without checking it against the IDs in use,
 /// and among the ~60,000 IDs of 10,000 sessions a 24-bit draw hits one about once in 280; the
 /// client's next Initial is then routed to that other connection and dropped, so the client never

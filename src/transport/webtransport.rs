@@ -1,4 +1,5 @@
-//! The WebTransport transport: HTTP/3 sessions at `/wt` on UDP, on quinn with a session layer of
+//! The WebTransport transport's settings and configs (both engines), and its quinn engine
+//! (`--wt-engine quinn`): HTTP/3 sessions at `/wt` on UDP, on quinn with a session layer of
 //! our own (`transport::h3` holds its bytes). Commands and ordered messages travel on one
 //! client-opened bidirectional control stream; state updates that fit travel as datagrams,
 //! repaired by `core::repair` when lost. The handshake and the session run in the session's own
