@@ -212,6 +212,15 @@ impl WtEndpoint {
                 if entry.armed == Some(at) {
                     entry.armed = None;
                 }
+                // A deadline that moved later since it was armed (most often the loss timer of a
+                // delivery its ack has since cleared): armed again, and the session left alone.
+                if let Some(next) = entry.session.poll_timeout().filter(|next| *next > now) {
+                    if entry.armed.is_none_or(|armed| next < armed) {
+                        entry.armed = Some(next);
+                        self.timers.push(Reverse((next, id)));
+                    }
+                    continue;
+                }
                 entry.session.handle_timeout(now);
                 self.touched.push(ch);
             }
