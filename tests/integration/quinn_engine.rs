@@ -6,7 +6,7 @@
 use serde_json::json;
 
 use crate::util::{TestServer, WtClient, WtSeen};
-use crate::webtransport::converge_under_30_percent_loss;
+use crate::webtransport::{converge_under_30_percent_loss, told_to_reconnect_on_shutdown};
 
 const QUINN: [&str; 2] = ["--wt-engine", "quinn"];
 
@@ -43,18 +43,7 @@ async fn a_silent_session_on_the_quinn_engine_is_closed_with_4002() {
 
 #[tokio::test]
 async fn the_quinn_engine_drains_on_shutdown() {
-    let mut server = TestServer::start(&[&QUINN[..], &["--drain-timeout", "20s"]].concat());
-    let mut client = WtClient::connect(&server).await;
-    client.subscribe("game:1").await;
-    server.sigterm();
-    assert_eq!(
-        client.recv_stream().await,
-        json!({"type": "reconnect", "reason": "shutdown"})
-    );
-    assert_eq!(client.recv_stream().await["code"], 1012);
-    client.connection.close(wtransport::VarInt::from_u32(0), b"bye");
-    assert_eq!(server.wait_exit().await.code(), Some(0));
-    assert_eq!(server.logs_with("drained; every connection closed").len(), 1);
+    told_to_reconnect_on_shutdown(&QUINN).await;
 }
 
 #[tokio::test]

@@ -324,7 +324,13 @@ pub(crate) async fn converge_under_30_percent_loss(server_args: &[&str]) -> (Vec
 
 #[tokio::test]
 async fn a_webtransport_client_is_told_to_reconnect_on_shutdown() {
-    let mut server = TestServer::start(&["--drain-timeout", "20s"]);
+    told_to_reconnect_on_shutdown(&[]).await;
+}
+
+/// A session on a server started with `server_args` is told to reconnect on SIGTERM, closed with
+/// 1012, and the server exits 0 once it closes.
+pub(crate) async fn told_to_reconnect_on_shutdown(server_args: &[&str]) {
+    let mut server = TestServer::start(&[server_args, &["--drain-timeout", "20s"]].concat());
     let mut client = WtClient::connect(&server).await;
     client.subscribe("game:1").await;
     server.sigterm();

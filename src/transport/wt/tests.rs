@@ -691,6 +691,22 @@ fn the_largest_datagram_is_1162_bytes_and_welcome_says_so() {
     assert_eq!(pair.client.newest_state("game:1234", ALIAS), Some(3));
 }
 
+/// A pair whose server answers a first Initial with a Retry, both links with this latency, jitter
+/// (milliseconds) and loss.
+fn retried_pair(seed: u64, latency_ms: u64, jitter_ms: u64, loss: f64) -> Pair {
+    let mut pair = Pair::new(Setup {
+        retry: true,
+        seed,
+        ..Setup::default()
+    });
+    for link in [&mut pair.to_server, &mut pair.to_client] {
+        link.latency = Duration::from_millis(latency_ms);
+        link.jitter = Duration::from_millis(jitter_ms);
+        link.loss = loss;
+    }
+    pair
+}
+
 /// A handshake answered with a Retry (as the endpoint answers past `--quic-retry-threshold`)
 /// completes through a slow and reordering path, for every one of 200 seeds per path; on the
 /// slow one the client sends its Initial again before the Retry arrives and the server retries
@@ -700,15 +716,7 @@ fn a_retried_handshake_completes_through_delay_and_reordering() {
     for (latency, jitter) in [(300, 300), (20, 1200)] {
         let mut retried_twice = 0;
         for seed in 1..=200u64 {
-            let mut pair = Pair::new(Setup {
-                retry: true,
-                seed,
-                ..Setup::default()
-            });
-            for link in [&mut pair.to_server, &mut pair.to_client] {
-                link.latency = Duration::from_millis(latency);
-                link.jitter = Duration::from_millis(jitter);
-            }
+            let mut pair = retried_pair(seed, latency, jitter, 0.0);
             let open = pair.run_until_true(Duration::from_secs(10), |p| p.server.established());
             assert!(
                 open,
@@ -737,16 +745,7 @@ fn a_retried_handshake_either_opens_or_is_closed_at_the_deadline_with_the_client
     let deadline = Setup::default().session.handshake_timeout;
     let mut timed_out = Vec::new();
     for seed in 1..=200u64 {
-        let mut pair = Pair::new(Setup {
-            retry: true,
-            seed,
-            ..Setup::default()
-        });
-        for link in [&mut pair.to_server, &mut pair.to_client] {
-            link.latency = Duration::from_millis(50);
-            link.jitter = Duration::from_millis(400);
-            link.loss = 0.05;
-        }
+        let mut pair = retried_pair(seed, 50, 400, 0.05);
         let start = pair.now;
         let settled = pair.run_until_true(Duration::from_secs(30), |p| {
             p.server.established() || p.client.lost.is_some()
