@@ -119,9 +119,7 @@ pub struct RoutableConnectionIds {
 impl ConnectionIdGenerator for RoutableConnectionIds {
     fn generate_cid(&mut self) -> ConnectionId {
         let mut nonce = [0u8; NONCE_LEN];
-        if getrandom::fill(&mut nonce).is_err() {
-            nonce.copy_from_slice(&crate::random::random_u64().to_le_bytes()[..NONCE_LEN]);
-        }
+        nonce.copy_from_slice(&crate::random::random_u64().to_le_bytes()[..NONCE_LEN]);
         ConnectionId::new(&routable_cid(self.server, nonce))
     }
 
@@ -143,8 +141,9 @@ pub const SIGNED_CID_LEN: usize = SIGNED_NONCE_LEN + 2;
 /// The default connection IDs: a 48-bit random nonce and a 16-bit signature keyed per endpoint
 /// (quinn asks the factory once per endpoint; each engine has one), so the endpoint drops a
 /// short-header packet with a forged ID instead of answering it with a stateless reset (all but
-/// one in 65,536; quinn's default signs with 40 bits). Not quinn's default (`HashedConnectionIdGenerator`), whose nonce is 24 bits:
-/// quinn-proto draws a Retry packet's connection ID without checking it against the IDs in use,
+/// one in 65,536; quinn's default signs with 40 bits). Not quinn's default
+/// (`HashedConnectionIdGenerator`), whose nonce is 24 bits: quinn-proto draws a Retry packet's
+/// connection ID without checking it against the IDs in use,
 /// and among the ~60,000 IDs of 10,000 sessions a 24-bit draw hits one about once in 280; the
 /// client's next Initial is then routed to that other connection and dropped, so the client never
 /// connects (seen in connect storms of 10,000, bench/README.md). At 48 bits that is once in 4.7
