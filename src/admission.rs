@@ -213,23 +213,7 @@ enum Credentials {
     Jwt(Claims),
 }
 
-/// What a publish request's credentials allow.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PublishScope {
-    /// The publish token: every room.
-    Everything,
-    /// A JWT's `publish` claim.
-    Rooms(Vec<RoomPattern>),
-}
-
-impl PublishScope {
-    pub fn allows(&self, room: &str) -> bool {
-        match self {
-            Self::Everything => true,
-            Self::Rooms(patterns) => patterns.iter().any(|p| p.matches(room)),
-        }
-    }
-}
+pub use courtside_codecs::publish::PublishScope;
 
 impl Admission {
     /// Fails when the JWT key file cannot be read.

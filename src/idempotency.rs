@@ -6,8 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Longest key accepted (the draft leaves it to the server).
-pub const MAX_KEY_LEN: usize = 255;
+pub use courtside_codecs::publish::{BadKey, IdempotencyKey, MAX_KEY_LEN};
 
 /// A claim not yet answered expires after this (or the window, if shorter): a node that died
 /// mid-publish does not block the key for the whole window.
@@ -16,41 +15,6 @@ pub const PENDING_TTL: Duration = Duration::from_secs(30);
 /// Keys the in-memory store holds at most; beyond, idempotent publishes are refused until
 /// keys expire (a store that forgot keys early would publish retries twice).
 pub const MAX_LOCAL_KEYS: usize = 100_000;
-
-/// The header is not a usable key.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("Idempotency-Key must be 1 to {MAX_KEY_LEN} visible ASCII characters")]
-pub struct BadKey;
-
-/// A publisher's idempotency key.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct IdempotencyKey(String);
-
-impl IdempotencyKey {
-    /// The header's value (HTTP trims the spaces around it): 1 to 255 visible ASCII characters;
-    /// the draft's structured-field string form (`"..."`, three or more characters) is unquoted.
-    pub fn parse(value: &[u8]) -> Result<Self, BadKey> {
-        let text = std::str::from_utf8(value).map_err(|_| BadKey)?.trim();
-        if text.is_empty() || text.len() > MAX_KEY_LEN || !text.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(BadKey);
-        }
-        let text = match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
-            Some(quoted) if !quoted.is_empty() => quoted,
-            _ => text,
-        };
-        Ok(Self(text.to_string()))
-    }
-
-    /// A batch item's key, scoped under the batch so it cannot collide with a request's key.
-    pub fn for_item(item_key: &str) -> Result<Self, BadKey> {
-        let key = Self::parse(item_key.as_bytes())?;
-        Ok(Self(format!("item:{}", key.0)))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
 
 /// What identifies a request's content: SHA-256 over its parts, hex.
 pub fn fingerprint(parts: &[&[u8]]) -> String {
@@ -190,21 +154,6 @@ impl LocalKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keys_are_visible_ascii_and_may_be_quoted() {
-        assert_eq!(
-            IdempotencyKey::parse(b"8e03978e-40d5").map(|k| k.0),
-            Ok("8e03978e-40d5".into())
-        );
-        assert_eq!(IdempotencyKey::parse(br#""abc""#).map(|k| k.0), Ok("abc".into()));
-        // Exactly what the schema's pattern says: `""` is a key of two quotes, a space is refused.
-        assert_eq!(IdempotencyKey::parse(br#""""#).map(|k| k.0), Ok(r#""""#.into()));
-        for bad in [&b""[..], b"a b", b"a\x01b", &[b'a'; 256][..], b"\xff"] {
-            assert_eq!(IdempotencyKey::parse(bad), Err(BadKey), "{bad:?}");
-        }
-        assert_eq!(IdempotencyKey::for_item("x").map(|k| k.0), Ok("item:x".into()));
-    }
 
     #[test]
     fn fingerprints_tell_requests_apart_and_parts_cannot_be_shifted() {

@@ -28,6 +28,6 @@ pub mod registry;
 pub mod server;
 pub mod session;
 pub mod shutdown;
-pub mod tokens;
+pub use courtside_codecs::tokens;
 pub mod transport;
 pub mod udp;

@@ -295,6 +295,19 @@ impl From<Refusal> for ApiError {
     }
 }
 
+impl From<courtside_codecs::publish::BatchError> for ApiError {
+    fn from(error: courtside_codecs::publish::BatchError) -> Self {
+        use courtside_codecs::publish::BatchRefusal;
+        let code = match error.refusal {
+            BatchRefusal::BadBatch => ApiErrorCode::BadBatch,
+            BatchRefusal::BadRoom => ApiErrorCode::BadRoom,
+            BatchRefusal::Forbidden => ApiErrorCode::Forbidden,
+            BatchRefusal::BadIdempotencyKey => ApiErrorCode::BadIdempotencyKey,
+        };
+        ApiError::new(code, error.message)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,6 +20,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 
 use crate::admission::{PublishScope, Refusal};
+pub use courtside_codecs::publish::{check_batch, CheckedItem};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tracing::{debug, warn};
@@ -383,11 +384,10 @@ async fn publish_event(
 /// A publish JWT's `publish` claim must name the room (403 `forbidden`, nothing published).
 fn within_scope(scope: Option<&PublishScope>, room: &str) -> Result<(), ApiError> {
     match scope {
-        Some(scope) if !scope.allows(room) => Err(ApiError::new(
-            ApiErrorCode::Forbidden,
-            format!("the token's publish claim does not allow {room:?}"),
-        )),
-        _ => Ok(()),
+        Some(scope) => scope
+            .check(room)
+            .map_err(|e| ApiError::new(ApiErrorCode::Forbidden, e.to_string())),
+        None => Ok(()),
     }
 }
 
@@ -582,25 +582,6 @@ impl PublishView {
     }
 }
 
-#[derive(Deserialize)]
-struct BatchItem<'a> {
-    room: String,
-    #[serde(rename = "type")]
-    kind: Kind,
-    #[serde(borrow)]
-    data: &'a RawValue,
-    /// This item's own idempotency key: a repeat of the item (in any batch, within the window)
-    /// gets its first result and publishes nothing.
-    #[serde(default)]
-    idempotency_key: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Batch<'a> {
-    #[serde(borrow)]
-    messages: Vec<BatchItem<'a>>,
-}
-
 #[derive(Serialize)]
 #[serde(untagged)]
 enum BatchResult {
@@ -701,46 +682,6 @@ async fn publish_batch_parsed(
         results.push(result);
     }
     Ok(json_answer(StatusCode::OK, &BatchResponse { results }))
-}
-
-/// A batch item that passed every check: publishable as it is.
-#[derive(Debug)]
-pub struct CheckedItem {
-    pub room: RoomName,
-    pub kind: Kind,
-    pub data: JsonData,
-    pub key: Option<IdempotencyKey>,
-}
-
-/// Reads a `POST /v1/publish` body and checks every item (room name, scope, idempotency key)
-/// before any is published: the first failing item refuses the whole batch. Pure (fuzzed).
-pub fn check_batch(body: &[u8], max_batch: usize, scope: Option<&PublishScope>) -> Result<Vec<CheckedItem>, ApiError> {
-    let batch: Batch<'_> =
-        serde_json::from_slice(body).map_err(|e| ApiError::new(ApiErrorCode::BadBatch, e.to_string()))?;
-    if batch.messages.is_empty() || batch.messages.len() > max_batch {
-        let message = format!("a batch holds 1 to {max_batch} messages");
-        return Err(ApiError::new(ApiErrorCode::BadBatch, message));
-    }
-    let mut checked = Vec::with_capacity(batch.messages.len());
-    for (i, item) in batch.messages.iter().enumerate() {
-        let room = RoomName::parse(&item.room)
-            .map_err(|e| ApiError::new(ApiErrorCode::BadRoom, format!("messages[{i}]: {e}")))?;
-        within_scope(scope, room.as_str())
-            .map_err(|e| ApiError::new(e.code, format!("messages[{i}]: {}", e.message)))?;
-        let key = item
-            .idempotency_key
-            .as_deref()
-            .map(IdempotencyKey::for_item)
-            .transpose()
-            .map_err(|e| ApiError::new(ApiErrorCode::BadIdempotencyKey, format!("messages[{i}]: {e}")))?;
-        checked.push(CheckedItem {
-            room,
-            kind: item.kind,
-            data: JsonData::from_raw(item.data),
-            key,
-        });
-    }
-    Ok(checked)
 }
 
 /// Publishes one batch item.

@@ -4,7 +4,7 @@
 //! the hub stays the local fan-out either way.
 
 pub mod embedded;
-pub mod envelope;
+pub use courtside_codecs::envelope;
 pub mod redis;
 
 use std::time::Duration;

@@ -30,7 +30,7 @@ use crate::metrics::Transport;
 use crate::node::Node;
 use crate::shutdown::ShutdownListener;
 
-pub mod inflate;
+pub use courtside_codecs::websocket_inflate as inflate;
 
 /// The most a client's compressed message may inflate to (and its compressed frames may hold):
 /// 64 KiB, as a WebTransport control-stream message, or `--ws-max-message` when smaller.

@@ -404,7 +404,7 @@ async fn accept_session(
         Ok(Ok(streams)) => streams,
         Ok(Err(HandshakeError::H3(error))) => {
             debug!(%error, "webtransport handshake refused");
-            connection.close(h3::quic_code(error.code), error.message.as_bytes());
+            connection.close(crate::transport::quic_code(error.code), error.message.as_bytes());
             return;
         }
         Ok(Err(HandshakeError::Refused(status, control, streams))) => {
@@ -413,7 +413,7 @@ async fn accept_session(
             let _ = timeout(Duration::from_secs(1), connection.closed()).await;
             // Closed first: dropping the streams of a live connection would stop and finish
             // them (STOP_SENDING, FIN), which could still go out before the close.
-            connection.close(h3::quic_code(H3ErrorCode::RequestRejected), b"refused");
+            connection.close(crate::transport::quic_code(H3ErrorCode::RequestRejected), b"refused");
             drop((control, streams));
             return;
         }
@@ -825,7 +825,8 @@ impl Wire for WebTransportWire {
     /// The client closed the session: close the QUIC connection (nothing more to say).
     async fn answer_close(&mut self) {
         let _ = self.connect_send.finish();
-        self.connection.close(h3::quic_code(H3ErrorCode::NoError), b"");
+        self.connection
+            .close(crate::transport::quic_code(H3ErrorCode::NoError), b"");
     }
 
     /// Writes a close notice (after `reconnect`, when asked) on the control stream and a
@@ -860,7 +861,8 @@ impl Wire for WebTransportWire {
             // as closed with the code (seen with a close 1 ms after its FIN; 500 ms was enough).
             let grace = deadline.min(Instant::now() + CLOSE_GRACE);
             let _ = timeout_at(grace, self.connection.closed()).await;
-            self.connection.close(h3::quic_code(H3ErrorCode::NoError), b"");
+            self.connection
+                .close(crate::transport::quic_code(H3ErrorCode::NoError), b"");
         } else {
             self.connection
                 .close(VarInt::from_u32(close.code.into()), close.reason.as_bytes());

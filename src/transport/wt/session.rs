@@ -605,7 +605,7 @@ impl WtSession {
             }
             Dir::Bi => {
                 // A stream the session does not use: refused, the session goes on.
-                let code = h3::quic_code(H3ErrorCode::RequestRejected);
+                let code = crate::transport::quic_code(H3ErrorCode::RequestRejected);
                 let _ = self.conn.recv_stream(id).stop(code);
                 let _ = self.conn.send_stream(id).reset(code);
                 return;
@@ -984,7 +984,7 @@ impl WtSession {
         }
         self.phase = Phase::Lingering {
             at: now + self.config.refusal_wait,
-            code: h3::quic_code(H3ErrorCode::RequestRejected),
+            code: crate::transport::quic_code(H3ErrorCode::RequestRejected),
             reason: Bytes::from_static(b"refused"),
         };
         self.end(SessionEnd::Refused(status));
@@ -993,13 +993,13 @@ impl WtSession {
     /// A WebTransport CONNECT without datagrams: a malformed request, a stream error.
     fn malformed(&mut self, now: Instant) {
         if let Some(connect) = self.connect.as_ref() {
-            let code = h3::quic_code(H3ErrorCode::Message);
+            let code = crate::transport::quic_code(H3ErrorCode::Message);
             let _ = self.conn.recv_stream(connect.id).stop(code);
             let _ = self.conn.send_stream(connect.id).reset(code);
         }
         self.phase = Phase::Lingering {
             at: now + self.config.refusal_wait,
-            code: h3::quic_code(H3ErrorCode::NoError),
+            code: crate::transport::quic_code(H3ErrorCode::NoError),
             reason: Bytes::new(),
         };
         self.end(SessionEnd::Malformed);
@@ -1012,7 +1012,7 @@ impl WtSession {
         }
         self.close_connection(
             now,
-            h3::quic_code(error.code),
+            crate::transport::quic_code(error.code),
             Bytes::from_static(error.message.as_bytes()),
         );
         self.end(SessionEnd::H3(error));
@@ -1026,7 +1026,7 @@ impl WtSession {
                     connect.out.fin = true;
                     connect.out.flush(&mut self.conn);
                 }
-                self.close_connection(now, h3::quic_code(H3ErrorCode::NoError), Bytes::new());
+                self.close_connection(now, crate::transport::quic_code(H3ErrorCode::NoError), Bytes::new());
                 self.end(SessionEnd::PeerClosed { code, reason });
             }
             Phase::Closing { code, .. } => self.answered(now, code),
@@ -1043,7 +1043,7 @@ impl WtSession {
         };
         self.phase = Phase::Lingering {
             at: deadline.min(now + self.config.close_grace),
-            code: h3::quic_code(H3ErrorCode::NoError),
+            code: crate::transport::quic_code(H3ErrorCode::NoError),
             reason: Bytes::new(),
         };
         self.end(SessionEnd::Closed { code, answered: true });

@@ -2,7 +2,7 @@
 //! session header, a datagram's prefix, its unidirectional streams' types and its SETTINGS.
 //! Parsed or refused, never a panic.
 #![no_main]
-use courtside::transport::h3;
+use courtside_codecs::h3;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

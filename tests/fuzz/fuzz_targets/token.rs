@@ -3,7 +3,7 @@
 #![no_main]
 use std::sync::OnceLock;
 
-use courtside::tokens::{TokenSettings, TokenVerifier};
+use courtside_codecs::tokens::{TokenSettings, TokenVerifier};
 use libfuzzer_sys::fuzz_target;
 
 fn verifier() -> &'static TokenVerifier {

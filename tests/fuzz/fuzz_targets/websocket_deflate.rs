@@ -5,7 +5,7 @@
 #![no_main]
 use std::collections::VecDeque;
 
-use courtside::transport::websocket::inflate::CompressedFrames;
+use courtside_codecs::websocket_inflate::CompressedFrames;
 use courtside_core::deflate::negotiate;
 use libfuzzer_sys::fuzz_target;
 

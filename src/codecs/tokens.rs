@@ -328,7 +328,9 @@ mod tests {
     use jsonwebtoken::{encode, EncodingKey, Header};
 
     fn now_s() -> u64 {
-        crate::clock::unix_ms() / 1000
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
     }
 
     fn hs256(secret: &str, claims: serde_json::Value) -> String {
@@ -396,7 +398,7 @@ mod tests {
 
     #[test]
     fn es256_keys_come_from_a_pem_file_that_is_reloaded_when_it_changes() {
-        let dir = std::env::temp_dir().join(format!("courtside-jwt-{}", crate::random::random_u64()));
+        let dir = std::env::temp_dir().join(format!("courtside-jwt-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("keys.pem");
         let sign = |pair: &rcgen::KeyPair| {
@@ -444,7 +446,7 @@ mod tests {
     #[test]
     fn a_jwks_file_gives_its_signing_keys_chosen_by_kid() {
         use rcgen::PublicKeyData;
-        let dir = std::env::temp_dir().join(format!("courtside-jwks-{}", crate::random::random_u64()));
+        let dir = std::env::temp_dir().join(format!("courtside-jwks-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("keys.json");
         let (a, b, enc) = (

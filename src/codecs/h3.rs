@@ -252,11 +252,6 @@ pub fn close_capsule(code: u32, reason: &str) -> Vec<u8> {
     out
 }
 
-/// An HTTP/3 error code as a QUIC application error code (for a connection or stream close).
-pub fn quic_code(code: H3ErrorCode) -> quinn_proto::VarInt {
-    quinn_proto::VarInt::from_u64(code.to_code().into_inner()).unwrap_or(quinn_proto::VarInt::from_u32(0x101))
-}
-
 /// A client's unidirectional stream, by its type (RFC 9114 §6.2, RFC 9204 §4.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UniStreamType {

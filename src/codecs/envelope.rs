@@ -109,7 +109,7 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
                 data: old.data,
                 origin: old.origin,
                 provisional: old.provisional,
-                event_id: if old.kind == crate::core::Kind::Event.to_byte() {
+                event_id: if old.kind == courtside_core::Kind::Event.to_byte() {
                     legacy_event_id(epoch, number)
                 } else {
                     0
@@ -126,7 +126,7 @@ mod tests {
 
     fn body() -> EnvelopeBody<'static> {
         EnvelopeBody {
-            kind: crate::core::Kind::Event.to_byte(),
+            kind: courtside_core::Kind::Event.to_byte(),
             ts: 1_700_000_000_000,
             data: r#"{"a":1}"#,
             origin: "n1",

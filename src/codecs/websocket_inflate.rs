@@ -16,10 +16,10 @@ use std::collections::VecDeque;
 use std::io::Cursor;
 
 use bytes::Bytes;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+use tungstenite::protocol::frame::coding::{Data, OpCode};
+use tungstenite::protocol::frame::FrameHeader;
 
-use crate::core::deflate::{InflateError, MessageInflater};
+use courtside_core::deflate::{InflateError, MessageInflater};
 
 /// The longest frame header (RFC 6455 §5.2: 2 bytes, 8 of length, 4 of mask).
 const MAX_HEADER: usize = 14;
@@ -257,7 +257,7 @@ impl CompressedFrames {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::deflate::compress_message;
+    use courtside_core::deflate::compress_message;
 
     /// A client frame: FIN as given, RSV1 as given, the opcode, masked with `mask`.
     fn frame(fin: bool, rsv1: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
