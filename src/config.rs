@@ -370,6 +370,12 @@ pub struct WebTransportConfig {
         default_value_t = WtEngine::Proto
     )]
     pub wt_engine: WtEngine,
+    /// Endpoint loops of the proto engine, each on its own UDP socket on the one port
+    /// (`SO_REUSEPORT`; Linux spreads clients over them by address) and its own share of the
+    /// sessions: with more than one, WebTransport uses more than one core. Packets a client sends
+    /// from a new address reach their session's loop through the loop that got them. 1 to 64.
+    #[arg(long, env = "COURTSIDE_WT_LOOPS", value_name = "N", default_value_t = 1)]
+    pub wt_loops: usize,
 }
 
 /// What runs WebTransport sessions (`--wt-engine`).
@@ -587,6 +593,9 @@ impl ServeConfig {
             if value.is_zero() {
                 invalid!("{} must be greater than 0 (a duration such as 10s)", name(long));
             }
+        }
+        if !(1..=64).contains(&self.webtransport.wt_loops) {
+            invalid!("{} must be 1 to 64", name("wt-loops"));
         }
         if !(self.demo_speed > 0.0 && self.demo_speed <= 1000.0) {
             invalid!("{} must be above 0 and at most 1000", name("demo-speed"));

@@ -159,6 +159,10 @@ pub struct Metrics {
     /// near 1.0 means it has no idle time left (its work fills a core, or the machine keeps it
     /// from one).
     pub wt_loop_busy_seconds: Counter<f64, AtomicU64>,
+    /// Datagrams an endpoint loop handed to the loop their connection ID names (`--wt-loops`).
+    pub wt_datagrams_forwarded: Counter,
+    /// Datagrams for another loop dropped because its inbox was full.
+    pub wt_forward_drops: Counter,
 }
 
 impl Default for Metrics {
@@ -198,6 +202,8 @@ impl Metrics {
             wt_handshake_timeouts: Counter::default(),
             quic_handshakes: Gauge::default(),
             wt_loop_busy_seconds: Counter::default(),
+            wt_datagrams_forwarded: Counter::default(),
+            wt_forward_drops: Counter::default(),
             repair_datagrams: Counter::default(),
             registry_up: Gauge::default(),
             outbox: Gauge::default(),
@@ -298,8 +304,18 @@ impl Metrics {
         );
         registry.register(
             "webtransport_loop_busy_seconds",
-            "Seconds (wall clock) the WebTransport endpoint loop (--wt-engine proto) spent working rather than waiting; a rate near 1 means it has no idle time left",
+            "Seconds (wall clock) the WebTransport endpoint loops (--wt-engine proto) spent working rather than waiting, summed over the loops (--wt-loops); a rate near the number of loops means they have no idle time left",
             metrics.wt_loop_busy_seconds.clone(),
+        );
+        registry.register(
+            "webtransport_datagrams_forwarded",
+            "Datagrams an endpoint loop received for a session of another loop (the client's address changed) and handed on (--wt-loops above 1)",
+            metrics.wt_datagrams_forwarded.clone(),
+        );
+        registry.register(
+            "webtransport_forward_drops",
+            "Datagrams for another endpoint loop dropped because its inbox (4,096 datagrams) was full; QUIC sends them again",
+            metrics.wt_forward_drops.clone(),
         );
         Self { registry, ..metrics }
     }

@@ -109,17 +109,32 @@ pub fn server_id_of(cid: &[u8]) -> Option<QuicServerId> {
     Some(QuicServerId(id))
 }
 
+/// Where a connection ID names the endpoint loop that owns it, when a node runs several
+/// (`--wt-loops`): the first byte of its nonce. `None` for an ID of another length.
+pub fn loop_byte_at(cid_len: usize) -> Option<usize> {
+    match cid_len {
+        SIGNED_CID_LEN => Some(0),
+        ROUTABLE_CID_LEN => Some(1 + 8),
+        _ => None,
+    }
+}
+
 /// quinn's generator of routable connection IDs (fresh random nonces; for a connection's IDs
-/// quinn draws again when one is already in use, for a Retry's it does not check).
+/// quinn draws again when one is already in use, for a Retry's it does not check). With
+/// `loop_index`, the nonce's first byte is that loop's index (`loop_byte_at`).
 #[derive(Debug, Clone, Copy)]
 pub struct RoutableConnectionIds {
     pub server: QuicServerId,
+    pub loop_index: Option<u8>,
 }
 
 impl ConnectionIdGenerator for RoutableConnectionIds {
     fn generate_cid(&mut self) -> ConnectionId {
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&crate::random::random_u64().to_le_bytes()[..NONCE_LEN]);
+        if let Some(index) = self.loop_index {
+            nonce[0] = index;
+        }
         ConnectionId::new(&routable_cid(self.server, nonce))
     }
 
@@ -147,13 +162,24 @@ pub const SIGNED_CID_LEN: usize = SIGNED_NONCE_LEN + 2;
 /// and among the ~60,000 IDs of 10,000 sessions a 24-bit draw hits one about once in 280; the
 /// client's next Initial is then routed to that other connection and dropped, so the client never
 /// connects (seen in connect storms of 10,000, bench/README.md). At 48 bits that is once in 4.7
-/// billion Retries.
+/// billion Retries. With `loop_index` (several endpoint loops: `--wt-loops`) the nonce's first
+/// byte is the loop's index, 40 random bits left (once in 18 million Retries); the loops' generators
+/// are clones of one, so they share the key.
 #[derive(Debug, Clone, Default)]
 pub struct SignedRandomIds {
     key: RandomState,
+    loop_index: Option<u8>,
 }
 
 impl SignedRandomIds {
+    /// This generator's key, for the loop `index`.
+    pub fn for_loop(&self, index: u8) -> Self {
+        Self {
+            key: self.key.clone(),
+            loop_index: Some(index),
+        }
+    }
+
     fn signature(&self, nonce: &[u8]) -> [u8; 2] {
         let hash = self.key.hash_one(nonce).to_le_bytes();
         [hash[0], hash[1]]
@@ -165,6 +191,9 @@ impl ConnectionIdGenerator for SignedRandomIds {
         let mut cid = [0u8; SIGNED_CID_LEN];
         let nonce = crate::random::random_u64().to_le_bytes();
         cid[..SIGNED_NONCE_LEN].copy_from_slice(&nonce[..SIGNED_NONCE_LEN]);
+        if let Some(index) = self.loop_index {
+            cid[0] = index;
+        }
         let signature = self.signature(&cid[..SIGNED_NONCE_LEN]);
         cid[SIGNED_NONCE_LEN..].copy_from_slice(&signature);
         ConnectionId::new(&cid)
@@ -243,7 +272,10 @@ mod tests {
     #[test]
     fn generated_ids_carry_the_server_id_and_differ() {
         let server: QuicServerId = "0xfeedfacecafebeef".parse().expect("valid");
-        let mut generator = RoutableConnectionIds { server };
+        let mut generator = RoutableConnectionIds {
+            server,
+            loop_index: None,
+        };
         let a = generator.generate_cid();
         let b = generator.generate_cid();
         assert_eq!(a.len(), generator.cid_len());
@@ -276,5 +308,27 @@ mod tests {
             generator.validate(&ConnectionId::new(&ours[..4])).is_err(),
             "another length"
         );
+    }
+
+    #[test]
+    fn a_loops_ids_carry_its_index_in_the_nonces_first_byte() {
+        let shared = SignedRandomIds::default();
+        let (mut first, mut second) = (shared.for_loop(0), shared.for_loop(3));
+        let at = loop_byte_at(SIGNED_CID_LEN).expect("default IDs name their loop");
+        for _ in 0..100 {
+            let (a, b) = (first.generate_cid(), second.generate_cid());
+            assert_eq!((a[at], b[at]), (0, 3));
+            // One key: each loop's IDs pass the other's check.
+            assert!(first.validate(&b).is_ok() && second.validate(&a).is_ok());
+        }
+        let server: QuicServerId = "0xfeedfacecafebeef".parse().expect("valid");
+        let mut routable = RoutableConnectionIds {
+            server,
+            loop_index: Some(1),
+        };
+        let cid = routable.generate_cid();
+        assert_eq!(loop_byte_at(cid.len()).map(|at| cid[at]), Some(1));
+        assert_eq!(server_id_of(&cid), Some(server), "the server ID is untouched");
+        assert_eq!(loop_byte_at(4), None);
     }
 }

@@ -14,29 +14,42 @@ pub struct UdpSettings {
     pub send_buffer: usize,
 }
 
-/// Reads the kernel's drop count of one socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Reads the kernel's drop count of the WebTransport sockets (one per endpoint loop).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UdpDrops {
-    /// Inode of the socket, its key in /proc/net/udp.
-    inode: u64,
+    /// Inodes of the sockets, their keys in /proc/net/udp.
+    inodes: Vec<u64>,
 }
 
 impl UdpDrops {
-    /// Datagrams the kernel dropped on the socket (the `drops` column of /proc/net/udp and
-    /// udp6), or `None` where the OS does not report it.
+    /// Datagrams the kernel dropped on the sockets, summed (the `drops` column of /proc/net/udp
+    /// and udp6), or `None` where the OS does not report it.
     pub fn count(&self) -> Option<u64> {
+        let mut found = 0;
+        let mut total = 0u64;
         for table in ["/proc/net/udp", "/proc/net/udp6"] {
             let Ok(text) = std::fs::read_to_string(table) else {
                 continue;
             };
             for line in text.lines().skip(1) {
                 let fields: Vec<&str> = line.split_whitespace().collect();
-                if fields.len() >= 13 && fields[9].parse() == Ok(self.inode) {
-                    return fields[12].parse().ok();
+                let inode = fields.get(9).and_then(|f| f.parse::<u64>().ok());
+                if fields.len() >= 13 && inode.is_some_and(|inode| self.inodes.contains(&inode)) {
+                    found += 1;
+                    total += fields[12].parse::<u64>().unwrap_or(0);
                 }
             }
         }
-        None
+        (found > 0).then_some(total)
+    }
+
+    /// The drops of every socket in `parts`; `None` when one of them cannot be read.
+    pub fn combine(parts: impl IntoIterator<Item = Option<UdpDrops>>) -> Option<UdpDrops> {
+        let mut inodes = Vec::new();
+        for part in parts {
+            inodes.extend(part?.inodes);
+        }
+        Some(UdpDrops { inodes })
     }
 }
 
@@ -54,9 +67,40 @@ pub struct BoundUdp {
 /// Binds the UDP socket with socket buffers sized for bursts (README.md, "UDP buffers"); logs
 /// what the kernel granted when it is less than asked.
 pub fn bind(settings: &UdpSettings) -> io::Result<BoundUdp> {
+    bind_one(settings, settings.bind, false)
+}
+
+/// `count` sockets on one port with `SO_REUSEPORT`, one per endpoint loop (`--wt-loops`): Linux
+/// hands each datagram to one of them by a hash of its source and destination, so a client's
+/// packets reach the same socket while its address stays. The first binds `settings.bind` (port 0:
+/// a free one), the others its port. One socket is bound as `bind` binds it, without the option.
+pub fn bind_group(settings: &UdpSettings, count: usize) -> io::Result<Vec<BoundUdp>> {
+    if count <= 1 {
+        return Ok(vec![bind(settings)?]);
+    }
+    let first = bind_one(settings, settings.bind, true)?;
+    let addr = first.socket.local_addr()?;
+    let mut group = vec![first];
+    for _ in 1..count {
+        group.push(bind_one(settings, addr, true)?);
+    }
+    Ok(group)
+}
+
+fn bind_one(settings: &UdpSettings, addr: SocketAddr, reuse_port: bool) -> io::Result<BoundUdp> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let addr = settings.bind;
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    #[cfg(unix)]
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    #[cfg(not(unix))]
+    if reuse_port {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "several WebTransport loops need SO_REUSEPORT",
+        ));
+    }
     if addr.is_ipv6() {
         let _ = socket.set_only_v6(false);
     }
@@ -81,7 +125,7 @@ pub fn bind(settings: &UdpSettings) -> io::Result<BoundUdp> {
             "UDP socket buffers are capped by the kernel (raise net.core.rmem_max and wmem_max)"
         );
     }
-    let drops = socket_inode(&socket).map(|inode| UdpDrops { inode });
+    let drops = socket_inode(&socket).map(|inode| UdpDrops { inodes: vec![inode] });
     Ok(BoundUdp {
         socket: socket.into(),
         drops,

@@ -70,6 +70,8 @@ pub struct WebTransportSettings {
     pub quic_server_id: Option<QuicServerId>,
     /// Handshakes under way above which unvalidated addresses get a Retry (0: always).
     pub retry_threshold: usize,
+    /// Endpoint loops of the proto engine (`--wt-loops`; the quinn engine runs one endpoint).
+    pub loops: usize,
 }
 
 impl WebTransportSettings {
@@ -99,6 +101,7 @@ impl WebTransportSettings {
                 _ => None,
             },
             retry_threshold: wt.quic_retry_threshold,
+            loops: wt.wt_loops,
         }
     }
 }
@@ -179,10 +182,54 @@ pub(crate) fn server_config(
 pub(crate) fn endpoint_config(settings: &WebTransportSettings) -> quinn::EndpointConfig {
     let mut config = quinn::EndpointConfig::default();
     match settings.quic_server_id {
-        Some(server) => config.cid_generator(move || Box::new(RoutableConnectionIds { server })),
+        Some(server) => config.cid_generator(move || {
+            Box::new(RoutableConnectionIds {
+                server,
+                loop_index: None,
+            })
+        }),
         None => config.cid_generator(|| Box::new(SignedRandomIds::default())),
     };
     config
+}
+
+/// The length of the connection IDs the endpoint issues (`endpoint_config`'s generators).
+pub(crate) fn cid_len(settings: &WebTransportSettings) -> usize {
+    match settings.quic_server_id {
+        Some(_) => crate::quic_lb::ROUTABLE_CID_LEN,
+        None => crate::quic_lb::SIGNED_CID_LEN,
+    }
+}
+
+/// The endpoint configurations of `loops` endpoint loops on one port (`--wt-loops`): one
+/// stateless-reset key and one ID signing key, and each loop's index in the IDs it issues (the
+/// first nonce byte, `quic_lb::loop_byte_at`) so a packet that reaches the wrong loop is handed
+/// to its own. One loop issues the same IDs as `endpoint_config`.
+pub(crate) fn loop_endpoint_configs(settings: &WebTransportSettings, loops: usize) -> Vec<quinn::EndpointConfig> {
+    if loops <= 1 {
+        return vec![endpoint_config(settings)];
+    }
+    let shared = quinn::EndpointConfig::default();
+    let signed = SignedRandomIds::default();
+    (0..loops)
+        .map(|index| {
+            let index = u8::try_from(index).unwrap_or(u8::MAX);
+            let mut config = shared.clone();
+            match settings.quic_server_id {
+                Some(server) => config.cid_generator(move || {
+                    Box::new(RoutableConnectionIds {
+                        server,
+                        loop_index: Some(index),
+                    })
+                }),
+                None => {
+                    let signed = signed.for_loop(index);
+                    config.cid_generator(move || Box::new(signed.clone()))
+                }
+            };
+            config
+        })
+        .collect()
 }
 
 /// The server ID `--quic-server-id` names: given, or derived from the ECS task's ARN.

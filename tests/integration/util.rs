@@ -705,6 +705,9 @@ impl TestServer {
 pub struct LossyRelay {
     pub addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    /// New sockets toward the server: the client's address as the server sees it changes, as
+    /// behind a NAT that rebinds.
+    rebinds: tokio::sync::mpsc::UnboundedSender<tokio::net::UdpSocket>,
     /// The head (64 bytes) of every packet forwarded, and whether it went to the server.
     seen: RecordedPackets,
 }
@@ -718,11 +721,20 @@ impl LossyRelay {
         self.seen.lock().expect("packets").clone()
     }
 
+    /// From now on the relay reaches the server from a new port (a NAT rebinding); returns it.
+    pub async fn rebind(&self) -> SocketAddr {
+        let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = back.local_addr().expect("addr");
+        self.rebinds.send(back).expect("relay running");
+        addr
+    }
+
     pub async fn start(server: SocketAddr, loss: f64, seed: u64) -> Self {
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let record = seen.clone();
+        let (rebinds, mut new_backs) = tokio::sync::mpsc::unbounded_channel();
         let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-        let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let mut back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         let addr = front.local_addr().expect("addr");
         let task = tokio::spawn(async move {
             let mut rng = seed | 1;
@@ -751,10 +763,16 @@ impl LossyRelay {
                             let _ = front.send_to(&b[..n], client).await;
                         }
                     }
+                    Some(socket) = new_backs.recv() => back = socket,
                 }
             }
         });
-        Self { addr, task, seen }
+        Self {
+            addr,
+            task,
+            rebinds,
+            seen,
+        }
     }
 }
 

@@ -242,6 +242,69 @@ async fn the_endpoint_loop_counts_the_time_it_works() {
 }
 
 #[tokio::test]
+async fn with_two_endpoint_loops_every_session_is_served_and_one_whose_address_changes_follows() {
+    let server = TestServer::start(&["--wt-engine", "proto", "--wt-loops", "2"]);
+    let hash = server.cert_hash().await;
+    let wt = server.wt.expect("webtransport enabled");
+    // Eight clients from eight ports: Linux spreads them over both loops' sockets.
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let mut client = WtClient::connect_to(wt, &hash, true).await;
+        client.subscribe("game:loops").await;
+        clients.push(client);
+    }
+    let relay = LossyRelay::start(wt, 0.0, 1).await;
+    let mut moving = WtClient::connect_to(relay.addr, &hash, true).await;
+    moving.subscribe("game:loops").await;
+    let forwarded = "courtside_webtransport_datagrams_forwarded_total";
+    // Each new port lands on either socket (the kernel hashes the address); until one landed on
+    // the loop that does not own the session and was handed on (1 in 2^32 never does in 32).
+    let mut version = 0;
+    for _ in 0..32 {
+        relay.rebind().await;
+        version += 1;
+        server
+            .publish_state("game:loops", &json!({"home": version}).to_string())
+            .await;
+        await_version(&mut moving, version).await;
+        if server.metric(forwarded).await > 0.0 {
+            break;
+        }
+    }
+    server.await_metric(forwarded, "> 0", |v| v > 0.0).await;
+    // After the handing on, the session still gets what is published, as does everyone else.
+    version += 1;
+    server
+        .publish_state("game:loops", &json!({"home": version}).to_string())
+        .await;
+    await_version(&mut moving, version).await;
+    for client in &mut clients {
+        await_version(client, version).await;
+    }
+    assert_eq!(server.metric("courtside_webtransport_forward_drops_total").await, 0.0);
+}
+
+/// Reads `client`'s messages until a state of `version` (or a later one).
+async fn await_version(client: &mut WtClient, version: u64) {
+    loop {
+        match client.next().await {
+            WtSeen::Datagram(state) | WtSeen::Stream(state)
+                if state["type"] == "state" && state["version"].as_u64() >= Some(version) =>
+            {
+                return
+            }
+            WtSeen::Closed(code) => panic!("closed {code:?} before version {version}"),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn with_two_endpoint_loops_the_drain_tells_every_session_to_reconnect() {
+    told_to_reconnect_on_shutdown(&["--wt-engine", "proto", "--wt-loops", "2"]).await;
+}
+
+#[tokio::test]
 async fn with_states_as_datagrams_after_loss_a_clean_session_gets_states_over_the_stream() {
     let server = TestServer::start(&["--wt-state-datagrams", "after-loss"]);
     let mut client = WtClient::connect(&server).await;

@@ -7,6 +7,7 @@ pub mod endpoint;
 pub mod sendmmsg;
 pub mod server;
 pub mod session;
+pub mod steer;
 pub mod udp_loop;
 
 pub use session::{CloseRequest, SessionConfig, SessionEnd, SessionEvent, WtSession};

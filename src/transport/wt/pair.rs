@@ -746,6 +746,7 @@ fn settings(setup: &Setup) -> WebTransportSettings {
         state_datagrams: setup.session.state_datagrams,
         quic_server_id: None,
         retry_threshold: 200,
+        loops: 1,
     }
 }
 

@@ -1,6 +1,6 @@
-//! WebTransport on Courtside's own endpoint loop (`--wt-engine proto`, the default): one task
-//! owns the UDP socket and every session (`WtEndpoint` over `UdpIo`) and joins each open
-//! session to the hub (its `Subscriber` queue, woken through a per-connection waker that only
+//! WebTransport on Courtside's own endpoint loops (`--wt-engine proto`, the default): a task
+//! per loop (`--wt-loops`, one by default) owns a UDP socket and its sessions (`WtEndpoint`
+//! over `UdpIo`; several loops share the port, `steer`) and joins each open session to the hub (its `Subscriber` queue, woken through a per-connection waker that only
 //! marks the connection ready, and its command `Session`). Admission, the drain, certificate
 //! reload and the metrics follow the quinn path (`transport::webtransport`).
 
@@ -14,8 +14,11 @@ use futures_util::task::AtomicWaker;
 use quinn_proto::ConnectionHandle;
 use tracing::{debug, info, warn};
 
+use tokio::sync::{mpsc, watch};
+
 use super::endpoint::WtEndpoint;
 use super::session::{CloseRequest, SessionConfig, SessionEnd, SessionEvent};
+use super::steer::{Inbound, LoopSteering};
 use super::udp_loop::UdpIo;
 use crate::admission::{ConnectionPermit, IpPermit};
 use crate::certs::{CertificateInfo, CertificateSource};
@@ -26,23 +29,23 @@ use crate::metrics::Transport;
 use crate::node::Node;
 use crate::session::{Session, SessionLimits};
 use crate::transport::webtransport::{self, WebTransportError, WebTransportSettings};
-use crate::udp;
+use crate::udp::{self, UdpDrops};
 
-/// What woke the endpoint loop.
+/// What woke an endpoint loop.
 enum LoopWake {
     /// The node began to drain.
     Drain,
     Readable(std::io::Result<()>),
+    /// Another loop handed on a datagram of this loop's sessions.
+    Forwarded(Option<Inbound>),
     /// Some connection's queue has something to write.
     QueuesReady,
     /// A session's deadline passed.
     Timer,
     /// The quarter-second check of expired tokens.
     Tick,
-    /// Time to check the certificate files (`forced`: SIGHUP, reload even if unchanged).
-    Reload {
-        forced: bool,
-    },
+    /// A reloaded certificate's configuration (`false`: the reloader is gone).
+    Config(bool),
 }
 
 /// Connections whose queue has something to write, and the loop's own waker.
@@ -108,10 +111,16 @@ struct Fan {
     _connection_permit: Option<ConnectionPermit>,
 }
 
-/// A bound WebTransport endpoint on Courtside's own loop.
-pub struct ProtoServer {
+/// One endpoint loop's own parts: its socket and its sessions.
+struct LoopParts {
     io: UdpIo,
     endpoint: WtEndpoint,
+    steering: Option<LoopSteering>,
+}
+
+/// A bound WebTransport endpoint on Courtside's own loops (`--wt-loops`, one by default).
+pub struct ProtoServer {
+    loops: Vec<LoopParts>,
     source: CertificateSource,
     settings: Arc<WebTransportSettings>,
     local_addr: SocketAddr,
@@ -122,35 +131,59 @@ impl std::fmt::Debug for ProtoServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProtoServer")
             .field("local_addr", &self.local_addr)
+            .field("loops", &self.loops.len())
             .finish()
     }
 }
 
+/// Datagrams one loop's inbox holds for it from the others at most (a burst of a rebinding
+/// NAT's clients); beyond, they are dropped and counted, and QUIC sends them again.
+const INBOX: usize = 4096;
+
+/// What every loop shares: the node, the settings, the other loops' inboxes, the certificate.
+struct LoopShared {
+    node: Node,
+    settings: Arc<WebTransportSettings>,
+    inboxes: Vec<mpsc::Sender<Inbound>>,
+}
+
 impl ProtoServer {
-    /// Binds the UDP socket and loads (or generates) the certificate, as the quinn path does.
+    /// Binds the UDP socket (one per loop, on one port) and loads (or generates) the
+    /// certificate, as the quinn path does.
     pub async fn bind(settings: WebTransportSettings, node: &Node) -> Result<Self, WebTransportError> {
         let (identity, source) = CertificateSource::load(settings.cert.as_ref()).await?;
         let hangup = crate::certs::Hangup::listen();
-        let bound = udp::bind(&settings.udp)?;
-        let local_addr = bound.socket.local_addr()?;
+        let count = settings.loops.max(1);
+        let group = udp::bind_group(&settings.udp, count)?;
+        let local_addr = match group.first() {
+            Some(bound) => bound.socket.local_addr()?,
+            None => return Err(std::io::Error::other("no UDP socket bound").into()),
+        };
         let info = CertificateInfo::of(&identity, source.is_self_signed(), local_addr.port());
-        let server_config = webtransport::server_config(&settings, identity)?;
-        let endpoint = WtEndpoint::new(
-            Arc::new(webtransport::endpoint_config(&settings)),
-            Arc::new(server_config),
-            SessionConfig::from_settings(&settings),
-            settings.retry_threshold,
-            node.metrics.clone(),
-        );
-        let io = UdpIo::new(bound.socket, endpoint.max_udp_payload())?;
-        info!(sha256 = %info.sha256, self_signed = info.self_signed, "WebTransport certificate (proto engine)");
-        node.certificate.set(info);
-        if let Some(drops) = bound.drops {
+        let server_config = Arc::new(webtransport::server_config(&settings, identity)?);
+        // The Retry threshold counts the node's handshakes; each loop sees about its share.
+        let retry_threshold = settings.retry_threshold.div_ceil(count);
+        let configs = webtransport::loop_endpoint_configs(&settings, count);
+        if let Some(drops) = UdpDrops::combine(group.iter().map(|bound| bound.drops.clone())) {
             let _ = node.udp_drops.set(drops);
         }
+        let mut loops = Vec::with_capacity(count);
+        for (index, (bound, config)) in group.into_iter().zip(configs).enumerate() {
+            let endpoint = WtEndpoint::new(
+                Arc::new(config),
+                server_config.clone(),
+                SessionConfig::from_settings(&settings),
+                retry_threshold,
+                node.metrics.clone(),
+            );
+            let io = UdpIo::new(bound.socket, endpoint.max_udp_payload())?;
+            let steering = LoopSteering::new(index, count, webtransport::cid_len(&settings));
+            loops.push(LoopParts { io, endpoint, steering });
+        }
+        info!(sha256 = %info.sha256, self_signed = info.self_signed, loops = count, "WebTransport certificate (proto engine)");
+        node.certificate.set(info);
         Ok(Self {
-            io,
-            endpoint,
+            loops,
             source,
             settings: Arc::new(settings),
             local_addr,
@@ -163,192 +196,270 @@ impl ProtoServer {
     }
 
     /// Serves until the process exits: sessions until the shutdown notice, then the drain
-    /// (each open session is told to reconnect and closed with 1012), then refusals.
+    /// (each open session is told to reconnect and closed with 1012), then refusals. Each loop
+    /// runs in a task of its own; the certificate is reloaded in another and handed to them.
     pub async fn run(self, node: Node) {
         let Self {
-            mut io,
-            mut endpoint,
-            mut source,
+            loops,
+            source,
             settings,
             local_addr,
-            mut hangup,
+            hangup,
         } = self;
-        let mut stop = Some(node.shutdown_listener());
-        let mut drain_deadline: Option<Instant> = None;
-        let list = Arc::new(ReadyList::default());
-        let mut joined: HashMap<ConnectionHandle, Joined> = HashMap::new();
-        let mut ready = Vec::new();
-        let mut batch = Vec::new();
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut cert_check = tokio::time::interval(settings.cert_check_interval);
-        cert_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let deadline = endpoint.next_timeout();
-            let timer = super::udp_loop::sleep_until(deadline);
-            let notice = async {
-                match stop.as_mut() {
-                    Some(stop) if drain_deadline.is_none() => stop.recv().await,
-                    _ => std::future::pending().await,
-                }
-            };
-            // What woke the loop; from then to the loop's end it works (the busy-time metric),
-            // but for the awaits below (a certificate file read, a full socket buffer).
-            let wake = tokio::select! {
-                _ = notice => LoopWake::Drain,
-                received = io.readable() => LoopWake::Readable(received),
-                _ = std::future::poll_fn(|cx| list.poll(cx)) => LoopWake::QueuesReady,
-                _ = timer => LoopWake::Timer,
-                _ = tick.tick() => LoopWake::Tick,
-                _ = cert_check.tick() => LoopWake::Reload { forced: false },
-                _ = hangup.recv() => {
-                    info!("SIGHUP received: reloading the WebTransport certificate");
-                    LoopWake::Reload { forced: true }
-                }
-            };
-            let mut working = Instant::now();
-            let mut busy = Duration::ZERO;
-            let mut reload = None;
-            match wake {
-                LoopWake::Drain => {
-                    let now = crate::clock::instant();
-                    drain_deadline = Some(now + settings.driver.drain_timeout);
-                    endpoint.set_refusing(true);
-                    for ch in endpoint.handles() {
-                        let Some(session) = endpoint.session(ch) else { continue };
-                        if let Some(Joined::Open(fan)) = joined.get(&ch) {
-                            deliver(session, fan, &mut batch, &node, now);
-                        }
-                        session.close(
-                            now,
-                            CloseRequest {
-                                code: close_code::SERVICE_RESTART,
-                                reason: "server shutting down; reconnect",
-                                limit: settings.driver.drain_timeout,
-                                reconnect: true,
-                            },
-                        );
-                    }
-                }
-                LoopWake::Readable(received) => {
-                    if let Err(error) = received.and_then(|()| io.receive(&mut endpoint, crate::clock::instant())) {
-                        warn!(%error, "webtransport socket");
-                    }
-                }
-                LoopWake::QueuesReady => {}
-                LoopWake::Timer => endpoint.handle_timeouts(crate::clock::instant()),
-                LoopWake::Tick => {
-                    // Tokens that expired close their connection with 4003.
-                    let now_ms = crate::clock::unix_ms();
-                    let now = crate::clock::instant();
-                    for (ch, entry) in &joined {
-                        let Joined::Open(fan) = entry else { continue };
-                        if fan.token_expires_ms.is_some_and(|at| at <= now_ms) {
-                            if let Some(session) = endpoint.session(*ch) {
-                                if session.is_open() {
-                                    node.metrics.close_error(close_code::TOKEN_EXPIRED, "token_expired");
-                                    session.close(
-                                        now,
-                                        CloseRequest {
-                                            code: close_code::TOKEN_EXPIRED,
-                                            reason: "token expired; reconnect with a fresh one",
-                                            limit: CLOSE_WAIT,
-                                            reconnect: false,
-                                        },
-                                    );
-                                }
-                            }
-                        }
-                    }
-                }
-                LoopWake::Reload { forced } => reload = Some(forced),
+        let (configs_tx, configs) = watch::channel(None);
+        let (inboxes, receivers): (Vec<_>, Vec<_>) = loops.iter().map(|_| mpsc::channel(INBOX)).unzip();
+        let shared = Arc::new(LoopShared {
+            node: node.clone(),
+            settings: settings.clone(),
+            inboxes,
+        });
+        tokio::spawn(reload_certificates(
+            source, hangup, settings, local_addr, node, configs_tx,
+        ));
+        let mut tasks = Vec::new();
+        for (parts, inbox) in loops.into_iter().zip(receivers) {
+            tasks.push(tokio::spawn(run_loop(parts, inbox, configs.clone(), shared.clone())));
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Checks the certificate files (every `--cert-check-interval`, and on SIGHUP) and hands a
+/// changed certificate's configuration to every loop: open sessions continue.
+async fn reload_certificates(
+    mut source: CertificateSource,
+    mut hangup: crate::certs::Hangup,
+    settings: Arc<WebTransportSettings>,
+    local_addr: SocketAddr,
+    node: Node,
+    configs: watch::Sender<Option<Arc<quinn_proto::ServerConfig>>>,
+) {
+    let mut cert_check = tokio::time::interval(settings.cert_check_interval);
+    cert_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let forced = tokio::select! {
+            _ = cert_check.tick() => false,
+            _ = hangup.recv() => {
+                info!("SIGHUP received: reloading the WebTransport certificate");
+                true
             }
-            if let Some(forced) = reload {
-                busy += working.elapsed();
-                let identity = source.reload_if_changed(forced).await;
-                working = Instant::now();
-                if let Some(identity) = identity {
-                    let info = CertificateInfo::of(&identity, source.is_self_signed(), local_addr.port());
-                    match webtransport::server_config(&settings, identity) {
-                        Ok(config) => {
-                            endpoint.set_server_config(Arc::new(config));
-                            info!(sha256 = %info.sha256, "WebTransport certificate reloaded; open sessions continue");
-                            node.certificate.set(info);
-                        }
-                        Err(error) => warn!(%error, "cannot apply the new certificate"),
-                    }
-                }
+        };
+        let Some(identity) = source.reload_if_changed(forced).await else {
+            continue;
+        };
+        let info = CertificateInfo::of(&identity, source.is_self_signed(), local_addr.port());
+        match webtransport::server_config(&settings, identity) {
+            Ok(config) => {
+                configs.send_replace(Some(Arc::new(config)));
+                info!(sha256 = %info.sha256, "WebTransport certificate reloaded; open sessions continue");
+                node.certificate.set(info);
             }
-            let now = crate::clock::instant();
-            for _ in 0..2 {
-                // Queues that woke: their messages into the sessions.
-                list.take(&mut ready);
-                ready.sort_unstable_by_key(|ch| ch.0);
-                ready.dedup();
-                for ch in ready.drain(..) {
-                    let (Some(Joined::Open(fan)), Some(session)) = (joined.get(&ch), endpoint.session(ch)) else {
-                        continue;
-                    };
-                    let close = match deliver(session, fan, &mut batch, &node, now) {
-                        None => continue,
-                        Some(QueueClosed::Slow) => {
-                            info!(
-                                conn = fan.subscriber.id(),
-                                transport = "webtransport",
-                                "closing slow client (4001)"
-                            );
-                            CloseRequest {
-                                code: close_code::SLOW,
-                                reason: "slow consumer; reconnect with since",
-                                limit: settings.driver.write_timeout,
-                                reconnect: false,
-                            }
-                        }
-                        Some(QueueClosed::Gone) => CloseRequest {
+            Err(error) => warn!(%error, "cannot apply the new certificate"),
+        }
+    }
+}
+
+/// One endpoint loop: its socket, its sessions and their timers, until the process exits.
+async fn run_loop(
+    parts: LoopParts,
+    mut inbox: mpsc::Receiver<Inbound>,
+    mut configs: watch::Receiver<Option<Arc<quinn_proto::ServerConfig>>>,
+    shared: Arc<LoopShared>,
+) {
+    let LoopParts {
+        mut io,
+        mut endpoint,
+        steering,
+    } = parts;
+    let LoopShared {
+        node,
+        settings,
+        inboxes,
+    } = &*shared;
+    let mut stop = Some(node.shutdown_listener());
+    let mut drain_deadline: Option<Instant> = None;
+    let list = Arc::new(ReadyList::default());
+    let mut joined: HashMap<ConnectionHandle, Joined> = HashMap::new();
+    let mut ready = Vec::new();
+    let mut batch = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut configs_open = true;
+    // This loop's handshakes, as last added to the node's gauge.
+    let mut handshakes_counted = 0i64;
+    // Datagrams another loop's session owns go to its inbox.
+    let steer = |inbound: Inbound| match steering.and_then(|s| s.elsewhere(&inbound.data)) {
+        None => Some(inbound),
+        Some(owner) => {
+            match inboxes.get(owner).map(|inbox| inbox.try_send(inbound)) {
+                Some(Ok(())) => node.metrics.wt_datagrams_forwarded.inc(),
+                _ => node.metrics.wt_forward_drops.inc(),
+            };
+            None
+        }
+    };
+    loop {
+        let deadline = endpoint.next_timeout();
+        let timer = super::udp_loop::sleep_until(deadline);
+        let notice = async {
+            match stop.as_mut() {
+                Some(stop) if drain_deadline.is_none() => stop.recv().await,
+                _ => std::future::pending().await,
+            }
+        };
+        // What woke the loop; from then to the loop's end it works (the busy-time metric),
+        // but for the await below (a full socket buffer).
+        let wake = tokio::select! {
+            _ = notice => LoopWake::Drain,
+            received = io.readable() => LoopWake::Readable(received),
+            forwarded = inbox.recv() => LoopWake::Forwarded(forwarded),
+            _ = std::future::poll_fn(|cx| list.poll(cx)) => LoopWake::QueuesReady,
+            _ = timer => LoopWake::Timer,
+            _ = tick.tick() => LoopWake::Tick,
+            changed = configs.changed(), if configs_open => LoopWake::Config(changed.is_ok()),
+        };
+        let mut working = Instant::now();
+        let mut busy = Duration::ZERO;
+        match wake {
+            LoopWake::Drain => {
+                let now = crate::clock::instant();
+                drain_deadline = Some(now + settings.driver.drain_timeout);
+                endpoint.set_refusing(true);
+                for ch in endpoint.handles() {
+                    let Some(session) = endpoint.session(ch) else { continue };
+                    if let Some(Joined::Open(fan)) = joined.get(&ch) {
+                        deliver(session, fan, &mut batch, node, now);
+                    }
+                    session.close(
+                        now,
+                        CloseRequest {
                             code: close_code::SERVICE_RESTART,
                             reason: "server shutting down; reconnect",
                             limit: settings.driver.drain_timeout,
                             reconnect: true,
                         },
-                    };
-                    session.close(now, close);
-                }
-                endpoint.flush(now);
-                while let Some((ch, event)) = endpoint.poll_event() {
-                    let limits = settings.driver.session;
-                    on_event(
-                        &mut endpoint,
-                        &mut joined,
-                        &list,
-                        &node,
-                        drain_deadline.is_some(),
-                        limits,
-                        now,
-                        ch,
-                        event,
                     );
                 }
-                endpoint.flush(now);
             }
-            node.metrics.quic_handshakes.set(endpoint.handshaking() as i64);
-            busy += working.elapsed();
-            let sent = io.send(&mut endpoint).await;
-            working = Instant::now();
-            if let Err(error) = sent {
-                warn!(%error, "webtransport socket");
-            }
-            // The drain is over once every session closed (or its time is up): the loop no
-            // longer counts as running, and goes on refusing until the process exits.
-            if let Some(deadline) = drain_deadline {
-                // Every session closed its connection (a close answered lingers a second for
-                // the client to close it first), or the drain's time is up.
-                if stop.is_some() && ((joined.is_empty() && endpoint.all_closed()) || now >= deadline) {
-                    stop = None;
+            LoopWake::Readable(received) => {
+                if let Err(error) = received.and_then(|()| io.receive(&mut endpoint, crate::clock::instant(), steer)) {
+                    warn!(%error, "webtransport socket");
                 }
             }
-            busy += working.elapsed();
-            node.metrics.wt_loop_busy_seconds.inc_by(busy.as_secs_f64());
+            LoopWake::Forwarded(first) => {
+                let now = crate::clock::instant();
+                let mut next = first;
+                while let Some(datagram) = next {
+                    endpoint.handle_datagram(now, datagram.addr, datagram.dst_ip, datagram.ecn, datagram.data);
+                    next = inbox.try_recv().ok();
+                }
+            }
+            LoopWake::QueuesReady => {}
+            LoopWake::Timer => endpoint.handle_timeouts(crate::clock::instant()),
+            LoopWake::Tick => {
+                // Tokens that expired close their connection with 4003.
+                let now_ms = crate::clock::unix_ms();
+                let now = crate::clock::instant();
+                for (ch, entry) in &joined {
+                    let Joined::Open(fan) = entry else { continue };
+                    if fan.token_expires_ms.is_some_and(|at| at <= now_ms) {
+                        if let Some(session) = endpoint.session(*ch) {
+                            if session.is_open() {
+                                node.metrics.close_error(close_code::TOKEN_EXPIRED, "token_expired");
+                                session.close(
+                                    now,
+                                    CloseRequest {
+                                        code: close_code::TOKEN_EXPIRED,
+                                        reason: "token expired; reconnect with a fresh one",
+                                        limit: CLOSE_WAIT,
+                                        reconnect: false,
+                                    },
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            LoopWake::Config(open) => {
+                configs_open = open;
+                if let Some(config) = configs.borrow_and_update().clone() {
+                    endpoint.set_server_config(config);
+                }
+            }
         }
+        let now = crate::clock::instant();
+        for _ in 0..2 {
+            // Queues that woke: their messages into the sessions.
+            list.take(&mut ready);
+            ready.sort_unstable_by_key(|ch| ch.0);
+            ready.dedup();
+            for ch in ready.drain(..) {
+                let (Some(Joined::Open(fan)), Some(session)) = (joined.get(&ch), endpoint.session(ch)) else {
+                    continue;
+                };
+                let close = match deliver(session, fan, &mut batch, node, now) {
+                    None => continue,
+                    Some(QueueClosed::Slow) => {
+                        info!(
+                            conn = fan.subscriber.id(),
+                            transport = "webtransport",
+                            "closing slow client (4001)"
+                        );
+                        CloseRequest {
+                            code: close_code::SLOW,
+                            reason: "slow consumer; reconnect with since",
+                            limit: settings.driver.write_timeout,
+                            reconnect: false,
+                        }
+                    }
+                    Some(QueueClosed::Gone) => CloseRequest {
+                        code: close_code::SERVICE_RESTART,
+                        reason: "server shutting down; reconnect",
+                        limit: settings.driver.drain_timeout,
+                        reconnect: true,
+                    },
+                };
+                session.close(now, close);
+            }
+            endpoint.flush(now);
+            while let Some((ch, event)) = endpoint.poll_event() {
+                let limits = settings.driver.session;
+                on_event(
+                    &mut endpoint,
+                    &mut joined,
+                    &list,
+                    node,
+                    drain_deadline.is_some(),
+                    limits,
+                    now,
+                    ch,
+                    event,
+                );
+            }
+            endpoint.flush(now);
+        }
+        let handshakes = endpoint.handshaking() as i64;
+        node.metrics.quic_handshakes.inc_by(handshakes - handshakes_counted);
+        handshakes_counted = handshakes;
+        busy += working.elapsed();
+        let sent = io.send(&mut endpoint).await;
+        working = Instant::now();
+        if let Err(error) = sent {
+            warn!(%error, "webtransport socket");
+        }
+        // The drain is over once every session closed (or its time is up): the loop no
+        // longer counts as running, and goes on refusing until the process exits.
+        if let Some(deadline) = drain_deadline {
+            // Every session closed its connection (a close answered lingers a second for
+            // the client to close it first), or the drain's time is up.
+            if stop.is_some() && ((joined.is_empty() && endpoint.all_closed()) || now >= deadline) {
+                stop = None;
+            }
+        }
+        busy += working.elapsed();
+        node.metrics.wt_loop_busy_seconds.inc_by(busy.as_secs_f64());
     }
 }
 

@@ -15,6 +15,7 @@ use tokio::io::Interest;
 use super::endpoint::WtEndpoint;
 use super::sendmmsg;
 use super::session::SessionEvent;
+use super::steer::Inbound;
 
 /// quinn-udp's ECN codepoint as quinn-proto's (the same bits).
 fn proto_ecn(ecn: quinn_udp::EcnCodepoint) -> Option<quinn_proto::EcnCodepoint> {
@@ -59,8 +60,14 @@ impl UdpIo {
         self.socket.readable().await
     }
 
-    /// Hands every datagram waiting on the socket to `endpoint`, a batch per system call.
-    pub fn receive(&mut self, endpoint: &mut WtEndpoint, now: Instant) -> io::Result<()> {
+    /// Hands every datagram waiting on the socket to `endpoint`, a batch per system call;
+    /// `steer` first takes those another loop owns (it returns the others).
+    pub fn receive(
+        &mut self,
+        endpoint: &mut WtEndpoint,
+        now: Instant,
+        mut steer: impl FnMut(Inbound) -> Option<Inbound>,
+    ) -> io::Result<()> {
         let mut metas = [RecvMeta::default(); BATCH_SIZE];
         loop {
             let mut iovs: [IoSliceMut; BATCH_SIZE] = {
@@ -74,8 +81,15 @@ impl UdpIo {
                         let mut data = BytesMut::from(&iov[..meta.len]);
                         while !data.is_empty() {
                             let segment = data.split_to(meta.stride.min(data.len()));
-                            let ecn = meta.ecn.and_then(proto_ecn);
-                            endpoint.handle_datagram(now, meta.addr, meta.dst_ip, ecn, segment);
+                            let inbound = Inbound {
+                                addr: meta.addr,
+                                dst_ip: meta.dst_ip,
+                                ecn: meta.ecn.and_then(proto_ecn),
+                                data: segment,
+                            };
+                            if let Some(ours) = steer(inbound) {
+                                endpoint.handle_datagram(now, ours.addr, ours.dst_ip, ours.ecn, ours.data);
+                            }
                         }
                     }
                 }
@@ -188,7 +202,7 @@ pub async fn run(
             _ = &mut shutdown => return Ok(endpoint),
             ready = io.readable() => {
                 ready?;
-                io.receive(&mut endpoint, crate::clock::instant())?;
+                io.receive(&mut endpoint, crate::clock::instant(), Some)?;
             }
             _ = timer => endpoint.handle_timeouts(crate::clock::instant()),
         }
