@@ -360,7 +360,8 @@ pub struct WebTransportConfig {
     )]
     pub quic_retry_threshold: usize,
     /// What runs WebTransport sessions. proto (the default, issue 22): Courtside's own endpoint
-    /// loop on quinn-proto, every session in one task over a batched UDP socket. quinn: quinn's
+    /// loops on quinn-proto (`--wt-loops`), a loop's sessions in one task over a batched UDP
+    /// socket. quinn: quinn's
     /// endpoint, a task per session (the engine before; kept as a fallback).
     #[arg(
         long,

@@ -146,7 +146,7 @@ pub struct Metrics {
     /// Live events sent with a gap in their numbering: the events before them never arrived
     /// within the wait (`registry::redis::gaps`).
     pub registry_gaps: Counter,
-    /// Datagrams the kernel dropped on the WebTransport UDP socket (read at scrape time).
+    /// Datagrams the kernel dropped on the WebTransport UDP sockets (read at scrape time, summed).
     pub udp_receive_drops: Gauge,
     /// QUIC handshakes answered with a Retry (address validation under a handshake flood).
     pub quic_retries: Counter,
@@ -155,9 +155,9 @@ pub struct Metrics {
     pub wt_handshake_timeouts: Counter,
     /// QUIC handshakes under way (Initial received, handshake not yet complete).
     pub quic_handshakes: Gauge,
-    /// Seconds (wall clock) the proto engine's endpoint loop spent working, not waiting: a rate
-    /// near 1.0 means it has no idle time left (its work fills a core, or the machine keeps it
-    /// from one).
+    /// Seconds (wall clock) the proto engine's endpoint loops spent working, not waiting, summed:
+    /// a rate near the number of loops means they have no idle time left (their work fills their
+    /// cores, or the machine keeps them from them).
     pub wt_loop_busy_seconds: Counter<f64, AtomicU64>,
     /// Datagrams an endpoint loop handed to the loop their connection ID names (`--wt-loops`).
     pub wt_datagrams_forwarded: Counter,
@@ -284,7 +284,7 @@ impl Metrics {
         );
         registry.register(
             "udp_receive_drops",
-            "Datagrams the kernel dropped on the WebTransport UDP socket (receive buffer full)",
+            "Datagrams the kernel dropped on the WebTransport UDP sockets, summed over --wt-loops (receive buffer full)",
             metrics.udp_receive_drops.clone(),
         );
         registry.register(

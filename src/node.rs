@@ -32,7 +32,7 @@ pub struct NodeInner {
     pub shutdown: Shutdown,
     /// The WebTransport certificate in use, for `GET /v1/cert-hash`; empty without WebTransport.
     pub certificate: CertificateSlot,
-    /// The WebTransport UDP socket's kernel drop count, once it is bound.
+    /// The WebTransport UDP sockets' kernel drop count, once they are bound.
     pub udp_drops: OnceLock<UdpDrops>,
     /// The newest figures of the operations page (`ops::run` keeps it current).
     pub ops: Arc<OpsBoard>,

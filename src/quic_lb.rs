@@ -153,8 +153,8 @@ const SIGNED_NONCE_LEN: usize = 6;
 /// Length of a default connection ID: the nonce, then two bytes of keyed signature.
 pub const SIGNED_CID_LEN: usize = SIGNED_NONCE_LEN + 2;
 
-/// The default connection IDs: a 48-bit random nonce and a 16-bit signature keyed per endpoint
-/// (quinn asks the factory once per endpoint; each engine has one), so the endpoint drops a
+/// The default connection IDs: a 48-bit random nonce and a 16-bit signature keyed per node
+/// (quinn asks the factory once per endpoint; several loops share one key), so the endpoint drops a
 /// short-header packet with a forged ID instead of answering it with a stateless reset (all but
 /// one in 65,536; quinn's default signs with 40 bits). Not quinn's default
 /// (`HashedConnectionIdGenerator`), whose nonce is 24 bits: quinn-proto draws a Retry packet's

@@ -1,5 +1,5 @@
-//! The WebTransport UDP socket: bound with buffers sized for fan-out bursts, and the kernel's
-//! count of datagrams it dropped on that socket (`courtside_udp_receive_drops`).
+//! The WebTransport UDP sockets (one per endpoint loop, on one port): bound with buffers sized for
+//! fan-out bursts, and the kernel's count of datagrams it dropped on them (`courtside_udp_receive_drops`).
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -90,15 +90,16 @@ pub fn bind_group(settings: &UdpSettings, count: usize) -> io::Result<Vec<BoundU
 fn bind_one(settings: &UdpSettings, addr: SocketAddr, reuse_port: bool) -> io::Result<BoundUdp> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    #[cfg(unix)]
+    // Linux alone spreads a group's unicast datagrams over its sockets.
+    #[cfg(target_os = "linux")]
     if reuse_port {
         socket.set_reuse_port(true)?;
     }
-    #[cfg(not(unix))]
+    #[cfg(not(target_os = "linux"))]
     if reuse_port {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
-            "several WebTransport loops need SO_REUSEPORT",
+            "several WebTransport loops (--wt-loops) need Linux's SO_REUSEPORT",
         ));
     }
     if addr.is_ipv6() {

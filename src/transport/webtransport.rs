@@ -202,15 +202,18 @@ pub(crate) fn cid_len(settings: &WebTransportSettings) -> usize {
 }
 
 /// The endpoint configurations of `loops` endpoint loops on one port (`--wt-loops`): one
-/// stateless-reset key and one ID signing key, and each loop's index in the IDs it issues (the
-/// first nonce byte, `quic_lb::loop_byte_at`) so a packet that reaches the wrong loop is handed
-/// to its own. One loop issues the same IDs as `endpoint_config`.
-pub(crate) fn loop_endpoint_configs(settings: &WebTransportSettings, loops: usize) -> Vec<quinn::EndpointConfig> {
+/// stateless-reset key and one ID signing key (`signer`'s), and each loop's index in the IDs it
+/// issues (the first nonce byte, `quic_lb::loop_byte_at`) so a packet that reaches the wrong loop
+/// is handed to its own. One loop issues the same IDs as `endpoint_config`.
+pub(crate) fn loop_endpoint_configs(
+    settings: &WebTransportSettings,
+    loops: usize,
+    signer: &SignedRandomIds,
+) -> Vec<quinn::EndpointConfig> {
     if loops <= 1 {
         return vec![endpoint_config(settings)];
     }
     let shared = quinn::EndpointConfig::default();
-    let signed = SignedRandomIds::default();
     (0..loops)
         .map(|index| {
             let index = u8::try_from(index).unwrap_or(u8::MAX);
@@ -223,7 +226,7 @@ pub(crate) fn loop_endpoint_configs(settings: &WebTransportSettings, loops: usiz
                     })
                 }),
                 None => {
-                    let signed = signed.for_loop(index);
+                    let signed = signer.for_loop(index);
                     config.cid_generator(move || Box::new(signed.clone()))
                 }
             };

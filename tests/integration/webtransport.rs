@@ -411,16 +411,27 @@ pub(crate) async fn told_to_reconnect_on_shutdown(server_args: &[&str]) {
 /// sessions.
 #[tokio::test]
 async fn certificates_reload_on_sighup_without_dropping_sessions() {
-    certificate_reload(true).await;
+    certificate_reload(true, &[]).await;
 }
 
 #[tokio::test]
 async fn certificates_reload_when_the_files_change() {
-    certificate_reload(false).await;
+    certificate_reload(false, &[]).await;
 }
 
-async fn certificate_reload(sighup: bool) {
-    let dir = std::env::temp_dir().join(format!("courtside-certs-{}-{sighup}", std::process::id()));
+/// With two loops, the new hash is published once both serve the new certificate: clients that
+/// connect with it reach either loop.
+#[tokio::test]
+async fn with_two_endpoint_loops_certificates_reload_in_every_loop() {
+    certificate_reload(false, &["--wt-engine", "proto", "--wt-loops", "2"]).await;
+}
+
+async fn certificate_reload(sighup: bool, extra: &[&str]) {
+    let dir = std::env::temp_dir().join(format!(
+        "courtside-certs-{}-{sighup}-{}",
+        std::process::id(),
+        extra.len()
+    ));
     std::fs::create_dir_all(&dir).expect("dir");
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let write_identity = |cert: std::path::PathBuf, key: std::path::PathBuf| async move {
@@ -436,14 +447,20 @@ async fn certificate_reload(sighup: bool) {
     };
     let first = write_identity(cert.clone(), key.clone()).await;
     let interval = if sighup { "1h" } else { "100ms" };
-    let server = TestServer::start(&[
-        "--cert",
-        cert.to_str().expect("path"),
-        "--key",
-        key.to_str().expect("path"),
-        "--cert-check-interval",
-        interval,
-    ]);
+    let server = TestServer::start(
+        &[
+            &[
+                "--cert",
+                cert.to_str().expect("path"),
+                "--key",
+                key.to_str().expect("path"),
+                "--cert-check-interval",
+                interval,
+            ],
+            extra,
+        ]
+        .concat(),
+    );
     let (_, body) = server.get("/v1/cert-hash").await;
     assert_eq!(
         (body["sha256"].as_str(), body["self_signed"].as_bool()),
@@ -466,11 +483,18 @@ async fn certificate_reload(sighup: bool) {
         assert!(tokio::time::Instant::now() < deadline, "certificate not reloaded");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut new = WtClient::connect(&server).await;
-    new.subscribe("game:1").await;
+    // Several, from as many ports: with several loops they reach each one.
+    let mut new = Vec::new();
+    for _ in 0..6 {
+        let mut client = WtClient::connect(&server).await;
+        client.subscribe("game:1").await;
+        new.push(client);
+    }
     server.publish_event("game:1", "1").await;
     assert_eq!(old.recv_stream().await["seq"], 1);
-    assert_eq!(new.recv_stream().await["seq"], 1);
+    for client in &mut new {
+        assert_eq!(client.recv_stream().await["seq"], 1);
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 /// A client's ack datagram reaches the session's repair: the server counts it.

@@ -6,15 +6,16 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use futures_util::task::AtomicWaker;
 use quinn_proto::ConnectionHandle;
-use tracing::{debug, info, warn};
-
 use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
 
 use super::endpoint::WtEndpoint;
 use super::session::{CloseRequest, SessionConfig, SessionEnd, SessionEvent};
@@ -27,6 +28,7 @@ use crate::core::{close_code, Outgoing, QueueClosed};
 use crate::hub::Subscriber;
 use crate::metrics::Transport;
 use crate::node::Node;
+use crate::quic_lb::SignedRandomIds;
 use crate::session::{Session, SessionLimits};
 use crate::transport::webtransport::{self, WebTransportError, WebTransportSettings};
 use crate::udp::{self, UdpDrops};
@@ -37,15 +39,17 @@ enum LoopWake {
     Drain,
     Readable(std::io::Result<()>),
     /// Another loop handed on a datagram of this loop's sessions.
-    Forwarded(Option<Inbound>),
+    Forwarded(Inbound),
     /// Some connection's queue has something to write.
     QueuesReady,
     /// A session's deadline passed.
     Timer,
     /// The quarter-second check of expired tokens.
     Tick,
-    /// A reloaded certificate's configuration (`false`: the reloader is gone).
-    Config(bool),
+    /// A reloaded certificate's configuration to apply (or the reloader is gone).
+    Certificate {
+        reloader_running: bool,
+    },
 }
 
 /// Connections whose queue has something to write, and the loop's own waker.
@@ -163,7 +167,10 @@ impl ProtoServer {
         let server_config = Arc::new(webtransport::server_config(&settings, identity)?);
         // The Retry threshold counts the node's handshakes; each loop sees about its share.
         let retry_threshold = settings.retry_threshold.div_ceil(count);
-        let configs = webtransport::loop_endpoint_configs(&settings, count);
+        // One signing key for every loop's IDs, which steering checks before handing a datagram on.
+        let signer = SignedRandomIds::default();
+        let configs = webtransport::loop_endpoint_configs(&settings, count, &signer);
+        let signed = settings.quic_server_id.is_none().then_some(signer);
         if let Some(drops) = UdpDrops::combine(group.iter().map(|bound| bound.drops.clone())) {
             let _ = node.udp_drops.set(drops);
         }
@@ -177,7 +184,7 @@ impl ProtoServer {
                 node.metrics.clone(),
             );
             let io = UdpIo::new(bound.socket, endpoint.max_udp_payload())?;
-            let steering = LoopSteering::new(index, count, webtransport::cid_len(&settings));
+            let steering = LoopSteering::new(index, count, webtransport::cid_len(&settings), signed.clone());
             loops.push(LoopParts { io, endpoint, steering });
         }
         info!(sha256 = %info.sha256, self_signed = info.self_signed, loops = count, "WebTransport certificate (proto engine)");
@@ -207,6 +214,7 @@ impl ProtoServer {
             hangup,
         } = self;
         let (configs_tx, configs) = watch::channel(None);
+        let count = loops.len();
         let (inboxes, receivers): (Vec<_>, Vec<_>) = loops.iter().map(|_| mpsc::channel(INBOX)).unzip();
         let shared = Arc::new(LoopShared {
             node: node.clone(),
@@ -214,14 +222,38 @@ impl ProtoServer {
             inboxes,
         });
         tokio::spawn(reload_certificates(
-            source, hangup, settings, local_addr, node, configs_tx,
+            source, hangup, settings, local_addr, count, configs_tx,
         ));
         let mut tasks = Vec::new();
         for (parts, inbox) in loops.into_iter().zip(receivers) {
             tasks.push(tokio::spawn(run_loop(parts, inbox, configs.clone(), shared.clone())));
         }
-        for task in tasks {
-            let _ = task.await;
+        for (index, task) in tasks.into_iter().enumerate() {
+            // A loop never returns; a panic would leave its clients to the other loops, which
+            // do not hold their sessions: said loudly.
+            if let Err(error) = task.await {
+                tracing::error!(%error, endpoint_loop = index, "a WebTransport endpoint loop ended");
+            }
+        }
+    }
+}
+
+/// A reloaded certificate's configuration, handed to every loop; the last loop to take it
+/// publishes its hash (`GET /v1/cert-hash`), so the hash served is always one the loops serve.
+struct Reloaded {
+    config: Arc<quinn_proto::ServerConfig>,
+    info: CertificateInfo,
+    /// Loops that have not taken it yet.
+    pending: AtomicUsize,
+}
+
+impl Reloaded {
+    /// Applies the configuration to `endpoint`; the last loop publishes the hash.
+    fn apply(&self, endpoint: &mut WtEndpoint, node: &Node) {
+        endpoint.set_server_config(self.config.clone());
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            info!(sha256 = %self.info.sha256, "WebTransport certificate reloaded; open sessions continue");
+            node.certificate.set(self.info.clone());
         }
     }
 }
@@ -233,8 +265,8 @@ async fn reload_certificates(
     mut hangup: crate::certs::Hangup,
     settings: Arc<WebTransportSettings>,
     local_addr: SocketAddr,
-    node: Node,
-    configs: watch::Sender<Option<Arc<quinn_proto::ServerConfig>>>,
+    loops: usize,
+    configs: watch::Sender<Option<Arc<Reloaded>>>,
 ) {
     let mut cert_check = tokio::time::interval(settings.cert_check_interval);
     cert_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -252,9 +284,11 @@ async fn reload_certificates(
         let info = CertificateInfo::of(&identity, source.is_self_signed(), local_addr.port());
         match webtransport::server_config(&settings, identity) {
             Ok(config) => {
-                configs.send_replace(Some(Arc::new(config)));
-                info!(sha256 = %info.sha256, "WebTransport certificate reloaded; open sessions continue");
-                node.certificate.set(info);
+                configs.send_replace(Some(Arc::new(Reloaded {
+                    config: Arc::new(config),
+                    info,
+                    pending: AtomicUsize::new(loops),
+                })));
             }
             Err(error) => warn!(%error, "cannot apply the new certificate"),
         }
@@ -265,7 +299,7 @@ async fn reload_certificates(
 async fn run_loop(
     parts: LoopParts,
     mut inbox: mpsc::Receiver<Inbound>,
-    mut configs: watch::Receiver<Option<Arc<quinn_proto::ServerConfig>>>,
+    mut configs: watch::Receiver<Option<Arc<Reloaded>>>,
     shared: Arc<LoopShared>,
 ) {
     let LoopParts {
@@ -290,9 +324,14 @@ async fn run_loop(
     // This loop's handshakes, as last added to the node's gauge.
     let mut handshakes_counted = 0i64;
     // Datagrams another loop's session owns go to its inbox.
-    let steer = |inbound: Inbound| match steering.and_then(|s| s.elsewhere(&inbound.data)) {
+    let steer = |inbound: Inbound| match steering.as_ref().and_then(|s| s.elsewhere(&inbound.data)) {
         None => Some(inbound),
         Some(owner) => {
+            // A copy: the segment shares its whole receive buffer (up to 64 KB with GRO).
+            let inbound = Inbound {
+                data: BytesMut::from(&inbound.data[..]),
+                ..inbound
+            };
             match inboxes.get(owner).map(|inbox| inbox.try_send(inbound)) {
                 Some(Ok(())) => node.metrics.wt_datagrams_forwarded.inc(),
                 _ => node.metrics.wt_forward_drops.inc(),
@@ -314,11 +353,11 @@ async fn run_loop(
         let wake = tokio::select! {
             _ = notice => LoopWake::Drain,
             received = io.readable() => LoopWake::Readable(received),
-            forwarded = inbox.recv() => LoopWake::Forwarded(forwarded),
+            Some(forwarded) = inbox.recv() => LoopWake::Forwarded(forwarded),
             _ = std::future::poll_fn(|cx| list.poll(cx)) => LoopWake::QueuesReady,
             _ = timer => LoopWake::Timer,
             _ = tick.tick() => LoopWake::Tick,
-            changed = configs.changed(), if configs_open => LoopWake::Config(changed.is_ok()),
+            changed = configs.changed(), if configs_open => LoopWake::Certificate { reloader_running: changed.is_ok() },
         };
         let mut working = Instant::now();
         let mut busy = Duration::ZERO;
@@ -349,11 +388,11 @@ async fn run_loop(
                 }
             }
             LoopWake::Forwarded(first) => {
+                // The first and those queued behind it, at most an inbox's worth per wake.
                 let now = crate::clock::instant();
-                let mut next = first;
-                while let Some(datagram) = next {
+                let queued = std::iter::from_fn(|| inbox.try_recv().ok()).take(INBOX - 1);
+                for datagram in std::iter::once(first).chain(queued) {
                     endpoint.handle_datagram(now, datagram.addr, datagram.dst_ip, datagram.ecn, datagram.data);
-                    next = inbox.try_recv().ok();
                 }
             }
             LoopWake::QueuesReady => {}
@@ -382,10 +421,11 @@ async fn run_loop(
                     }
                 }
             }
-            LoopWake::Config(open) => {
-                configs_open = open;
-                if let Some(config) = configs.borrow_and_update().clone() {
-                    endpoint.set_server_config(config);
+            LoopWake::Certificate { reloader_running } => {
+                configs_open = reloader_running;
+                let reloaded = configs.borrow_and_update().clone();
+                if let Some(reloaded) = reloaded {
+                    reloaded.apply(&mut endpoint, node);
                 }
             }
         }
