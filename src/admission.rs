@@ -9,6 +9,8 @@ pub use crate::cidr::Cidr;
 use crate::metrics::Metrics;
 use crate::rates::AddressRates;
 use crate::tokens::{Claims, RoomPattern, TokenError, TokenSettings, TokenVerifier};
+/// What a publish request's credentials allow (a peer-input type: courtside-codecs).
+pub use courtside_codecs::publish::PublishScope;
 
 /// What admission enforces, built from the configuration.
 #[derive(Debug, Clone)]
@@ -212,8 +214,6 @@ enum Credentials {
     PublishToken,
     Jwt(Claims),
 }
-
-pub use courtside_codecs::publish::PublishScope;
 
 impl Admission {
     /// Fails when the JWT key file cannot be read.

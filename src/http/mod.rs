@@ -20,7 +20,6 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 
 use crate::admission::{PublishScope, Refusal};
-pub use courtside_codecs::publish::{check_batch, CheckedItem};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tracing::{debug, warn};
@@ -33,6 +32,8 @@ use crate::registry::{HistoryPage, Published, Registry, RoomEvents};
 use crate::transport::websocket::WebSocketSettings;
 
 pub use self::error::{ApiError, ApiErrorCode};
+/// The batch check (fuzzed) lives with the other peer-input parsers, in courtside-codecs.
+pub use courtside_codecs::publish::{check_batch, CheckedItem};
 
 /// What the HTTP side needs beyond the node, built from the configuration.
 #[derive(Debug, Clone)]

@@ -1,10 +1,9 @@
 //! A publish API body: a single publish's JSON, or a `POST /v1/publish` batch checked item by
 //! item, with and without a publish scope. Accepted or refused with a documented error.
 #![no_main]
-use courtside_codecs::publish::PublishScope;
-use courtside_core::JsonData;
-use courtside_codecs::publish::check_batch;
+use courtside_codecs::publish::{check_batch, PublishScope};
 use courtside_codecs::tokens::RoomPattern;
+use courtside_core::JsonData;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
