@@ -360,7 +360,7 @@ pub struct WebTransportConfig {
     )]
     pub quic_retry_threshold: usize,
     /// What runs WebTransport sessions. proto (the default, issue 22): Courtside's own endpoint
-    /// loops on quinn-proto (`--wt-loops`), a loop's sessions in one task over a batched UDP
+    /// loops on quinn-proto (`--wt-loops`), a loop's sessions on one thread of its own over a batched UDP
     /// socket. quinn: quinn's
     /// endpoint, a task per session (the engine before; kept as a fallback).
     #[arg(

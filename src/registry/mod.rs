@@ -155,6 +155,8 @@ pub trait Registry: Send + Sync + std::fmt::Debug {
     /// Makes sure the room's messages reach this node's hub (with Redis: its channel subscribed,
     /// its state and history loaded), then runs `then`: at once when there is nothing to load.
     /// A room is unfollowed when its last local subscriber leaves (the hub tells the registry).
+    /// Called from any thread (a WebTransport endpoint loop runs a runtime of its own): what it
+    /// starts runs on the node's runtime.
     fn follow(&self, room: RoomName, then: Then);
 
     /// The room's figures, or `None` when no node holds such a room.

@@ -1,6 +1,6 @@
 use serde_json::json;
 
-use crate::util::{eventually, RedisServer, TestServer};
+use crate::util::{eventually, RedisServer, TestServer, WtClient, WtSeen};
 
 fn node(redis: &RedisServer, id: &str) -> TestServer {
     node_with(redis, id, &[])
@@ -765,4 +765,32 @@ async fn a_hole_in_the_history_ends_the_page_and_the_next_one_is_gone() {
     assert_eq!((seqs, page["more"].as_bool()), (vec![1], Some(true)), "{page}");
     let (status, gone) = server.get("/v1/rooms/game:hole/events?since=1").await;
     assert_eq!((status, gone["error"].as_str()), (410, Some("history_gone")), "{gone}");
+}
+
+/// A WebTransport subscriber follows a room through Redis: its endpoint loop (a thread with a
+/// runtime of its own) asks the registry to follow the room, the registry subscribes on the node's
+/// runtime, and what another node publishes reaches the subscriber.
+#[tokio::test]
+async fn a_webtransport_subscriber_gets_what_another_node_publishes() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let with_wt = TestServer::start(&["--redis", &url, "--node-id", "wt1", "--node-heartbeat", "200ms"]);
+    let publisher = node(&redis, "n2");
+    let mut client = WtClient::connect(&with_wt).await;
+    client.subscribe("game:wt").await;
+    eventually("the WebTransport node subscribed to the room's channel", || async {
+        (numsub(&redis, "game:wt").await == 1).then_some(())
+    })
+    .await;
+    publisher.publish_state("game:wt", r#"{"home":3}"#).await;
+    loop {
+        match client.next().await {
+            WtSeen::Stream(state) | WtSeen::Datagram(state) if state["type"] == "state" => {
+                assert_eq!(state["data"].as_str(), Some(r#"{"home":3}"#));
+                break;
+            }
+            WtSeen::Closed(code) => panic!("closed {code:?} before the state"),
+            _ => {}
+        }
+    }
 }

@@ -69,6 +69,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The Redis registry of one node.
 pub struct RedisRegistry {
+    /// The node's runtime: `follow` is also called from the WebTransport loops' threads, which
+    /// run runtimes of their own, and its work belongs here, beside the connections it uses.
+    runtime: tokio::runtime::Handle,
     hub: Hub,
     metrics: Arc<Metrics>,
     settings: RedisSettings,
@@ -108,6 +111,7 @@ impl RedisRegistry {
         let (push_tx, push_rx) = mpsc::unbounded_channel();
         let (commands, pubsub) = conn::connect(&settings.url, settings.cluster, push_tx).await?;
         let registry = Arc::new(Self {
+            runtime: tokio::runtime::Handle::current(),
             hub: hub.clone(),
             metrics,
             settings,
@@ -263,7 +267,7 @@ impl Registry for Arc<RedisRegistry> {
 
     fn follow(&self, room: RoomName, then: Then) {
         let redis = self.clone();
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             // Held until `then` has joined the room to the hub, so it is not unfollowed first.
             let _following = redis.follow_room(&room).await;
             then(crate::clock::unix_ms());

@@ -1,8 +1,9 @@
-//! WebTransport on Courtside's own endpoint loops (`--wt-engine proto`, the default): a task
-//! per loop (`--wt-loops`, one by default) owns a UDP socket and its sessions (`WtEndpoint`
-//! over `UdpIo`; several loops share the port, `steer`) and joins each open session to the hub (its `Subscriber` queue, woken through a per-connection waker that only
-//! marks the connection ready, and its command `Session`). Admission, the drain, certificate
-//! reload and the metrics follow the quinn path (`transport::webtransport`).
+//! WebTransport on Courtside's own endpoint loops (`--wt-engine proto`, the default): a thread
+//! per loop (`--wt-loops`, one by default), with a runtime of its own, owns a UDP socket and its
+//! sessions (`WtEndpoint` over `UdpIo`; several loops share the port, `steer`) and joins each
+//! open session to the hub (its `Subscriber` queue, woken through a per-connection waker that
+//! only marks the connection ready, and its command `Session`). Admission, the drain,
+//! certificate reload and the metrics follow the quinn path (`transport::webtransport`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -117,7 +118,8 @@ struct Fan {
 
 /// One endpoint loop's own parts: its socket and its sessions.
 struct LoopParts {
-    io: UdpIo,
+    /// Bound; registered with the loop's own runtime when its thread starts.
+    socket: std::net::UdpSocket,
     endpoint: WtEndpoint,
     steering: Option<LoopSteering>,
 }
@@ -183,9 +185,12 @@ impl ProtoServer {
                 retry_threshold,
                 node.metrics.clone(),
             );
-            let io = UdpIo::new(bound.socket, endpoint.max_udp_payload())?;
             let steering = LoopSteering::new(index, count, webtransport::cid_len(&settings), signed.clone());
-            loops.push(LoopParts { io, endpoint, steering });
+            loops.push(LoopParts {
+                socket: bound.socket,
+                endpoint,
+                steering,
+            });
         }
         info!(sha256 = %info.sha256, self_signed = info.self_signed, loops = count, "WebTransport certificate (proto engine)");
         node.certificate.set(info);
@@ -204,7 +209,8 @@ impl ProtoServer {
 
     /// Serves until the process exits: sessions until the shutdown notice, then the drain
     /// (each open session is told to reconnect and closed with 1012), then refusals. Each loop
-    /// runs in a task of its own; the certificate is reloaded in another and handed to them.
+    /// runs on a thread of its own (a current-thread runtime); the certificate is reloaded in a
+    /// task of the node's runtime and handed to them.
     pub async fn run(self, node: Node) {
         let Self {
             loops,
@@ -224,16 +230,35 @@ impl ProtoServer {
         tokio::spawn(reload_certificates(
             source, hangup, settings, local_addr, count, configs_tx,
         ));
-        let mut tasks = Vec::new();
-        for (parts, inbox) in loops.into_iter().zip(receivers) {
-            tasks.push(tokio::spawn(run_loop(parts, inbox, configs.clone(), shared.clone())));
+        let mut ended = Vec::new();
+        for (index, (parts, inbox)) in loops.into_iter().zip(receivers).enumerate() {
+            let (configs, shared) = (configs.clone(), shared.clone());
+            let (done, end) = tokio::sync::oneshot::channel::<()>();
+            // A thread of its own with its own runtime: the socket's readiness wakes this thread
+            // alone, and only when it waits, not the node's workers at every datagram.
+            let started = std::thread::Builder::new()
+                .name(format!("wt-loop-{index}"))
+                .spawn(move || {
+                    let _done = done;
+                    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(runtime) => runtime.block_on(run_loop(parts, inbox, configs, shared)),
+                        Err(error) => {
+                            tracing::error!(%error, endpoint_loop = index, "cannot start a WebTransport endpoint loop")
+                        }
+                    }
+                });
+            match started {
+                Ok(_) => ended.push((index, end)),
+                Err(error) => {
+                    tracing::error!(%error, endpoint_loop = index, "cannot start a WebTransport endpoint loop")
+                }
+            }
         }
-        for (index, task) in tasks.into_iter().enumerate() {
+        for (index, end) in ended {
             // A loop never returns; a panic would leave its clients to the other loops, which
             // do not hold their sessions: said loudly.
-            if let Err(error) = task.await {
-                tracing::error!(%error, endpoint_loop = index, "a WebTransport endpoint loop ended");
-            }
+            let _ = end.await;
+            tracing::error!(endpoint_loop = index, "a WebTransport endpoint loop ended");
         }
     }
 }
@@ -303,10 +328,17 @@ async fn run_loop(
     shared: Arc<LoopShared>,
 ) {
     let LoopParts {
-        mut io,
+        socket,
         mut endpoint,
         steering,
     } = parts;
+    let mut io = match UdpIo::new(socket, endpoint.max_udp_payload()) {
+        Ok(io) => io,
+        Err(error) => {
+            tracing::error!(%error, "cannot register the WebTransport UDP socket");
+            return;
+        }
+    };
     let LoopShared {
         node,
         settings,
