@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_util::task::AtomicWaker;
+use futures_util::StreamExt;
 use quinn_proto::ConnectionHandle;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use super::endpoint::WtEndpoint;
@@ -31,6 +32,7 @@ use crate::metrics::Transport;
 use crate::node::Node;
 use crate::quic_lb::SignedRandomIds;
 use crate::session::{Session, SessionLimits};
+use crate::shutdown::ShutdownListener;
 use crate::transport::webtransport::{self, WebTransportError, WebTransportSettings};
 use crate::udp::{self, UdpDrops};
 
@@ -118,15 +120,91 @@ struct Fan {
 
 /// One endpoint loop's own parts: its socket and its sessions.
 struct LoopParts {
-    /// Bound; registered with the loop's own runtime when its thread starts.
-    socket: std::net::UdpSocket,
+    io: UdpIo,
     endpoint: WtEndpoint,
     steering: Option<LoopSteering>,
 }
 
+/// What `run` hands a loop's thread when the node starts serving.
+struct LoopStart {
+    inbox: mpsc::Receiver<Inbound>,
+    configs: watch::Receiver<Option<Arc<Reloaded>>>,
+    shared: Arc<LoopShared>,
+    /// Taken before the thread runs, so the drain counts the loop from the start.
+    stop: ShutdownListener,
+}
+
+/// A loop's thread, started by `bind` (its runtime built and its socket registered there, so a
+/// failure stops the node before it says it listens), waiting for its `LoopStart`.
+struct LoopThread {
+    start: oneshot::Sender<LoopStart>,
+    /// How the thread ended: a panic's message, or `Ok` (a loop that was never started).
+    ended: oneshot::Receiver<Result<(), String>>,
+}
+
+impl LoopThread {
+    /// Starts loop `index`'s thread; returns once its runtime runs and its socket is registered.
+    async fn spawn(
+        index: usize,
+        socket: std::net::UdpSocket,
+        endpoint: WtEndpoint,
+        steering: Option<LoopSteering>,
+    ) -> std::io::Result<Self> {
+        let (ready_tx, ready) = oneshot::channel::<std::io::Result<()>>();
+        let (start, start_rx) = oneshot::channel::<LoopStart>();
+        let (ended_tx, ended) = oneshot::channel();
+        // A thread of its own with its own runtime: the socket's readiness wakes this thread
+        // alone, and only when it waits, not the node's workers at every datagram.
+        std::thread::Builder::new()
+            .name(format!("wt-loop-{index}"))
+            .spawn(move || {
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(runtime) => runtime,
+                        Err(error) => {
+                            let _ = ready_tx.send(Err(error));
+                            return;
+                        }
+                    };
+                    runtime.block_on(async move {
+                        let io = match UdpIo::new(socket, endpoint.max_udp_payload()) {
+                            Ok(io) => io,
+                            Err(error) => {
+                                let _ = ready_tx.send(Err(error));
+                                return;
+                            }
+                        };
+                        let _ = ready_tx.send(Ok(()));
+                        // The node did not start serving (its startup failed): nothing to run.
+                        let Ok(start) = start_rx.await else { return };
+                        let parts = LoopParts { io, endpoint, steering };
+                        run_loop(parts, start).await;
+                    });
+                }));
+                let _ = ended_tx.send(outcome.map_err(|panic| panic_message(panic.as_ref())));
+            })?;
+        match ready.await {
+            Ok(Ok(())) => Ok(Self { start, ended }),
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(std::io::Error::other(
+                "the WebTransport endpoint loop's thread ended while starting",
+            )),
+        }
+    }
+}
+
+/// A panic's message, when it has one.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 /// A bound WebTransport endpoint on Courtside's own loops (`--wt-loops`, one by default).
 pub struct ProtoServer {
-    loops: Vec<LoopParts>,
+    loops: Vec<LoopThread>,
     source: CertificateSource,
     settings: Arc<WebTransportSettings>,
     local_addr: SocketAddr,
@@ -186,11 +264,7 @@ impl ProtoServer {
                 node.metrics.clone(),
             );
             let steering = LoopSteering::new(index, count, webtransport::cid_len(&settings), signed.clone());
-            loops.push(LoopParts {
-                socket: bound.socket,
-                endpoint,
-                steering,
-            });
+            loops.push(LoopThread::spawn(index, bound.socket, endpoint, steering).await?);
         }
         info!(sha256 = %info.sha256, self_signed = info.self_signed, loops = count, "WebTransport certificate (proto engine)");
         node.certificate.set(info);
@@ -230,35 +304,31 @@ impl ProtoServer {
         tokio::spawn(reload_certificates(
             source, hangup, settings, local_addr, count, configs_tx,
         ));
-        let mut ended = Vec::new();
-        for (index, (parts, inbox)) in loops.into_iter().zip(receivers).enumerate() {
-            let (configs, shared) = (configs.clone(), shared.clone());
-            let (done, end) = tokio::sync::oneshot::channel::<()>();
-            // A thread of its own with its own runtime: the socket's readiness wakes this thread
-            // alone, and only when it waits, not the node's workers at every datagram.
-            let started = std::thread::Builder::new()
-                .name(format!("wt-loop-{index}"))
-                .spawn(move || {
-                    let _done = done;
-                    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                        Ok(runtime) => runtime.block_on(run_loop(parts, inbox, configs, shared)),
-                        Err(error) => {
-                            tracing::error!(%error, endpoint_loop = index, "cannot start a WebTransport endpoint loop")
-                        }
-                    }
-                });
-            match started {
-                Ok(_) => ended.push((index, end)),
-                Err(error) => {
-                    tracing::error!(%error, endpoint_loop = index, "cannot start a WebTransport endpoint loop")
-                }
+        let mut ended = futures_util::stream::FuturesUnordered::new();
+        for (index, (thread, inbox)) in loops.into_iter().zip(receivers).enumerate() {
+            let start = LoopStart {
+                inbox,
+                configs: configs.clone(),
+                shared: shared.clone(),
+                stop: node.shutdown_listener(),
+            };
+            if thread.start.send(start).is_err() {
+                tracing::error!(
+                    endpoint_loop = index,
+                    "a WebTransport endpoint loop ended before it started"
+                );
             }
+            ended.push(async move { (index, thread.ended.await) });
         }
-        for (index, end) in ended {
-            // A loop never returns; a panic would leave its clients to the other loops, which
-            // do not hold their sessions: said loudly.
-            let _ = end.await;
-            tracing::error!(endpoint_loop = index, "a WebTransport endpoint loop ended");
+        // A loop never returns; one that panicked leaves its clients to the other loops, which
+        // do not hold their sessions: said loudly, as soon as it happens.
+        while let Some((index, outcome)) = ended.next().await {
+            match outcome {
+                Ok(Err(panic)) => {
+                    tracing::error!(endpoint_loop = index, %panic, "a WebTransport endpoint loop panicked")
+                }
+                _ => tracing::error!(endpoint_loop = index, "a WebTransport endpoint loop ended"),
+            }
         }
     }
 }
@@ -321,30 +391,24 @@ async fn reload_certificates(
 }
 
 /// One endpoint loop: its socket, its sessions and their timers, until the process exits.
-async fn run_loop(
-    parts: LoopParts,
-    mut inbox: mpsc::Receiver<Inbound>,
-    mut configs: watch::Receiver<Option<Arc<Reloaded>>>,
-    shared: Arc<LoopShared>,
-) {
+async fn run_loop(parts: LoopParts, start: LoopStart) {
     let LoopParts {
-        socket,
+        mut io,
         mut endpoint,
         steering,
     } = parts;
-    let mut io = match UdpIo::new(socket, endpoint.max_udp_payload()) {
-        Ok(io) => io,
-        Err(error) => {
-            tracing::error!(%error, "cannot register the WebTransport UDP socket");
-            return;
-        }
-    };
+    let LoopStart {
+        mut inbox,
+        mut configs,
+        shared,
+        stop,
+    } = start;
     let LoopShared {
         node,
         settings,
         inboxes,
     } = &*shared;
-    let mut stop = Some(node.shutdown_listener());
+    let mut stop = Some(stop);
     let mut drain_deadline: Option<Instant> = None;
     let list = Arc::new(ReadyList::default());
     let mut joined: HashMap<ConnectionHandle, Joined> = HashMap::new();
@@ -532,6 +596,9 @@ async fn run_loop(
         }
         busy += working.elapsed();
         node.metrics.wt_loop_busy_seconds.inc_by(busy.as_secs_f64());
+        // The runtime turns its socket readiness and timers only when this task yields: queues
+        // that keep waking would otherwise keep the loop from its acks and loss timers.
+        tokio::task::yield_now().await;
     }
 }
 
