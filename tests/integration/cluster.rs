@@ -794,3 +794,44 @@ async fn a_webtransport_subscriber_gets_what_another_node_publishes() {
         }
     }
 }
+
+/// A WebTransport endpoint loop calls `Registry::follow` from its own thread, outside the node's
+/// runtime: the Redis registry still follows the room on the node's runtime and runs `then`
+/// (a `tokio::spawn` there would panic on a thread without a runtime).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_registry_follows_a_room_for_a_caller_outside_the_runtime() {
+    use courtside::registry::{RedisRegistry, RedisSettings, Registry};
+    use std::time::Duration;
+    let redis = RedisServer::start();
+    let metrics = std::sync::Arc::new(courtside::metrics::Metrics::new());
+    let hub = courtside::hub::Hub::new(courtside::hub::HubConfig::default(), metrics.clone(), 1);
+    let settings = RedisSettings {
+        url: redis.url(),
+        node_id: "outside".into(),
+        http: "127.0.0.1:0".into(),
+        heartbeat: Duration::from_millis(200),
+        outbox_messages: 100,
+        outbox_bytes: 1 << 20,
+        resend_window: Duration::from_secs(10),
+        history_len: 10,
+        history_ttl: Duration::from_secs(60),
+        state_ttl: Duration::from_secs(60),
+        cluster: false,
+    };
+    let registry = RedisRegistry::connect(settings, hub, metrics).await.expect("connect");
+    let room = courtside::core::RoomName::parse("game:outside").expect("room");
+    let (followed, then_ran) = tokio::sync::oneshot::channel();
+    let caller = std::thread::spawn(move || {
+        registry.follow(
+            room,
+            Box::new(move |_| {
+                let _ = followed.send(());
+            }),
+        )
+    });
+    caller.join().expect("follow returns on a thread without a runtime");
+    tokio::time::timeout(crate::util::HANG, then_ran)
+        .await
+        .expect("then in time")
+        .expect("then ran");
+}
