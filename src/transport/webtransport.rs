@@ -180,17 +180,9 @@ pub(crate) fn server_config(
 }
 
 pub(crate) fn endpoint_config(settings: &WebTransportSettings) -> quinn::EndpointConfig {
-    let mut config = quinn::EndpointConfig::default();
-    match settings.quic_server_id {
-        Some(server) => config.cid_generator(move || {
-            Box::new(RoutableConnectionIds {
-                server,
-                loop_index: None,
-            })
-        }),
-        None => config.cid_generator(|| Box::new(SignedRandomIds::default())),
-    };
-    config
+    loop_endpoint_configs(settings, 1, &SignedRandomIds::default())
+        .pop()
+        .unwrap_or_default()
 }
 
 /// The length of the connection IDs the endpoint issues (`endpoint_config`'s generators).
@@ -210,23 +202,16 @@ pub(crate) fn loop_endpoint_configs(
     loops: usize,
     signer: &SignedRandomIds,
 ) -> Vec<quinn::EndpointConfig> {
-    if loops <= 1 {
-        return vec![endpoint_config(settings)];
-    }
     let shared = quinn::EndpointConfig::default();
-    (0..loops)
+    (0..loops.max(1))
         .map(|index| {
-            let index = u8::try_from(index).unwrap_or(u8::MAX);
+            // One loop's IDs name no loop: their whole nonce stays random.
+            let loop_index = (loops > 1).then(|| u8::try_from(index).unwrap_or(u8::MAX));
             let mut config = shared.clone();
             match settings.quic_server_id {
-                Some(server) => config.cid_generator(move || {
-                    Box::new(RoutableConnectionIds {
-                        server,
-                        loop_index: Some(index),
-                    })
-                }),
+                Some(server) => config.cid_generator(move || Box::new(RoutableConnectionIds { server, loop_index })),
                 None => {
-                    let signed = signer.for_loop(index);
+                    let signed = loop_index.map_or_else(|| signer.clone(), |index| signer.for_loop(index));
                     config.cid_generator(move || Box::new(signed.clone()))
                 }
             };
