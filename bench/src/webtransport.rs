@@ -198,9 +198,18 @@ impl WtEndpoints {
             }
         }
         let digest = Sha256Digest::new(decode_hex32(hash_hex)?);
+        let mut tls = wtransport::tls::client::build_default_tls_config(
+            Arc::new(wtransport::tls::rustls::RootCertStore::empty()),
+            Some(Arc::new(wtransport::tls::client::ServerHashVerification::new([digest]))),
+        );
+        if !tls_resumption() {
+            // Every fan is a browser of its own, with no ticket from this server: one full
+            // handshake each (the endpoint's clients would otherwise resume each other's).
+            tls.resumption = wtransport::tls::rustls::client::Resumption::disabled();
+        }
         let config = ClientConfig::builder()
             .with_bind_socket(client_socket()?)
-            .with_server_certificate_hashes([digest])
+            .with_custom_tls(tls)
             .keep_alive_interval(Some(Duration::from_secs(5)))
             .max_idle_timeout(Some(Duration::from_secs(60)))
             .context("idle timeout")?
@@ -224,6 +233,13 @@ impl WtEndpoints {
             });
         Ok((endpoint, target))
     }
+}
+
+/// Whether a client may resume a TLS session another client of its endpoint received
+/// (`BENCH_TLS_RESUMPTION=1`): off by default, as for fans who each connect from a browser of
+/// their own; on, a storm measures mostly resumed handshakes (as the bench did before session 16).
+fn tls_resumption() -> bool {
+    std::env::var("BENCH_TLS_RESUMPTION").is_ok_and(|v| v == "1")
 }
 
 /// Socket buffers of a client endpoint: with the kernel's default (about 200 KiB) the bench's
