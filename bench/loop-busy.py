@@ -24,9 +24,11 @@ def busy():
         body = urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=2).read().decode()
     except Exception:
         return None, None
-    b = re.search(r'^courtside_webtransport_loop_busy_seconds_total (\S+)', body, re.M)
+    # One series per endpoint loop (endpoint_loop="N"): summed.
+    loops = re.findall(r'^courtside_webtransport_loop_busy_seconds_total\{[^}]*\} (\S+)', body, re.M)
+    b = sum(float(v) for v in loops) if loops else None
     c = re.search(r'^courtside_connections\{transport="webtransport"\} (\S+)', body, re.M)
-    return (float(b.group(1)) if b else None), (c.group(1) if c else None)
+    return b, (c.group(1) if c else None)
 def threads():
     t = {}
     try:

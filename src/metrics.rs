@@ -88,6 +88,12 @@ impl<T: serde::Serialize> serde::Serialize for PerTransport<T> {
     }
 }
 
+/// A WebTransport endpoint loop (`--wt-loops`), by index from 0, as the logs' `endpoint_loop`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LoopLabel {
+    pub endpoint_loop: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct TransportLabel {
     transport: &'static str,
@@ -155,14 +161,14 @@ pub struct Metrics {
     pub wt_handshake_timeouts: Counter,
     /// QUIC handshakes under way (Initial received, handshake not yet complete).
     pub quic_handshakes: Gauge,
-    /// Seconds (wall clock) the proto engine's endpoint loops spent working, not waiting, summed:
-    /// a rate near the number of loops means they have no idle time left (their work fills their
-    /// cores, or the machine keeps them from them).
-    pub wt_loop_busy_seconds: Counter<f64, AtomicU64>,
-    /// Datagrams an endpoint loop handed to the loop their connection ID names (`--wt-loops`).
-    pub wt_datagrams_forwarded: Counter,
-    /// Datagrams for another loop dropped because its inbox was full.
-    pub wt_forward_drops: Counter,
+    /// Seconds (wall clock) each of the proto engine's endpoint loops spent working, not waiting:
+    /// a rate near 1 means that loop has no idle time left (its work fills its core, or the
+    /// machine keeps it from one).
+    pub wt_loop_busy_seconds: Family<LoopLabel, Counter<f64, AtomicU64>>,
+    /// Datagrams handed to the loop their connection ID names (`--wt-loops`), by that loop.
+    pub wt_datagrams_forwarded: Family<LoopLabel, Counter>,
+    /// Datagrams for a loop dropped because its inbox was full, by that loop.
+    pub wt_forward_drops: Family<LoopLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -201,9 +207,9 @@ impl Metrics {
             quic_retries: Counter::default(),
             wt_handshake_timeouts: Counter::default(),
             quic_handshakes: Gauge::default(),
-            wt_loop_busy_seconds: Counter::default(),
-            wt_datagrams_forwarded: Counter::default(),
-            wt_forward_drops: Counter::default(),
+            wt_loop_busy_seconds: Family::default(),
+            wt_datagrams_forwarded: Family::default(),
+            wt_forward_drops: Family::default(),
             repair_datagrams: Counter::default(),
             registry_up: Gauge::default(),
             outbox: Gauge::default(),
@@ -304,17 +310,17 @@ impl Metrics {
         );
         registry.register(
             "webtransport_loop_busy_seconds",
-            "Seconds (wall clock) the WebTransport endpoint loops (--wt-engine proto) spent working rather than waiting, summed over the loops (--wt-loops); a rate near the number of loops means they have no idle time left",
+            "Seconds (wall clock) each WebTransport endpoint loop (--wt-engine proto, --wt-loops) spent working rather than waiting; a rate near 1 means that loop has no idle time left",
             metrics.wt_loop_busy_seconds.clone(),
         );
         registry.register(
             "webtransport_datagrams_forwarded",
-            "Datagrams an endpoint loop received for a session of another loop (the client's address changed) and handed on (--wt-loops above 1)",
+            "Datagrams an endpoint loop received for a session of another loop (the client's address changed) and handed to it, by the loop they were handed to (--wt-loops above 1)",
             metrics.wt_datagrams_forwarded.clone(),
         );
         registry.register(
             "webtransport_forward_drops",
-            "Datagrams for another endpoint loop dropped because its inbox (4,096 datagrams) was full; QUIC sends them again",
+            "Datagrams for another endpoint loop dropped because its inbox (4,096 datagrams) was full, by that loop; QUIC sends them again",
             metrics.wt_forward_drops.clone(),
         );
         Self { registry, ..metrics }

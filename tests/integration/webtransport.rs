@@ -235,9 +235,11 @@ async fn the_endpoint_loop_counts_the_time_it_works() {
     assert_eq!(client.recv_stream().await, json!({"type": "pong"}));
     // The handshake, the ping and its reply were work: more than none, less than the test ran.
     server
-        .await_metric("courtside_webtransport_loop_busy_seconds_total", "> 0", |v| {
-            v > 0.0 && v < 60.0
-        })
+        .await_metric(
+            "courtside_webtransport_loop_busy_seconds_total{endpoint_loop=\"0\"}",
+            "> 0",
+            |v| v > 0.0 && v < 60.0,
+        )
         .await;
 }
 
@@ -256,7 +258,12 @@ async fn with_two_endpoint_loops_every_session_is_served_and_one_whose_address_c
     let relay = LossyRelay::start(wt, 0.0, 1).await;
     let mut moving = WtClient::connect_to(relay.addr, &hash, true).await;
     moving.subscribe("game:loops").await;
-    let forwarded = "courtside_webtransport_datagrams_forwarded_total";
+    // Each loop's series, by the loop a datagram was handed to; both there from the start.
+    let per_loop = |name: &str| [0, 1].map(|i| format!("courtside_webtransport_{name}_total{{endpoint_loop=\"{i}\"}}"));
+    let forwarded = per_loop("datagrams_forwarded");
+    for series in per_loop("loop_busy_seconds").iter().chain(&forwarded) {
+        server.await_metric(series, ">= 0", |v| v >= 0.0).await;
+    }
     // Each new port lands on either socket (the kernel hashes the address); until one landed on
     // the loop that does not own the session and was handed on (1 in 2^32 never does in 32).
     let mut version = 0;
@@ -267,11 +274,16 @@ async fn with_two_endpoint_loops_every_session_is_served_and_one_whose_address_c
             .publish_state("game:loops", &json!({"home": version}).to_string())
             .await;
         await_version(&mut moving, version).await;
-        if server.metric(forwarded).await > 0.0 {
+        if server.metric(&forwarded[0]).await + server.metric(&forwarded[1]).await > 0.0 {
             break;
         }
     }
-    server.await_metric(forwarded, "> 0", |v| v > 0.0).await;
+    // Handed to one loop, the session's: the other loop's count stays 0.
+    let counts = [server.metric(&forwarded[0]).await, server.metric(&forwarded[1]).await];
+    assert!(
+        counts.iter().filter(|count| **count > 0.0).count() == 1,
+        "forwarded to exactly one loop: {counts:?}"
+    );
     // After the handing on, the session still gets what is published, as does everyone else.
     version += 1;
     server
@@ -281,7 +293,9 @@ async fn with_two_endpoint_loops_every_session_is_served_and_one_whose_address_c
     for client in &mut clients {
         await_version(client, version).await;
     }
-    assert_eq!(server.metric("courtside_webtransport_forward_drops_total").await, 0.0);
+    for series in per_loop("forward_drops") {
+        assert_eq!(server.metric(&series).await, 0.0, "{series}");
+    }
 }
 
 /// Reads `client`'s messages until a state of `version` (or a later one).

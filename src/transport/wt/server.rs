@@ -28,7 +28,7 @@ use crate::certs::{CertificateInfo, CertificateSource};
 use crate::connection::{CLOSE_WAIT, MAX_BATCH};
 use crate::core::{close_code, Outgoing, QueueClosed};
 use crate::hub::Subscriber;
-use crate::metrics::Transport;
+use crate::metrics::{LoopLabel, Transport};
 use crate::node::Node;
 use crate::quic_lb::SignedRandomIds;
 use crate::session::{Session, SessionLimits};
@@ -120,6 +120,8 @@ struct Fan {
 
 /// One endpoint loop's own parts: its socket and its sessions.
 struct LoopParts {
+    /// This loop's index (the metrics' `endpoint_loop` label).
+    index: usize,
     io: UdpIo,
     endpoint: WtEndpoint,
     steering: Option<LoopSteering>,
@@ -177,7 +179,12 @@ impl LoopThread {
                         let _ = ready_tx.send(Ok(()));
                         // The node did not start serving (its startup failed): nothing to run.
                         let Ok(start) = start_rx.await else { return };
-                        let parts = LoopParts { io, endpoint, steering };
+                        let parts = LoopParts {
+                            index,
+                            io,
+                            endpoint,
+                            steering,
+                        };
                         run_loop(parts, start).await;
                     });
                 }));
@@ -393,6 +400,7 @@ async fn reload_certificates(
 /// One endpoint loop: its socket, its sessions and their timers, until the process exits.
 async fn run_loop(parts: LoopParts, start: LoopStart) {
     let LoopParts {
+        index,
         mut io,
         mut endpoint,
         steering,
@@ -408,6 +416,17 @@ async fn run_loop(parts: LoopParts, start: LoopStart) {
         settings,
         inboxes,
     } = &*shared;
+    let label = |index: usize| LoopLabel {
+        endpoint_loop: u32::try_from(index).unwrap_or(u32::MAX),
+    };
+    // Every loop's series from the start (a dashboard sees 0, not nothing).
+    let busy_seconds = node.metrics.wt_loop_busy_seconds.get_or_create_owned(&label(index));
+    let forwarded: Vec<_> = (0..inboxes.len())
+        .map(|owner| node.metrics.wt_datagrams_forwarded.get_or_create_owned(&label(owner)))
+        .collect();
+    let forward_drops: Vec<_> = (0..inboxes.len())
+        .map(|owner| node.metrics.wt_forward_drops.get_or_create_owned(&label(owner)))
+        .collect();
     let mut stop = Some(stop);
     let mut drain_deadline: Option<Instant> = None;
     let list = Arc::new(ReadyList::default());
@@ -428,10 +447,13 @@ async fn run_loop(parts: LoopParts, start: LoopStart) {
                 data: BytesMut::from(&inbound.data[..]),
                 ..inbound
             };
-            match inboxes.get(owner).map(|inbox| inbox.try_send(inbound)) {
-                Some(Ok(())) => node.metrics.wt_datagrams_forwarded.inc(),
-                _ => node.metrics.wt_forward_drops.inc(),
+            let counter = match inboxes.get(owner).map(|inbox| inbox.try_send(inbound)) {
+                Some(Ok(())) => forwarded.get(owner),
+                _ => forward_drops.get(owner),
             };
+            if let Some(counter) = counter {
+                counter.inc();
+            }
             None
         }
     };
@@ -595,7 +617,7 @@ async fn run_loop(parts: LoopParts, start: LoopStart) {
             }
         }
         busy += working.elapsed();
-        node.metrics.wt_loop_busy_seconds.inc_by(busy.as_secs_f64());
+        busy_seconds.inc_by(busy.as_secs_f64());
         // The runtime turns its socket readiness and timers only when this task yields: queues
         // that keep waking would otherwise keep the loop from its acks and loss timers.
         tokio::task::yield_now().await;
