@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use quinn_proto::{
     Connection, ConnectionError, ConnectionEvent, Dir, EndpointEvent, ReadError, StreamEvent, StreamId, Transmit,
     VarInt,
@@ -156,6 +156,11 @@ enum Request {
     Accepted,
 }
 
+/// Storage a stream's outbox keeps between writes: a batch of scores fits, and a larger batch's
+/// (a bracket is about 15 KB) is given back once quinn holds its bytes, so an idle session does
+/// not keep the largest message it ever sent.
+pub(crate) const KEPT_BUFFER: usize = 2048;
+
 /// Bytes for one of the server's streams that quinn has not taken yet, and whether the stream
 /// finishes after them.
 #[derive(Debug)]
@@ -176,18 +181,24 @@ impl Outbox {
         }
     }
 
-    /// Hands quinn what it takes; returns whether any byte went.
+    /// Hands quinn what it takes; returns whether any byte went. Once quinn holds everything,
+    /// storage above `KEPT_BUFFER` is given back.
     fn flush(&mut self, conn: &mut Connection) -> bool {
         let mut progressed = false;
         while !self.pending.is_empty() {
             match conn.send_stream(self.id).write(&self.pending) {
                 Ok(n) if n > 0 => {
-                    let _ = self.pending.split_to(n);
+                    self.pending.advance(n);
                     progressed = true;
                 }
                 // Blocked (a `Writable` event follows) or stopped (its own event follows).
                 _ => break,
             }
+        }
+        // Storage above what is kept (reclaimed whole first: a buffer advanced to its end still
+        // holds all of it) is given back.
+        if self.pending.is_empty() && self.pending.try_reclaim(KEPT_BUFFER + 1) {
+            self.pending = BytesMut::new();
         }
         if self.pending.is_empty() && self.fin && !self.finished {
             self.finished = true;
@@ -275,8 +286,6 @@ pub struct WtSession {
     states: Option<StateDelivery>,
     /// When the client was last heard (a message on the control stream, a datagram).
     last_heard: Instant,
-    /// Scratch for a batch's stream bytes.
-    scratch: BytesMut,
     events: VecDeque<SessionEvent>,
     /// `SessionEvent::Ended` was given (it is given once).
     ended: bool,
@@ -300,7 +309,6 @@ impl WtSession {
             control: None,
             states: None,
             last_heard: now,
-            scratch: BytesMut::new(),
             events: VecDeque::new(),
             ended: false,
         }
@@ -472,6 +480,16 @@ impl WtSession {
         self.answer_refusal(now, status);
     }
 
+    /// Whether the control stream's outbox holds storage for `bytes` or more (what it holds,
+    /// written or not).
+    #[cfg(test)]
+    pub(crate) fn control_storage_at_least(&mut self, bytes: usize) -> bool {
+        self.control.as_mut().is_some_and(|control| {
+            let pending = &mut control.out.pending;
+            pending.capacity() >= bytes || (pending.is_empty() && pending.try_reclaim(bytes))
+        })
+    }
+
     /// Writes a batch of queued messages: states as datagrams where the routing says so, the
     /// rest on the control stream, in order. Nothing is written unless the session is open.
     pub fn deliver(&mut self, now: Instant, batch: &[Outgoing]) -> bool {
@@ -481,9 +499,7 @@ impl WtSession {
         let (Some(states), Some(control)) = (self.states.as_mut(), self.control.as_mut()) else {
             return false;
         };
-        self.scratch.clear();
-        states.write_batch(batch, &mut self.scratch, &mut self.conn, now);
-        control.out.pending.extend_from_slice(&self.scratch);
+        states.write_batch(batch, &mut control.out.pending, &mut self.conn, now);
         self.flush_control(now);
         true
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::pair::{ClientSettingsMode, Pair, Setup};
-use super::session::{CloseRequest, SessionEnd, SessionEvent};
+use super::session::{CloseRequest, SessionEnd, SessionEvent, KEPT_BUFFER};
 use crate::core::publication::{JsonData, Publication, RoomId};
 use crate::core::wire::{ClientMessage, ServerMessage};
 use crate::core::{close_code, ClientCommand, ErrorCode, Kind, Now, Outgoing, RoomName, ServerControl};
@@ -648,6 +648,34 @@ fn a_session_takes_more_deliveries_once_the_client_reads_again() {
     assert!(pair.server.session().wants_more());
     assert!(pair.server.events.iter().any(|e| matches!(e, SessionEvent::Writable)));
     assert_eq!(pair.client.messages.len(), 12, "every message arrived");
+}
+
+/// A large message (a bracket is about 15 KB) leaves no storage behind once quinn holds it: an
+/// idle session keeps at most `KEPT_BUFFER` for its control stream, whatever it sent before,
+/// through a client window smaller than the message.
+#[test]
+fn an_idle_session_keeps_no_storage_of_a_large_message_it_sent() {
+    let mut pair = subscribed_pair(Setup {
+        client_stream_window: 8 * 1024,
+        ..Setup::default()
+    });
+    let now = pair.now;
+    let bracket = state_publication(&pair, 1, &format!("\"{}\"", "a".repeat(20_000)));
+    assert!(pair.server.session().deliver(now, &[Outgoing::Publication(bracket)]));
+    pair.run_for(S);
+    assert!(
+        pair.client
+            .decoded()
+            .iter()
+            .any(|m| matches!(m, ServerMessage::State(s) if s.version == 1)
+                || matches!(m, ServerMessage::AliasedState(s) if s.version == 1)),
+        "the client holds the large state: {:?}",
+        pair.client.decoded().len()
+    );
+    assert!(
+        !pair.server.session().control_storage_at_least(KEPT_BUFFER + 1),
+        "the control stream keeps the large message's storage"
+    );
 }
 
 /// A state of the tests' room whose datagram (quarter stream ID included) is `len` bytes.
