@@ -229,6 +229,8 @@ impl SharedSocket {
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
+        // A slow client's backlog written: its storage is not kept for the connection's life.
+        super::release_large(pending);
         Poll::Ready(Ok(()))
     }
 }

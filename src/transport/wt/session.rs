@@ -156,11 +156,6 @@ enum Request {
     Accepted,
 }
 
-/// Storage a stream's outbox keeps between writes: a batch of scores fits, and a larger batch's
-/// (a bracket is about 15 KB) is given back once quinn holds its bytes, so an idle session does
-/// not keep the largest message it ever sent.
-pub(crate) const KEPT_BUFFER: usize = 2048;
-
 /// Bytes for one of the server's streams that quinn has not taken yet, and whether the stream
 /// finishes after them.
 #[derive(Debug)]
@@ -182,7 +177,7 @@ impl Outbox {
     }
 
     /// Hands quinn what it takes; returns whether any byte went. Once quinn holds everything,
-    /// storage above `KEPT_BUFFER` is given back.
+    /// storage above `KEPT_WRITE_BUFFER` is given back.
     fn flush(&mut self, conn: &mut Connection) -> bool {
         let mut progressed = false;
         while !self.pending.is_empty() {
@@ -195,11 +190,7 @@ impl Outbox {
                 _ => break,
             }
         }
-        // Storage above what is kept (reclaimed whole first: a buffer advanced to its end still
-        // holds all of it) is given back.
-        if self.pending.is_empty() && self.pending.try_reclaim(KEPT_BUFFER + 1) {
-            self.pending = BytesMut::new();
-        }
+        crate::transport::release_large(&mut self.pending);
         if self.pending.is_empty() && self.fin && !self.finished {
             self.finished = true;
             let _ = conn.send_stream(self.id).finish();

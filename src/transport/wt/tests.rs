@@ -5,11 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::pair::{ClientSettingsMode, Pair, Setup};
-use super::session::{CloseRequest, SessionEnd, SessionEvent, KEPT_BUFFER};
+use super::session::{CloseRequest, SessionEnd, SessionEvent};
 use crate::core::publication::{JsonData, Publication, RoomId};
 use crate::core::wire::{ClientMessage, ServerMessage};
 use crate::core::{close_code, ClientCommand, ErrorCode, Kind, Now, Outgoing, RoomName, ServerControl};
 use crate::transport::h3::{self, H3ErrorCode};
+use crate::transport::KEPT_WRITE_BUFFER;
 
 const MS: Duration = Duration::from_millis(1);
 const S: Duration = Duration::from_secs(1);
@@ -651,7 +652,7 @@ fn a_session_takes_more_deliveries_once_the_client_reads_again() {
 }
 
 /// A large message (a bracket is about 15 KB) leaves no storage behind once quinn holds it: an
-/// idle session keeps at most `KEPT_BUFFER` for its control stream, whatever it sent before,
+/// idle session keeps at most `KEPT_WRITE_BUFFER` for its control stream, whatever it sent before,
 /// through a client window smaller than the message.
 #[test]
 fn an_idle_session_keeps_no_storage_of_a_large_message_it_sent() {
@@ -673,7 +674,7 @@ fn an_idle_session_keeps_no_storage_of_a_large_message_it_sent() {
         pair.client.decoded().len()
     );
     assert!(
-        !pair.server.session().control_storage_at_least(KEPT_BUFFER + 1),
+        !pair.server.session().control_storage_at_least(KEPT_WRITE_BUFFER + 1),
         "the control stream keeps the large message's storage"
     );
 }
