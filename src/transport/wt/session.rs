@@ -418,9 +418,15 @@ impl WtSession {
         self.conn.poll_endpoint_events()
     }
 
-    /// The next event for the application.
+    /// The next event for the application. An emptied queue gives its storage back (four
+    /// events' worth, 320 bytes, that an idle session would otherwise keep): a session's events
+    /// come a few at a time (its opening, a client's command).
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
-        self.events.pop_front()
+        let event = self.events.pop_front();
+        if self.events.is_empty() && self.events.capacity() > 0 {
+            self.events = VecDeque::new();
+        }
+        event
     }
 
     /// The connection is gone for good: the endpoint forgets it.
@@ -718,6 +724,11 @@ impl WtSession {
             match h3::read_connect(&connect.buf) {
                 Ok(Some((request, used))) => {
                     connect.buf.drain(..used);
+                    if connect.buf.is_empty() {
+                        // The request's bytes are not kept for the session's life (what follows
+                        // on this stream, a capsule or two, is rare).
+                        connect.buf = Vec::new();
+                    }
                     self.request = Request::Held(request);
                 }
                 Ok(None) if connect.buf.len() > MAX_HANDSHAKE_FRAME => {
