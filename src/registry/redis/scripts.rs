@@ -61,10 +61,23 @@ if ARGV[16] == '1' and ARGV[1] == 'event' and ARGV[17] == epoch then
   -- already gave that number to another event (the room settled before the restore came, and a
   -- fresh publish took it): a holder would drop one of the two as a duplicate, so it is
   -- numbered anew below. `fresh` in the meta hash is the first number this Redis gave a fresh
-  -- event (every fresh number is at or above it; the event ids' set only keeps the last
-  -- history-length of them, so it cannot tell alone).
+  -- event after it lost the room (every later fresh number is at or above it; the event ids'
+  -- set only keeps the last history-length of them, so it cannot tell alone). It counts until
+  -- `fresh_until` (the settle's end and the outbox's resend window: no restore of a number
+  -- given before the loss comes later). A room Redis never lost has none: after a failover to
+  -- a replica that missed the last numbers, their restores keep them (a fresh number from the
+  -- room's start would make every restore look taken, and put it in the history twice).
   local original = tonumber(ARGV[18])
-  local fresh = tonumber(redis.call('HGET', KEYS[1], 'fresh') or '0')
+  local fresh = 0
+  local fresh_until = tonumber(redis.call('HGET', KEYS[1], 'fresh_until') or '0')
+  if fresh_until > 0 then
+    local now = redis.call('TIME')
+    if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) < fresh_until then
+      fresh = tonumber(redis.call('HGET', KEYS[1], 'fresh') or '0')
+    else
+      redis.call('HDEL', KEYS[1], 'fresh', 'fresh_until')
+    end
+  end
   local taken = (fresh > 0 and original >= fresh)
     or #redis.call('ZRANGEBYSCORE', KEYS[3], original, original, 'LIMIT', 0, 1) > 0
   if not taken then
@@ -94,7 +107,9 @@ if n <= floor then
   n = floor + 1
   redis.call('HSET', KEYS[1], field, n)
 end
-if ARGV[1] == 'event' then redis.call('HSETNX', KEYS[1], 'fresh', n) end
+if ARGV[1] == 'event' and redis.call('HEXISTS', KEYS[1], 'fresh_until') == 1 then
+  redis.call('HSETNX', KEYS[1], 'fresh', n)
+end
 if ARGV[1] == 'state' then
   redis.call('HSET', KEYS[1], 'state', ARGV[2], 'state_ts', ARGV[3])
 else
@@ -116,14 +131,17 @@ return {epoch, n}
 "#;
 
 const RESEED_LUA: &str = r#"
--- KEYS: meta. ARGV: epoch, version, seq, state, state ts, key ttl s, settle ms.
+-- KEYS: meta. ARGV: epoch, version, seq, state, state ts, key ttl s, settle ms, resend window ms.
 local current = redis.call('HGET', KEYS[1], 'epoch')
 if not current then
   -- Redis lost the room: the first holder back puts its numbers back, and the room settles for
   -- `settle ms` (no new numbers; see the publish script) while the other holders put theirs.
+  -- Until the resend window after that, a restore is judged against the first fresh number
+  -- (`fresh`, `fresh_until`: see the publish script).
   local now = redis.call('TIME')
   local settle = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[7])
-  redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'version', ARGV[2], 'seq', ARGV[3], 'settle', settle)
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'version', ARGV[2], 'seq', ARGV[3], 'settle', settle,
+    'fresh_until', settle + tonumber(ARGV[8]))
   if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'state', ARGV[4], 'state_ts', ARGV[5]) end
   redis.call('EXPIRE', KEYS[1], ARGV[6])
   return {ARGV[1], 1}
@@ -265,6 +283,7 @@ impl RedisRegistry {
             .arg(ts)
             .arg(self.settings.state_ttl_s())
             .arg(self.settings.settle().as_millis() as u64)
+            .arg(self.settings.resend_window.as_millis() as u64)
             .invoke_async::<(String, u8)>(&mut self.commands.clone())
             .await
             .map(|(_, settling)| {
@@ -501,6 +520,86 @@ mod tests {
         assert_eq!(late, ("ep".to_string(), 8), "a fresh event took 6 in this Redis");
     }
 
+    /// A failover to a lagging replica: the promoted replica kept the room's meta hash (`fresh`
+    /// included, set by the old master at the room's first event) but not the last events the old
+    /// master numbered. A holder that had received them reseeds first (seq moves up past them);
+    /// their publisher then restores them. Nobody in this Redis holds their numbers: they should go
+    /// under them, not anew after the reseeded seq (a hole at 5 and 6, the events again at 7 and 8).
+    #[tokio::test]
+    async fn a_restored_event_keeps_its_free_number_after_a_failover() {
+        let redis = TestRedis::start();
+        let mut conn = redis.connect().await;
+        let room = RoomName::parse("game:failover").expect("room");
+        // Numbered and replicated before the failover: 1 to 4 (the first set `fresh` to 1).
+        for (i, id) in [
+            "00000000000000f1",
+            "00000000000000f2",
+            "00000000000000f3",
+            "00000000000000f4",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let fresh = publish(&mut conn, &room, "event", "f", 1, id, None).await;
+            assert_eq!(fresh, ("ep".to_string(), i as u64 + 1));
+        }
+        // The old master numbered 5 and 6 (a holder received both live), then died before its
+        // replica got them. The holder's reseed puts the seq back to 6.
+        reseed(&conn, &room, (0, 6), ("", 0), 0).await;
+        let five = publish(&mut conn, &room, "event", "r", 1, "00000000000000a5", Some(("ep", 5))).await;
+        let six = publish(&mut conn, &room, "event", "r", 1, "00000000000000a6", Some(("ep", 6))).await;
+        assert_eq!(
+            (five.1, six.1),
+            (5, 6),
+            "numbers this Redis never gave another event: the restores keep them"
+        );
+    }
+
+    /// `fresh` counts only until the resend window after the loss's settle: then no restore of a
+    /// number given before the loss can come, and a later failover's restores (of numbers this
+    /// Redis gave after the loss, which a replica missed) keep their numbers.
+    #[tokio::test]
+    async fn fresh_counts_only_until_the_resend_window_after_the_loss() {
+        let redis = TestRedis::start();
+        let mut conn = redis.connect().await;
+        let mut restored_after = async |room: &str, expired: bool| {
+            let room = RoomName::parse(room).expect("room");
+            // Redis lost the room; a holder put back seq 5; a fresh publish took 6.
+            reseed(&conn, &room, (0, 5), ("", 0), 0).await;
+            let fresh = publish(&mut conn, &room, "event", "f", 1, "00000000000000f6", None).await;
+            assert_eq!(fresh.1, 6);
+            if expired {
+                let _: () = redis::cmd("HSET")
+                    .arg(meta_key(&room))
+                    .arg("fresh_until")
+                    .arg(1)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("hset");
+            }
+            // A failover lost 7, which a holder had received (its reseed puts the seq at 7).
+            reseed(&conn, &room, (0, 7), ("", 0), 0).await;
+            let restored = publish(&mut conn, &room, "event", "r", 1, "00000000000000a7", Some(("ep", 7))).await;
+            let fresh_left: bool = redis::cmd("HEXISTS")
+                .arg(meta_key(&room))
+                .arg("fresh")
+                .query_async(&mut conn)
+                .await
+                .expect("hexists");
+            (restored.1, fresh_left)
+        };
+        assert_eq!(
+            restored_after("game:window", false).await,
+            (8, true),
+            "inside the window 7 could be a number given before the loss: numbered anew"
+        );
+        assert_eq!(
+            restored_after("game:after", true).await,
+            (7, false),
+            "after it, a number nobody in this Redis holds is kept, and `fresh` is gone"
+        );
+    }
+
     async fn reseed(
         conn: &redis::aio::MultiplexedConnection,
         room: &RoomName,
@@ -517,6 +616,7 @@ mod tests {
             .arg(ts)
             .arg(60)
             .arg(settle_ms)
+            .arg(60_000)
             .invoke_async(&mut conn.clone())
             .await
             .expect("reseed")
