@@ -3,6 +3,7 @@
 //! commands to the `Session` and drains the `Subscriber` queue into the wire.
 
 pub use courtside_codecs::h3;
+pub(crate) mod quic_tls;
 pub mod websocket;
 pub mod webtransport;
 pub mod wt;

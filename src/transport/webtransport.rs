@@ -176,15 +176,14 @@ pub(crate) fn server_config(
     settings: &WebTransportSettings,
     identity: Identity,
 ) -> Result<quinn::ServerConfig, WebTransportError> {
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls_config(identity)?)
-        .map_err(|e| WebTransportError::Tls(e.to_string()))?;
+    let crypto = super::quic_tls::ServerTls::new(tls_config(identity)?).map_err(WebTransportError::Tls)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport_config(settings)));
     Ok(config)
 }
 
 /// The TLS side of a session: TLS 1.3 only, `SESSION_CIPHER_SUITES`, ALPN `h3`.
-fn tls_config(identity: Identity) -> Result<rustls::ServerConfig, WebTransportError> {
+pub(crate) fn tls_config(identity: Identity) -> Result<rustls::ServerConfig, WebTransportError> {
     let mut provider = rustls::crypto::ring::default_provider();
     provider.cipher_suites = SESSION_CIPHER_SUITES.to_vec();
     let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(provider))

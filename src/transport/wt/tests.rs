@@ -807,3 +807,39 @@ fn a_retried_handshake_either_opens_or_is_closed_at_the_deadline_with_the_client
         "some retried handshakes outlast the deadline under this loss"
     );
 }
+
+/// Key updates, the client's, twice: the server opens the next phase's packets with keys it
+/// makes only then (`transport::quic_tls`), and the phase after from their secrets; commands and
+/// replies flow in each phase.
+#[test]
+fn after_two_key_updates_commands_and_replies_still_flow() {
+    let mut pair = Pair::new(Setup::default());
+    pair.establish();
+    for update in 1..=2 {
+        pair.client.conn.as_mut().expect("connection").1.force_key_update();
+        pair.client.send(&ClientMessage::Command(ClientCommand::Ping));
+        pair.run_for(50 * MS);
+        assert_eq!(
+            pair.server.commands().len(),
+            1 + update,
+            "update {update}: the server read the ping sent under the new keys"
+        );
+        let now = pair.now;
+        pair.server
+            .session()
+            .deliver(now, &[Outgoing::Control(ServerControl::Pong)]);
+        // Past three PTOs, so that quinn-proto drops the previous keys and takes another update.
+        pair.run_for(1000 * MS);
+        let pongs = pair
+            .client
+            .decoded()
+            .iter()
+            .filter(|m| matches!(m, ServerMessage::Pong))
+            .count();
+        assert_eq!(
+            pongs, update,
+            "update {update}: the reply came under the server's new keys"
+        );
+    }
+    assert!(!pair.client.is_closed());
+}
