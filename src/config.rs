@@ -953,10 +953,7 @@ mod tests {
 
     #[test]
     fn the_config_file_fills_what_flags_leave_unset() {
-        let dir = std::env::temp_dir().join(format!("courtside-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let file = dir.join("c.toml");
-        std::fs::write(&file, "http = \"127.0.0.1:4000\"\nping_interval = \"5s\"\nhistory-size = 10\nallowed-origins = [\"https://a\", \"https://b\"]\nws-compression = \"off\"\nws_compress_threshold = 256\n").expect("write");
+        let file = config_file("fills", "http = \"127.0.0.1:4000\"\nping_interval = \"5s\"\nhistory-size = 10\nallowed-origins = [\"https://a\", \"https://b\"]\nws-compression = \"off\"\nws_compress_threshold = 256\n");
         let c = serve(&[
             "serve",
             "--config",
@@ -974,7 +971,7 @@ mod tests {
             vec!["https://a".to_string(), "https://b".to_string()]
         );
 
-        std::fs::write(&file, "no-such-option = 1\n").expect("write");
+        std::fs::write(&*file, "no-such-option = 1\n").expect("write");
         let args = ["courtside", "serve", "--config", file.to_str().expect("path")]
             .map(OsString::from)
             .to_vec();
@@ -1004,13 +1001,32 @@ mod tests {
         }
     }
 
-    /// A TOML file in a directory of its own, for one test.
-    fn config_file(test: &str, text: &str) -> PathBuf {
+    /// A TOML file in a directory of its own, for one test; the directory goes with it.
+    fn config_file(test: &str, text: &str) -> ConfigFile {
         let dir = std::env::temp_dir().join(format!("courtside-config-{test}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let file = dir.join("courtside.toml");
         std::fs::write(&file, text).expect("write");
-        file
+        ConfigFile { dir, file }
+    }
+
+    struct ConfigFile {
+        dir: PathBuf,
+        file: PathBuf,
+    }
+
+    impl std::ops::Deref for ConfigFile {
+        type Target = std::path::Path;
+
+        fn deref(&self) -> &std::path::Path {
+            &self.file
+        }
+    }
+
+    impl Drop for ConfigFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 
     #[test]
