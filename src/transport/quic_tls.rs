@@ -383,6 +383,10 @@ mod tests {
     }
 
     fn client(identity: &Identity) -> ClientConnection {
+        client_of(&client_config(identity))
+    }
+
+    fn client_config(identity: &Identity) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(identity.chain[0].clone()).expect("root");
         let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -391,10 +395,15 @@ mod tests {
             .with_root_certificates(roots)
             .with_no_client_auth();
         tls.alpn_protocols = vec![b"h3".to_vec()];
+        Arc::new(tls)
+    }
+
+    /// A client of `config` (whose session store keeps the tickets it receives).
+    fn client_of(config: &Arc<rustls::ClientConfig>) -> ClientConnection {
         let mut encoded = Vec::new();
         parameters().write(&mut encoded);
         ClientConnection::new(
-            Arc::new(tls),
+            config.clone(),
             Version::V1,
             "localhost".try_into().expect("name"),
             encoded,
@@ -472,6 +481,24 @@ mod tests {
             .read_handshake(&[24, 0, 0, 1, 0])
             .expect_err("nothing comes after the handshake");
         assert_eq!(refused.code, TransportErrorCode::crypto(10));
+    }
+
+    /// The session tickets rustls writes at the end of the handshake reach the client before
+    /// the session lets go of rustls: a second connection resumes.
+    #[test]
+    fn a_client_resumes_with_a_ticket_written_before_the_session_let_go() {
+        let identity = Identity::self_signed(&["localhost"]).expect("certificate");
+        let config = client_config(&identity);
+        let tls = Arc::new(ServerTls::new(tls_config(identity).expect("tls")).expect("quic tls"));
+        let mut first = client_of(&config);
+        let mut session = tls.session(1, &parameters()).expect("session");
+        handshake(&mut first, &mut session);
+        assert!(session.tls.is_none());
+        assert_eq!(first.handshake_kind(), Some(rustls::HandshakeKind::Full));
+        let mut second = client_of(&config);
+        let mut session = tls.session(1, &parameters()).expect("session");
+        handshake(&mut second, &mut session);
+        assert_eq!(second.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
     }
 
     /// The next keys, made only when first used, and the ones after them, are the ones the
