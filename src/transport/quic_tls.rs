@@ -4,7 +4,7 @@
 //!
 //! quinn-proto's own rustls session keeps rustls's whole connection for the connection's life
 //! (its handshake state, record layer and buffers, none of which QUIC uses after the handshake),
-//! and the next 1-RTT keys from the start: about 4 KB of every idle session.
+//! and the next 1-RTT keys from the start: about 4.4 KB of every idle session's RSS.
 
 use std::any::Any;
 use std::sync::{Arc, OnceLock};
@@ -23,8 +23,8 @@ const UNEXPECTED_MESSAGE: u8 = 10;
 /// A QUIC server's TLS configuration whose sessions let go of rustls after the handshake.
 pub(crate) struct ServerTls {
     /// quinn-proto's configuration, for what it does without a session: Initial keys and
-    /// Retry tags (and a session for a version rustls cannot name, which cannot happen: quinn
-    /// asks for Initial keys first and refuses such a version).
+    /// Retry tags (and a session for a version rustls cannot name, which does not happen:
+    /// quinn asks for Initial keys first and refuses such a version).
     quinn: Arc<QuicServerConfig>,
     tls: Arc<rustls::ServerConfig>,
     /// The Initial packets' suite (AES-128-GCM-SHA256, as RFC 9001 §5.2 fixes it).
@@ -32,11 +32,13 @@ pub(crate) struct ServerTls {
 }
 
 impl ServerTls {
-    /// `None` when `tls` cannot serve QUIC (no TLS 1.3, or no AES-128-GCM-SHA256 for the
-    /// Initial packets).
+    /// An error when `tls` cannot serve QUIC (no TLS 1.3, no AES-128-GCM-SHA256 for the
+    /// Initial packets, or an early-data size QUIC does not allow): found at startup, not at
+    /// each connection.
     pub(crate) fn new(tls: rustls::ServerConfig) -> Result<Self, String> {
         let tls = Arc::new(tls);
         let quinn = QuicServerConfig::try_from(tls.clone()).map_err(|e| e.to_string())?;
+        ServerConnection::new(tls.clone(), Version::V1, Vec::new()).map_err(|e| e.to_string())?;
         let initial = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
             .tls13()
             .and_then(|suite| suite.quic_suite())
@@ -114,7 +116,7 @@ enum Next {
     /// Before the 1-RTT keys.
     None,
     /// The 1-RTT keys are made; quinn-proto has not yet asked for the next ones.
-    Secrets(Secrets),
+    Secrets(Secrets, Limits),
     /// The last next keys handed to quinn-proto: the ones after them derive from their secrets.
     Handed(Arc<NextKeys>),
 }
@@ -245,7 +247,7 @@ impl crypto::Session for ServerSession {
             None => None,
             Some(KeyChange::Handshake { keys }) => Some(keys),
             Some(KeyChange::OneRtt { keys, next }) => {
-                self.next = Next::Secrets(next);
+                self.next = Next::Secrets(next, Limits::of(&*keys.local.packet));
                 Some(keys)
             }
         };
@@ -263,19 +265,22 @@ impl crypto::Session for ServerSession {
     }
 
     fn next_1rtt_keys(&mut self) -> Option<KeyPair<Box<dyn crypto::PacketKey>>> {
-        let secrets = match std::mem::replace(&mut self.next, Next::None) {
+        let (secrets, limits) = match std::mem::replace(&mut self.next, Next::None) {
             Next::None => return None,
-            Next::Secrets(secrets) => secrets,
+            Next::Secrets(secrets, limits) => (secrets, limits),
             Next::Handed(last) => {
-                // rustls moves secrets on only by making keys: these are the last ones handed.
+                // quinn-proto asks for the phase after the last keys handed as those become
+                // current (`update_keys`): they are needed now, and rustls moves secrets on only
+                // by making keys, so the keys made to move on are theirs.
                 let mut secrets = last.secrets.clone();
-                drop(secrets.next_packet_keys());
-                secrets
+                let _ = last.keys.set(secrets.next_packet_keys());
+                (secrets, last.limits)
             }
         };
         let shared = Arc::new(NextKeys {
             secrets,
             keys: OnceLock::new(),
+            limits,
         });
         self.next = Next::Handed(shared.clone());
         Some(KeyPair {
@@ -309,11 +314,36 @@ impl crypto::Session for ServerSession {
     }
 }
 
-/// The keys of the next key phase, made from their secrets when first used: most sessions never
-/// update their keys (AES-GCM's limit is 2^23 packets), so most never make them.
+/// The keys of the next key phase, made from their secrets when a packet is first sealed or
+/// opened with them. quinn-proto updates a session's keys after 10 to 999 packets and then at
+/// AES-GCM's limit (2^23 packets); after each update the phase after is again only secrets.
+/// Making keys while a packet is processed is what RFC 9001 §6.3 allows ("An endpoint MAY
+/// generate new keys as part of packet processing"), with the timing signal it names: once per
+/// key phase, it could show an on-path attacker when the phase changed.
 struct NextKeys {
     secrets: Secrets,
     keys: OnceLock<PacketKeySet>,
+    /// The suite's, answered without making the keys (quinn-proto reads the new keys' limit as
+    /// it hands them out).
+    limits: Limits,
+}
+
+/// What a packet key says of its suite.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    tag_len: usize,
+    confidentiality: u64,
+    integrity: u64,
+}
+
+impl Limits {
+    fn of(key: &dyn rustls::quic::PacketKey) -> Self {
+        Self {
+            tag_len: key.tag_len(),
+            confidentiality: key.confidentiality_limit(),
+            integrity: key.integrity_limit(),
+        }
+    }
 }
 
 impl NextKeys {
@@ -351,15 +381,15 @@ impl crypto::PacketKey for NextKey {
     }
 
     fn tag_len(&self) -> usize {
-        crypto::PacketKey::tag_len(self.key())
+        self.keys.limits.tag_len
     }
 
     fn confidentiality_limit(&self) -> u64 {
-        crypto::PacketKey::confidentiality_limit(self.key())
+        self.keys.limits.confidentiality
     }
 
     fn integrity_limit(&self) -> u64 {
-        crypto::PacketKey::integrity_limit(self.key())
+        self.keys.limits.integrity
     }
 }
 
@@ -499,6 +529,40 @@ mod tests {
         let mut session = tls.session(1, &parameters()).expect("session");
         handshake(&mut second, &mut session);
         assert_eq!(second.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
+    }
+
+    /// Handing out the next keys makes none: not at the handshake, and not when quinn-proto
+    /// reads their limit as a key update hands out the phase after (it does so after 10 to 999
+    /// packets); the keys made to reach that phase are kept for the phase that just began.
+    #[test]
+    fn the_next_keys_stay_unmade_through_a_key_update() {
+        use super::Next;
+        let identity = Identity::self_signed(&["localhost"]).expect("certificate");
+        let mut client = client(&identity);
+        let mut session = session(identity);
+        handshake(&mut client, &mut session);
+        let unmade = |session: &ServerSession| matches!(&session.next, Next::Handed(n) if n.keys.get().is_none());
+        let first = session.next_1rtt_keys().expect("next keys");
+        assert!(unmade(&session), "the handshake made no next keys");
+        assert_eq!(first.local.tag_len(), 16);
+        assert_eq!(
+            first.local.confidentiality_limit(),
+            1 << 23,
+            "AES-128-GCM's, without making the keys"
+        );
+        assert!(unmade(&session));
+        let Next::Handed(first_shared) = &session.next else {
+            panic!("handed")
+        };
+        let first_shared = first_shared.clone();
+        // A key update: quinn-proto asks for the phase after and reads its limit.
+        let second = session.next_1rtt_keys().expect("the phase after");
+        assert!(second.local.confidentiality_limit() > 0);
+        assert!(unmade(&session), "the phase after is only secrets");
+        assert!(
+            first_shared.keys.get().is_some(),
+            "the phase that began has its keys, made once"
+        );
     }
 
     /// The next keys, made only when first used, and the ones after them, are the ones the

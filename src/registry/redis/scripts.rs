@@ -107,8 +107,18 @@ if n <= floor then
   n = floor + 1
   redis.call('HSET', KEYS[1], field, n)
 end
-if ARGV[1] == 'event' and redis.call('HEXISTS', KEYS[1], 'fresh_until') == 1 then
-  redis.call('HSETNX', KEYS[1], 'fresh', n)
+if ARGV[1] == 'event' then
+  -- The first fresh number after Redis lost the room, while `fresh_until` holds; after it,
+  -- neither field means anything and both go.
+  local fresh_until = tonumber(redis.call('HGET', KEYS[1], 'fresh_until') or '0')
+  if fresh_until > 0 then
+    local now = redis.call('TIME')
+    if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) < fresh_until then
+      redis.call('HSETNX', KEYS[1], 'fresh', n)
+    else
+      redis.call('HDEL', KEYS[1], 'fresh', 'fresh_until')
+    end
+  end
 end
 if ARGV[1] == 'state' then
   redis.call('HSET', KEYS[1], 'state', ARGV[2], 'state_ts', ARGV[3])
