@@ -183,6 +183,22 @@ pub struct ConnectionPermit {
     _permit: OwnedSemaphorePermit,
 }
 
+/// TCP connections a node at `--max-connections` still serves for plain HTTP, one request each:
+/// the backend's publishes, the load balancer's health checks and the metrics scrape go on
+/// while WebSocket connections fill the node (an upgrade on one of these is answered 503
+/// `connection_limit`). Beyond them a new TCP connection is closed at once: the bound on the
+/// process's open files.
+pub const HTTP_RESERVE: usize = 256;
+
+/// Where a new TCP connection was admitted.
+#[derive(Debug)]
+pub enum TcpPlace {
+    /// Under `--max-connections`: any request, a WebSocket upgrade included.
+    Connection(ConnectionPermit),
+    /// In `HTTP_RESERVE`: one plain HTTP request.
+    Reserve(ConnectionPermit),
+}
+
 /// The node's admission rules: a cloneable handle.
 #[derive(Debug, Clone)]
 pub struct Admission(Arc<AdmissionInner>);
@@ -190,6 +206,8 @@ pub struct Admission(Arc<AdmissionInner>);
 #[derive(Debug)]
 struct AdmissionInner {
     connections: Arc<Semaphore>,
+    /// TCP connections above `connections` for plain HTTP (`HTTP_RESERVE`).
+    reserve: Arc<Semaphore>,
     settings: AdmissionSettings,
     tokens: TokenVerifier,
     metrics: Arc<Metrics>,
@@ -222,6 +240,7 @@ impl Admission {
         let settings_rate = (settings.connection_rate_per_ip, settings.publish_rate_per_ip);
         Ok(Self(Arc::new(AdmissionInner {
             connections: Arc::new(Semaphore::new(settings.max_connections)),
+            reserve: Arc::new(Semaphore::new(HTTP_RESERVE)),
             settings,
             tokens,
             metrics,
@@ -312,7 +331,27 @@ impl Admission {
         refusal
     }
 
-    /// A new TCP connection: a permit while the node is under its connection limit.
+    /// A new TCP connection: a place under the connection limit, else one in the HTTP reserve
+    /// (`None`: neither; the connection is closed, and counted as refused).
+    pub fn admit_tcp(&self) -> Option<TcpPlace> {
+        if let Ok(permit) = self.0.connections.clone().try_acquire_owned() {
+            return Some(TcpPlace::Connection(ConnectionPermit { _permit: permit }));
+        }
+        match self.0.reserve.clone().try_acquire_owned() {
+            Ok(permit) => Some(TcpPlace::Reserve(ConnectionPermit { _permit: permit })),
+            Err(_) => {
+                self.refuse(Refusal::ConnectionLimit);
+                None
+            }
+        }
+    }
+
+    /// A WebSocket upgrade on a connection in the HTTP reserve: refused, and counted.
+    pub fn refuse_upgrade_over_limit(&self) -> Refusal {
+        self.refuse(Refusal::ConnectionLimit)
+    }
+
+    /// A new WebTransport session's place: a permit while the node is under its connection limit.
     pub fn admit_connection(&self) -> Result<ConnectionPermit, Refusal> {
         match self.0.connections.clone().try_acquire_owned() {
             Ok(permit) => Ok(ConnectionPermit { _permit: permit }),
@@ -641,6 +680,32 @@ mod tests {
         assert_eq!(a.admit_connection().err(), Some(Refusal::ConnectionLimit));
         drop(first);
         assert!(a.admit_connection().is_ok());
+    }
+
+    /// Above the limit a TCP connection takes a place in the HTTP reserve; beyond the reserve
+    /// it is refused (and counted); a WebTransport session never takes a reserve place.
+    #[test]
+    fn tcp_connections_above_the_limit_take_the_http_reserve_then_are_refused() {
+        let metrics = Arc::new(Metrics::new());
+        let a = admission_with(1, &[], metrics.clone());
+        let under = a.admit_tcp();
+        assert!(matches!(under, Some(TcpPlace::Connection(_))));
+        let reserve: Vec<_> = (0..HTTP_RESERVE).map(|_| a.admit_tcp()).collect();
+        assert!(reserve.iter().all(|p| matches!(p, Some(TcpPlace::Reserve(_)))));
+        assert_eq!(
+            a.admit_connection().err(),
+            Some(Refusal::ConnectionLimit),
+            "no reserve for a session"
+        );
+        assert!(a.admit_tcp().is_none(), "the reserve is full");
+        assert!(metrics
+            .render()
+            .contains(r#"courtside_errors_total{code="503",name="connection_limit"} 2"#));
+        drop(reserve);
+        assert!(
+            matches!(a.admit_tcp(), Some(TcpPlace::Reserve(_))),
+            "a reserve place is free again"
+        );
     }
 
     #[test]

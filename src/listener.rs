@@ -31,6 +31,11 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub std::net::SocketAddr);
 
+/// In a request's extensions when its connection holds a place in the HTTP reserve
+/// (`admission::HTTP_RESERVE`): no upgrade.
+#[derive(Debug, Clone, Copy)]
+pub struct OverLimit;
+
 /// A TCP stream that holds a connection-limit permit until it closes, through any upgrade.
 #[derive(Debug)]
 pub struct LimitedStream {

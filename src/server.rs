@@ -10,9 +10,10 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
+use crate::admission::TcpPlace;
 use crate::config::ServeConfig;
 use crate::http::HttpSettings;
-use crate::listener::{LimitedStream, PeerAddr};
+use crate::listener::{LimitedStream, OverLimit, PeerAddr};
 use crate::node::Node;
 
 /// How often rooms are swept for expired history and state.
@@ -75,9 +76,13 @@ pub async fn serve(
                     continue;
                 }
             };
-            let Ok(permit) = node.admission.admit_connection() else {
-                debug!(%peer, "connection limit reached; closing new connection");
-                continue;
+            let (permit, over_limit) = match node.admission.admit_tcp() {
+                Some(TcpPlace::Connection(permit)) => (permit, false),
+                Some(TcpPlace::Reserve(permit)) => (permit, true),
+                None => {
+                    debug!(%peer, "connection limit and HTTP reserve full; closing new connection");
+                    continue;
+                }
             };
             let _ = stream.set_nodelay(true);
             let io = TokioIo::new(LimitedStream::new(stream, permit));
@@ -85,6 +90,7 @@ pub async fn serve(
             let service = TowerToHyperService::new(WithPeer {
                 router: router.clone(),
                 peer,
+                over_limit,
             });
             let mut stop = node.shutdown_listener();
             let draining = stop.is_shutdown();
@@ -93,7 +99,8 @@ pub async fn serve(
                 builder
                     .timer(TokioTimer::new())
                     .header_read_timeout(upgrade_timeout)
-                    .keep_alive(!draining);
+                    // A reserve place serves one request, so that it is soon free again.
+                    .keep_alive(!draining && !over_limit);
                 let connection = builder.serve_connection(io, service).with_upgrades();
                 tokio::pin!(connection);
                 let result = tokio::select! {
@@ -172,6 +179,8 @@ async fn wait_for_outbox(node: &Node, deadline: tokio::time::Instant) -> usize {
 struct WithPeer {
     router: axum::Router,
     peer: std::net::SocketAddr,
+    /// The connection holds a place in the HTTP reserve: its requests carry `OverLimit`.
+    over_limit: bool,
 }
 
 impl<B> tower_service::Service<axum::http::Request<B>> for WithPeer
@@ -188,6 +197,9 @@ where
 
     fn call(&mut self, mut request: axum::http::Request<B>) -> Self::Future {
         request.extensions_mut().insert(PeerAddr(self.peer));
+        if self.over_limit {
+            request.extensions_mut().insert(OverLimit);
+        }
         self.router.call(request)
     }
 }

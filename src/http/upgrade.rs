@@ -24,6 +24,11 @@ pub async fn websocket(State(state): State<HttpState>, mut request: Request) -> 
     if let Err(refusal) = node.admission.check_session(origin, node.is_draining()) {
         return ApiError::new(ApiErrorCode::from_refusal(refusal), refusal.to_string()).into_response();
     }
+    // A connection in the HTTP reserve, above --max-connections: plain requests only.
+    if request.extensions().get::<crate::listener::OverLimit>().is_some() {
+        let refusal = node.admission.refuse_upgrade_over_limit();
+        return ApiError::new(ApiErrorCode::from_refusal(refusal), refusal.to_string()).into_response();
+    }
     let key = match check_upgrade_headers(headers) {
         Ok(key) => key,
         Err(error) => {

@@ -530,3 +530,37 @@ async fn new_webtransport_sessions_per_client_address_per_minute_are_limited() {
         .await_count("courtside_errors_total{code=\"429\",name=\"ip_rate_limited\"}", 1.0)
         .await;
 }
+
+/// A node at `--max-connections` still serves plain HTTP from its reserve (one request a
+/// connection): the backend's publish, the health check and the metrics scrape go on while
+/// WebSockets fill it, a WebSocket upgrade there is answered 503 `connection_limit`, and the
+/// subscribers already connected get the publish.
+#[tokio::test]
+async fn a_full_node_still_takes_publishes_and_answers_its_health_check() {
+    let server = TestServer::start(&["--no-wt", "--max-connections", "2"]);
+    let (status, first) = upgrade_status(&server, None).await;
+    assert_eq!(status, 101);
+    let mut first = first.expect("client");
+    first.subscribe("game:full").await;
+    let (status, _second) = upgrade_status(&server, None).await;
+    assert_eq!(status, 101);
+    assert_eq!(
+        upgrade_status(&server, None).await.0,
+        503,
+        "a third WebSocket under --max-connections 2"
+    );
+    assert_eq!(server.get("/health").await.0, 200, "the health check of a full node");
+    let published = server.publish_event("game:full", "{\"n\":1}").await;
+    let event = first.recv().await;
+    assert_eq!(
+        (event["type"].as_str(), event["seq"].as_u64()),
+        (Some("event"), published["seq"].as_u64())
+    );
+    server
+        .await_metric(
+            "courtside_errors_total{code=\"503\",name=\"connection_limit\"}",
+            ">= 1",
+            |v| v >= 1.0,
+        )
+        .await;
+}
