@@ -87,6 +87,21 @@ impl ServerTls {
     }
 }
 
+/// rustls's keys of one level as quinn-proto takes them (its traits are implemented for
+/// rustls's boxed keys).
+fn quinn_keys(keys: rustls::quic::Keys) -> Keys {
+    Keys {
+        header: KeyPair {
+            local: Box::new(keys.local.header),
+            remote: Box::new(keys.remote.header),
+        },
+        packet: KeyPair {
+            local: Box::new(keys.local.packet),
+            remote: Box::new(keys.remote.packet),
+        },
+    }
+}
+
 /// The server name the client sent (SNI).
 fn server_name(tls: &Connection) -> Option<&str> {
     match tls {
@@ -152,17 +167,7 @@ impl ServerSession {
 
 impl crypto::Session for ServerSession {
     fn initial_keys(&self, dst_cid: &ConnectionId, side: Side) -> Keys {
-        let keys = self.initial.keys(dst_cid, side.into(), self.version);
-        Keys {
-            header: KeyPair {
-                local: Box::new(keys.local.header),
-                remote: Box::new(keys.remote.header),
-            },
-            packet: KeyPair {
-                local: Box::new(keys.local.packet),
-                remote: Box::new(keys.remote.packet),
-            },
-        }
+        quinn_keys(self.initial.keys(dst_cid, side.into(), self.version))
     }
 
     fn handshake_data(&self) -> Option<Box<dyn Any>> {
@@ -252,16 +257,7 @@ impl crypto::Session for ServerSession {
             }
         };
         self.let_go_when_done();
-        keys.map(|keys| Keys {
-            header: KeyPair {
-                local: Box::new(keys.local.header),
-                remote: Box::new(keys.remote.header),
-            },
-            packet: KeyPair {
-                local: Box::new(keys.local.packet),
-                remote: Box::new(keys.remote.packet),
-            },
-        })
+        keys.map(quinn_keys)
     }
 
     fn next_1rtt_keys(&mut self) -> Option<KeyPair<Box<dyn crypto::PacketKey>>> {
