@@ -120,10 +120,20 @@ fn tls_version(version: u32) -> Option<Version> {
 }
 
 /// What the handshake agreed, kept after rustls is let go.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Agreed {
     protocol: Option<Vec<u8>>,
     server_name: Option<String>,
+}
+
+impl Agreed {
+    /// What `tls` has agreed so far (ALPN and the client's SNI).
+    fn of(tls: &Connection) -> Self {
+        Self {
+            protocol: tls.alpn_protocol().map(<[u8]>::to_vec),
+            server_name: server_name(tls).map(str::to_owned),
+        }
+    }
 }
 
 /// The secrets of the next key phase.
@@ -157,10 +167,7 @@ impl ServerSession {
         if tls.is_handshaking() {
             return;
         }
-        self.agreed = Agreed {
-            protocol: tls.alpn_protocol().map(<[u8]>::to_vec),
-            server_name: server_name(tls).map(str::to_owned),
-        };
+        self.agreed = Agreed::of(tls);
         self.tls = None;
     }
 }
@@ -174,12 +181,9 @@ impl crypto::Session for ServerSession {
         if !self.got_handshake_data {
             return None;
         }
-        let (protocol, server_name) = match &self.tls {
-            Some(tls) => (
-                tls.alpn_protocol().map(<[u8]>::to_vec),
-                server_name(tls).map(str::to_owned),
-            ),
-            None => (self.agreed.protocol.clone(), self.agreed.server_name.clone()),
+        let Agreed { protocol, server_name } = match &self.tls {
+            Some(tls) => Agreed::of(tls),
+            None => self.agreed.clone(),
         };
         Some(Box::new(HandshakeData { protocol, server_name }))
     }

@@ -501,7 +501,7 @@ async fn webtransport_sessions_count_against_the_connection_limit() {
     })
     .await;
     drop(_second);
-    crate::util::eventually("the refusal counted, once a place is free for the scrape", || async {
+    crate::util::eventually("the refusal counted", || async {
         let refused = server
             .try_metric("courtside_errors_total{code=\"503\",name=\"connection_limit\"}")
             .await?;
