@@ -196,6 +196,9 @@ pub(crate) fn tls_config(identity: Identity) -> Result<rustls::ServerConfig, Web
     Ok(tls)
 }
 
+/// The `max_udp_payload_size` the server sends (RFC 9000 §18.2: 1,200 is the least allowed).
+const CLIENT_MAX_UDP_PAYLOAD: u16 = 1200;
+
 pub(crate) fn endpoint_config(settings: &WebTransportSettings) -> quinn::EndpointConfig {
     loop_endpoint_configs(settings, 1, &SignedRandomIds::default())
         .pop()
@@ -219,7 +222,12 @@ pub(crate) fn loop_endpoint_configs(
     loops: usize,
     signer: &SignedRandomIds,
 ) -> Vec<quinn::EndpointConfig> {
-    let shared = quinn::EndpointConfig::default();
+    let mut shared = quinn::EndpointConfig::default();
+    // The largest UDP payload the server takes (the `max_udp_payload_size` transport parameter):
+    // QUIC's minimum. Clients send small commands and acks; a client that may send more probes
+    // for a larger path MTU, and every probe is a packet of about 1,450 bytes of PADDING that
+    // quinn-proto parses a byte at a time.
+    let _ = shared.max_udp_payload_size(CLIENT_MAX_UDP_PAYLOAD);
     (0..loops.max(1))
         .map(|index| {
             // One loop's IDs name no loop: their whole nonce stays random.

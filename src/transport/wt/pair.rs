@@ -45,6 +45,8 @@ pub struct Link {
     rng: u64,
     pub sent: u64,
     pub dropped: u64,
+    /// The largest packet sent, in bytes.
+    pub largest: usize,
 }
 
 impl Link {
@@ -65,6 +67,7 @@ impl Link {
 
     fn send(&mut self, now: Instant, packet: BytesMut) {
         self.sent += 1;
+        self.largest = self.largest.max(packet.len());
         if self.blackhole || self.drop_next > 0 {
             self.drop_next = self.drop_next.saturating_sub(1);
             self.dropped += 1;
@@ -787,11 +790,14 @@ impl Pair {
         let mut endpoint_config = EndpointConfig::default();
         endpoint_config.rng_seed(Some([setup.seed as u8; 32]));
         let endpoint_config = Arc::new(endpoint_config);
+        // The server's own endpoint settings (its connection IDs, the UDP payload it takes).
+        let mut server_endpoint_config = webtransport::endpoint_config(&settings(&setup));
+        server_endpoint_config.rng_seed(Some([setup.seed as u8; 32]));
         let now = Instant::now();
         let client_config = client_config(&setup, &identity);
         let server = Server {
             endpoint: Endpoint::new(
-                endpoint_config.clone(),
+                Arc::new(server_endpoint_config),
                 Some(Arc::new(server_config(&setup, identity))),
                 false,
                 None,
@@ -807,7 +813,8 @@ impl Pair {
             retries: 0,
             accepted: 0,
         };
-        let mut endpoint = Endpoint::new(endpoint_config, None, false, None);
+        // Path MTU discovery allowed, as quinn allows it on a socket that does not fragment.
+        let mut endpoint = Endpoint::new(endpoint_config, None, true, None);
         let (ch, conn) = endpoint
             .connect(now, client_config, server_addr, "localhost")
             .expect("connect");

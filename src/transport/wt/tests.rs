@@ -115,6 +115,19 @@ fn the_handshake_opens_a_session_whose_first_message_is_its_first_command() {
     assert!(pair.client.stopped.is_empty(), "no stream of the client was stopped");
 }
 
+/// The server takes UDP payloads of 1,200 bytes (its `max_udp_payload_size`), so a client has
+/// no larger path MTU to probe for: quinn's clients otherwise send about six probes of up to
+/// 1,452 bytes, each PADDING the server's quinn-proto parses a byte at a time.
+#[test]
+fn a_client_sends_no_packet_above_the_1200_bytes_the_server_takes() {
+    let mut pair = Pair::new(Setup::default());
+    pair.establish();
+    pair.run_for(Duration::from_secs(5));
+    assert!(!pair.client.is_closed(), "the session still runs");
+    assert_eq!(pair.to_server.largest, 1200, "the client's Initial is padded to 1,200");
+    assert!(pair.to_client.largest <= 1200);
+}
+
 #[test]
 fn a_connect_to_another_path_is_answered_404_the_client_can_read() {
     let mut pair = Pair::new(Setup {

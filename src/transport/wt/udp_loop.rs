@@ -36,13 +36,19 @@ pub struct UdpIo {
     chunk: usize,
 }
 
+/// The least a receive buffer holds per GRO segment: a client's first datagrams leave before it
+/// has read the `max_udp_payload_size` the server sends, and may be larger (Chromium's Initial
+/// datagrams are 1,250 bytes). An Ethernet MTU's UDP payload.
+const RECEIVE_SEGMENT: usize = 1472;
+
 impl UdpIo {
-    /// Takes `socket` (bound); each receive buffer holds `max_udp_payload` bytes per GRO segment.
+    /// Takes `socket` (bound); each receive buffer holds `max_udp_payload` bytes (at least
+    /// `RECEIVE_SEGMENT`) per GRO segment.
     pub fn new(socket: std::net::UdpSocket, max_udp_payload: usize) -> io::Result<Self> {
         socket.set_nonblocking(true)?;
         let state = UdpSocketState::new((&socket).into())?;
         let socket = tokio::net::UdpSocket::from_std(socket)?;
-        let chunk = max_udp_payload * state.gro_segments().max(1);
+        let chunk = max_udp_payload.max(RECEIVE_SEGMENT) * state.gro_segments().max(1);
         Ok(Self {
             socket,
             state,
