@@ -56,7 +56,7 @@ pub struct WtEndpoint {
     sessions: HashMap<ConnectionHandle, Box<Entry>>,
     /// Deadlines, earliest first; an entry may be stale (its session re-armed or gone).
     timers: BinaryHeap<Reverse<(Instant, usize)>>,
-    config: SessionConfig,
+    config: Arc<SessionConfig>,
     metrics: Arc<Metrics>,
     /// Sessions touched since the last `flush`: polled for events, packets and deadlines.
     touched: Vec<ConnectionHandle>,
@@ -82,7 +82,7 @@ impl WtEndpoint {
             endpoint: Endpoint::new(endpoint_config, Some(server_config), false, None),
             sessions: HashMap::new(),
             timers: BinaryHeap::new(),
-            config,
+            config: Arc::new(config),
             metrics,
             touched: Vec::new(),
             events: VecDeque::new(),
@@ -169,7 +169,7 @@ impl WtEndpoint {
                 } else {
                     match self.endpoint.accept(incoming, now, &mut response, None) {
                         Ok((ch, conn)) => {
-                            let session = WtSession::new(conn, self.config, self.metrics.clone(), now);
+                            let session = WtSession::new(conn, self.config.clone(), self.metrics.clone(), now);
                             self.handshaking += 1;
                             self.sessions.insert(
                                 ch,

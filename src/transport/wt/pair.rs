@@ -148,7 +148,10 @@ impl Server {
                 match self.endpoint.accept(incoming, now, &mut buf, None) {
                     Ok((ch, conn)) => {
                         self.accepted += 1;
-                        self.session = Some((ch, WtSession::new(conn, self.config, self.metrics.clone(), now)));
+                        self.session = Some((
+                            ch,
+                            WtSession::new(conn, Arc::new(self.config), self.metrics.clone(), now),
+                        ));
                     }
                     Err(error) => {
                         if let Some(transmit) = error.response {

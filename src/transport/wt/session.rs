@@ -148,8 +148,8 @@ enum Request {
     /// Not complete yet.
     Reading,
     /// Read, but the client's SETTINGS have not arrived: a draft WebTransport server must not
-    /// process it before them.
-    Held(ConnectRequest),
+    /// process it before them. Boxed: the request is held only while the session opens.
+    Held(Box<ConnectRequest>),
     /// Handed to the application (`SessionEvent::Request`).
     Asked,
     /// Answered 200.
@@ -261,7 +261,8 @@ fn read_stream(conn: &mut Connection, id: StreamId, mut sink: impl FnMut(&[u8]))
 #[derive(Debug)]
 pub struct WtSession {
     conn: Connection,
-    config: SessionConfig,
+    /// Shared by the endpoint's sessions (128 bytes each when copied into every one).
+    config: std::sync::Arc<SessionConfig>,
     metrics: std::sync::Arc<Metrics>,
     phase: Phase,
     /// The server's HTTP/3 control stream (its SETTINGS): held open for the connection's life.
@@ -284,14 +285,19 @@ pub struct WtSession {
 
 impl WtSession {
     /// A session on a connection the endpoint accepted at `now`.
-    pub fn new(conn: Connection, config: SessionConfig, metrics: std::sync::Arc<Metrics>, now: Instant) -> Self {
+    pub fn new(
+        conn: Connection,
+        config: std::sync::Arc<SessionConfig>,
+        metrics: std::sync::Arc<Metrics>,
+        now: Instant,
+    ) -> Self {
         Self {
             conn,
-            config,
             metrics,
             phase: Phase::Opening {
                 deadline: now + config.handshake_timeout,
             },
+            config,
             h3_control: None,
             client_uni: Vec::new(),
             client_settings: None,
@@ -729,7 +735,7 @@ impl WtSession {
                         // on this stream, a capsule or two, is rare).
                         connect.buf = Vec::new();
                     }
-                    self.request = Request::Held(request);
+                    self.request = Request::Held(Box::new(request));
                 }
                 Ok(None) if connect.buf.len() > MAX_HANDSHAKE_FRAME => {
                     return self.fail(
@@ -921,7 +927,7 @@ impl WtSession {
             if request.path != PATH {
                 return self.answer_refusal(now, 404);
             }
-            self.events.push_back(SessionEvent::Request(request));
+            self.events.push_back(SessionEvent::Request(*request));
         }
         let first_message = self
             .control
