@@ -20,11 +20,6 @@ use crate::transport::webtransport::should_retry;
 /// Packets handed out per `poll_transmit` at most (one GSO batch).
 const MAX_SEGMENTS: usize = 10;
 
-/// Bytes of send storage kept between flushes. A fan-out collects one packet per session (300 KB
-/// for 2,000 sessions, and the `OutPacket`s beside them); storage above this is given back once
-/// sent, so an idle node does not hold its largest burst.
-const KEPT_SEND_BUFFER: usize = 64 * 1024;
-
 /// One packet (or GSO batch of packets to one destination) to send: its bytes are
 /// `range` of the endpoint's send buffer.
 #[derive(Debug, Clone)]
@@ -301,13 +296,10 @@ impl WtEndpoint {
         self.out.iter().map(|p| (p, &self.out_buf[p.range.clone()]))
     }
 
-    /// Forgets the packets collected (after they were sent); gives back storage above
-    /// `KEPT_SEND_BUFFER`.
+    /// Forgets the packets collected (after they were sent).
     pub fn clear_transmits(&mut self) {
         self.out.clear();
         self.out_buf.clear();
-        self.out_buf.shrink_to(KEPT_SEND_BUFFER);
-        self.out.shrink_to(KEPT_SEND_BUFFER / std::mem::size_of::<OutPacket>());
     }
 
     fn push_out(&mut self, transmit: &quinn_proto::Transmit, bytes: &[u8]) {
@@ -320,71 +312,5 @@ impl WtEndpoint {
             src_ip: transmit.src_ip,
             range: start..self.out_buf.len(),
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-
-    use super::{WtEndpoint, KEPT_SEND_BUFFER};
-    use crate::certs::Identity;
-    use crate::metrics::Metrics;
-    use crate::transport::wt::pair::{self, Setup};
-
-    fn endpoint() -> WtEndpoint {
-        let setup = Setup::default();
-        let identity = Identity::self_signed(&["localhost"]).expect("certificate");
-        WtEndpoint::new(
-            Arc::new(quinn_proto::EndpointConfig::default()),
-            Arc::new(pair::server_config(&setup, identity)),
-            setup.session,
-            200,
-            Arc::new(Metrics::new()),
-        )
-    }
-
-    /// `count` packets of `size` bytes collected, as a fan-out collects them.
-    fn collect(endpoint: &mut WtEndpoint, count: usize, size: usize) {
-        let packet = vec![0x40; size];
-        for i in 0..count {
-            let transmit = quinn_proto::Transmit {
-                destination: std::net::SocketAddr::from(([127, 0, 0, 1], 1000 + (i % 60_000) as u16)),
-                ecn: None,
-                size,
-                segment_size: None,
-                src_ip: None,
-            };
-            endpoint.push_out(&transmit, &packet);
-        }
-    }
-
-    #[test]
-    fn a_bursts_send_storage_is_given_back_once_sent_and_a_small_ones_kept() {
-        let mut endpoint = endpoint();
-        collect(&mut endpoint, 4000, 150);
-        assert_eq!(endpoint.transmits().count(), 4000);
-        assert!(endpoint.out_buf.capacity() >= 600_000);
-        endpoint.clear_transmits();
-        assert_eq!(endpoint.transmits().count(), 0);
-        assert!(
-            endpoint.out_buf.capacity() <= KEPT_SEND_BUFFER,
-            "{}",
-            endpoint.out_buf.capacity()
-        );
-        assert!(
-            endpoint.out.capacity() * std::mem::size_of::<super::OutPacket>() <= KEPT_SEND_BUFFER,
-            "{}",
-            endpoint.out.capacity()
-        );
-
-        collect(&mut endpoint, 100, 150);
-        let kept = endpoint.out_buf.capacity();
-        endpoint.clear_transmits();
-        assert_eq!(
-            endpoint.out_buf.capacity(),
-            kept,
-            "a small burst's storage stays for the next"
-        );
     }
 }
