@@ -196,9 +196,6 @@ pub(crate) fn tls_config(identity: Identity) -> Result<rustls::ServerConfig, Web
     Ok(tls)
 }
 
-/// The `max_udp_payload_size` the server sends (RFC 9000 §18.2: 1,200 is the least allowed).
-const CLIENT_MAX_UDP_PAYLOAD: u16 = 1200;
-
 pub(crate) fn endpoint_config(settings: &WebTransportSettings) -> quinn::EndpointConfig {
     loop_endpoint_configs(settings, 1, &SignedRandomIds::default())
         .pop()
@@ -222,12 +219,7 @@ pub(crate) fn loop_endpoint_configs(
     loops: usize,
     signer: &SignedRandomIds,
 ) -> Vec<quinn::EndpointConfig> {
-    let mut shared = quinn::EndpointConfig::default();
-    // The largest UDP payload the server takes (the `max_udp_payload_size` transport parameter):
-    // QUIC's minimum. Clients send small commands and acks; a client that may send more probes
-    // for a larger path MTU, and every probe is a packet of about 1,450 bytes of PADDING that
-    // quinn-proto parses a byte at a time.
-    let _ = shared.max_udp_payload_size(CLIENT_MAX_UDP_PAYLOAD);
+    let shared = quinn::EndpointConfig::default();
     (0..loops.max(1))
         .map(|index| {
             // One loop's IDs name no loop: their whole nonce stays random.
@@ -243,6 +235,28 @@ pub(crate) fn loop_endpoint_configs(
             config
         })
         .collect()
+}
+
+/// The `max_udp_payload_size` the proto engine sends (RFC 9000 §18.2: 1,200 is the least
+/// allowed).
+pub(crate) const CLIENT_MAX_UDP_PAYLOAD: u16 = 1200;
+
+/// The proto engine's endpoint configurations: `loop_endpoint_configs`, telling clients the
+/// server takes UDP payloads of `CLIENT_MAX_UDP_PAYLOAD`. Clients send small commands and acks;
+/// one that may send more probes for a larger path MTU, and every probe is a packet of about
+/// 1,450 bytes of PADDING that quinn-proto parses a byte at a time. The engine's receive buffers
+/// keep room for larger datagrams (`udp_loop`: a client's first flight leaves before it reads
+/// the parameter). quinn's engine keeps quinn's default: quinn sizes its receive buffers from it.
+pub(crate) fn proto_endpoint_configs(
+    settings: &WebTransportSettings,
+    loops: usize,
+    signer: &SignedRandomIds,
+) -> Vec<quinn::EndpointConfig> {
+    let mut configs = loop_endpoint_configs(settings, loops, signer);
+    for config in &mut configs {
+        let _ = config.max_udp_payload_size(CLIENT_MAX_UDP_PAYLOAD);
+    }
+    configs
 }
 
 /// The server ID `--quic-server-id` names: given, or derived from the ECS task's ARN.

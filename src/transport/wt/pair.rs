@@ -24,6 +24,7 @@ use crate::core::routing::StateDatagrams;
 use crate::core::wire::{self, AliasAck, ClientMessage, FrameDecoder, ServerMessage};
 use crate::core::ClientCommand;
 use crate::metrics::Metrics;
+use crate::quic_lb::SignedRandomIds;
 use crate::session::SessionLimits;
 use crate::udp::UdpSettings;
 
@@ -794,7 +795,10 @@ impl Pair {
         endpoint_config.rng_seed(Some([setup.seed as u8; 32]));
         let endpoint_config = Arc::new(endpoint_config);
         // The server's own endpoint settings (its connection IDs, the UDP payload it takes).
-        let mut server_endpoint_config = webtransport::endpoint_config(&settings(&setup));
+        let mut server_endpoint_config =
+            webtransport::proto_endpoint_configs(&settings(&setup), 1, &SignedRandomIds::default())
+                .pop()
+                .expect("one loop's configuration");
         server_endpoint_config.rng_seed(Some([setup.seed as u8; 32]));
         let now = Instant::now();
         let client_config = client_config(&setup, &identity);

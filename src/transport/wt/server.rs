@@ -256,7 +256,7 @@ impl ProtoServer {
         let retry_threshold = settings.retry_threshold.div_ceil(count);
         // One signing key for every loop's IDs, which steering checks before handing a datagram on.
         let signer = SignedRandomIds::default();
-        let configs = webtransport::loop_endpoint_configs(&settings, count, &signer);
+        let configs = webtransport::proto_endpoint_configs(&settings, count, &signer);
         let signed = settings.quic_server_id.is_none().then_some(signer);
         if let Some(drops) = UdpDrops::combine(group.iter().map(|bound| bound.drops.clone())) {
             let _ = node.udp_drops.set(drops);

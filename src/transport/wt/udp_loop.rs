@@ -41,6 +41,13 @@ pub struct UdpIo {
 /// datagrams are 1,250 bytes). An Ethernet MTU's UDP payload.
 const RECEIVE_SEGMENT: usize = 1472;
 
+/// The bytes of one receive buffer: `gro_segments` segments (at least one) of `max_udp_payload`
+/// bytes, at least `RECEIVE_SEGMENT`, so that a datagram the endpoint did not ask for is read
+/// whole (a shortened one fails to decrypt).
+fn receive_chunk(max_udp_payload: usize, gro_segments: usize) -> usize {
+    max_udp_payload.max(RECEIVE_SEGMENT) * gro_segments.max(1)
+}
+
 impl UdpIo {
     /// Takes `socket` (bound); each receive buffer holds `max_udp_payload` bytes (at least
     /// `RECEIVE_SEGMENT`) per GRO segment.
@@ -48,7 +55,7 @@ impl UdpIo {
         socket.set_nonblocking(true)?;
         let state = UdpSocketState::new((&socket).into())?;
         let socket = tokio::net::UdpSocket::from_std(socket)?;
-        let chunk = max_udp_payload.max(RECEIVE_SEGMENT) * state.gro_segments().max(1);
+        let chunk = receive_chunk(max_udp_payload, state.gro_segments());
         Ok(Self {
             socket,
             state,
@@ -242,6 +249,15 @@ mod tests {
     use crate::transport::wt::pair::{self, Setup};
 
     const HANG: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_receive_buffer_holds_a_first_flight_larger_than_the_payload_the_server_asks_for() {
+        // The proto engine asks for 1,200 bytes; Chromium's first datagrams are 1,250.
+        assert_eq!(receive_chunk(1200, 1), 1472);
+        assert_eq!(receive_chunk(1200, 0), 1472);
+        assert_eq!(receive_chunk(1200, 64), 64 * 1472);
+        assert_eq!(receive_chunk(9000, 1), 9000);
+    }
 
     #[tokio::test]
     async fn a_webtransport_client_gets_its_session_and_replies_over_a_real_udp_socket() {
