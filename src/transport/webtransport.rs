@@ -239,7 +239,7 @@ pub(crate) fn loop_endpoint_configs(
 
 /// The `max_udp_payload_size` the proto engine sends (RFC 9000 §18.2: 1,200 is the least
 /// allowed).
-pub(crate) const CLIENT_MAX_UDP_PAYLOAD: u16 = 1200;
+const CLIENT_MAX_UDP_PAYLOAD: u16 = 1200;
 
 /// The proto engine's endpoint configurations: `loop_endpoint_configs`, telling clients the
 /// server takes UDP payloads of `CLIENT_MAX_UDP_PAYLOAD`. Clients send small commands and acks;
