@@ -840,16 +840,16 @@ impl RedisServer {
         let dir = std::env::temp_dir().join(format!("courtside-redis-tls-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let identity = wtransport::Identity::self_signed(["localhost", "127.0.0.1"]).expect("identity");
-        identity
+        // Written whole before redis-server starts (wtransport's `store_pemfile` leaves its last
+        // write to a tokio task).
+        let chain: String = identity
             .certificate_chain()
-            .store_pemfile(dir.join("cert.pem"))
-            .await
-            .expect("cert");
-        identity
-            .private_key()
-            .store_secret_pemfile(dir.join("key.pem"))
-            .await
-            .expect("key");
+            .as_slice()
+            .iter()
+            .map(|c| c.to_pem())
+            .collect();
+        std::fs::write(dir.join("cert.pem"), chain).expect("cert");
+        std::fs::write(dir.join("key.pem"), identity.private_key().to_secret_pem()).expect("key");
         let mut server = Self {
             child: None,
             port,

@@ -450,8 +450,16 @@ async fn certificate_reload(sighup: bool, extra: &[&str]) {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let write_identity = |cert: std::path::PathBuf, key: std::path::PathBuf| async move {
         let identity = wtransport::Identity::self_signed(["localhost", "127.0.0.1"]).expect("identity");
-        identity.certificate_chain().store_pemfile(&cert).await.expect("cert");
-        identity.private_key().store_secret_pemfile(&key).await.expect("key");
+        // Written whole before returning: wtransport's `store_pemfile` leaves its last write to a
+        // tokio task, so a SIGHUP right after could find the file empty.
+        let chain: String = identity
+            .certificate_chain()
+            .as_slice()
+            .iter()
+            .map(|c| c.to_pem())
+            .collect();
+        std::fs::write(&cert, chain).expect("cert");
+        std::fs::write(&key, identity.private_key().to_secret_pem()).expect("key");
         identity.certificate_chain().as_slice()[0]
             .hash()
             .as_ref()
