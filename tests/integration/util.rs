@@ -839,17 +839,7 @@ impl RedisServer {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("courtside-redis-tls-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
-        let identity = wtransport::Identity::self_signed(["localhost", "127.0.0.1"]).expect("identity");
-        // Written whole before redis-server starts (wtransport's `store_pemfile` leaves its last
-        // write to a tokio task).
-        let chain: String = identity
-            .certificate_chain()
-            .as_slice()
-            .iter()
-            .map(|c| c.to_pem())
-            .collect();
-        std::fs::write(dir.join("cert.pem"), chain).expect("cert");
-        std::fs::write(dir.join("key.pem"), identity.private_key().to_secret_pem()).expect("key");
+        write_self_signed(&dir.join("cert.pem"), &dir.join("key.pem"));
         let mut server = Self {
             child: None,
             port,
@@ -1204,6 +1194,27 @@ impl Drop for TcpGate {
         self.accept.abort();
         self.close();
     }
+}
+
+/// A fresh self-signed certificate for localhost and 127.0.0.1, written as PEM to `cert` and
+/// `key` whole before it returns (wtransport's `store_pemfile` leaves its last write to a tokio
+/// task, so a reader right after could find the file empty); its SHA-256 hash, in hex.
+pub fn write_self_signed(cert: &std::path::Path, key: &std::path::Path) -> String {
+    let identity = wtransport::Identity::self_signed(["localhost", "127.0.0.1"]).expect("identity");
+    let chain: String = identity
+        .certificate_chain()
+        .as_slice()
+        .iter()
+        .map(|c| c.to_pem())
+        .collect();
+    std::fs::write(cert, chain).expect("cert");
+    std::fs::write(key, identity.private_key().to_secret_pem()).expect("key");
+    identity.certificate_chain().as_slice()[0]
+        .hash()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[cfg(test)]

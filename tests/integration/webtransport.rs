@@ -2,7 +2,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::util::{LossyRelay, TestServer, WtClient, WtSeen, HANG};
+use crate::util::{write_self_signed, LossyRelay, TestServer, WtClient, WtSeen, HANG};
 
 /// States as datagrams from the first one (the default, `after-loss`, sends them on the stream
 /// until a session loses a packet).
@@ -448,26 +448,7 @@ async fn certificate_reload(sighup: bool, extra: &[&str]) {
     ));
     std::fs::create_dir_all(&dir).expect("dir");
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let write_identity = |cert: std::path::PathBuf, key: std::path::PathBuf| async move {
-        let identity = wtransport::Identity::self_signed(["localhost", "127.0.0.1"]).expect("identity");
-        // Written whole before returning: wtransport's `store_pemfile` leaves its last write to a
-        // tokio task, so a SIGHUP right after could find the file empty.
-        let chain: String = identity
-            .certificate_chain()
-            .as_slice()
-            .iter()
-            .map(|c| c.to_pem())
-            .collect();
-        std::fs::write(&cert, chain).expect("cert");
-        std::fs::write(&key, identity.private_key().to_secret_pem()).expect("key");
-        identity.certificate_chain().as_slice()[0]
-            .hash()
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
-    let first = write_identity(cert.clone(), key.clone()).await;
+    let first = write_self_signed(&cert, &key);
     let interval = if sighup { "1h" } else { "100ms" };
     let server = TestServer::start(
         &[
@@ -491,7 +472,7 @@ async fn certificate_reload(sighup: bool, extra: &[&str]) {
     let mut old = WtClient::connect(&server).await;
     old.subscribe("game:1").await;
 
-    let second = write_identity(cert.clone(), key.clone()).await;
+    let second = write_self_signed(&cert, &key);
     assert_ne!(first, second);
     if sighup {
         let status = std::process::Command::new("kill")
