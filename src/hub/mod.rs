@@ -928,6 +928,50 @@ mod tests {
         assert_eq!(hub.busiest_rooms(0), []);
     }
 
+    /// Counts its wake-ups.
+    struct CountingWaker(AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A loop that serves many queues spends a queue's wake-up before it drains it: the drain
+    /// leaves no second wake-up for an empty queue behind, and the next publish wakes it again.
+    #[test]
+    fn a_wake_up_spent_before_the_drain_leaves_none_behind() {
+        use std::task::{Context, Waker};
+        let hub = hub(HubConfig::default());
+        let s = hub.new_subscriber(Transport::WebTransport);
+        hub.subscribe(&room("game:one"), &s, None, None, None, false, usize::MAX, 0)
+            .expect("subscribe");
+        let counter = Arc::new(CountingWaker(Default::default()));
+        let waker = Waker::from(counter.clone());
+        let mut cx = Context::from_waker(&waker);
+        s.take_wake();
+        drain(&s);
+        assert!(s.poll_wait(&mut cx).is_pending());
+        for round in 1..=2 {
+            hub.publish(&room("game:one"), Kind::Event, &data(&round.to_string()), now())
+                .expect("publish");
+            assert_eq!(counter.0.load(Ordering::SeqCst), round, "the publish woke the loop");
+            assert!(s.take_wake(), "the wake-up was pending");
+            assert_eq!(drain(&s).len(), 1);
+            assert!(s.poll_wait(&mut cx).is_pending(), "no wake-up left for a drained queue");
+            assert_eq!(counter.0.load(Ordering::SeqCst), round);
+        }
+        // Without spending it first, the drained queue's wake-up is still there.
+        hub.publish(&room("game:one"), Kind::Event, &data("3"), now())
+            .expect("publish");
+        assert_eq!(drain(&s).len(), 1);
+        assert!(s.poll_wait(&mut cx).is_ready());
+    }
+
     #[test]
     fn a_big_room_keeps_every_queue_in_order() {
         let hub = hub(HubConfig::default());

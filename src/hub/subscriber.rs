@@ -32,6 +32,11 @@ impl Wake {
         std::future::poll_fn(|cx| self.poll_wait(cx)).await;
     }
 
+    /// Spends a stored permit, if any: the writer is about to drain the queue anyway.
+    fn take(&self) -> bool {
+        self.pending.swap(false, Ordering::Acquire)
+    }
+
     fn poll_wait(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
         if self.pending.swap(false, Ordering::Acquire) {
             return Poll::Ready(());
@@ -118,6 +123,19 @@ impl Subscriber {
     /// when something is to be written, else `cx`'s waker is woken when it is.
     pub fn poll_wait(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
         self.wake.poll_wait(cx)
+    }
+
+    /// For a loop that was woken for this connection and drains its queue now: spends the
+    /// wake-up, so that `poll_wait` after the drain is `Ready` only for a message pushed since
+    /// (without it, every delivery would wake the loop a second time for an empty queue).
+    /// True if a wake-up was pending.
+    pub fn take_wake(&self) -> bool {
+        self.wake.take()
+    }
+
+    /// How the queue closed, if it did.
+    pub fn closed(&self) -> Option<QueueClosed> {
+        self.queue().closed()
     }
 
     /// Moves up to `max` pending messages into `out`; reports whether the queue has closed.

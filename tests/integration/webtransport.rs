@@ -2,7 +2,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::util::{write_self_signed, LossyRelay, TestServer, WtClient, WtSeen, HANG};
+use crate::util::{write_self_signed, wt_codec, LossyRelay, TestServer, WtClient, WtSeen, HANG};
 
 /// States as datagrams from the first one (the default, `after-loss`, sends them on the stream
 /// until a session loses a packet).
@@ -644,6 +644,76 @@ async fn a_silent_session_is_closed_with_4002_although_quic_stays_alive() {
         }
     }
     assert!(codes.contains(&Some(4002)), "{codes:?}");
+}
+
+/// A WebTransport subscriber that stops reading while events pile up is closed with 4001: its
+/// control stream takes nothing more, its queue overflows, and the session closes though
+/// nothing more will ever be written to it.
+#[tokio::test]
+async fn a_webtransport_subscriber_that_stops_reading_is_closed_as_slow() {
+    let server = TestServer::start(&["--queue-messages", "16", "--write-timeout", "2s"]);
+    let hash = server.cert_hash().await;
+    let endpoint = crate::util::wt_endpoint(&hash);
+    let addr = server.wt.expect("webtransport enabled");
+    let connection = tokio::time::timeout(HANG, endpoint.connect(format!("https://{addr}/wt")))
+        .await
+        .expect("connect in time")
+        .expect("webtransport connect");
+    let (mut send, mut recv) = tokio::time::timeout(HANG, async {
+        connection.open_bi().await.expect("open").await.expect("control stream")
+    })
+    .await
+    .expect("a control stream in time");
+    let subscribe = json!({"type": "subscribe", "room": "bracket:slow"});
+    send.write_all(&wt_codec::frame(&wt_codec::encode_client(&subscribe)))
+        .await
+        .expect("write the subscribe");
+    // Reads up to `subscribed`, then never again (the stream stays open).
+    let mut frames = wt_codec::Frames::default();
+    let mut buf = vec![0u8; 4096];
+    tokio::time::timeout(HANG, async {
+        loop {
+            while let Some(frame) = frames.next().expect("framing") {
+                if wt_codec::decode_server(&frame).expect("a message")["type"] == "subscribed" {
+                    return;
+                }
+            }
+            let n = recv.read(&mut buf).await.expect("read").expect("the stream open");
+            frames.extend(&buf[..n]);
+        }
+    })
+    .await
+    .expect("subscribed in time");
+    // Events of 64 KiB until the session closes: the client's stream window (about 1.2 MB) and
+    // then its queue of 16 fill within a few dozen.
+    let padding = "y".repeat(64 * 1024);
+    let closed = connection.closed();
+    tokio::pin!(closed);
+    let mut published = 0;
+    let error = tokio::time::timeout(4 * HANG, async {
+        loop {
+            let event = json!({"n": published, "pad": padding}).to_string();
+            tokio::select! {
+                error = &mut closed => break error,
+                _ = server.publish_event("bracket:slow", &event), if published < 600 => published += 1,
+            }
+        }
+    })
+    .await
+    .expect("the session closed in time");
+    // wtransport answers the server's close capsule by closing the connection itself, so it
+    // reports its own close; the server's count says why.
+    match error {
+        wtransport::error::ConnectionError::LocallyClosed => {}
+        wtransport::error::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.code().into_inner(), 4001, "{close:?}")
+        }
+        other => panic!("closed otherwise than by the server's close: {other:?}"),
+    }
+    server
+        .await_count("courtside_slow_disconnects_total{transport=\"webtransport\"}", 1.0)
+        .await;
+    drop(recv);
 }
 
 /// A session whose control stream carries no first message within the upgrade timeout is

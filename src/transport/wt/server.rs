@@ -636,6 +636,9 @@ fn deliver(
     // Only while the control stream takes bytes: a client that reads slowly leaves its messages
     // in its bounded queue (conflated, or closed as slow), not in the session's buffer. The
     // session says `Writable` when it takes more.
+    // The wake-up that brought the loop here is spent before the drain: what is pushed after
+    // this point wakes it again, what is drained now does not.
+    fan.subscriber.take_wake();
     while session.wants_more() {
         batch.clear();
         let closed = fan.subscriber.drain_into(batch, MAX_BATCH);
@@ -652,6 +655,13 @@ fn deliver(
     }
     if !session.is_open() {
         return None;
+    }
+    // A session that takes nothing now (its client reads slowly) drained nothing: a queue that
+    // closed meanwhile (it overflowed) is answered now, not once the client reads again.
+    if !session.wants_more() {
+        if let Some(closed) = fan.subscriber.closed() {
+            return Some(closed);
+        }
     }
     // Registers the connection's waker; something queued meanwhile marks it ready at once.
     if fan
