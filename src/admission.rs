@@ -572,6 +572,23 @@ pub struct CommandBudget {
     rate: CommandRate,
     tokens: f64,
     last_ms: u64,
+    /// Messages over the rate since the client was last under it.
+    over: u32,
+}
+
+/// What the budget says of one client message (docs/PROTOCOL.md, error 104 and close 1008).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admitted {
+    /// Under the rate: handle it.
+    Yes,
+    /// The first message over the rate since the client was last under it: answered 104.
+    Refused,
+    /// Over the rate again: ignored without an answer (an answer to each would cost the server
+    /// more than the message cost the client).
+    Ignored,
+    /// A burst's worth ignored after the 104, and still more: the client floods; the
+    /// connection is closed (1008).
+    Flooding,
 }
 
 impl CommandBudget {
@@ -580,19 +597,27 @@ impl CommandBudget {
             rate,
             tokens: rate.burst,
             last_ms: now_ms,
+            over: 0,
         }
     }
 
-    /// Takes one command's token; false when the client is over its rate.
-    pub fn take(&mut self, now_ms: u64) -> bool {
+    /// Takes one message's token, or says what to do with a message over the rate.
+    pub fn take(&mut self, now_ms: u64) -> Admitted {
         let elapsed = now_ms.saturating_sub(self.last_ms) as f64 / 1000.0;
         self.last_ms = now_ms;
         self.tokens = (self.tokens + elapsed * self.rate.per_second).min(self.rate.burst);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            true
-        } else {
-            false
+            self.over = 0;
+            return Admitted::Yes;
+        }
+        self.over = self.over.saturating_add(1);
+        // `burst` is at least 1 (config); a fraction counts whole.
+        let ignored_at_most = self.rate.burst.ceil() as u32;
+        match self.over {
+            1 => Admitted::Refused,
+            over if over - 1 <= ignored_at_most => Admitted::Ignored,
+            _ => Admitted::Flooding,
         }
     }
 }
@@ -898,8 +923,39 @@ mod tests {
             },
             0,
         );
-        assert!(budget.take(0) && budget.take(0));
-        assert!(!budget.take(0));
-        assert!(budget.take(100), "100 ms at 10/s refill one");
+        assert_eq!((budget.take(0), budget.take(0)), (Admitted::Yes, Admitted::Yes));
+        assert_eq!(budget.take(0), Admitted::Refused);
+        assert_eq!(budget.take(100), Admitted::Yes, "100 ms at 10/s refill one");
+    }
+
+    #[test]
+    fn over_the_rate_one_refusal_then_a_burst_ignored_then_the_flood_is_named() {
+        let mut budget = CommandBudget::new(
+            CommandRate {
+                per_second: 10.0,
+                burst: 3.0,
+            },
+            0,
+        );
+        let seen: Vec<Admitted> = (0..9).map(|_| budget.take(0)).collect();
+        use Admitted::*;
+        assert_eq!(
+            seen,
+            [Yes, Yes, Yes, Refused, Ignored, Ignored, Ignored, Flooding, Flooding]
+        );
+        // Back under the rate, the count starts again: the next message over it is answered.
+        let mut budget = CommandBudget::new(
+            CommandRate {
+                per_second: 10.0,
+                burst: 1.0,
+            },
+            0,
+        );
+        assert_eq!(
+            [budget.take(0), budget.take(0), budget.take(0)],
+            [Yes, Refused, Ignored]
+        );
+        assert_eq!([budget.take(100), budget.take(100)], [Yes, Refused]);
+        assert_eq!([budget.take(100), budget.take(100)], [Ignored, Flooding]);
     }
 }

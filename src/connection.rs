@@ -93,6 +93,8 @@ pub enum Ending {
     },
     /// The client broke the wire's framing rules.
     Protocol(String),
+    /// The client kept sending commands over its rate (`Session::flooding`).
+    Flooding,
     WriteFailed,
 }
 
@@ -231,6 +233,9 @@ pub async fn drive<W: Wire>(
                         transport.client_messages.inc();
                         let now_ms = crate::clock::unix_ms();
                         session.handle(command, now_ms);
+                        if session.flooding() {
+                            break Ending::Flooding;
+                        }
                         let expires_ms = session.token_expires_ms();
                         if expires_ms != token_expiry.as_ref().map(|(ms, _)| *ms) {
                             token_expiry = expires_ms.map(|ms| {
@@ -242,7 +247,10 @@ pub async fn drive<W: Wire>(
                     Inbound::Rejected(code, message) => {
                         last_heard = Instant::now();
                         transport.client_messages.inc();
-                        session.reject(code, message);
+                        session.reject(code, message, crate::clock::unix_ms());
+                        if session.flooding() {
+                            break Ending::Flooding;
+                        }
                     }
                     Inbound::Heard => last_heard = Instant::now(),
                     Inbound::Timer => {
@@ -343,6 +351,19 @@ async fn finish<W: Wire>(
             wire.close(Close {
                 discard_input: true,
                 ..close(close_code::MESSAGE_TOO_BIG, &reason, CLOSE_WAIT)
+            })
+            .await;
+        }
+        Ending::Flooding => {
+            info!(conn, "closing a client that floods commands over its rate (1008)");
+            metrics.close_error(close_code::POLICY_VIOLATION, "command_flood");
+            wire.close(Close {
+                discard_input: true,
+                ..close(
+                    close_code::POLICY_VIOLATION,
+                    "too many commands over the rate",
+                    CLOSE_WAIT,
+                )
             })
             .await;
         }

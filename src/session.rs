@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::admission::{Admission, CommandBudget, RecoveryBudget};
+use crate::admission::{Admission, Admitted, CommandBudget, RecoveryBudget};
 use crate::core::{ClientCommand, CommandError, ErrorCode, RoomName, ServerControl};
 use crate::hub::{Hub, HubError, Subscriber};
 use crate::registry::Registry;
@@ -53,6 +53,8 @@ pub struct Session {
     claims: Option<Box<Claims>>,
     /// Set by the server while it drains: no new subscriptions.
     draining: Arc<AtomicBool>,
+    /// The client floods commands over its rate (`admit`).
+    flooding: bool,
 }
 
 impl Session {
@@ -77,6 +79,7 @@ impl Session {
             admission,
             claims: None,
             draining,
+            flooding: false,
         }
     }
 
@@ -96,8 +99,8 @@ impl Session {
 
     /// Handles one parsed (or unparseable) client message; every reply goes to the queue.
     pub fn handle(&mut self, command: Result<ClientCommand, CommandError>, now_ms: u64) {
-        if !self.budget.take(now_ms) {
-            return self.reply_error(ErrorCode::RateLimited, "too many commands; slow down".into(), None);
+        if !self.admit(now_ms) {
+            return;
         }
         let command = match command {
             Ok(command) => command,
@@ -153,8 +156,34 @@ impl Session {
     }
 
     /// Replies with an error that is not tied to a command (a binary frame, say).
-    pub fn reject(&mut self, code: ErrorCode, message: &str) {
-        self.reply_error(code, message.to_string(), None);
+    pub fn reject(&mut self, code: ErrorCode, message: &str, now_ms: u64) {
+        if self.admit(now_ms) {
+            self.reply_error(code, message.to_string(), None);
+        }
+    }
+
+    /// Takes a client message's token from the command budget. Over the rate, the first message
+    /// is answered 104 and the next ones are ignored without an answer; past a burst's worth of
+    /// those the client floods (`flooding`), and its driver closes the connection with 1008.
+    fn admit(&mut self, now_ms: u64) -> bool {
+        match self.budget.take(now_ms) {
+            Admitted::Yes => true,
+            Admitted::Refused => {
+                self.reply_error(ErrorCode::RateLimited, "too many commands; slow down".into(), None);
+                false
+            }
+            Admitted::Ignored => false,
+            Admitted::Flooding => {
+                self.flooding = true;
+                false
+            }
+        }
+    }
+
+    /// The client kept sending over its command rate after the 104 and a burst's worth of
+    /// ignored messages: its driver closes the connection with 1008.
+    pub fn flooding(&self) -> bool {
+        self.flooding
     }
 
     fn subscribe(&mut self, room: RoomName, recovery: Recovery) {
@@ -454,6 +483,30 @@ mod tests {
         assert_eq!(out[1], r#"{"type":"pong"}"#);
         assert!(out[2].contains(r#""code":104"#));
         assert_eq!(out[3], r#"{"type":"pong"}"#);
+    }
+
+    #[test]
+    fn a_flood_over_the_rate_gets_one_104_and_is_named_after_a_burst_ignored() {
+        let mut s = session_with_rate(
+            SessionLimits::default(),
+            CommandRate {
+                per_second: 10.0,
+                burst: 2.0,
+            },
+        );
+        // Two taken, one refused, one ignored: the connection stays.
+        for _ in 0..4 {
+            s.handle(Ok(ClientCommand::Ping), 0);
+        }
+        // A malformed message over the rate counts the same, unanswered.
+        s.reject(ErrorCode::UnsupportedFrame, "binary frames are not supported", 0);
+        assert!(!s.flooding());
+        let out = replies(&s);
+        assert_eq!(out.len(), 3, "{out:?}");
+        assert!(out[2].contains(r#""code":104"#));
+        s.handle(Ok(ClientCommand::Ping), 0);
+        assert!(s.flooding());
+        assert!(replies(&s).is_empty());
     }
 
     #[test]

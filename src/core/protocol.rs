@@ -82,6 +82,8 @@ impl ErrorCode {
 pub mod close_code {
     /// The client broke the WebSocket framing rules.
     pub const PROTOCOL_ERROR: u16 = 1002;
+    /// The client kept sending commands over its rate after a 104 and a burst's worth more.
+    pub const POLICY_VIOLATION: u16 = 1008;
     /// A frame or message was larger than the limit (1 MiB by default).
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// The server is shutting down: reconnect (to another node) with `since`.

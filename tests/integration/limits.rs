@@ -6,7 +6,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::util::{request, Client, TestServer, HANG, TOKEN};
+use crate::util::{request, Client, Seen, TestServer, HANG, TOKEN};
 
 /// Each bad frame gets an error with its documented code; the connection keeps working and
 /// another client in the same room notices nothing.
@@ -230,6 +230,32 @@ async fn commands_beyond_the_rate_limit_get_104() {
         assert_eq!(client.recv().await["type"], "pong");
     }
     assert_eq!(client.recv().await["code"], 104);
+}
+
+/// A client that keeps sending over its command rate gets one 104, then no answer for a burst's
+/// worth of messages more, then close 1008: messages over the rate cost the server no answers.
+#[tokio::test]
+async fn a_command_flood_gets_one_104_then_silence_then_close_1008() {
+    let server = TestServer::start(&["--command-rate", "0.001", "--command-burst", "3"]);
+    let mut client = server.connect().await;
+    // 3 taken, 1 refused (104), 3 ignored, and the eighth is one too many.
+    for _ in 0..8 {
+        client.send(json!({"type": "ping"})).await;
+    }
+    for _ in 0..3 {
+        assert_eq!(client.recv().await["type"], "pong");
+    }
+    assert_eq!(client.recv().await["code"], 104);
+    match client.next_seen().await {
+        Seen::Close(Some(frame)) => {
+            assert_eq!(u16::from(frame.code), 1008);
+            assert_eq!(frame.reason.as_str(), "too many commands over the rate");
+        }
+        other => panic!("expected close 1008 right after the 104, got {other:?}"),
+    }
+    server
+        .await_count("courtside_errors_total{code=\"1008\",name=\"command_flood\"}", 1.0)
+        .await;
 }
 
 /// Recovery of more history than a connection's queue may hold (9 events of 1,000,000 bytes

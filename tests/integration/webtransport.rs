@@ -646,6 +646,28 @@ async fn a_silent_session_is_closed_with_4002_although_quic_stays_alive() {
     assert!(codes.contains(&Some(4002)), "{codes:?}");
 }
 
+/// Over WebTransport as over WebSocket, a client that keeps sending over its command rate gets
+/// one 104, then no answer for a burst's worth more, then the session's close with 1008.
+#[tokio::test]
+async fn a_command_flood_over_webtransport_gets_one_104_then_close_1008() {
+    let server = TestServer::start(&["--command-rate", "0.001", "--command-burst", "3"]);
+    let mut client = WtClient::connect(&server).await;
+    for _ in 0..8 {
+        client.send(json!({"type": "ping"})).await;
+    }
+    for _ in 0..3 {
+        assert_eq!(client.recv_stream().await["type"], "pong");
+    }
+    assert_eq!(client.recv_stream().await["code"], 104);
+    assert_eq!(
+        client.recv_stream().await,
+        json!({"type": "close", "code": 1008, "reason": "too many commands over the rate"})
+    );
+    server
+        .await_count("courtside_errors_total{code=\"1008\",name=\"command_flood\"}", 1.0)
+        .await;
+}
+
 /// A WebTransport subscriber that stops reading while events pile up is closed with 4001: its
 /// control stream takes nothing more, its queue overflows, and the session closes though
 /// nothing more will ever be written to it.

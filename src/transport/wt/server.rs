@@ -766,6 +766,27 @@ fn on_event(
             let now_ms = crate::clock::unix_ms();
             fan.session.handle(command, now_ms);
             fan.token_expires_ms = fan.session.token_expires_ms();
+            if fan.session.flooding() {
+                if let Some(session) = endpoint.session(ch).filter(|s| s.is_open()) {
+                    info!(
+                        conn = fan.subscriber.id(),
+                        transport = "webtransport",
+                        "closing a client that floods commands over its rate (1008)"
+                    );
+                    node.metrics.close_error(close_code::POLICY_VIOLATION, "command_flood");
+                    // The replies already queued (the 104 among them) go first.
+                    let _ = deliver(session, fan, &mut Vec::new(), node, now);
+                    session.close(
+                        now,
+                        CloseRequest {
+                            code: close_code::POLICY_VIOLATION,
+                            reason: "too many commands over the rate",
+                            limit: CLOSE_WAIT,
+                            reconnect: false,
+                        },
+                    );
+                }
+            }
         }
         SessionEvent::Ended(end) => {
             debug!(?end, "webtransport session ended (proto engine)");
