@@ -159,6 +159,9 @@ pub struct Metrics {
     /// WebTransport sessions closed because the QUIC handshake, the CONNECT and the first
     /// control message did not all complete within `--upgrade-timeout`.
     pub wt_handshake_timeouts: Counter,
+    /// Datagrams of open WebTransport connections dropped before QUIC read them: their client
+    /// sent more bytes than its inbound rate allows (PROTOCOL.md, "Limits").
+    pub wt_inbound_dropped: Counter,
     /// QUIC handshakes under way (Initial received, handshake not yet complete).
     pub quic_handshakes: Gauge,
     /// Seconds (wall clock) each of the proto engine's endpoint loops spent working, not waiting:
@@ -206,6 +209,7 @@ impl Metrics {
             udp_receive_drops: Gauge::default(),
             quic_retries: Counter::default(),
             wt_handshake_timeouts: Counter::default(),
+            wt_inbound_dropped: Counter::default(),
             quic_handshakes: Gauge::default(),
             wt_loop_busy_seconds: Family::default(),
             wt_datagrams_forwarded: Family::default(),
@@ -302,6 +306,11 @@ impl Metrics {
             "webtransport_handshake_timeouts",
             "WebTransport sessions closed because the handshake, CONNECT and first control message took longer than --upgrade-timeout",
             metrics.wt_handshake_timeouts.clone(),
+        );
+        registry.register(
+            "webtransport_inbound_dropped",
+            "Datagrams of WebTransport connections dropped unread: their client sent more than its inbound rate",
+            metrics.wt_inbound_dropped.clone(),
         );
         registry.register(
             "quic_handshakes",

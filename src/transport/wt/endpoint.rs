@@ -141,6 +141,7 @@ impl WtEndpoint {
         data: BytesMut,
     ) {
         let mut response = Vec::new();
+        let bytes = data.len();
         match self.endpoint.handle(now, remote, local_ip, ecn, data, &mut response) {
             Some(DatagramEvent::NewConnection(incoming)) => {
                 if self.refusing {
@@ -186,8 +187,9 @@ impl WtEndpoint {
             }
             Some(DatagramEvent::ConnectionEvent(ch, event)) => {
                 if let Some(entry) = self.sessions.get_mut(&ch) {
-                    entry.session.handle_event(now, event);
-                    self.touched.push(ch);
+                    if entry.session.receive(now, bytes, event) {
+                        self.touched.push(ch);
+                    }
                 }
             }
             Some(DatagramEvent::Response(transmit)) => self.push_out(&transmit, &response),

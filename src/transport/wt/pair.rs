@@ -133,6 +133,7 @@ pub struct Server {
 impl Server {
     fn handle(&mut self, now: Instant, from: SocketAddr, packet: BytesMut, out: &mut Vec<BytesMut>) {
         let mut buf = Vec::new();
+        let bytes = packet.len();
         match self.endpoint.handle(now, from, None, None, packet, &mut buf) {
             Some(DatagramEvent::NewConnection(incoming)) => {
                 let mut buf = Vec::new();
@@ -164,7 +165,7 @@ impl Server {
             Some(DatagramEvent::ConnectionEvent(ch, event)) => {
                 if let Some((own, session)) = self.session.as_mut() {
                     if *own == ch {
-                        session.handle_event(now, event);
+                        session.receive(now, bytes, event);
                     }
                 }
             }
@@ -703,6 +704,7 @@ impl Default for Setup {
                 refusal_wait: Duration::from_secs(1),
                 repair: RepairPolicy::default(),
                 state_datagrams: StateDatagrams::Always,
+                inbound: Default::default(),
             },
             keep_alive: Some(Duration::from_secs(20)),
             quic_idle: Duration::from_secs(60),

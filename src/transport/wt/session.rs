@@ -45,6 +45,59 @@ pub struct SessionConfig {
     pub refusal_wait: Duration,
     pub repair: RepairPolicy,
     pub state_datagrams: StateDatagrams,
+    /// What a client may send once its connection is open.
+    pub inbound: InboundRate,
+}
+
+/// What a client may send, in bytes of UDP payload: on average, and in one burst. Its commands
+/// and acks take a small part of it; what passes it is dropped before QUIC decrypts or parses
+/// it (QUIC's loss recovery slows a client that merely overshot), so no client can make the
+/// endpoint loop work for it without bound (a packet of PADDING costs quinn-proto a turn of
+/// its frame loop per byte).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboundRate {
+    pub bytes_per_second: u32,
+    pub burst_bytes: u32,
+}
+
+impl Default for InboundRate {
+    /// 128 KiB a second, 512 KiB at once: twice what the busiest client sends (an `acks` of 64
+    /// rooms every 5 ms and a command every 10 ms), and its largest message (64 KiB) with room.
+    fn default() -> Self {
+        Self {
+            bytes_per_second: 131_072,
+            burst_bytes: 524_288,
+        }
+    }
+}
+
+/// A connection's token bucket of received bytes, fed with the time by its caller.
+#[derive(Debug)]
+struct InboundBudget {
+    tokens: f64,
+    at: Instant,
+}
+
+impl InboundBudget {
+    fn new(rate: InboundRate, now: Instant) -> Self {
+        Self {
+            tokens: f64::from(rate.burst_bytes),
+            at: now,
+        }
+    }
+
+    /// Takes `bytes`; false (and nothing taken) when the client is over its rate.
+    fn take(&mut self, rate: InboundRate, now: Instant, bytes: usize) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = self.at.max(now);
+        self.tokens = (self.tokens + elapsed * f64::from(rate.bytes_per_second)).min(f64::from(rate.burst_bytes));
+        if self.tokens >= bytes as f64 {
+            self.tokens -= bytes as f64;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl SessionConfig {
@@ -58,6 +111,7 @@ impl SessionConfig {
             refusal_wait: Duration::from_secs(1),
             repair: settings.repair,
             state_datagrams: settings.state_datagrams,
+            inbound: InboundRate::default(),
         }
     }
 }
@@ -279,8 +333,12 @@ pub struct WtSession {
     /// When the client was last heard (a message on the control stream, a datagram).
     last_heard: Instant,
     events: VecDeque<SessionEvent>,
+    /// What the client may still send (`SessionConfig::inbound`).
+    inbound: InboundBudget,
     /// `SessionEvent::Ended` was given (it is given once).
     ended: bool,
+    /// The client went over its inbound rate (logged once).
+    over_inbound: bool,
 }
 
 impl WtSession {
@@ -291,6 +349,7 @@ impl WtSession {
         metrics: std::sync::Arc<Metrics>,
         now: Instant,
     ) -> Self {
+        let config_inbound = config.inbound;
         Self {
             conn,
             metrics,
@@ -307,7 +366,9 @@ impl WtSession {
             states: None,
             last_heard: now,
             events: VecDeque::new(),
+            inbound: InboundBudget::new(config_inbound, now),
             ended: false,
+            over_inbound: false,
         }
     }
 
@@ -316,7 +377,26 @@ impl WtSession {
         &self.conn
     }
 
-    /// A packet for this connection, routed by the endpoint.
+    /// A received datagram of `bytes` for this connection, routed by the endpoint: handed to
+    /// QUIC while the client is within its inbound rate (`SessionConfig::inbound`), else dropped
+    /// unread and counted. False when dropped.
+    pub fn receive(&mut self, now: Instant, bytes: usize, event: ConnectionEvent) -> bool {
+        if !self.inbound.take(self.config.inbound, now, bytes) {
+            self.metrics.wt_inbound_dropped.inc();
+            if !self.over_inbound {
+                self.over_inbound = true;
+                tracing::info!(
+                    remote = %self.conn.remote_address(),
+                    "a WebTransport client sends more than its inbound rate; its excess datagrams are dropped"
+                );
+            }
+            return false;
+        }
+        self.handle_event(now, event);
+        true
+    }
+
+    /// An event for this connection from the endpoint (a datagram goes through `receive`).
     pub fn handle_event(&mut self, now: Instant, event: ConnectionEvent) {
         self.conn.handle_event(event);
         self.process(now);

@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::pair::{ClientSettingsMode, Pair, Setup};
 use super::session::{CloseRequest, SessionEnd, SessionEvent};
 use crate::core::publication::{JsonData, Publication, RoomId};
-use crate::core::wire::{ClientMessage, ServerMessage};
+use crate::core::wire::{self, AliasAck, ClientMessage, ServerMessage};
 use crate::core::{close_code, ClientCommand, ErrorCode, Kind, Now, Outgoing, RoomName, ServerControl};
 use crate::transport::h3::{self, H3ErrorCode};
 use crate::transport::KEPT_WRITE_BUFFER;
@@ -341,12 +341,7 @@ fn under_loss_delta_datagrams_never_break_the_chain() {
         .client
         .datagrams
         .iter()
-        .filter(|d| {
-            matches!(
-                crate::core::wire::decode_server(&d[1..]),
-                Ok(ServerMessage::AliasedDelta(_))
-            )
-        })
+        .filter(|d| matches!(wire::decode_server(&d[1..]), Ok(ServerMessage::AliasedDelta(_))))
         .count();
     assert!(delta_datagrams > 0, "deltas went as datagrams");
 }
@@ -855,4 +850,71 @@ fn after_two_key_updates_commands_and_replies_still_flow() {
         );
     }
     assert!(!pair.client.is_closed());
+}
+
+/// A client that sends more than its inbound rate has the excess dropped before QUIC reads it:
+/// the connection is handed no more bytes than the burst and the rate allow, the drops are
+/// counted, and the session goes on (QUIC's loss recovery slows the client; its next command
+/// arrives).
+#[test]
+fn a_client_over_its_inbound_rate_has_the_excess_dropped_unread_and_its_session_goes_on() {
+    use super::session::InboundRate;
+    const RATE: u32 = 10_000;
+    const BURST: u32 = 20_000;
+    let mut setup = Setup::default();
+    setup.session.inbound = InboundRate {
+        bytes_per_second: RATE,
+        burst_bytes: BURST,
+    };
+    let mut pair = Pair::new(setup);
+    pair.establish();
+    let start = pair.now;
+    let handed_before = pair.server.session().connection().stats().udp_rx.bytes;
+    assert!(
+        handed_before < u64::from(BURST) / 2,
+        "the handshake took {handed_before} bytes"
+    );
+    for _ in 0..200 {
+        pair.client.send_datagram(&[0x7f; 1000]);
+    }
+    pair.run_until(start + 2 * S);
+    let handed = pair.server.session().connection().stats().udp_rx.bytes;
+    let allowed = u64::from(BURST) + 2 * u64::from(RATE);
+    assert!(handed <= allowed, "{handed} bytes handed to QUIC, {allowed} allowed");
+    assert!(pair.server.metrics.wt_inbound_dropped.get() > 0);
+    // Quiet again, the client's next command arrives.
+    pair.run_until(start + 10 * S);
+    pair.client
+        .send(&ClientMessage::Command(ClientCommand::Unsubscribe { room: room() }));
+    assert!(pair.run_until_true(5 * S, |p| p
+        .server
+        .commands()
+        .contains(&ClientCommand::Unsubscribe { room: room() })));
+    assert!(pair.server.session().is_open());
+}
+
+/// At the default rate a client that sends the most a client does (an `acks` datagram of 64
+/// rooms every 5 ms, the most PROTOCOL.md asks for, and a command every 10 ms, the command
+/// rate) loses nothing to it.
+#[test]
+fn a_busy_client_within_the_default_inbound_rate_loses_nothing() {
+    let mut pair = Pair::new(Setup::default());
+    pair.establish();
+    let acks = wire::encode_client(&ClientMessage::Acks(
+        (0..64)
+            .map(|alias| AliasAck {
+                alias,
+                version: 1_000_000,
+            })
+            .collect(),
+    ));
+    for tick in 0..4_000 {
+        pair.client.send_datagram(&acks);
+        if tick % 2 == 0 {
+            pair.client.send(&ClientMessage::Command(ClientCommand::Ping));
+        }
+        pair.run_for(5 * MS);
+    }
+    assert_eq!(pair.server.metrics.wt_inbound_dropped.get(), 0);
+    assert!(pair.server.session().is_open());
 }
