@@ -572,8 +572,9 @@ pub struct CommandBudget {
     rate: CommandRate,
     tokens: f64,
     last_ms: u64,
-    /// Messages over the rate since the client was last under it.
-    over: u32,
+    /// Messages over the rate not yet made up for: each adds 1, and the count falls by the
+    /// rate each second (so a client held at the rate by a flood never gets back to 0).
+    over: f64,
 }
 
 /// What the budget says of one client message (docs/PROTOCOL.md, error 104 and close 1008).
@@ -581,13 +582,14 @@ pub struct CommandBudget {
 pub enum Admitted {
     /// Under the rate: handle it.
     Yes,
-    /// The first message over the rate since the client was last under it: answered 104.
+    /// Over the rate, with every earlier message over it made up for: answered 104 (so at
+    /// most `per_second` answers a second).
     Refused,
-    /// Over the rate again: ignored without an answer (an answer to each would cost the server
-    /// more than the message cost the client).
+    /// Over the rate while earlier ones are not made up for: ignored without an answer (an
+    /// answer to each would cost the server more than the message cost the client).
     Ignored,
-    /// A burst's worth ignored after the 104, and still more: the client floods; the
-    /// connection is closed (1008).
+    /// More than a burst's worth over the rate and not made up for (a client sending over
+    /// twice its rate gets here): the client floods; the connection is closed (1008).
     Flooding,
 }
 
@@ -597,7 +599,7 @@ impl CommandBudget {
             rate,
             tokens: rate.burst,
             last_ms: now_ms,
-            over: 0,
+            over: 0.0,
         }
     }
 
@@ -606,18 +608,20 @@ impl CommandBudget {
         let elapsed = now_ms.saturating_sub(self.last_ms) as f64 / 1000.0;
         self.last_ms = now_ms;
         self.tokens = (self.tokens + elapsed * self.rate.per_second).min(self.rate.burst);
+        self.over = (self.over - elapsed * self.rate.per_second).max(0.0);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            self.over = 0;
             return Admitted::Yes;
         }
-        self.over = self.over.saturating_add(1);
-        // `burst` is at least 1 (config); a fraction counts whole.
-        let ignored_at_most = self.rate.burst.ceil() as u32;
-        match self.over {
-            1 => Admitted::Refused,
-            over if over - 1 <= ignored_at_most => Admitted::Ignored,
-            _ => Admitted::Flooding,
+        let made_up = self.over < 1.0;
+        // Bounded: past the flood's threshold the connection closes.
+        self.over = (self.over + 1.0).min(self.rate.burst + 2.0);
+        if made_up {
+            Admitted::Refused
+        } else if self.over <= self.rate.burst + 1.0 {
+            Admitted::Ignored
+        } else {
+            Admitted::Flooding
         }
     }
 }
@@ -955,7 +959,56 @@ mod tests {
             [budget.take(0), budget.take(0), budget.take(0)],
             [Yes, Refused, Ignored]
         );
-        assert_eq!([budget.take(100), budget.take(100)], [Yes, Refused]);
-        assert_eq!([budget.take(100), budget.take(100)], [Ignored, Flooding]);
+        // 100 ms refill one token and make up for one message over: the other still counts.
+        assert_eq!([budget.take(100), budget.take(100)], [Yes, Ignored]);
+        assert_eq!(budget.take(100), Flooding);
+        // Quiet for long enough, the client is answered again.
+        assert_eq!([budget.take(1_000), budget.take(1_000)], [Yes, Refused]);
+    }
+
+    /// A flood that the refill keeps feeding one token at a time is still named: at 50
+    /// messages a millisecond against 100 a second, within 60 ms; and one 104 in all.
+    #[test]
+    fn a_flood_held_at_the_rate_by_its_refill_is_named_and_answered_once() {
+        let mut budget = CommandBudget::new(
+            CommandRate {
+                per_second: 100.0,
+                burst: 1000.0,
+            },
+            0,
+        );
+        let mut refused = 0;
+        let mut named_at = None;
+        'flood: for ms in 0..1_000 {
+            for _ in 0..50 {
+                match budget.take(ms) {
+                    Admitted::Refused => refused += 1,
+                    Admitted::Flooding => {
+                        named_at = Some(ms);
+                        break 'flood;
+                    }
+                    Admitted::Yes | Admitted::Ignored => {}
+                }
+            }
+        }
+        assert_eq!(refused, 1);
+        assert!(named_at.is_some_and(|ms| ms <= 60), "{named_at:?}");
+    }
+
+    /// A client a little over its rate (150 a second against 100) is never closed, and gets at
+    /// most one 104 for each message over it.
+    #[test]
+    fn a_client_a_little_over_its_rate_is_refused_but_never_named_a_flood() {
+        let mut budget = CommandBudget::new(
+            CommandRate {
+                per_second: 100.0,
+                burst: 10.0,
+            },
+            0,
+        );
+        let seen: Vec<Admitted> = (0..150 * 60).map(|i| budget.take(i * 1000 / 150)).collect();
+        assert!(!seen.contains(&Admitted::Flooding));
+        let refused = seen.iter().filter(|a| **a == Admitted::Refused).count();
+        assert!(refused > 0 && refused <= 50 * 60, "{refused}");
     }
 }

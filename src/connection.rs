@@ -355,7 +355,11 @@ async fn finish<W: Wire>(
             .await;
         }
         Ending::Flooding => {
-            info!(conn, "closing a client that floods commands over its rate (1008)");
+            info!(
+                conn,
+                transport = W::TRANSPORT.name(),
+                "closing a client that floods commands over its rate (1008)"
+            );
             metrics.close_error(close_code::POLICY_VIOLATION, "command_flood");
             wire.close(Close {
                 discard_input: true,

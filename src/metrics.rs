@@ -159,8 +159,9 @@ pub struct Metrics {
     /// WebTransport sessions closed because the QUIC handshake, the CONNECT and the first
     /// control message did not all complete within `--upgrade-timeout`.
     pub wt_handshake_timeouts: Counter,
-    /// Datagrams of open WebTransport connections dropped before QUIC read them: their client
-    /// sent more bytes than its inbound rate allows (PROTOCOL.md, "Limits").
+    /// Datagrams of WebTransport connections (after the client's first) dropped before QUIC
+    /// read them: their client sent more bytes than its inbound rate allows (PROTOCOL.md,
+    /// "Limits").
     pub wt_inbound_dropped: Counter,
     /// QUIC handshakes under way (Initial received, handshake not yet complete).
     pub quic_handshakes: Gauge,

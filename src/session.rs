@@ -162,9 +162,9 @@ impl Session {
         }
     }
 
-    /// Takes a client message's token from the command budget. Over the rate, the first message
-    /// is answered 104 and the next ones are ignored without an answer; past a burst's worth of
-    /// those the client floods (`flooding`), and its driver closes the connection with 1008.
+    /// Takes a client message's token from the command budget (`CommandBudget::take`): over the
+    /// rate, a message is answered 104 or ignored without an answer; a flood sets `flooding`,
+    /// and the driver closes the connection with 1008.
     fn admit(&mut self, now_ms: u64) -> bool {
         match self.budget.take(now_ms) {
             Admitted::Yes => true,
@@ -180,8 +180,8 @@ impl Session {
         }
     }
 
-    /// The client kept sending over its command rate after the 104 and a burst's worth of
-    /// ignored messages: its driver closes the connection with 1008.
+    /// The client floods commands (over a burst's worth over its rate, not made up for): its
+    /// driver closes the connection with 1008.
     pub fn flooding(&self) -> bool {
         self.flooding
     }

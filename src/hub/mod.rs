@@ -943,6 +943,8 @@ mod tests {
 
     /// A loop that serves many queues spends a queue's wake-up before it drains it: the drain
     /// leaves no second wake-up for an empty queue behind, and the next publish wakes it again.
+    /// (The WebTransport loop's `deliver` relies on it; without `take_wake` there it only does
+    /// more work, which bench/README's uprobe counts show, so no test of the loop fails.)
     #[test]
     fn a_wake_up_spent_before_the_drain_leaves_none_behind() {
         use std::task::{Context, Waker};

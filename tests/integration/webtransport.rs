@@ -673,7 +673,9 @@ async fn a_command_flood_over_webtransport_gets_one_104_then_close_1008() {
 /// nothing more will ever be written to it.
 #[tokio::test]
 async fn a_webtransport_subscriber_that_stops_reading_is_closed_as_slow() {
-    let server = TestServer::start(&["--queue-messages", "16", "--write-timeout", "2s"]);
+    // A write timeout longer than the test's wait: only the overflow's close can end it in time
+    // (the write timeout would drop it with QUIC code 0, and count no slow disconnect).
+    let server = TestServer::start(&["--queue-messages", "16", "--write-timeout", "120s"]);
     let hash = server.cert_hash().await;
     let endpoint = crate::util::wt_endpoint(&hash);
     let addr = server.wt.expect("webtransport enabled");

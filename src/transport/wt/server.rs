@@ -763,6 +763,10 @@ fn on_event(
                 return;
             };
             transport.client_messages.inc();
+            // A flood's session is closing: what else came in the same datagrams is not handled.
+            if fan.session.flooding() {
+                return;
+            }
             let now_ms = crate::clock::unix_ms();
             fan.session.handle(command, now_ms);
             fan.token_expires_ms = fan.session.token_expires_ms();
@@ -774,8 +778,21 @@ fn on_event(
                         "closing a client that floods commands over its rate (1008)"
                     );
                     node.metrics.close_error(close_code::POLICY_VIOLATION, "command_flood");
-                    // The replies already queued (the 104 among them) go first.
-                    let _ = deliver(session, fan, &mut Vec::new(), node, now);
+                    // The replies already queued (the 104 among them) go first, whatever the
+                    // control stream's window: the session is closing, and the queue is bounded.
+                    let mut batch = Vec::new();
+                    loop {
+                        batch.clear();
+                        let closed = fan.subscriber.drain_into(&mut batch, MAX_BATCH);
+                        if batch.is_empty() {
+                            break;
+                        }
+                        session.deliver(now, &batch);
+                        node.metrics.record_deliveries(Transport::WebTransport, &batch);
+                        if closed.is_some() {
+                            break;
+                        }
+                    }
                     session.close(
                         now,
                         CloseRequest {

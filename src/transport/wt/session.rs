@@ -49,11 +49,11 @@ pub struct SessionConfig {
     pub inbound: InboundRate,
 }
 
-/// What a client may send, in bytes of UDP payload: on average, and in one burst. Its commands
-/// and acks take a small part of it; what passes it is dropped before QUIC decrypts or parses
-/// it (QUIC's loss recovery slows a client that merely overshot), so no client can make the
-/// endpoint loop work for it without bound (a packet of PADDING costs quinn-proto a turn of
-/// its frame loop per byte).
+/// What a client may send, in bytes of UDP payload: on average (and half the bytes the server
+/// sends it besides, since its acks grow with what it receives), and in one burst. What passes
+/// it is dropped before QUIC decrypts or parses it (QUIC's loss recovery slows a client that
+/// merely overshot), so no client can make the endpoint loop work for it without bound (a
+/// packet of PADDING costs quinn-proto a turn of its frame loop per byte).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InboundRate {
     pub bytes_per_second: u32,
@@ -61,8 +61,9 @@ pub struct InboundRate {
 }
 
 impl Default for InboundRate {
-    /// 128 KiB a second, 512 KiB at once: twice what the busiest client sends (an `acks` of 64
-    /// rooms every 5 ms and a command every 10 ms), and its largest message (64 KiB) with room.
+    /// 128 KiB a second, 512 KiB at once: above what a client sends that acks 64 rooms every
+    /// 5 ms and sends a command every 10 ms (about 60 to 110 KB/s, with the aliases' size), and
+    /// its largest message (64 KiB) with room.
     fn default() -> Self {
         Self {
             bytes_per_second: 131_072,
@@ -84,6 +85,11 @@ impl InboundBudget {
             tokens: f64::from(rate.burst_bytes),
             at: now,
         }
+    }
+
+    /// Credits half of what the server sent the client.
+    fn credit(&mut self, rate: InboundRate, sent: usize) {
+        self.tokens = (self.tokens + sent as f64 / 2.0).min(f64::from(rate.burst_bytes));
     }
 
     /// Takes `bytes`; false (and nothing taken) when the client is over its rate.
@@ -349,8 +355,8 @@ impl WtSession {
         metrics: std::sync::Arc<Metrics>,
         now: Instant,
     ) -> Self {
-        let config_inbound = config.inbound;
         Self {
+            inbound: InboundBudget::new(config.inbound, now),
             conn,
             metrics,
             phase: Phase::Opening {
@@ -366,7 +372,6 @@ impl WtSession {
             states: None,
             last_heard: now,
             events: VecDeque::new(),
-            inbound: InboundBudget::new(config_inbound, now),
             ended: false,
             over_inbound: false,
         }
@@ -496,7 +501,9 @@ impl WtSession {
 
     /// The next packets to send (at most `max_datagrams` in one GSO batch), written into `buf`.
     pub fn poll_transmit(&mut self, now: Instant, max_datagrams: usize, buf: &mut Vec<u8>) -> Option<Transmit> {
-        self.conn.poll_transmit(now, max_datagrams, buf)
+        let transmit = self.conn.poll_transmit(now, max_datagrams, buf)?;
+        self.inbound.credit(self.config.inbound, transmit.size);
+        Some(transmit)
     }
 
     /// What the endpoint must learn from the connection (retired IDs, the drain).
