@@ -163,6 +163,9 @@ pub struct Metrics {
     /// read them: their client sent more bytes than its inbound rate allows (PROTOCOL.md,
     /// "Limits").
     pub wt_inbound_dropped: Counter,
+    /// Client messages over the command rate ignored without an answer (error 104 answers the
+    /// others and counts in `errors`).
+    pub commands_ignored: Counter,
     /// QUIC handshakes under way (Initial received, handshake not yet complete).
     pub quic_handshakes: Gauge,
     /// Seconds (wall clock) each of the proto engine's endpoint loops spent working, not waiting:
@@ -211,6 +214,7 @@ impl Metrics {
             quic_retries: Counter::default(),
             wt_handshake_timeouts: Counter::default(),
             wt_inbound_dropped: Counter::default(),
+            commands_ignored: Counter::default(),
             quic_handshakes: Gauge::default(),
             wt_loop_busy_seconds: Family::default(),
             wt_datagrams_forwarded: Family::default(),
@@ -312,6 +316,11 @@ impl Metrics {
             "webtransport_inbound_dropped",
             "Datagrams of WebTransport connections dropped unread: their client sent more than its inbound rate",
             metrics.wt_inbound_dropped.clone(),
+        );
+        registry.register(
+            "commands_ignored",
+            "Client messages over the command rate ignored without an answer",
+            metrics.commands_ignored.clone(),
         );
         registry.register(
             "quic_handshakes",

@@ -172,7 +172,10 @@ impl Session {
                 self.reply_error(ErrorCode::RateLimited, "too many commands; slow down".into(), None);
                 false
             }
-            Admitted::Ignored => false,
+            Admitted::Ignored => {
+                self.hub.metrics().commands_ignored.inc();
+                false
+            }
             Admitted::Flooding => {
                 self.flooding = true;
                 false
@@ -501,6 +504,7 @@ mod tests {
         // A malformed message over the rate counts the same, unanswered.
         s.reject(ErrorCode::UnsupportedFrame, "binary frames are not supported", 0);
         assert!(!s.flooding());
+        assert_eq!(s.hub.metrics().commands_ignored.get(), 2);
         let out = replies(&s);
         assert_eq!(out.len(), 3, "{out:?}");
         assert!(out[2].contains(r#""code":104"#));
