@@ -624,6 +624,39 @@ async fn run_loop(parts: LoopParts, start: LoopStart) {
     }
 }
 
+/// How much of a queue `move_queued` moves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Window {
+    /// Only while the control stream takes bytes now.
+    Respected,
+    /// All of it (a session about to close: the queue is bounded).
+    Ignored,
+}
+
+/// Moves messages of `fan`'s queue into its session, as `window` says; returns how the queue
+/// closed, if it did.
+fn move_queued(
+    session: &mut super::WtSession,
+    fan: &Fan,
+    batch: &mut Vec<Outgoing>,
+    node: &Node,
+    now: Instant,
+    window: Window,
+) -> Option<QueueClosed> {
+    while window == Window::Ignored || session.wants_more() {
+        batch.clear();
+        let closed = fan.subscriber.drain_into(batch, MAX_BATCH);
+        if !batch.is_empty() {
+            session.deliver(now, batch);
+            node.metrics.record_deliveries(Transport::WebTransport, batch);
+        }
+        if closed.is_some() || batch.is_empty() {
+            return closed;
+        }
+    }
+    None
+}
+
 /// Moves what `fan`'s queue holds into its session, up to what the control stream takes now;
 /// re-arms the queue's waker. Returns how the queue closed, if it did.
 fn deliver(
@@ -639,19 +672,8 @@ fn deliver(
     // The wake-up that brought the loop here is spent before the drain: what is pushed after
     // this point wakes it again, what is drained now does not.
     fan.subscriber.take_wake();
-    while session.wants_more() {
-        batch.clear();
-        let closed = fan.subscriber.drain_into(batch, MAX_BATCH);
-        if !batch.is_empty() {
-            session.deliver(now, batch);
-            node.metrics.record_deliveries(Transport::WebTransport, batch);
-        }
-        if closed.is_some() {
-            return closed;
-        }
-        if batch.is_empty() {
-            break;
-        }
+    if let Some(closed) = move_queued(session, fan, batch, node, now, Window::Respected) {
+        return Some(closed);
     }
     if !session.is_open() {
         return None;
@@ -780,19 +802,7 @@ fn on_event(
                     node.metrics.close_error(close_code::POLICY_VIOLATION, "command_flood");
                     // The replies already queued (the 104 among them) go first, whatever the
                     // control stream's window: the session is closing, and the queue is bounded.
-                    let mut batch = Vec::new();
-                    loop {
-                        batch.clear();
-                        let closed = fan.subscriber.drain_into(&mut batch, MAX_BATCH);
-                        if batch.is_empty() {
-                            break;
-                        }
-                        session.deliver(now, &batch);
-                        node.metrics.record_deliveries(Transport::WebTransport, &batch);
-                        if closed.is_some() {
-                            break;
-                        }
-                    }
+                    let _ = move_queued(session, fan, &mut Vec::new(), node, now, Window::Ignored);
                     session.close(
                         now,
                         CloseRequest {
