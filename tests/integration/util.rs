@@ -463,6 +463,35 @@ pub fn wt_endpoint(hash_hex: &str) -> wtransport::Endpoint<wtransport::endpoint:
     wtransport::Endpoint::client(config).expect("client endpoint")
 }
 
+/// A WebTransport session opened at `addr` and its control stream, nothing read yet.
+pub struct WtOpened {
+    pub endpoint: wtransport::Endpoint<wtransport::endpoint::endpoint_side::Client>,
+    pub connection: wtransport::Connection,
+    pub send: wtransport::SendStream,
+    pub recv: wtransport::RecvStream,
+}
+
+/// Opens a session at `addr` (trusting the certificate of SHA-256 `hash_hex`) and its control
+/// stream, each within `HANG`.
+pub async fn wt_open(addr: SocketAddr, hash_hex: &str) -> WtOpened {
+    let endpoint = wt_endpoint(hash_hex);
+    let connection = tokio::time::timeout(HANG, endpoint.connect(format!("https://{addr}/wt")))
+        .await
+        .expect("connect in time")
+        .expect("webtransport connect");
+    let (send, recv) = tokio::time::timeout(HANG, async {
+        connection.open_bi().await.expect("open").await.expect("control stream")
+    })
+    .await
+    .expect("a control stream in time");
+    WtOpened {
+        endpoint,
+        connection,
+        send,
+        recv,
+    }
+}
+
 /// What a WebTransport client saw next.
 #[derive(Debug)]
 pub enum WtSeen {
@@ -524,16 +553,12 @@ impl WtClient {
     }
 
     pub async fn connect_to(addr: SocketAddr, hash_hex: &str, ack: bool) -> Self {
-        let endpoint = wt_endpoint(hash_hex);
-        let connection = tokio::time::timeout(HANG, endpoint.connect(format!("https://{addr}/wt")))
-            .await
-            .expect("connect in time")
-            .expect("webtransport connect");
-        let (send, recv) = tokio::time::timeout(HANG, async {
-            connection.open_bi().await.expect("open").await.expect("control stream")
-        })
-        .await
-        .expect("a control stream in time");
+        let WtOpened {
+            endpoint,
+            connection,
+            send,
+            recv,
+        } = wt_open(addr, hash_hex).await;
         let (tx, seen) = tokio::sync::mpsc::unbounded_channel();
         let aliases = Aliases::default();
         let readers = vec![

@@ -677,17 +677,12 @@ async fn a_webtransport_subscriber_that_stops_reading_is_closed_as_slow() {
     // (the write timeout would drop it with QUIC code 0, and count no slow disconnect).
     let server = TestServer::start(&["--queue-messages", "16", "--write-timeout", "120s"]);
     let hash = server.cert_hash().await;
-    let endpoint = crate::util::wt_endpoint(&hash);
-    let addr = server.wt.expect("webtransport enabled");
-    let connection = tokio::time::timeout(HANG, endpoint.connect(format!("https://{addr}/wt")))
-        .await
-        .expect("connect in time")
-        .expect("webtransport connect");
-    let (mut send, mut recv) = tokio::time::timeout(HANG, async {
-        connection.open_bi().await.expect("open").await.expect("control stream")
-    })
-    .await
-    .expect("a control stream in time");
+    let crate::util::WtOpened {
+        endpoint: _endpoint,
+        connection,
+        mut send,
+        mut recv,
+    } = crate::util::wt_open(server.wt.expect("webtransport enabled"), &hash).await;
     let subscribe = json!({"type": "subscribe", "room": "bracket:slow"});
     send.write_all(&wt_codec::frame(&wt_codec::encode_client(&subscribe)))
         .await

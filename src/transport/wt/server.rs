@@ -696,6 +696,28 @@ fn deliver(
     None
 }
 
+/// Closes the session of a client that floods commands (1008), after the replies already queued
+/// (the 104 among them), whatever the control stream's window: the session is closing, and the
+/// queue is bounded.
+fn close_flood(session: &mut super::WtSession, fan: &Fan, node: &Node, now: Instant) {
+    info!(
+        conn = fan.subscriber.id(),
+        transport = "webtransport",
+        "closing a client that floods commands over its rate (1008)"
+    );
+    node.metrics.close_error(close_code::POLICY_VIOLATION, "command_flood");
+    let _ = move_queued(session, fan, &mut Vec::new(), node, now, Window::Ignored);
+    session.close(
+        now,
+        CloseRequest {
+            code: close_code::POLICY_VIOLATION,
+            reason: "too many commands over the rate",
+            limit: CLOSE_WAIT,
+            reconnect: false,
+        },
+    );
+}
+
 /// Answers one session event: admission for a request, the hub for an open session and its
 /// commands, the permits and the queue released at its end.
 #[allow(clippy::too_many_arguments)]
@@ -794,24 +816,7 @@ fn on_event(
             fan.token_expires_ms = fan.session.token_expires_ms();
             if fan.session.flooding() {
                 if let Some(session) = endpoint.session(ch).filter(|s| s.is_open()) {
-                    info!(
-                        conn = fan.subscriber.id(),
-                        transport = "webtransport",
-                        "closing a client that floods commands over its rate (1008)"
-                    );
-                    node.metrics.close_error(close_code::POLICY_VIOLATION, "command_flood");
-                    // The replies already queued (the 104 among them) go first, whatever the
-                    // control stream's window: the session is closing, and the queue is bounded.
-                    let _ = move_queued(session, fan, &mut Vec::new(), node, now, Window::Ignored);
-                    session.close(
-                        now,
-                        CloseRequest {
-                            code: close_code::POLICY_VIOLATION,
-                            reason: "too many commands over the rate",
-                            limit: CLOSE_WAIT,
-                            reconnect: false,
-                        },
-                    );
+                    close_flood(session, fan, node, now);
                 }
             }
         }

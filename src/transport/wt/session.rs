@@ -45,7 +45,7 @@ pub struct SessionConfig {
     pub refusal_wait: Duration,
     pub repair: RepairPolicy,
     pub state_datagrams: StateDatagrams,
-    /// What a client may send once its connection is open.
+    /// What a client may send in the datagrams after its first (`WtSession::receive`).
     pub inbound: InboundRate,
 }
 
